@@ -1,0 +1,1 @@
+"""shardmove: the core (no Beam), configuration, graph construction and the CLI."""

@@ -1,0 +1,204 @@
+"""The ``shardmove`` command line: parse -> validate -> act -> report.
+
+Every subcommand exits with a CONTRACTS code; errors are one line on stderr
+(``error: ...``) with no traceback unless ``--debug``.  Beam flags go after
+``--`` (for example ``-- --runner=DataflowRunner --project=...``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from pipeline.config import OPTIONS, load_config
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError
+
+__all__ = ["main", "build_parser"]
+
+LOG = logging.getLogger("shardmove")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
+    p.add_argument("--config", "-c", help="YAML configuration file")
+    p.add_argument("--work-dir", help="work directory (overrides work_dir in the config)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if options:
+        g = p.add_argument_group("options (override the config file)")
+        for o in OPTIONS:
+            g.add_argument(o.flag, dest=o.name, default=None, metavar=o.kind.upper(), help=f"{o.doc} Default {o.default_text()}.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shardmove", description="Plan and execute key migrations of sharded keyspaces on Apache Beam.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="create an embedded (SQLite) demo keyspace and its config")
+    d.add_argument("directory")
+    d.add_argument("--keys", type=int, default=20000)
+    d.add_argument("--shards", type=int, default=4)
+    d.add_argument("--key-type", default="string", choices=["string", "int64", "uuid", "bytes"])
+    d.add_argument("--debug", action="store_true")
+    d.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    s = sub.add_parser("snapshot", help="export the current assignments at a version cutoff")
+    _add_common(s)
+
+    p = sub.add_parser("plan", help="compute (or --dry-run) a migration plan")
+    _add_common(p)
+    p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
+    p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
+    r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
+    _add_common(r)
+    r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
+
+    st = sub.add_parser("status", help="per-state counts of a plan; exit 0 complete, 3 failed keys, 5 in progress")
+    _add_common(st, options=False)
+    st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    return parser
+
+
+def _configure_logging(args) -> None:
+    level = args.log_level or ("DEBUG" if getattr(args, "debug", False) else "WARNING")
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if level != "DEBUG":
+        for noisy in ("apache_beam", "google", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args):
+    overrides = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "work_dir", None):
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, work_dir=os.path.abspath(args.work_dir))
+    return cfg
+
+
+def cmd_demo(args, beam_args) -> int:
+    from pipeline.api import create_demo_keyspace
+
+    if args.keys < 0 or args.shards < 1:
+        raise BadInput("demo: --keys must be >= 0 and --shards >= 1")
+    info = create_demo_keyspace(args.directory, keys=args.keys, shards=args.shards, key_type=args.key_type)
+    print(f"demo keyspace: {info['keys']} keys on {args.shards} shards")
+    print(f"config: {info['config']}")
+    return EXIT_OK
+
+
+def cmd_snapshot(args, beam_args) -> int:
+    from pipeline.api import snapshot
+
+    cfg = _load(args)
+    info = snapshot(cfg)
+    print(f"snapshot: {info.location}")
+    print(f"snapshot digest: {info.digest}")
+    print(f"rows: {info.rows} cutoff: {info.cutoff} rows_above_cutoff: {info.rows_above_cutoff}")
+    return EXIT_OK
+
+
+def cmd_plan(args, beam_args) -> int:
+    from pipeline.api import plan
+
+    cfg = _load(args)
+    res = plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+    if args.dry_run and not res.capacity_ok:
+        print("capacity check: FAILED (a target shard would fall below the configured headroom)")
+        return 4
+    if not args.dry_run:
+        print(f"plan dir: {res.plan_dir}")
+    return EXIT_OK
+
+
+def _plan_dir(args, cfg=None):
+    from pipeline.planner import resolve_plan_dir
+
+    work = os.path.abspath(args.work_dir) if getattr(args, "work_dir", None) else (cfg.work_dir if cfg else None)
+    return resolve_plan_dir(args.plan, work)
+
+
+def cmd_run(args, beam_args) -> int:
+    from pipeline.api import run
+
+    cfg = _load(args)
+    res = run(cfg, _plan_dir(args, cfg), retry_failed=args.retry_failed, beam_args=beam_args)
+    return res.exit_code
+
+
+def cmd_status(args, beam_args) -> int:
+    import json
+
+    from pipeline.api import status
+    from pipeline.executor import status_exit_code, summary_line
+
+    cfg = None
+    if args.config:
+        cfg = load_config(args.config)
+    s = status(_plan_dir(args, cfg))
+    if args.json:
+        print(json.dumps(s, indent=1, sort_keys=True))
+        return status_exit_code(s)
+    print(f"plan id: {s['plan_id']}")
+    for name, n in s["states"].items():
+        print(f"{name}: {n}")
+    for reason, n in s["failures_by_reason"].items():
+        print(f"failed[{reason}]: {n}")
+    for method, n in s["done_by_verification"].items():
+        print(f"done_by_verification[{method}]: {n}")
+    if "lease" in s:
+        L = s["lease"]
+        print(f"lease: held by {L['host']}:{L['pid']} epoch {L['epoch']}")
+    print("state: " + ("complete" if s["complete"] else "in progress"))
+    print(summary_line(s))
+    return status_exit_code(s)
+
+
+COMMANDS = {"demo": cmd_demo, "snapshot": cmd_snapshot, "plan": cmd_plan, "run": cmd_run, "status": cmd_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, beam_args = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    _configure_logging(args)
+    try:
+        return COMMANDS[args.command](args, beam_args)
+    except ShardmoveError as e:
+        if args.debug:
+            LOG.exception("failed")
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as e:  # an internal failure: never echo messages (they may hold values)
+        if args.debug:
+            LOG.exception("internal failure")
+        sys.stderr.write(f"error: internal failure ({type(e).__name__}); rerun with --debug for details\n")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

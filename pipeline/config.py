@@ -1,0 +1,375 @@
+"""Configuration: one YAML file, flag overrides, one frozen validated object.
+
+Every tunable option is declared once in ``OPTIONS`` (name, default, meaning,
+valid range); the YAML key is its snake_case name and the CLI flag the same
+name in ``--kebab-case`` (CONTRACTS "Options").  Structured sections
+(``map_store``, ``data_store``, ``target``, ``beam``, ``faults``) describe the
+keyspace.  Relative paths are resolved against the config file's directory.
+
+Errors name the option and the bad value (never a key) and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from pipeline.errors import BadInput
+from pipeline.keys import KeyType
+
+__all__ = [
+    "OptionSpec",
+    "OPTIONS",
+    "OPTION_NAMES",
+    "Config",
+    "TargetShard",
+    "load_config",
+    "parse_duration",
+    "parse_window",
+]
+
+
+def parse_duration(value: Any, name: str) -> float:
+    """Seconds from ``"100ms"``, ``"2s"``, ``"5m"``, ``"1h"``, ``"7d"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise BadInput(f"option {name}: expected a duration like 100ms or 2s, got {value!r}")
+    if isinstance(value, (int, float)):
+        secs = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*", str(value))
+        if not m:
+            raise BadInput(f"option {name}: expected a duration like 100ms or 2s, got {value!r}")
+        secs = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if not math.isfinite(secs) or secs < 0:
+        raise BadInput(f"option {name}: duration must be >= 0, got {value!r}")
+    return secs
+
+
+def parse_window(value: Any, name: str = "window") -> tuple[int, int] | None:
+    """``"AA-BB"`` (hex top bytes of the stable hash, inclusive) -> (0xAA, 0xBB)."""
+    if value is None or value == "":
+        return None
+    m = re.fullmatch(r"([0-9A-Fa-f]{2})-([0-9A-Fa-f]{2})", str(value).strip())
+    if not m:
+        raise BadInput(f"option {name}: expected AA-BB (two hex bytes), got {value!r}")
+    lo, hi = int(m.group(1), 16), int(m.group(2), 16)
+    if lo > hi:
+        raise BadInput(f"option {name}: start {m.group(1)} is after end {m.group(2)}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    default: Any
+    kind: str  # int | float | bool | duration | choice | window | str
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def range_text(self) -> str:
+        if self.kind == "bool":
+            return "true | false"
+        if self.kind == "choice":
+            return " | ".join(self.choices)
+        if self.kind == "window":
+            return "AA-BB hex, AA <= BB, or empty"
+        if self.kind == "duration":
+            return f"{_fmt_dur(self.lo)} .. {_fmt_dur(self.hi)}"
+        if self.lo is not None:
+            return f"{_fmt_num(self.lo)} .. {_fmt_num(self.hi)}"
+        return "any"
+
+    def default_text(self) -> str:
+        if self.kind == "duration":
+            return _fmt_dur(self.default)
+        if self.kind == "bool":
+            return "true" if self.default else "false"
+        if self.default is None:
+            return "(none)"
+        return str(self.default)
+
+    def parse(self, value: Any) -> Any:
+        n = self.name
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise BadInput(f"option {n}: expected true or false, got {value!r}")
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise BadInput(f"option {n}: expected one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        if self.kind == "window":
+            parse_window(value, n)
+            return None if value in (None, "") else str(value).strip().upper()
+        if self.kind == "str":
+            return None if value is None else str(value)
+        if self.kind == "duration":
+            v = parse_duration(value, n)
+        elif self.kind == "int":
+            if isinstance(value, bool):
+                raise BadInput(f"option {n}: expected an integer, got {value!r}")
+            try:
+                v = int(str(value).strip()) if not isinstance(value, int) else value
+            except ValueError:
+                raise BadInput(f"option {n}: expected an integer, got {value!r}") from None
+        else:
+            if isinstance(value, bool):
+                raise BadInput(f"option {n}: expected a number, got {value!r}")
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                raise BadInput(f"option {n}: expected a number, got {value!r}") from None
+            if not math.isfinite(v):
+                raise BadInput(f"option {n}: expected a finite number, got {value!r}")
+        if self.lo is not None and v < self.lo or self.hi is not None and v > self.hi:
+            raise BadInput(f"option {n}: {value!r} is out of range ({self.range_text()})")
+        return v
+
+
+def _fmt_num(x):
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _fmt_dur(secs):
+    if secs is None:
+        return "-"
+    if secs < 1:
+        return f"{int(round(secs * 1000))}ms"
+    if secs < 60 or secs % 60:
+        return f"{_fmt_num(secs)}s"
+    if secs % 3600 == 0 and secs >= 3600:
+        return f"{_fmt_num(secs / 3600)}h"
+    return f"{_fmt_num(secs / 60)}m"
+
+
+#: Every option, once.  The README's configuration reference is checked against this.
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("copy_concurrency", 32, "int", "Copies in flight per worker (I/O-bound movers).", 1, 1024),
+    OptionSpec("verify_concurrency", 32, "int", "Verifications in flight per worker.", 1, 1024),
+    OptionSpec("swap_batch_size", 500, "int", "Keys per atomic map swap batch; also the unit of copy/verify work.", 1, 100000),
+    OptionSpec("max_retries", 5, "int", "Transient retries (and re-copies after a verify mismatch) before a key is Failed.", 0, 100),
+    OptionSpec("retry_base_delay", 0.1, "duration", "Base of the exponential backoff: delay = base * 2^attempt, capped at 30s.", 0.0, 60.0),
+    OptionSpec("interleave_copy_and_verify", True, "bool", "Verify each batch right after its copy (true) or copy everything first (false)."),
+    OptionSpec("force_swap_on_verification_failure", False, "bool", "Swap keys whose verification failed (unsafe; one loud warning per batch)."),
+    OptionSpec("checkpoint_flush_interval", 2.0, "duration", "Flush checkpoint transitions at least this often.", 0.0, 3600.0),
+    OptionSpec("checkpoint_flush_every_transitions", 1000, "int", "Flush checkpoint transitions after this many.", 1, 10_000_000),
+    OptionSpec("segment_size", 20000, "int", "Rows per Arrow segment when reading snapshots and plans (bounds memory).", 100, 10_000_000),
+    OptionSpec("verification", "hash", "choice", "full: byte equality; hash: content hash vs hash read at copy; sampled: seeded sample verified fully, escalating on mismatch.", choices=("full", "hash", "sampled")),
+    OptionSpec("sample_fraction", 0.05, "float", "Fraction of keys per batch verified fully in sampled mode.", 0.0001, 1.0),
+    OptionSpec("sample_seed", 0, "int", "Seed of the sampled verification (deterministic sample).", 0, 2**63 - 1),
+    OptionSpec("hash_buckets", 16, "int", "Hash buckets per (source, target) pair: parallelism of copy/verify/swap work.", 1, 4096),
+    OptionSpec("window", None, "window", "Phased window AA-BB: only keys whose stable hash top byte is in [AA, BB]."),
+    OptionSpec("min_headroom_percent", 10.0, "float", "Dry-run capacity check: refuse when a shard's headroom would fall below this % of its capacity.", 0.0, 100.0),
+    OptionSpec("lease_ttl", 60.0, "duration", "Executor lease expiry; renewed every third of it while running.", 5.0, 86400.0),
+    OptionSpec("progress_interval", 1.0, "duration", "Minimum time between progress events.", 0.1, 3600.0),
+)
+OPTION_NAMES = tuple(o.name for o in OPTIONS)
+_SPEC = {o.name: o for o in OPTIONS}
+
+_SECTIONS = ("key_type", "work_dir", "map_store", "data_store", "current_shards", "target", "beam", "faults", "snapshot")
+
+
+@dataclass(frozen=True)
+class TargetShard:
+    id: str
+    weight: float = 1.0
+    capacity_keys: int | None = None
+    capacity_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration.  Build with :func:`load_config`."""
+
+    key_type: KeyType
+    work_dir: str
+    map_store: Mapping[str, Any]
+    data_store: Mapping[str, Any]
+    current_shards: tuple[str, ...]
+    target_profile: str
+    target_shards: tuple[TargetShard, ...]
+    target_virtual_nodes: int | None
+    target_snapshot: str | None
+    snapshot: str | None
+    beam: Mapping[str, Any]
+    faults: Mapping[str, Any]
+    options: Mapping[str, Any]
+    base_dir: str = "."
+
+    def opt(self, name: str) -> Any:
+        return self.options[name]
+
+    def __getattr__(self, name):  # options as attributes: cfg.copy_concurrency
+        opts = object.__getattribute__(self, "options")
+        if name in opts:
+            return opts[name]
+        raise AttributeError(name)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        return parse_window(self.options["window"])
+
+    def known_shards(self) -> set[str]:
+        return set(self.current_shards) | {s.id for s in self.target_shards}
+
+    def with_options(self, **overrides) -> "Config":
+        opts = dict(self.options)
+        for k, v in overrides.items():
+            if k not in _SPEC:
+                raise BadInput(f"unknown option {k}")
+            opts[k] = _SPEC[k].parse(v)
+        return dataclasses.replace(self, options=opts)
+
+
+def _resolve(base: str, path: Any, what: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise BadInput(f"config {what}: expected a path, got {path!r}")
+    if path.startswith("gs://") or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _store_section(raw: Any, base: str, what: str) -> dict:
+    if not isinstance(raw, Mapping) or "kind" not in raw:
+        raise BadInput(f"config {what}: expected a mapping with a 'kind'")
+    out = dict(raw)
+    for k in ("path", "directory"):
+        if k in out:
+            out[k] = _resolve(base, out[k], f"{what}.{k}")
+    return out
+
+
+def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, raw: Mapping | None = None) -> Config:
+    """Read, merge flag overrides, validate.  Raises BadInput (exit 2)."""
+    if raw is None:
+        if path is None:
+            raise BadInput("no configuration: pass --config FILE")
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise BadInput(f"cannot read config {path}: {e.strerror}") from e
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise BadInput(f"config {path}: malformed YAML{where}") from e
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise BadInput(f"config {path}: expected a mapping at the top level")
+        base = os.path.dirname(os.path.abspath(path))
+    else:
+        base = os.path.abspath(".")
+    unknown = sorted(k for k in raw if k not in _SPEC and k not in _SECTIONS)
+    if unknown:
+        raise BadInput(f"config: unknown option {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    options = {}
+    for spec in OPTIONS:
+        v = raw.get(spec.name, spec.default)
+        options[spec.name] = spec.parse(v) if v is not None or spec.kind in ("window", "str") else v
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in _SPEC:
+            raise BadInput(f"unknown option {k}")
+        options[k] = _SPEC[k].parse(v)
+
+    try:
+        key_type = KeyType(raw.get("key_type", "string"))
+    except ValueError:
+        raise BadInput(f"option key_type: expected one of string, int64, uuid, bytes, got {raw.get('key_type')!r}") from None
+
+    work_dir = _resolve(base, raw.get("work_dir", "work"), "work_dir")
+    map_store = _store_section(raw.get("map_store"), base, "map_store")
+    data_store = _store_section(raw.get("data_store", {"kind": "none"}), base, "data_store")
+
+    cur = raw.get("current_shards", [])
+    if not isinstance(cur, list) or not all(isinstance(s, str) and s for s in cur):
+        raise BadInput("config current_shards: expected a list of shard ids")
+    if len(set(cur)) != len(cur):
+        raise BadInput("config current_shards: duplicate shard id")
+
+    target = raw.get("target")
+    if not isinstance(target, Mapping):
+        raise BadInput("config target: expected a mapping (profile and shards, or snapshot)")
+    unknown_t = sorted(set(target) - {"profile", "shards", "virtual_nodes", "snapshot"})
+    if unknown_t:
+        raise BadInput(f"config target: unknown field {unknown_t[0]}")
+    profile = target.get("profile", "native")
+    if profile not in ("native", "shardis", "ketama"):
+        raise BadInput(f"config target.profile: expected native, shardis or ketama, got {profile!r}")
+    shards_raw = target.get("shards", [])
+    if not isinstance(shards_raw, list):
+        raise BadInput("config target.shards: expected a list")
+    tshards = []
+    seen = set()
+    for i, s in enumerate(shards_raw):
+        if isinstance(s, str):
+            s = {"id": s}
+        if not isinstance(s, Mapping) or not isinstance(s.get("id"), str) or not s.get("id"):
+            raise BadInput(f"config target.shards[{i}]: expected an id")
+        bad = sorted(set(s) - {"id", "weight", "capacity_keys", "capacity_bytes"})
+        if bad:
+            raise BadInput(f"config target.shards[{i}]: unknown field {bad[0]}")
+        if s["id"] in seen:
+            raise BadInput(f"config target.shards: duplicate shard id at position {i}")
+        seen.add(s["id"])
+        w = s.get("weight", 1)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise BadInput(f"config target.shards[{i}].weight: must be > 0, got {w!r}")
+        caps = {}
+        for c in ("capacity_keys", "capacity_bytes"):
+            v = s.get(c)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise BadInput(f"config target.shards[{i}].{c}: must be a positive integer, got {v!r}")
+            caps[c] = v
+        tshards.append(TargetShard(s["id"], float(w), **caps))
+    tsnap = target.get("snapshot")
+    if tsnap is not None:
+        tsnap = _resolve(base, tsnap, "target.snapshot")
+    elif not tshards:
+        raise BadInput("config target.shards: the target shard set is empty")
+    vn = target.get("virtual_nodes")
+    if vn is not None and (isinstance(vn, bool) or not isinstance(vn, int) or vn < 1 or vn > 100000):
+        raise BadInput(f"config target.virtual_nodes: expected an integer 1..100000, got {vn!r}")
+
+    beam = raw.get("beam") or {}
+    if not isinstance(beam, Mapping):
+        raise BadInput("config beam: expected a mapping")
+    faults = raw.get("faults") or {}
+    if not isinstance(faults, Mapping):
+        raise BadInput("config faults: expected a mapping")
+    snapshot = raw.get("snapshot")
+    if snapshot is not None:
+        snapshot = _resolve(base, snapshot, "snapshot")
+    return Config(
+        key_type=key_type,
+        work_dir=work_dir,
+        map_store=map_store,
+        data_store=data_store,
+        current_shards=tuple(cur),
+        target_profile=profile,
+        target_shards=tuple(tshards),
+        target_virtual_nodes=vn,
+        target_snapshot=tsnap,
+        snapshot=snapshot,
+        beam=dict(beam),
+        faults=dict(faults),
+        options=options,
+        base_dir=base,
+    )

@@ -1,0 +1,164 @@
+"""The executor lease: only one executor acts on a plan at a time.
+
+``<plan>/lease.json`` records holder (host, pid, process start time), an
+epoch and an expiry.  Acquiring bumps the epoch; the epoch stamps every
+checkpoint transition of the run (and is what the merge rule orders runs
+by).  A live lease held by someone else refuses the run (exit 4) naming the
+holder and expiry; a holder proven dead on this host (pid gone, or reused by
+a process with another start time) is taken over at once, any other holder
+after its expiry.  The lease is kept after release (``released: true``) so
+the epoch never goes back.
+
+Commits are atomic (``fs.write_atomic`` locally under an exclusive lock
+file; on gs:// a generation-matched replace) so two acquirers cannot both
+win.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from pipeline import fs
+from pipeline.errors import Refused
+
+__all__ = ["Lease", "LeaseLost", "acquire", "read_lease", "process_start_time"]
+
+FORMAT_VERSION = 1
+
+
+class LeaseLost(Refused):
+    """This executor's lease was taken over: it must not apply anything more."""
+
+
+def process_start_time(pid: int) -> str | None:
+    """Start time of a process (clock ticks since boot, from /proc), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+        return data.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_dead(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    st = process_start_time(pid)
+    return st is None or st != holder.get("start_time")
+
+
+def read_lease(plan_dir: str) -> dict | None:
+    path = fs.join(plan_dir, "lease.json")
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.read_bytes(path))
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _local_lock(plan_dir: str):
+    if fs.is_gcs(plan_dir):
+        yield
+        return
+    import fcntl
+
+    fd = os.open(os.path.join(plan_dir, ".lease.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@dataclass
+class Lease:
+    plan_dir: str
+    plan_id: str
+    epoch: int
+    ttl: float
+    host: str
+    pid: int
+    start_time: str | None
+    _stop: threading.Event | None = None
+    _thread: threading.Thread | None = None
+    lost: bool = False
+
+    def _doc(self, released=False) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "plan_id": self.plan_id,
+            "epoch": self.epoch,
+            "holder": {"host": self.host, "pid": self.pid, "start_time": self.start_time},
+            "expires_at": 0 if released else time.time() + self.ttl,
+            "released": released,
+        }
+
+    def check(self) -> None:
+        """Raise LeaseLost if another executor has taken the plan over."""
+        cur = read_lease(self.plan_dir)
+        if cur is None or cur.get("epoch") != self.epoch or cur.get("released"):
+            self.lost = True
+            raise LeaseLost(f"lease lost: plan is now held by epoch {cur.get('epoch') if cur else '?'}")
+
+    def renew(self) -> None:
+        with _local_lock(self.plan_dir):
+            self.check()
+            fs.write_atomic(fs.join(self.plan_dir, "lease.json"), json.dumps(self._doc()).encode())
+
+    def start_renewing(self) -> None:
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    self.renew()
+                except LeaseLost:
+                    return
+                except Exception:  # transient storage error: try again next tick
+                    continue
+
+        self._thread = threading.Thread(target=loop, name="lease-renewal", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+        with _local_lock(self.plan_dir):
+            cur = read_lease(self.plan_dir)
+            if cur is not None and cur.get("epoch") == self.epoch:
+                fs.write_atomic(fs.join(self.plan_dir, "lease.json"), json.dumps(self._doc(released=True)).encode())
+
+
+def acquire(plan_dir: str, plan_id: str, ttl: float, *, min_epoch: int = 0, now=time.time) -> Lease:
+    host = socket.gethostname()
+    pid = os.getpid()
+    start = process_start_time(pid)
+    with _local_lock(plan_dir):
+        cur = read_lease(plan_dir)
+        epoch = max(min_epoch, 0)
+        if cur is not None:
+            epoch = max(epoch, int(cur.get("epoch", 0)))
+            holder = cur.get("holder") or {}
+            live = not cur.get("released") and cur.get("expires_at", 0) > now()
+            if live and not _holder_dead(holder):
+                expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cur.get("expires_at", 0)))
+                raise Refused(
+                    f"plan is leased by {holder.get('host')}:{holder.get('pid')} (epoch {cur.get('epoch')}) "
+                    f"until {expires}"
+                )
+        lease = Lease(plan_dir, plan_id, epoch + 1, ttl, host, pid, start)
+        fs.write_atomic(fs.join(plan_dir, "lease.json"), json.dumps(lease._doc()).encode())
+    return lease

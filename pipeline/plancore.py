@@ -1,0 +1,370 @@
+"""The planner's algorithm on Arrow batches: no Beam here.
+
+A *batch* of assignments (``key``, ``shard_id``) is turned into
+
+* the moves of its keys whose shard changes (key, source, target, key_hash,
+  bucket), and
+* mergeable statistics: per-shard counts before and after, per-pair counts,
+  validation counts (invalid/oversize keys, unknown shard ids) and the
+  partial snapshot digest.
+
+``transforms/plan.py`` wraps these functions in Beam; ``reference_plan`` is
+an independent, brute-force planner used by the tests.
+
+Snapshot digest (CONTRACTS "Plan identity"): an order-independent multiset
+hash.  Each row (key, shard) contributes two 64-bit lanes derived with a
+splitmix64 finaliser from xxh3-64(key) and xxh3-64(shard id); the lanes are
+summed modulo 2^64 and, with the row count, hashed with SHA-256.  It does not
+depend on row order, file layout or segment size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from pipeline import keys as K
+from pipeline.keys import KeyType
+
+__all__ = [
+    "PLAN_FORMAT_VERSION",
+    "SNAPSHOT_SCHEMA",
+    "TARGET_SCHEMA",
+    "MOVES_SCHEMA",
+    "PlanContext",
+    "Stats",
+    "prepare_batch",
+    "plan_batch",
+    "join_batch",
+    "bucket_of",
+    "digest_lanes",
+    "digest_hex",
+    "sort_moves",
+    "plan_id_for",
+    "optimum_moved_fraction",
+    "reference_plan",
+]
+
+PLAN_FORMAT_VERSION = 1
+
+SNAPSHOT_SCHEMA = pa.schema([("key", pa.binary()), ("shard_id", pa.string()), ("version", pa.int64())])
+TARGET_SCHEMA = pa.schema([("key", pa.binary()), ("shard_id", pa.string())])
+MOVES_SCHEMA = pa.schema(
+    [("key", pa.binary()), ("source", pa.string()), ("target", pa.string()), ("key_hash", pa.uint64())]
+)
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_G = np.uint64(0x9E3779B97F4A7C15)
+_C2 = np.uint64(0x632BE59BD9B4E019)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = z + _G
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def digest_lanes(key_hashes: np.ndarray, shard_hashes: np.ndarray) -> tuple[int, int, int]:
+    """(count, lane1 sum, lane2 sum) of rows given per-row key and shard hashes."""
+    if len(key_hashes) == 0:
+        return 0, 0, 0
+    with np.errstate(over="ignore"):
+        a = _mix(key_hashes ^ _mix(shard_hashes))
+        b = _mix((key_hashes + _C2) ^ _mix(shard_hashes ^ _C2))
+        return int(len(key_hashes)), int(a.sum(dtype=np.uint64)), int(b.sum(dtype=np.uint64))
+
+
+def digest_hex(count: int, lane1: int, lane2: int) -> str:
+    text = f"shardmove-assignments-v1|{count}|{lane1 % 2**64:016x}|{lane2 % 2**64:016x}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _shard_hash_array(shards: pa.Array) -> np.ndarray:
+    """xxh3-64 of each row's shard id, computed once per distinct id."""
+    enc = pc.dictionary_encode(shards) if not pa.types.is_dictionary(shards.type) else shards
+    dict_hashes = np.fromiter(
+        (xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in enc.dictionary.to_pylist()),
+        dtype=np.uint64,
+    )
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    return dict_hashes[idx] if len(dict_hashes) else np.zeros(len(shards), np.uint64)
+
+
+def bucket_of(hashes: np.ndarray, buckets: int) -> np.ndarray:
+    """Bucket = a contiguous range of the hash space: monotone in the hash."""
+    with np.errstate(over="ignore"):
+        return ((hashes >> np.uint64(32)) * np.uint64(buckets) >> np.uint64(32)).astype(np.int32)
+
+
+@dataclass
+class Stats:
+    """Mergeable statistics of one or more batches (plain dicts: picklable, JSON-able)."""
+
+    rows: int = 0
+    invalid_keys: int = 0
+    oversize_keys: int = 0
+    unknown_shard_rows: int = 0
+    unknown_shards: int = 0  # distinct ids (merged as a set below)
+    unknown_shard_ids: set = field(default_factory=set)
+    in_window: int = 0
+    moved: int = 0
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    pairs: dict = field(default_factory=dict)  # "source\x1ftarget" -> n
+    digest: tuple = (0, 0, 0)
+    target_rows: int = 0
+    target_invalid_keys: int = 0
+    target_digest: tuple = (0, 0, 0)
+    target_unknown_shard_rows: int = 0
+
+    def merge(self, o: "Stats") -> "Stats":
+        self.rows += o.rows
+        self.invalid_keys += o.invalid_keys
+        self.oversize_keys += o.oversize_keys
+        self.unknown_shard_rows += o.unknown_shard_rows
+        self.unknown_shard_ids |= o.unknown_shard_ids
+        self.unknown_shards = len(self.unknown_shard_ids)
+        self.in_window += o.in_window
+        self.moved += o.moved
+        for mine, theirs in ((self.before, o.before), (self.after, o.after), (self.pairs, o.pairs)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+        self.digest = _add_digest(self.digest, o.digest)
+        self.target_rows += o.target_rows
+        self.target_invalid_keys += o.target_invalid_keys
+        self.target_digest = _add_digest(self.target_digest, o.target_digest)
+        self.target_unknown_shard_rows += o.target_unknown_shard_rows
+        return self
+
+
+def _add_digest(a, b):
+    return (a[0] + b[0], (a[1] + b[1]) % 2**64, (a[2] + b[2]) % 2**64)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Picklable planning inputs (the ring is an immutable value)."""
+
+    key_type: KeyType
+    ring: object | None  # pipeline.ring.Ring, or None for an explicit target
+    window: tuple[int, int] | None
+    known_shards: frozenset | None  # None: accept any shard id
+    hash_buckets: int
+    target_shards: frozenset | None = None  # explicit target: allowed target ids
+
+
+def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: Stats, known: frozenset | None,
+                  *, target_side: bool = False):
+    """Canonical keys, shard ids and stable hashes of a batch; invalid rows dropped and counted."""
+    keys_col = batch.column(batch.schema.get_field_index("key"))
+    shard_col = batch.column(batch.schema.get_field_index("shard_id"))
+    if isinstance(shard_col, pa.ChunkedArray):
+        shard_col = shard_col.combine_chunks()
+    shard_col = shard_col.cast(pa.string())
+    canon, bad = K.canonical_array(keys_col, key_type)
+    n = len(canon)
+    valid = pc.is_valid(canon)
+    if bad == 0:
+        lengths = pc.binary_length(canon)
+        too_long = pc.greater(lengths, K.MAX_KEY_BYTES)
+        empty = pc.equal(lengths, 0) if key_type in (KeyType.STRING, KeyType.BYTES) else None
+        nlong = pc.sum(too_long.cast(pa.int64())).as_py() or 0
+        nempty = (pc.sum(empty.cast(pa.int64())).as_py() or 0) if empty is not None else 0
+    else:
+        lengths = pc.binary_length(canon)
+        too_long = pc.fill_null(pc.greater(lengths, K.MAX_KEY_BYTES), False)
+        empty = pc.fill_null(pc.equal(lengths, 0), False) if key_type in (KeyType.STRING, KeyType.BYTES) else None
+        nlong = pc.sum(too_long.cast(pa.int64())).as_py() or 0
+        nempty = (pc.sum(empty.cast(pa.int64())).as_py() or 0) if empty is not None else 0
+    shard_null = pc.is_null(shard_col)
+    nshard_null = pc.sum(shard_null.cast(pa.int64())).as_py() or 0
+    if target_side:
+        stats.target_invalid_keys += bad + nempty + nshard_null
+        stats.oversize_keys += nlong
+    else:
+        stats.invalid_keys += bad + nempty + nshard_null
+        stats.oversize_keys += nlong
+    if bad or nlong or nempty or nshard_null:
+        keep = pc.and_(valid, pc.invert(too_long))
+        if empty is not None:
+            keep = pc.and_(keep, pc.invert(empty))
+        keep = pc.and_(keep, pc.invert(shard_null))
+        canon = canon.filter(keep)
+        shard_col = shard_col.filter(keep)
+    if known is not None and len(shard_col):
+        ok = pc.is_in(shard_col, value_set=pa.array(sorted(known), pa.string()))
+        nbad = len(shard_col) - (pc.sum(ok.cast(pa.int64())).as_py() or 0)
+        if nbad:
+            if target_side:
+                stats.target_unknown_shard_rows += nbad
+            else:
+                stats.unknown_shard_rows += nbad
+            stats.unknown_shard_ids |= set(pc.unique(shard_col.filter(pc.invert(ok))).to_pylist())
+            stats.unknown_shards = len(stats.unknown_shard_ids)
+    hashes = K.stable_hashes(canon.to_pylist(), len(canon))
+    return canon, shard_col, hashes
+
+
+def _window_mask(hashes: np.ndarray, window) -> np.ndarray | None:
+    if window is None:
+        return None
+    top = (hashes >> np.uint64(56)).astype(np.int32)
+    return (top >= window[0]) & (top <= window[1])
+
+
+def _count_by(values: pa.Array, weights_mask: np.ndarray | None = None) -> dict:
+    if len(values) == 0:
+        return {}
+    if weights_mask is not None:
+        values = values.filter(pa.array(weights_mask))
+    vc = pc.value_counts(values)
+    return {v["values"].as_py(): v["counts"].as_py() for v in vc}
+
+
+def plan_batch(batch, ctx: PlanContext) -> tuple[pa.Table, Stats, np.ndarray]:
+    """Moves of one batch against the target ring.
+
+    Returns ``(moves, stats, hashes)`` where ``moves`` has MOVES_SCHEMA plus a
+    ``bucket`` column, and ``hashes`` are the stable hashes of every valid row
+    (for duplicate detection).
+    """
+    st = Stats()
+    st.rows = batch.num_rows
+    canon, src, hashes = prepare_batch(batch, ctx.key_type, st, ctx.known_shards)
+    st.digest = digest_lanes(hashes, _shard_hash_array(src))
+    st.before = _count_by(src)
+    ring = ctx.ring
+    idx = ring.assign(canon, hashes)
+    tgt = pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(ring.shard_ids, pa.string()))
+    tgt = tgt.cast(pa.string())
+    wmask = _window_mask(hashes, ctx.window)
+    changed = pc.not_equal(src, tgt).to_numpy(zero_copy_only=False)
+    if wmask is not None:
+        changed &= wmask
+        st.in_window = int(wmask.sum())
+    else:
+        st.in_window = len(hashes)
+    after = pc.if_else(pa.array(changed), tgt, src)
+    st.after = _count_by(after)
+    return _finish(canon, src, tgt, hashes, changed, st, ctx)
+
+
+def _finish(canon, src, tgt, hashes, changed, st, ctx):
+    n = int(changed.sum())
+    st.moved = n
+    if n:
+        m = pa.array(changed)
+        mh = hashes[changed]
+        moves = pa.table(
+            {
+                "key": canon.filter(m),
+                "source": src.filter(m),
+                "target": tgt.filter(m),
+                "key_hash": pa.array(mh, pa.uint64()),
+                "bucket": pa.array(bucket_of(mh, ctx.hash_buckets), pa.int32()),
+            }
+        )
+        pairs = pc.value_counts(pc.binary_join_element_wise(moves["source"], moves["target"], "\x1f"))
+        st.pairs = {v["values"].as_py(): v["counts"].as_py() for v in pairs}
+    else:
+        moves = pa.table(
+            {
+                "key": pa.array([], pa.binary()),
+                "source": pa.array([], pa.string()),
+                "target": pa.array([], pa.string()),
+                "key_hash": pa.array([], pa.uint64()),
+                "bucket": pa.array([], pa.int32()),
+            }
+        )
+    return moves, st, hashes
+
+
+def join_batch(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[pa.Table, Stats]:
+    """Moves for an explicit target: ``source``/``target`` are prepared rows of
+    one hash partition (columns key, shard_id, key_hash).  Keys absent from
+    the target do not move."""
+    st = Stats()
+    src_shard = source["shard_id"].combine_chunks() if source.num_rows else pa.array([], pa.string())
+    st.before = _count_by(src_shard)
+    if source.num_rows == 0:
+        return _finish(pa.array([], pa.binary()), pa.array([], pa.string()), pa.array([], pa.string()),
+                       np.zeros(0, np.uint64), np.zeros(0, bool), st, ctx)[:2]
+    t = target.select(["key", "shard_id"]).rename_columns(["key", "target"])
+    j = source.join(t, keys="key", join_type="left outer")
+    # deterministic row order inside the partition
+    j = j.sort_by([("key_hash", "ascending"), ("key", "ascending")])
+    canon = j["key"].combine_chunks()
+    src = j["shard_id"].combine_chunks()
+    tgt = pc.coalesce(j["target"], j["shard_id"]).combine_chunks()
+    hashes = j["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
+    wmask = _window_mask(hashes, ctx.window)
+    changed = pc.not_equal(src, tgt).to_numpy(zero_copy_only=False)
+    if wmask is not None:
+        changed &= wmask
+        st.in_window = int(wmask.sum())
+    else:
+        st.in_window = len(hashes)
+    st.after = _count_by(pc.if_else(pa.array(changed), tgt, src))
+    moves, st, _ = _finish(canon, src, tgt, hashes, changed, st, ctx)
+    return moves, st
+
+
+def sort_moves(table: pa.Table) -> pa.Table:
+    """CONTRACTS order: (source, target, stable hash, canonical key bytes)."""
+    order = pc.sort_indices(
+        table,
+        sort_keys=[("source", "ascending"), ("target", "ascending"), ("key_hash", "ascending"), ("key", "ascending")],
+    )
+    return table.take(order)
+
+
+def plan_id_for(snapshot_digest: str, target_canonical: Mapping, key_type: KeyType, window) -> str:
+    ident = {
+        "format_version": PLAN_FORMAT_VERSION,
+        "snapshot_digest": snapshot_digest,
+        "target": target_canonical,
+        "key_type": KeyType(key_type).value,
+        "window": None if window is None else [f"{window[0]:02X}", f"{window[1]:02X}"],
+    }
+    text = json.dumps(ident, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def optimum_moved_fraction(before: Mapping[str, int], weights: Mapping[str, float]) -> float:
+    """Least fraction of keys that must move to reach the target weights exactly."""
+    total = sum(before.values())
+    if total == 0:
+        return 0.0
+    wsum = sum(weights.values())
+    excess = 0.0
+    for s in set(before) | set(weights):
+        ideal = total * weights.get(s, 0.0) / wsum
+        excess += max(0.0, before.get(s, 0) - ideal)
+    return excess / total
+
+
+def reference_plan(assignments: Iterable[tuple[bytes, str]], *, ring=None, target: Mapping[bytes, str] | None = None,
+                   window=None) -> list[tuple[bytes, str, str, int]]:
+    """Brute-force planner (one key at a time), the oracle for the Beam planner."""
+    out = []
+    for key, shard in assignments:
+        h = K.stable_hash(key)
+        if window is not None and not (window[0] <= (h >> 56) <= window[1]):
+            continue
+        if target is not None:
+            t = target.get(key, shard)
+        else:
+            t = ring.assign_one(key)
+        if t != shard:
+            out.append((key, shard, t, h))
+    out.sort(key=lambda m: (m[1].encode(), m[2].encode(), m[3], m[0]))
+    return out

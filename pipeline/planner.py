@@ -1,0 +1,307 @@
+"""Planning, end to end: snapshot -> Beam planner -> validation -> manifest.
+
+``make_plan`` is the launcher: it parses nothing and prints nothing itself
+except through ``out``; the CLI and the Python API call it.  The Beam graph
+(``transforms/plan.py``) writes moves and statistics into a staging
+directory; this module validates them, computes the plan id (CONTRACTS "Plan
+identity") and commits ``<work>/plans/<plan id>/`` with ``manifest.json``
+written last.  Any validation error removes the staging directory: nothing
+is committed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pyarrow.parquet as pq
+
+from pipeline import fs
+from pipeline import plancore as core
+from pipeline.config import Config
+from pipeline.errors import BadInput, Refused
+from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
+
+__all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
+
+LOG = logging.getLogger("shardmove.plan")
+MANIFEST_FORMAT_VERSION = 1
+
+
+@dataclass
+class PlanResult:
+    plan_id: str
+    plan_dir: str | None  # None for a dry run
+    manifest: dict
+    capacity_ok: bool
+    dry_run: bool
+    created: bool = True
+    lines: list = field(default_factory=list)
+
+
+def build_ring(cfg: Config):
+    from pipeline.ring import Ring
+
+    try:
+        return Ring.build(
+            cfg.target_profile,
+            [(s.id, s.weight) for s in cfg.target_shards],
+            cfg.target_virtual_nodes,
+            key_type=cfg.key_type,
+        )
+    except ValueError as e:
+        raise BadInput(f"config target: {e}") from e
+
+
+def _target_canonical(cfg: Config, ring, stats: dict) -> dict:
+    if ring is not None:
+        return ring.canonical()
+    return {"explicit_target_digest": core.digest_hex(*stats["target_digest"])}
+
+
+def _validate(stats: dict, dups: int, cfg: Config) -> None:
+    kt = cfg.key_type.value
+    if stats["invalid_keys"]:
+        raise BadInput(f"plan: {stats['invalid_keys']} keys in the snapshot cannot be represented as key_type {kt} "
+                       "(or are empty)")
+    if stats["oversize_keys"]:
+        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than 4096 bytes")
+    if dups:
+        raise BadInput(f"plan: {dups} duplicate keys in the snapshot")
+    if stats["unknown_shard_rows"]:
+        ids = stats["unknown_shard_ids"]
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise BadInput(f"plan: {stats['unknown_shard_rows']} keys are on {len(ids)} shard ids the configuration "
+                       f"does not know ({shown})")
+    if stats.get("target_invalid_keys"):
+        raise BadInput(f"plan: {stats['target_invalid_keys']} keys in the target snapshot cannot be represented "
+                       f"as key_type {kt}")
+    if stats.get("target_unknown_shard_rows"):
+        raise BadInput(f"plan: {stats['target_unknown_shard_rows']} keys in the target snapshot are on shard ids "
+                       "not listed in target.shards")
+
+
+def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -> tuple[list, bool]:
+    """Rows of (shard, before, after, capacity_keys, headroom_keys%, capacity_bytes, bytes_after, headroom_bytes%)."""
+    before, after = stats["before"], stats["after"]
+    caps = {s.id: s for s in cfg.target_shards}
+    shards = sorted(set(before) | set(after) | set(caps), key=lambda s: s.encode())
+    min_head = cfg.opt("min_headroom_percent")
+    need_bytes = data_store is not None and any(s.capacity_bytes for s in cfg.target_shards) \
+        and hasattr(data_store, "shard_bytes")
+    moved_out: dict = {}
+    moved_in: dict = {}
+    if need_bytes:
+        for f in files:
+            with fs.open_input(fs.join(staging, "moves", f["group"] + ".parquet")) as fh:
+                t = pq.read_table(fh, columns=["key"])
+            sizes = data_store.key_sizes(t["key"].to_pylist(), f["source"])
+            b = sum(sizes.values())
+            moved_out[f["source"]] = moved_out.get(f["source"], 0) + b
+            moved_in[f["target"]] = moved_in.get(f["target"], 0) + b
+    rows = []
+    ok = True
+    for s in shards:
+        c = caps.get(s)
+        row = {"shard": s, "before": before.get(s, 0), "after": after.get(s, 0)}
+        if c is not None and c.capacity_keys:
+            row["capacity_keys"] = c.capacity_keys
+            row["headroom_keys_pct"] = 100.0 * (c.capacity_keys - row["after"]) / c.capacity_keys
+            if row["headroom_keys_pct"] < min_head:
+                ok = False
+                row["over"] = True
+        if need_bytes and c is not None and c.capacity_bytes:
+            cur = data_store.shard_bytes(s) if data_store.shard_exists(s) else 0
+            proj = cur - moved_out.get(s, 0) + moved_in.get(s, 0)
+            row["capacity_bytes"] = c.capacity_bytes
+            row["bytes_before"] = cur
+            row["bytes_after"] = proj
+            row["headroom_bytes_pct"] = 100.0 * (c.capacity_bytes - proj) / c.capacity_bytes
+            if row["headroom_bytes_pct"] < min_head:
+                ok = False
+                row["over"] = True
+        rows.append(row)
+    return rows, ok
+
+
+def report_lines(manifest: dict, capacity: list, min_head: float) -> list[str]:
+    m = manifest
+    lines = [
+        f"snapshot: rows={m['keys_examined']} digest={m['snapshot']['digest'][:12]} "
+        f"cutoff={m['snapshot'].get('cutoff')} rows_above_cutoff={m['snapshot'].get('rows_above_cutoff', 0)}",
+        f"window: {m['window'] or 'all'} keys_in_window={m['keys_in_window']}",
+        f"moves: {m['moves']} of {m['keys_examined']} keys ({100 * m['moved_fraction']:.2f}%), "
+        f"optimum {100 * m['optimum_moved_fraction']:.2f}%",
+    ]
+    for p in m["pairs"]:
+        lines.append(f"pair {p['source']} -> {p['target']}: {p['moves']}")
+    for r in capacity:
+        s = f"shard {r['shard']}: before={r['before']} after={r['after']}"
+        if "capacity_keys" in r:
+            s += f" capacity_keys={r['capacity_keys']} headroom={r['headroom_keys_pct']:.1f}%"
+        if "capacity_bytes" in r:
+            s += (f" bytes_before={r['bytes_before']} bytes_after={r['bytes_after']} "
+                  f"capacity_bytes={r['capacity_bytes']} headroom_bytes={r['headroom_bytes_pct']:.1f}%")
+        if r.get("over"):
+            s += f" OVER (min headroom {min_head:g}%)"
+        lines.append(s)
+    return lines
+
+
+def make_plan(
+    cfg: Config,
+    *,
+    map_store=None,
+    data_store=None,
+    snapshot: str | None = None,
+    dry_run: bool = False,
+    beam_args: Sequence[str] = (),
+    out: Callable[[str], None] = print,
+) -> PlanResult:
+    from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
+    from pipeline.runner import make_pipeline, pipeline_args, run_pipeline
+    from transforms.plan import PlanGraphSpec, build_plan_graph
+
+    ring = None if cfg.target_snapshot else build_ring(cfg)
+    target_parts = list_parts(cfg.target_snapshot, "target snapshot") if cfg.target_snapshot else ()
+
+    snap_loc = snapshot or cfg.snapshot
+    snap_meta = None
+    if snap_loc is None:
+        if map_store is None:
+            raise BadInput("plan: no snapshot given and no map store configured")
+        info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
+        snap_loc = info.location
+        snap_meta = read_snapshot_info(snap_loc)
+        out(f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} rows_above_cutoff={info.rows_above_cutoff}")
+    else:
+        snap_meta = read_snapshot_info(snap_loc)
+    parts = list_parts(snap_loc, "snapshot")
+
+    known = frozenset(cfg.known_shards())
+    ctx = core.PlanContext(
+        key_type=cfg.key_type,
+        ring=ring,
+        window=cfg.window,
+        known_shards=known,
+        hash_buckets=cfg.opt("hash_buckets"),
+        target_shards=frozenset(s.id for s in cfg.target_shards) if cfg.target_shards else None,
+    )
+    plans = fs.join(cfg.work_dir, "plans")
+    fs.makedirs(plans)
+    staging = fs.join(plans, fs.unique_name(".staging-"))
+    fs.makedirs(staging)
+    try:
+        spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"))
+        t0 = time.time()
+        p = make_pipeline(pipeline_args(cfg.beam, beam_args))
+        build_plan_graph(p, spec)
+        run_pipeline(p)
+        elapsed = time.time() - t0
+        stats = json.loads(fs.read_bytes(fs.join(staging, "stats.json")))
+        files = json.loads(fs.read_bytes(fs.join(staging, "files.json")))
+        dups = json.loads(fs.read_bytes(fs.join(staging, "duplicates.json")))
+        _validate(stats, dups, cfg)
+        digest = core.digest_hex(*stats["digest"])
+        if snap_meta and snap_meta.get("digest") and snap_meta["digest"] != digest:
+            raise BadInput("snapshot: content does not match its snapshot.json digest (files changed or damaged)")
+        target_canon = _target_canonical(cfg, ring, stats)
+        plan_id = core.plan_id_for(digest, target_canon, cfg.key_type, cfg.window)
+        files.sort(key=lambda f: (f["source"].encode(), f["target"].encode(), f["bucket"]))
+        pairs: dict = {}
+        for key, n in stats["pairs"].items():
+            pairs[key] = n
+        pair_rows = sorted(
+            ({"source": k.split("\x1f")[0], "target": k.split("\x1f")[1], "moves": n} for k, n in pairs.items()),
+            key=lambda r: (r["source"].encode(), r["target"].encode()),
+        )
+        weights = {s.id: s.weight for s in cfg.target_shards} if ring is not None else {}
+        total = stats["rows"]
+        manifest = {
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "plan_id": plan_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "key_type": cfg.key_type.value,
+            "window": cfg.opt("window"),
+            "hash_buckets": cfg.opt("hash_buckets"),
+            "snapshot": {
+                "digest": digest,
+                "location": snap_loc,
+                "cutoff": (snap_meta or {}).get("cutoff"),
+                "rows_above_cutoff": (snap_meta or {}).get("rows_above_cutoff", 0),
+            },
+            "target": target_canon,
+            "keys_examined": total,
+            "keys_in_window": stats["in_window"],
+            "moves": stats["moved"],
+            "moved_fraction": (stats["moved"] / total) if total else 0.0,
+            "optimum_moved_fraction": core.optimum_moved_fraction(stats["before"], weights) if weights and cfg.window is None else None,
+            "pairs": pair_rows,
+            "shards_before": dict(sorted(stats["before"].items())),
+            "shards_after": dict(sorted(stats["after"].items())),
+            "files": files,
+            "planner_seconds": round(elapsed, 3),
+        }
+        if manifest["optimum_moved_fraction"] is None:
+            manifest["optimum_moved_fraction"] = manifest["moved_fraction"]
+        capacity, cap_ok = _capacity(cfg, stats, data_store, staging, files)
+        manifest["capacity"] = capacity
+        lines = [f"plan id: {plan_id}"] + report_lines(manifest, capacity, cfg.opt("min_headroom_percent"))
+        if total == 0:
+            lines.append("empty snapshot: the plan is empty")
+        for line in lines:
+            out(line)
+        result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
+        if dry_run:
+            fs.rmtree(staging)
+            out("dry run: no plan committed")
+            return result
+        if not cap_ok:
+            fs.rmtree(staging)
+            raise Refused("plan: a target shard would fall below the configured headroom; no plan committed")
+        for name in ("stats.json", "files.json", "duplicates.json"):
+            fs.remove(fs.join(staging, name))
+        fs.write_atomic(fs.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        final = fs.join(plans, plan_id)
+        if fs.exists(fs.join(final, "manifest.json")):
+            fs.rmtree(staging)
+            result.created = False
+        else:
+            if fs.exists(final):
+                fs.rmtree(final)
+            if not fs.rename_dir(staging, final):
+                fs.rmtree(staging)
+                result.created = False
+        result.plan_dir = final
+        LOG.info("plan %s committed: %d moves in %d files", plan_id[:12], stats["moved"], len(files))
+        return result
+    except BaseException:
+        fs.rmtree(staging)
+        raise
+
+
+def resolve_plan_dir(plan: str, work_dir: str | None) -> str:
+    """PLAN is a plan directory or a plan id under the work directory."""
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{64}", plan or ""):
+        if work_dir is None:
+            raise BadInput("plan id given without a work directory (--work-dir or config)")
+        d = fs.join(work_dir, "plans", plan)
+    else:
+        d = plan.rstrip("/")
+    if not fs.exists(fs.join(d, "manifest.json")):
+        raise BadInput(f"no committed plan at {d} (manifest.json missing)")
+    return d
+
+
+def load_manifest(plan_dir: str) -> dict:
+    try:
+        m = json.loads(fs.read_bytes(fs.join(plan_dir, "manifest.json")))
+    except ValueError as e:
+        raise BadInput("manifest.json is not valid JSON") from e
+    if m.get("format_version") != MANIFEST_FORMAT_VERSION:
+        raise BadInput(f"manifest format_version {m.get('format_version')!r} is not supported")
+    return m

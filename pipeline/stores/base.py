@@ -1,0 +1,255 @@
+"""Store protocols and result types shared by every map / data store adapter.
+
+Never imports Beam.  Keys cross these interfaces as canonical bytes
+(CONTRACTS "Keys"); each adapter converts them to whatever its storage needs
+(SQLite: the key's text form).
+
+Two collaborators, with the seam described in the usage guide ("Key Migration
+& Data Mover Semantics"):
+
+* a :class:`MapStore` is the authoritative key -> shard map.  It exports a
+  point-in-time snapshot, looks keys up, and swaps keys to their new shard in
+  all-or-nothing compare-and-set batches.
+* a :class:`DataStore` holds the records.  It copies records between shards
+  (an idempotent upsert keyed by the key that never clobbers a newer target
+  record), reads them back for verification and deletes them for cleanup.  It
+  never touches the shard map.
+
+Expected per-key outcomes (source missing, conflict, source changed) travel as
+data in the result types below.  Whole-batch failures are exceptions from
+:mod:`pipeline.errors`: :class:`~pipeline.errors.TransientError` (retry the
+batch) or :class:`~pipeline.errors.PermanentError` (do not; ``reason`` says
+why).  No message, result or log line carries a key value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
+
+import pyarrow as pa
+import xxhash
+
+from pipeline.errors import StoreError
+from pipeline.keys import KeyType
+
+__all__ = [
+    "SNAPSHOT_SCHEMA",
+    "content_hash",
+    "SnapshotStats",
+    "MapSnapshot",
+    "SwapItem",
+    "SwapResult",
+    "CopyOutcome",
+    "MapStore",
+    "DataStore",
+]
+
+#: Schema of every RecordBatch a map snapshot yields.
+SNAPSHOT_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.binary(), nullable=False),  # canonical key bytes
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("version", pa.int64(), nullable=False),
+    ]
+)
+
+
+def content_hash(value: bytes) -> bytes:
+    """Content hash of a record: xxh3-128 of its canonical record bytes (16 bytes).
+
+    For the SQLite data store the canonical record bytes are the value bytes,
+    prefixed by nothing (CONTRACTS "Embedded SQLite stores").
+    """
+    return xxhash.xxh3_128_digest(value)
+
+
+# ------------------------------------------------------------------ map side
+
+
+@dataclass(frozen=True)
+class SnapshotStats:
+    """What a finished snapshot export saw.
+
+    ``cutoff``: the map's highest change number when the snapshot opened; every
+    exported row has ``version <= cutoff``.  ``rows``: rows exported.
+    ``invalid_keys``: rows skipped because their key (or shard id) cannot be
+    represented in the keyspace's key type; never their values.
+    ``rows_above_cutoff``: rows whose version is above the cutoff, counted when
+    the export finished -- rows written or swapped while it ran, which the
+    snapshot therefore does not reflect (drift).
+    """
+
+    cutoff: int
+    rows: int
+    invalid_keys: int
+    rows_above_cutoff: int
+
+
+class MapSnapshot(Protocol):
+    """A point-in-time export of the map, as bounded RecordBatches.
+
+    Used as a context manager; iterate it once to get ``pyarrow.RecordBatch``es
+    of :data:`SNAPSHOT_SCHEMA`, each at most ``segment_size`` rows.  ``stats()``
+    is final once the iteration is exhausted (or the snapshot closed).
+    """
+
+    cutoff: int
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]: ...
+
+    def stats(self) -> SnapshotStats: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "MapSnapshot": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class SwapItem(NamedTuple):
+    """One key of a swap batch.  Plain 3- or 4-tuples are accepted too.
+
+    ``source_version`` is the version of the source record read at copy time
+    (:attr:`CopyOutcome.source_version`); only a fenced swap needs it.
+    """
+
+    key: bytes
+    source: str
+    target: str
+    source_version: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """Outcome of one all-or-nothing swap batch; indices refer to the input items.
+
+    * ``applied``: rows written by this call (each stamped with ``version``);
+    * ``already``: keys already at their target -- nothing written for them, so
+      rerunning a committed batch writes nothing;
+    * ``conflicts``: keys neither at their expected source nor at their target,
+      or absent from the map;
+    * ``source_changed``: (fenced swaps only) keys whose source record version
+      no longer equals the version read at copy time, or that were deleted.
+
+    If ``conflicts`` or ``source_changed`` is non-empty the whole batch was
+    rolled back: ``applied`` is empty and ``committed`` is False (``already``
+    still lists the keys found at their target).
+    """
+
+    applied: tuple[int, ...] = ()
+    already: tuple[int, ...] = ()
+    conflicts: tuple[int, ...] = ()
+    source_changed: tuple[int, ...] = ()
+    version: Optional[int] = None  # change number stamped on ``applied`` rows
+
+    @property
+    def committed(self) -> bool:
+        return not self.conflicts and not self.source_changed
+
+
+@runtime_checkable
+class MapStore(Protocol):
+    """The authoritative key -> shard map of one keyspace."""
+
+    key_type: KeyType
+
+    def snapshot(self, segment_size: int = 20000) -> MapSnapshot:
+        """Open a point-in-time export (one read transaction at a cutoff)."""
+        ...
+
+    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
+        """Current ``(shard_id, version)`` of those keys that exist."""
+        ...
+
+    def swap_batch(self, items: Sequence[SwapItem], *, fence: object | None = None) -> SwapResult:
+        """Compare-and-set every key from its source to its target, all or nothing.
+
+        Idempotent: a key already at its target is not written again.
+        ``fence`` (adapter specific) also checks, inside the same transaction,
+        that each source record still has ``source_version``.
+        """
+        ...
+
+    def supports_fence(self, data_store: object) -> bool:
+        """Whether ``swap_batch(..., fence=data_store)`` works with this data store."""
+        ...
+
+    def max_version(self) -> int:
+        """Highest change number in the map (0 when empty)."""
+        ...
+
+    def count_above(self, version: int) -> int:
+        """Rows whose version is above ``version`` (written since that point)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# ----------------------------------------------------------------- data side
+
+
+@dataclass(frozen=True)
+class CopyOutcome:
+    """Per-key result of :meth:`DataStore.copy` (aligned with the input keys).
+
+    Success: ``error`` is None, ``content_hash`` is xxh3-128 of the source
+    value (16 bytes) and ``source_version`` the version of the source record
+    read.  ``written`` is False when the target already held a newer record
+    (higher version), which the copy never overwrites.
+
+    Failure: ``error`` is a :class:`~pipeline.errors.PermanentError` (e.g.
+    :class:`~pipeline.errors.SourceMissing`, reason ``source_missing``).
+    """
+
+    key: bytes
+    content_hash: Optional[bytes] = None
+    source_version: Optional[int] = None
+    written: bool = False
+    error: Optional[StoreError] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@runtime_checkable
+class DataStore(Protocol):
+    """Records of a keyspace, one shard at a time."""
+
+    key_type: KeyType
+
+    def copy(self, keys: Sequence[bytes], source: str, target: str) -> list[CopyOutcome]:
+        """Copy records from ``source`` to ``target``: one read, one target write transaction.
+
+        Idempotent upsert keyed by the key, carrying the source version; a
+        target record with a higher version is left alone.
+        """
+        ...
+
+    def read(self, keys: Sequence[bytes], shard: str) -> dict[bytes, tuple[bytes, int]]:
+        """``key -> (value, version)`` for the keys present on ``shard``."""
+        ...
+
+    def hashes(self, keys: Sequence[bytes], shard: str) -> dict[bytes, tuple[bytes, int]]:
+        """``key -> (content_hash, version)`` for the keys present on ``shard``."""
+        ...
+
+    def key_sizes(self, keys: Sequence[bytes], shard: str) -> dict[bytes, int]:
+        """``key -> value length in bytes`` for the keys present on ``shard``."""
+        ...
+
+    def delete(self, keys: Sequence[bytes], shard: str, *, versions: Sequence[int] | None = None) -> int:
+        """Delete those records (only where the version matches, if given); idempotent."""
+        ...
+
+    def put_many(self, shard: str, rows: Iterable[tuple[bytes, bytes]]) -> int:
+        """Write records (demo and tests), stamping fresh versions."""
+        ...
+
+    def shard_exists(self, shard: str) -> bool: ...
+
+    def shard_bytes(self, shard: str) -> int: ...
+
+    def count(self, shard: str) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1087 @@
+"""Embedded SQLite map and data stores (CONTRACTS "Embedded SQLite stores").
+
+Never imports Beam.  Keys arrive as canonical bytes and are stored as their
+text form (``keys.text_form`` of the keyspace's key type).
+
+Map store file::
+
+    shard_map(key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)
+    + index shard_map_version(version)
+
+``version`` is a keyspace-wide change number: every transaction that writes
+rows (a ``put_many`` chunk, a swap batch) stamps them with ``max(version) + 1``
+taken inside that write transaction.
+
+Data store: one file per shard, ``<directory>/<names.safe_name(shard)>.sqlite``::
+
+    records(key TEXT PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL)
+
+A record's version must grow with every write of that key wherever it lives:
+``copy`` carries the source version to the target, and ``put_many`` stamps
+``max(version in the file) + 1`` (a Lamport clock per file), so a write made
+on the target after a copy always outranks the copied record.
+
+Concurrency: WAL journal (set when this module creates a file; existing files
+keep their mode), a busy timeout on every connection, and a process-wide
+``threading.Lock`` per file path around every write transaction, so that
+threads of one process queue for a file instead of fighting over SQLite's
+write lock (FIELD-NOTES: concurrent writers to one SQLite file only produce
+lock errors).  "database is locked / busy" becomes
+:class:`~pipeline.errors.TransientError`; other SQLite failures become
+:class:`~pipeline.errors.PermanentError` with a short ``reason``.  Neither
+ever carries a key value.
+
+Files created here are owner-only (0600; new directories 0700): they hold key
+values.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import urllib.parse
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from pipeline.errors import PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.keys import InvalidKeyError, KeyType, parse_text, short_hash_of_key
+from pipeline.names import safe_name
+from pipeline.stores.base import (
+    SNAPSHOT_SCHEMA,
+    CopyOutcome,
+    SnapshotStats,
+    SwapItem,
+    SwapResult,
+)
+
+__all__ = [
+    "SqliteMapStore",
+    "SqliteMapSnapshot",
+    "SqliteDataStore",
+    "DEFAULT_BUSY_TIMEOUT",
+]
+
+#: Seconds a connection waits for another writer before "database is locked".
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+_IN_CHUNK = 500  # bound variables per ``IN (...)`` query
+_WRITE_CHUNK = 10_000  # rows per put_many transaction
+
+_MAP_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS shard_map("
+    "key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS shard_map_version ON shard_map(version)",
+)
+_RECORDS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS records("
+    "key TEXT PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL)",
+)
+
+# SQLite primary result codes that mean "someone else holds the lock, try again".
+_TRANSIENT_CODES = {5, 6, 15}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_PROTOCOL
+_CANTOPEN = 14
+
+
+# --------------------------------------------------------------------- errors
+
+
+def _is_transient(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _TRANSIENT_CODES
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _store_error(e: sqlite3.Error, what: str) -> StoreError:
+    """Classify a SQLite error; the message names the operation, never a key."""
+    name = getattr(e, "sqlite_errorname", type(e).__name__)
+    if _is_transient(e):
+        return TransientError(f"{what}: {e} ({name})", reason="busy")
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None and (code & 0xFF) == _CANTOPEN:
+        return PermanentError(f"{what}: cannot open the database file ({name})", reason="cannot_open")
+    if "no such table" in str(e) or "no such column" in str(e):
+        return PermanentError(f"{what}: schema mismatch: {e}", reason="schema")
+    return PermanentError(f"{what}: {e} ({name})", reason="store_error")
+
+
+# ----------------------------------------------------------- per-file locks
+#
+# Process-wide by design: the lock guards a file on this machine, whichever
+# store object (or DoFn instance) writes it.  Holds no data.
+
+_FILE_LOCKS: dict[str, threading.Lock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _file_lock(path: str) -> threading.Lock:
+    real = os.path.realpath(path)
+    with _FILE_LOCKS_GUARD:
+        lock = _FILE_LOCKS.get(real)
+        if lock is None:
+            lock = _FILE_LOCKS[real] = threading.Lock()
+        return lock
+
+
+@contextlib.contextmanager
+def _locked(paths: Iterable[str], timeout: float, what: str):
+    """Hold the process-wide locks of ``paths`` (in the given order)."""
+    held = []
+    try:
+        for p in paths:
+            lock = _file_lock(p)
+            if not lock.acquire(timeout=max(timeout, 0.001)):
+                raise TransientError(f"{what}: file busy in this process", reason="busy")
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+# ------------------------------------------------------------ key text forms
+
+
+def _int64_text(b: bytes) -> str:
+    if len(b) != 8:
+        raise InvalidKeyError("int64 key is not 8 bytes")
+    return str(int.from_bytes(b, "big", signed=True))
+
+
+def _uuid_text(b: bytes) -> str:
+    if len(b) != 16:
+        raise InvalidKeyError("uuid key is not 16 bytes")
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _string_text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidKeyError("string key is not valid UTF-8") from None
+
+
+def _bytes_text(b: bytes) -> str:
+    return bytes(b).hex()
+
+
+_TEXT_OF: dict[KeyType, Callable[[bytes], str]] = {
+    KeyType.STRING: _string_text,
+    KeyType.INT64: _int64_text,
+    KeyType.UUID: _uuid_text,
+    KeyType.BYTES: _bytes_text,
+}
+
+
+def _texts(keys: Sequence[bytes], key_type: KeyType) -> list[str]:
+    """Text forms of canonical keys; InvalidKeyError (no value) if one is not canonical."""
+    return list(map(_TEXT_OF[key_type], keys))
+
+
+def _parse_strict(raw: bytes, key_type: KeyType) -> bytes | None:
+    """Canonical bytes of a stored text key, or None if it is not a canonical text form."""
+    try:
+        text = raw.decode("utf-8")
+        canon = parse_text(text, key_type)
+        if _TEXT_OF[key_type](canon) != text:
+            return None  # e.g. "007", "-0", upper-case hex: would alias another key
+        return canon
+    except (InvalidKeyError, UnicodeDecodeError, ValueError):
+        return None
+
+
+_UUID_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_HEX_RE = r"^(?:[0-9a-f]{2})*$"
+_NIBBLE = np.zeros(256, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _i
+
+
+def _hex_decode(arr: pa.Array) -> pa.Array:
+    """Decode a null-free array of even-length lowercase hex strings to binary."""
+    arr = arr.cast(pa.binary())
+    n = len(arr)
+    if n == 0:
+        return pa.array([], pa.binary())
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    chars = np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None and end > start \
+        else np.empty(0, np.uint8)
+    nib = _NIBBLE[chars]
+    out = (nib[0::2] << 4) | nib[1::2]
+    new_off = ((offsets - start) // 2).astype(np.int32)
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(new_off), pa.py_buffer(out.tobytes())])
+
+
+def _parse_key_column(raw: pa.Array, key_type: KeyType) -> tuple[pa.Array, np.ndarray]:
+    """Canonical keys from stored text keys (binary, null-free).
+
+    Returns ``(canonical, valid)``: ``canonical`` holds the keys where
+    ``valid`` is True, in order (invalid ones dropped).  A key is valid only
+    if its text is exactly the canonical text form of its canonical bytes.
+    """
+    n = len(raw)
+    try:
+        if key_type is KeyType.STRING:
+            raw.cast(pa.string())  # validates UTF-8
+            return raw, np.ones(n, dtype=bool)
+        text = raw.cast(pa.string())
+        if key_type is KeyType.INT64:
+            ints = pc.cast(text, pa.int64())
+            ok = pc.equal(pc.cast(ints, pa.string()), text)
+            valid = np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+            be = ints.to_numpy(zero_copy_only=False)[valid].astype(">i8")
+            canon = pa.Array.from_buffers(pa.binary(8), int(valid.sum()), [None, pa.py_buffer(be.tobytes())])
+            return canon.cast(pa.binary()), valid
+        pattern = _UUID_RE if key_type is KeyType.UUID else _HEX_RE
+        valid = np.asarray(pc.match_substring_regex(text, pattern).to_numpy(zero_copy_only=False), dtype=bool)
+        good = text.filter(pa.array(valid)) if not valid.all() else text
+        if key_type is KeyType.UUID:
+            good = pc.replace_substring(good, "-", "")
+        return _hex_decode(good), valid
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # a value the vectorised path cannot take: decide row by row
+    parsed = [_parse_strict(v, key_type) for v in raw.to_pylist()]
+    valid = np.fromiter((p is not None for p in parsed), dtype=bool, count=n)
+    return pa.array([p for p in parsed if p is not None], pa.binary()), valid
+
+
+def _utf8_column(raw: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Binary -> string, with a validity mask (invalid UTF-8 rows become null)."""
+    try:
+        return raw.cast(pa.string()), np.ones(len(raw), dtype=bool)
+    except pa.ArrowInvalid:
+        out = []
+        for v in raw.to_pylist():
+            try:
+                out.append(v.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(None)
+        arr = pa.array(out, pa.string())
+        return arr, np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+# --------------------------------------------------------------- connections
+
+
+def _first(row: tuple):
+    return row[0]
+
+
+def _chunks(seq: Sequence, size: int = _IN_CHUNK) -> Iterator[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+_IN_SQL_CACHE: dict[tuple[str, int], str] = {}
+
+
+def _in_sql(template: str, n: int) -> str:
+    """``template`` with ``{in}`` replaced by ``?,?,...`` (n marks)."""
+    sql = _IN_SQL_CACHE.get((template, n))
+    if sql is None:
+        sql = template.replace("{in}", ",".join("?" * n))
+        if len(_IN_SQL_CACHE) < 4096:
+            _IN_SQL_CACHE[(template, n)] = sql
+    return sql
+
+
+def _uri(path: str) -> str:
+    """A ``file:`` URI that opens an existing file read-write and never creates one."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+
+
+def _create_file(path: str) -> bool:
+    """Create an empty owner-only (0600) file, and its directory (0700) if absent."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+class _SqliteBase:
+    """Thread-local connections (one per thread and file), closed by ``close()``."""
+
+    #: Per-connection tuning.  A WAL checkpoint every 10000 pages (~40 MB)
+    #: instead of SQLite's 1000: a 500-key batch of random keys dirties
+    #: ~1000 pages, so the default checkpoints after nearly every batch
+    #: (measured: swap and copy ~40% faster).
+    _PRAGMAS: tuple[str, ...] = ("PRAGMA wal_autocheckpoint=10000",)
+
+    def __init__(self, key_type: KeyType, busy_timeout: float, synchronous: str):
+        self.key_type = KeyType(key_type)
+        if busy_timeout < 0:
+            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
+        if str(synchronous).upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.busy_timeout = float(busy_timeout)
+        self.synchronous = str(synchronous).upper()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_guard = threading.Lock()
+
+    # Picklable as configuration only; connections are reopened lazily.
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        return self._config()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def _open(self, path: str, *, text_factory=None) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            _uri(path), uri=True, timeout=self.busy_timeout, isolation_level=None,
+            check_same_thread=False, cached_statements=256,
+        )
+        if text_factory is not None:
+            conn.text_factory = text_factory
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        for pragma in self._PRAGMAS:
+            conn.execute(pragma)
+        return conn
+
+    def _conn(self, path: str) -> sqlite3.Connection:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(path)
+        if conn is None:
+            conn = self._open(path)
+            conns[path] = conn
+            with self._all_guard:
+                self._all.append(conn)
+        return conn
+
+    def _init_file(self, path: str, schema: Sequence[str], what: str) -> None:
+        """Create ``path`` (0600, WAL) if absent and ensure its schema."""
+        created = _create_file(path)
+        conn = self._conn(path)
+        try:
+            if created:
+                conn.execute("PRAGMA journal_mode=WAL")
+            for stmt in schema:
+                conn.execute(stmt)
+        except sqlite3.Error as e:
+            raise _store_error(e, what) from e
+
+    def close(self) -> None:
+        """Close every connection this store opened (in any thread)."""
+        with self._all_guard:
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ map store
+
+
+class SqliteMapSnapshot:
+    """A point-in-time export of a SQLite shard map (see :class:`base.MapSnapshot`).
+
+    Opening it starts ONE read transaction and reads the cutoff (the highest
+    change number).  Iterating streams the rows with ``version <= cutoff``
+    from a single cursor (``fetchmany``: memory bounded by ``segment_size``) as
+    RecordBatches of :data:`SNAPSHOT_SCHEMA`.  Rows whose key is not a
+    canonical text form of the key type -- or whose key, shard id or version
+    has the wrong SQLite type -- are counted in ``invalid_keys`` and skipped.
+
+    When the iteration ends the read transaction is closed and the rows above
+    the cutoff are counted (rows written or swapped while the export ran).
+    Inside the read transaction that count is always 0 -- SQLite readers see a
+    fixed snapshot -- so it is taken just after it.
+    """
+
+    _SELECT = (
+        "SELECT key, shard_id, version FROM shard_map WHERE version <= ? "
+        "AND typeof(key) = 'text' AND typeof(shard_id) = 'text' AND typeof(version) = 'integer'"
+    )
+    _BAD_TYPED = (
+        "SELECT count(*) FROM shard_map WHERE NOT "
+        "(typeof(key) = 'text' AND typeof(shard_id) = 'text' AND typeof(version) = 'integer')"
+    )
+
+    def __init__(self, store: "SqliteMapStore", segment_size: int):
+        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be a positive integer, got {segment_size!r}")
+        self.segment_size = segment_size
+        self.key_type = store.key_type
+        self._path = store.path
+        store._require_file()
+        self._conn = store._open(store.path, text_factory=bytes)
+        self._rows = 0
+        self._invalid = 0
+        self._above: int | None = None
+        self._started = False
+        try:
+            self._conn.execute("BEGIN")
+            top = self._conn.execute("SELECT max(version) FROM shard_map").fetchone()[0]
+            if top is not None and not isinstance(top, int):
+                raise PermanentError("map snapshot: a version is not an integer", reason="schema")
+            self.cutoff = int(top or 0)
+            self._invalid = int(self._conn.execute(self._BAD_TYPED).fetchone()[0])
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise _store_error(e, "map snapshot") from e
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> "SqliteMapSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if self._started:
+            raise RuntimeError("a map snapshot can be iterated only once")
+        if self._conn is None:
+            raise RuntimeError("map snapshot already closed")
+        self._started = True
+        return self._batches()
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        try:
+            cur = self._conn.execute(self._SELECT, (self.cutoff,))
+            while True:
+                rows = cur.fetchmany(self.segment_size)
+                if not rows:
+                    break
+                batch = self._to_batch(rows)
+                if batch.num_rows:
+                    yield batch
+            self._conn.execute("COMMIT")
+            self._above = int(self._conn.execute(
+                "SELECT count(*) FROM shard_map WHERE version > ?", (self.cutoff,)).fetchone()[0])
+        except sqlite3.Error as e:
+            raise _store_error(e, "map snapshot") from e
+        finally:
+            self.close()
+
+    def _to_batch(self, rows: list) -> pa.RecordBatch:
+        key_raw, shard_raw, versions = zip(*rows)
+        canon, key_ok = _parse_key_column(pa.array(key_raw, pa.binary()), self.key_type)
+        shards, shard_ok = _utf8_column(pa.array(shard_raw, pa.binary()))
+        version_arr = pa.array(versions, pa.int64())
+        if not shard_ok.all():
+            # keys were already filtered by key_ok; align the shard mask to them.
+            keep_of_valid_keys = pa.array(shard_ok[key_ok])
+            canon = canon.filter(keep_of_valid_keys)
+        valid = key_ok & shard_ok
+        if not valid.all():
+            mask = pa.array(valid)
+            shards = shards.filter(mask)
+            version_arr = version_arr.filter(mask)
+        self._invalid += len(rows) - int(valid.sum())
+        self._rows += len(canon)
+        return pa.RecordBatch.from_arrays([canon, shards, version_arr], schema=SNAPSHOT_SCHEMA)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def invalid_keys(self) -> int:
+        return self._invalid
+
+    @property
+    def rows_above_cutoff(self) -> int | None:
+        """None until the export has been read to the end."""
+        return self._above
+
+    def stats(self) -> SnapshotStats:
+        if self._above is None:
+            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
+        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _rollback(conn)
+            conn.close()
+
+
+class SqliteMapStore(_SqliteBase):
+    """The shard map in one SQLite file (see the module docstring).
+
+    Thread-safe: each thread uses its own connection; writes of one process
+    queue on a per-file lock.  Picklable (configuration only).
+    """
+
+    # The map is hot (every swap batch reads and writes random pages of it):
+    # a 64 MiB page cache per connection; few connections exist.
+    _PRAGMAS = _SqliteBase._PRAGMAS + ("PRAGMA cache_size=-65536",)
+
+    def __init__(self, path: str, key_type: KeyType = KeyType.STRING, *,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT, synchronous: str = "FULL"):
+        super().__init__(key_type, busy_timeout, synchronous)
+        self.path = os.fspath(path)
+
+    def _config(self) -> dict:
+        return dict(path=self.path, key_type=self.key_type, busy_timeout=self.busy_timeout,
+                    synchronous=self.synchronous)
+
+    def __repr__(self) -> str:
+        return f"SqliteMapStore({self.path!r}, {self.key_type.value!r})"
+
+    # --------------------------------------------------------------- set-up
+
+    @classmethod
+    def create(cls, path: str, key_type: KeyType = KeyType.STRING, **kwargs) -> "SqliteMapStore":
+        """Create the map file (0600, WAL) if absent, with its schema; return the store."""
+        store = cls(path, key_type, **kwargs)
+        store.ensure_schema()
+        return store
+
+    def ensure_schema(self) -> None:
+        """Create the file (if absent), the ``shard_map`` table and its version index."""
+        with _locked([self.path], self.busy_timeout, "map schema"):
+            self._init_file(self.path, _MAP_SCHEMA, "map schema")
+
+    def _require_file(self) -> None:
+        if not os.path.exists(self.path):
+            raise PermanentError(f"map store file not found: {self.path}", reason="map_missing")
+
+    def _map_conn(self) -> sqlite3.Connection:
+        self._require_file()
+        return self._conn(self.path)
+
+    # ---------------------------------------------------------------- reads
+
+    def snapshot(self, segment_size: int = 20000) -> SqliteMapSnapshot:
+        """Open a point-in-time export; see :class:`SqliteMapSnapshot`."""
+        return SqliteMapSnapshot(self, segment_size)
+
+    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
+        """Current ``(shard_id, version)`` of those keys that exist (one read transaction)."""
+        if not keys:
+            return {}
+        texts = _texts(keys, self.key_type)
+        by_text = dict(zip(texts, keys))
+        uniq = list(by_text)
+        conn = self._map_conn()
+        out: dict[bytes, tuple[str, int]] = {}
+        try:
+            conn.execute("BEGIN")
+            for chunk in _chunks(uniq):
+                sql = _in_sql("SELECT key, shard_id, version FROM shard_map WHERE key IN ({in})", len(chunk))
+                for k, s, v in conn.execute(sql, chunk):
+                    out[by_text[k]] = (s, int(v))
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, "map lookup") from e
+        return out
+
+    def max_version(self) -> int:
+        conn = self._map_conn()
+        try:
+            return int(conn.execute("SELECT max(version) FROM shard_map").fetchone()[0] or 0)
+        except sqlite3.Error as e:
+            raise _store_error(e, "map max version") from e
+
+    def count_above(self, version: int) -> int:
+        """Rows whose version is above ``version`` (uses the version index)."""
+        conn = self._map_conn()
+        try:
+            return int(conn.execute("SELECT count(*) FROM shard_map WHERE version > ?",
+                                    (int(version),)).fetchone()[0])
+        except sqlite3.Error as e:
+            raise _store_error(e, "map count") from e
+
+    def count(self) -> int:
+        conn = self._map_conn()
+        try:
+            return int(conn.execute("SELECT count(*) FROM shard_map").fetchone()[0])
+        except sqlite3.Error as e:
+            raise _store_error(e, "map count") from e
+
+    # --------------------------------------------------------------- writes
+
+    def put_many(self, rows: Iterable[tuple[bytes, str]], *, chunk_size: int = _WRITE_CHUNK) -> int:
+        """Upsert ``(key, shard_id)`` rows (demo and tests).
+
+        One write transaction per chunk; each chunk's rows are stamped with a
+        new change number ``max(version) + 1``.  Returns the rows written.
+        """
+        conn = self._map_conn()
+        total = 0
+        buf: list[tuple[bytes, str]] = []
+
+        def flush():
+            nonlocal total
+            texts = _texts([k for k, _ in buf], self.key_type)
+            with _locked([self.path], self.busy_timeout, "map put"):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    v = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
+                    conn.executemany(
+                        "INSERT INTO shard_map(key, shard_id, version) VALUES (?, ?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET shard_id = excluded.shard_id, version = excluded.version",
+                        # key order: sequential index inserts (a stable sort keeps the last duplicate last)
+                        sorted(((t, s, v) for t, (_, s) in zip(texts, buf)), key=_first),
+                    )
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    _rollback(conn)
+                    raise _store_error(e, "map put") from e
+            total += len(buf)
+            buf.clear()
+
+        for row in rows:
+            buf.append((row[0], row[1]))
+            if len(buf) >= chunk_size:
+                flush()
+        if buf:
+            flush()
+        return total
+
+    def supports_fence(self, data_store: object) -> bool:
+        """A fenced swap needs the source shards in SQLite files (:class:`SqliteDataStore`)."""
+        return isinstance(data_store, SqliteDataStore)
+
+    def swap_batch(self, items: Sequence[SwapItem | tuple], *,
+                   fence: "SqliteDataStore | None" = None) -> SwapResult:
+        """Move a batch of keys to their targets: compare-and-set, all or nothing.
+
+        ONE write transaction (``BEGIN IMMEDIATE``).  For each item
+        ``(key, expected_source, target[, source_version])``:
+
+        * key at ``target``: counted in ``already``; its row is not written
+          again (so a rerun of a committed batch writes nothing);
+        * key at ``expected_source``: set to ``target`` and stamped with the
+          batch's new change number ``max(version) + 1`` (``applied``);
+        * otherwise (another shard, or absent): ``conflicts``.
+
+        With ``fence`` (the :class:`SqliteDataStore` holding the source
+        shards), each source shard file is ATTACHed and locked by the same
+        transaction, and every key to apply must still have a source record
+        whose version equals ``source_version``; the others are
+        ``source_changed``.  While the transaction runs, writers to those
+        source shards wait: the swap is a short write fence.
+
+        Any conflict or changed source rolls the whole batch back and applies
+        nothing.  Idempotent: compare-and-set on the expected source.
+        Raises TransientError when the map (or a fenced shard) stays locked
+        beyond the busy timeout.  The same key twice in one batch with
+        different moves is a conflict.
+        """
+        norm = [_swap_item(it) for it in items]
+        if not norm:
+            return SwapResult()
+        if fence is not None:
+            if not self.supports_fence(fence):
+                raise TypeError("swap_batch: fence must be a SqliteDataStore")
+            if any(it.source_version is None for it in norm):
+                raise ValueError("swap_batch: a fenced swap needs source_version on every item")
+        texts = _texts([it.key for it in norm], self.key_type)
+
+        # One decision per distinct key; an inconsistent duplicate is a conflict.
+        first: dict[str, int] = {}
+        dup_conflict: set[str] = set()
+        for i, (t, it) in enumerate(zip(texts, norm)):
+            j = first.setdefault(t, i)
+            if j != i and norm[j] != it:
+                dup_conflict.add(t)
+
+        conn = self._map_conn()
+        attached: dict[str, str] = {}  # source shard -> schema name
+        lock_paths = [self.path]
+        if fence is not None:
+            # A fresh connection: a cached "BEGIN IMMEDIATE" statement compiled
+            # before the ATTACH would lock only the main database.
+            conn = self._open(self.path)
+            sources = sorted({it.source for it in norm})
+            limit = conn.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED)
+            if len(sources) > limit:
+                conn.close()
+                raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source shards; "
+                                 f"at most {limit} can be attached")
+            for n, s in enumerate(sources):
+                path = fence.shard_path(s)
+                if not os.path.exists(path):
+                    conn.close()
+                    raise PermanentError(f"fenced swap: source shard file not found ({safe_name(s)})",
+                                         reason="shard_missing")
+                attached[s] = f"fence{n}"
+            lock_paths += sorted(fence.shard_path(s) for s in sources)
+
+        with _locked(lock_paths, self.busy_timeout, "map swap"):
+            try:
+                for s, alias in attached.items():
+                    conn.execute(f"ATTACH DATABASE ? AS {alias}", (_uri(fence.shard_path(s)),))
+                conn.execute("BEGIN IMMEDIATE")
+                current: dict[str, str] = {}
+                uniq = list(first)
+                for chunk in _chunks(uniq):
+                    sql = _in_sql("SELECT key, shard_id FROM shard_map WHERE key IN ({in})", len(chunk))
+                    current.update(conn.execute(sql, chunk).fetchall())
+
+                applied_keys: list[str] = []
+                status: dict[str, str] = {}
+                for t, i in first.items():
+                    it = norm[i]
+                    cur = current.get(t)
+                    if t in dup_conflict:
+                        status[t] = "conflict"
+                    elif cur is not None and cur == it.target:
+                        status[t] = "already"
+                    elif cur is not None and cur == it.source:
+                        status[t] = "apply"
+                        applied_keys.append(t)
+                    else:
+                        status[t] = "conflict"
+
+                if attached and applied_keys:
+                    by_source: dict[str, list[str]] = {}
+                    for t in applied_keys:
+                        by_source.setdefault(norm[first[t]].source, []).append(t)
+                    for s, ts in by_source.items():
+                        found: dict[str, int] = {}
+                        for chunk in _chunks(ts):
+                            sql = _in_sql(f"SELECT key, version FROM {attached[s]}.records WHERE key IN ({{in}})",
+                                          len(chunk))
+                            found.update(conn.execute(sql, chunk).fetchall())
+                        for t in ts:
+                            if found.get(t) != norm[first[t]].source_version:
+                                status[t] = "source_changed"
+
+                by_status: dict[str, list[int]] = {"apply": [], "already": [], "conflict": [], "source_changed": []}
+                for i, t in enumerate(texts):
+                    by_status[status[t]].append(i)
+                if by_status["conflict"] or by_status["source_changed"]:
+                    conn.execute("ROLLBACK")
+                    return SwapResult(applied=(), already=tuple(by_status["already"]),
+                                      conflicts=tuple(by_status["conflict"]),
+                                      source_changed=tuple(by_status["source_changed"]))
+                version = None
+                if applied_keys:
+                    version = int(conn.execute(
+                        "SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
+                    cur = conn.executemany(
+                        "UPDATE shard_map SET shard_id = ?, version = ? WHERE key = ? AND shard_id = ?",
+                        [(norm[first[t]].target, version, t, norm[first[t]].source) for t in sorted(applied_keys)],
+                    )
+                    if cur.rowcount != len(applied_keys):
+                        conn.execute("ROLLBACK")
+                        raise PermanentError("map swap: compare-and-set wrote an unexpected number of rows",
+                                             reason="swap_inconsistent")
+                conn.execute("COMMIT")
+                return SwapResult(applied=tuple(by_status["apply"]), already=tuple(by_status["already"]),
+                                  version=version)
+            except sqlite3.Error as e:
+                _rollback(conn)
+                raise _store_error(e, "map swap") from e
+            finally:
+                if fence is not None:
+                    conn.close()
+
+
+def _swap_item(it) -> SwapItem:
+    if isinstance(it, SwapItem):
+        return it
+    if len(it) == 3:
+        return SwapItem(it[0], it[1], it[2], None)
+    return SwapItem(it[0], it[1], it[2], it[3])
+
+
+# ----------------------------------------------------------------- data store
+
+
+class SqliteDataStore(_SqliteBase):
+    """Records in one SQLite file per shard (see the module docstring).
+
+    Thread-safe and picklable (configuration only).  Reads of an absent shard
+    file see an empty shard; only :meth:`copy` and the write methods create
+    files, and only target files -- never a copy's source.
+    """
+
+    def __init__(self, directory: str, key_type: KeyType = KeyType.STRING, *,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT, synchronous: str = "FULL"):
+        super().__init__(key_type, busy_timeout, synchronous)
+        self.directory = os.fspath(directory)
+        self._ready: set[str] = set()  # target files whose schema this process ensured
+        self._ready_guard = threading.Lock()
+
+    def _config(self) -> dict:
+        return dict(directory=self.directory, key_type=self.key_type, busy_timeout=self.busy_timeout,
+                    synchronous=self.synchronous)
+
+    def __repr__(self) -> str:
+        return f"SqliteDataStore({self.directory!r}, {self.key_type.value!r})"
+
+    def shard_path(self, shard: str) -> str:
+        """``<directory>/<safe_name(shard)>.sqlite``."""
+        return os.path.join(self.directory, safe_name(shard) + ".sqlite")
+
+    def shard_exists(self, shard: str) -> bool:
+        return os.path.exists(self.shard_path(shard))
+
+    def ensure_shard(self, shard: str) -> str:
+        """Create the shard file (0600, WAL) and its table if absent; return its path."""
+        path = self.shard_path(shard)
+        if path not in self._ready:
+            with _locked([path], self.busy_timeout, "shard schema"):
+                self._init_file(path, _RECORDS_SCHEMA, "shard schema")
+            with self._ready_guard:
+                self._ready.add(path)
+        return path
+
+    # ---------------------------------------------------------------- reads
+
+    def _select(self, keys: Sequence[bytes], shard: str, columns: str, what: str) -> dict[bytes, tuple]:
+        """``key -> row`` for the keys present on ``shard`` (one read transaction)."""
+        if not keys:
+            return {}
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            return {}
+        texts = _texts(keys, self.key_type)
+        by_text = dict(zip(texts, keys))
+        conn = self._conn(path)
+        out: dict[bytes, tuple] = {}
+        try:
+            conn.execute("BEGIN")
+            for chunk in _chunks(list(by_text)):
+                sql = _in_sql(f"SELECT key, {columns} FROM records WHERE key IN ({{in}})", len(chunk))
+                for row in conn.execute(sql, chunk):
+                    out[by_text[row[0]]] = row[1:]
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, what) from e
+        return out
+
+    def read(self, keys: Sequence[bytes], shard: str) -> dict[bytes, tuple[bytes, int]]:
+        """``key -> (value bytes, version)`` for the keys present on ``shard``."""
+        rows = self._select(keys, shard, "CAST(value AS BLOB), version", "shard read")
+        return {k: (bytes(v), int(ver)) for k, (v, ver) in rows.items()}
+
+    def hashes(self, keys: Sequence[bytes], shard: str) -> dict[bytes, tuple[bytes, int]]:
+        """``key -> (xxh3-128 of the value, version)`` for the keys present on ``shard``."""
+        rows = self._select(keys, shard, "CAST(value AS BLOB), version", "shard hash")
+        digest = xxhash.xxh3_128_digest
+        return {k: (digest(v), int(ver)) for k, (v, ver) in rows.items()}
+
+    def key_sizes(self, keys: Sequence[bytes], shard: str) -> dict[bytes, int]:
+        """``key -> value length in bytes`` for the keys present on ``shard``."""
+        rows = self._select(keys, shard, _LENGTH_SQL, "shard sizes")
+        return {k: int(n) for k, (n,) in rows.items()}
+
+    def _scalar(self, shard: str, sql: str, what: str) -> int:
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            return 0
+        try:
+            return int(self._conn(path).execute(sql).fetchone()[0] or 0)
+        except sqlite3.Error as e:
+            raise _store_error(e, what) from e
+
+    def count(self, shard: str) -> int:
+        """Records on ``shard`` (0 when its file is absent)."""
+        return self._scalar(shard, "SELECT count(*) FROM records", "shard count")
+
+    def shard_bytes(self, shard: str) -> int:
+        """Sum of the value lengths on ``shard`` (0 when its file is absent)."""
+        return self._scalar(shard, f"SELECT sum({_LENGTH_SQL}) FROM records", "shard bytes")
+
+    # --------------------------------------------------------------- writes
+
+    def copy(self, keys: Sequence[bytes], source: str, target: str) -> list[CopyOutcome]:
+        """Copy the records of ``keys`` from ``source`` to ``target``.
+
+        One read transaction on the source and ONE write transaction on the
+        target.  Idempotent upsert keyed by the key, carrying the source
+        ``(value, version)``; a target record is replaced only if its version
+        is <= the source version, so a late duplicate copy can never overwrite
+        newer data written on the target.  Never touches the shard map.
+
+        Returns one :class:`CopyOutcome` per input key, in order: the content
+        hash and source version, or ``SourceMissing`` for a key without a
+        source record.  Raises ``PermanentError(reason="shard_missing")`` if
+        the source shard file does not exist (it is never created) and
+        ``TransientError`` (whole batch) when a file stays locked.
+        """
+        if source == target:
+            raise ValueError("copy: source and target are the same shard")
+        if not keys:
+            return []
+        src_path = self.shard_path(source)
+        if not os.path.exists(src_path):
+            raise PermanentError(f"copy: source shard file not found ({safe_name(source)})",
+                                 reason="shard_missing")
+        texts = _texts(keys, self.key_type)
+        uniq = list(dict.fromkeys(texts))
+
+        # 1. one read of the source
+        src = self._conn(src_path)
+        found: dict[str, tuple[bytes, int]] = {}
+        try:
+            src.execute("BEGIN")
+            for chunk in _chunks(uniq):
+                sql = _in_sql("SELECT key, CAST(value AS BLOB), version FROM records WHERE key IN ({in})", len(chunk))
+                for k, v, ver in src.execute(sql, chunk):
+                    found[k] = (v, int(ver))
+            src.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(src)
+            raise _store_error(e, "copy read") from e
+
+        # 2. one write transaction on the target
+        written: set[str] = set()
+        if found:
+            tgt_path = self.ensure_shard(target)
+            tgt = self._conn(tgt_path)
+            present = list(found)
+            with _locked([tgt_path], self.busy_timeout, "copy write"):
+                try:
+                    tgt.execute("BEGIN IMMEDIATE")
+                    existing: dict[str, int] = {}
+                    for chunk in _chunks(present):
+                        sql = _in_sql("SELECT key, version FROM records WHERE key IN ({in})", len(chunk))
+                        existing.update(tgt.execute(sql, chunk).fetchall())
+                    rows = []
+                    for t in present:
+                        v, ver = found[t]
+                        have = existing.get(t)
+                        if have is None or have <= ver:
+                            rows.append((t, v, ver))
+                            written.add(t)
+                    if rows:
+                        rows.sort(key=_first)  # key order: fewer page seeks in the target's index
+                        tgt.executemany(
+                            "INSERT INTO records(key, value, version) VALUES (?, ?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version "
+                            "WHERE records.version <= excluded.version",
+                            rows,
+                        )
+                    tgt.execute("COMMIT")
+                except sqlite3.Error as e:
+                    _rollback(tgt)
+                    raise _store_error(e, "copy write") from e
+
+        digest = xxhash.xxh3_128_digest
+        hashed = {t: digest(v) for t, (v, _) in found.items()}
+        out = []
+        for k, t in zip(keys, texts):
+            hit = found.get(t)
+            if hit is None:
+                out.append(CopyOutcome(k, error=SourceMissing(
+                    f"source record missing for key {short_hash_of_key(k)}")))
+            else:
+                out.append(CopyOutcome(k, content_hash=hashed[t], source_version=hit[1], written=t in written))
+        return out
+
+    def put_many(self, shard: str, rows: Iterable[tuple[bytes, bytes]], *, chunk_size: int = _WRITE_CHUNK) -> int:
+        """Upsert ``(key, value)`` records on ``shard`` (demo and tests; creates the file).
+
+        One write transaction per chunk; rows get versions ``max(version) + 1,
+        + 2, ...`` (in key order within a chunk), so every write outranks every record already in
+        the file (including copied ones).  Returns the rows written.
+        """
+        path = self.ensure_shard(shard)
+        conn = self._conn(path)
+        total = 0
+        buf: list[tuple[bytes, bytes]] = []
+
+        def flush():
+            nonlocal total
+            texts = _texts([k for k, _ in buf], self.key_type)
+            with _locked([path], self.busy_timeout, "shard put"):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    base = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM records").fetchone()[0])
+                    # key order: sequential index inserts (a stable sort keeps the last duplicate last)
+                    ordered = sorted(zip(texts, (v for _, v in buf)), key=_first)
+                    conn.executemany(
+                        "INSERT INTO records(key, value, version) VALUES (?, ?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version",
+                        [(t, bytes(v), base + i) for i, (t, v) in enumerate(ordered)],
+                    )
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    _rollback(conn)
+                    raise _store_error(e, "shard put") from e
+            total += len(buf)
+            buf.clear()
+
+        for row in rows:
+            buf.append((row[0], row[1]))
+            if len(buf) >= chunk_size:
+                flush()
+        if buf:
+            flush()
+        return total
+
+    def delete(self, keys: Sequence[bytes], shard: str, *, versions: Sequence[int] | None = None) -> int:
+        """Delete records of ``keys`` on ``shard``; returns how many were deleted.
+
+        Idempotent (absent records and an absent file are fine).  With
+        ``versions`` (aligned with ``keys``) a record is deleted only if its
+        version still equals the given one -- cleanup never removes a record
+        rewritten since it was copied.  One write transaction.
+        """
+        if not keys:
+            return 0
+        if versions is not None and len(versions) != len(keys):
+            raise ValueError("delete: versions must align with keys")
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            return 0
+        texts = _texts(keys, self.key_type)
+        conn = self._conn(path)
+        with _locked([path], self.busy_timeout, "shard delete"):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if versions is None:
+                    cur = conn.executemany("DELETE FROM records WHERE key = ?", [(t,) for t in texts])
+                else:
+                    cur = conn.executemany("DELETE FROM records WHERE key = ? AND version = ?",
+                                           [(t, int(v)) for t, v in zip(texts, versions)])
+                n = cur.rowcount
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                _rollback(conn)
+                raise _store_error(e, "shard delete") from e
+        return max(n, 0)
+
+
+# Byte length of a value whether stored as BLOB or TEXT (length() of TEXT counts characters).
+_LENGTH_SQL = "CASE WHEN typeof(value) = 'blob' THEN length(value) ELSE length(CAST(value AS BLOB)) END"

@@ -1,0 +1,29 @@
+"""Shared fixtures.  Beam runs on the in-memory engine (FnApiRunner) only."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SHARDMOVE = os.path.join(os.path.dirname(sys.executable), "shardmove")
+
+
+def run_cli(*args, env=None, timeout=600, cwd=None):
+    """Run the real console script; returns CompletedProcess (text)."""
+    e = dict(os.environ)
+    e.setdefault("PYTHONHASHSEED", "0")
+    if env:
+        e.update(env)
+    cmd = [SHARDMOVE, *args] if os.path.exists(SHARDMOVE) else [sys.executable, "-m", "pipeline.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,79 @@
+"""Keys: canonical bytes, text forms, stable hash (CONTRACTS "Keys")."""
+import uuid
+
+import pyarrow as pa
+import pytest
+from hypothesis import given, strategies as st
+
+from pipeline import keys as K
+from pipeline.keys import KeyType
+
+
+def test_canonical_bytes_golden():
+    assert K.canonical_bytes("abc", KeyType.STRING) == b"abc"
+    assert K.canonical_bytes("é", KeyType.STRING) == b"\xc3\xa9"
+    assert K.canonical_bytes("1", KeyType.INT64) == b"\x00" * 7 + b"\x01"
+    assert K.canonical_bytes(-1, KeyType.INT64) == b"\xff" * 8
+    assert K.canonical_bytes("-9223372036854775808", KeyType.INT64) == b"\x80" + b"\x00" * 7
+    u = "12345678-1234-5678-1234-567812345678"
+    assert K.canonical_bytes(u, KeyType.UUID) == bytes.fromhex("12345678123456781234567812345678")
+    assert K.canonical_bytes("00ff", KeyType.BYTES) == b"\x00\xff"
+
+
+def test_text_forms_golden():
+    assert K.text_form(b"\x00" * 7 + b"\x2a", KeyType.INT64) == "42"
+    assert K.text_form(bytes(range(16)), KeyType.UUID) == "00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert K.text_form(b"\xde\xad", KeyType.BYTES) == "dead"
+
+
+def test_stable_hash_golden():
+    # xxh3-64 of canonical bytes, unsigned
+    assert K.stable_hash(b"") == 0x2D06800538D394C2
+    assert K.stable_hash(b"k0") == K.stable_hashes([b"k0"])[0]
+    assert K.short_hash(0x0123456789ABCDEF) == "0123456789ab"
+
+
+@pytest.mark.parametrize("kt,bad", [
+    (KeyType.INT64, "12a"), (KeyType.INT64, "99999999999999999999"), (KeyType.INT64, "01"),
+    (KeyType.UUID, "not-a-uuid"), (KeyType.UUID, "12345678123456781234567812345678"),
+    (KeyType.BYTES, "zz"), (KeyType.BYTES, "abc"),
+])
+def test_invalid_text_rejected_without_value(kt, bad):
+    with pytest.raises(K.InvalidKeyError) as e:
+        K.parse_text(bad, kt)
+    assert bad not in str(e.value)
+
+
+@given(st.integers(min_value=-2**63, max_value=2**63 - 1))
+def test_int64_roundtrip(v):
+    b = K.canonical_bytes(v, KeyType.INT64)
+    assert K.parse_text(K.text_form(b, KeyType.INT64), KeyType.INT64) == b
+    assert K.from_canonical(b, KeyType.INT64) == v
+
+
+@given(st.uuids())
+def test_uuid_roundtrip(u):
+    b = K.canonical_bytes(str(u), KeyType.UUID)
+    assert b == u.bytes
+    assert K.parse_text(K.text_form(b, KeyType.UUID), KeyType.UUID) == b
+
+
+@given(st.binary(max_size=64))
+def test_bytes_roundtrip(b):
+    assert K.parse_text(K.text_form(b, KeyType.BYTES), KeyType.BYTES) == b
+
+
+@given(st.text(max_size=40))
+def test_string_roundtrip(s):
+    b = K.canonical_bytes(s, KeyType.STRING)
+    assert K.text_form(b, KeyType.STRING) == s
+
+
+def test_canonical_array_counts_invalid():
+    arr, bad = K.canonical_array(pa.array(["1", "x", None, "3"]), KeyType.INT64)
+    assert bad == 2
+    assert arr.to_pylist() == [K.canonical_bytes(1, KeyType.INT64), None, None, K.canonical_bytes(3, KeyType.INT64)]
+    ints, bad = K.canonical_array(pa.array([1, -2], pa.int64()), KeyType.INT64)
+    assert bad == 0 and ints.to_pylist() == [K.canonical_bytes(1, KeyType.INT64), K.canonical_bytes(-2, KeyType.INT64)]
+    u, bad = K.canonical_array(pa.array([b"x" * 16, b"short"], pa.binary()), KeyType.UUID)
+    assert bad == 1

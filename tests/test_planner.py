@@ -1,0 +1,213 @@
+"""The segmented Beam planner: equal to the brute-force reference, deterministic,
+validated (one clear error line, exit 2, nothing committed)."""
+import json
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import fs
+from pipeline import plancore as core
+from pipeline.config import load_config
+from pipeline.errors import BadInput
+from pipeline.keys import KeyType, canonical_bytes
+from pipeline.planner import make_plan
+from pipeline.ring import Ring
+
+SHARDS4 = ["s0", "s1", "s2", "s3"]
+
+
+def _ring(shards, kt=KeyType.STRING, profile="native"):
+    return Ring.build(profile, [(s, 1.0) for s in shards], key_type=kt)
+
+
+def _assignments(n, kt=KeyType.STRING, seed=1):
+    rng = random.Random(seed)
+    ring = _ring(SHARDS4, kt)
+    out = []
+    for i in range(n):
+        if kt is KeyType.STRING:
+            k = f"user-{i:06d}".encode()
+        elif kt is KeyType.INT64:
+            k = canonical_bytes(rng.randrange(-2**63, 2**63), kt)
+        else:
+            k = bytes(rng.randrange(256) for _ in range(16 if kt is KeyType.UUID else rng.randrange(1, 24)))
+        out.append((k, ring.assign_one(k)))
+    # dedupe random collisions
+    seen, uniq = set(), []
+    for k, s in out:
+        if k not in seen:
+            seen.add(k)
+            uniq.append((k, s))
+    return uniq
+
+
+def _write_snapshot(path, rows, *, text_keys=None, row_group=None):
+    keys = [k for k, _ in rows]
+    table = pa.table({"key": pa.array(text_keys if text_keys is not None else keys,
+                                      pa.string() if text_keys is not None else pa.binary()),
+                      "shard_id": pa.array([s for _, s in rows], pa.string())})
+    pq.write_table(table, path, row_group_size=row_group or max(1, len(rows)))
+    return path
+
+
+def _cfg(tmp_path, target_shards, **extra):
+    raw = {
+        "work_dir": str(tmp_path / "work"),
+        "map_store": {"kind": "sqlite", "path": str(tmp_path / "unused.sqlite")},
+        "current_shards": SHARDS4,
+        "target": {"profile": "native", "shards": [{"id": s} for s in target_shards]},
+    }
+    raw.update(extra)
+    return load_config(None, raw=raw)
+
+
+def _read_plan(plan_dir):
+    m = json.loads(open(os.path.join(plan_dir, "manifest.json")).read())
+    rows = []
+    for f in m["files"]:
+        t = pq.read_table(os.path.join(plan_dir, "moves", f["group"] + ".parquet"))
+        rows += list(zip(t["key"].to_pylist(), t["source"].to_pylist(), t["target"].to_pylist(),
+                         t["key_hash"].to_pylist()))
+    return m, rows
+
+
+@pytest.mark.parametrize("segment_size", [100, 777, 20000])
+def test_beam_planner_equals_reference(tmp_path, segment_size):
+    rows = _assignments(3000)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, row_group=1000)
+    target = SHARDS4 + ["s4"]
+    cfg = _cfg(tmp_path, target, segment_size=segment_size, hash_buckets=3)
+    res = make_plan(cfg, snapshot=str(snap), out=lambda _l: None)
+    m, got = _read_plan(res.plan_dir)
+    want = core.reference_plan(rows, ring=_ring(target))
+    assert sorted(got) == sorted(want)
+    assert m["moves"] == len(want) > 0
+    # CONTRACTS order inside each file, files in (source, target, bucket) order
+    assert got == sorted(got, key=lambda r: (r[1].encode(), r[2].encode(), r[3], r[0]))
+    assert all(t == "s4" for _, _, t, _ in got)  # adding a shard moves keys only onto it
+
+
+def test_plan_id_independent_of_segment_size_and_layout(tmp_path):
+    rows = _assignments(2000)
+    a = _write_snapshot(tmp_path / "a.parquet", rows, row_group=500)
+    shuffled = list(rows)
+    random.Random(3).shuffle(shuffled)
+    b = _write_snapshot(tmp_path / "b.parquet", shuffled, row_group=2000)
+    ids = set()
+    for snap, seg in ((a, 100), (b, 5000)):
+        cfg = _cfg(tmp_path, SHARDS4 + ["s4"], segment_size=seg)
+        ids.add(make_plan(cfg, snapshot=str(snap), dry_run=True, out=lambda _l: None).plan_id)
+    assert len(ids) == 1
+
+
+def test_plan_files_byte_identical_across_runs(tmp_path):
+    rows = _assignments(2500)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, row_group=700)
+    blobs = []
+    for i in range(2):
+        cfg = _cfg(tmp_path / f"w{i}", SHARDS4 + ["s4"], segment_size=300)
+        res = make_plan(cfg, snapshot=str(snap), out=lambda _l: None)
+        d = os.path.join(res.plan_dir, "moves")
+        blobs.append({f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))})
+    assert blobs[0] == blobs[1] and blobs[0]
+
+
+def test_window_restricts_moves_and_changes_plan_id(tmp_path):
+    rows = _assignments(3000)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows)
+    target = SHARDS4 + ["s4"]
+    full = make_plan(_cfg(tmp_path, target), snapshot=str(snap), dry_run=True, out=lambda _l: None)
+    res = make_plan(_cfg(tmp_path, target, window="00-3F"), snapshot=str(snap), out=lambda _l: None)
+    _m, got = _read_plan(res.plan_dir)
+    want = core.reference_plan(rows, ring=_ring(target), window=(0, 0x3F))
+    assert sorted(got) == sorted(want) and 0 < len(want) < full.manifest["moves"]
+    assert all((h >> 56) <= 0x3F for *_x, h in got)
+    assert res.plan_id != full.plan_id
+
+
+def test_explicit_target_join(tmp_path):
+    rows = _assignments(1500)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows)
+    rng = random.Random(5)
+    explicit = {k: rng.choice(SHARDS4 + ["s9"]) for k, _ in rows if rng.random() < 0.6}
+    tpath = tmp_path / "target.parquet"
+    pq.write_table(pa.table({"key": pa.array(list(explicit), pa.binary()),
+                             "shard_id": pa.array(list(explicit.values()))}), tpath)
+    cfg = _cfg(tmp_path, [], target={"snapshot": str(tpath), "shards": [{"id": s} for s in SHARDS4 + ["s9"]]})
+    res = make_plan(cfg, snapshot=str(snap), out=lambda _l: None)
+    _m, got = _read_plan(res.plan_dir)
+    assert sorted(got) == sorted(core.reference_plan(rows, target=explicit))
+
+
+def test_text_keys_of_int64_snapshot(tmp_path):
+    rows = _assignments(800, KeyType.INT64)
+    from pipeline.keys import text_form
+
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, text_keys=[text_form(k, KeyType.INT64) for k, _ in rows])
+    target = SHARDS4 + ["s4"]
+    cfg = _cfg(tmp_path, target, key_type="int64")
+    res = make_plan(cfg, snapshot=str(snap), out=lambda _l: None)
+    _m, got = _read_plan(res.plan_dir)
+    assert sorted(got) == sorted(core.reference_plan(rows, ring=_ring(target, KeyType.INT64)))
+
+
+def _staging_left(tmp_path):
+    plans = tmp_path / "work" / "plans"
+    return [p for p in os.listdir(plans)] if plans.exists() else []
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda rows: rows + [rows[5]], r"plan: 1 duplicate keys in the snapshot"),
+    (lambda rows: rows + [(b"stray-key", "s77")], r"plan: 1 keys are on 1 shard ids the configuration does not know \(s77\)"),
+    (lambda rows: rows + [(b"", "s0")], r"cannot be represented as key_type string \(or are empty\)"),
+    (lambda rows: rows + [(b"k" * 5000, "s0")], r"plan: 1 keys are longer than 4096 bytes"),
+])
+def test_validation_errors(tmp_path, mutate, match):
+    rows = mutate(_assignments(500))
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows)
+    with pytest.raises(BadInput, match=match) as e:
+        make_plan(_cfg(tmp_path, SHARDS4 + ["s4"]), snapshot=str(snap), out=lambda _l: None)
+    assert "stray-key" not in str(e.value) and "user-" not in str(e.value)
+    assert _staging_left(tmp_path) == []  # nothing committed, staging removed
+
+
+def test_unrepresentable_int64_keys(tmp_path):
+    rows = [(b"12", "s0"), (b"x", "s1")]
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, text_keys=["12", "notanumber"])
+    with pytest.raises(BadInput, match=r"1 keys in the snapshot cannot be represented as key_type int64"):
+        make_plan(_cfg(tmp_path, SHARDS4, key_type="int64"), snapshot=str(snap), out=lambda _l: None)
+
+
+def test_empty_snapshot_gives_empty_plan(tmp_path):
+    snap = _write_snapshot(tmp_path / "snap.parquet", [])
+    lines = []
+    res = make_plan(_cfg(tmp_path, SHARDS4 + ["s4"]), snapshot=str(snap), out=lines.append)
+    assert res.manifest["moves"] == 0 and res.manifest["files"] == []
+    assert "empty snapshot: the plan is empty" in lines
+
+
+def test_corrupted_snapshot_is_bad_input(tmp_path):
+    p = tmp_path / "snap.parquet"
+    _write_snapshot(p, _assignments(100))
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match=r"snapshot: 1 of 1 Parquet files in .* are corrupted or truncated"):
+        make_plan(_cfg(tmp_path, SHARDS4), snapshot=str(p), out=lambda _l: None)
+
+
+def test_dry_run_capacity_check(tmp_path):
+    rows = _assignments(2000)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows)
+    tight = {"profile": "native", "shards": [{"id": s, "capacity_keys": 420} for s in SHARDS4 + ["s4"]]}
+    lines = []
+    res = make_plan(_cfg(tmp_path, [], target=tight), snapshot=str(snap), dry_run=True, out=lines.append)
+    assert not res.capacity_ok
+    assert any(l.startswith("shard s") and "OVER" in l for l in lines)
+    assert not (tmp_path / "work" / "plans").exists() or _staging_left(tmp_path) == []
+    roomy = {"profile": "native", "shards": [{"id": s, "capacity_keys": 5000} for s in SHARDS4 + ["s4"]]}
+    res = make_plan(_cfg(tmp_path, [], target=roomy), snapshot=str(snap), dry_run=True, out=lambda _l: None)
+    assert res.capacity_ok
+    assert res.manifest["capacity"][0]["headroom_keys_pct"] > 10

@@ -1,0 +1,553 @@
+"""Behaviour of the embedded SQLite map and data stores and of the demo keyspace.
+
+Real SQLite files in tmp_path; other connections play the applications.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sqlite3
+import stat
+import threading
+
+import pytest
+import xxhash
+
+from pipeline import errors
+from pipeline.demo import create_demo, demo_keys
+from pipeline.keys import KeyType, stable_hash, text_form
+from pipeline.stores import (
+    SNAPSHOT_SCHEMA,
+    DataStore,
+    MapStore,
+    SqliteDataStore,
+    SqliteMapStore,
+    SwapItem,
+    content_hash,
+    open_data_store,
+    open_map_store,
+)
+
+ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def make_map(tmp_path, kt=KeyType.STRING, rows=None, **kw) -> SqliteMapStore:
+    store = SqliteMapStore.create(str(tmp_path / "map.sqlite"), kt, **kw)
+    if rows:
+        store.put_many(rows)
+    return store
+
+
+def table(path, sql="SELECT key, shard_id, version FROM shard_map ORDER BY key"):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def snapshot_rows(store, segment_size=1000):
+    with store.snapshot(segment_size) as snap:
+        batches = list(snap)
+        stats = snap.stats()
+    rows = []
+    for b in batches:
+        assert b.schema == SNAPSHOT_SCHEMA
+        assert b.num_rows <= segment_size
+        rows += list(zip(b.column(0).to_pylist(), b.column(1).to_pylist(), b.column(2).to_pylist()))
+    return rows, stats, batches
+
+
+def values_for(keys, size=200):
+    return [bytes([i % 251]) * (size - 8) + i.to_bytes(8, "big") for i in range(len(keys))]
+
+
+def hold_write_lock(path):
+    """Another 'application' connection holding the file's write lock."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+# ------------------------------------------------------------------ protocols
+
+
+def test_sqlite_stores_implement_the_protocols(tmp_path):
+    assert isinstance(make_map(tmp_path), MapStore)
+    assert isinstance(SqliteDataStore(str(tmp_path / "d")), DataStore)
+
+
+def test_content_hash_is_xxh3_128_of_the_value():
+    assert content_hash(b"abc") == xxhash.xxh3_128_digest(b"abc")
+    assert len(content_hash(b"")) == 16
+
+
+def test_stores_pickle_as_configuration(tmp_path):
+    m = make_map(tmp_path, KeyType.INT64, busy_timeout=0.5)
+    d = SqliteDataStore(str(tmp_path / "d"), KeyType.UUID, synchronous="NORMAL")
+    m.lookup([(1).to_bytes(8, "big")])  # opens a connection
+    m2, d2 = pickle.loads(pickle.dumps(m)), pickle.loads(pickle.dumps(d))
+    assert (m2.path, m2.key_type, m2.busy_timeout) == (m.path, KeyType.INT64, 0.5)
+    assert (d2.directory, d2.key_type, d2.synchronous) == (d.directory, KeyType.UUID, "NORMAL")
+
+
+def test_open_from_config_sections(tmp_path):
+    m = open_map_store({"kind": "sqlite", "path": str(tmp_path / "m.sqlite")}, KeyType.STRING)
+    assert isinstance(m, SqliteMapStore)
+    assert open_data_store({"kind": "none"}, KeyType.STRING) is None
+    d = open_data_store({"kind": "sqlite", "directory": str(tmp_path), "busy_timeout": 1}, KeyType.BYTES)
+    assert isinstance(d, SqliteDataStore) and d.busy_timeout == 1.0
+    with pytest.raises(errors.BadInput, match="map_store.kind: unsupported store kind 'redis'"):
+        open_map_store({"kind": "redis"}, KeyType.STRING)
+    with pytest.raises(errors.BadInput, match="data_store.busy_timeout"):
+        open_data_store({"kind": "sqlite", "directory": "x", "busy_timeout": -1}, KeyType.STRING)
+
+
+# ------------------------------------------------------------------- snapshot
+
+
+@pytest.mark.parametrize("segment_size", [1, 7, 100, 250, 5000])
+def test_snapshot_streams_every_row_in_bounded_segments(tmp_path, segment_size):
+    keys = demo_keys(250, KeyType.STRING)
+    store = make_map(tmp_path, rows=[(k, f"s{i % 3}") for i, k in enumerate(keys)])
+    rows, stats, batches = snapshot_rows(store, segment_size)
+    assert sorted((k, s) for k, s, _ in rows) == sorted((k, f"s{i % 3}") for i, k in enumerate(keys))
+    assert len(batches) == -(-250 // segment_size)
+    assert stats.rows == 250 and stats.invalid_keys == 0 and stats.rows_above_cutoff == 0
+    assert stats.cutoff == store.max_version() == max(v for _, _, v in rows)
+
+
+def test_snapshot_of_an_empty_map(tmp_path):
+    rows, stats, batches = snapshot_rows(make_map(tmp_path))
+    assert rows == [] and batches == []
+    assert (stats.cutoff, stats.rows, stats.invalid_keys, stats.rows_above_cutoff) == (0, 0, 0, 0)
+
+
+def test_rows_written_after_the_cutoff_are_not_exported_but_counted(tmp_path):
+    keys = demo_keys(100, KeyType.STRING)
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys])
+    before = table(store.path)
+    other = SqliteMapStore(store.path, KeyType.STRING)  # another connection: the applications
+    with store.snapshot(10) as snap:
+        it = iter(snap)
+        first = next(it)
+        other.put_many([(f"new-{i}".encode(), "b") for i in range(5)])
+        assert other.swap_batch([(keys[0], "a", "b"), (keys[99], "a", "b")]).committed
+        rest = list(it)
+        stats = snap.stats()
+    exported = [r for b in [first] + rest for r in zip(*(c.to_pylist() for c in b.columns))]
+    assert sorted((k.decode(), s, v) for k, s, v in exported) == before  # the map as it was at the cutoff
+    assert all(v <= snap.cutoff for _, _, v in exported)
+    assert stats.rows == 100
+    assert stats.rows_above_cutoff == 7 == store.count_above(snap.cutoff)
+
+
+def test_snapshot_statistics_need_a_complete_read(tmp_path):
+    store = make_map(tmp_path, rows=[(k, "a") for k in demo_keys(30, KeyType.STRING)])
+    with store.snapshot(10) as snap:
+        next(iter(snap))
+        with pytest.raises(RuntimeError, match="not read to the end"):
+            snap.stats()
+        with pytest.raises(RuntimeError, match="only once"):
+            iter(snap)
+    with pytest.raises(ValueError, match="segment_size must be a positive integer, got 0"):
+        store.snapshot(0)
+
+
+INVALID_TEXT = {
+    # key type: stored texts that are not the canonical text form of any key
+    KeyType.STRING: [],
+    KeyType.INT64: ["007", "-0", "+5", " 5", "abc", "99999999999999999999", "1.5", ""],
+    KeyType.UUID: ["1B4E28BA-2FA1-11D2-883F-0016D3CCA427", "1b4e28ba2fa111d2883f0016d3cca427", "nope", ""],
+    KeyType.BYTES: ["ABCD", "abc", "zz", "00 11"],
+}
+
+
+@pytest.mark.parametrize("kt", ALL_TYPES)
+def test_snapshot_skips_and_counts_keys_the_key_type_cannot_represent(tmp_path, kt):
+    good = demo_keys(20, kt)
+    store = make_map(tmp_path, kt, rows=[(k, "s1") for k in good])
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    bad = list(INVALID_TEXT[kt])
+    for t in bad:
+        conn.execute("INSERT INTO shard_map VALUES (?, 's1', 1)", (t,))
+    conn.execute("INSERT INTO shard_map VALUES (CAST(x'c328ff' AS TEXT), 's1', 1)")  # invalid UTF-8
+    conn.execute("INSERT INTO shard_map VALUES (x'0102', 's1', 1)")  # a BLOB, not TEXT
+    conn.execute("INSERT INTO shard_map VALUES (NULL, 's1', 1)")
+    conn.execute("INSERT INTO shard_map VALUES ('zz-bad-shard', CAST(x'ff' AS TEXT), 1)")  # shard id not UTF-8
+    conn.close()
+    rows, stats, _ = snapshot_rows(store, 4)
+    assert sorted(k for k, _, _ in rows) == sorted(good)
+    assert stats.rows == 20
+    assert stats.invalid_keys == len(bad) + 4
+
+
+@pytest.mark.parametrize("kt", ALL_TYPES)
+def test_all_key_types_round_trip_through_the_map_store(tmp_path, kt):
+    keys = demo_keys(300, kt, seed=3)
+    if kt is KeyType.INT64:
+        keys += [(-1).to_bytes(8, "big", signed=True), (0).to_bytes(8, "big"),
+                 (2**63 - 1).to_bytes(8, "big"), (-(2**63)).to_bytes(8, "big", signed=True)]
+    if kt is KeyType.STRING:
+        keys += ["ключ-é-🙂".encode(), b"", b"with\x00nul"]
+    if kt is KeyType.BYTES:
+        keys += [b"", b"\x00", b"\xff" * 40]
+    store = make_map(tmp_path, kt, rows=[(k, "s1") for k in keys])
+    stored = [r[0] for r in table(store.path)]
+    assert sorted(stored) == sorted(text_form(k, kt) for k in keys)  # the TEXT form is what is stored
+    rows, stats, _ = snapshot_rows(store, 64)
+    assert sorted(k for k, _, _ in rows) == sorted(keys) and stats.invalid_keys == 0
+    found = store.lookup(keys)
+    assert set(found) == set(keys) and all(s == "s1" for s, _ in found.values())
+
+
+# --------------------------------------------------------------------- lookup
+
+
+def test_lookup_returns_current_shard_and_version_for_existing_keys(tmp_path):
+    keys = demo_keys(1200, KeyType.STRING)
+    store = make_map(tmp_path, rows=[(k, f"s{i % 2}") for i, k in enumerate(keys)])
+    missing = [b"nope-1", b"nope-2"]
+    got = store.lookup(keys + missing + keys[:3])
+    assert len(got) == 1200
+    assert got[keys[1]] == ("s1", 1) and got[keys[0]][0] == "s0"
+    assert store.lookup([]) == {}
+
+
+def test_a_missing_map_file_is_reported_not_created(tmp_path):
+    store = SqliteMapStore(str(tmp_path / "absent.sqlite"))
+    with pytest.raises(errors.PermanentError, match="map store file not found") as e:
+        store.lookup([b"k"])
+    assert e.value.reason == "map_missing"
+    assert not (tmp_path / "absent.sqlite").exists()
+
+
+# ----------------------------------------------------------------------- swap
+
+
+def _swap_setup(tmp_path):
+    keys = demo_keys(10, KeyType.STRING)
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys])
+    return store, keys
+
+
+def test_swap_applies_a_batch_and_stamps_one_new_higher_version(tmp_path):
+    store, keys = _swap_setup(tmp_path)
+    top = store.max_version()
+    res = store.swap_batch([SwapItem(k, "a", "b") for k in keys[:4]])
+    assert res.committed and res.applied == (0, 1, 2, 3) and res.already == () and res.version == top + 1
+    rows = dict((k, (s, v)) for k, s, v in table(store.path))
+    for k in keys[:4]:
+        assert rows[k.decode()] == ("b", top + 1)
+    for k in keys[4:]:
+        assert rows[k.decode()] == ("a", top)
+    res2 = store.swap_batch([(k, "a", "c") for k in keys[4:6]])
+    assert res2.version == top + 2  # each batch: a new, strictly higher change number
+
+
+def test_swap_rerun_writes_nothing(tmp_path):
+    store, keys = _swap_setup(tmp_path)
+    items = [(k, "a", "b") for k in keys[:5]]
+    store.swap_batch(items)
+    before = table(store.path)
+    res = store.swap_batch(items)
+    assert res.committed and res.applied == () and res.already == (0, 1, 2, 3, 4) and res.version is None
+    assert table(store.path) == before
+    assert store.swap_batch([]).committed
+
+
+def test_swap_mixes_applied_and_already_at_target(tmp_path):
+    store, keys = _swap_setup(tmp_path)
+    store.swap_batch([(keys[1], "a", "b")])
+    v1 = store.lookup([keys[1]])[keys[1]][1]
+    res = store.swap_batch([(keys[0], "a", "b"), (keys[1], "a", "b"), (keys[2], "a", "b")])
+    assert res.applied == (0, 2) and res.already == (1,)
+    assert store.lookup([keys[1]])[keys[1]][1] == v1  # not rewritten
+
+
+def test_a_conflict_rolls_back_the_whole_batch(tmp_path):
+    store, keys = _swap_setup(tmp_path)
+    store.swap_batch([(keys[3], "a", "b")])
+    before = table(store.path)
+    items = [(keys[0], "a", "c"), (keys[1], "a", "c"), (keys[3], "a", "c"),  # keys[3] is on b: conflict
+             (b"absent", "a", "c"), (keys[2], "x", "c")]
+    res = store.swap_batch(items)
+    assert not res.committed
+    assert res.conflicts == (2, 3, 4) and res.applied == () and res.version is None
+    assert table(store.path) == before  # nothing applied, no version consumed
+
+
+def test_swap_duplicate_keys_in_one_batch(tmp_path):
+    store, keys = _swap_setup(tmp_path)
+    res = store.swap_batch([(keys[0], "a", "b"), (keys[0], "a", "b"), (keys[1], "a", "b")])
+    assert res.applied == (0, 1, 2)
+    res = store.swap_batch([(keys[2], "a", "b"), (keys[2], "a", "c")])
+    assert res.conflicts == (0, 1)
+
+
+def test_swap_of_a_locked_map_is_transient(tmp_path):
+    store, keys = _swap_setup(tmp_path)
+    quick = SqliteMapStore(store.path, busy_timeout=0.05)
+    blocker = hold_write_lock(store.path)
+    try:
+        with pytest.raises(errors.TransientError, match="map swap: database is locked") as e:
+            quick.swap_batch([(keys[0], "a", "b")])
+        assert e.value.reason == "busy"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert quick.swap_batch([(keys[0], "a", "b")]).applied == (0,)
+
+
+# ----------------------------------------------------------------------- copy
+
+
+def _data(tmp_path, kt=KeyType.STRING, **kw) -> SqliteDataStore:
+    return SqliteDataStore(str(tmp_path / "shards"), kt, **kw)
+
+
+def test_copy_returns_hashes_and_source_versions_and_is_idempotent(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(700, KeyType.STRING)
+    vals = values_for(keys)
+    data.put_many("src", zip(keys, vals))
+    src = data.read(keys, "src")
+    out = data.copy(keys, "src", "dst")
+    assert [o.key for o in out] == keys
+    assert all(o.ok and o.written for o in out)
+    assert [o.content_hash for o in out] == [xxhash.xxh3_128_digest(v) for v in vals]
+    assert [o.source_version for o in out] == [src[k][1] for k in keys]
+    state1 = table(data.shard_path("dst"), "SELECT * FROM records ORDER BY key")
+    again = data.copy(keys, "src", "dst")
+    assert [(o.content_hash, o.source_version) for o in again] == [(o.content_hash, o.source_version) for o in out]
+    assert table(data.shard_path("dst"), "SELECT * FROM records ORDER BY key") == state1
+    assert data.read(keys, "dst") == src  # value and version carried over
+    assert data.hashes(keys, "dst") == {k: (xxhash.xxh3_128_digest(v), ver) for k, (v, ver) in src.items()}
+    assert data.count("src") == data.count("dst") == 700
+
+
+def test_copy_reports_missing_source_records_per_key(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(6, KeyType.STRING)
+    data.put_many("src", [(k, b"v" * 60) for k in keys[:4]])
+    out = data.copy(keys, "src", "dst")
+    assert [o.ok for o in out] == [True, True, True, True, False, False]
+    for o in out[4:]:
+        assert isinstance(o.error, errors.SourceMissing) and o.error.reason == "source_missing"
+        assert o.content_hash is None and o.source_version is None
+        assert keys[4].decode() not in str(o.error) and keys[5].decode() not in str(o.error)
+    assert set(data.read(keys, "dst")) == set(keys[:4])
+
+
+def test_copy_never_clobbers_a_newer_target_record(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(3, KeyType.STRING)
+    data.put_many("src", [(k, b"old" * 20) for k in keys])
+    data.copy(keys, "src", "dst")
+    data.put_many("dst", [(keys[0], b"newer" * 20)])  # the application writes on the new owner
+    newer = data.read([keys[0]], "dst")[keys[0]]
+    out = data.copy(keys, "src", "dst")  # a late duplicate copy
+    assert [o.written for o in out] == [False, True, True]
+    assert all(o.ok for o in out)
+    assert data.read([keys[0]], "dst")[keys[0]] == newer
+
+
+def test_copy_from_a_missing_shard_file_is_permanent_and_creates_nothing(tmp_path):
+    data = _data(tmp_path)
+    with pytest.raises(errors.PermanentError, match=r"source shard file not found \(gone\)") as e:
+        data.copy([b"k1"], "gone", "dst")
+    assert e.value.reason == "shard_missing"
+    assert not data.shard_exists("gone") and not data.shard_exists("dst")
+    with pytest.raises(ValueError, match="same shard"):
+        data.copy([b"k1"], "a", "a")
+    assert data.copy([], "a", "b") == []
+
+
+def test_copy_into_a_locked_target_is_transient_for_the_whole_batch(tmp_path):
+    data = _data(tmp_path, busy_timeout=0.05)
+    keys = demo_keys(5, KeyType.STRING)
+    data.put_many("src", [(k, b"x" * 80) for k in keys])
+    data.ensure_shard("dst")
+    blocker = hold_write_lock(data.shard_path("dst"))
+    try:
+        with pytest.raises(errors.TransientError, match="copy write: database is locked"):
+            data.copy(keys, "src", "dst")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert data.count("dst") == 0
+    assert all(o.ok for o in data.copy(keys, "src", "dst"))
+
+
+def test_concurrent_copies_into_one_target_queue_instead_of_failing(tmp_path):
+    data = _data(tmp_path, busy_timeout=10)
+    keys = demo_keys(4000, KeyType.STRING)
+    data.put_many("src", zip(keys, values_for(keys)))
+    failures = []
+
+    def work(part):
+        try:
+            for i in range(0, len(part), 100):
+                assert all(o.ok for o in data.copy(part[i:i + 100], "src", "dst"))
+        except Exception as e:  # collected for the assertion below
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(keys[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert data.count("dst") == 4000
+    data.close()
+
+
+@pytest.mark.parametrize("kt", ALL_TYPES)
+def test_all_key_types_round_trip_through_the_data_store(tmp_path, kt):
+    data = _data(tmp_path, kt)
+    keys = demo_keys(200, kt, seed=9)
+    vals = values_for(keys, 120)
+    data.put_many("s1", zip(keys, vals))
+    assert {k: v for k, (v, _) in data.read(keys, "s1").items()} == dict(zip(keys, vals))
+    out = data.copy(keys, "s1", "s 2/ü")
+    assert all(o.ok for o in out)
+    assert os.path.basename(data.shard_path("s 2/ü")) == "s%202%2F%C3%BC.sqlite"
+    assert data.hashes(keys, "s 2/ü") == data.hashes(keys, "s1")
+    assert data.key_sizes(keys, "s 2/ü") == {k: 120 for k in keys}
+
+
+# --------------------------------------------------------- other data methods
+
+
+def test_sizes_counts_and_deletes(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(10, KeyType.STRING)
+    data.put_many("s", [(k, b"x" * (50 + i)) for i, k in enumerate(keys)])
+    assert data.shard_bytes("s") == sum(50 + i for i in range(10))
+    assert data.shard_bytes("nowhere") == 0 and data.count("nowhere") == 0
+    assert data.read(keys, "nowhere") == {} and not data.shard_exists("nowhere")
+    versions = data.read(keys, "s")
+    stale = [versions[k][1] + (1 if i < 2 else 0) for i, k in enumerate(keys[:4])]
+    assert data.delete(keys[:4], "s", versions=stale) == 2  # only where the version still matches
+    assert data.delete(keys, "s") == 8
+    assert data.delete(keys, "s") == 0  # idempotent
+    assert data.delete(keys, "nowhere") == 0 and data.count("s") == 0
+
+
+def test_put_many_stamps_versions_above_everything_in_the_file(tmp_path):
+    data = _data(tmp_path)
+    data.put_many("s", [(b"a", b"1"), (b"b", b"2")])
+    v = data.read([b"a", b"b"], "s")
+    data.put_many("s", [(b"a", b"3")])
+    assert data.read([b"a"], "s")[b"a"] == (b"3", max(x for _, x in v.values()) + 1)
+
+
+# ---------------------------------------------------------------------- fence
+
+
+def test_fenced_swap_applies_when_sources_are_unchanged(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(20, KeyType.STRING)
+    data.put_many("a", zip(keys, values_for(keys)))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys])
+    out = data.copy(keys, "a", "b")
+    assert store.supports_fence(data) and not store.supports_fence(object())
+    res = store.swap_batch([SwapItem(o.key, "a", "b", o.source_version) for o in out], fence=data)
+    assert res.committed and len(res.applied) == 20
+    assert "fence0" not in [r[1] for r in sqlite3.connect(store.path).execute("PRAGMA database_list")]
+
+
+def test_fenced_swap_reports_changed_sources_and_applies_nothing(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(6, KeyType.STRING)
+    data.put_many("a", zip(keys, values_for(keys)))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys])
+    out = data.copy(keys, "a", "b")
+    data.put_many("a", [(keys[1], b"changed after the copy")])  # an application write to the source
+    data.delete([keys[4]], "a")  # and a delete
+    before = table(store.path)
+    res = store.swap_batch([(o.key, "a", "b", o.source_version) for o in out], fence=data)
+    assert not res.committed and res.source_changed == (1, 4) and res.applied == ()
+    assert table(store.path) == before
+    with pytest.raises(ValueError, match="needs source_version"):
+        store.swap_batch([(keys[0], "a", "b")], fence=data)
+
+
+def test_fenced_swap_holds_the_source_write_lock_inside_its_transaction(tmp_path):
+    data = _data(tmp_path, busy_timeout=0.05)
+    keys = demo_keys(3, KeyType.STRING)
+    data.put_many("a", zip(keys, values_for(keys)))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys], busy_timeout=0.05)
+    out = data.copy(keys, "a", "b")
+    blocker = hold_write_lock(data.shard_path("a"))  # a writer mid-transaction on the source
+    try:
+        with pytest.raises(errors.TransientError):
+            store.swap_batch([(o.key, "a", "b", o.source_version) for o in out], fence=data)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.lookup(keys)[keys[0]][0] == "a"
+    with pytest.raises(errors.PermanentError, match="shard_missing|source shard file not found"):
+        store.swap_batch([(keys[0], "zz", "b", 1)], fence=data)
+
+
+# ----------------------------------------------------------------------- demo
+
+
+def _ring(shards):
+    return lambda ks: [shards[stable_hash(k) % len(shards)] for k in ks]
+
+
+def _dump(directory, shards):
+    out = [table(os.path.join(directory, "map.sqlite"))]
+    for s in shards:
+        out.append(table(SqliteDataStore(os.path.join(directory, "shards")).shard_path(s),
+                         "SELECT key, value, version FROM records ORDER BY key"))
+    return out
+
+
+@pytest.mark.parametrize("kt", ALL_TYPES)
+def test_demo_is_deterministic_and_complete(tmp_path, kt):
+    shards = ["s1", "s2", "s3"]
+    a = create_demo(str(tmp_path / "a"), keys=500, shards=shards, key_type=kt, assign=_ring(shards), seed=7)
+    b = create_demo(str(tmp_path / "b"), keys=500, shards=shards, key_type=kt, assign=_ring(shards), seed=7)
+    assert a["keys"] == 500 and sum(a["per_shard"].values()) == 500 and a["shards"] == 3
+    assert a["per_shard"] == b["per_shard"] and a["bytes"] == b["bytes"]
+    assert _dump(str(tmp_path / "a"), shards) == _dump(str(tmp_path / "b"), shards)
+    store = SqliteMapStore(a["map_path"], kt)
+    rows, stats, _ = snapshot_rows(store, 128)
+    assert stats.rows == 500 and stats.invalid_keys == 0
+    data = SqliteDataStore(a["shards_directory"], kt)
+    ring = _ring(shards)
+    for k, s, _ in rows:
+        assert ring([k]) == [s]
+    for s in shards:
+        ks = [k for k, sh, _ in rows if sh == s]
+        sizes = data.key_sizes(ks, s)
+        assert len(sizes) == len(ks) and all(50 <= n <= 500 for n in sizes.values())
+    c = create_demo(str(tmp_path / "c"), keys=500, shards=shards, key_type=kt, assign=_ring(shards), seed=8)
+    assert _dump(str(tmp_path / "c"), shards) != _dump(str(tmp_path / "a"), shards)
+
+
+def test_demo_files_are_owner_only_and_not_recreated(tmp_path):
+    shards = ["s1", "s/2"]
+    d = tmp_path / "demo"
+    create_demo(str(d), keys=50, shards=shards, key_type=KeyType.STRING, assign=_ring(shards))
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(d / "shards").st_mode) == 0o700
+    files = [d / "map.sqlite"] + [d / "shards" / n for n in os.listdir(d / "shards")]
+    assert len(files) >= 3
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
+    assert not (d / "map.sqlite.tmp").exists()
+    with pytest.raises(errors.BadInput, match="demo already exists"):
+        create_demo(str(d), keys=50, shards=shards, key_type=KeyType.STRING, assign=_ring(shards))
+
+
+def test_demo_rejects_an_assignment_outside_the_shards(tmp_path):
+    with pytest.raises(errors.BadInput, match="not in shards"):
+        create_demo(str(tmp_path / "d"), keys=10, shards=["s1"], key_type=KeyType.STRING,
+                    assign=lambda ks: ["s9"] * len(ks))

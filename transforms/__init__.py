@@ -1,0 +1,1 @@
+"""shardmove Beam transforms (PTransforms and DoFns wrapping the core)."""

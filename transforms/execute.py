@@ -1,0 +1,729 @@
+"""The executor as Beam transforms: copy -> verify -> grouped swap, checkpointed.
+
+Flow (read top to bottom in :func:`build_run_graph`)::
+
+    LoadWork         group file + merged checkpoints -> chunks of <= swap_batch_size
+                     keys in plan order (chunk ids derived from plan order);
+                     terminal keys are skipped
+    StableInput      Reshuffle of chunks (Dataflow's stable-input idiom)
+    CopyKeys         Planned/Copying keys: idempotent batched copies, up to
+                     copy_concurrency calls in flight, transient retries with
+                     exponential backoff, permanent errors -> Failed(reason)
+    VerifyCopies     Copied/Verifying keys: full | hash | sampled; a mismatch
+                     re-copies (bounded) then Failed(verify_mismatch)
+    StableInputForSwap
+    SwapBatches      Verified/Swapping keys: one all-or-nothing compare-and-set
+                     batch per chunk; conflicts -> Failed(map_changed) and the
+                     rest retried as a new batch; Done only after commit
+
+Every stage records its transitions through a :class:`CheckpointWriter` per
+work group (flushed by count, by interval and always at bundle end), so a
+rerun resumes each key from its last committed state.  Every side effect is
+idempotent (copy = upsert that never clobbers a newer record; swap = CAS that
+treats "already at target" as applied), so a retried or duplicated bundle
+changes nothing twice.  Keys never appear in logs: only short hash prefixes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from pipeline import checkpoint as ckpt
+from pipeline import fs
+from pipeline import states as S
+from pipeline.backends import data_store_from_spec, map_store_from_spec
+from pipeline.errors import PermanentError, StoreError, TransientError
+from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
+from pipeline.keys import KeyType, short_hash
+from pipeline.names import parse_group_id
+
+__all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph"]
+
+LOG = logging.getLogger("shardmove.execute")
+NS = "shardmove"
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """Picklable description of one run (one epoch) of a plan."""
+
+    plan_dir: str
+    plan_id: str
+    epoch: int
+    key_type: KeyType
+    map_store: Mapping[str, Any]
+    data_store: Mapping[str, Any]
+    options: Mapping[str, Any]
+    groups: tuple  # ((group id, rows), ...)
+    retry_failed: bool = False
+    faults: Mapping[str, Any] = field(default_factory=dict)
+    stop_path: str = ""
+    lease_path: str = ""
+
+
+@dataclass
+class Chunk:
+    """Up to swap_batch_size keys of one work group, in plan order."""
+
+    gid: str
+    index: int
+    source: str
+    target: str
+    keys: list
+    hashes: list
+    states: list
+    attempts: list
+    chash: list
+    sver: list
+    method: list
+    reason: list
+
+    @property
+    def batch_id(self) -> str:
+        return f"{self.gid}#{self.index:06d}"
+
+    def __len__(self):
+        return len(self.keys)
+
+
+# ------------------------------------------------------------- shared base
+
+class _StageFn(beam.DoFn):
+    """Opens stores in setup(), keeps one checkpoint writer per group, flushes
+    at bundle end, and honours the stop marker (graceful SIGINT/SIGTERM)."""
+
+    STAGE = "stage"
+
+    def __init__(self, spec: ExecSpec):
+        self._spec = spec
+        self._retries = Metrics.counter(NS, "retries")
+        self._failed = Metrics.counter(NS, "failed")
+        self._active = Metrics.gauge(NS, f"active_{self.STAGE}")
+        self._dists = {n: Metrics.distribution(NS, n) for n in ("copy_ms", "verify_ms", "swap_batch_ms")}
+
+    # -- lifecycle
+    def setup(self):
+        spec = self._spec
+        ms = map_store_from_spec(spec.map_store, spec.key_type)
+        ds = data_store_from_spec(spec.data_store, spec.key_type)
+        self._map, self._data, self._faults = wrap_stores(ms, ds, spec.faults)
+        self._crasher = Crasher(int((spec.faults or {}).get("crash_after_transitions", 0) or 0))
+        self._writers: dict = {}
+        self._stop_checked = 0.0
+        self._stopped = False
+        self._gauge_lock = threading.Lock()
+        self._in_flight = 0
+        self._peak = 0
+        self._timings: list = []
+        self._opts = dict(spec.options)
+        self._tally_lock = threading.Lock()
+        self._tally = {"retries": 0}
+        self._samples: dict = {}
+
+    def teardown(self):
+        for s in (getattr(self, "_map", None), getattr(self, "_data", None)):
+            try:
+                if s is not None and hasattr(s, "close"):
+                    s.close()
+            except Exception:  # best effort only
+                pass
+
+    def start_bundle(self):
+        self._writers = {}
+
+    def finish_bundle(self):
+        self._flush_all()
+        self._drain()
+
+    # -- helpers
+    def _fence(self):
+        path = self._spec.lease_path
+        if not path:
+            return
+        import json
+
+        try:
+            cur = json.loads(fs.read_bytes(path))
+        except (OSError, ValueError):
+            return
+        if cur.get("epoch") != self._spec.epoch:
+            from pipeline.lease import LeaseLost
+
+            raise LeaseLost(f"lease lost: plan is now held by epoch {cur.get('epoch')}")
+
+    def _writer(self, gid: str) -> ckpt.CheckpointWriter:
+        w = self._writers.get(gid)
+        if w is None:
+            o = self._opts
+            w = ckpt.CheckpointWriter(
+                self._spec.plan_dir, self._spec.plan_id, gid, self._spec.epoch,
+                flush_every=int(o["checkpoint_flush_every_transitions"]),
+                flush_interval_s=float(o["checkpoint_flush_interval"]),
+                extras_fn=self._extras,
+                fence=self._checkpoint_fence,
+            )
+            self._writers[gid] = w
+        return w
+
+    def _checkpoint_fence(self):
+        checkpoint_fault(self._faults, self.STAGE)
+        self._fence()
+
+    def _extras(self):
+        with self._gauge_lock:  # the in-flight peak since the previous part
+            peak, self._peak = self._peak, self._in_flight
+        with self._tally_lock:
+            timings, self._timings = self._timings, []
+        import json
+
+
+        return {"stage": self.STAGE, f"active_{self.STAGE}": str(peak), "timings": json.dumps(timings)}
+
+    def _flush_all(self):
+        for w in self._writers.values():
+            self._retry_io(w.flush)
+
+    def _retry_io(self, fn, *args):
+        delay = float(self._opts["retry_base_delay"])
+        for attempt in range(int(self._opts["max_retries"]) + 1):
+            try:
+                return fn(*args)
+            except TransientError:
+                if attempt >= int(self._opts["max_retries"]):
+                    raise
+                self._count_retry()
+                time.sleep(min(MAX_BACKOFF_S, delay * 2 ** attempt))
+
+    def _record(self, ch: Chunk, idx, state, **cols):
+        """Record transitions of chunk rows ``idx`` to ``state``; update the chunk."""
+        if not idx:
+            return
+        w = self._writer(ch.gid)
+        for i in idx:
+            ch.states[i] = int(state)
+            for name, values in cols.items():
+                getattr(ch, name)[i] = values[i] if isinstance(values, dict) else values
+        w.record_many(
+            [ch.keys[i] for i in idx],
+            np.array([ch.hashes[i] for i in idx], dtype=np.uint64),
+            int(state),
+            [ch.attempts[i] for i in idx],
+            [ch.reason[i] for i in idx],
+            [ch.chash[i] for i in idx],
+            [ch.sver[i] for i in idx],
+            [ch.method[i] for i in idx],
+        )
+        self._crasher.tick(len(idx))
+
+    def _fail(self, ch: Chunk, idx, reasons):
+        """reasons: a code for all, or {row: code}."""
+        if not idx:
+            return
+        self._record(ch, idx, S.State.FAILED, reason=reasons)
+        self._failed.inc(len(idx))
+
+    def _should_stop(self) -> bool:
+        if self._stopped:
+            return True
+        now = time.monotonic()
+        if self._spec.stop_path and now - self._stop_checked > 0.25:
+            self._stop_checked = now
+            if fs.exists(self._spec.stop_path):
+                self._stopped = True
+                LOG.warning("%s: stop requested; flushing checkpoints", self.STAGE)
+        return self._stopped
+
+    def _gauge(self, delta: int):
+        with self._gauge_lock:
+            self._in_flight += delta
+            if self._in_flight > self._peak:
+                self._peak = self._in_flight
+
+    def _count_retry(self, n: int = 1):
+        """Thread-safe: pool threads have no Beam metrics context; see _drain()."""
+        with self._tally_lock:
+            self._tally["retries"] += n
+
+    def _sample(self, name: str, ms: float, keys: int):
+        with self._tally_lock:
+            self._samples.setdefault(name, []).append(int(ms))
+            self._timings.append([name.split("_")[0], round(ms, 3), keys])
+
+    def _drain(self):
+        """Push what pool threads tallied into Beam metrics (on the bundle thread)."""
+        with self._gauge_lock:
+            if self._peak:
+                self._active.set(self._peak)
+        with self._tally_lock:
+            tally, self._tally = self._tally, {"retries": 0}
+            samples, self._samples = self._samples, {}
+        if tally["retries"]:
+            self._retries.inc(tally["retries"])
+        for name, values in samples.items():
+            dist = self._dists.get(name)
+            if dist is not None:
+                for v in values:
+                    dist.update(v)
+
+    def _backoff(self, attempt: int):
+        base = float(self._opts["retry_base_delay"])
+        time.sleep(min(MAX_BACKOFF_S, base * 2 ** attempt))
+
+
+# ------------------------------------------------------------------ load
+
+class _LoadWorkFn(beam.DoFn):
+    """group id -> Chunks of its non-terminal keys, in plan order."""
+
+    def __init__(self, spec: ExecSpec):
+        self._spec = spec
+        self._planned = Metrics.counter(NS, "planned")
+        self._skipped = Metrics.counter(NS, "skipped_terminal")
+
+    def process(self, element):
+        gid, _rows = element
+        spec = self._spec
+        source, target, _bucket = parse_group_id(gid)
+        path = fs.join(spec.plan_dir, "moves", gid + ".parquet")
+        with fs.open_input(path) as f:
+            plan = pq.read_table(f, columns=["key", "key_hash"])
+        n = plan.num_rows
+        self._planned.inc(n)
+        keys = plan.column("key").to_pylist()
+        hashes = plan.column("key_hash").to_numpy().tolist()
+        state = ckpt.read_group(spec.plan_dir, spec.plan_id, gid).table
+        known = {}
+        if state.num_rows:
+            sk = state.column("key").to_pylist()
+            cols = {c: state.column(c).to_pylist() for c in
+                    ("state", "attempts", "content_hash", "source_version", "verify_method", "reason")}
+            for j, k in enumerate(sk):
+                known[k] = j
+        B = int(spec.options["swap_batch_size"])
+        for start in range(0, n, B):
+            ch = Chunk(gid, start // B, source, target, [], [], [], [], [], [], [], [])
+            for i in range(start, min(n, start + B)):
+                k = keys[i]
+                j = known.get(k)
+                if j is None:
+                    st, att, chh, sv, vm, rs = int(S.State.PLANNED), 0, None, None, None, None
+                else:
+                    st = cols["state"][j]
+                    att = cols["attempts"][j]
+                    chh, sv = cols["content_hash"][j], cols["source_version"][j]
+                    vm, rs = cols["verify_method"][j], cols["reason"][j]
+                if st == S.State.DONE or (st == S.State.FAILED and not spec.retry_failed):
+                    self._skipped.inc()
+                    continue
+                if st == S.State.FAILED:  # --retry-failed: start over in this epoch
+                    st, chh, sv, vm, rs = int(S.State.PLANNED), None, None, None, None
+                ch.keys.append(k)
+                ch.hashes.append(hashes[i])
+                ch.states.append(st)
+                ch.attempts.append(att)
+                ch.chash.append(chh)
+                ch.sver.append(sv)
+                ch.method.append(vm)
+                ch.reason.append(rs)
+            if ch.keys:
+                yield ch
+
+
+class LoadWork(beam.PTransform):
+    def __init__(self, spec: ExecSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ListGroups" >> beam.Create(list(self._spec.groups))
+            | "ReadGroupWork" >> beam.ParDo(_LoadWorkFn(self._spec))
+        )
+
+
+# ------------------------------------------------------------------ copy
+
+class _CopyFn(_StageFn):
+    STAGE = "copy"
+
+    def __init__(self, spec: ExecSpec):
+        super().__init__(spec)
+        self._copied = Metrics.counter(NS, "copied")
+        self._recopied = Metrics.counter(NS, "recopied")
+
+    def setup(self):
+        super().setup()
+        self._pool = ThreadPoolExecutor(max_workers=int(self._opts["copy_concurrency"]),
+                                        thread_name_prefix="copy")
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+        super().teardown()
+
+    def process(self, ch: Chunk):
+        if self._should_stop():
+            return
+        todo = [i for i, s in enumerate(ch.states)
+                if s in (S.State.PLANNED, S.State.COPYING)
+                or (s in (S.State.COPIED, S.State.VERIFYING) and ch.chash[i] is None)]
+        if todo:
+            self._guard_and_copy(ch, todo)
+        self._drain()
+        yield ch
+
+    def _guard_and_copy(self, ch: Chunk, todo: list):
+        # Only copy keys still mapped to their source: a late (duplicated) copy
+        # after the swap must never overwrite writes made on the target.
+        try:
+            current = self._retry_io(self._map.lookup, [ch.keys[i] for i in todo])
+        except TransientError:
+            current = None
+        if current is not None:
+            at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
+            if at_target:  # applied earlier (a lost Done): let the swap confirm it
+                self._record(ch, at_target, S.State.VERIFIED, method=S.VERIFY_ALREADY)
+                todo = [i for i in todo if i not in set(at_target)]
+        self.copy_rows(ch, todo)
+
+    def copy_rows(self, ch: Chunk, todo: list, recopy: bool = False):
+        """Copy rows ``todo`` of ``ch``: concurrent calls, retries, transitions."""
+        if not todo:
+            return
+        for i in todo:
+            ch.attempts[i] += 1
+        self._record(ch, todo, S.State.COPYING)
+        per_call = int(getattr(self._data, "keys_per_call", 0) or len(todo))
+        calls = [todo[a:a + per_call] for a in range(0, len(todo), per_call)]
+        results = list(self._pool.map(lambda rows: self._copy_call(ch, rows), calls))
+        ok, failed = {}, {}
+        for r_ok, r_failed in results:
+            ok.update(r_ok)
+            failed.update(r_failed)
+        if ok:
+            rows = sorted(ok)
+            self._record(ch, rows, S.State.COPIED,
+                         chash={i: ok[i][0] for i in rows}, sver={i: ok[i][1] for i in rows},
+                         method={i: None for i in rows}, reason={i: None for i in rows})
+            # counted once per key: re-copies after a verify mismatch are counted apart
+            (self._recopied if recopy else self._copied).inc(len(rows))
+        if failed:
+            self._fail(ch, sorted(failed), failed)
+
+    def _copy_call(self, ch: Chunk, rows: list):
+        """One mover call with retries; returns ({row: (hash, version)}, {row: reason})."""
+        ok, failed = {}, {}
+        pending = list(rows)
+        max_retries = int(self._opts["max_retries"])
+        attempt = 0
+        while pending:
+            keys = [ch.keys[i] for i in pending]
+            self._gauge(+1)
+            t0 = time.perf_counter()
+            try:
+                outcomes = self._data.copy(keys, ch.source, ch.target)
+                err = None
+            except TransientError as e:
+                outcomes, err = None, e
+            except PermanentError as e:
+                outcomes, err = None, e
+            finally:
+                self._gauge(-1)
+                self._sample("copy_ms", (time.perf_counter() - t0) * 1000, len(keys))
+            if outcomes is None:
+                if isinstance(err, PermanentError):
+                    for i in pending:
+                        failed[i] = err.reason
+                    return ok, failed
+                if attempt >= max_retries:
+                    for i in pending:
+                        failed[i] = S.COPY_FAILED
+                    return ok, failed
+                self._count_retry()
+                self._backoff(attempt)
+                attempt += 1
+                for i in pending:
+                    ch.attempts[i] += 1
+                continue
+            retry = []
+            for i, out in zip(pending, outcomes):
+                if out.error is None:
+                    ok[i] = (out.content_hash, out.source_version)
+                elif isinstance(out.error, TransientError):
+                    retry.append(i)
+                else:
+                    failed[i] = getattr(out.error, "reason", S.PERMANENT) or S.PERMANENT
+            if retry and attempt >= max_retries:
+                for i in retry:
+                    failed[i] = S.COPY_FAILED
+                retry = []
+            if retry:
+                self._count_retry()
+                self._backoff(attempt)
+                attempt += 1
+                for i in retry:
+                    ch.attempts[i] += 1
+            pending = retry
+        return ok, failed
+
+
+class CopyKeys(beam.PTransform):
+    def __init__(self, spec: ExecSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, chunks):
+        return chunks | "CopyChunk" >> beam.ParDo(_CopyFn(self._spec))
+
+
+# ---------------------------------------------------------------- verify
+
+def _sample_mask(hashes: list, fraction: float, seed: int) -> list:
+    """Seeded, deterministic sample of a batch: at least one key per batch."""
+    from pipeline.plancore import _mix
+
+    h = np.array(hashes, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        u = _mix(h ^ np.uint64(seed % 2**64))
+    mask = u.astype(np.float64) / 2.0**64 < fraction
+    if len(mask) and not mask.any():
+        mask[int(np.argmin(u))] = True
+    return list(mask)
+
+
+class _VerifyFn(_CopyFn):
+    STAGE = "verify"
+
+    def __init__(self, spec: ExecSpec):
+        super().__init__(spec)
+        self._verified = Metrics.counter(NS, "verified")
+        self._forced = Metrics.counter(NS, "forced_swaps")
+
+    def setup(self):
+        super().setup()
+        self._vpool = ThreadPoolExecutor(max_workers=int(self._opts["verify_concurrency"]),
+                                         thread_name_prefix="verify")
+
+    def teardown(self):
+        pool = getattr(self, "_vpool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+        super().teardown()
+
+    def process(self, ch: Chunk):
+        if self._should_stop():
+            return
+        todo = [i for i, s in enumerate(ch.states) if s in (S.State.COPIED, S.State.VERIFYING)]
+        max_retries = int(self._opts["max_retries"])
+        rounds = 0
+        forced_any = False
+        while todo:
+            self._record(ch, todo, S.State.VERIFYING)
+            # after a mismatch and a re-copy, verify fully: never sample a suspect key
+            good, bad, errored = self._verify_rows(ch, todo, escalated=rounds > 0)
+            for method, rows in good.items():
+                self._record(ch, rows, S.State.VERIFIED, method=method)
+                self._verified.inc(len(rows))
+            if errored:
+                self._fail(ch, errored, S.VERIFY_FAILED)
+            if not bad:
+                break
+            if rounds >= max_retries:
+                if self._opts["force_swap_on_verification_failure"]:
+                    forced_any = True
+                    self._record(ch, bad, S.State.VERIFIED, method=S.VERIFY_FORCED)
+                    self._forced.inc(len(bad))
+                else:
+                    self._fail(ch, bad, S.VERIFY_MISMATCH)
+                break
+            rounds += 1
+            self._count_retry()
+            self.copy_rows(ch, bad, recopy=True)  # re-copy, then verify again
+            todo = [i for i in bad if ch.states[i] == S.State.COPIED]
+        self._drain()
+        if forced_any:
+            LOG.warning("FORCED SWAP: batch %s swaps keys that failed verification "
+                        "(force_swap_on_verification_failure=true)", ch.batch_id[:40])
+        yield ch
+
+    def _verify_rows(self, ch: Chunk, rows: list, escalated: bool = False):
+        mode = self._opts["verification"]
+        if mode == "sampled" and escalated:
+            return self._check(ch, rows, "full")
+        if mode == "sampled":
+            mask = _sample_mask([ch.hashes[i] for i in rows], float(self._opts["sample_fraction"]),
+                                int(self._opts["sample_seed"]))
+            sample = [i for i, m in zip(rows, mask) if m]
+            rest = [i for i, m in zip(rows, mask) if not m]
+            good, bad, errored = self._check(ch, sample, "full")
+            if bad or errored:  # escalate: the whole batch fully
+                g2, b2, e2 = self._check(ch, rest, "full")
+                return {S.VERIFY_FULL: good.get("full", []) + g2.get("full", [])}, bad + b2, errored + e2
+            return {S.VERIFY_SAMPLED: good.get("full", []), S.VERIFY_UNCHECKED: rest}, [], []
+        return self._check(ch, rows, mode)
+
+    def _check(self, ch: Chunk, rows: list, mode: str):
+        if not rows:
+            return {}, [], []
+        size = 250
+        parts = [rows[a:a + size] for a in range(0, len(rows), size)]
+        results = list(self._vpool.map(lambda part: self._check_part(ch, part, mode), parts))
+        good, bad, errored = [], [], []
+        for g, b, e in results:
+            good += g
+            bad += b
+            errored += e
+        return {mode: good} if good else {}, bad, errored
+
+    def _check_part(self, ch: Chunk, rows: list, mode: str):
+        keys = [ch.keys[i] for i in rows]
+        max_retries = int(self._opts["max_retries"])
+        for attempt in range(max_retries + 1):
+            self._gauge(+1)
+            t0 = time.perf_counter()
+            try:
+                if mode == "full":
+                    src = self._data.read(keys, ch.source)
+                    tgt = self._data.read(keys, ch.target)
+                else:
+                    tgt = self._data.hashes(keys, ch.target)
+                    src = None
+                break
+            except TransientError:
+                if attempt >= max_retries:
+                    return [], [], list(rows)
+                self._count_retry()
+                self._backoff(attempt)
+            except StoreError:
+                return [], [], list(rows)
+            finally:
+                self._gauge(-1)
+                self._sample("verify_ms", (time.perf_counter() - t0) * 1000, len(keys))
+        good, bad = [], []
+        for i, k in zip(rows, keys):
+            t = tgt.get(k)
+            if mode == "full":
+                s = src.get(k)
+                same = t is not None and s is not None and t[0] == s[0]
+            else:
+                same = t is not None and t[0] == ch.chash[i]
+            (good if same else bad).append(i)
+        return good, bad, []
+
+
+class VerifyCopies(beam.PTransform):
+    def __init__(self, spec: ExecSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, chunks):
+        return chunks | "VerifyChunk" >> beam.ParDo(_VerifyFn(self._spec))
+
+
+# ------------------------------------------------------------------ swap
+
+class _SwapFn(_StageFn):
+    STAGE = "swap"
+
+    def __init__(self, spec: ExecSpec):
+        super().__init__(spec)
+        self._swapped = Metrics.counter(NS, "swapped")
+
+    def process(self, ch: Chunk):
+        if self._should_stop():
+            return
+        rows = [i for i, s in enumerate(ch.states) if s in (S.State.VERIFIED, S.State.SWAPPING)]
+        if not rows:
+            self._flush_all()
+            return
+        self._record(ch, rows, S.State.SWAPPING)
+        max_retries = int(self._opts["max_retries"])
+        attempt = 0
+        while rows:
+            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i]) for i in rows]
+            t0 = time.perf_counter()
+            try:
+                self._fence()
+                res = self._map.swap_batch(items)
+            except TransientError:
+                if attempt >= max_retries:
+                    self._fail(ch, rows, S.SWAP_FAILED)
+                    break
+                self._count_retry()
+                self._backoff(attempt)
+                attempt += 1
+                continue
+            finally:
+                self._sample("swap_batch_ms", (time.perf_counter() - t0) * 1000, len(items))
+            if res.committed:
+                done = [rows[j] for j in list(res.applied) + list(res.already)]
+                self._record(ch, sorted(done), S.State.DONE)
+                self._swapped.inc(len(done))
+                # commit Done promptly: it is the state that costs most to lose
+                self._retry_io(self._writer(ch.gid).flush)
+                break
+            conflicts = {rows[j] for j in res.conflicts}
+            changed = {rows[j] for j in res.source_changed}
+            if conflicts:
+                LOG.warning("swap batch %s: %d keys no longer at their expected source (map_changed)",
+                            ch.batch_id[:40], len(conflicts))
+                self._fail(ch, sorted(conflicts), S.MAP_CHANGED)
+            if changed:
+                self._fail(ch, sorted(changed), S.SOURCE_CHANGING)
+            rows = [i for i in rows if i not in conflicts and i not in changed]
+        self._flush_all()
+        self._drain()
+        return
+        yield  # a generator: emits nothing
+
+
+class SwapBatches(beam.PTransform):
+    def __init__(self, spec: ExecSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, chunks):
+        return chunks | "SwapChunk" >> beam.ParDo(_SwapFn(self._spec))
+
+
+# ----------------------------------------------------------------- graph
+
+def _key_by_group(ch: Chunk):
+    return ch.gid, ch
+
+
+def build_run_graph(p: beam.Pipeline, spec: ExecSpec) -> None:
+    """The executor's flowchart (see the module docstring)."""
+    chunks = (
+        p
+        | "LoadWork" >> LoadWork(spec)
+        | "StableInput" >> beam.Reshuffle()
+    )
+    copied = chunks | "CopyKeys" >> CopyKeys(spec)
+    if not spec.options["interleave_copy_and_verify"]:
+        # a barrier: every copy finishes before any verification starts
+        copied = (
+            copied
+            | "KeyForBarrier" >> beam.Map(lambda ch: (0, ch))
+            | "CopyBarrier" >> beam.GroupByKey()
+            | "Unbarrier" >> beam.FlatMap(lambda kv: kv[1])
+        )
+    verified = copied | "VerifyCopies" >> VerifyCopies(spec)
+    (
+        verified
+        | "StableInputForSwap" >> beam.Reshuffle()
+        | "SwapBatches" >> SwapBatches(spec)
+    )
