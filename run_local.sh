@@ -15,11 +15,15 @@ ensure_venv() {
   fi
   local stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extra:-base}"
   if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    if [ -n "$extra" ]; then
-      .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]"
-    else
-      .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+    echo "installing shardmove into .venv (first time: about a minute) ..." >&2
+    local log=.venv/install.log
+    local target="."
+    [ -n "$extra" ] && target=".[$extra]"
+    if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip \
+           && .venv/bin/python -m pip install --disable-pip-version-check -e "$target"; } >"$log" 2>&1; then
+      tail -n 30 "$log" >&2
+      echo "error: installation failed (full log: $log)" >&2
+      exit 1
     fi
     touch "$stamp"
   fi
@@ -69,11 +73,7 @@ case "$cmd" in
       PLAN_ID=$(sed -n 's/^plan id: //p' demo/.plan.out | head -n1)
       echo "$PLAN_ID" > demo/PLAN
     fi
-    if "$SM" run --help >/dev/null 2>&1; then
-      "$SM" run "$PLAN_ID" --config demo/shardmove.yaml
-    else
-      echo "plan id: $PLAN_ID"
-    fi
+    "$SM" run "$PLAN_ID" --config demo/shardmove.yaml
     ;;
   *)
     echo "usage: ./run_local.sh [test|reset]" >&2

@@ -17,6 +17,14 @@ __all__ = ["open_map_store", "open_data_store", "map_store_from_spec", "data_sto
 
 def map_store_from_spec(spec: Mapping[str, Any], key_type: KeyType, *, must_exist: bool = True):
     kind = spec.get("kind")
+    if kind == "postgres":
+        from pipeline.stores.postgres import PostgresMapStore
+
+        return PostgresMapStore.from_spec(spec, key_type)
+    if kind == "redis":
+        from pipeline.stores.redis_store import RedisMapStore
+
+        return RedisMapStore.from_spec(spec, key_type)
     if kind == "sqlite":
         from pipeline.stores.sqlite import SqliteMapStore
 
@@ -33,6 +41,14 @@ def data_store_from_spec(spec: Mapping[str, Any], key_type: KeyType):
     kind = spec.get("kind")
     if kind in (None, "none"):
         return None
+    if kind == "postgres":
+        from pipeline.stores.postgres import PostgresDataStore
+
+        return PostgresDataStore.from_spec(spec, key_type)
+    if kind == "objects":
+        from pipeline.stores.objects import ObjectDataStore
+
+        return ObjectDataStore.from_spec(spec, key_type)
     if kind == "sqlite":
         from pipeline.stores.sqlite import SqliteDataStore
 

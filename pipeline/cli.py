@@ -34,7 +34,7 @@ def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
     if options:
         g = p.add_argument_group("options (override the config file)")
         for o in OPTIONS:
-            g.add_argument(o.flag, dest=o.name, default=None, metavar=o.kind.upper(), help=f"{o.doc} Default {o.default_text()}.")
+            g.add_argument(o.flag, dest=o.name, default=None, metavar=o.kind.upper(), help=f"{o.doc} Default {o.default_text()}.".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    except Exception as e:  # a bug in the parser set-up: one line, no traceback
+        sys.stderr.write(f"error: internal failure parsing arguments ({type(e).__name__})\n")
+        return EXIT_INTERNAL
     if not args.command:
         parser.print_help()
         return EXIT_BAD_INPUT
