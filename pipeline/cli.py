@@ -65,7 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st, options=False)
     st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    for mod in _EXTENSIONS:
+        mod.register(sub, _add_common, COMMANDS)
     return parser
+
+
+def _extensions():
+    """Operator subcommands live in their own modules; each has
+    ``register(subparsers, add_common, commands)``."""
+    import importlib
+
+    mods = []
+    for name in ("pipeline.opscli",):
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return mods
 
 
 def _configure_logging(args) -> None:
@@ -166,6 +183,7 @@ def cmd_status(args, beam_args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "snapshot": cmd_snapshot, "plan": cmd_plan, "run": cmd_run, "status": cmd_status}
+_EXTENSIONS = _extensions()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -373,3 +373,15 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, ra
         options=options,
         base_dir=base,
     )
+
+
+def options_table() -> str:
+    """The README's configuration reference (checked by tests/test_docs.py)."""
+    rows = ["| option | flag | default | valid range | meaning |", "|---|---|---|---|---|"]
+    for o in OPTIONS:
+        rows.append(f"| `{o.name}` | `{o.flag}` | {o.default_text()} | {o.range_text()} | {o.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m pipeline.config  -> the README table
+    print(options_table())

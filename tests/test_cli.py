@@ -1,0 +1,92 @@
+"""End to end through the real console script: demo -> snapshot -> plan -> run -> status."""
+import os
+import re
+
+import pytest
+
+from conftest import run_cli
+
+PLAN_RE = re.compile(r"^plan id: ([0-9a-f]{64})$", re.M)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    r = run_cli("demo", str(d), "--keys", "3000", "--shards", "4")
+    assert r.returncode == 0, r.stderr
+    return str(d / "shardmove.yaml")
+
+
+def one_error_line(r, code):
+    assert r.returncode == code, (r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_help_on_every_subcommand():
+    for sub in ("demo", "snapshot", "plan", "run", "status"):
+        r = run_cli(sub, "--help")
+        assert r.returncode == 0 and "usage: shardmove " + sub in r.stdout
+
+
+def test_plan_twice_same_plan_id_then_run_and_status(demo):
+    ids = []
+    for _ in range(2):
+        r = run_cli("plan", "--config", demo)
+        assert r.returncode == 0, r.stderr
+        ids += PLAN_RE.findall(r.stdout)
+    assert len(set(ids)) == 1
+    plan_id = ids[0]
+    dry = run_cli("plan", "--config", demo, "--dry-run")
+    assert dry.returncode == 0 and PLAN_RE.findall(dry.stdout) == [plan_id] and "dry run: no plan committed" in dry.stdout
+    st = run_cli("status", plan_id, "--config", demo)
+    assert st.returncode == 5 and "summary: planned=" in st.stdout
+    r = run_cli("run", plan_id, "--config", demo)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"^summary: planned=(\d+) done=(\d+) failed=0$", r.stdout, re.M)
+    assert m and m.group(1) == m.group(2)
+    again = run_cli("run", plan_id, "--config", demo)
+    assert again.returncode == 0 and "nothing to do: plan already complete" in again.stdout
+    st = run_cli("status", plan_id, "--config", demo, "--json")
+    assert st.returncode == 0 and '"complete": true' in st.stdout
+
+
+def test_snapshot_command(demo):
+    r = run_cli("snapshot", "--config", demo)
+    assert r.returncode == 0 and "snapshot digest: " in r.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--copy-concurrency", "0"], r"option copy_concurrency: '0' is out of range"),
+    (["--verification", "psychic"], r"option verification: expected one of full, hash, sampled"),
+    (["--window", "F0-10"], r"option window: start F0 is after end 10"),
+])
+def test_bad_flags_exit_2(demo, args, match):
+    line = one_error_line(run_cli("plan", "--config", demo, *args), 2)
+    assert re.search(match, line), line
+
+
+def test_bad_config_files_exit_2(tmp_path, demo):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("key_type: string\ntarget: {shards: [a, b]\n")
+    assert "malformed YAML" in one_error_line(run_cli("plan", "--config", str(bad)), 2)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(open(demo).read() + "\ncopy_concurency: 3\n")
+    assert "unknown option copy_concurency" in one_error_line(run_cli("plan", "--config", str(unknown)), 2)
+    zero = tmp_path / "zero.yaml"
+    zero.write_text(open(demo).read().replace("weight: 1", "weight: 0", 1))
+    line = one_error_line(run_cli("plan", "--config", str(zero)), 2)
+    assert "weight: must be > 0" in line
+
+
+def test_missing_map_store_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("map_store: {kind: sqlite, path: nowhere.sqlite}\ncurrent_shards: [a]\ntarget: {shards: [a, b]}\n")
+    assert "map store not found" in one_error_line(run_cli("plan", "--config", str(cfg)), 2)
+
+
+def test_unknown_plan_exit_2(demo):
+    line = one_error_line(run_cli("run", "0" * 64, "--config", demo), 2)
+    assert "no committed plan" in line
