@@ -76,7 +76,7 @@ def _extensions():
     import importlib
 
     mods = []
-    for name in ("pipeline.opscli",):
+    for name in ("pipeline.cli_reports", "pipeline.cli_ops"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as e:
