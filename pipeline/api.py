@@ -91,12 +91,13 @@ def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, bea
                      beam_args=beam_args, out=out)
 
 
-def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
-        out: Callable[[str], None] = print):
+def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: bool = False,
+        beam_args: Sequence[str] = (), out: Callable[[str], None] = print):
     """Execute (or resume) a plan; returns ``RunResult`` with ``exit_code`` and ``summary``."""
     from pipeline.executor import run_plan
 
-    return run_plan(cfg, plan_dir, retry_failed=retry_failed, beam_args=beam_args, out=out)
+    return run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
+                    out=out)
 
 
 def status(plan_dir: str) -> dict:

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
+    r.add_argument("--allow-drift", action="store_true",
+                   help="skip keys whose map entry drifted since the snapshot, as Failed(drifted)")
 
     st = sub.add_parser("status", help="per-state counts of a plan; exit 0 complete, 3 failed keys, 5 in progress")
     _add_common(st, options=False)
@@ -150,7 +152,8 @@ def cmd_run(args, beam_args) -> int:
     from pipeline.api import run
 
     cfg = _load(args)
-    res = run(cfg, _plan_dir(args, cfg), retry_failed=args.retry_failed, beam_args=beam_args)
+    res = run(cfg, _plan_dir(args, cfg), retry_failed=args.retry_failed, allow_drift=args.allow_drift,
+              beam_args=beam_args)
     return res.exit_code
 
 

@@ -173,6 +173,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("hash_buckets", 16, "int", "Hash buckets per (source, target) pair: parallelism of copy/verify/swap work.", 1, 4096),
     OptionSpec("window", None, "window", "Phased window AA-BB: only keys whose stable hash top byte is in [AA, BB]."),
     OptionSpec("min_headroom_percent", 10.0, "float", "Dry-run capacity check: refuse when a shard's headroom would fall below this % of its capacity.", 0.0, 100.0),
+    OptionSpec("write_fence", "auto", "choice", "auto: check source versions inside the swap transaction where the stores allow it, else re-check them under the source's write lock just before the swap; recheck: always the latter.", choices=("auto", "recheck")),
     OptionSpec("lease_ttl", 60.0, "duration", "Executor lease expiry; renewed every third of it while running.", 5.0, 86400.0),
     OptionSpec("progress_interval", 1.0, "duration", "Minimum time between progress events.", 0.1, 3600.0),
 )

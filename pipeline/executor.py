@@ -323,8 +323,56 @@ def _metrics(result) -> dict:
     return out
 
 
+def check_shards(cfg: Config, manifest: dict, data_store) -> None:
+    """Every source shard of the plan must exist in the data store (exit 2 otherwise)."""
+    if data_store is None or not hasattr(data_store, "shard_exists"):
+        return
+    missing = sorted({p["source"] for p in manifest["pairs"] if not data_store.shard_exists(p["source"])})
+    if missing:
+        raise BadInput(f"data store: {len(missing)} source shards of the plan do not exist ({', '.join(missing[:3])})")
+
+
+def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> dict:
+    """Non-terminal plan keys whose current shard is neither source nor target, or
+    that were deleted from the map: {group id: [(key, key_hash), ...]}."""
+    import pyarrow.parquet as pq
+
+    drift: dict = {}
+    for f in manifest["files"]:
+        gid = f["group"]
+        with fs.open_input(fs.join(plan_dir, "moves", gid + ".parquet")) as fh:
+            t = pq.read_table(fh, columns=["key", "key_hash"])
+        state = ckpt.read_group(plan_dir, manifest["plan_id"], gid).table
+        terminal = set()
+        if state.num_rows:
+            mask = pc.is_in(state.column("state"), value_set=pa.array([int(S.State.DONE), int(S.State.FAILED)], pa.int8()))
+            terminal = set(state.column("key").filter(mask).to_pylist())
+        keys = t.column("key").to_pylist()
+        hashes = t.column("key_hash").to_pylist()
+        todo = [(k, h) for k, h in zip(keys, hashes) if k not in terminal]
+        for a in range(0, len(todo), chunk):
+            part = todo[a:a + chunk]
+            cur = map_store.lookup([k for k, _ in part])
+            for k, h in part:
+                c = cur.get(k)
+                if c is None or c[0] not in (f["source"], f["target"]):
+                    drift.setdefault(gid, []).append((k, h))
+    return drift
+
+
+def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
+    import numpy as np
+
+    for gid, items in drift.items():
+        w = ckpt.CheckpointWriter(plan_dir, plan_id, gid, epoch)
+        w.record_many([k for k, _ in items], np.array([h for _, h in items], dtype=np.uint64),
+                      int(S.State.FAILED), 0, S.DRIFTED)
+        w.flush()
+
+
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
-             out: Callable[[str], None] = print, install_signals: bool = True) -> RunResult:
+             out: Callable[[str], None] = print, install_signals: bool = True,
+             allow_drift: bool = False) -> RunResult:
     from pipeline.lease import acquire
     from pipeline.runner import make_pipeline, pipeline_args, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
@@ -341,7 +389,36 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         out(summary_line(before))
         return RunResult(plan_id, before, 3 if before["failed"] else 0, nothing_to_do=True)
 
+    from pipeline.backends import open_data_store, open_map_store
+
+    map_store = open_map_store(cfg)
+    check_shards(cfg, manifest, open_data_store(cfg))
+    drift = find_drift(plan_dir, manifest, map_store)
+    ndrift = sum(len(v) for v in drift.values())
+    if ndrift and not allow_drift:
+        raise Refused(f"plan: {ndrift} keys drifted since the plan's snapshot (their current shard is neither "
+                      "source nor target, or they were deleted); rerun with --allow-drift to skip them as "
+                      "Failed(drifted)")
+
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
+    renew_claim = None
+    if hasattr(map_store, "claim_run"):
+        import socket
+
+        window = _window_range(manifest)
+        try:
+            map_store.claim_run(plan_id, lease.epoch, window, f"{socket.gethostname()}:{os.getpid()}",
+                                cfg.opt("lease_ttl"), time.time())
+        except BaseException:
+            lease.release()
+            raise
+        claim_store = open_map_store(cfg)  # its own connection for the renewal thread
+
+        def renew_claim():
+            claim_store.renew_run(plan_id, lease.epoch, cfg.opt("lease_ttl"), time.time())
+    if ndrift:
+        _mark_drifted(plan_dir, plan_id, lease.epoch, drift)
+        out(f"drift: {ndrift} keys skipped as Failed(drifted)")
     stop_path = fs.join(plan_dir, "stop")
     fs.remove(stop_path)
     interrupted = {"flag": False}
@@ -360,7 +437,7 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         for sig in (signal.SIGINT, signal.SIGTERM):
             old_handlers[sig] = signal.getsignal(sig)
             signal.signal(sig, on_signal)
-    lease.start_renewing()
+    lease.start_renewing(also=renew_claim)
     progress = _Progress(plan_dir, plan_id, lease.epoch, _base_counts(before), before["planned"],
                          cfg.opt("progress_interval"), sys.stderr.isatty())
     t0 = time.time()
@@ -410,6 +487,8 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
                           "swapped": summary["done"], "failed": summary["failed"]})
     stopped = interrupted["flag"] or fs.exists(stop_path)
     fs.remove(stop_path)
+    if hasattr(map_store, "release_run"):
+        map_store.release_run(plan_id, lease.epoch)
     lease.release()
     out(summary_line(summary))
     if stopped and not summary["complete"]:
@@ -422,11 +501,17 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     return RunResult(plan_id, summary, 3 if summary["failed"] else 0, metrics=metrics)
 
 
+def _window_range(manifest: dict) -> tuple[int, int]:
+    from pipeline.config import parse_window
+
+    return parse_window(manifest.get("window")) or (0, 255)
+
+
 def _timing_stats(timings: list) -> dict:
     import numpy as np
 
     out = {}
-    for stage in ("copy", "verify", "swap"):
+    for stage in ("copy", "verify", "swap", "fence"):
         ms = np.array([t[1] for t in timings if t and t[0] == stage], dtype=float)
         if len(ms):
             out[stage] = {

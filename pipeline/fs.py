@@ -9,7 +9,28 @@ CONTRACTS "Atomic commit":
   with the same content counts as committed.
 
 Files that hold key values are created owner-only (0600, directories 0700).
-Never imports Beam; the GCS client is imported lazily.
+Never imports Beam at module level; the GCS client (:mod:`pipeline.gcs`) is
+imported lazily, and Beam's filesystem layer only by :func:`open_bulk` /
+:func:`write_bulk` for ``gs://`` paths.
+
+Versions (compare-and-swap)
+---------------------------
+:func:`read_versioned` returns the bytes with an opaque integer version (0 =
+absent) and ``write_atomic(..., if_version=v)`` replaces only if the version
+is still ``v``, else :class:`CommitConflict`.  ``gs://``: the version is the
+object generation and the check is the server's generation precondition
+(atomic).  Local: the version is derived from (inode, mtime, ctime, size)
+and checked just before the rename -- not atomic against another process, so
+local callers also hold a lock (``lease.py`` holds an ``flock``).
+
+Bulk files
+----------
+:func:`write_bulk` / :func:`open_bulk` move large, deterministic Parquet
+files (snapshot parts, move files).  Local: :func:`write_atomic` / ``open``.
+``gs://``: Beam's ``FileSystems`` (resumable upload finalised on close --
+atomic, but an overwrite, not create-if-absent; ranged reads on open, so a
+footer read does not download the file).  Use them only for files whose
+rewrite with the same bytes is harmless.
 """
 from __future__ import annotations
 
@@ -32,6 +53,9 @@ __all__ = [
     "open_input",
     "write_atomic",
     "create_if_absent",
+    "read_versioned",
+    "write_bulk",
+    "open_bulk",
     "remove",
     "rmtree",
     "rename_dir",
@@ -150,15 +174,92 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically (readers see old or new, never half)."""
+def _local_version(path: str) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0
+    token = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_size}".encode()
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(token, digest_size=7).digest(), "big") | 1
+
+
+def read_versioned(path: str) -> tuple[bytes | None, int]:
+    """``(bytes, version)``, or ``(None, 0)`` if absent; the version feeds ``write_atomic(if_version=)``."""
     if is_gcs(path):
-        _gcs().replace(path, data)
+        return _gcs().read_with_generation(path)
+    while True:
+        before = _local_version(path)
+        if not before:
+            return None, 0
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        if _local_version(path) == before:  # not replaced while being read
+            return data, before
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (readers see old or new, never half).
+
+    ``if_version`` (from :func:`read_versioned`; 0 = must be absent): replace
+    only if the file is still that version, else :class:`CommitConflict`
+    ("stale replace").  On ``gs://`` every replace is generation-matched:
+    without ``if_version`` against the generation read just before.
+    """
+    if is_gcs(path):
+        _gcs().replace(path, data, generation=if_version)
         return
     directory = os.path.dirname(path) or "."
     tmp = _tmp_write(directory, data, mode)
+    if if_version is not None and _local_version(path) != if_version:
+        os.unlink(tmp)
+        raise CommitConflict(f"stale replace: {os.path.basename(path)} changed since it was read")
     os.replace(tmp, path)
     _fsync_dir(directory)
+
+
+def write_bulk(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write a bulk file (Parquet) in one piece.
+
+    Local: :func:`write_atomic`.  ``gs://``: Beam's
+    ``FileSystems.create(path)`` then close (one upload, finalised
+    atomically on close; overwrites an existing object).  Idempotent for
+    deterministic bytes.
+    """
+    if not is_gcs(path):
+        write_atomic(path, data, mode)
+        return
+    _gcs().configure_for_emulator()
+    from apache_beam.io.filesystems import FileSystems
+
+    f = FileSystems.create(path, mime_type="application/octet-stream")
+    f.write(bytes(data))
+    f.close()  # never reached after a failed write: an unclosed upload is never finalised
+
+
+def open_bulk(path: str):
+    """A seekable binary file object for reading a bulk file (Parquet).
+
+    Local: ``open(path, "rb")``.  ``gs://``: Beam's ``FileSystems.open``
+    (ranged reads: pyarrow reads footers and row groups without downloading
+    the whole object).  Missing file: FileNotFoundError (local) / Beam's
+    error (gs).
+    """
+    if not is_gcs(path):
+        return open(path, "rb")
+    _gcs().configure_for_emulator()
+    from apache_beam.io.filesystems import CompressionTypes, FileSystems
+    from google.api_core.exceptions import NotFound
+
+    try:
+        return FileSystems.open(path, mime_type="application/octet-stream",
+                                compression_type=CompressionTypes.UNCOMPRESSED)
+    except NotFound as e:
+        raise FileNotFoundError(f"no such object: {path}") from e
 
 
 def create_if_absent(path: str, data: bytes, mode: int = 0o600) -> bool:
@@ -224,13 +325,47 @@ def rename_dir(src: str, dst: str) -> bool:
     return True
 
 
-def copy_tree(src: str, dst: str) -> None:
-    for f in walk_files(src):
-        rel = f[len(src.rstrip("/")) + 1:]
-        target = join(dst, rel)
+#: Files whose presence means "this directory is complete": copied last.
+COMMIT_MARKERS = ("manifest.json", "snapshot.json")
+
+
+def _copy_order(rel: str) -> tuple:
+    top = "/" not in rel
+    return (top, top and rel in COMMIT_MARKERS, rel)
+
+
+def copy_tree(src: str, dst: str, *, workers: int = 16) -> None:
+    """Copy every file below ``src`` to ``dst`` (gs:// -> gs:// copies server-side).
+
+    Files in sub-directories first, then top-level files, and the commit
+    markers (:data:`COMMIT_MARKERS`) only after every other file is in place,
+    so a crash mid-copy never leaves a destination that looks complete.
+    """
+    root = src.rstrip("/")
+    rels = sorted((f[len(root) + 1:] for f in walk_files(src)), key=_copy_order)
+    markers = [r for r in rels if r in COMMIT_MARKERS]
+    rest = [r for r in rels if r not in COMMIT_MARKERS]
+
+    def one(rel: str) -> None:
+        source, target = join(src, rel), join(dst, rel)
+        if is_gcs(source) and is_gcs(target):
+            _gcs().copy_object(source, target)
+            return
         if not is_gcs(target):
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-        write_atomic(target, read_bytes(f))
+        write_atomic(target, read_bytes(source))
+
+    if len(rest) > 1 and workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(rest)), thread_name_prefix="copy-tree") as pool:
+            for _ in pool.map(one, rest):
+                pass
+    else:
+        for rel in rest:
+            one(rel)
+    for rel in markers:
+        one(rel)
 
 
 def unique_name(prefix: str, suffix: str = "") -> str:

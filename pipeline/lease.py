@@ -116,14 +116,18 @@ class Lease:
             self.check()
             fs.write_atomic(fs.join(self.plan_dir, "lease.json"), json.dumps(self._doc()).encode())
 
-    def start_renewing(self) -> None:
+    def start_renewing(self, also=None) -> None:
+        """Renew every ttl/3 in a thread; ``also()`` renews other claims (the map store's)."""
         self._stop = threading.Event()
 
         def loop():
             while not self._stop.wait(self.ttl / 3):
                 try:
                     self.renew()
+                    if also is not None:
+                        also()
                 except LeaseLost:
+                    self.lost = True
                     return
                 except Exception:  # transient storage error: try again next tick
                     continue

@@ -161,6 +161,48 @@ class PlanContext:
     hash_buckets: int
     target_shards: frozenset | None = None  # explicit target: allowed target ids
 
+    def __reduce__(self):
+        # The ring travels as its defining parameters and is rebuilt through a
+        # per-process cache: Beam unpickles each DoFn (and so this context)
+        # several times per pipeline, and a native ring build takes ~0.1 s.
+        ring_args = self.ring.__reduce__() if self.ring is not None else None
+        return (_rebuild_context, (self.key_type, ring_args, self.window, self.known_shards, self.hash_buckets,
+                                   self.target_shards))
+
+
+_RING_CACHE: dict = {}
+
+
+def _rebuild_context(key_type, ring_args, window, known_shards, hash_buckets, target_shards):
+    ring = None
+    if ring_args is not None:
+        ctor, args = ring_args[0], ring_args[1]
+        key = (ctor, args)
+        ring = _RING_CACHE.get(key)
+        if ring is None:
+            ring = ctor(*args)
+            if len(_RING_CACHE) >= 8:
+                _RING_CACHE.clear()
+            _RING_CACHE[key] = ring
+    return PlanContext(key_type, ring, window, known_shards, hash_buckets, target_shards)
+
+
+def _canonical_keys(keys_col, key_type: KeyType):
+    """:func:`pipeline.keys.canonical_array`, with a vectorised fast path for
+    the common case (string keys already stored as binary canonical bytes):
+    Arrow's cast to ``string`` validates UTF-8 in C++, so the per-key Python
+    check runs only when some key is invalid."""
+    if KeyType(key_type) is KeyType.STRING:
+        col = keys_col.combine_chunks() if isinstance(keys_col, pa.ChunkedArray) else keys_col
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            arr = col.cast(pa.binary())
+            try:
+                arr.cast(pa.string())
+            except pa.ArrowInvalid:
+                return K.canonical_array(keys_col, key_type)
+            return arr, arr.null_count
+    return K.canonical_array(keys_col, key_type)
+
 
 def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: Stats, known: frozenset | None,
                   *, target_side: bool = False):
@@ -170,7 +212,7 @@ def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: St
     if isinstance(shard_col, pa.ChunkedArray):
         shard_col = shard_col.combine_chunks()
     shard_col = shard_col.cast(pa.string())
-    canon, bad = K.canonical_array(keys_col, key_type)
+    canon, bad = _canonical_keys(keys_col, key_type)
     n = len(canon)
     valid = pc.is_valid(canon)
     if bad == 0:
@@ -230,6 +272,103 @@ def _count_by(values: pa.Array, weights_mask: np.ndarray | None = None) -> dict:
     return {v["values"].as_py(): v["counts"].as_py() for v in vc}
 
 
+def _universe(ring, names: list) -> tuple[list, np.ndarray]:
+    """Shard universe = the ring's shards, then any other id in ``names``;
+    returns (universe ids, universe index of each of ``names``)."""
+    uni = list(ring.shard_ids)
+    pos = {s: i for i, s in enumerate(uni)}
+    idx = np.empty(len(names), np.int32)
+    for j, s in enumerate(names):
+        if s not in pos:
+            pos[s] = len(uni)
+            uni.append(s)
+        idx[j] = pos[s]
+    return uni, idx
+
+
+def _counts(uni: list, codes: np.ndarray) -> dict:
+    c = np.bincount(codes, minlength=len(uni)) if len(codes) else np.zeros(len(uni), np.int64)
+    return {uni[i]: int(c[i]) for i in np.flatnonzero(c)}
+
+
+def _plan_batch_coded(batch, ctx: PlanContext):
+    """:func:`plan_batch` on integer shard codes: the common case, no invalid
+    rows.  Shard ids are dictionary-encoded once per batch; comparisons and
+    counts are numpy on codes, strings are built only for the moved rows.
+    Returns None when the batch needs the general path (any invalid key,
+    over-long or empty key, null shard id): results are identical."""
+    if ctx.ring is None:
+        return None
+    keys_col = batch.column(batch.schema.get_field_index("key"))
+    shard_col = batch.column(batch.schema.get_field_index("shard_id"))
+    if isinstance(shard_col, pa.ChunkedArray):
+        shard_col = shard_col.combine_chunks()
+    if shard_col.null_count:
+        return None
+    canon, bad = _canonical_keys(keys_col, ctx.key_type)
+    if bad or canon.null_count:
+        return None
+    n = len(canon)
+    if n:
+        lengths = pc.binary_length(canon).to_numpy(zero_copy_only=False)
+        if int(lengths.max()) > K.MAX_KEY_BYTES:
+            return None
+        if ctx.key_type in (KeyType.STRING, KeyType.BYTES) and int(lengths.min()) == 0:
+            return None
+    enc = shard_col if pa.types.is_dictionary(shard_col.type) else pc.dictionary_encode(shard_col)
+    names = enc.dictionary.cast(pa.string()).to_pylist()
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.intp, copy=False)
+    st = Stats()
+    st.rows = batch.num_rows
+    if ctx.known_shards is not None and n:
+        unknown = [j for j, s in enumerate(names) if s not in ctx.known_shards]
+        if unknown:
+            per = np.bincount(codes, minlength=len(names))
+            nbad = int(per[unknown].sum())
+            if nbad:
+                st.unknown_shard_rows += nbad
+                st.unknown_shard_ids |= {names[j] for j in unknown if per[j]}
+                st.unknown_shards = len(st.unknown_shard_ids)
+    hashes = K.stable_hashes(canon.to_pylist(), n)
+    name_hashes = np.fromiter((xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in names), np.uint64,
+                              count=len(names))
+    st.digest = digest_lanes(hashes, name_hashes[codes] if n else np.zeros(0, np.uint64))
+    ring = ctx.ring
+    uni, name_uni = _universe(ring, names)
+    src_u = name_uni[codes] if n else np.zeros(0, np.int32)
+    tgt_u = ring.assign(canon, hashes).astype(np.int32, copy=False)
+    changed = src_u != tgt_u
+    wmask = _window_mask(hashes, ctx.window)
+    if wmask is not None:
+        changed &= wmask
+        st.in_window = int(wmask.sum())
+    else:
+        st.in_window = n
+    st.before = _counts(uni, src_u)
+    st.after = _counts(uni, np.where(changed, tgt_u, src_u))
+    moved = np.flatnonzero(changed)
+    st.moved = len(moved)
+    uni_arr = pa.array(uni, pa.string())
+    if len(moved):
+        ms, mt, mh = src_u[moved], tgt_u[moved], hashes[moved]
+        take = pa.array(moved)
+        moves = pa.table(
+            {
+                "key": canon.take(take),
+                "source": uni_arr.take(pa.array(ms)),
+                "target": uni_arr.take(pa.array(mt)),
+                "key_hash": pa.array(mh, pa.uint64()),
+                "bucket": pa.array(bucket_of(mh, ctx.hash_buckets), pa.int32()),
+            }
+        )
+        pc_ = np.bincount(ms.astype(np.intp) * len(uni) + mt, minlength=len(uni) * len(uni))
+        st.pairs = {f"{uni[i // len(uni)]}\x1f{uni[i % len(uni)]}": int(pc_[i]) for i in np.flatnonzero(pc_)}
+    else:
+        moves = _finish(pa.array([], pa.binary()), pa.array([], pa.string()), pa.array([], pa.string()),
+                        np.zeros(0, np.uint64), np.zeros(0, bool), Stats(), ctx)[0]
+    return moves, st, hashes
+
+
 def plan_batch(batch, ctx: PlanContext) -> tuple[pa.Table, Stats, np.ndarray]:
     """Moves of one batch against the target ring.
 
@@ -237,6 +376,9 @@ def plan_batch(batch, ctx: PlanContext) -> tuple[pa.Table, Stats, np.ndarray]:
     ``bucket`` column, and ``hashes`` are the stable hashes of every valid row
     (for duplicate detection).
     """
+    fast = _plan_batch_coded(batch, ctx)
+    if fast is not None:
+        return fast
     st = Stats()
     st.rows = batch.num_rows
     canon, src, hashes = prepare_batch(batch, ctx.key_type, st, ctx.known_shards)

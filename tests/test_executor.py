@@ -243,23 +243,58 @@ def test_swap_transient_twice_then_applied(tmp_path):
 
 
 def test_cas_conflict_fails_only_that_key(tmp_path):
-    cfg = make_keyspace(tmp_path, keys=400)
-    originals = all_records(cfg)
+    import threading
+
+    cfg = with_faults(make_keyspace(tmp_path, keys=400), {"copy": {"latency_ms": 300}})
     plan_dir, m = planned(cfg)
     key, src, tgt = plan_moves(plan_dir, m)[3]
     other = next(s for s in cfg.current_shards if s not in (src, tgt))
-    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
-    r = ms.swap_batch([(key, src, other)])  # moved behind the executor's back
-    assert r.committed
+    lease = os.path.join(plan_dir, "lease.json")
+
+    def move_behind_the_executors_back():  # once the run holds its lease (drift check passed)
+        for _ in range(3000):
+            if os.path.exists(lease):
+                break
+            time.sleep(0.005)
+        assert SqliteMapStore(cfg.map_store["path"], cfg.key_type).swap_batch([(key, src, other)]).committed
+
+    t = threading.Thread(target=move_behind_the_executors_back)
+    t.start()
     res = api.run(cfg, plan_dir, out=quiet)
+    t.join()
     st = key_states(plan_dir, m)
     assert st[key][:2] == (S.State.FAILED, "map_changed")
     assert res.summary["failed"] == 1 and res.summary["done"] == m["moves"] - 1
     mp = map_rows(cfg)
     assert mp[text_form(key, cfg.key_type)] == other
-    for k, s, t in plan_moves(plan_dir, m):
+    for k, s, t_ in plan_moves(plan_dir, m):
         if k != key:
-            assert mp[text_form(k, cfg.key_type)] == t and st[k][0] == S.State.DONE
+            assert mp[text_form(k, cfg.key_type)] == t_ and st[k][0] == S.State.DONE
+
+
+def test_drift_refused_unless_allowed(tmp_path):
+    from pipeline.errors import Refused
+
+    cfg = make_keyspace(tmp_path, keys=400)
+    plan_dir, m = planned(cfg)
+    moves = plan_moves(plan_dir, m)
+    (k1, s1, t1), (k2, s2, _t2) = moves[0], moves[1]
+    other = next(s for s in cfg.current_shards if s not in (s1, t1))
+    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    assert ms.swap_batch([(k1, s1, other)]).committed  # reassigned elsewhere
+    con = sqlite3.connect(cfg.map_store["path"])
+    con.execute("DELETE FROM shard_map WHERE key = ?", (text_form(k2, cfg.key_type),))  # deleted
+    con.commit()
+    con.close()
+    before = map_rows(cfg)
+    with pytest.raises(Refused, match=r"plan: 2 keys drifted since the plan's snapshot"):
+        api.run(cfg, plan_dir, out=quiet)
+    assert map_rows(cfg) == before  # nothing modified
+    res = api.run(cfg, plan_dir, allow_drift=True, out=quiet)
+    st = key_states(plan_dir, m)
+    assert st[k1][:2] == (S.State.FAILED, "drifted") and st[k2][:2] == (S.State.FAILED, "drifted")
+    assert res.summary["failures_by_reason"] == {"drifted": 2}
+    assert res.summary["done"] == m["moves"] - 2
 
 
 def test_second_run_changes_nothing(tmp_path):

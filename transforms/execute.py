@@ -110,7 +110,7 @@ class _StageFn(beam.DoFn):
         self._retries = Metrics.counter(NS, "retries")
         self._failed = Metrics.counter(NS, "failed")
         self._active = Metrics.gauge(NS, f"active_{self.STAGE}")
-        self._dists = {n: Metrics.distribution(NS, n) for n in ("copy_ms", "verify_ms", "swap_batch_ms")}
+        self._dists = {n: Metrics.distribution(NS, n) for n in ("copy_ms", "verify_ms", "swap_batch_ms", "fence_window_ms")}
 
     # -- lifecycle
     def setup(self):
@@ -635,12 +635,34 @@ class VerifyCopies(beam.PTransform):
 
 # ------------------------------------------------------------------ swap
 
-class _SwapFn(_StageFn):
+class _SwapFn(_VerifyFn):
+    """All-or-nothing compare-and-set batches, behind the write fence.
+
+    Write fence: where the map store can check source record versions inside
+    the swap transaction (``supports_fence``: SQLite with the shard attached,
+    PostgreSQL with map and shard in one database) it does; a key whose
+    source changed since its copy is re-copied and re-verified (bounded by
+    ``max_retries``, then Failed(source_changing)).  Elsewhere the source
+    versions are re-checked just before the swap, with the same re-copy loop;
+    the window between that check and the swap commit is measured
+    (``fence_window_ms``) and closed only by fence-aware writers.
+    """
+
     STAGE = "swap"
 
     def __init__(self, spec: ExecSpec):
         super().__init__(spec)
         self._swapped = Metrics.counter(NS, "swapped")
+        self._source_changed = Metrics.counter(NS, "source_changed_recopies")
+
+    def setup(self):
+        super().setup()
+        inner = getattr(self._data, "_inner", self._data)
+        supports = getattr(self._map, "supports_fence", None)
+        self._strict = bool(inner is not None and supports is not None and supports(inner)
+                            and self._opts.get("write_fence", "auto") == "auto")
+        self._fence_store = inner if self._strict else None
+        self._token = (self._spec.plan_id, self._spec.epoch) if hasattr(self._map, "claim_run") else None
 
     def process(self, ch: Chunk):
         if self._should_stop():
@@ -652,13 +674,13 @@ class _SwapFn(_StageFn):
         self._record(ch, rows, S.State.SWAPPING)
         max_retries = int(self._opts["max_retries"])
         attempt = 0
+        changes: dict = {}
         while rows:
-            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i]) for i in rows]
-            t0 = time.perf_counter()
-            try:
-                self._fence()
-                res = self._map.swap_batch(items)
-            except TransientError:
+            res, changed = self._swap_once(ch, rows)
+            if changed:  # sources changed since their copy: re-copy outside the fence, then again
+                rows = self._recopy_changed(ch, rows, changed, changes)
+                continue
+            if res is None:  # transient
                 if attempt >= max_retries:
                     self._fail(ch, rows, S.SWAP_FAILED)
                     break
@@ -666,8 +688,6 @@ class _SwapFn(_StageFn):
                 self._backoff(attempt)
                 attempt += 1
                 continue
-            finally:
-                self._sample("swap_batch_ms", (time.perf_counter() - t0) * 1000, len(items))
             if res.committed:
                 done = [rows[j] for j in list(res.applied) + list(res.already)]
                 self._record(ch, sorted(done), S.State.DONE)
@@ -676,18 +696,96 @@ class _SwapFn(_StageFn):
                 self._retry_io(self._writer(ch.gid).flush)
                 break
             conflicts = {rows[j] for j in res.conflicts}
-            changed = {rows[j] for j in res.source_changed}
             if conflicts:
                 LOG.warning("swap batch %s: %d keys no longer at their expected source (map_changed)",
                             ch.batch_id[:40], len(conflicts))
                 self._fail(ch, sorted(conflicts), S.MAP_CHANGED)
+            changed = sorted(rows[j] for j in res.source_changed)
+            rows = [i for i in rows if i not in conflicts]
             if changed:
-                self._fail(ch, sorted(changed), S.SOURCE_CHANGING)
-            rows = [i for i in rows if i not in conflicts and i not in changed]
+                rows = self._recopy_changed(ch, rows, changed, changes)
         self._flush_all()
         self._drain()
         return
         yield  # a generator: emits nothing
+
+    def _swap_once(self, ch: Chunk, rows: list):
+        """One fenced swap attempt: (SwapResult | None if transient, changed rows)."""
+        fence_cm = None
+        if not self._strict and self._data is not None and hasattr(self._data, "write_fence"):
+            fence_cm = self._data.write_fence(ch.source)
+        try:
+            versions = fence_cm.__enter__() if fence_cm is not None else None
+        except TransientError:
+            return None, []
+        try:
+            t_check = time.perf_counter()
+            if not self._strict and self._data is not None:
+                changed = self._recheck_sources(ch, rows, versions)
+                if changed:
+                    return None, changed
+            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i]) for i in rows]
+            kw = {}
+            if self._strict:
+                kw["fence"] = self._fence_store
+            if self._token is not None:
+                kw["token"] = self._token
+            t0 = time.perf_counter()
+            try:
+                self._fence()
+                res = self._map.swap_batch(items, **kw)
+            except TransientError:
+                return None, []
+            finally:
+                self._sample("swap_batch_ms", (time.perf_counter() - t0) * 1000, len(items))
+            if res.committed and not self._strict:
+                # the window in which a fence-unaware writer could still change a source
+                self._sample("fence_window_ms", (time.perf_counter() - t_check) * 1000, len(items))
+            return res, []
+        finally:
+            if fence_cm is not None:
+                fence_cm.__exit__(None, None, None)
+
+    def _recheck_sources(self, ch: Chunk, rows: list, versions=None) -> list:
+        """Rows whose source record changed (or vanished) since the copy read it."""
+        rows = [i for i in rows if ch.method[i] != S.VERIFY_ALREADY]  # applied in an earlier run
+        if not rows:
+            return []
+        keys = [ch.keys[i] for i in rows]
+        try:
+            if versions is not None:
+                current = versions(keys)
+            else:
+                current = {k: v for k, (_h, v) in self._retry_io(self._data.hashes, keys, ch.source).items()}
+        except TransientError:
+            return []  # cannot tell: the swap's own checks still apply
+        return [i for i, k in zip(rows, keys)
+                if k not in current or (ch.sver[i] is not None and current[k] != ch.sver[i])]
+
+    def _recopy_changed(self, ch: Chunk, rows: list, changed: list, changes: dict) -> list:
+        """Re-copy and re-verify keys whose source changed; give up after max_retries."""
+        limit = int(self._opts["max_retries"])
+        again, give_up = [], []
+        for i in changed:
+            changes[i] = changes.get(i, 0) + 1
+            (give_up if changes[i] > limit else again).append(i)
+        if give_up:
+            self._fail(ch, give_up, S.SOURCE_CHANGING)
+        if again:
+            self._source_changed.inc(len(again))
+            self.copy_rows(ch, again, recopy=True)
+            copied = [i for i in again if ch.states[i] == S.State.COPIED]
+            good, bad, errored = self._check(ch, copied, "hash")
+            for method, ok_rows in good.items():
+                self._record(ch, ok_rows, S.State.VERIFIED, method=method)
+            if bad:
+                self._fail(ch, bad, S.VERIFY_MISMATCH)
+            if errored:
+                self._fail(ch, errored, S.VERIFY_FAILED)
+            if good:
+                self._record(ch, [i for r in good.values() for i in r], S.State.SWAPPING)
+        changed_set = set(changed)
+        return [i for i in rows if i not in changed_set or ch.states[i] == S.State.SWAPPING]
 
 
 class SwapBatches(beam.PTransform):

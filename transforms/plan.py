@@ -2,14 +2,33 @@
 
 Flow (read top to bottom in :func:`build_plan_graph`)::
 
-    ReadAssignments  (path, row group) -> Arrow segments of <= segment_size rows
-    PlanMoves        segment -> moves keyed by (source, target, bucket),
-                     stats, key hashes keyed by hash partition
-    DetectDuplicates hashes grouped by partition -> candidate collisions,
-                     confirmed by key bytes in a second (usually empty) pass
-    WriteMoveFiles   one sorted Parquet file per (source, target, bucket),
-                     written by us (deterministic bytes), never by a sharded sink
-    WriteStats       stats.json / files.json / duplicates.json in the staging dir
+    PlanChunks       chunk = consecutive (path, row group) units of the
+                     snapshot, ~SPILL_ROWS rows; each is read in segments of
+                     <= segment_size rows and planned with
+                     :func:`pipeline.plancore.plan_batch`.  The chunk's outputs
+                     (its sorted key hashes and its sorted moves) are written
+                     to ONE spill file in ``<staging>/spill/``; only small
+                     *pointers* (file, byte offset, length) travel through
+                     Beam: per hash partition and per (source, target, bucket)
+                     group, plus the chunk's merged statistics.
+    DetectDuplicates hash pointers grouped by partition -> each partition's
+                     hashes read back, sorted, adjacent equals = candidate
+                     collisions, confirmed by key bytes in a second pass that
+                     re-reads the snapshot only when candidates exist
+    WriteMoveFiles   move pointers grouped by (source, target, bucket) -> one
+                     sorted Parquet file per group, written by us
+                     (deterministic bytes), never by a sharded sink
+    Finalize         stats.json / files.json / duplicates.json in the staging
+                     dir; the spill directory is removed
+
+Why spill files: the in-memory runner (FnApiRunner) holds every GroupByKey
+input in memory, and pickles each element; shuffling the hashes and moves
+themselves made the planner's memory grow with the keyspace (and pickling a
+sliced Arrow table pickles its whole parent buffers).  Through spill files
+the planner's memory is bounded by one chunk (``SPILL_ROWS`` rows) and one
+hash partition (rows / ``2**SPILL_PARTITION_BITS``), whatever the runner.
+Spill names are deterministic (chunk index, spill index), so a retried
+bundle rewrites the same bytes; only pointers that Beam committed are read.
 
 Bulk data travels as Arrow tables, never per-key elements.  The launcher
 (``pipeline/planner.py``) validates the stats and commits the manifest.
@@ -37,19 +56,29 @@ from pipeline.names import group_id
 __all__ = [
     "PlanGraphSpec",
     "ReadAssignments",
+    "PlanChunks",
     "PlanMoves",
     "DetectDuplicates",
     "WriteMoveFiles",
     "build_plan_graph",
     "write_moves_bytes",
     "DUP_PARTITIONS",
+    "SPILL_ROWS",
+    "SPILL_PARTITION_BITS",
 ]
 
-#: Hash partitions for duplicate detection and explicit-target joins (top bits).
+#: Hash partitions for explicit-target joins (top bits).
 DUP_PARTITIONS = 16
 #: Fixed Parquet row-group size of move files (not segment_size: file bytes
 #: must not depend on tuning options).
 MOVES_ROW_GROUP = 65536
+#: Rows of snapshot planned per chunk before its hashes and moves are
+#: spilled (bounds the planner's memory, with segment_size).
+SPILL_ROWS = 1 << 20
+#: Hash partitions of the duplicate check: 2**bits, by the top bits of the
+#: stable hash.  One partition's hashes are held at once.
+SPILL_PARTITION_BITS = 8
+SPILL_DIR = "spill"
 
 
 @dataclass(frozen=True)
@@ -73,6 +102,31 @@ def _open(path: str):
     return open(path, "rb")
 
 
+def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
+    """Arrow tables of at most ``segment_size`` rows from (path, row group)
+    units; each file is opened once for a run of its row groups."""
+    i = 0
+    units = list(units)
+    while i < len(units):
+        path = units[i][0]
+        j = i
+        while j < len(units) and units[j][0] == path:
+            j += 1
+        with _open(path) as f:
+            # shard ids come back dictionary-encoded (as Parquet stores them):
+            # the planner works on their codes, and no string column is built
+            pf = pq.ParquetFile(f, read_dictionary=["shard_id"])
+            names = pf.schema_arrow.names
+            cols = [c for c in columns if c in names]
+            for _p, rg in units[i:j]:
+                table = pf.read_row_group(rg, columns=cols)
+                if rows_counter is not None:
+                    rows_counter.inc(table.num_rows)
+                for b in table.to_batches(max_chunksize=segment_size):
+                    yield pa.Table.from_batches([b])
+        i = j
+
+
 class _ReadSegmentsFn(beam.DoFn):
     """(path, row group) -> Arrow tables of at most ``segment_size`` rows."""
 
@@ -82,15 +136,7 @@ class _ReadSegmentsFn(beam.DoFn):
         self._rows = Metrics.counter("plan", "rows_read")
 
     def process(self, element):
-        path, rg = element
-        with _open(path) as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            cols = [c for c in self._columns if c in names]
-            table = pf.read_row_group(rg, columns=cols)
-        self._rows.inc(table.num_rows)
-        for b in table.to_batches(max_chunksize=self._segment_size):
-            yield pa.Table.from_batches([b])
+        yield from _read_units([element], self._segment_size, self._columns, self._rows)
 
 
 class ReadAssignments(beam.PTransform):
@@ -108,10 +154,125 @@ class ReadAssignments(beam.PTransform):
         )
 
 
+def make_chunks(units: tuple, segment_size: int) -> list:
+    """(chunk index, units) with about SPILL_ROWS rows each (row groups are
+    assumed to hold about ``segment_size`` rows; bigger ones spill inside the
+    chunk).  A pure function of the unit list: chunk names are stable."""
+    per = max(1, SPILL_ROWS // max(1, segment_size))
+    units = list(units)
+    return [(i // per, tuple(units[i:i + per])) for i in range(0, len(units), per)]
+
+
+# ---------------------------------------------------------------- spill files
+
+def _spill_path(staging: str, chunk: int, k: int) -> str:
+    return fs.join(staging, SPILL_DIR, f"chunk-{chunk:06d}-{k:04d}.bin")
+
+
+def _write_spill(path: str, blobs: list) -> None:
+    """Write the concatenated blobs.  Scratch data: atomic (rename) but not
+    fsynced -- a crash discards the whole staging directory anyway."""
+    if fs.is_gcs(path):
+        getattr(fs, "write_bulk", fs.write_atomic)(path, b"".join(blobs))
+        return
+    import os
+    import tempfile
+
+    d = os.path.dirname(path)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        os.fchmod(fd, 0o600)  # holds key values
+        with os.fdopen(fd, "wb") as f:
+            for b in blobs:
+                f.write(b)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    if fs.is_gcs(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        f = FileSystems.open(path, compression_type="uncompressed")
+    else:
+        f = open(path, "rb")
+    with f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise IOError(f"spill file {path.rsplit('/', 1)[-1]} is short ({len(data)} of {length} bytes)")
+    return data
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _group_bounds(moves: pa.Table):
+    """Start/end rows of each (source, target, bucket) run of sorted moves."""
+    n = moves.num_rows
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for col in ("source", "target"):
+        codes = pc.dictionary_encode(moves[col].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+        change[1:] |= codes[1:] != codes[:-1]
+    b = moves["bucket"].combine_chunks().to_numpy(zero_copy_only=False)
+    change[1:] |= b[1:] != b[:-1]
+    starts = np.flatnonzero(change)
+    ends = np.append(starts[1:], n)
+    return starts, ends
+
+
+def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, bucket_count: int):
+    """Write one spill file; yield ("hashes", partition, ptr) and ("moves", gid, ptr).
+
+    Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
+    per (source, target, bucket) group of its moves sorted in CONTRACTS order.
+    A pointer is (path, byte offset, byte length)."""
+    path = _spill_path(staging, chunk, k)
+    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    blobs = [h.astype("<u8", copy=False).tobytes()]
+    out = []
+    nparts = 1 << SPILL_PARTITION_BITS
+    shift = np.uint64(64 - SPILL_PARTITION_BITS)
+    if len(h):
+        edges = np.searchsorted(h >> shift, np.arange(nparts + 1, dtype=np.uint64), side="left")
+        for p in range(nparts):
+            s, e = int(edges[p]), int(edges[p + 1])
+            if e > s:
+                out.append(("hashes", p, (path, s * 8, (e - s) * 8)))
+    offset = len(blobs[0])
+    table = pa.concat_tables(moves) if moves else None
+    if table is not None and table.num_rows:
+        table = core.sort_moves(table.combine_chunks())
+        starts, ends = _group_bounds(table)
+        body = table.select(core.MOVES_SCHEMA.names)
+        src_col, tgt_col, b_col = table["source"], table["target"], table["bucket"]
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            blob = _ipc_bytes(body.slice(s, e - s))
+            gid = group_id(src_col[s].as_py(), tgt_col[s].as_py(), int(b_col[s].as_py()))
+            out.append(("moves", gid, (path, offset, len(blob))))
+            blobs.append(blob)
+            offset += len(blob)
+    _write_spill(path, blobs)
+    return out
+
+
 # ---------------------------------------------------------------- planning
 
 def _split_moves(moves: pa.Table):
-    """(group id, sub-table) per (source, target, bucket) present in ``moves``."""
+    """(group id, compact sub-table) per (source, target, bucket) present in ``moves``."""
     if moves.num_rows == 0:
         return
     gid = pc.binary_join_element_wise(
@@ -124,41 +285,102 @@ def _split_moves(moves: pa.Table):
     bounds = np.flatnonzero(np.diff(sorted_idx)) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(idx)]])
-    body = moves.drop_columns(["bucket"]).take(pa.array(order))
+    body = moves.drop_columns(["bucket"])
     for s, e in zip(starts, ends):
         src, tgt, b = enc.dictionary[int(sorted_idx[s])].as_py().split("\x1f")
-        yield group_id(src, tgt, int(b)), body.slice(int(s), int(e - s))
+        # take(), not slice(): a pickled slice carries its parent's whole buffers
+        yield group_id(src, tgt, int(b)), body.take(pa.array(order[s:e]))
 
 
-def _partition_hashes(hashes: np.ndarray):
-    part = (hashes >> np.uint64(60)).astype(np.int32)  # top 4 bits: 16 partitions
-    order = np.argsort(part, kind="stable")
-    ps = part[order]
-    hs = hashes[order]
-    bounds = np.flatnonzero(np.diff(ps)) + 1
-    for chunk_p, chunk_h in zip(np.split(ps, bounds), np.split(hs, bounds)):
-        if len(chunk_p):
-            yield int(chunk_p[0]), chunk_h
+class _PlanChunkFn(beam.DoFn):
+    """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""
+
+    MOVES = "moves"
+    HASHES = "hashes"
+
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
+        self._ctx = ctx
+        self._staging = staging
+        self._segment_size = segment_size
+        self._rows = Metrics.counter("plan", "rows_read")
+        self._moved = Metrics.counter("plan", "moves")
+        self._examined = Metrics.counter("plan", "keys_examined")
+        self._spills = Metrics.counter("plan", "spill_files")
+
+    def process(self, element):
+        chunk, units = element
+        total = core.Stats()
+        hashes, moves, buffered, k = [], [], 0, 0
+        for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+            mv, st, h = core.plan_batch(table, self._ctx)
+            self._examined.inc(st.rows)
+            self._moved.inc(st.moved)
+            total.merge(st)
+            hashes.append(h)
+            if mv.num_rows:
+                moves.append(mv)
+            buffered += len(h)
+            if buffered >= SPILL_ROWS:
+                yield from self._spill(chunk, k, hashes, moves)
+                hashes, moves, buffered, k = [], [], 0, k + 1
+        if buffered or moves:
+            yield from self._spill(chunk, k, hashes, moves)
+        yield total
+
+    def _spill(self, chunk, k, hashes, moves):
+        self._spills.inc()
+        for tag, key, ptr in spill_chunk(self._staging, chunk, k, hashes, moves, self._ctx.hash_buckets):
+            yield beam.pvalue.TaggedOutput(tag, (key, ptr))
+
+
+class PlanChunks(beam.PTransform):
+    """Chunks -> tagged outputs ``moves`` (gid, ptr), ``hashes`` (partition, ptr), main: Stats."""
+
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
+        super().__init__()
+        self._ctx = ctx
+        self._staging = staging
+        self._segment_size = segment_size
+
+    def expand(self, chunks):
+        return chunks | "PlanChunk" >> beam.ParDo(
+            _PlanChunkFn(self._ctx, self._staging, self._segment_size)
+        ).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
 
 
 class _PlanSegmentFn(beam.DoFn):
+    """Segment -> moves (gid, table) and hashes (partition, array) as elements.
+
+    Kept for callers that plan small inputs without spill files; the
+    planner's graph uses :class:`PlanChunks`."""
+
     MOVES = "moves"
     HASHES = "hashes"
 
     def __init__(self, ctx: core.PlanContext):
         self._ctx = ctx
-        self._moved = Metrics.counter("plan", "moves")
-        self._examined = Metrics.counter("plan", "keys_examined")
 
     def process(self, table: pa.Table):
         moves, stats, hashes = core.plan_batch(table, self._ctx)
-        self._examined.inc(stats.rows)
-        self._moved.inc(stats.moved)
-        for p, h in _partition_hashes(hashes):
-            yield beam.pvalue.TaggedOutput(self.HASHES, (p, h))
+        part = (hashes >> np.uint64(64 - SPILL_PARTITION_BITS)).astype(np.int32)
+        for p in np.unique(part):
+            yield beam.pvalue.TaggedOutput(self.HASHES, (int(p), hashes[part == p]))
         for gid, t in _split_moves(moves):
             yield beam.pvalue.TaggedOutput(self.MOVES, (gid, t))
         yield stats
+
+
+class PlanMoves(beam.PTransform):
+    """Segments -> tagged outputs ``moves`` (gid, table), ``hashes`` (partition, ndarray), main: Stats."""
+
+    def __init__(self, ctx: core.PlanContext):
+        super().__init__()
+        self._ctx = ctx
+
+    def expand(self, segments):
+        return segments | "PlanSegments" >> beam.ParDo(_PlanSegmentFn(self._ctx)).with_outputs(
+            _PlanSegmentFn.MOVES, _PlanSegmentFn.HASHES, main="stats"
+        )
 
 
 class _PrepareSideFn(beam.DoFn):
@@ -215,24 +437,21 @@ def _exact_duplicates(t: pa.Table) -> int:
     return t.num_rows - len(pc.unique(t["key"].combine_chunks()))
 
 
-class PlanMoves(beam.PTransform):
-    """Segments -> tagged outputs ``moves`` (gid, table), ``hashes`` (partition, ndarray), main: Stats."""
-
-    def __init__(self, ctx: core.PlanContext):
-        super().__init__()
-        self._ctx = ctx
-
-    def expand(self, segments):
-        return segments | "PlanSegments" >> beam.ParDo(_PlanSegmentFn(self._ctx)).with_outputs(
-            _PlanSegmentFn.MOVES, _PlanSegmentFn.HASHES, main="stats"
-        )
-
-
 # ---------------------------------------------------------------- duplicates
 
+def _hash_array(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    path, offset, length = value
+    return np.frombuffer(_read_range(path, offset, length), dtype="<u8").astype(np.uint64, copy=False)
+
+
 def _candidate_hashes(element):
-    _p, arrays = element
-    h = np.sort(np.concatenate(list(arrays)))
+    _p, values = element
+    arrays = [_hash_array(v) for v in values]
+    if not arrays:
+        return []
+    h = np.sort(np.concatenate(arrays))
     if len(h) < 2:
         return []
     dup = h[1:][h[1:] == h[:-1]]
@@ -240,19 +459,26 @@ def _candidate_hashes(element):
 
 
 class _ConfirmDuplicatesFn(beam.DoFn):
-    """Second pass, only when candidate hashes exist: emit (hash, key bytes)."""
+    """Second pass, only when candidate hashes exist: emit (hash, key bytes).
 
-    def __init__(self, key_type: KeyType):
+    Input: chunks of (path, row group) units, read only if there are
+    candidates (usually there are none, and nothing is read)."""
+
+    def __init__(self, key_type: KeyType, segment_size: int):
         self._key_type = key_type
+        self._segment_size = segment_size
 
-    def process(self, table: pa.Table, candidates):
+    def process(self, element, candidates):
         if not candidates:
             return
-        st = core.Stats()
-        canon, _shard, hashes = core.prepare_batch(table, self._key_type, st, None)
-        want = np.isin(hashes, np.array(sorted(candidates), dtype=np.uint64))
-        for i in np.flatnonzero(want):
-            yield int(hashes[i]), canon[int(i)].as_py()
+        _chunk, units = element
+        want_set = np.array(sorted(candidates), dtype=np.uint64)
+        for table in _read_units(units, self._segment_size, ("key", "shard_id")):
+            st = core.Stats()
+            canon, _shard, hashes = core.prepare_batch(table, self._key_type, st, None)
+            want = np.isin(hashes, want_set)
+            for i in np.flatnonzero(want):
+                yield int(hashes[i]), canon[int(i)].as_py()
 
 
 def _count_true_duplicates(element):
@@ -262,11 +488,15 @@ def _count_true_duplicates(element):
 
 
 class DetectDuplicates(beam.PTransform):
-    """Duplicate keys in the snapshot: hash collisions confirmed by key bytes."""
+    """Duplicate keys in the snapshot: hash collisions confirmed by key bytes.
 
-    def __init__(self, parts: tuple, segment_size: int, key_type: KeyType):
+    Input: hashes keyed by partition, each value an ndarray or a spill
+    pointer.  ``chunks``: the planner's (chunk, units) PCollection, re-read
+    only when candidates exist."""
+
+    def __init__(self, chunks, segment_size: int, key_type: KeyType):
         super().__init__()
-        self._parts = parts
+        self._chunks = chunks
         self._segment_size = segment_size
         self._key_type = key_type
 
@@ -278,10 +508,9 @@ class DetectDuplicates(beam.PTransform):
             | "CollectCandidates" >> beam.combiners.ToList()
         )
         return (
-            hashes.pipeline
-            | "ReReadForDuplicates" >> ReadAssignments(self._parts, self._segment_size)
+            self._chunks
             | "ConfirmByKeyBytes" >> beam.ParDo(
-                _ConfirmDuplicatesFn(self._key_type), beam.pvalue.AsSingleton(candidates))
+                _ConfirmDuplicatesFn(self._key_type, self._segment_size), beam.pvalue.AsSingleton(candidates))
             | "GroupByHash" >> beam.GroupByKey()
             | "CountDuplicates" >> beam.Map(_count_true_duplicates)
             | "SumDuplicates" >> beam.CombineGlobally(sum)
@@ -305,6 +534,13 @@ def write_moves_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _moves_table(value) -> pa.Table:
+    if isinstance(value, pa.Table):
+        return value
+    path, offset, length = value
+    return pa.ipc.open_stream(pa.py_buffer(_read_range(path, offset, length))).read_all()
+
+
 class _WriteGroupFn(beam.DoFn):
     """Write one group's file.  Idempotent: same inputs -> same bytes -> same name."""
 
@@ -312,12 +548,17 @@ class _WriteGroupFn(beam.DoFn):
         self._staging = staging
         self._files = Metrics.counter("plan", "move_files")
 
+    def setup(self):
+        self._made = False
+
     def process(self, element):
-        gid, tables = element
-        table = pa.concat_tables(list(tables))
+        gid, values = element
+        table = pa.concat_tables([_moves_table(v) for v in values])
         data = write_moves_bytes(table)
         path = fs.join(self._staging, "moves", gid + ".parquet")
-        fs.makedirs(fs.join(self._staging, "moves"))
+        if not getattr(self, "_made", False):
+            fs.makedirs(fs.join(self._staging, "moves"))
+            self._made = True
         fs.write_atomic(path, data)
         self._files.inc()
         src = table["source"][0].as_py()
@@ -376,14 +617,27 @@ def _write_json(staging: str, name: str):
     return write
 
 
+def _finalize(staging: str):
+    """Runs once, after the move files and the duplicate count exist."""
+
+    def finalize(_none, files, dups):
+        _write_json(staging, "files.json")(files)
+        _write_json(staging, "duplicates.json")(dups)
+        fs.rmtree(fs.join(staging, SPILL_DIR))
+        return None
+
+    return finalize
+
+
 def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
     """The planner's flowchart.  Results land as JSON files in ``spec.staging``."""
-    segments = p | "ReadAssignments" >> ReadAssignments(spec.sources, spec.segment_size)
     if not spec.targets:
-        planned = segments | "PlanMoves" >> PlanMoves(spec.ctx)
+        chunks = p | "ListChunks" >> beam.Create(make_chunks(spec.sources, spec.segment_size))
+        planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size)
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
-        dups = hashes | "DetectDuplicates" >> DetectDuplicates(spec.sources, spec.segment_size, spec.ctx.key_type)
+        dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type)
     else:
+        segments = p | "ReadAssignments" >> ReadAssignments(spec.sources, spec.segment_size)
         src = segments | "PrepareSource" >> beam.ParDo(_PrepareSideFn(spec.ctx, "s")).with_outputs("stats", main="rows")
         tgt_segments = p | "ReadTarget" >> ReadAssignments(spec.targets, spec.segment_size)
         tgt = tgt_segments | "PrepareTarget" >> beam.ParDo(_PrepareSideFn(spec.ctx, "t")).with_outputs("stats", main="rows")
@@ -399,6 +653,7 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
     files = moves | "WriteMoveFiles" >> WriteMoveFiles(spec.staging)
     (stats | "CombineStats" >> beam.CombineGlobally(_StatsCombineFn())
      | "WriteStats" >> beam.Map(_write_json(spec.staging, "stats.json")))
-    (files | "CollectFiles" >> beam.combiners.ToList()
-     | "WriteFileList" >> beam.Map(_write_json(spec.staging, "files.json")))
-    dups | "WriteDuplicates" >> beam.Map(_write_json(spec.staging, "duplicates.json"))
+    file_list = files | "CollectFiles" >> beam.combiners.ToList()
+    (p | "FinalizeStart" >> beam.Create([None])
+     | "Finalize" >> beam.Map(_finalize(spec.staging), beam.pvalue.AsSingleton(file_list),
+                              beam.pvalue.AsSingleton(dups)))

@@ -677,8 +677,80 @@ class SqliteMapStore(_SqliteBase):
         """A fenced swap needs the source shards in SQLite files (:class:`SqliteDataStore`)."""
         return isinstance(data_store, SqliteDataStore)
 
+    # ------------------------------------------------ run registry (fencing)
+    _RUNS_DDL = ("CREATE TABLE IF NOT EXISTS shardmove_runs(plan_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
+                 "window_lo INTEGER NOT NULL, window_hi INTEGER NOT NULL, holder TEXT NOT NULL, "
+                 "expires_at REAL NOT NULL)")
+
+    def claim_run(self, plan_id: str, epoch: int, window: tuple[int, int], holder: str, ttl: float,
+                  now: float) -> None:
+        """Register this executor (plan, epoch) on the map store, atomically.
+
+        Refuses (``Refused``) when another plan whose window overlaps this one
+        holds a live claim: two plans whose key sets may overlap never run at
+        once on one map.  A newer epoch of the same plan supersedes an older
+        one; an older epoch is refused (``LeaseLost``).  The epoch is then the
+        fencing token that :meth:`swap_batch` checks inside its transaction.
+        """
+        from pipeline.errors import Refused
+        from pipeline.lease import LeaseLost
+
+        conn = self._open(self.path)
+        try:
+            with _locked([self.path], self.busy_timeout, "run claim"):
+                conn.execute(self._RUNS_DDL)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = conn.execute("SELECT plan_id, epoch, window_lo, window_hi, holder, expires_at "
+                                        "FROM shardmove_runs").fetchall()
+                    for pid, ep, lo, hi, who, exp in rows:
+                        if pid == plan_id:
+                            if ep > epoch:
+                                raise LeaseLost(f"plan {plan_id[:12]} is already claimed by a newer executor "
+                                                f"(epoch {ep})")
+                            continue
+                        if exp > now and lo <= window[1] and window[0] <= hi:
+                            raise Refused(f"plan {pid[:12]} (held by {who}) may move the same keys and is "
+                                          f"running on this map store until "
+                                          f"{_iso(exp)}; refusing to run plan {plan_id[:12]}")
+                    conn.execute("INSERT OR REPLACE INTO shardmove_runs VALUES (?, ?, ?, ?, ?, ?)",
+                                 (plan_id, int(epoch), int(window[0]), int(window[1]), holder, now + ttl))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+        except sqlite3.Error as e:
+            raise _store_error(e, "run claim") from e
+        finally:
+            conn.close()
+
+    def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
+        from pipeline.lease import LeaseLost
+
+        conn = self._map_conn()
+        try:
+            cur = conn.execute("UPDATE shardmove_runs SET expires_at = ? WHERE plan_id = ? AND epoch = ?",
+                               (now + ttl, plan_id, int(epoch)))
+            conn.commit()
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, "run renew") from e
+        if cur.rowcount != 1:
+            raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
+
+    def release_run(self, plan_id: str, epoch: int) -> None:
+        conn = self._map_conn()
+        try:
+            conn.execute("UPDATE shardmove_runs SET expires_at = 0 WHERE plan_id = ? AND epoch = ?",
+                         (plan_id, int(epoch)))
+            conn.commit()
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, "run release") from e
+
     def swap_batch(self, items: Sequence[SwapItem | tuple], *,
-                   fence: "SqliteDataStore | None" = None) -> SwapResult:
+                   fence: "SqliteDataStore | None" = None,
+                   token: "tuple[str, int] | None" = None) -> SwapResult:
         """Move a batch of keys to their targets: compare-and-set, all or nothing.
 
         ONE write transaction (``BEGIN IMMEDIATE``).  For each item
@@ -696,6 +768,10 @@ class SqliteMapStore(_SqliteBase):
         whose version equals ``source_version``; the others are
         ``source_changed``.  While the transaction runs, writers to those
         source shards wait: the swap is a short write fence.
+
+        With ``token`` = (plan id, epoch), the transaction first checks the
+        run registry (:meth:`claim_run`): an executor whose claim was taken
+        over raises ``LeaseLost`` and applies nothing.
 
         Any conflict or changed source rolls the whole batch back and applies
         nothing.  Idempotent: compare-and-set on the expected source.
@@ -748,6 +824,15 @@ class SqliteMapStore(_SqliteBase):
                 for s, alias in attached.items():
                     conn.execute(f"ATTACH DATABASE ? AS {alias}", (_uri(fence.shard_path(s)),))
                 conn.execute("BEGIN IMMEDIATE")
+                if token is not None:
+                    row = conn.execute("SELECT epoch FROM shardmove_runs WHERE plan_id = ?",
+                                       (token[0],)).fetchone()
+                    if row is None or row[0] != token[1]:
+                        conn.execute("ROLLBACK")
+                        from pipeline.lease import LeaseLost
+
+                        raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
+                                        f"(now {row[0] if row else 'none'}); nothing applied")
                 current: dict[str, str] = {}
                 uniq = list(first)
                 for chunk in _chunks(uniq):
@@ -812,6 +897,12 @@ class SqliteMapStore(_SqliteBase):
             finally:
                 if fence is not None:
                     conn.close()
+
+
+def _iso(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _swap_item(it) -> SwapItem:
@@ -899,6 +990,44 @@ class SqliteDataStore(_SqliteBase):
         rows = self._select(keys, shard, "CAST(value AS BLOB), version", "shard hash")
         digest = xxhash.xxh3_128_digest
         return {k: (digest(v), int(ver)) for k, (v, ver) in rows.items()}
+
+    @contextlib.contextmanager
+    def write_fence(self, shard: str):
+        """Hold ``shard``'s write lock (``BEGIN IMMEDIATE``) and yield
+        ``versions(keys) -> {key: version}`` read inside that transaction.
+
+        While it is held, writers to the shard wait: the executor re-checks
+        source versions and swaps the map under it, so a fence-aware writer
+        (one that checks the key's shard while holding the shard's write
+        lock, i.e. in its own write transaction) can never write a source
+        record between the re-check and the swap.  Nothing is written.
+        """
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            raise PermanentError(f"write fence: shard file not found ({safe_name(shard)})", reason="shard_missing")
+        conn = self._open(path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            conn.close()
+            raise _store_error(e, "write fence") from e
+        kt = self.key_type
+
+        def versions(keys: Sequence[bytes]) -> dict[bytes, int]:
+            texts = _texts(list(keys), kt)
+            back = dict(zip(texts, keys))
+            found: dict[bytes, int] = {}
+            for chunk in _chunks(texts):
+                sql = _in_sql("SELECT key, version FROM records WHERE key IN ({in})", len(chunk))
+                for t, v in conn.execute(sql, chunk).fetchall():
+                    found[back[t]] = int(v)
+            return found
+
+        try:
+            yield versions
+        finally:
+            _rollback(conn)
+            conn.close()
 
     def key_sizes(self, keys: Sequence[bytes], shard: str) -> dict[bytes, int]:
         """``key -> value length in bytes`` for the keys present on ``shard``."""

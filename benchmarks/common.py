@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: child processes, peak RSS, figure lines.
+
+Every benchmark prints its figures as ``name: value`` lines, one figure per
+line (CONTRACTS "Lines that scripts read").  Measurements that need their own
+peak RSS run in a child process started with :func:`run_child`; the child
+reports one ``RESULT {json}`` line on stdout, which the parent parses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+__all__ = ["peak_rss_mb", "emit", "run_child", "child_result", "bench_root", "fmt", "median"]
+
+RESULT_PREFIX = "RESULT "
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (VmHWM, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def fmt(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if value >= 1000:
+            return f"{value:.0f}"
+        if value >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def emit(name: str, value) -> None:
+    """One figure, alone on its line: ``name: value``."""
+    print(f"{name}: {fmt(value)}", flush=True)
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        return float("nan")
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def child_result(payload: dict) -> None:
+    """Called in a child at its very end: adds peak RSS and prints the result line."""
+    payload = dict(payload)
+    payload.setdefault("peak_rss_mb", peak_rss_mb())
+    sys.stdout.flush()
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+def run_child(argv: list, *, timeout: float = 1800, env: dict | None = None, log: str | None = None) -> dict:
+    """Run ``python argv...`` and return its RESULT payload plus ``process_wall_s``.
+
+    The child's other output goes to ``log`` (or is dropped) so that only the
+    parent's figure lines reach stdout.
+    """
+    cmd = [sys.executable] + [str(a) for a in argv]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                          env=env)
+    wall = time.perf_counter() - t0
+    if log:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+    if proc.returncode != 0 or result is None:
+        tail = "\n".join((proc.stderr or "").splitlines()[-25:])
+        raise RuntimeError(f"child {' '.join(cmd[1:3])} failed (exit {proc.returncode}):\n{tail}")
+    result["process_wall_s"] = wall
+    return result
+
+
+def bench_root() -> str:
+    """Where benchmarks keep their cached inputs (``$SHARDMOVE_BENCH_DIR`` or a temp dir)."""
+    import tempfile
+
+    root = os.environ.get("SHARDMOVE_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "shardmove-bench")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    return root

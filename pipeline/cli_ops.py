@@ -1,0 +1,116 @@
+"""Operator subcommands: ``failures``, ``verify``, ``rollback``, ``cleanup``, ``catchup``.
+
+Registered by :mod:`pipeline.cli` through ``register(subparsers, add_common,
+commands)``.  Each command parses, calls one function of :mod:`pipeline.ops`
+and maps its result to a CONTRACTS exit code; errors are raised as
+:class:`~pipeline.errors.ShardmoveError` and printed by ``cli.main`` as one
+``error: ...`` line.  No command prints a key: only counts and key hash
+prefixes.
+"""
+from __future__ import annotations
+
+import json
+
+from pipeline.errors import EXIT_OK, EXIT_REFUSED, BadInput
+
+__all__ = ["register"]
+
+
+def _plan_arg(p) -> None:
+    p.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+
+
+def register(subparsers, add_common, commands) -> None:
+    f = subparsers.add_parser("failures", help="export every Failed key (owner-only Parquet); print counts by reason")
+    add_common(f, options=False)
+    _plan_arg(f)
+    f.add_argument("--out", required=True, metavar="FILE.parquet",
+                   help="output file (created 0600: it holds key values)")
+    commands["failures"] = cmd_failures
+
+    v = subparsers.add_parser("verify", help="post-verify a seeded sample of moved and of unmoved keys; "
+                                             "exit 0 clean, 3 mismatches")
+    add_common(v, options=False)
+    _plan_arg(v)
+    v.add_argument("--sample", type=int, default=1000, metavar="N", help="keys sampled per population (default 1000)")
+    v.add_argument("--seed", type=int, default=0, metavar="S", help="sample seed (default 0)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    commands["verify"] = cmd_verify
+
+    r = subparsers.add_parser("rollback", help="reverse migration of the plan's Done keys (copy back, verify, "
+                                               "swap back), resumable")
+    add_common(r)
+    _plan_arg(r)
+    commands["rollback"] = cmd_rollback
+
+    c = subparsers.add_parser("cleanup", help="delete source copies of Done keys and target copies of Failed keys "
+                                              "(dry run unless --apply)")
+    add_common(c, options=False)
+    _plan_arg(c)
+    c.add_argument("--older-than", required=True, metavar="DURATION",
+                   help="only keys whose terminal transition is older than this (e.g. 24h, 7d): the verification window")
+    c.add_argument("--apply", action="store_true", help="delete (default: only print what would be deleted)")
+    commands["cleanup"] = cmd_cleanup
+
+    k = subparsers.add_parser("catchup", help="plan the keys created or reassigned since PLAN's snapshot")
+    add_common(k)
+    _plan_arg(k)
+    k.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
+    commands["catchup"] = cmd_catchup
+
+
+def _cfg_and_plan(args):
+    from pipeline.cli import _load, _plan_dir
+
+    cfg = _load(args)
+    return cfg, _plan_dir(args, cfg)
+
+
+def cmd_failures(args, beam_args) -> int:
+    from pipeline.ops import export_failures
+
+    cfg, plan_dir = _cfg_and_plan(args)
+    export_failures(cfg, plan_dir, args.out)
+    return EXIT_OK
+
+
+def cmd_verify(args, beam_args) -> int:
+    from pipeline.ops import verify_plan
+
+    if args.sample < 0:
+        raise BadInput(f"verify: --sample must be >= 0, got {args.sample}")
+    cfg, plan_dir = _cfg_and_plan(args)
+    res = verify_plan(cfg, plan_dir, sample=args.sample, seed=args.seed, out=None if args.json else print)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1, sort_keys=True))
+    return res.exit_code
+
+
+def cmd_rollback(args, beam_args) -> int:
+    from pipeline.ops import rollback
+
+    cfg, plan_dir = _cfg_and_plan(args)
+    return rollback(cfg, plan_dir, beam_args=beam_args).exit_code
+
+
+def cmd_cleanup(args, beam_args) -> int:
+    from pipeline.config import parse_duration
+    from pipeline.ops import cleanup
+
+    older = parse_duration(args.older_than, "--older-than")
+    cfg, plan_dir = _cfg_and_plan(args)
+    cleanup(cfg, plan_dir, older_than=older, apply=args.apply)
+    return EXIT_OK
+
+
+def cmd_catchup(args, beam_args) -> int:
+    from pipeline.ops import plan_since
+
+    cfg, plan_dir = _cfg_and_plan(args)
+    res = plan_since(cfg, plan_dir, dry_run=args.dry_run, beam_args=beam_args)
+    if args.dry_run and not res.capacity_ok:
+        print("capacity check: FAILED (a target shard would fall below the configured headroom)")
+        return EXIT_REFUSED
+    if not args.dry_run:
+        print(f"plan dir: {res.plan_dir}")
+    return EXIT_OK

@@ -1,0 +1,541 @@
+"""``gs://`` locations through google-cloud-storage, with atomic commits.
+
+:mod:`pipeline.fs` imports this module lazily for every ``gs://`` path; the
+object-store data mover (:mod:`pipeline.stores.objects`) uses its
+object-level calls.  Never imports Beam at module level (only
+:func:`configure_for_emulator` touches Beam's credential cache).
+
+Commits (CONTRACTS "Atomic commit")
+-----------------------------------
+There is no atomic rename on GCS, but a single-object upload is atomic:
+readers see the old object or the new one, never a part.
+
+* :func:`create_if_absent` uploads with ``if_generation_match=0``.  A 412
+  (PreconditionFailed) means the object exists: the same bytes count as
+  already committed (False), different bytes raise
+  :class:`pipeline.fs.CommitConflict`.
+* :func:`replace` uploads with ``if_generation_match=<generation read>`` (0
+  when absent).  A 412 means someone else replaced the object since it was
+  read: :class:`~pipeline.fs.CommitConflict` ("stale replace") -- unless the
+  object now holds exactly the bytes being written (our own earlier attempt
+  whose response was lost and which the client retried), which counts as
+  committed.
+
+Retries
+-------
+Every call goes through the client library's retry with exponential backoff,
+narrowed to transient failures (429, 408, 5xx, connection reset/timeout:
+``google.cloud.storage.retry``), bounded by ``SHARDMOVE_GCS_RETRY_TIMEOUT``
+seconds (default 120).  Uploads are retried only because they carry a
+generation precondition (conditionally idempotent).  When the retries are
+exhausted, :class:`StorageUnavailable` is raised: both a
+:class:`~pipeline.errors.TransientError` (the executor retries the batch) and
+an :class:`OSError`.  A missing object raises :class:`FileNotFoundError`.
+Other API errors (403, 400, ...) propagate unchanged, chained.
+
+Client and emulators
+--------------------
+One ``storage.Client`` per process (and per emulator endpoint), created on
+first use and never pickled: picklable users (DoFns, stores) keep paths only
+and call these functions.  ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT``
+(scheme required) points the client -- and Beam's ``gs://`` IO -- at a local
+emulator; the client then uses anonymous credentials, ``NO_GCE_CHECK=true`` is
+set when absent (google-auth never probes the metadata server) and
+:func:`configure_for_emulator` stops Beam from spending ~20 s on credential
+discovery.  Without the variable the client uses Application Default
+Credentials.  ``GOOGLE_CLOUD_PROJECT`` names the project (optional: object
+access does not need one).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime as _dt
+import os
+import threading
+from typing import Mapping
+
+from pipeline.errors import TransientError
+
+__all__ = [
+    "EMULATOR_ENV",
+    "StorageUnavailable",
+    "ObjectStat",
+    "parse",
+    "client",
+    "emulator_host",
+    "configure_for_emulator",
+    "short_circuit_beam_credentials",
+    "is_transient",
+    "exists",
+    "listdir",
+    "walk_files",
+    "list_objects",
+    "size",
+    "stat",
+    "read_bytes",
+    "read_object",
+    "read_with_generation",
+    "upload",
+    "create_if_absent",
+    "replace",
+    "copy_object",
+    "delete",
+    "remove",
+    "rmtree",
+]
+
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+_TIMEOUT = (10, 120)  # (connect, read) seconds per HTTP request
+_POOL = 64            # HTTP connections kept per client (concurrent movers)
+
+
+class StorageUnavailable(TransientError, OSError):
+    """A GCS call still failed transiently after the client's retries."""
+
+    reason = "storage_unavailable"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectStat:
+    """What one metadata read of an object tells."""
+
+    generation: int
+    size: int
+    metadata: Mapping[str, str]
+    updated_ns: int   # last write time (server clock), nanoseconds since the epoch
+
+
+# ------------------------------------------------------------------ paths
+
+def parse(path: str) -> tuple[str, str]:
+    """``gs://bucket/name`` -> ``(bucket, name)``; name may be ``""`` (bucket root)."""
+    path = str(path)
+    if not path.startswith("gs://"):
+        raise ValueError(f"not a gs:// location: {path!r}")
+    rest = path[5:]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"gs:// location without a bucket: {path!r}")
+    return bucket, name
+
+
+def _dir_prefix(name: str) -> str:
+    name = name.strip("/")
+    return name + "/" if name else ""
+
+
+# ---------------------------------------------------------------- client
+
+_CLIENTS: dict = {}
+_CLIENTS_LOCK = threading.Lock()
+_BEAM_DONE = False
+
+
+def emulator_host() -> str | None:
+    """``STORAGE_EMULATOR_HOST`` if set (and not empty)."""
+    return os.environ.get(EMULATOR_ENV) or None
+
+
+def short_circuit_beam_credentials() -> bool:
+    """Make Beam's GCS IO use an anonymous client without credential discovery.
+
+    Beam (``apache_beam/internal/gcp/auth.py``) caches the result of its
+    credential lookup in ``_Credentials``; its first lookup retries
+    ``google.auth.default()`` with exponential backoff (about 20 s when no
+    credentials exist).  Marking the cache as initialised with no credentials
+    makes ``gcsio.create_storage_client`` return
+    ``storage.Client.create_anonymous_client()`` at once, which honours
+    ``STORAGE_EMULATOR_HOST``.  Process-wide; False if this Beam has no such
+    cache (then nothing is changed).
+    """
+    try:
+        from apache_beam.internal.gcp import auth
+    except ImportError:  # Beam without the gcp extra: nothing to short-circuit
+        return False
+    creds = getattr(auth, "_Credentials", None)
+    lock = getattr(creds, "_credentials_lock", None)
+    if creds is None or lock is None or not hasattr(creds, "_credentials_init"):
+        return False
+    with lock:
+        creds._credentials = None
+        creds._credentials_init = True
+    return True
+
+
+def configure_for_emulator() -> bool:
+    """Prepare this process for a GCS emulator; a no-op without ``STORAGE_EMULATOR_HOST``.
+
+    Sets ``NO_GCE_CHECK=true`` when absent (google-auth must never probe the
+    metadata server) and short-circuits Beam's credential lookup
+    (:func:`short_circuit_beam_credentials`).  Idempotent and cheap after the
+    first call.  Called on first client use and by :func:`pipeline.fs.open_bulk`
+    / :func:`pipeline.fs.write_bulk`, so it also runs inside Beam workers: the
+    in-process FnApiRunner shares the launcher's state, and multi-process
+    workers inherit the environment variable and call it on their first
+    ``gs://`` access.  Returns True when an emulator is configured.
+    """
+    global _BEAM_DONE
+    if not emulator_host():
+        return False
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+    if not _BEAM_DONE:
+        short_circuit_beam_credentials()
+        _BEAM_DONE = True
+    return True
+
+
+def _make_client():
+    from google.cloud import storage
+
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
+    if emulator_host():
+        from google.auth.credentials import AnonymousCredentials
+
+        c = storage.Client(project=project or "shardmove-emulator", credentials=AnonymousCredentials())
+    else:
+        c = storage.Client(project=project)
+    try:  # room for concurrent movers: one connection per in-flight request
+        import requests.adapters
+
+        adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=_POOL, max_retries=0)
+        c._http.mount("https://", adapter)
+        c._http.mount("http://", adapter)
+    except Exception:  # noqa: BLE001 -- an optimisation only
+        pass
+    return c
+
+
+def client():
+    """The process's storage client (created on first use; one per emulator endpoint)."""
+    configure_for_emulator()
+    ident = (os.getpid(), emulator_host())
+    c = _CLIENTS.get(ident)
+    if c is None:
+        with _CLIENTS_LOCK:
+            c = _CLIENTS.get(ident)
+            if c is None:
+                c = _CLIENTS[ident] = _make_client()
+    return c
+
+
+def _retry():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    try:
+        timeout = float(os.environ.get("SHARDMOVE_GCS_RETRY_TIMEOUT", "120"))
+    except ValueError:
+        timeout = 120.0
+    return DEFAULT_RETRY.with_timeout(timeout)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a transient storage failure (429, 408, 5xx, connection)."""
+    if isinstance(exc, StorageUnavailable):
+        return True
+    try:
+        from google.api_core.exceptions import RetryError
+
+        if isinstance(exc, RetryError):  # the client's retries on transient errors ran out
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from google.cloud.storage.retry import _should_retry
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        return bool(_should_retry(exc))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _not_found():
+    from google.api_core import exceptions
+
+    return exceptions.NotFound
+
+
+def _precondition():
+    from google.api_core import exceptions
+
+    return exceptions.PreconditionFailed
+
+
+class _Calls:
+    """Translate library errors: missing -> FileNotFoundError, transient -> StorageUnavailable."""
+
+    def __init__(self, what: str, path: str):
+        self.what, self.path = what, path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (FileNotFoundError, StorageUnavailable)):
+            return False
+        if isinstance(exc, _not_found()):
+            raise FileNotFoundError(f"{self.what}: no such object: {self.path}") from exc
+        if is_transient(exc):
+            raise StorageUnavailable(f"{self.what}: storage unavailable for {self.path} "
+                                     f"({type(exc).__name__})") from exc
+        return False
+
+
+def _blob(path: str, generation: int | None = None):
+    bucket, name = parse(path)
+    if not name:
+        raise ValueError(f"gs:// location names no object: {path!r}")
+    return client().bucket(bucket).blob(name, generation=generation)
+
+
+def _to_ns(t: _dt.datetime | None) -> int:
+    if t is None:
+        return 0
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    delta = t - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+def _stat_of(blob) -> ObjectStat:
+    return ObjectStat(int(blob.generation or 0), int(blob.size or 0), dict(blob.metadata or {}),
+                      _to_ns(blob.updated))
+
+
+# ----------------------------------------------------------------- reads
+
+def stat(path: str) -> ObjectStat | None:
+    """Generation, size, custom metadata and write time of an object; None if absent."""
+    bucket, name = parse(path)
+    with _Calls("stat", path):
+        blob = client().bucket(bucket).get_blob(name, retry=_retry(), timeout=_TIMEOUT)
+    return None if blob is None else _stat_of(blob)
+
+
+def exists(path: str) -> bool:
+    """An object at ``path``, or any object below ``path/`` (a "directory")."""
+    bucket, name = parse(path)
+    if name and not name.endswith("/") and stat(path) is not None:
+        return True
+    with _Calls("exists", path):
+        it = client().list_blobs(bucket, prefix=_dir_prefix(name), max_results=1, retry=_retry(),
+                                 timeout=_TIMEOUT)
+        return any(True for _ in it)
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly below ``path`` (objects and sub-"directories", no slash), sorted."""
+    bucket, name = parse(path)
+    prefix = _dir_prefix(name)
+    out = set()
+    with _Calls("listdir", path):
+        it = client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_retry(), timeout=_TIMEOUT)
+        for blob in it:
+            rest = blob.name[len(prefix):]
+            if rest:
+                out.add(rest)
+        for p in it.prefixes:
+            rest = p[len(prefix):].rstrip("/")
+            if rest:
+                out.add(rest)
+    return sorted(out)
+
+
+def list_objects(path: str) -> list[tuple[str, int]]:
+    """``(full location, size)`` of every object below ``path/``, sorted by location."""
+    bucket, name = parse(path)
+    prefix = _dir_prefix(name)
+    out = []
+    with _Calls("list", path):
+        for blob in client().list_blobs(bucket, prefix=prefix, retry=_retry(), timeout=_TIMEOUT):
+            if blob.name.endswith("/"):  # a "folder" placeholder, not a file
+                continue
+            out.append((f"gs://{bucket}/{blob.name}", int(blob.size or 0)))
+    out.sort()
+    return out
+
+
+def walk_files(path: str) -> list[str]:
+    """Every object below ``path/``, as full ``gs://`` locations, sorted."""
+    return [p for p, _ in list_objects(path)]
+
+
+def size(path: str) -> int:
+    st = stat(path)
+    if st is None:
+        raise FileNotFoundError(f"size: no such object: {path}")
+    return st.size
+
+
+def read_bytes(path: str) -> bytes:
+    """The object's bytes; FileNotFoundError if absent."""
+    blob = _blob(path)
+    with _Calls("read", path):
+        return blob.download_as_bytes(retry=_retry(), timeout=_TIMEOUT)
+
+
+def read_object(path: str, *, attempts: int = 5) -> tuple[bytes, ObjectStat] | None:
+    """``(bytes, stat)`` of one consistent generation of the object; None if absent.
+
+    Reads the metadata, then downloads with ``if_generation_match`` on that
+    generation; if the object is replaced in between (412/404) it starts over
+    (at most ``attempts`` times, then :class:`StorageUnavailable`).
+    """
+    Pre = _precondition()
+    for _ in range(max(1, attempts)):
+        st = stat(path)
+        if st is None:
+            return None
+        blob = _blob(path)
+        try:
+            with _Calls("read", path):
+                data = blob.download_as_bytes(if_generation_match=st.generation or None,
+                                              retry=_retry(), timeout=_TIMEOUT)
+        except FileNotFoundError:
+            continue  # replaced or deleted since the stat: look again
+        except Pre:
+            continue
+        return data, st
+    raise StorageUnavailable(f"read: {path} keeps changing while being read")
+
+
+def read_with_generation(path: str) -> tuple[bytes | None, int]:
+    """``(bytes, generation)``, or ``(None, 0)`` when absent -- the input of a CAS :func:`replace`."""
+    got = read_object(path)
+    if got is None:
+        return None, 0
+    return got[0], got[1].generation
+
+
+# ---------------------------------------------------------------- writes
+
+def upload(path: str, data: bytes, *, if_generation_match: int | None = None,
+           metadata: Mapping[str, str] | None = None) -> int:
+    """One atomic single-object upload; returns the new generation.
+
+    ``if_generation_match=0`` creates only if absent; ``=G`` replaces only
+    generation G.  A failed precondition raises
+    ``google.api_core.exceptions.PreconditionFailed`` (HTTP 412).  Retried on
+    transient errors only when a precondition is given (otherwise a retry
+    could overwrite a newer write): then at most once.
+    """
+    blob = _blob(path)
+    if metadata:
+        blob.metadata = dict(metadata)
+    retry = _retry() if if_generation_match is not None else None
+    with _Calls("write", path):
+        blob.upload_from_string(bytes(data), content_type="application/octet-stream",
+                                if_generation_match=if_generation_match, retry=retry,
+                                timeout=_TIMEOUT)
+    return int(blob.generation or 0)
+
+
+def create_if_absent(path: str, data: bytes) -> bool:
+    """Create the object only if absent (generation precondition 0).
+
+    True: this call created it.  False: it already held the same bytes
+    (already committed -- e.g. a retried bundle, or a retried upload whose
+    first response was lost).  Raises :class:`pipeline.fs.CommitConflict`
+    when it holds different bytes.
+    """
+    from pipeline.fs import CommitConflict
+
+    Pre = _precondition()
+    for _ in range(3):
+        try:
+            upload(path, data, if_generation_match=0)
+            return True
+        except Pre:
+            pass
+        try:
+            existing = read_bytes(path)
+        except FileNotFoundError:
+            continue  # deleted in between: try the create again
+        if existing == bytes(data):
+            return False
+        raise CommitConflict(f"{path.rsplit('/', 1)[-1]} already exists with different content")
+    raise StorageUnavailable(f"create: {path} keeps appearing and vanishing")
+
+
+def replace(path: str, data: bytes, *, generation: int | None = None) -> int:
+    """Replace the object only if it still has the generation read; returns the new generation.
+
+    ``generation``: the generation the caller read (0 = expected absent);
+    when None the current generation is read first (the object then only
+    must not change between that read and the upload).  Raises
+    :class:`pipeline.fs.CommitConflict` ("stale replace") when it changed.
+    """
+    from pipeline.fs import CommitConflict
+
+    if generation is None:
+        st = stat(path)
+        generation = st.generation if st is not None else 0
+    try:
+        return upload(path, data, if_generation_match=int(generation))
+    except _precondition() as e:
+        try:
+            cur = read_object(path)
+        except StorageUnavailable:
+            cur = None
+        if cur is not None and cur[0] == bytes(data):
+            return cur[1].generation  # our own lost-response attempt landed: committed
+        raise CommitConflict(f"stale replace: {path.rsplit('/', 1)[-1]} changed since generation "
+                             f"{generation} was read") from e
+
+
+def copy_object(src: str, dst: str) -> int:
+    """Server-side copy (rewrite) of one object; overwrites ``dst``; returns its generation.
+
+    The destination appears atomically when the rewrite completes.
+    FileNotFoundError if ``src`` is absent.
+    """
+    sbucket, sname = parse(src)
+    c = client()
+    source = c.bucket(sbucket).blob(sname)
+    target = _blob(dst)
+    token = None
+    with _Calls("copy", src):
+        while True:
+            token, _done, _total = target.rewrite(source, token=token, retry=_retry(), timeout=_TIMEOUT)
+            if token is None:
+                break
+    return int(target.generation or 0)
+
+
+def delete(path: str, *, if_generation_match: int | None = None) -> bool:
+    """Delete one object; True if this call deleted it.
+
+    Absent -> False; with ``if_generation_match`` a different generation is
+    left alone -> False.  (Some emulators ignore the precondition.)
+    """
+    blob = _blob(path)
+    Pre, NotFound = _precondition(), _not_found()
+    try:
+        with _Calls("delete", path):
+            blob.delete(if_generation_match=if_generation_match, retry=_retry(), timeout=_TIMEOUT)
+    except FileNotFoundError:
+        return False
+    except (NotFound, Pre):
+        return False
+    return True
+
+
+def remove(path: str) -> None:
+    """Delete the object if present (idempotent)."""
+    delete(path)
+
+
+def rmtree(path: str, *, workers: int = 16) -> None:
+    """Delete every object below ``path/`` (idempotent; concurrent deletes)."""
+    paths = walk_files(path)
+    if not paths:
+        return
+    if len(paths) == 1:
+        delete(paths[0])
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(paths)),
+                                               thread_name_prefix="gcs-rmtree") as pool:
+        for _ in pool.map(delete, paths):
+            pass
+

@@ -1,0 +1,395 @@
+"""Topology validation and drift detection (the spec's ``TopologyValidator``).
+
+Never imports Beam.  Works through the :class:`~pipeline.stores.base.MapStore`
+protocol only (``snapshot``, ``lookup``, ``count_above``, ``max_version``), so
+it validates every map store the same way.
+
+:func:`validate_topology` streams one point-in-time export of the map
+(``map_store.snapshot(segment_size)``) and reports
+
+* rows per shard id, and the rows on shard ids the configuration does not
+  know;
+* duplicate keys, confirmed by key bytes: rows are partitioned by the top
+  byte of their stable hash (in memory while small, spilled to owner-only
+  Arrow files in a private temporary directory beyond ``memory_rows``), then
+  each partition's colliding hashes are grouped by key bytes;
+* the topology digest: the same order-independent digest as the snapshot
+  digest (:func:`pipeline.plancore.digest_lanes` / ``digest_hex``), so it equals
+  ``shardmove snapshot``'s digest of the same content and, before a plan has
+  run, the plan's ``snapshot.digest``.
+
+:func:`compare_plan` reads a committed plan's move files one group at a time
+in batches and looks their keys up (``map_store.lookup``): each plan key is at
+its source (still to move), at its target (moved), elsewhere or missing
+(drift).  With the plan snapshot's version cutoff it also counts the rows
+created or changed since the snapshot that the plan's own swaps do not
+explain: ``count_above(cutoff)`` minus the plan keys found above the cutoff,
+plus plan keys rewritten at their source.
+
+Only counts leave this module: never a key value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import fs
+from pipeline import keys as K
+from pipeline import plancore as core
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, BadInput
+
+__all__ = [
+    "TopologyReport",
+    "DriftReport",
+    "ValidationResult",
+    "validate_topology",
+    "compare_plan",
+    "validate",
+    "format_lines",
+]
+
+LOG = logging.getLogger("shardmove.validate")
+
+#: Rows held in memory for duplicate detection before spilling to disk.
+DEFAULT_MEMORY_ROWS = 2_000_000
+#: Keys per ``map_store.lookup`` call in a plan comparison.
+DEFAULT_LOOKUP_BATCH = 5_000
+_PARTITIONS = 256
+_SPILL_SCHEMA = pa.schema([("h", pa.uint64()), ("key", pa.binary())])
+
+
+@dataclasses.dataclass
+class TopologyReport:
+    """What one pass over the map found (counts and shard ids only)."""
+
+    rows: int = 0
+    cutoff: int | None = None
+    rows_above_cutoff: int | None = None  # written while the export ran
+    invalid_keys: int = 0  # rows the key type cannot represent (skipped by the export)
+    duplicate_keys: int = 0  # distinct keys that appear more than once
+    duplicate_rows: int = 0  # rows beyond the first of each duplicated key
+    per_shard: dict = dataclasses.field(default_factory=dict)
+    unknown_shard_rows: int = 0
+    unknown_shards: list = dataclasses.field(default_factory=list)
+    digest: str = ""
+    spilled: bool = False
+
+    @property
+    def bad(self) -> bool:
+        return bool(self.duplicate_keys or self.unknown_shard_rows or self.invalid_keys)
+
+
+@dataclasses.dataclass
+class DriftReport:
+    """A committed plan compared with the live map."""
+
+    plan_id: str
+    plan_keys: int = 0
+    at_source: int = 0  # still to move
+    at_target: int = 0  # moved (by this plan's swaps)
+    elsewhere: int = 0  # on a third shard: drift
+    missing: int = 0  # deleted from the map: drift
+    snapshot_cutoff: int | None = None
+    rows_above_cutoff: int | None = None  # count_above(cutoff) after the pass
+    plan_keys_above_cutoff: int = 0
+    rewritten_at_source: int = 0  # plan keys at their source with version > cutoff: drift
+    other_changed: int | None = None  # non-plan rows created or changed since the snapshot: drift
+    concurrent_writes: int = 0  # change numbers issued while the comparison ran
+    digest_matches_snapshot: bool | None = None
+
+    @property
+    def drift(self) -> bool:
+        return bool(self.elsewhere or self.missing or self.rewritten_at_source or (self.other_changed or 0))
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    topology: TopologyReport
+    drift: DriftReport | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.topology.bad:
+            return EXIT_BAD_INPUT
+        if self.drift is not None and self.drift.drift:
+            return EXIT_REFUSED
+        return EXIT_OK
+
+    @property
+    def verdict(self) -> str:
+        return {EXIT_OK: "ok", EXIT_BAD_INPUT: "bad topology", EXIT_REFUSED: "drift detected"}[self.exit_code]
+
+    def to_dict(self) -> dict:
+        out = {"topology": dataclasses.asdict(self.topology), "exit_code": self.exit_code, "verdict": self.verdict}
+        if self.drift is not None:
+            out["drift"] = dataclasses.asdict(self.drift)
+            out["drift"]["drift"] = self.drift.drift
+        return out
+
+
+# ------------------------------------------------------------ duplicates
+
+class _DuplicateFinder:
+    """Duplicate keys (by key bytes) with memory bounded by ``memory_rows``.
+
+    Rows stay in memory until ``memory_rows``; then every row is spilled to
+    one of 256 Arrow stream files by the top byte of its stable hash, and the
+    partitions are checked one at a time.  The spill directory is created
+    0700 by :func:`tempfile.mkdtemp` (it holds key values) and removed by
+    :meth:`close`.
+    """
+
+    def __init__(self, memory_rows: int, spill_root: str | None = None):
+        self.memory_rows = max(1, int(memory_rows))
+        self.spill_root = spill_root
+        self._mem: list[pa.Table] = []
+        self._mem_rows = 0
+        self._dir: str | None = None
+        self._writers: list | None = None
+        self._sinks: list = []
+
+    @property
+    def spilled(self) -> bool:
+        return self._dir is not None
+
+    def add(self, keys: pa.Array, hashes: np.ndarray) -> None:
+        t = pa.table({"h": pa.array(hashes, pa.uint64()), "key": keys}, schema=_SPILL_SCHEMA)
+        if self._writers is None:
+            self._mem.append(t)
+            self._mem_rows += t.num_rows
+            if self._mem_rows > self.memory_rows:
+                self._spill_open()
+                for m in self._mem:
+                    self._spill(m)
+                self._mem, self._mem_rows = [], 0
+        else:
+            self._spill(t)
+
+    def _spill_open(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="shardmove-validate-", dir=self.spill_root)
+        self._writers = []
+        for i in range(_PARTITIONS):
+            path = os.path.join(self._dir, f"p{i:03d}.arrow")
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # owner-only before any data
+            sink = pa.OSFile(path, "wb")
+            self._sinks.append(sink)
+            self._writers.append(pa.ipc.new_stream(sink, _SPILL_SCHEMA))
+
+    def _spill(self, t: pa.Table) -> None:
+        if t.num_rows == 0:
+            return
+        part = (t.column("h").to_numpy() >> np.uint64(56)).astype(np.int64)
+        order = np.argsort(part, kind="stable")
+        part_sorted = part[order]
+        t = t.take(pa.array(order))
+        bounds = np.searchsorted(part_sorted, np.arange(_PARTITIONS + 1))
+        for i in range(_PARTITIONS):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                self._writers[i].write_table(t.slice(lo, hi - lo))
+
+    def finish(self) -> tuple[int, int]:
+        """(duplicate keys, extra rows)."""
+        if self._writers is None:
+            tables = [pa.concat_tables(self._mem)] if self._mem else []
+            self._mem = []
+        else:
+            for w in self._writers:
+                w.close()
+            for s in self._sinks:
+                s.close()
+            self._writers = []
+            tables = self._partitions()
+        keys = rows = 0
+        for t in tables:
+            k, r = _duplicates_in(t)
+            keys += k
+            rows += r
+        return keys, rows
+
+    def _partitions(self) -> Iterable[pa.Table]:
+        for i in range(_PARTITIONS):
+            with pa.OSFile(os.path.join(self._dir, f"p{i:03d}.arrow"), "rb") as src:
+                yield pa.ipc.open_stream(src).read_all()
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _duplicates_in(t: pa.Table) -> tuple[int, int]:
+    """Duplicate keys in one partition: colliding hashes first, then key bytes."""
+    if t.num_rows < 2:
+        return 0, 0
+    h = t.column("h").to_numpy()
+    uniq, counts = np.unique(h, return_counts=True)
+    colliding = uniq[counts > 1]
+    if len(colliding) == 0:
+        return 0, 0
+    cand = t.filter(pa.array(np.isin(h, colliding))).select(["key"])
+    g = cand.group_by("key").aggregate([("key", "count")])
+    c = g.column("key_count").to_numpy()
+    dup = c[c > 1]
+    return int(len(dup)), int((dup - 1).sum())
+
+
+# ------------------------------------------------------------- topology
+
+def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
+                      memory_rows: int = DEFAULT_MEMORY_ROWS, spill_root: str | None = None) -> TopologyReport:
+    """One streamed pass over ``map_store.snapshot(segment_size)``; see the module docstring."""
+    rep = TopologyReport()
+    lanes = (0, 0, 0)
+    per_shard: dict[str, int] = {}
+    finder = _DuplicateFinder(memory_rows, spill_root)
+    try:
+        with map_store.snapshot(segment_size) as snap:
+            for batch in snap:
+                if batch.num_rows == 0:
+                    continue
+                keys = batch.column(batch.schema.get_field_index("key"))
+                shards = batch.column(batch.schema.get_field_index("shard_id"))
+                if keys.type != pa.binary():
+                    keys = keys.cast(pa.binary())
+                hashes = K.stable_hashes(keys.to_pylist(), len(keys))
+                lanes = core._add_digest(lanes, core.digest_lanes(hashes, core._shard_hash_array(shards)))
+                for v in pc.value_counts(shards):
+                    s = v["values"].as_py()
+                    per_shard[s] = per_shard.get(s, 0) + v["counts"].as_py()
+                finder.add(keys, hashes)
+                rep.rows += batch.num_rows
+            stats = snap.stats()
+        rep.cutoff = stats.cutoff
+        rep.rows_above_cutoff = stats.rows_above_cutoff
+        rep.invalid_keys = int(stats.invalid_keys or 0)
+        rep.duplicate_keys, rep.duplicate_rows = finder.finish()
+        rep.spilled = finder.spilled
+    finally:
+        finder.close()
+    known = set(known_shards)
+    rep.per_shard = dict(sorted(per_shard.items(), key=lambda kv: kv[0].encode()))
+    unknown = sorted((s for s in per_shard if s not in known), key=lambda s: s.encode())
+    rep.unknown_shards = unknown
+    rep.unknown_shard_rows = sum(per_shard[s] for s in unknown)
+    rep.digest = core.digest_hex(*lanes)
+    LOG.info("validated %d rows on %d shards (%d duplicate keys)", rep.rows, len(per_shard), rep.duplicate_keys)
+    return rep
+
+
+# ---------------------------------------------------------------- drift
+
+def _move_key_batches(plan_dir: str, group: str, batch_size: int):
+    path = fs.join(plan_dir, "moves", group + ".parquet")
+    try:
+        with fs.open_input(path) as fh:
+            pf = pq.ParquetFile(fh)
+            for b in pf.iter_batches(batch_size=batch_size, columns=["key"]):
+                yield b.column(0).to_pylist()
+    except FileNotFoundError as e:
+        raise BadInput(f"plan: move file {group}.parquet is missing") from e
+    except (OSError, pa.ArrowException) as e:
+        raise BadInput(f"plan: move file {group}.parquet is damaged") from e
+
+
+def compare_plan(map_store, plan_dir: str, manifest: dict, *, lookup_batch: int = DEFAULT_LOOKUP_BATCH,
+                 live_digest: str | None = None) -> DriftReport:
+    """Compare a committed plan with the live map (see the module docstring)."""
+    rep = DriftReport(plan_id=manifest["plan_id"])
+    cutoff = (manifest.get("snapshot") or {}).get("cutoff")
+    rep.snapshot_cutoff = cutoff
+    if live_digest is not None:
+        rep.digest_matches_snapshot = live_digest == manifest["snapshot"]["digest"]
+    v0 = map_store.max_version()
+    for f in manifest["files"]:
+        source, target = f["source"], f["target"]
+        for keys in _move_key_batches(plan_dir, f["group"], lookup_batch):
+            found = map_store.lookup(keys)
+            rep.plan_keys += len(keys)
+            rep.missing += len(keys) - len(found)
+            for shard, version in found.values():
+                above = cutoff is not None and version > cutoff
+                rep.plan_keys_above_cutoff += above
+                if shard == target:
+                    rep.at_target += 1
+                elif shard == source:
+                    rep.at_source += 1
+                    rep.rewritten_at_source += above
+                else:
+                    rep.elsewhere += 1
+    if cutoff is not None:
+        # versions only grow: every plan key seen above the cutoff is still counted here
+        rep.rows_above_cutoff = map_store.count_above(cutoff)
+        rep.other_changed = max(0, rep.rows_above_cutoff - rep.plan_keys_above_cutoff)
+    rep.concurrent_writes = max(0, map_store.max_version() - v0)
+    if rep.plan_keys != manifest.get("moves", rep.plan_keys):
+        raise BadInput(f"plan: move files hold {rep.plan_keys} keys, the manifest says {manifest['moves']}")
+    return rep
+
+
+# ------------------------------------------------------------- launcher
+
+def validate(cfg, *, compare_plan_dir: str | None = None, map_store=None,
+             memory_rows: int = DEFAULT_MEMORY_ROWS) -> ValidationResult:
+    """Validate the configured map store; optionally compare a plan with it."""
+    from pipeline.backends import open_map_store
+    from pipeline.planner import load_manifest
+
+    manifest = None
+    if compare_plan_dir is not None:
+        manifest = load_manifest(compare_plan_dir)
+        if manifest["key_type"] != cfg.key_type.value:
+            raise BadInput(f"plan key_type {manifest['key_type']} differs from the configuration's "
+                           f"{cfg.key_type.value}")
+    own = map_store is None
+    store = open_map_store(cfg) if own else map_store
+    try:
+        topo = validate_topology(store, cfg.known_shards(), cfg.opt("segment_size"), memory_rows=memory_rows)
+        drift = None
+        if manifest is not None:
+            drift = compare_plan(store, compare_plan_dir, manifest, live_digest=topo.digest)
+        return ValidationResult(topo, drift)
+    finally:
+        if own:
+            store.close()
+
+
+def format_lines(res: ValidationResult) -> list[str]:
+    """``name: value`` lines for the terminal (counts and shard ids only)."""
+    t = res.topology
+    lines = [f"map rows: {t.rows} cutoff: {t.cutoff} rows_above_cutoff: {t.rows_above_cutoff}"]
+    for s, n in t.per_shard.items():
+        lines.append(f"shard {s}: {n}")
+    lines.append(f"duplicate keys: {t.duplicate_keys} (extra rows: {t.duplicate_rows})")
+    shown = ", ".join(t.unknown_shards[:5]) + (", ..." if len(t.unknown_shards) > 5 else "")
+    lines.append(f"unknown shard rows: {t.unknown_shard_rows}" + (f" on {len(t.unknown_shards)} ids ({shown})"
+                                                                  if t.unknown_shards else ""))
+    lines.append(f"invalid keys: {t.invalid_keys}")
+    lines.append(f"topology digest: {t.digest}")
+    d = res.drift
+    if d is not None:
+        lines.append(f"plan id: {d.plan_id}")
+        lines.append(f"plan keys: {d.plan_keys} at_source={d.at_source} at_target={d.at_target} "
+                     f"elsewhere={d.elsewhere} missing={d.missing}")
+        if d.snapshot_cutoff is None:
+            lines.append("changed since snapshot: not checked (the plan's snapshot has no version cutoff)")
+        else:
+            lines.append(f"changed since snapshot (version > {d.snapshot_cutoff}): rows={d.rows_above_cutoff} "
+                         f"by_this_plan={d.plan_keys_above_cutoff - d.rewritten_at_source} "
+                         f"plan_keys_rewritten_at_source={d.rewritten_at_source} other_keys={d.other_changed}")
+        if d.digest_matches_snapshot is not None:
+            lines.append("topology equals plan snapshot: " + ("yes" if d.digest_matches_snapshot else "no"))
+        if d.concurrent_writes:
+            lines.append(f"warning: the map changed while validating ({d.concurrent_writes} change numbers); "
+                         "counts may be inexact")
+        lines.append("drift: " + ("DETECTED" if d.drift else "none"))
+    lines.append(f"validate: {res.verdict}")
+    return lines

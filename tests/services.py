@@ -1,0 +1,114 @@
+"""Reaching the real PostgreSQL and Redis servers the store tests need.
+
+``require_postgres()`` / ``require_redis()`` connect with a short timeout; an
+unreachable server skips the test with a visible reason -- or fails it when
+``CI=true`` (CI must never silently skip the store tests).
+
+Servers (override with environment variables):
+
+* ``SHARDMOVE_TEST_PG``: an admin DSN to the ``postgres`` database that may
+  ``CREATE DATABASE`` (default ``host=127.0.0.1 port=5432 user=postgres
+  dbname=postgres``);
+* ``SHARDMOVE_TEST_REDIS``: a Redis URL (default ``redis://127.0.0.1:6379/0``).
+
+Isolation: every PostgreSQL test gets a fresh database (``fresh_database``),
+dropped afterwards; every Redis test gets a unique key prefix
+(``fresh_prefix``), whose keys are deleted afterwards.  Tests can rerun.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from typing import Iterator
+
+import pytest
+
+PG_ADMIN_DSN = os.environ.get("SHARDMOVE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+REDIS_URL = os.environ.get("SHARDMOVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+_TIMEOUT = 3
+
+
+def _unavailable(what: str, err: BaseException):
+    reason = f"{what} not reachable ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " -- CI=true: the store tests must run", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_postgres() -> str:
+    """The admin DSN, after checking the server answers (skip / fail otherwise)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=_TIMEOUT, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except Exception as e:  # any failure to reach the server: skip or fail, with the reason
+        _unavailable("PostgreSQL", e)
+    return PG_ADMIN_DSN
+
+
+def require_redis() -> str:
+    """The Redis URL, after checking the server answers (skip / fail otherwise)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=_TIMEOUT, socket_timeout=_TIMEOUT)
+        client.ping()
+        client.close()
+    except Exception as e:  # any failure to reach the server: skip or fail, with the reason
+        _unavailable("Redis", e)
+    return REDIS_URL
+
+
+def dsn_for(dbname: str, **extra: str) -> str:
+    """The admin DSN pointed at ``dbname`` (plus extra ``key=value`` settings)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(PG_ADMIN_DSN)
+    params["dbname"] = dbname
+    params.update(extra)
+    return make_conninfo(**params)
+
+
+@contextlib.contextmanager
+def fresh_database(tag: str = "t") -> Iterator[str]:
+    """A new, empty database for one test; yields its name and drops it afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    admin = require_postgres()
+    name = f"smtest_{tag}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True, connect_timeout=_TIMEOUT) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=_TIMEOUT) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def pg_execute(dbname: str, statement: str, params=None) -> list:
+    """Run one statement in ``dbname`` as the admin (another 'application'); returns its rows."""
+    import psycopg
+
+    with psycopg.connect(dsn_for(dbname), autocommit=True, connect_timeout=_TIMEOUT) as conn:
+        cur = conn.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+@contextlib.contextmanager
+def fresh_prefix(tag: str = "t") -> Iterator[str]:
+    """A unique Redis key prefix for one test; its keys are deleted afterwards."""
+    import redis
+
+    url = require_redis()
+    prefix = f"smtest:{tag}:{uuid.uuid4().hex[:12]}"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(url, socket_connect_timeout=_TIMEOUT)
+        keys = list(client.scan_iter(match=prefix + ":*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

@@ -1,0 +1,362 @@
+"""Operator workflows: failures export, retry-failed, post-verification,
+catch-up plans, rollback and cleanup.
+
+Real SQLite stores, the real planner and executor on the in-memory engine;
+faults come from the seeded wrappers (pipeline/faults.py); the CLI is run as
+a subprocess where a process must die or an exit code is the point.
+"""
+import dataclasses
+import json
+import os
+import re
+import sqlite3
+import stat
+
+import pyarrow.parquet as pq
+
+from pipeline import api, ops
+from pipeline import checkpoint as ckpt
+from pipeline import states as S
+from pipeline.config import load_config
+from pipeline.executor import summarize
+from pipeline.keys import short_hash_of_key, text_form
+from pipeline.planner import build_ring, load_manifest
+from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
+
+from conftest import run_cli
+
+
+def quiet(_line):
+    pass
+
+
+def keyspace(tmp_path, keys=600, **opts):
+    """A demo keyspace whose YAML carries the test options (so the CLI sees them too)."""
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=keys, shards=4)
+    base = {"swap_batch_size": 50, "hash_buckets": 2, "retry_base_delay": "1ms", "checkpoint_flush_interval": "50ms"}
+    base.update(opts)
+    with open(info["config"], "a") as f:
+        for k, v in base.items():
+            f.write(f"{k}: {v}\n")
+    cfg = load_config(info["config"])
+    con = sqlite3.connect(cfg.map_store["path"])  # a witness of map writes, independent of the executor
+    con.executescript("""
+        CREATE TABLE IF NOT EXISTS test_writes(key TEXT);
+        CREATE TRIGGER IF NOT EXISTS test_count_writes AFTER UPDATE ON shard_map
+        BEGIN INSERT INTO test_writes VALUES (NEW.key); END;
+    """)
+    con.commit()
+    con.close()
+    return info["config"], cfg
+
+
+def faulty(cfg, faults):
+    return dataclasses.replace(cfg, faults=faults)
+
+
+def plan_and_run(cfg, run_cfg=None):
+    res = api.plan(cfg, out=quiet)
+    run = api.run(run_cfg or cfg, res.plan_dir, out=quiet)
+    return res.plan_dir, load_manifest(res.plan_dir), run
+
+
+def merged(plan_dir, m):
+    """key -> (state, reason, epoch, time_ms, source, target)."""
+    out = {}
+    for f in m["files"]:
+        t = ckpt.read_group(plan_dir, m["plan_id"], f["group"]).table
+        for k, s, r, e, tm in zip(t["key"].to_pylist(), t["state"].to_pylist(), t["reason"].to_pylist(),
+                                  t["epoch"].to_pylist(), t["time_ms"].to_pylist()):
+            out[k] = (s, r, e, tm, f["source"], f["target"])
+    return out
+
+
+def map_rows(cfg):
+    con = sqlite3.connect(cfg.map_store["path"])
+    rows = dict(con.execute("SELECT key, shard_id FROM shard_map").fetchall())
+    con.close()
+    return rows
+
+
+def write_counts(cfg):
+    con = sqlite3.connect(cfg.map_store["path"])
+    rows = dict(con.execute("SELECT key, count(*) FROM test_writes GROUP BY key").fetchall())
+    con.close()
+    return rows
+
+
+def shard_file(cfg, shard):
+    return os.path.join(cfg.data_store["directory"], f"{shard}.sqlite")
+
+
+def records(cfg, shard):
+    """text key -> (value, version)."""
+    if not os.path.exists(shard_file(cfg, shard)):
+        return {}
+    con = sqlite3.connect(shard_file(cfg, shard))
+    rows = {k: (bytes(v), ver) for k, v, ver in con.execute("SELECT key, value, version FROM records")}
+    con.close()
+    return rows
+
+
+def sql(cfg, shard, statement, *params):
+    con = sqlite3.connect(shard_file(cfg, shard))
+    con.execute(statement, params)
+    con.commit()
+    con.close()
+
+
+def no_key_in(text, cfg):
+    leaked = [k for k in map_rows(cfg) if k in text]
+    assert leaked == [], f"{len(leaked)} keys printed"
+
+
+# ------------------------------------------------------------------ failures
+
+def test_failures_export_owner_only_columns_and_counts(tmp_path):
+    path, cfg = keyspace(tmp_path, max_retries=1)
+    plan_dir, m, run = plan_and_run(cfg, faulty(cfg, {"seed": 3, "copy": {"permanent_rate": 0.1},
+                                                      "verify": {"mismatch_rate": 0.1}}))
+    summary = run.summary
+    assert set(summary["failures_by_reason"]) == {"permanent", "verify_mismatch"}
+    out = tmp_path / "failed.parquet"
+    r = run_cli("failures", plan_dir, "--config", path, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    t = pq.read_table(out)
+    assert t.schema.names == ops.FAILURES_SCHEMA.names
+    assert t.num_rows == summary["failed"]
+    by_reason = {}
+    for reason in t["reason"].to_pylist():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    assert by_reason == summary["failures_by_reason"]
+    for reason, n in summary["failures_by_reason"].items():
+        assert f"failed[{reason}]: {n}" in r.stdout
+    states = merged(plan_dir, m)
+    tgt_records = records(cfg, "s4")
+    for row in t.to_pylist():
+        key = row["key"]
+        st = states[key]
+        assert st[0] == S.State.FAILED and row["state"] == "failed"
+        assert (row["reason"], row["epoch"], row["time_ms"], row["source"], row["target"]) == (st[1], *st[2:])
+        assert row["key_text"] == text_form(key, cfg.key_type) and row["key_id"] == short_hash_of_key(key)
+        assert row["map_shard"] == row["source"]
+        # a verify mismatch happens after the copy: its target copy is left behind
+        assert row["target_copy"] == (row["reason"] == "verify_mismatch") == (row["key_text"] in tgt_records)
+        assert row["failed_in"] == {"permanent": "copy", "verify_mismatch": "verify"}[row["reason"]]
+    copies = summary["failures_by_reason"]["verify_mismatch"]
+    assert f"target copies left behind: {copies} (removable by cleanup: {copies})" in r.stdout
+    no_key_in(r.stdout + r.stderr, cfg)
+
+
+def test_retry_failed_retries_exactly_the_failed_keys(tmp_path):
+    _path, cfg = keyspace(tmp_path, keys=500)
+    plan_dir, m, first = plan_and_run(cfg, faulty(cfg, {"seed": 1, "copy": {"permanent_rate": 0.25}}))
+    before = merged(plan_dir, m)
+    failed = {k for k, v in before.items() if v[0] == S.State.FAILED}
+    assert 0 < len(failed) < m["moves"] and first.summary["failed"] == len(failed)
+    res = api.run(cfg, plan_dir, retry_failed=True, out=quiet)
+    assert res.exit_code == 0 and res.summary["done"] == m["moves"]
+    assert res.metrics["copied"] == len(failed) and res.metrics["swapped"] == len(failed)
+    after = merged(plan_dir, m)
+    for k, v in after.items():
+        if k in failed:
+            assert v[0] == S.State.DONE and v[2] > before[k][2]  # redone in the new epoch
+        else:
+            assert v == before[k]  # Done keys untouched: same record, same epoch and time
+    assert all(n == 1 for n in write_counts(cfg).values()) and len(write_counts(cfg)) == m["moves"]
+
+
+# -------------------------------------------------------------------- verify
+
+def test_verify_passes_clean_run_and_finds_planted_corruption(tmp_path):
+    path, cfg = keyspace(tmp_path)
+    plan_dir, m, _run = plan_and_run(cfg)
+    res = ops.verify_plan(cfg, plan_dir, sample=10000, seed=7, out=quiet)
+    assert res.clean and res.exit_code == 0
+    assert res.moved.sampled == res.moved.ok == m["moves"]
+    assert res.stable.sampled == res.stable.baseline_recorded == m["keys_examined"] - m["moves"]
+    small = [ops.verify_plan(cfg, plan_dir, sample=20, seed=3, out=quiet).to_dict() for _ in range(2)]
+    assert small[0] == small[1] and small[0]["moved"]["sampled"] == 20
+
+    states = merged(plan_dir, m)
+    done = sorted(k for k, v in states.items() if v[0] == S.State.DONE)
+    rewritten, corrupted = done[0], done[1]
+    tgt_of = {k: v[5] for k, v in states.items()}
+    ds = SqliteDataStore(cfg.data_store["directory"], cfg.key_type)
+    ds.put_many(tgt_of[rewritten], [(rewritten, b"written by the application after the swap")])
+    sql(cfg, tgt_of[corrupted], "UPDATE records SET value = ? WHERE key = ?", b"bit rot", corrupted.decode())
+    mp = map_rows(cfg)
+    stable = sorted(k for k in mp if k.encode() not in states)
+    missing, changed = stable[0], stable[1]
+    sql(cfg, mp[missing], "DELETE FROM records WHERE key = ?", missing)
+    sql(cfg, mp[changed], "UPDATE records SET value = ? WHERE key = ?", b"flipped in place", changed)
+
+    r = run_cli("verify", plan_dir, "--config", path, "--sample", "10000", "--seed", "7", "--json")
+    assert r.returncode == 3, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["moved"]["mismatches"] == {"content_mismatch": 1}
+    assert rep["moved"]["examples"]["content_mismatch"] == [short_hash_of_key(corrupted)]
+    assert rep["moved"]["rewritten"] == 1
+    assert rep["stable"]["mismatches"] == {"record_missing": 1, "content_changed": 1}
+    assert rep["stable"]["examples"]["content_changed"] == [short_hash_of_key(changed.encode())]
+    assert rep["mismatches"] == 3 and not rep["clean"]
+    no_key_in(r.stdout + r.stderr, cfg)
+
+
+# ------------------------------------------------------------------- catch-up
+
+def test_catchup_plans_exactly_the_keys_written_after_the_snapshot(tmp_path):
+    _path, cfg = keyspace(tmp_path)
+    plan_dir, m, run = plan_and_run(cfg)
+    assert run.summary["done"] == m["moves"] > 0
+    new = [f"late-{i:04d}".encode() for i in range(150)]
+    SqliteMapStore(cfg.map_store["path"], cfg.key_type).put_many([(k, "s0") for k in new])
+    SqliteDataStore(cfg.data_store["directory"], cfg.key_type).put_many("s0", [(k, b"v" + k) for k in new])
+    ring = build_ring(cfg)
+    expected = {k for k in new if ring.assign_one(k) != "s0"}
+    assert expected
+
+    lines = []
+    res = ops.plan_since(cfg, plan_dir, out=lines.append)
+    cm = res.manifest
+    # the catch-up snapshot: the new keys plus the keys the first plan swapped (versions above its cutoff)
+    assert cm["keys_examined"] == len(new) + m["moves"]
+    snap = cm["snapshot"]["location"]
+    assert os.path.basename(snap).startswith("catchup-")
+    assert all(stat.S_IMODE(os.stat(os.path.join(snap, f)).st_mode) == 0o600 for f in os.listdir(snap))
+    moved = set()
+    for f in cm["files"]:
+        moved |= set(pq.read_table(os.path.join(res.plan_dir, "moves", f["group"] + ".parquet"))["key"].to_pylist())
+    assert moved == expected  # the first plan's keys sit on their target: no move for them
+    run2 = api.run(cfg, res.plan_dir, out=quiet)
+    assert run2.summary["done"] == len(expected) and run2.exit_code == 0
+    mp = map_rows(cfg)
+    assert all(mp[k.decode()] == ring.assign_one(k) for k in new)
+    # a catch-up of the catch-up continues from the fresh cutoff: nothing left to move
+    again = ops.plan_since(cfg, res.plan_dir, dry_run=True, out=quiet)
+    assert again.manifest["moves"] == 0 and again.manifest["keys_examined"] == len(expected)
+
+
+# ------------------------------------------------------------------- rollback
+
+def test_rollback_preserves_target_writes_and_resumes_after_crashes(tmp_path):
+    path, cfg = keyspace(tmp_path, keys=1000)
+    plan_dir, m, run = plan_and_run(cfg)
+    states = merged(plan_dir, m)
+    done = sorted(k for k, v in states.items() if v[0] == S.State.DONE)
+    assert len(done) == m["moves"] >= 150
+    src_of = {k: states[k][4] for k in done}
+    tgt_of = {k: states[k][5] for k in done}
+    ds = SqliteDataStore(cfg.data_store["directory"], cfg.key_type)
+    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    # application writes on the target after the swap (a higher version than the copy)
+    written = {k: b"new value of " + k for k in done[:20]}
+    for k, v in written.items():
+        ds.put_many(tgt_of[k], [(k, v)])
+    # refused: a key moved on to a third shard; a key whose stale source record is newer
+    elsewhere, newer = done[-1], done[-2]
+    third = next(s for s in cfg.current_shards if s not in (src_of[elsewhere], tgt_of[elsewhere]))
+    assert ms.swap_batch([(elsewhere, tgt_of[elsewhere], third)]).committed
+    ds.put_many(src_of[newer], [(newer, b"written on the old source after the swap")])
+    expected = {k: (written.get(k) or records(cfg, tgt_of[k])[k.decode()][0]) for k in done}
+    untouched = {k: (records(cfg, src_of[k])[k.decode()], records(cfg, tgt_of[k])[k.decode()])
+                 for k in (elsewhere, newer)}
+    n = len(done) - 2
+
+    def crash_config(name, after):
+        p = os.path.join(os.path.dirname(path), name)
+        with open(path) as src, open(p, "w") as f:
+            f.write(src.read() + f"checkpoint_flush_every_transitions: 1\n"
+                                 f"faults: {{crash_after_transitions: {after}}}\n")
+        return p
+
+    # 1st crash: mid-copy (copy and verify are fused per chunk, so earlier chunks got verified)
+    r = run_cli("rollback", plan_dir, "--config", crash_config("crash1.yaml", n))
+    assert r.returncode == 137, (r.stdout, r.stderr)
+    rids = json.load(open(os.path.join(plan_dir, "rollbacks.json")))["rollback_plans"]
+    assert len(rids) == 1
+    rdir = os.path.join(cfg.work_dir, "plans", rids[0])
+    rm = load_manifest(rdir)
+    assert rm["rollback_of"] == m["plan_id"] and rm["moves"] == n
+    assert rm["refused"] == {"not_at_target": 1, "source_newer": 1}
+    st = summarize(rdir, rm)["states"]
+    to_copy = st["planned"] + st["copying"]
+    to_verify = to_copy + st["copied"] + st["verifying"]
+    to_swap = n - st["done"]
+    assert 0 < to_copy and to_verify < to_swap
+    # 2nd crash: mid-swap (more transitions than copy and verify make, fewer than the swaps)
+    r = run_cli("rollback", plan_dir, "--config", crash_config("crash2.yaml", to_verify + to_swap))
+    assert r.returncode == 137, (r.stdout, r.stderr)
+    mp = map_rows(cfg)
+    back = sum(1 for k in done if mp[k.decode()] == src_of[k])
+    assert 0 < back < n  # the map is half swapped back
+    # resume to the end: same rollback plan, every eligible key back on its source
+    r = run_cli("rollback", plan_dir, "--config", path)
+    assert r.returncode == 3, (r.stdout, r.stderr)  # complete, but two keys were refused
+    assert f"plan id: {rids[0]}" in r.stdout
+    assert f"summary: planned={n} done={n} failed=0" in r.stdout
+    assert "refused[not_at_target]: 1" in r.stdout and "refused[source_newer]: 1" in r.stdout
+    assert json.load(open(os.path.join(plan_dir, "rollbacks.json")))["rollback_plans"] == rids
+    mp = map_rows(cfg)
+    for k in done:
+        text = k.decode()
+        if k in untouched:
+            assert (records(cfg, src_of[k])[text], records(cfg, tgt_of[k])[text]) == untouched[k]
+            continue
+        assert mp[text] == src_of[k]
+        assert records(cfg, src_of[k])[text][0] == expected[k]  # writes made on the target survive
+    assert mp[elsewhere.decode()] == third and mp[newer.decode()] == tgt_of[newer]
+    # swapped once forward and once back; the refused ones were never swapped back
+    wc = write_counts(cfg)
+    assert all(wc[k.decode()] == 2 for k in done if k not in untouched)
+    no_key_in(r.stdout + r.stderr, cfg)
+    # a rerun finds nothing more to roll back
+    lines = []
+    again = ops.rollback(cfg, plan_dir, out=lines.append)
+    assert again.plan_id == rids[0] and "nothing to do: plan already complete" in lines
+
+
+# -------------------------------------------------------------------- cleanup
+
+def test_cleanup_deletes_nothing_without_apply_and_never_a_mapped_copy(tmp_path):
+    path, cfg = keyspace(tmp_path, max_retries=1)
+    plan_dir, m, run = plan_and_run(cfg, faulty(cfg, {"seed": 5, "verify": {"mismatch_rate": 0.2}}))
+    states = merged(plan_dir, m)
+    done = sorted(k for k, v in states.items() if v[0] == S.State.DONE)
+    failed = sorted(k for k, v in states.items() if v[0] == S.State.FAILED)
+    assert done and len(failed) >= 2
+    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    # the map moved behind the plan's back: the copy it points to must survive
+    back, forward = done[0], failed[0]
+    assert ms.swap_batch([(back, states[back][5], states[back][4])]).committed
+    assert ms.swap_batch([(forward, states[forward][4], states[forward][5])]).committed
+    shards = sorted(cfg.known_shards())
+    before = {s: records(cfg, s) for s in shards}
+
+    r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s")
+    assert r.returncode == 0, r.stderr
+    assert {s: records(cfg, s) for s in shards} == before  # a dry run deletes nothing
+    assert f"would delete source copies of done keys: {len(done) - 1} keys" in r.stdout
+    assert f"would delete target copies of failed keys: {len(failed) - 1} keys" in r.stdout
+    no_key_in(r.stdout + r.stderr, cfg)
+    recent = ops.cleanup(cfg, plan_dir, older_than=3600, apply=True, out=quiet)
+    assert recent.source_total == (0, 0) and recent.target_total == (0, 0)
+    assert recent.skipped["too_recent"] == len(done) + len(failed)
+    assert {s: records(cfg, s) for s in shards} == before
+
+    res = ops.cleanup(cfg, plan_dir, older_than=0, apply=True, out=quiet)
+    assert res.source_total[0] == len(done) - 1 and res.target_total[0] == len(failed) - 1
+    assert res.skipped == {"map_not_at_target": 1, "map_not_at_source": 1}
+    nbytes = sum(len(before[states[k][4]][k.decode()][0]) for k in done if k != back)
+    assert res.source_total[1] == nbytes
+    after = {s: records(cfg, s) for s in shards}
+    for key, shard in map_rows(cfg).items():  # every key still has its record where the map points
+        assert after[shard][key] == before[shard][key]
+    for k in done:
+        assert (k.decode() in after[states[k][4]]) == (k == back)
+    for k in failed:
+        assert (k.decode() in after[states[k][5]]) == (k == forward)
+    again = ops.cleanup(cfg, plan_dir, older_than=0, apply=True, out=quiet)  # idempotent
+    assert again.source_total == (0, 0) and again.target_total == (0, 0)
+    assert {s: records(cfg, s) for s in shards} == after

@@ -1,0 +1,162 @@
+"""validate: duplicates, unknown shards and the topology digest; drift against a plan.
+
+Real SQLite stores throughout.  The one exception is the planted duplicate:
+SQLite's ``PRIMARY KEY`` makes a duplicate key impossible in the map file,
+so a thin fault-injecting wrapper re-emits rows of the real store's snapshot
+(the kind of duplicate a non-unique store or a broken export produces).
+"""
+import json
+import os
+import sqlite3
+
+import pyarrow as pa
+import pytest
+
+from pipeline import api
+from pipeline import validate as V
+from pipeline.config import load_config
+from pipeline.planner import load_manifest
+from pipeline.snapshot import take_snapshot
+from pipeline.stores.sqlite import SqliteMapStore
+
+from conftest import run_cli
+
+
+def quiet(_line):
+    pass
+
+
+@pytest.fixture
+def keyspace(tmp_path):
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=1500, shards=4)
+    return info["config"], load_config(info["config"])
+
+
+class DuplicatingMapStore:
+    """Fault injection: the real store, whose snapshot re-emits its first ``n`` rows at the end."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.key_type = inner, n, inner.key_type
+
+    def snapshot(self, segment_size=20000):
+        return _DupSnapshot(self.inner.snapshot(segment_size), self.n)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class _DupSnapshot:
+    def __init__(self, snap, n):
+        self.snap, self.n, self.cutoff = snap, n, snap.cutoff
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.snap.close()
+
+    def __iter__(self):
+        first = None
+        for b in self.snap:
+            first = first if first is not None else b.slice(0, self.n)
+            yield b
+        if first is not None:
+            yield first
+
+    def stats(self):
+        return self.snap.stats()
+
+    def close(self):
+        self.snap.close()
+
+
+def test_validate_clean_map_digest_equals_snapshot_digest(keyspace, tmp_path):
+    _path, cfg = keyspace
+    store = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    rep = V.validate_topology(store, cfg.known_shards(), 400)
+    snap = take_snapshot(store, str(tmp_path / "work"), 500, cfg.key_type)
+    assert rep.digest == snap.digest
+    assert rep.rows == 1500 and sum(rep.per_shard.values()) == 1500
+    assert set(rep.per_shard) == {"s0", "s1", "s2", "s3"}
+    assert (rep.duplicate_keys, rep.unknown_shard_rows, rep.invalid_keys) == (0, 0, 0)
+    assert V.ValidationResult(rep).exit_code == 0
+
+
+@pytest.mark.parametrize("memory_rows", [10_000_000, 100])  # in memory, and spilled to disk
+def test_validate_finds_planted_duplicate(keyspace, memory_rows):
+    _path, cfg = keyspace
+    real = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    res = V.validate(cfg, map_store=DuplicatingMapStore(real, 3), memory_rows=memory_rows)
+    t = res.topology
+    assert (t.duplicate_keys, t.duplicate_rows, t.rows) == (3, 3, 1503)
+    assert t.spilled == (memory_rows == 100)
+    assert res.exit_code == 2 and res.verdict == "bad topology"
+    assert "duplicate keys: 3 (extra rows: 3)" in V.format_lines(res)
+
+
+def test_duplicates_confirmed_by_key_bytes_not_hash():
+    t = pa.table({"h": pa.array([7, 7, 7, 9], pa.uint64()), "key": pa.array([b"a", b"b", b"a", b"c"])})
+    assert V._duplicates_in(t) == (1, 1)  # b"a" twice; b"b" only shares a (forced) hash
+    assert V._duplicates_in(t.slice(1, 3)) == (0, 0)
+
+
+def test_validate_cli_unknown_shard_exit_2(keyspace):
+    path, cfg = keyspace
+    SqliteMapStore(cfg.map_store["path"], cfg.key_type).put_many([(b"planted-unknown", "s99")])
+    r = run_cli("validate", "--config", path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "unknown shard rows: 1 on 1 ids (s99)" in r.stdout
+    assert r.stderr.startswith("error: validate: bad topology") and "planted-unknown" not in r.stdout + r.stderr
+
+
+def test_validate_compare_detects_planted_drift(keyspace):
+    path, cfg = keyspace
+    res = api.plan(cfg, out=quiet)
+    manifest = load_manifest(res.plan_dir)
+    clean = run_cli("validate", "--config", path, "--compare", res.plan_id)
+    assert clean.returncode == 0, (clean.stdout, clean.stderr)
+    assert f"topology digest: {manifest['snapshot']['digest']}" in clean.stdout
+    assert "topology equals plan snapshot: yes" in clean.stdout and "drift: none" in clean.stdout
+
+    # behind the plan's back: one plan key to a third shard (a real compare-and-set swap)
+    import pyarrow.parquet as pq
+
+    f = next(f for f in manifest["files"] if f["rows"] >= 2)
+    keys = pq.read_table(os.path.join(res.plan_dir, "moves", f["group"] + ".parquet"))["key"].to_pylist()
+    third = next(s for s in ("s0", "s1", "s2", "s3") if s not in (f["source"], f["target"]))
+    store = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    assert store.swap_batch([(keys[0], f["source"], third)]).committed
+    # ... one deleted, and one new key created since the snapshot
+    con = sqlite3.connect(cfg.map_store["path"])
+    con.execute("DELETE FROM shard_map WHERE key = ?", (keys[1].decode(),))
+    con.commit()
+    con.close()
+    store.put_many([(b"created-after-snapshot", "s1")])
+
+    r = run_cli("validate", "--config", path, "--compare", res.plan_dir, "--json")
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    d = json.loads(r.stdout)["drift"]
+    assert (d["elsewhere"], d["missing"], d["other_changed"], d["rewritten_at_source"]) == (1, 1, 1, 0)
+    assert d["at_source"] == manifest["moves"] - 2 and d["at_target"] == 0 and d["drift"] is True
+    assert r.stderr.startswith("error: validate: drift detected")
+    for k in (keys[0], keys[1], b"created-after-snapshot"):
+        assert k.decode() not in r.stdout + r.stderr
+
+
+def test_validate_after_run_counts_own_swaps_as_no_drift(keyspace):
+    path, cfg = keyspace
+    cfg = cfg.with_options(swap_batch_size=200, hash_buckets=2)
+    res = api.plan(cfg, out=quiet)
+    assert api.run(cfg, res.plan_dir, out=quiet).exit_code == 0
+    out = V.validate(cfg, compare_plan_dir=res.plan_dir)
+    d = out.drift
+    assert (d.at_target, d.at_source, d.elsewhere, d.missing) == (res.manifest["moves"], 0, 0, 0)
+    assert d.plan_keys_above_cutoff == d.rows_above_cutoff == res.manifest["moves"]
+    assert d.other_changed == 0 and not d.drift and out.exit_code == 0
+    assert d.digest_matches_snapshot is False
+
+
+def test_validate_compare_unknown_plan_exit_2(keyspace):
+    path, _cfg = keyspace
+    r = run_cli("validate", "--config", path, "--compare", "0" * 64)
+    assert r.returncode == 2 and "no committed plan" in r.stderr
