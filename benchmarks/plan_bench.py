@@ -123,6 +123,7 @@ def child_planner(snapshot: str, out: str, profile: str | None) -> None:
 
         prof = cProfile.Profile()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     if prof:
         prof.enable()
     cfg = load_config(None, raw=raw)
@@ -130,9 +131,10 @@ def child_planner(snapshot: str, out: str, profile: str | None) -> None:
     if prof:
         prof.disable()
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     if prof:
         prof.dump_stats(profile)
-    child_result({"elapsed_s": elapsed, "moves": res.manifest["moves"], "rows": res.manifest["keys_examined"],
+    child_result({"elapsed_s": elapsed, "cpu_s": cpu, "moves": res.manifest["moves"], "rows": res.manifest["keys_examined"],
                   "moves_dir": os.path.join(res.plan_dir, "moves"), "plan_id": res.plan_id})
 
 
@@ -149,6 +151,7 @@ def child_baseline(snapshot: str, out: str, profile: str | None) -> None:
                               ("key_hash", pa.uint64())])
     moves_dir = os.path.join(out, "moves")
     t0 = time.perf_counter()
+    c0 = time.process_time()
     ring = Ring.build("native", [(s, 1.0) for s in TARGET_SHARDS])
     pos = {s: i for i, s in enumerate(ring.shard_ids)}
     # read file by file (1M rows each): hash, ring assign, compare, keep the moved rows
@@ -223,7 +226,8 @@ def child_baseline(snapshot: str, out: str, profile: str | None) -> None:
     os.fsync(dfd)
     os.close(dfd)
     elapsed = time.perf_counter() - t0
-    child_result({"elapsed_s": elapsed, "moves": int(len(moved)), "rows": n, "moves_dir": moves_dir})
+    cpu = time.process_time() - c0
+    child_result({"elapsed_s": elapsed, "cpu_s": cpu, "moves": int(len(moved)), "rows": n, "moves_dir": moves_dir})
 
 
 # ------------------------------------------------------------------ checking
@@ -302,7 +306,8 @@ def main(argv=None) -> int:
             if side in last_dirs:
                 shutil.rmtree(last_dirs[side][0], ignore_errors=True)
             last_dirs[side] = (out, res["moves_dir"])
-            print(f"# run {r + 1} {side}: {res['elapsed_s']:.2f}s in-process, {res['process_wall_s']:.2f}s "
+            print(f"# run {r + 1} {side}: {res['elapsed_s']:.2f}s in-process ({res['cpu_s']:.2f}s CPU), "
+                  f"{res['process_wall_s']:.2f}s "
                   f"process, peak {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
 
     emit("keys", args.keys)
@@ -311,10 +316,12 @@ def main(argv=None) -> int:
         emit(f"keys_per_s_run{i}", res["keys_per_s"])
         emit(f"peak_rss_mb_run{i}", res["peak_rss_mb"])
         emit(f"process_wall_s_run{i}", res["process_wall_s"])
+        emit(f"cpu_s_run{i}", res["cpu_s"])
     for i, res in enumerate(bl, 1):
         emit(f"baseline_keys_per_s_run{i}", res["keys_per_s"])
         emit(f"baseline_peak_rss_mb_run{i}", res["peak_rss_mb"])
         emit(f"baseline_process_wall_s_run{i}", res["process_wall_s"])
+        emit(f"baseline_cpu_s_run{i}", res["cpu_s"])
     if pl:
         emit("keys_per_s", max(r["keys_per_s"] for r in pl))
         emit("keys_per_s_median", median([r["keys_per_s"] for r in pl]))
@@ -329,6 +336,7 @@ def main(argv=None) -> int:
     if pl and bl:
         emit("ratio", max(r["keys_per_s"] for r in pl) / max(r["keys_per_s"] for r in bl))
         emit("ratio_median", median([a["keys_per_s"] / b["keys_per_s"] for a, b in zip(pl, bl)]))
+        emit("cpu_ratio", min(r["cpu_s"] for r in bl) / min(r["cpu_s"] for r in pl))
         n1, d1, f1 = moves_digest(last_dirs["planner"][1])
         n2, d2, f2 = moves_digest(last_dirs["baseline"][1])
         emit("moves", n1)

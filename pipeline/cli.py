@@ -92,8 +92,10 @@ def _configure_logging(args) -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if level != "DEBUG":
-        for noisy in ("apache_beam", "google", "urllib3"):
+        for noisy in ("google", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Beam logs a failed bundle's traceback itself; our error line says what failed
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 
 
 def _load(args):

@@ -134,7 +134,7 @@ def cmd_metrics(args, beam_args) -> int:
 
 
 def _details_text(details: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(details.items()) if not isinstance(v, (dict, list)))
+    return " ".join(f"{k}={v}" for k, v in sorted(details.items()) if v is not None and not isinstance(v, (dict, list)))
 
 
 def cmd_history(args, beam_args) -> int:

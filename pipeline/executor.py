@@ -464,6 +464,21 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         build_run_graph(p, spec)
         result = run_pipeline(p)
         metrics = _metrics(result)
+    except BaseException as e:
+        # the run failed (or lost its lease): give up our claims, keep every checkpoint
+        for release in (lambda: map_store.release_run(plan_id, lease.epoch) if hasattr(map_store, "release_run")
+                        else None, lease.release):
+            try:
+                release()
+            except Exception:
+                pass
+        fs.remove(stop_path)
+        from pipeline.lease import LeaseLost
+
+        if isinstance(e, LeaseLost) or lease.lost:
+            raise LeaseLost(f"plan {plan_id[:12]}: this executor's lease (epoch {lease.epoch}) was taken over; "
+                            "it stopped without applying anything more") from e
+        raise
     finally:
         progress.stop()
         for sig, h in old_handlers.items():

@@ -52,6 +52,7 @@ import concurrent.futures
 import dataclasses
 import datetime as _dt
 import os
+import sys
 import threading
 from typing import Mapping
 
@@ -137,22 +138,10 @@ def emulator_host() -> str | None:
     return os.environ.get(EMULATOR_ENV) or None
 
 
-def short_circuit_beam_credentials() -> bool:
-    """Make Beam's GCS IO use an anonymous client without credential discovery.
+_BEAM_AUTH = "apache_beam.internal.gcp.auth"
 
-    Beam (``apache_beam/internal/gcp/auth.py``) caches the result of its
-    credential lookup in ``_Credentials``; its first lookup retries
-    ``google.auth.default()`` with exponential backoff (about 20 s when no
-    credentials exist).  Marking the cache as initialised with no credentials
-    makes ``gcsio.create_storage_client`` return
-    ``storage.Client.create_anonymous_client()`` at once, which honours
-    ``STORAGE_EMULATOR_HOST``.  Process-wide; False if this Beam has no such
-    cache (then nothing is changed).
-    """
-    try:
-        from apache_beam.internal.gcp import auth
-    except ImportError:  # Beam without the gcp extra: nothing to short-circuit
-        return False
+
+def _patch_beam_auth(auth) -> bool:
     creds = getattr(auth, "_Credentials", None)
     lock = getattr(creds, "_credentials_lock", None)
     if creds is None or lock is None or not hasattr(creds, "_credentials_init"):
@@ -163,14 +152,72 @@ def short_circuit_beam_credentials() -> bool:
     return True
 
 
+def short_circuit_beam_credentials() -> bool:
+    """Make Beam's GCS IO use an anonymous client without credential discovery.
+
+    Beam (``apache_beam/internal/gcp/auth.py``) caches the result of its
+    credential lookup in ``_Credentials``; its first lookup retries
+    ``google.auth.default()`` with exponential backoff (about 20 s when no
+    credentials exist).  Marking the cache as initialised with no credentials
+    makes ``gcsio.create_storage_client`` return
+    ``storage.Client.create_anonymous_client()`` at once, which honours
+    ``STORAGE_EMULATOR_HOST``.  Process-wide.  Imports Beam; False if this
+    Beam has no such cache (then nothing is changed).
+    """
+    try:
+        import importlib
+
+        auth = importlib.import_module(_BEAM_AUTH)
+    except ImportError:  # Beam without the gcp extra: nothing to short-circuit
+        return False
+    return _patch_beam_auth(auth)
+
+
+class _BeamAuthImportHook:
+    """Patch Beam's credential cache right after its module is first imported.
+
+    Lets :func:`configure_for_emulator` run before Beam is imported without
+    importing it (1-3 s) in processes that never use Beam.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _BEAM_AUTH:
+            return None
+        import importlib.util
+
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]  # one shot
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+class _PatchingLoader:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        _patch_beam_auth(module)
+
+
+_HOOK = _BeamAuthImportHook()
+
+
 def configure_for_emulator() -> bool:
     """Prepare this process for a GCS emulator; a no-op without ``STORAGE_EMULATOR_HOST``.
 
     Sets ``NO_GCE_CHECK=true`` when absent (google-auth must never probe the
     metadata server) and short-circuits Beam's credential lookup
-    (:func:`short_circuit_beam_credentials`).  Idempotent and cheap after the
-    first call.  Called on first client use and by :func:`pipeline.fs.open_bulk`
-    / :func:`pipeline.fs.write_bulk`, so it also runs inside Beam workers: the
+    (:func:`short_circuit_beam_credentials`) -- at once if Beam's auth module
+    is loaded, else right after it gets imported (an import hook), so a
+    process that never uses Beam never imports it.  Idempotent and cheap.
+    Called on first client use and by :func:`pipeline.fs.open_bulk` /
+    :func:`pipeline.fs.write_bulk`, so it also runs inside Beam workers: the
     in-process FnApiRunner shares the launcher's state, and multi-process
     workers inherit the environment variable and call it on their first
     ``gs://`` access.  Returns True when an emulator is configured.
@@ -180,8 +227,14 @@ def configure_for_emulator() -> bool:
         return False
     os.environ.setdefault("NO_GCE_CHECK", "true")
     if not _BEAM_DONE:
-        short_circuit_beam_credentials()
-        _BEAM_DONE = True
+        with _CLIENTS_LOCK:
+            if not _BEAM_DONE:
+                auth = sys.modules.get(_BEAM_AUTH)
+                if auth is not None:
+                    _patch_beam_auth(auth)
+                elif _HOOK not in sys.meta_path:
+                    sys.meta_path.insert(0, _HOOK)
+                _BEAM_DONE = True
     return True
 
 

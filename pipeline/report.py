@@ -254,7 +254,9 @@ def chart_progress(events: list, planned: int) -> bytes:
             for series in ("copied", "verified", "swapped", "failed"):
                 for ep in sorted({r[1] for r in rows}):
                     pts = [(t, int(e.get(series, 0))) for t, e_ep, e in rows if e_ep == ep]
+                    # copied is drawn wide underneath: it often coincides with verified
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                            linewidth=4 if series == "copied" else 1.6, alpha=0.5 if series == "copied" else 1.0,
                             color=_COLORS[series], label=series if ep == rows[0][1] else None)
             for t, ep in starts:
                 ax.axvline(t, color="#999", linestyle=":", linewidth=1)
@@ -273,22 +275,26 @@ def chart_throughput(events: list, keys_per_s: float | None) -> bytes:
         plt, fig = _figure("throughput")
         ax = fig.add_subplot(111)
         rows, _starts = _timeline(events)
-        pts = []
         by_ep: dict = {}
         for t, ep, e in rows:
             by_ep.setdefault(ep, []).append((t, int(e.get("swapped", 0)) + int(e.get("failed", 0)),
                                              float(e.get("elapsed_s", 0))))
-        for ep, seq in by_ep.items():
-            prev_t, prev_n, prev_el = seq[0][0] - seq[0][2], None, 0.0
-            for t, n, el in seq:
+        runs = []  # one rate series per run: keys finished between consecutive events of that run
+        for ep in sorted(by_ep):
+            pts, prev_n, prev_el = [], None, 0.0
+            for t, n, el in by_ep[ep]:
                 if prev_n is not None and el > prev_el:
                     pts.append((t, (n - prev_n) / (el - prev_el)))
-                prev_t, prev_n, prev_el = t, n, el
+                prev_n, prev_el = n, el
+            if pts:
+                runs.append(pts)
+        pts = [p for r in runs for p in r]
         if not pts:
             _empty(ax, "not enough progress events for a rate")
         else:
-            ax.step([p[0] for p in pts], [p[1] for p in pts], where="pre", color="#3182bd",
-                    label="keys finished per second (between events)")
+            for i, r in enumerate(runs):
+                ax.step([p[0] for p in r], [p[1] for p in r], where="pre", color="#3182bd",
+                        label="keys finished per second (between events)" if i == 0 else None)
             if keys_per_s:
                 ax.axhline(keys_per_s, color="#e6550d", linestyle="--", label=f"last run average {keys_per_s:,.0f}/s")
             ax.set_ylim(0, max([p[1] for p in pts] + [keys_per_s or 0, 1]) * 1.25)

@@ -4,8 +4,6 @@ import os
 import re
 import stat
 
-import pytest
-
 from pipeline.prom import summary_to_prometheus, write_textfile
 
 PLAN = "ab" * 32
@@ -95,8 +93,8 @@ def test_prometheus_text_parses_and_equals_summary():
     assert get(samples, "shardmove_export_timestamp_seconds") == 1700000000.5
     for stage, t in SUMMARY["timings"].items():
         assert get(samples, "shardmove_stage_calls", stage=stage) == t["calls"]
-        for stat, k in (("p50", "p50_ms"), ("p95", "p95_ms"), ("max", "max_ms")):
-            assert math.isclose(get(samples, "shardmove_stage_latency_seconds", stage=stage, stat=stat), t[k] / 1000)
+        for which, k in (("p50", "p50_ms"), ("p95", "p95_ms"), ("max", "max_ms")):
+            assert math.isclose(get(samples, "shardmove_stage_latency_seconds", stage=stage, stat=which), t[k] / 1000)
     assert all(t == "gauge" for n, t in types.items() if not n.endswith("_total"))
     assert all(dict(labels)["plan_id"] == PLAN for _n, labels in samples)
 

@@ -105,6 +105,35 @@ def test_run_data_matches_summary(ran_plan):
     assert {t[0] for t in data["timings"]} == {"copy", "verify", "swap"}
 
 
+def test_report_charts_from_synthetic_data_two_runs_and_odd_shard_ids(tmp_path):
+    """Charts never need Beam: a manifest-like dict and events of an interrupted + resumed plan."""
+    manifest = {"plan_id": "f" * 64, "moves": 30, "keys_examined": 100, "keys_in_window": 100, "window": None,
+                "moved_fraction": 0.3, "optimum_moved_fraction": 0.25, "key_type": "string",
+                "snapshot": {"digest": "0" * 64, "cutoff": 5},
+                "pairs": [{"source": "a$b$", "target": "<x&y>", "moves": 30}],
+                "shards_before": {"a$b$": 100}, "shards_after": {"a$b$": 70, "<x&y>": 30},
+                "capacity": [{"shard": "<x&y>", "before": 0, "after": 30, "capacity_keys": 31,
+                              "headroom_keys_pct": 3.2, "over": True}]}
+    path = R.write_plan_report(manifest, str(tmp_path))
+    page = open(path, encoding="utf-8").read()
+    assert "&lt;x&amp;y&gt;" in page and "<x&y>" not in page and "OVER" in page
+    ev = [{"epoch": 1, "time": "2026-01-01T00:00:01Z", "elapsed_s": 1.0, "copied": 10, "verified": 5, "swapped": 0,
+           "failed": 0}, {"epoch": 1, "time": "2026-01-01T00:00:02Z", "elapsed_s": 2.0, "copied": 20, "verified": 20,
+                          "swapped": 10, "failed": 0},
+          {"epoch": 2, "time": "2026-01-01T00:01:01Z", "elapsed_s": 0.5, "copied": 20, "verified": 20, "swapped": 10,
+           "failed": 0}, {"epoch": 2, "time": "2026-01-01T00:01:02Z", "elapsed_s": 1.5, "copied": 30,
+                          "verified": 30, "swapped": 28, "failed": 2}]
+    for name, png in (("progress_timeline", R.chart_progress(ev, 30)), ("throughput", R.chart_throughput(ev, 9.5)),
+                      ("latency", R.chart_latency([["copy", 3.0, 10], ["swap", 5.0, 10], ["copy", 4.0, 10]])),
+                      ("outcomes", R.chart_outcomes({1: 28, 2: 2}, {"verify_mismatch": 2}, {"hash": 28}))):
+        (tmp_path / f"{name}.png").write_bytes(png)
+        w, h = R.CHARTS[name]
+        img = _imread(str(tmp_path / f"{name}.png"))
+        assert img.shape[:2] == (h, w) and float(np.var(img[..., :3])) > 1e-4, name
+    rows, starts = R._timeline(ev)
+    assert [round(t, 3) for t, _ep, _e in rows] == [1.0, 2.0, 61.0, 62.0] and [ep for _t, ep in starts] == [1, 2]
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         p = shutil.which(name)

@@ -602,7 +602,8 @@ class PostgresMapStore(_Configured):
 
     def _error(self, e: psycopg.Error, what: str) -> StoreError:
         err = _store_error(e, what, self._secrets, self._idents)
-        if getattr(e, "sqlstate", None) == "42P01":
+        primary = getattr(getattr(e, "diag", None), "message_primary", None) or ""
+        if getattr(e, "sqlstate", None) == "42P01" and f'"{self._name}"' in primary:
             return PermanentError(f"{what}: map store table not found: {self.table}", reason="map_missing")
         return err
 
