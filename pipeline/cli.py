@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st, options=False)
     st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
+                    help="refresh in place every SECONDS (default 2) until the plan completes")
     for mod in _EXTENSIONS:
         mod.register(sub, _add_common, COMMANDS)
     return parser
@@ -159,32 +161,52 @@ def cmd_run(args, beam_args) -> int:
     return res.exit_code
 
 
+def _status_lines(s: dict) -> list[str]:
+    from pipeline.executor import summary_line
+
+    lines = [f"plan id: {s['plan_id']}"]
+    for name, n in s["states"].items():
+        lines.append(f"{name}: {n}")
+    for reason, n in s["failures_by_reason"].items():
+        lines.append(f"failed[{reason}]: {n}")
+    for method, n in s["done_by_verification"].items():
+        lines.append(f"done_by_verification[{method}]: {n}")
+    if "rate_keys_per_s" in s:
+        eta = s.get("eta_s")
+        lines.append(f"rate: {s['rate_keys_per_s']} keys/s eta: {'?' if eta is None else f'{eta:.0f}s'}")
+    if "lease" in s:
+        L = s["lease"]
+        lines.append(f"lease: held by {L['host']}:{L['pid']} epoch {L['epoch']}")
+    lines.append("state: " + ("complete" if s["complete"] else "in progress"))
+    lines.append(summary_line(s))
+    return lines
+
+
 def cmd_status(args, beam_args) -> int:
     import json
+    import time
 
     from pipeline.api import status
-    from pipeline.executor import status_exit_code, summary_line
+    from pipeline.executor import status_exit_code
 
     cfg = None
     if args.config:
         cfg = load_config(args.config)
-    s = status(_plan_dir(args, cfg))
-    if args.json:
-        print(json.dumps(s, indent=1, sort_keys=True))
-        return status_exit_code(s)
-    print(f"plan id: {s['plan_id']}")
-    for name, n in s["states"].items():
-        print(f"{name}: {n}")
-    for reason, n in s["failures_by_reason"].items():
-        print(f"failed[{reason}]: {n}")
-    for method, n in s["done_by_verification"].items():
-        print(f"done_by_verification[{method}]: {n}")
-    if "lease" in s:
-        L = s["lease"]
-        print(f"lease: held by {L['host']}:{L['pid']} epoch {L['epoch']}")
-    print("state: " + ("complete" if s["complete"] else "in progress"))
-    print(summary_line(s))
-    return status_exit_code(s)
+    plan_dir = _plan_dir(args, cfg)
+    while True:
+        s = status(plan_dir)
+        if args.json:
+            text = json.dumps(s, indent=1, sort_keys=True)
+        else:
+            text = "\n".join(_status_lines(s))
+        if args.watch and sys.stdout.isatty():
+            sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+        else:
+            print(text)
+        sys.stdout.flush()
+        if not args.watch or s["complete"]:
+            return status_exit_code(s)
+        time.sleep(max(0.2, args.watch))
 
 
 COMMANDS = {"demo": cmd_demo, "snapshot": cmd_snapshot, "plan": cmd_plan, "run": cmd_run, "status": cmd_status}

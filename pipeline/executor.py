@@ -150,6 +150,11 @@ def plan_status(plan_dir: str) -> dict:
         for k in ("elapsed_s", "keys_per_s", "runs"):
             if k in prev:
                 s[k] = prev[k]
+    rate = _recent_rate(plan_dir)
+    if rate is not None and not s["complete"]:
+        s["rate_keys_per_s"] = round(rate, 1)
+        left = s["planned"] - s["done"] - s["failed"]
+        s["eta_s"] = round(left / rate, 1) if rate > 0 else None
     from pipeline.lease import read_lease
 
     lease = read_lease(plan_dir)
@@ -158,6 +163,23 @@ def plan_status(plan_dir: str) -> dict:
         s["lease"] = {"host": h.get("host"), "pid": h.get("pid"), "epoch": lease.get("epoch"),
                       "expires_at": lease.get("expires_at")}
     return s
+
+
+def _recent_rate(plan_dir: str, window: int = 30):
+    """Keys finished per second over the latest progress events (None without events)."""
+    d = fs.join(plan_dir, "progress")
+    names = [n for n in fs.listdir(d) if n.endswith(".json") and not n.startswith("timings")]
+    if len(names) < 2:
+        return None
+    evs = [_read_json(fs.join(d, n)) for n in names[-window:]]
+    evs = [e for e in evs if e]
+    if len(evs) < 2 or evs[-1].get("epoch") != evs[0].get("epoch"):
+        evs = [e for e in evs if e.get("epoch") == evs[-1].get("epoch")]
+    if len(evs) < 2:
+        return None
+    dt = evs[-1]["elapsed_s"] - evs[0]["elapsed_s"]
+    dk = (evs[-1]["swapped"] + evs[-1]["failed"]) - (evs[0]["swapped"] + evs[0]["failed"])
+    return dk / dt if dt > 0 else None
 
 
 def _read_json(path: str):

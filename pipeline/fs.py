@@ -26,11 +26,12 @@ local callers also hold a lock (``lease.py`` holds an ``flock``).
 Bulk files
 ----------
 :func:`write_bulk` / :func:`open_bulk` move large, deterministic Parquet
-files (snapshot parts, move files).  Local: :func:`write_atomic` / ``open``.
-``gs://``: Beam's ``FileSystems`` (resumable upload finalised on close --
-atomic, but an overwrite, not create-if-absent; ranged reads on open, so a
-footer read does not download the file).  Use them only for files whose
-rewrite with the same bytes is harmless.
+files (snapshot parts, move files, spill data).  Local: :func:`write_atomic`
+/ ``open``.  ``gs://``: Beam's GCS IO, the layer under ``FileSystems``, with
+one cached client per process (upload finalised on close -- atomic, but an
+overwrite, not create-if-absent; ranged reads on open, so a footer read does
+not download the file).  Use them only for files whose rewrite with the same
+bytes is harmless.  :func:`read_range` reads a byte range (one ranged GET).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ __all__ = [
     "is_gcs",
     "join",
     "exists",
+    "isfile",
     "makedirs",
     "listdir",
     "walk_files",
@@ -56,6 +58,7 @@ __all__ = [
     "read_versioned",
     "write_bulk",
     "open_bulk",
+    "read_range",
     "remove",
     "rmtree",
     "rename_dir",
@@ -94,6 +97,18 @@ def exists(path: str) -> bool:
     if is_gcs(path):
         return _gcs().exists(path)
     return os.path.exists(path)
+
+
+def isfile(path: str) -> bool:
+    """A file (an object, on ``gs://``) at exactly ``path``: one metadata read, no listing.
+
+    Prefer it to :func:`exists` for marker files polled often (``stop``,
+    ``lease.json``, ``manifest.json``): on ``gs://`` :func:`exists` must also
+    list the prefix when the object is absent.
+    """
+    if is_gcs(path):
+        return _gcs().stat(path) is not None
+    return os.path.isfile(path)
 
 
 def makedirs(path: str, mode: int = 0o700) -> None:
@@ -223,20 +238,17 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int |
 
 
 def write_bulk(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write a bulk file (Parquet) in one piece.
+    """Write a bulk file (Parquet, spill data) in one piece.
 
-    Local: :func:`write_atomic`.  ``gs://``: Beam's
-    ``FileSystems.create(path)`` then close (one upload, finalised
-    atomically on close; overwrites an existing object).  Idempotent for
-    deterministic bytes.
+    Local: :func:`write_atomic`.  ``gs://``: Beam's GCS IO (``GcsIO.open(path,
+    "wb")`` -- what ``FileSystems.create`` uses -- then close: one upload,
+    finalised atomically on close; overwrites an existing object).
+    Idempotent for deterministic bytes.
     """
     if not is_gcs(path):
         write_atomic(path, data, mode)
         return
-    _gcs().configure_for_emulator()
-    from apache_beam.io.filesystems import FileSystems
-
-    f = FileSystems.create(path, mime_type="application/octet-stream")
+    f = _gcs().beam_gcsio().open(path, "wb", mime_type="application/octet-stream")
     f.write(bytes(data))
     f.close()  # never reached after a failed write: an unclosed upload is never finalised
 
@@ -244,22 +256,28 @@ def write_bulk(path: str, data: bytes, mode: int = 0o600) -> None:
 def open_bulk(path: str):
     """A seekable binary file object for reading a bulk file (Parquet).
 
-    Local: ``open(path, "rb")``.  ``gs://``: Beam's ``FileSystems.open``
-    (ranged reads: pyarrow reads footers and row groups without downloading
-    the whole object).  Missing file: FileNotFoundError (local) / Beam's
-    error (gs).
+    Local: ``open(path, "rb")``.  ``gs://``: Beam's GCS IO (``GcsIO.open(path,
+    "rb")`` -- what ``FileSystems.open`` uses, with one cached client): ranged
+    reads, so pyarrow reads footers and row groups without downloading the
+    whole object.  A missing file raises FileNotFoundError.
     """
     if not is_gcs(path):
         return open(path, "rb")
-    _gcs().configure_for_emulator()
-    from apache_beam.io.filesystems import CompressionTypes, FileSystems
     from google.api_core.exceptions import NotFound
 
     try:
-        return FileSystems.open(path, mime_type="application/octet-stream",
-                                compression_type=CompressionTypes.UNCOMPRESSED)
+        return _gcs().beam_gcsio().open(path, "rb")
     except NotFound as e:
         raise FileNotFoundError(f"no such object: {path}") from e
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` (``gs://``: one ranged GET); short at end of file."""
+    if is_gcs(path):
+        return _gcs().read_range(path, offset, length)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
 
 
 def create_if_absent(path: str, data: bytes, mode: int = 0o600) -> bool:

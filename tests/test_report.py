@@ -55,10 +55,12 @@ def _no_keys_in(text, keys):
     assert not leaked, f"{len(leaked)} key values leaked into a report"
 
 
-def test_plan_report_from_dry_run_manifest_commits_nothing(tmp_path):
-    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=800, shards=3)
-    cfg = load_config(info["config"]).with_options(window="00-7F")
+def test_plan_report_from_dry_run_manifest_commits_nothing(ran_plan, tmp_path):
+    _path, cfg, ran, _keys = ran_plan
+    committed = sorted(glob.glob(os.path.join(cfg.work_dir, "plans", "*", "manifest.json")))
+    cfg = cfg.with_options(window="00-7F")
     res = api.plan(cfg, dry_run=True, out=quiet)
+    assert res.plan_id != ran.plan_id and res.plan_dir is None
     out = tmp_path / "dry-report"
     path = R.write_plan_report(res.manifest, str(out))
     assert path == str(out / "report.html")
@@ -69,14 +71,21 @@ def test_plan_report_from_dry_run_manifest_commits_nothing(tmp_path):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(R.PLAN_CHARTS)
     assert "This plan has not run yet" in page and res.plan_id in page and "00-7F" in page
-    assert not glob.glob(os.path.join(cfg.work_dir, "plans", "*", "manifest.json"))  # nothing committed
+    assert sorted(glob.glob(os.path.join(cfg.work_dir, "plans", "*", "manifest.json"))) == committed  # no new plan
 
 
-def test_report_cli_writes_html_and_pngs_of_expected_size(ran_plan):
-    path, cfg, res, keys = ran_plan
+@pytest.fixture(scope="module")
+def cli_report(ran_plan):
+    """``shardmove report`` of the run plan (rendered once for the module)."""
+    path, _cfg, res, _keys = ran_plan
     r = run_cli("report", res.plan_id, "--config", path)
     assert r.returncode == 0, r.stderr
-    html_path = os.path.join(res.plan_dir, "reports", "report.html")
+    return r, os.path.join(res.plan_dir, "reports", "report.html")
+
+
+def test_report_cli_writes_html_and_pngs_of_expected_size(ran_plan, cli_report):
+    path, cfg, res, keys = ran_plan
+    r, html_path = cli_report
     assert r.stdout.strip() == f"report: {html_path}"
     page = open(html_path, encoding="utf-8").read()
     for name, (w, h) in R.CHARTS.items():
@@ -142,9 +151,8 @@ def _chromium():
     return None
 
 
-def test_report_renders_in_headless_chromium(ran_plan, tmp_path):
-    _path, _cfg, res, _keys = ran_plan
-    html_path = R.write_report(res.plan_dir, out_dir=str(tmp_path / "out"))
+def test_report_renders_in_headless_chromium(cli_report, tmp_path):
+    _r, html_path = cli_report
     browser = _chromium()
     if browser is None:
         msg = "chromium is not installed (apt-get install -y chromium); report rendering not checked"

@@ -109,24 +109,34 @@ def test_validate_cli_unknown_shard_exit_2(keyspace):
     assert r.stderr.startswith("error: validate: bad topology") and "planted-unknown" not in r.stdout + r.stderr
 
 
-def test_validate_compare_detects_planted_drift(keyspace):
+def test_validate_compare_own_swaps_are_not_drift_but_planted_drift_is(keyspace):
     path, cfg = keyspace
+    cfg = cfg.with_options(swap_batch_size=200, hash_buckets=2)
     res = api.plan(cfg, out=quiet)
     manifest = load_manifest(res.plan_dir)
+    moves = manifest["moves"]
     clean = run_cli("validate", "--config", path, "--compare", res.plan_id)
     assert clean.returncode == 0, (clean.stdout, clean.stderr)
     assert f"topology digest: {manifest['snapshot']['digest']}" in clean.stdout
+    assert f"plan keys: {moves} at_source={moves} at_target=0 elsewhere=0 missing=0" in clean.stdout
     assert "topology equals plan snapshot: yes" in clean.stdout and "drift: none" in clean.stdout
 
-    # behind the plan's back: one plan key to a third shard (a real compare-and-set swap)
+    # after the run every plan key sits at its target with a version above the cutoff: not drift
+    assert api.run(cfg, res.plan_dir, out=quiet).exit_code == 0
+    d = V.validate(cfg, compare_plan_dir=res.plan_dir).drift
+    assert (d.at_target, d.at_source, d.elsewhere, d.missing) == (moves, 0, 0, 0)
+    assert d.plan_keys_above_cutoff == d.rows_above_cutoff == moves
+    assert d.other_changed == 0 and not d.drift and d.digest_matches_snapshot is False
+
+    # behind the plan's back: one plan key to a third shard (a real compare-and-set swap),
+    # one deleted, and one new key created since the snapshot
     import pyarrow.parquet as pq
 
     f = next(f for f in manifest["files"] if f["rows"] >= 2)
     keys = pq.read_table(os.path.join(res.plan_dir, "moves", f["group"] + ".parquet"))["key"].to_pylist()
     third = next(s for s in ("s0", "s1", "s2", "s3") if s not in (f["source"], f["target"]))
     store = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
-    assert store.swap_batch([(keys[0], f["source"], third)]).committed
-    # ... one deleted, and one new key created since the snapshot
+    assert store.swap_batch([(keys[0], f["target"], third)]).committed
     con = sqlite3.connect(cfg.map_store["path"])
     con.execute("DELETE FROM shard_map WHERE key = ?", (keys[1].decode(),))
     con.commit()
@@ -137,23 +147,10 @@ def test_validate_compare_detects_planted_drift(keyspace):
     assert r.returncode == 4, (r.stdout, r.stderr)
     d = json.loads(r.stdout)["drift"]
     assert (d["elsewhere"], d["missing"], d["other_changed"], d["rewritten_at_source"]) == (1, 1, 1, 0)
-    assert d["at_source"] == manifest["moves"] - 2 and d["at_target"] == 0 and d["drift"] is True
+    assert d["at_target"] == moves - 2 and d["at_source"] == 0 and d["drift"] is True
     assert r.stderr.startswith("error: validate: drift detected")
     for k in (keys[0], keys[1], b"created-after-snapshot"):
         assert k.decode() not in r.stdout + r.stderr
-
-
-def test_validate_after_run_counts_own_swaps_as_no_drift(keyspace):
-    path, cfg = keyspace
-    cfg = cfg.with_options(swap_batch_size=200, hash_buckets=2)
-    res = api.plan(cfg, out=quiet)
-    assert api.run(cfg, res.plan_dir, out=quiet).exit_code == 0
-    out = V.validate(cfg, compare_plan_dir=res.plan_dir)
-    d = out.drift
-    assert (d.at_target, d.at_source, d.elsewhere, d.missing) == (res.manifest["moves"], 0, 0, 0)
-    assert d.plan_keys_above_cutoff == d.rows_above_cutoff == res.manifest["moves"]
-    assert d.other_changed == 0 and not d.drift and out.exit_code == 0
-    assert d.digest_matches_snapshot is False
 
 
 def test_validate_compare_unknown_plan_exit_2(keyspace):
