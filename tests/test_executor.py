@@ -358,6 +358,23 @@ def test_swapping_already_applied_becomes_done_without_rewrite(tmp_path):
     assert all(n == 1 for n in write_counts(cfg).values())
 
 
+def test_lost_checkpoints_after_swap_resume_without_rewrite(tmp_path):
+    """Every checkpoint lost after the swaps committed: the rerun finds the keys at their
+    targets, does not copy over them, and records them Done without writing the map again."""
+    import shutil
+
+    cfg = make_keyspace(tmp_path, keys=300)
+    originals = all_records(cfg)
+    plan_dir, m = planned(cfg)
+    api.run(cfg, plan_dir, out=quiet)
+    shutil.rmtree(os.path.join(plan_dir, "checkpoints"))
+    os.remove(os.path.join(plan_dir, "summary.json"))
+    res = api.run(cfg, plan_dir, out=quiet)
+    assert res.summary["done"] == m["moves"] and res.metrics.get("copied", 0) == 0
+    assert res.summary["done_by_verification"] == {"already_swapped": m["moves"]}
+    assert_migrated(cfg, plan_dir, m, originals)
+
+
 def test_retry_failed(tmp_path):
     cfg = with_faults(make_keyspace(tmp_path, keys=400), {"seed": 1, "copy": {"permanent_rate": 0.25}})
     plan_dir, m = planned(cfg)

@@ -785,8 +785,8 @@ class SqliteMapStore(_SqliteBase):
         if fence is not None:
             if not self.supports_fence(fence):
                 raise TypeError("swap_batch: fence must be a SqliteDataStore")
-            if any(it.source_version is None for it in norm):
-                raise ValueError("swap_batch: a fenced swap needs source_version on every item")
+            # an item without source_version can only be confirmed "already" at its
+            # target; were it to be applied, it counts as source_changed (re-copy first)
         texts = _texts([it.key for it in norm], self.key_type)
 
         # One decision per distinct key; an inconsistent duplicate is a conflict.
