@@ -527,6 +527,12 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     if hasattr(map_store, "release_run"):
         map_store.release_run(plan_id, lease.epoch)
     lease.release()
+    for reason, n in summary["failures_by_reason"].items():
+        out(f"failed[{reason}]: {n}")
+    for method, n in summary["done_by_verification"].items():
+        out(f"done_by_verification[{method}]: {n}")
+    out(f"elapsed: {summary['elapsed_s']:.1f}s keys_per_s: {summary['keys_per_s']:.0f} "
+        f"retries: {summary['retries_this_run']}")
     out(summary_line(summary))
     if stopped and not summary["complete"]:
         out("interrupted: checkpoints flushed; rerun to resume")

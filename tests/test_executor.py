@@ -233,6 +233,37 @@ def test_sampled_escalates_on_mismatch(tmp_path):
     assert "full" in res.summary["done_by_verification"]
 
 
+def test_copy_everything_before_verifying_when_not_interleaved(tmp_path):
+    calls = []
+    orig_copy, orig_hashes = SqliteDataStore.copy, SqliteDataStore.hashes
+
+    def copy(self, keys, source, target):
+        calls.append("copy")
+        return orig_copy(self, keys, source, target)
+
+    def hashes(self, keys, shard):
+        calls.append("verify")
+        return orig_hashes(self, keys, shard)
+
+    SqliteDataStore.copy, SqliteDataStore.hashes = copy, hashes
+    try:
+        for interleave in (False, True):
+            calls.clear()
+            cfg = make_keyspace(tmp_path / str(interleave), keys=600, interleave_copy_and_verify=interleave,
+                                write_fence="auto")
+            plan_dir, m = planned(cfg)
+            res = api.run(cfg, plan_dir, out=quiet)
+            assert res.summary["done"] == m["moves"]
+            first_verify = calls.index("verify")
+            last_copy = len(calls) - 1 - calls[::-1].index("copy")
+            if not interleave:
+                assert last_copy < first_verify  # a barrier: all copies, then verification
+            else:
+                assert first_verify < last_copy  # overlapped
+    finally:
+        SqliteDataStore.copy, SqliteDataStore.hashes = orig_copy, orig_hashes
+
+
 def test_swap_transient_twice_then_applied(tmp_path):
     cfg = with_faults(make_keyspace(tmp_path, keys=300), {"swap": {"transient_first": 2}})
     originals = all_records(cfg)

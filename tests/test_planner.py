@@ -211,3 +211,36 @@ def test_dry_run_capacity_check(tmp_path):
     res = make_plan(_cfg(tmp_path, [], target=roomy), snapshot=str(snap), dry_run=True, out=lambda _l: None)
     assert res.capacity_ok
     assert res.manifest["capacity"][0]["headroom_keys_pct"] > 10
+
+
+def test_golden_small_plan(tmp_path):
+    """Pins the wire format: snapshot digest, plan id and move count of a fixed plan.
+    A change here changes every plan id: do it deliberately (CONTRACTS "Plan identity")."""
+    ring = _ring(SHARDS4)
+    rows = [(f"golden-{i}".encode(), ring.assign_one(f"golden-{i}".encode())) for i in range(200)]
+    snap = _write_snapshot(tmp_path / "s.parquet", rows)
+    res = make_plan(_cfg(tmp_path, SHARDS4 + ["s4"]), snapshot=str(snap), out=lambda _l: None)
+    assert res.manifest["snapshot"]["digest"] == "0fa7f25cedfccf841e80e18582de866b842540418342ee08dd7ce5da2022a866"
+    assert res.plan_id == "749b9ee26c291e0e647eb10d126197bb0d8ecdb996c7a37b9de9a1abc293d566"
+    assert res.manifest["moves"] == 45
+
+
+def test_dry_run_capacity_in_bytes(tmp_path):
+    from pipeline import api
+
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=2000, shards=4)
+    cfg = load_config(info["config"])
+    raw_target = [{"id": s, "capacity_bytes": 10**9} for s in SHARDS4] + [{"id": "s4", "capacity_bytes": 1000}]
+    import dataclasses
+    from pipeline.config import TargetShard
+
+    cfg = dataclasses.replace(cfg, target_shards=tuple(TargetShard(t["id"], 1.0, None, t["capacity_bytes"])
+                                                        for t in raw_target))
+    lines = []
+    res = api.plan(cfg, dry_run=True, out=lines.append)
+    assert not res.capacity_ok
+    s4 = next(r for r in res.manifest["capacity"] if r["shard"] == "s4")
+    assert s4["bytes_before"] == 0 and s4["bytes_after"] > 1000 and s4["headroom_bytes_pct"] < 0
+    s0 = next(r for r in res.manifest["capacity"] if r["shard"] == "s0")
+    assert s0["bytes_after"] < s0["bytes_before"]
+    assert any("s4" in l and "OVER" in l for l in lines)
