@@ -176,6 +176,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("write_fence", "auto", "choice", "auto: check source versions inside the swap transaction where the stores allow it, else re-check them under the source's write lock just before the swap; recheck: always the latter.", choices=("auto", "recheck")),
     OptionSpec("lease_ttl", 60.0, "duration", "Executor lease expiry; renewed every third of it while running.", 5.0, 86400.0),
     OptionSpec("progress_interval", 1.0, "duration", "Minimum time between progress events.", 0.1, 3600.0),
+    OptionSpec("shard_max_in_flight", 0, "int", "Per-shard cap on copy calls in flight, per worker process (0 = no cap).", 0, 100000),
+    OptionSpec("shard_max_keys_per_s", 0.0, "float", "Per-shard cap on keys copied per second, per worker process (0 = no cap).", 0.0, 1e9),
+    OptionSpec("adaptive_throttling", True, "bool", "Back off a shard's copy concurrency when its latency or error rate rises; ramp up when it recovers."),
 )
 OPTION_NAMES = tuple(o.name for o in OPTIONS)
 _SPEC = {o.name: o for o in OPTIONS}
@@ -250,6 +253,12 @@ def _store_section(raw: Any, base: str, what: str) -> dict:
     for k in ("path", "directory"):
         if k in out:
             out[k] = _resolve(base, out[k], f"{what}.{k}")
+    if isinstance(out.get("shards"), Mapping):  # object / per-shard locations
+        shards = {}
+        for sid, loc in out["shards"].items():
+            shards[sid] = _resolve(base, loc, f"{what}.shards.{sid}") if isinstance(loc, str) and "://" not in loc \
+                and not loc.startswith("postgres") and "=" not in loc else loc
+        out["shards"] = shards
     return out
 
 
@@ -358,6 +367,13 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, ra
     snapshot = raw.get("snapshot")
     if snapshot is not None:
         snapshot = _resolve(base, snapshot, "snapshot")
+    ds_shards = data_store.get("shards")
+    if isinstance(ds_shards, Mapping):
+        needed = set(cur) | {t.id for t in tshards}
+        missing = sorted(needed - set(ds_shards))
+        if missing:
+            raise BadInput(f"config data_store.shards: {len(missing)} shard ids have no location "
+                           f"({', '.join(missing[:3])})")
     return Config(
         key_type=key_type,
         work_dir=work_dir,

@@ -2,8 +2,10 @@
 
 :mod:`pipeline.fs` imports this module lazily for every ``gs://`` path; the
 object-store data mover (:mod:`pipeline.stores.objects`) uses its
-object-level calls.  Never imports Beam at module level (only
-:func:`configure_for_emulator` touches Beam's credential cache).
+object-level calls.  Never imports Beam at module level: only
+:func:`beam_gcsio` (bulk IO) and :func:`short_circuit_beam_credentials`
+import it, and :func:`configure_for_emulator` patches Beam's credential cache
+without importing Beam.
 
 Commits (CONTRACTS "Atomic commit")
 -----------------------------------
@@ -401,27 +403,36 @@ def exists(path: str) -> bool:
     bucket, name = parse(path)
     if name and not name.endswith("/") and stat(path) is not None:
         return True
-    with _Calls("exists", path):
-        it = client().list_blobs(bucket, prefix=_dir_prefix(name), max_results=1, retry=_retry(),
-                                 timeout=_TIMEOUT)
-        return any(True for _ in it)
+    try:
+        with _Calls("exists", path):
+            it = client().list_blobs(bucket, prefix=_dir_prefix(name), max_results=1, retry=_retry(),
+                                     timeout=_TIMEOUT)
+            return any(True for _ in it)
+    except FileNotFoundError:  # no such bucket
+        return False
 
 
 def listdir(path: str) -> list[str]:
-    """Names directly below ``path`` (objects and sub-"directories", no slash), sorted."""
+    """Names directly below ``path`` (objects and sub-"directories", no slash), sorted.
+
+    Like a missing local directory, a missing prefix or bucket lists as empty.
+    """
     bucket, name = parse(path)
     prefix = _dir_prefix(name)
     out = set()
-    with _Calls("listdir", path):
-        it = client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_retry(), timeout=_TIMEOUT)
-        for blob in it:
-            rest = blob.name[len(prefix):]
-            if rest:
-                out.add(rest)
-        for p in it.prefixes:
-            rest = p[len(prefix):].rstrip("/")
-            if rest:
-                out.add(rest)
+    try:
+        with _Calls("listdir", path):
+            it = client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_retry(), timeout=_TIMEOUT)
+            for blob in it:
+                rest = blob.name[len(prefix):]
+                if rest:
+                    out.add(rest)
+            for p in it.prefixes:
+                rest = p[len(prefix):].rstrip("/")
+                if rest:
+                    out.add(rest)
+    except FileNotFoundError:  # no such bucket: as empty as a missing local directory
+        return []
     return sorted(out)
 
 
@@ -430,11 +441,14 @@ def list_objects(path: str) -> list[tuple[str, int]]:
     bucket, name = parse(path)
     prefix = _dir_prefix(name)
     out = []
-    with _Calls("list", path):
-        for blob in client().list_blobs(bucket, prefix=prefix, retry=_retry(), timeout=_TIMEOUT):
-            if blob.name.endswith("/"):  # a "folder" placeholder, not a file
-                continue
-            out.append((f"gs://{bucket}/{blob.name}", int(blob.size or 0)))
+    try:
+        with _Calls("list", path):
+            for blob in client().list_blobs(bucket, prefix=prefix, retry=_retry(), timeout=_TIMEOUT):
+                if blob.name.endswith("/"):  # a "folder" placeholder, not a file
+                    continue
+                out.append((f"gs://{bucket}/{blob.name}", int(blob.size or 0)))
+    except FileNotFoundError:  # no such bucket: as empty as a missing local directory
+        return []
     out.sort()
     return out
 

@@ -56,13 +56,26 @@ def _holder_dead(holder: dict) -> bool:
 
 
 def read_lease(plan_dir: str) -> dict | None:
-    path = fs.join(plan_dir, "lease.json")
-    if not fs.exists(path):
-        return None
+    return _read_versioned(plan_dir)[0]
+
+
+def _read_versioned(plan_dir: str) -> tuple[dict | None, int]:
+    """(lease document or None, version for a compare-and-swap replace)."""
+    data, version = fs.read_versioned(fs.join(plan_dir, "lease.json"))
+    if data is None:
+        return None, version
     try:
-        return json.loads(fs.read_bytes(path))
+        return json.loads(data), version
     except ValueError:
-        return None
+        return None, version
+
+
+def _commit(plan_dir: str, doc: dict, version: int) -> None:
+    """Replace lease.json only if it is still the version read (CAS; on gs:// by generation)."""
+    try:
+        fs.write_atomic(fs.join(plan_dir, "lease.json"), json.dumps(doc).encode(), if_version=version)
+    except fs.CommitConflict as e:
+        raise LeaseLost("lease changed while it was being written (another executor raced this one)") from e
 
 
 @contextlib.contextmanager
@@ -104,17 +117,18 @@ class Lease:
             "released": released,
         }
 
-    def check(self) -> None:
-        """Raise LeaseLost if another executor has taken the plan over."""
-        cur = read_lease(self.plan_dir)
+    def check(self) -> int:
+        """Raise LeaseLost if another executor has taken the plan over; else the lease's version."""
+        cur, version = _read_versioned(self.plan_dir)
         if cur is None or cur.get("epoch") != self.epoch or cur.get("released"):
             self.lost = True
             raise LeaseLost(f"lease lost: plan is now held by epoch {cur.get('epoch') if cur else '?'}")
+        return version
 
     def renew(self) -> None:
         with _local_lock(self.plan_dir):
-            self.check()
-            fs.write_atomic(fs.join(self.plan_dir, "lease.json"), json.dumps(self._doc()).encode())
+            version = self.check()
+            _commit(self.plan_dir, self._doc(), version)
 
     def start_renewing(self, also=None) -> None:
         """Renew every ttl/3 in a thread; ``also()`` renews other claims (the map store's)."""
@@ -141,9 +155,12 @@ class Lease:
             if self._thread is not None:
                 self._thread.join(timeout=5)
         with _local_lock(self.plan_dir):
-            cur = read_lease(self.plan_dir)
+            cur, version = _read_versioned(self.plan_dir)
             if cur is not None and cur.get("epoch") == self.epoch:
-                fs.write_atomic(fs.join(self.plan_dir, "lease.json"), json.dumps(self._doc(released=True)).encode())
+                try:
+                    _commit(self.plan_dir, self._doc(released=True), version)
+                except LeaseLost:
+                    pass  # someone took it over meanwhile: theirs now
 
 
 def acquire(plan_dir: str, plan_id: str, ttl: float, *, min_epoch: int = 0, now=time.time) -> Lease:
@@ -151,7 +168,7 @@ def acquire(plan_dir: str, plan_id: str, ttl: float, *, min_epoch: int = 0, now=
     pid = os.getpid()
     start = process_start_time(pid)
     with _local_lock(plan_dir):
-        cur = read_lease(plan_dir)
+        cur, version = _read_versioned(plan_dir)
         epoch = max(min_epoch, 0)
         if cur is not None:
             epoch = max(epoch, int(cur.get("epoch", 0)))
@@ -164,5 +181,8 @@ def acquire(plan_dir: str, plan_id: str, ttl: float, *, min_epoch: int = 0, now=
                     f"until {expires}"
                 )
         lease = Lease(plan_dir, plan_id, epoch + 1, ttl, host, pid, start)
-        fs.write_atomic(fs.join(plan_dir, "lease.json"), json.dumps(lease._doc()).encode())
+        try:
+            _commit(plan_dir, lease._doc(), version)
+        except LeaseLost as e:
+            raise Refused("another executor took the plan's lease at the same moment; try again") from e
     return lease

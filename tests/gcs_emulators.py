@@ -115,12 +115,24 @@ def _wait_ready(name: str, url: str, proc: subprocess.Popen) -> Emulator:
     raise RuntimeError(f"{name} did not answer within {READY_TIMEOUT_S:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """Linux: the emulator gets SIGTERM if the test process dies (no orphans after a kill)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 -- best effort (other platforms)
+        pass
+
+
 def _start(name: str, argv_for_port) -> Emulator:
     last = None
     for _ in range(3):  # a free port can be taken between the probe and the bind
         port = _free_port()
         proc = subprocess.Popen(argv_for_port(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
             return _wait_ready(name, f"http://127.0.0.1:{port}", proc)
         except RuntimeError as e:

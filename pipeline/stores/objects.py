@@ -263,6 +263,8 @@ def _store_error(e: BaseException, what: str) -> StoreError:
 
     if gcs.is_transient(e):
         return TransientError(f"{what}: storage unavailable ({type(e).__name__})", reason="unavailable")
+    if isinstance(e, FileNotFoundError) and e.errno is None:  # pipeline.gcs: a 404 (no such bucket)
+        return PermanentError(f"{what}: bucket not found", reason="shard_missing")
     if isinstance(e, OSError) and not _is_google(e):
         if e.errno in _TRANSIENT_ERRNO:
             return TransientError(f"{what}: {os.strerror(e.errno)}", reason="io_busy")
