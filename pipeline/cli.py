@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
     p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
+    p.add_argument("--since", metavar="PLAN",
+                   help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
     _add_common(r)
     r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
@@ -136,7 +138,16 @@ def cmd_plan(args, beam_args) -> int:
     from pipeline.api import plan
 
     cfg = _load(args)
-    res = plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+    if args.since:
+        if args.snapshot:
+            raise BadInput("plan: --since and --snapshot cannot be combined")
+        from pipeline.ops import plan_since
+        from pipeline.planner import resolve_plan_dir
+
+        work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
+        res = plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
+    else:
+        res = plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
         return 4

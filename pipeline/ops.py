@@ -854,7 +854,9 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     with the version just read), so a record rewritten in between is kept.
     Idempotent: deleted records are simply absent next time.  Dry run unless
     ``apply``; with ``apply`` the plan's lease is held (exit 4 while a run or
-    rollback of the plan is in progress).
+    rollback of the plan is in progress).  Refused (exit 4) while a rollback
+    of the plan is unfinished: its copies back onto the source look like the
+    source copies this would delete.
     """
     if older_than < 0:
         raise BadInput(f"cleanup: --older-than must be >= 0, got {older_than}")
@@ -869,6 +871,7 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     res = CleanupResult(plan_id, apply, older_than, cutoff_ms)
     lease = _plan_lease(cfg, plan_dir, manifest) if apply else None
     try:
+        _refuse_during_rollback(cfg, plan_dir)
         for gid, source, target in _groups(manifest):
             t = _merged(plan_dir, plan_id, gid)
             if not t.num_rows:
@@ -895,6 +898,18 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
             lease.release()
     _print_cleanup(cfg, ds, res, out)
     return res
+
+
+def _refuse_during_rollback(cfg: Config, plan_dir: str) -> None:
+    """An unfinished rollback may have copied records back onto the source already."""
+    from pipeline.errors import Refused
+    from pipeline.executor import summarize
+
+    for rid in _rollback_ids(plan_dir):
+        d = fs.join(cfg.work_dir, "plans", rid)
+        if fs.exists(fs.join(d, "manifest.json")) and not summarize(d, load_manifest(d))["complete"]:
+            raise Refused(f"cleanup: rollback {rid[:12]} of this plan is unfinished; "
+                          "finish it with shardmove rollback first")
 
 
 def _delete(ds, res: CleanupResult, bucket: dict, shard: str, picks: list) -> None:
@@ -931,8 +946,10 @@ def _cleanup_done(ms, ds, res, keys, chash, sver, source, target) -> None:
             _bump(res.skipped, "target_record_missing")
         else:
             value, version = src[k]
-            same = (version == sver[i]) if sver[i] is not None else \
-                (chash[i] is not None and content_hash(value) == chash[i])
+            if sver[i] is None and chash[i] is None:
+                _bump(res.skipped, "no_copy_record")  # Done without a recorded copy: cannot tell
+                continue
+            same = (version == sver[i]) if sver[i] is not None else content_hash(value) == chash[i]
             if same:
                 picks.append((k, version, len(value)))
             else:

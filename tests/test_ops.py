@@ -13,11 +13,13 @@ import sqlite3
 import stat
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import api, ops
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
 from pipeline.config import load_config
+from pipeline.errors import Refused
 from pipeline.executor import summarize
 from pipeline.keys import short_hash_of_key, text_form
 from pipeline.planner import build_ring, load_manifest
@@ -285,6 +287,8 @@ def test_rollback_preserves_target_writes_and_resumes_after_crashes(tmp_path):
     to_verify = to_copy + st["copied"] + st["verifying"]
     to_swap = n - st["done"]
     assert 0 < to_copy and to_verify < to_swap
+    with pytest.raises(Refused, match="rollback .* is unfinished"):  # its copies must not be cleaned up
+        ops.cleanup(cfg, plan_dir, older_than=0, out=quiet)
     # 2nd crash: mid-swap (more transitions than copy and verify make, fewer than the swaps)
     r = run_cli("rollback", plan_dir, "--config", crash_config("crash2.yaml", to_verify + to_swap))
     assert r.returncode == 137, (r.stdout, r.stderr)
