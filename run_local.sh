@@ -47,12 +47,24 @@ ensure_services() {
   fi
 }
 
+ensure_chromium() {
+  # tests/test_report.py renders report.html in headless Chromium (Debian package chromium)
+  command -v chromium >/dev/null 2>&1 && return 0
+  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the report rendering test ..." >&2
+    { $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y chromium; } >.venv/apt-chromium.log 2>&1 \
+      || echo "warning: chromium not installed (see .venv/apt-chromium.log); the rendering test skips, or fails with CI=true" >&2
+  fi
+}
+
 cmd=${1:-demo}
 case "$cmd" in
   test)
     shift || true
     ensure_venv test
     ensure_services
+    ensure_chromium
     exec .venv/bin/python -m pytest -q "$@"
     ;;
   reset)

@@ -56,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
     p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
+    p.add_argument("--report-dir", metavar="DIR", help="also write the plan report (report.html + PNG charts) into DIR")
     p.add_argument("--since", metavar="PLAN",
                    help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
     _add_common(r)
     r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
+    r.add_argument("--prometheus", metavar="FILE", help="write the final summary as a Prometheus textfile")
     r.add_argument("--allow-drift", action="store_true",
                    help="skip keys whose map entry drifted since the snapshot, as Failed(drifted)")
 
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st, options=False)
     st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--prometheus", metavar="FILE", help="also write the status as a Prometheus textfile")
     st.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
                     help="refresh in place every SECONDS (default 2) until the plan completes")
     for mod in _EXTENSIONS:
@@ -137,17 +140,34 @@ def cmd_snapshot(args, beam_args) -> int:
 def cmd_plan(args, beam_args) -> int:
     from pipeline.api import plan
 
-    cfg = _load(args)
-    if args.since:
-        if args.snapshot:
-            raise BadInput("plan: --since and --snapshot cannot be combined")
-        from pipeline.ops import plan_since
-        from pipeline.planner import resolve_plan_dir
+    from pipeline.history import recorded
 
-        work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
-        res = plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
+    cfg = _load(args)
+
+    def make():
+        if args.since:
+            if args.snapshot:
+                raise BadInput("plan: --since and --snapshot cannot be combined")
+            from pipeline.ops import plan_since
+            from pipeline.planner import resolve_plan_dir
+
+            work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
+            return plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
+        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+
+    if args.dry_run:
+        res = make()
     else:
-        res = plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+        with recorded(cfg.work_dir, "plan") as h:
+            res = make()
+            m = res.manifest
+            h["plan_id"] = res.plan_id
+            h["details"] = {"moves": m["moves"], "keys_examined": m["keys_examined"], "window": m["window"],
+                            "created": res.created, "since": args.since}
+    if args.report_dir:
+        from pipeline.report import write_plan_report
+
+        print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
         return 4
@@ -166,9 +186,22 @@ def _plan_dir(args, cfg=None):
 def cmd_run(args, beam_args) -> int:
     from pipeline.api import run
 
+    from pipeline.history import recorded
+
     cfg = _load(args)
-    res = run(cfg, _plan_dir(args, cfg), retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-              beam_args=beam_args)
+    plan_dir = _plan_dir(args, cfg)
+    with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
+        res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
+                  beam_args=beam_args)
+        s = res.summary
+        h["plan_id"], h["code"] = res.plan_id, res.exit_code
+        h["details"] = {"planned": s["planned"], "done": s["done"], "failed": s["failed"],
+                        "elapsed_s": s.get("elapsed_s"), "nothing_to_do": res.nothing_to_do,
+                        "retry_failed": args.retry_failed, "allow_drift": args.allow_drift}
+    if args.prometheus:
+        from pipeline.prom import summary_to_prometheus, write_textfile
+
+        write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
     return res.exit_code
 
 
@@ -206,6 +239,11 @@ def cmd_status(args, beam_args) -> int:
     plan_dir = _plan_dir(args, cfg)
     while True:
         s = status(plan_dir)
+        if args.prometheus:
+            from pipeline.cli_reports import with_last_run
+            from pipeline.prom import summary_to_prometheus, write_textfile
+
+            write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
         if args.json:
             text = json.dumps(s, indent=1, sort_keys=True)
         else:

@@ -101,6 +101,7 @@ class DriftReport:
     snapshot_cutoff: int | None = None
     rows_above_cutoff: int | None = None  # count_above(cutoff) after the pass
     plan_keys_above_cutoff: int = 0
+    swapped_by_plan: int = 0  # plan keys at their target with version > cutoff (this plan's own swaps)
     rewritten_at_source: int = 0  # plan keys at their source with version > cutoff: drift
     other_changed: int | None = None  # non-plan rows created or changed since the snapshot: drift
     concurrent_writes: int = 0  # change numbers issued while the comparison ran
@@ -320,6 +321,7 @@ def compare_plan(map_store, plan_dir: str, manifest: dict, *, lookup_batch: int 
                 rep.plan_keys_above_cutoff += above
                 if shard == target:
                     rep.at_target += 1
+                    rep.swapped_by_plan += above
                 elif shard == source:
                     rep.at_source += 1
                     rep.rewritten_at_source += above
@@ -383,8 +385,9 @@ def format_lines(res: ValidationResult) -> list[str]:
             lines.append("changed since snapshot: not checked (the plan's snapshot has no version cutoff)")
         else:
             lines.append(f"changed since snapshot (version > {d.snapshot_cutoff}): rows={d.rows_above_cutoff} "
-                         f"by_this_plan={d.plan_keys_above_cutoff - d.rewritten_at_source} "
-                         f"plan_keys_rewritten_at_source={d.rewritten_at_source} other_keys={d.other_changed}")
+                         f"swapped_by_this_plan={d.swapped_by_plan} "
+                         f"other_plan_keys={d.plan_keys_above_cutoff - d.swapped_by_plan} "
+                         f"other_keys={d.other_changed}")
         if d.digest_matches_snapshot is not None:
             lines.append("topology equals plan snapshot: " + ("yes" if d.digest_matches_snapshot else "no"))
         if d.concurrent_writes:

@@ -125,7 +125,7 @@ def test_validate_compare_own_swaps_are_not_drift_but_planted_drift_is(keyspace)
     assert api.run(cfg, res.plan_dir, out=quiet).exit_code == 0
     d = V.validate(cfg, compare_plan_dir=res.plan_dir).drift
     assert (d.at_target, d.at_source, d.elsewhere, d.missing) == (moves, 0, 0, 0)
-    assert d.plan_keys_above_cutoff == d.rows_above_cutoff == moves
+    assert d.plan_keys_above_cutoff == d.swapped_by_plan == d.rows_above_cutoff == moves
     assert d.other_changed == 0 and not d.drift and d.digest_matches_snapshot is False
 
     # behind the plan's back: one plan key to a third shard (a real compare-and-set swap),
@@ -148,6 +148,7 @@ def test_validate_compare_own_swaps_are_not_drift_but_planted_drift_is(keyspace)
     d = json.loads(r.stdout)["drift"]
     assert (d["elsewhere"], d["missing"], d["other_changed"], d["rewritten_at_source"]) == (1, 1, 1, 0)
     assert d["at_target"] == moves - 2 and d["at_source"] == 0 and d["drift"] is True
+    assert d["swapped_by_plan"] == moves - 2 and d["plan_keys_above_cutoff"] == moves - 1
     assert r.stderr.startswith("error: validate: drift detected")
     for k in (keys[0], keys[1], b"created-after-snapshot"):
         assert k.decode() not in r.stdout + r.stderr
@@ -157,3 +158,42 @@ def test_validate_compare_unknown_plan_exit_2(keyspace):
     path, _cfg = keyspace
     r = run_cli("validate", "--config", path, "--compare", "0" * 64)
     assert r.returncode == 2 and "no committed plan" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_validate_works_through_the_map_store_protocol_on_other_stores(kind, tmp_path):
+    """The same digest as a snapshot of the same store; a planted drift found by compare_plan."""
+    import contextlib
+
+    from services import dsn_for, fresh_database, fresh_prefix
+
+    rows = [(f"k{i:05d}".encode(), f"s{i % 3}") for i in range(700)] + [(b"odd-one", "s9")]
+    with contextlib.ExitStack() as stack:
+        if kind == "postgres":
+            from pipeline.stores.postgres import PostgresMapStore
+
+            store = PostgresMapStore.create(dsn_for(stack.enter_context(fresh_database("val"))))
+        else:
+            from pipeline.stores.redis_store import RedisMapStore
+            from services import require_redis
+
+            store = RedisMapStore.create(require_redis(), prefix=stack.enter_context(fresh_prefix("val")))
+        stack.callback(store.close)
+        store.put_many(rows)
+        rep = V.validate_topology(store, {"s0", "s1", "s2"}, 250)
+        assert rep.digest == take_snapshot(store, str(tmp_path / "w"), 250, store.key_type).digest
+        assert rep.per_shard == {"s0": 234, "s1": 233, "s2": 233, "s9": 1} and rep.unknown_shard_rows == 1
+        cutoff = store.max_version()
+        # a hand-made two-key plan: k00000 s0 -> s1 (then moved to s2 behind its back), k00003 s0 -> s1
+        plan = tmp_path / "plan"
+        (plan / "moves").mkdir(parents=True)
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"key": pa.array([b"k00000", b"k00003"], pa.binary())}),
+                       str(plan / "moves" / "s0~s1~00000.parquet"))
+        manifest = {"plan_id": "e" * 64, "moves": 2, "snapshot": {"digest": rep.digest, "cutoff": cutoff},
+                    "files": [{"group": "s0~s1~00000", "source": "s0", "target": "s1", "rows": 2}]}
+        assert not V.compare_plan(store, str(plan), manifest).drift
+        assert store.swap_batch([(b"k00000", "s0", "s2")]).committed
+        d = V.compare_plan(store, str(plan), manifest)
+        assert (d.at_source, d.elsewhere, d.other_changed, d.drift) == (1, 1, 0, True)
