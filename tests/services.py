@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from typing import Iterator
 
@@ -112,3 +116,82 @@ def fresh_prefix(tag: str = "t") -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+# ------------------------------------------------- the CLI, killed and resumed
+
+
+def plan_moves(plan_dir: str, manifest: dict) -> list:
+    """Every planned move as (canonical key, source, target)."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in manifest["files"]:
+        t = pq.read_table(os.path.join(plan_dir, "moves", f["group"] + ".parquet"))
+        rows += list(zip(t["key"].to_pylist(), t["source"].to_pylist(), t["target"].to_pylist()))
+    return rows
+
+
+def wait_for_parts(plan_dir: str, n: int, timeout: float = 180) -> int:
+    """Block until at least n checkpoint parts are committed (the run is mid-way)."""
+    root = os.path.join(plan_dir, "checkpoints")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        found = sum(len([f for f in fs if f.startswith("part-")]) for _d, _s, fs in os.walk(root))
+        if found >= n:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("the run never committed a checkpoint")
+
+
+def run_killed_then_resumed(tmp_path, raw: dict, parts_before_kill: int = 3):
+    """plan -> run -> SIGKILL mid-run -> rerun -> status, through the real CLI.
+
+    Writes ``raw`` as ``<tmp_path>/shardmove.yaml`` (0600).  Returns (plan dir,
+    manifest, every stdout/stderr produced) after checking the rerun's summary
+    line and ``status`` exit 0."""
+    import yaml
+
+    from conftest import run_cli
+    from pipeline.planner import load_manifest
+
+    cfgpath = str(tmp_path / "shardmove.yaml")
+    fd = os.open(cfgpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(raw, f)
+    outs = []
+    r = run_cli("plan", "--config", cfgpath, "--log-level", "DEBUG")
+    outs += [r.stdout, r.stderr]
+    assert r.returncode == 0, r.stderr
+    plan_id = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("plan id: "))
+    plan_dir = os.path.join(raw["work_dir"], "plans", plan_id)
+    sm = os.path.join(os.path.dirname(sys.executable), "shardmove")
+    p = subprocess.Popen([sm, "run", plan_id, "--config", cfgpath, "--log-level", "DEBUG"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_parts(plan_dir, parts_before_kill)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        out, err = p.communicate()
+    outs += [out, err]
+    assert p.returncode == -signal.SIGKILL
+    r = run_cli("run", plan_id, "--config", cfgpath, "--log-level", "DEBUG", "--debug")
+    outs += [r.stdout, r.stderr]
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(plan_dir)
+    assert f"summary: planned={m['moves']} done={m['moves']} failed=0" in r.stdout
+    st = run_cli("status", plan_id, "--config", cfgpath)
+    outs += [st.stdout, st.stderr]
+    assert st.returncode == 0 and "state: complete" in st.stdout, st.stdout + st.stderr
+    return plan_dir, m, outs
+
+
+def assert_no_secret(outs: list, work_dir: str, secret: str) -> None:
+    """``secret`` appears in no output and in no file of the work directory."""
+    blob = "\n".join(outs)
+    assert "summary: planned=" in blob
+    assert secret not in blob
+    for d, _s, files in os.walk(work_dir):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                assert secret.encode() not in f.read(), os.path.join(d, name)

@@ -10,18 +10,12 @@ import datetime as dt
 import decimal
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 
 import psycopg
-import pyarrow.parquet as pq
 import pytest
 import xxhash
-import yaml
 
 from pipeline import api, errors
 from pipeline import states as S
@@ -40,8 +34,16 @@ from pipeline.stores.postgres import (
     redact_dsn,
 )
 
-from conftest import ROOT, run_cli
-from services import dsn_for, fresh_database, pg_execute, require_postgres
+from conftest import ROOT
+from services import (
+    assert_no_secret,
+    dsn_for,
+    fresh_database,
+    pg_execute,
+    plan_moves,
+    require_postgres,
+    run_killed_then_resumed,
+)
 
 ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
 SECRET = "sekret-pw-123"
@@ -378,6 +380,42 @@ def test_swap_of_a_locked_map_is_transient(db):
     assert store.swap_batch([(keys[0], "a", "b")]).applied == (0,)
 
 
+# ------------------------------------------------------------- run registry
+
+
+def test_run_registry_refuses_overlaps_and_fences_stale_epochs(db):
+    from pipeline.errors import Refused
+    from pipeline.lease import LeaseLost
+
+    keys = demo_keys(6, KeyType.STRING)
+    store = make_map(db, rows=[(k, "a") for k in keys])
+    now = time.time()
+    a, b = "a" * 64, "b" * 64
+    store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now)
+    with pytest.raises(Refused, match=r"plan aaaaaaaaaaaa \(held by host-a:1\) may move the same keys"):
+        store.claim_run(b, 1, (0x70, 0xFF), "host-b:2", 60, now)
+    store.claim_run(b, 1, (0x80, 0xFF), "host-b:2", 60, now)  # a disjoint window runs beside it
+    store.renew_run(a, 1, 60, now + 1)
+    assert store.swap_batch([(keys[0], "a", "b")], token=(a, 1)).applied == (0,)
+    store.claim_run(a, 2, (0x00, 0x7F), "host-c:3", 60, now + 2)  # a newer executor of plan a
+    with pytest.raises(LeaseLost, match="claimed by a newer executor"):
+        store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now + 3)
+    with pytest.raises(LeaseLost, match="was taken over"):
+        store.renew_run(a, 1, 60, now + 3)
+    before = store.lookup(keys)
+    with pytest.raises(LeaseLost, match="epoch 1 no longer holds the map store"):
+        store.swap_batch([(keys[1], "a", "b")], token=(a, 1))
+    with pytest.raises(LeaseLost, match=r"now none"):
+        store.swap_batch([(keys[1], "a", "b")], token=("c" * 64, 1))
+    assert store.lookup(keys) == before  # nothing applied
+    store.release_run(a, 2)
+    with pytest.raises(Refused, match="bbbbbbbbbbbb"):  # b still holds 80-FF
+        store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
+    store.release_run(b, 1)
+    store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
+    assert store.swap_batch([(keys[1], "a", "b")], token=("d" * 64, 1)).applied == (0,)
+
+
 # ----------------------------------------------------------------------- data
 
 
@@ -560,6 +598,24 @@ def test_fenced_swap_waits_for_source_writers(db):
     assert store.swap_batch([(o.key, "s0", "s1", o.source_version) for o in out], fence=data).committed
 
 
+def test_write_fence_holds_writers_and_reads_versions(db):
+    data, keys = _two_shards(db, n=4, lock_timeout=0.2)
+    out = data.copy(keys, "s0", "s1")
+    with data.write_fence("s0") as versions:
+        assert versions(keys + [b"absent"]) == {o.key: o.source_version for o in out}
+        with psycopg.connect(db.dsn(options=f"-c search_path={db.ns} -c lock_timeout=200")) as writer:
+            with pytest.raises(psycopg.errors.LockNotAvailable):  # any writer waits for the fence
+                writer.execute(f"UPDATE {q(db, 's0', 'orders')} SET item = 'x' WHERE tenant_id = %s",
+                               (keys[1].decode(),))
+    with psycopg.connect(db.dsn()) as writer:  # a writer mid-transaction: the fence cannot start
+        writer.execute(f"UPDATE {q(db, 's0', 'orders')} SET item = item WHERE tenant_id = %s", (keys[1].decode(),))
+        with pytest.raises(errors.TransientError, match="write fence: canceling statement due to lock timeout"):
+            with data.write_fence("s0"):
+                pass
+        writer.rollback()
+    assert data.hashes(keys, "s0") == data.hashes(keys, "s1")
+
+
 # ------------------------------------------------------- keyspace end to end
 
 CURRENT = ["s0", "s1", "s2", "s3"]
@@ -602,14 +658,6 @@ def build_keyspace(tmp_path, db, other_db, n, password=None, **options):
     raw.update(options)
     originals = {s: dump(db, s) for s in CURRENT}
     return raw, originals
-
-
-def plan_moves(plan_dir, manifest):
-    rows = []
-    for f in manifest["files"]:
-        t = pq.read_table(os.path.join(plan_dir, "moves", f["group"] + ".parquet"))
-        rows += list(zip(t["key"].to_pylist(), t["source"].to_pylist(), t["target"].to_pylist()))
-    return rows
 
 
 def shard_data(db, other_db, shard):
@@ -675,67 +723,6 @@ def test_executor_cas_conflict_fails_only_that_key(tmp_path, db):
     assert_as_planned(db, None, moves, originals, failed={key})
 
 
-def _wait_for_parts(plan_dir, n, timeout=120):
-    root = os.path.join(plan_dir, "checkpoints")
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        found = sum(len([f for f in fs if f.startswith("part-")]) for _d, _s, fs in os.walk(root))
-        if found >= n:
-            return found
-        time.sleep(0.02)
-    raise AssertionError("the run never committed a checkpoint")
-
-
-def run_killed_then_resumed(tmp_path, raw, witness_keys=()):
-    """plan -> run -> SIGKILL mid-run -> rerun -> status, through the real CLI.
-
-    Returns (plan dir, manifest, every stdout/stderr produced)."""
-    cfgpath = tmp_path / "shardmove.yaml"
-    fd = os.open(cfgpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(raw, f)
-    outs = []
-    r = run_cli("plan", "--config", str(cfgpath), "--log-level", "DEBUG")
-    outs += [r.stdout, r.stderr]
-    assert r.returncode == 0, r.stderr
-    plan_id = next(l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("plan id: "))
-    plan_dir = os.path.join(raw["work_dir"], "plans", plan_id)
-    sm = os.path.join(os.path.dirname(sys.executable), "shardmove")
-    p = subprocess.Popen([sm, "run", plan_id, "--config", str(cfgpath), "--log-level", "DEBUG"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_parts(plan_dir, 3)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        out, err = p.communicate()
-    outs += [out, err]
-    assert p.returncode == -signal.SIGKILL
-    st = run_cli("status", plan_id, "--config", str(cfgpath))
-    outs += [st.stdout, st.stderr]
-    assert st.returncode in (5, 0), st.stderr
-    r = run_cli("run", plan_id, "--config", str(cfgpath), "--log-level", "DEBUG", "--debug")
-    outs += [r.stdout, r.stderr]
-    assert r.returncode == 0, r.stderr
-    m = load_manifest(plan_dir)
-    assert f"summary: planned={m['moves']} done={m['moves']} failed=0" in r.stdout
-    st = run_cli("status", plan_id, "--config", str(cfgpath), "--json")
-    outs += [st.stdout, st.stderr]
-    st = run_cli("status", plan_id, "--config", str(cfgpath))
-    outs += [st.stdout, st.stderr]
-    assert st.returncode == 0 and "state: complete" in st.stdout
-    return plan_dir, m, outs
-
-
-def assert_no_secret(outs, work_dir, secret=SECRET):
-    blob = "\n".join(outs)
-    assert "summary: planned=" in blob
-    assert secret not in blob
-    for d, _s, files in os.walk(work_dir):
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                assert secret.encode() not in f.read(), os.path.join(d, name)
-
-
 def test_cli_kill_and_resume_postgres_map_and_shards(tmp_path, db):
     """The whole migration through the CLI, killed mid-run, on PostgreSQL map + shards
     (two tables per key), with a DSN password that must never be echoed."""
@@ -748,4 +735,4 @@ def test_cli_kill_and_resume_postgres_map_and_shards(tmp_path, db):
         plan_dir, m, outs = run_killed_then_resumed(tmp_path, raw)
         assert m["moves"] > 100
         assert_as_planned(db, other, plan_moves(plan_dir, m), originals)
-        assert_no_secret(outs, raw["work_dir"])
+        assert_no_secret(outs, raw["work_dir"], SECRET)

@@ -11,6 +11,11 @@ optionally ``schema.table``)::
 
     <table>(key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version BIGINT NOT NULL)
     + index <table>_version_idx(version)
+    <table>_runs(plan_id TEXT PRIMARY KEY, epoch BIGINT, window_lo INTEGER, window_hi INTEGER,
+                 holder TEXT, expires_at DOUBLE PRECISION)   -- the executors' run registry
+
+``create()`` / ``ensure_schema()`` create the table and index (and the schema
+if named); ``claim_run`` creates the registry table.  Nothing else is created.
 
 ``version`` is the keyspace-wide change number of the SQLite map: every write
 transaction (a ``put_many`` chunk, a swap batch) stamps its rows with
@@ -32,8 +37,8 @@ columns take ``\\x<hex>``); co-located tables move together.  See
 :class:`PostgresDataStore` for the canonical row encoding, the copy and the
 pseudo-version used by the write fence.
 
-Connections: a small bounded pool per DSN (``pool_size``, default 8) shared by
-a store's threads; ``connect_timeout`` (default 5 s) bounds connecting and
+Connections: a small bounded pool per DSN (``pool_size``: 4 for the map, 8 per
+shard for the data store) shared by a store's threads; ``connect_timeout`` (default 5 s) bounds connecting and
 ``lock_timeout`` (default 5 s) bounds every lock wait.  Credentials come from
 the DSN or the standard libpq mechanisms (``PGPASSWORD``, ``~/.pgpass``,
 ``PGSERVICE``...).  Every session uses ISO dates, UTC, shortest-exact floats
@@ -52,6 +57,7 @@ reaches a traceback.  DSNs are shown only through :func:`redact_dsn`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
 import time
@@ -83,6 +89,8 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "DEFAULT_POOL_SIZE",
 ]
+
+LOG = logging.getLogger("shardmove.stores.postgres")
 
 #: Seconds to wait for a connection to open.
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -733,11 +741,86 @@ class PostgresMapStore(_Configured):
         the source records inside the swap's own transaction."""
         if not isinstance(data_store, PostgresDataStore):
             return False
-        mine = self._identity_of()
-        return all(data_store._identity_of(s) == mine for s in data_store.shards)
+        try:
+            mine = self._identity_of()
+            return all(data_store._identity_of(s) == mine for s in data_store.shards)
+        except StoreError as e:  # cannot tell: the caller falls back to its re-check fence
+            LOG.warning("write fence: cannot compare the map's and the shards' databases (%s); "
+                        "not fencing inside the swap transaction", e.reason)
+            return False
+
+    # ------------------------------------------------ run registry (fencing)
+
+    def _runs_table(self) -> sql.Identifier:
+        return _ident(self.schema, self._name[:50] + "_runs")
+
+    def claim_run(self, plan_id: str, epoch: int, window: tuple[int, int], holder: str, ttl: float,
+                  now: float) -> None:
+        """Register this executor (plan, epoch) in ``<table>_runs``, atomically.
+
+        The registry table (``plan_id TEXT PRIMARY KEY, epoch BIGINT, window_lo,
+        window_hi INTEGER, holder TEXT, expires_at DOUBLE PRECISION``, next to
+        the map table) is created here if absent.  Refuses (``Refused``) while
+        another plan whose window overlaps this one holds a live claim; an older
+        epoch of the same plan is refused (``LeaseLost``), a newer one
+        supersedes the claim.  The epoch is the fencing token that
+        :meth:`swap_batch` checks inside its transaction.
+        """
+        from pipeline.errors import Refused
+        from pipeline.lease import LeaseLost
+
+        runs = self._runs_table()
+        try:
+            with self._pool().borrow() as conn:
+                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (plan_id TEXT PRIMARY KEY, "
+                                     "epoch BIGINT NOT NULL, window_lo INTEGER NOT NULL, window_hi INTEGER NOT NULL, "
+                                     "holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)").format(runs))
+                with _txn(conn):
+                    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(runs))
+                    rows = conn.execute(sql.SQL("SELECT plan_id, epoch, window_lo, window_hi, holder, expires_at "
+                                                "FROM {}").format(runs)).fetchall()
+                    for pid, ep, lo, hi, who, exp in rows:
+                        if pid == plan_id:
+                            if ep > epoch:
+                                raise LeaseLost(f"plan {plan_id[:12]} is already claimed by a newer executor "
+                                                f"(epoch {ep})")
+                            continue
+                        if exp > now and lo <= window[1] and window[0] <= hi:
+                            raise Refused(f"plan {pid[:12]} (held by {who}) may move the same keys and is running "
+                                          f"on this map store until {_iso(exp)}; refusing to run plan {plan_id[:12]}")
+                    conn.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (plan_id) DO "
+                                         "UPDATE SET epoch = EXCLUDED.epoch, window_lo = EXCLUDED.window_lo, "
+                                         "window_hi = EXCLUDED.window_hi, holder = EXCLUDED.holder, "
+                                         "expires_at = EXCLUDED.expires_at").format(runs),
+                                 (plan_id, int(epoch), int(window[0]), int(window[1]), holder, float(now + ttl)))
+        except psycopg.Error as e:
+            raise self._error(e, "run claim") from None
+
+    def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
+        """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
+        from pipeline.lease import LeaseLost
+
+        try:
+            with self._pool().borrow() as conn:
+                n = conn.execute(sql.SQL("UPDATE {} SET expires_at = %s WHERE plan_id = %s AND epoch = %s")
+                                 .format(self._runs_table()), (float(now + ttl), plan_id, int(epoch))).rowcount
+        except psycopg.Error as e:
+            raise self._error(e, "run renew") from None
+        if n != 1:
+            raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
+
+    def release_run(self, plan_id: str, epoch: int) -> None:
+        """Give the claim up (kept, expired, so the epoch never goes back)."""
+        try:
+            with self._pool().borrow() as conn:
+                conn.execute(sql.SQL("UPDATE {} SET expires_at = 0 WHERE plan_id = %s AND epoch = %s")
+                             .format(self._runs_table()), (plan_id, int(epoch)))
+        except psycopg.Error as e:
+            raise self._error(e, "run release") from None
 
     def swap_batch(self, items: Sequence[SwapItem | tuple], *,
-                   fence: "PostgresDataStore | None" = None) -> SwapResult:
+                   fence: "PostgresDataStore | None" = None,
+                   token: "tuple[str, int] | None" = None) -> SwapResult:
         """Move a batch of keys to their targets: compare-and-set, all or nothing.
 
         ONE transaction, after ``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE``
@@ -756,6 +839,10 @@ class PostgresMapStore(_Configured):
         swap commits) and recomputes every applied key's pseudo-version from
         its rows; keys whose version differs from ``source_version`` (changed
         or deleted since the copy) are ``source_changed``.
+
+        With ``token`` = (plan id, epoch), the transaction first checks the
+        run registry (:meth:`claim_run`): an executor whose claim was taken
+        over raises ``LeaseLost`` and applies nothing.
 
         Any conflict or changed source rolls the whole batch back.  The same
         key twice with different moves is a conflict.  Lock timeouts,
@@ -794,6 +881,15 @@ class PostgresMapStore(_Configured):
                 conn.execute("BEGIN")
                 try:
                     conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(self._table))
+                    if token is not None:
+                        row = conn.execute(sql.SQL("SELECT epoch FROM {} WHERE plan_id = %s FOR SHARE")
+                                           .format(self._runs_table()), (token[0],)).fetchone()
+                        if row is None or row[0] != token[1]:
+                            conn.execute("ROLLBACK")
+                            from pipeline.lease import LeaseLost
+
+                            raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
+                                            f"(now {row[0] if row else 'none'}); nothing applied")
                     current: dict[str, str] = {}
                     uniq = list(first)
                     for a in range(0, len(uniq), _IN_CHUNK):
@@ -851,6 +947,10 @@ class PostgresMapStore(_Configured):
                     raise
         except psycopg.Error as e:
             raise self._error(e, "map swap") from None
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # ----------------------------------------------------------------- data store
@@ -1256,6 +1356,48 @@ class PostgresDataStore(_Configured):
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.SQL(", ").join(l.ident for l in layouts)))
         recs = self._records(layouts, self._select_rows(conn, layouts, list(texts)))
         return {t: pseudo_version(r) for t, r in recs.items()}
+
+    @contextlib.contextmanager
+    def write_fence(self, shard: str) -> Iterator:
+        """Hold ``shard``'s tables against writers and yield ``versions(keys) -> {key: version}``.
+
+        One transaction on the shard that ``LOCK``s every configured table
+        ``IN SHARE MODE`` (readers go on; every writer -- fence-aware or not --
+        waits) and reads pseudo-versions inside it.  The executor re-checks
+        the source versions and swaps the map while it is held, so no write
+        can reach the source between that check and the swap (the fence used
+        when the map is in another database).  Nothing is written; the
+        transaction is rolled back on exit.  A lock held elsewhere beyond
+        ``lock_timeout`` raises TransientError on entry.
+        """
+        self._shard(shard, "write fence")
+        with self._pool(shard).borrow() as conn:
+            try:
+                conn.execute("BEGIN")
+                layouts = self._layout(shard, conn, "write fence")
+                conn.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(
+                    sql.SQL(", ").join(lay.ident for lay in layouts)))
+            except psycopg.Error as e:
+                raise self._error(e, "write fence") from None
+            kt = self.key_type
+
+            def versions(keys: Sequence[bytes]) -> dict[bytes, int]:
+                texts = _texts(list(keys), kt)
+                back = dict(zip(texts, keys))
+                try:
+                    recs = self._records(layouts, self._select_rows(conn, layouts, list(back)))
+                except psycopg.Error as e:
+                    raise self._error(e, "write fence") from None
+                return {back[t]: pseudo_version(r) for t, r in recs.items()}
+
+            try:
+                yield versions
+            finally:
+                if not conn.closed and not conn.broken:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass
 
     # ---------------------------------------------------------------- reads
 

@@ -9,6 +9,8 @@ Layout (``prefix`` defaults to ``shardmap``)::
     <prefix>:shard    hash     key text -> shard id
     <prefix>:version  hash     key text -> version (decimal)
     <prefix>:clock    string   the keyspace change counter
+    <prefix>:runs     hash     plan id -> JSON claim {epoch, lo, hi, holder, expires_at}
+                               (the executors' run registry, see ``claim_run``)
 
 ``version`` is the keyspace-wide change number of the SQLite map: every write
 batch (a ``put_many`` chunk, a swap batch) runs as ONE Lua script that does
@@ -21,7 +23,7 @@ one script or MULTI).
 The scripts carry a ``#!lua`` shebang (Redis >= 7.0): Redis then refuses them
 up front when it is out of memory instead of failing half-way, so a batch is
 applied entirely or not at all.  In Redis Cluster, put the prefix in braces
-(``{shardmap}``) so that the three keys share a slot.
+(``{shardmap}``) so that the four keys share a slot.
 
 Credentials: the URL (``redis://user:password@host:port/db``,
 ``rediss://`` for TLS); it is only ever shown through
@@ -54,17 +56,26 @@ DEFAULT_PREFIX = "shardmap"
 _WRITE_CHUNK = 10_000  # rows per put_many script call
 _LOOKUP_CHUNK = 10_000
 
-# KEYS: shard hash, version hash, clock.  ARGV[1] = "1" to decide without
-# writing; then (key, expected source, target) triples.  Returns
-# {version or "0", status per item: 0 apply, 1 already at target, 2 conflict}.
+# KEYS: shard hash, version hash, clock, runs hash.  ARGV[1] = "1" to decide
+# without writing; ARGV[2], ARGV[3] = the fencing token (plan id, epoch) or
+# "", ""; then (key, expected source, target) triples.  Returns {version or
+# "0", status per item: 0 apply, 1 already at target, 2 conflict}, or
+# {"lease_lost", current epoch or "none"} when the token no longer holds.
 _SWAP_LUA = """#!lua
+if ARGV[2] ~= '' then
+  local claim = redis.call('HGET', KEYS[4], ARGV[2])
+  local epoch = claim and cjson.decode(claim).epoch
+  if epoch ~= tonumber(ARGV[3]) then
+    return {'lease_lost', epoch and tostring(epoch) or 'none'}
+  end
+end
 local dry = ARGV[1] == '1'
-local n = (#ARGV - 1) / 3
+local n = (#ARGV - 3) / 3
 local status = {}
 local apply = {}
 local conflict = false
 for i = 1, n do
-  local b = 2 + (i - 1) * 3
+  local b = 4 + (i - 1) * 3
   local cur = redis.call('HGET', KEYS[1], ARGV[b])
   if cur == ARGV[b + 2] then
     status[i] = 1
@@ -87,6 +98,35 @@ if (not dry) and (not conflict) and #apply > 0 then
 end
 table.insert(status, 1, version)
 return status
+"""
+
+# KEYS: runs hash.  ARGV: plan id, epoch, window lo, window hi, holder, expires at, now.
+_CLAIM_LUA = """#!lua
+local pid, epoch = ARGV[1], tonumber(ARGV[2])
+local lo, hi, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local r = cjson.decode(all[i + 1])
+  if all[i] == pid then
+    if r.epoch > epoch then return {'newer', tostring(r.epoch)} end
+  elseif r.expires_at > now and r.lo <= hi and lo <= r.hi then
+    return {'overlap', all[i], r.holder, tostring(r.expires_at)}
+  end
+end
+redis.call('HSET', KEYS[1], pid, cjson.encode({epoch = epoch, lo = lo, hi = hi, holder = ARGV[5],
+                                               expires_at = tonumber(ARGV[6])}))
+return {'ok'}
+"""
+
+# KEYS: runs hash.  ARGV: plan id, epoch, new expiry.  Returns 1 if this epoch holds the claim.
+_RENEW_LUA = """#!lua
+local claim = redis.call('HGET', KEYS[1], ARGV[1])
+if not claim then return 0 end
+local r = cjson.decode(claim)
+if r.epoch ~= tonumber(ARGV[2]) then return 0 end
+r.expires_at = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(r))
+return 1
 """
 
 # KEYS: shard hash, version hash, clock.  ARGV: (key, shard) pairs.  Returns the version.
@@ -359,6 +399,7 @@ class RedisMapStore:
         self.shard_key = f"{prefix}:shard"
         self.version_key = f"{prefix}:version"
         self.clock_key = f"{prefix}:clock"
+        self.runs_key = f"{prefix}:runs"
         self._secrets = _dsn_secrets(url)
         self._redis: redis.Redis | None = None
         self._scripts: dict = {}
@@ -411,8 +452,8 @@ class RedisMapStore:
                 except (ValueError, redis.RedisError) as e:
                     raise PermanentError(f"map store: bad Redis URL {redact_dsn(self.url)} ({type(e).__name__})",
                                          reason="cannot_connect") from None
-                self._scripts = {"swap": self._redis.register_script(_SWAP_LUA),
-                                 "put": self._redis.register_script(_PUT_LUA)}
+                self._scripts = {name: self._redis.register_script(src) for name, src in (
+                    ("swap", _SWAP_LUA), ("put", _PUT_LUA), ("claim", _CLAIM_LUA), ("renew", _RENEW_LUA))}
             return self._redis
 
     def _script(self, name: str):
@@ -438,7 +479,8 @@ class RedisMapStore:
 
     def ensure_schema(self) -> None:
         """Nothing to create: checks the server answers and the three keys have the layout's types."""
-        want = {self.shard_key: b"hash", self.version_key: b"hash", self.clock_key: b"string"}
+        want = {self.shard_key: b"hash", self.version_key: b"hash", self.clock_key: b"string",
+                self.runs_key: b"hash"}
         try:
             c = self._client()
             for key, typ in want.items():
@@ -557,7 +599,56 @@ class RedisMapStore:
         """Never: Redis cannot check a data store inside its script."""
         return False
 
-    def swap_batch(self, items: Sequence[SwapItem | tuple], *, fence: object | None = None) -> SwapResult:
+    # ------------------------------------------------ run registry (fencing)
+
+    def claim_run(self, plan_id: str, epoch: int, window: tuple[int, int], holder: str, ttl: float,
+                  now: float) -> None:
+        """Register this executor (plan, epoch) in ``<prefix>:runs``, atomically (one script).
+
+        ``<prefix>:runs`` is a hash: plan id -> JSON ``{epoch, lo, hi, holder,
+        expires_at}``.  Refuses (``Refused``) while another plan whose window
+        overlaps this one holds a live claim; an older epoch of the same plan
+        is refused (``LeaseLost``), a newer one supersedes the claim.  The
+        epoch is the fencing token that :meth:`swap_batch` checks inside its
+        script.
+        """
+        from pipeline.errors import Refused
+        from pipeline.lease import LeaseLost
+
+        try:
+            reply = self._script("claim")(keys=[self.runs_key], args=[
+                plan_id, int(epoch), int(window[0]), int(window[1]), holder, repr(float(now + ttl)), repr(float(now))])
+        except redis.RedisError as e:
+            _raise(e, "run claim", self._secrets)
+        what = reply[0].decode()
+        if what == "newer":
+            raise LeaseLost(f"plan {plan_id[:12]} is already claimed by a newer executor (epoch {reply[1].decode()})")
+        if what == "overlap":
+            import time as _time
+
+            until = _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(float(reply[3])))
+            raise Refused(f"plan {reply[1].decode()[:12]} (held by {reply[2].decode()}) may move the same keys "
+                          f"and is running on this map store until {until}; refusing to run plan {plan_id[:12]}")
+
+    def _renew(self, plan_id: str, epoch: int, expires_at: float, what: str) -> bool:
+        try:
+            return bool(self._script("renew")(keys=[self.runs_key], args=[plan_id, int(epoch), repr(float(expires_at))]))
+        except redis.RedisError as e:
+            _raise(e, what, self._secrets)
+
+    def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
+        """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
+        from pipeline.lease import LeaseLost
+
+        if not self._renew(plan_id, epoch, now + ttl, "run renew"):
+            raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
+
+    def release_run(self, plan_id: str, epoch: int) -> None:
+        """Give the claim up (kept, expired, so the epoch never goes back)."""
+        self._renew(plan_id, epoch, 0.0, "run release")
+
+    def swap_batch(self, items: Sequence[SwapItem | tuple], *, fence: object | None = None,
+                   token: "tuple[str, int] | None" = None) -> SwapResult:
         """Move a batch of keys to their targets: compare-and-set, all or nothing.
 
         ONE Lua script (EVALSHA, falling back to EVAL), atomic on the server:
@@ -568,6 +659,9 @@ class RedisMapStore:
         ``INCR <prefix>:clock`` once and sets every key to apply to its target
         with the new clock value as its version; with any conflict it writes
         nothing.  The same key twice with different moves is a conflict.
+        With ``token`` = (plan id, epoch) the script first checks the run
+        registry (:meth:`claim_run`): a taken-over executor raises
+        ``LeaseLost`` and nothing is applied.
         """
         if fence is not None:
             raise TypeError("swap_batch: the Redis map store cannot fence a swap (supports_fence is False)")
@@ -582,14 +676,20 @@ class RedisMapStore:
             if j != i and norm[j] != it:
                 dup_conflict.add(t)
         uniq = list(first)
-        args: list = ["1" if dup_conflict else "0"]
+        args: list = ["1" if dup_conflict else "0"] + ([token[0], int(token[1])] if token is not None else ["", ""])
         for t in uniq:
             it = norm[first[t]]
             args += [t, it.source, it.target]
         try:
-            reply = self._script("swap")(keys=[self.shard_key, self.version_key, self.clock_key], args=args)
+            reply = self._script("swap")(keys=[self.shard_key, self.version_key, self.clock_key, self.runs_key],
+                                         args=args)
         except redis.RedisError as e:
             _raise(e, "map swap", self._secrets)
+        if reply[0] == b"lease_lost":
+            from pipeline.lease import LeaseLost
+
+            raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
+                            f"(now {reply[1].decode()}); nothing applied")
         version = int(reply[0])
         code = {t: int(s) for t, s in zip(uniq, reply[1:])}
         by: dict[str, list[int]] = {"apply": [], "already": [], "conflict": []}

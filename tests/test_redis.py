@@ -1,0 +1,447 @@
+"""Behaviour of the Redis map store, against a real server.
+
+Every test gets a unique key prefix (tests/services.py) whose keys are deleted
+afterwards; other clients play the applications.  Unreachable server:
+skipped with the reason (failed when CI=true).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sqlite3
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+import yaml
+
+from pipeline import api, errors
+from pipeline import states as S
+from pipeline.backends import map_store_from_spec
+from pipeline.config import load_config
+from pipeline.demo import demo_keys
+from pipeline.keys import KeyType, text_form
+from pipeline.planner import load_manifest
+from pipeline.stores.base import SNAPSHOT_SCHEMA, MapStore, SwapItem
+from pipeline.stores.redis_store import RedisMapSnapshot, RedisMapStore
+from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
+
+from services import assert_no_secret, fresh_prefix, plan_moves, require_redis, run_killed_then_resumed
+
+ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
+SECRET = "sekret-pw-123"
+
+
+@pytest.fixture
+def prefix():
+    with fresh_prefix("redis") as p:
+        yield p
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def client() -> redis.Redis:
+    return redis.Redis.from_url(require_redis())
+
+
+def make_map(prefix, kt=KeyType.STRING, rows=None, **kw) -> RedisMapStore:
+    store = RedisMapStore.create(require_redis(), kt, prefix=prefix, **kw)
+    if rows:
+        store.put_many(rows)
+    return store
+
+
+def state(store) -> tuple:
+    """Everything the layout holds: (shard hash, version hash, clock)."""
+    c = client()
+    return c.hgetall(store.shard_key), c.hgetall(store.version_key), c.get(store.clock_key)
+
+
+def snapshot_rows(snap_or_store, segment_size=1000):
+    snap = snap_or_store if isinstance(snap_or_store, RedisMapSnapshot) else snap_or_store.snapshot(segment_size)
+    with snap:
+        batches = list(snap)
+        stats = snap.stats()
+    rows = []
+    for b in batches:
+        assert b.schema == SNAPSHOT_SCHEMA
+        assert b.num_rows <= snap.segment_size
+        rows += list(zip(b.column(0).to_pylist(), b.column(1).to_pylist(), b.column(2).to_pylist()))
+    return rows, stats, batches
+
+
+# ------------------------------------------------------------------ protocols
+
+
+def test_redis_store_implements_the_protocol_pickles_and_redacts(prefix):
+    store = make_map(prefix, KeyType.INT64)
+    assert isinstance(store, MapStore) and not store.supports_fence(object())
+    store.lookup([(1).to_bytes(8, "big")])  # opens a connection
+    again = pickle.loads(pickle.dumps(store))
+    assert (again.url, again.prefix, again.key_type) == (store.url, prefix, KeyType.INT64)
+    secret = RedisMapStore(f"redis://app:{SECRET}@127.0.0.1:6379/0", prefix=prefix)
+    assert SECRET not in repr(secret) and "app:***@" in repr(secret)
+    spec = map_store_from_spec({"kind": "redis", "url": "redis://127.0.0.1:6379/2", "prefix": "{sm}"}, KeyType.UUID)
+    assert (spec.shard_key, spec.version_key, spec.clock_key) == ("{sm}:shard", "{sm}:version", "{sm}:clock")
+    with pytest.raises(errors.BadInput, match=r"map_store.url: expected redis://") as e:
+        map_store_from_spec({"kind": "redis", "url": f"http://u:{SECRET}@h"}, KeyType.STRING)
+    assert SECRET not in str(e.value)
+    with pytest.raises(errors.BadInput, match=r"map_store: unknown field dsn"):
+        map_store_from_spec({"kind": "redis", "dsn": "x"}, KeyType.STRING)
+    with pytest.raises(errors.BadInput, match=r"map_store.prefix"):
+        map_store_from_spec({"kind": "redis", "prefix": "a b"}, KeyType.STRING)
+
+
+def test_errors_are_classified_and_redacted(prefix):
+    require_redis()
+    gone = RedisMapStore(f"redis://app:{SECRET}@127.0.0.1:1/0", prefix=prefix, connect_timeout=1)
+    with pytest.raises(errors.TransientError, match="map lookup") as e:
+        gone.lookup([b"k"])
+    assert SECRET not in str(e.value) and e.value.reason == "connection"
+    wrong = RedisMapStore(f"redis://nobody-{uuid.uuid4().hex[:6]}:{SECRET}@127.0.0.1:6379/0", prefix=prefix)
+    with pytest.raises(errors.PermanentError) as e:
+        wrong.max_version()
+    assert e.value.reason == "cannot_connect" and SECRET not in str(e.value)
+    store = make_map(prefix)
+    client().set(store.shard_key, "not a hash")
+    with pytest.raises(errors.PermanentError, match="holds a string, expected a hash") as e:
+        store.ensure_schema()
+    with pytest.raises(errors.PermanentError, match="WRONGTYPE") as e:
+        store.swap_batch([(b"k", "a", "b")])
+    assert e.value.reason == "schema"
+
+
+# ------------------------------------------------------------------- snapshot
+
+
+@pytest.mark.parametrize("segment_size", [1, 7, 250, 5000])
+def test_snapshot_streams_every_row_in_bounded_segments(prefix, segment_size):
+    keys = demo_keys(250, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, f"s{i % 3}") for i, k in enumerate(keys)])
+    rows, stats, batches = snapshot_rows(store, segment_size)
+    assert sorted((k, s) for k, s, _ in rows) == sorted((k, f"s{i % 3}") for i, k in enumerate(keys))
+    assert len(batches) == -(-250 // segment_size)
+    assert stats.rows == 250 and stats.invalid_keys == 0 and stats.rows_above_cutoff == 0
+    assert stats.cutoff == store.max_version() == max(v for _, _, v in rows) == 1
+
+
+def test_snapshot_of_an_empty_map_and_statistics_need_a_complete_read(prefix):
+    store = make_map(prefix)
+    rows, stats, batches = snapshot_rows(store)
+    assert rows == [] and batches == [] and tuple(stats.__dict__.values()) == (0, 0, 0, 0)
+    store.put_many([(k, "a") for k in demo_keys(30, KeyType.STRING)])
+    with store.snapshot(10) as snap:
+        next(iter(snap))
+        with pytest.raises(RuntimeError, match="not read to the end"):
+            snap.stats()
+        with pytest.raises(RuntimeError, match="only once"):
+            iter(snap)
+    with pytest.raises(ValueError, match="segment_size must be a positive integer, got 0"):
+        store.snapshot(0)
+
+
+def test_rows_written_after_the_cutoff_are_not_exported_but_counted(prefix):
+    keys = demo_keys(1000, KeyType.STRING)  # a hashtable-encoded hash (over 512 fields): HSCAN pages
+    store = make_map(prefix, rows=[(k, "a") for k in keys])
+    other = RedisMapStore(store.url, prefix=prefix)  # another client: the applications
+    with _Recording(store, 20) as snap:
+        it = iter(snap)
+        first = next(it)
+        moved = [k for k in keys if k not in snap.read][:2]  # not read from Redis yet
+        other.put_many([(f"new-{i}".encode(), "b") for i in range(5)])
+        assert other.swap_batch([(k, "a", "b") for k in moved]).committed
+        rest = list(it)
+        stats = snap.stats()
+    exported = [r for b in [first] + rest for r in zip(*(c.to_pylist() for c in b.columns))]
+    assert all(s == "a" and v <= snap.cutoff for _, s, v in exported)  # the map as it was at the cutoff
+    assert sorted(k for k, _, _ in exported) == sorted(set(keys) - set(moved))  # changed rows left out
+    assert len(moved) == 2 and stats.rows == 998 and stats.rows_above_cutoff == 7 == store.count_above(snap.cutoff)
+
+
+class _Recording(RedisMapSnapshot):
+    """Remembers every field HSCAN returned so far."""
+
+    def _page(self, cursor):
+        nxt, fields, shards = super()._page(cursor)
+        self.read = getattr(self, "read", set()) | set(fields)
+        return nxt, fields, shards
+
+
+class _Rescan(RedisMapSnapshot):
+    """Replays the scan from cursor 0 once, after the second page: the server then
+    returns fields it returned before (what HSCAN does when the hash is resized)."""
+
+    replayed = False
+
+    def _page(self, cursor):
+        if cursor != 0 and not self.replayed and self._calls == 2:
+            self.replayed = True
+            cursor = 0
+        self._calls += 1
+        return super()._page(cursor)
+
+    _calls = 0
+
+
+def test_hscan_duplicates_are_exported_once(prefix):
+    keys = demo_keys(2000, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, f"s{i % 4}") for i, k in enumerate(keys)])
+    rows, stats, _ = snapshot_rows(_Rescan(store, 100))
+    assert sorted(k for k, _, _ in rows) == sorted(keys)  # each key exactly once
+    snap = _Rescan(store, 100)
+    rows, stats, _ = snapshot_rows(snap)
+    assert snap.duplicates >= 100 and stats.rows == 2000 and stats.invalid_keys == 0
+
+    # and a real scan while the applications add keys (the hash grows and rehashes)
+    other = RedisMapStore(store.url, prefix=prefix)
+    with store.snapshot(50) as snap:
+        exported = []
+        for i, batch in enumerate(snap):
+            exported += batch.column(0).to_pylist()
+            if i < 5:
+                other.put_many([(f"grow-{i}-{j}".encode(), "s9") for j in range(2000)])
+        stats = snap.stats()
+    assert sorted(exported) == sorted(keys) and len(exported) == len(set(exported))
+    assert stats.rows_above_cutoff == 10000
+
+
+def test_snapshot_skips_and_counts_rows_the_key_type_cannot_represent(prefix):
+    good = demo_keys(20, KeyType.INT64)
+    store = make_map(prefix, KeyType.INT64, rows=[(k, "s1") for k in good])
+    c = client()
+    bad = ["007", "-0", "+5", "abc", "99999999999999999999", ""]
+    for t in bad:
+        c.hset(store.shard_key, t, "s1")
+        c.hset(store.version_key, t, 1)
+    c.hset(store.shard_key, "42", "s1")  # no version
+    c.hset(store.shard_key, "43", "s1")
+    c.hset(store.version_key, "43", "one")  # not an integer
+    rows, stats, _ = snapshot_rows(store, 4)
+    assert sorted(k for k, _, _ in rows) == sorted(good)
+    assert stats.rows == 20 and stats.invalid_keys == len(bad) + 2
+
+
+@pytest.mark.parametrize("kt", ALL_TYPES)
+def test_all_key_types_round_trip_through_the_map_store(prefix, kt):
+    keys = demo_keys(200, kt, seed=3)
+    if kt is KeyType.STRING:
+        keys += ["ключ-é-🙂".encode(), b"with\x00nul", b"new\nline"]
+    store = make_map(prefix, kt, rows=[(k, "s1") for k in keys])
+    assert sorted(state(store)[0]) == sorted(text_form(k, kt).encode() for k in keys)
+    rows, stats, _ = snapshot_rows(store, 64)
+    assert sorted(k for k, _, _ in rows) == sorted(keys) and stats.invalid_keys == 0
+    found = store.lookup(keys + [keys[0]])
+    assert set(found) == set(keys) and all(s == "s1" for s, _ in found.values())
+
+
+# ----------------------------------------------------------------------- swap
+
+
+def test_swap_applies_a_batch_and_stamps_one_new_higher_version(prefix):
+    keys = demo_keys(10, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, "a") for k in keys])
+    top = store.max_version()
+    res = store.swap_batch([SwapItem(k, "a", "b") for k in keys[:4]])
+    assert res.committed and res.applied == (0, 1, 2, 3) and res.already == () and res.version == top + 1
+    found = store.lookup(keys)
+    assert all(found[k] == ("b", top + 1) for k in keys[:4]) and all(found[k] == ("a", top) for k in keys[4:])
+    assert store.swap_batch([(k, "a", "c") for k in keys[4:6]]).version == top + 2
+    assert store.count() == 10 and store.count_above(top) == 6 and store.max_version() == top + 2
+
+
+def test_swap_rerun_writes_nothing_and_mixes_applied_with_already(prefix):
+    keys = demo_keys(10, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, "a") for k in keys])
+    items = [(k, "a", "b") for k in keys[:5]]
+    store.swap_batch(items)
+    before = state(store)
+    res = store.swap_batch(items)
+    assert res.committed and res.applied == () and res.already == (0, 1, 2, 3, 4) and res.version is None
+    assert state(store) == before  # not even the clock moved
+    res = store.swap_batch([(keys[0], "a", "b"), (keys[6], "a", "b"), (keys[1], "a", "b")])
+    assert res.applied == (1,) and res.already == (0, 2)
+    assert store.swap_batch([]).committed
+
+
+def test_a_conflict_rolls_back_the_whole_batch(prefix):
+    keys = demo_keys(10, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, "a") for k in keys])
+    store.swap_batch([(keys[3], "a", "b")])
+    before = state(store)
+    items = [(keys[0], "a", "c"), (keys[1], "a", "c"), (keys[3], "a", "c"), (b"absent", "a", "c"), (keys[2], "x", "c")]
+    res = store.swap_batch(items)
+    assert not res.committed and res.conflicts == (2, 3, 4) and res.applied == () and res.version is None
+    assert state(store) == before  # nothing applied, no version consumed
+    res = store.swap_batch([(keys[5], "a", "b"), (keys[5], "a", "b"), (keys[6], "a", "b")])
+    assert res.applied == (0, 1, 2)
+    before = state(store)
+    res = store.swap_batch([(keys[7], "a", "b"), (keys[7], "a", "c"), (keys[8], "a", "b")])
+    assert res.conflicts == (0, 1) and res.applied == () and state(store) == before
+    with pytest.raises(TypeError, match="cannot fence"):
+        store.swap_batch([(keys[0], "a", "b", 1)], fence=object())
+
+
+def test_swaps_from_many_threads_stay_consistent(prefix):
+    keys = demo_keys(400, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, "a") for k in keys])
+    results = []
+
+    def work(part):  # every key is attempted twice, by two threads
+        for i in range(0, len(part), 20):
+            results.append(store.swap_batch([(k, "a", "b") for k in part[i:i + 20]]))
+
+    threads = [threading.Thread(target=work, args=(keys[i % 4::4] if i < 4 else keys[(i - 4)::4],))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.committed for r in results)
+    assert sum(len(r.applied) for r in results) == 400 and sum(len(r.already) for r in results) == 400
+    versions = [r.version for r in results if r.applied]
+    assert len(set(versions)) == len(versions)  # one new version per applied batch
+    assert all(s == "b" for s, _ in store.lookup(keys).values())
+
+
+# ------------------------------------------------------------- run registry
+
+
+def test_run_registry_refuses_overlaps_and_fences_stale_epochs(prefix):
+    from pipeline.errors import Refused
+    from pipeline.lease import LeaseLost
+
+    keys = demo_keys(6, KeyType.STRING)
+    store = make_map(prefix, rows=[(k, "a") for k in keys])
+    now = time.time()
+    a, b = "a" * 64, "b" * 64
+    store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now)
+    with pytest.raises(Refused, match=r"plan aaaaaaaaaaaa \(held by host-a:1\) may move the same keys"):
+        store.claim_run(b, 1, (0x70, 0xFF), "host-b:2", 60, now)
+    store.claim_run(b, 1, (0x80, 0xFF), "host-b:2", 60, now)  # a disjoint window runs beside it
+    store.renew_run(a, 1, 60, now + 1)
+    assert store.swap_batch([(keys[0], "a", "b")], token=(a, 1)).applied == (0,)
+    store.claim_run(a, 2, (0x00, 0x7F), "host-c:3", 60, now + 2)  # a newer executor of plan a
+    with pytest.raises(LeaseLost, match="claimed by a newer executor"):
+        store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now + 3)
+    with pytest.raises(LeaseLost, match="was taken over"):
+        store.renew_run(a, 1, 60, now + 3)
+    before = store.lookup(keys)
+    with pytest.raises(LeaseLost, match="epoch 1 no longer holds the map store"):
+        store.swap_batch([(keys[1], "a", "b")], token=(a, 1))
+    with pytest.raises(LeaseLost, match=r"now none"):
+        store.swap_batch([(keys[1], "a", "b")], token=("c" * 64, 1))
+    assert store.lookup(keys) == before  # nothing applied
+    store.release_run(a, 2)
+    with pytest.raises(Refused, match="bbbbbbbbbbbb"):  # b still holds 80-FF
+        store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
+    store.release_run(b, 1)
+    store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
+    assert store.swap_batch([(keys[1], "a", "b")], token=("d" * 64, 1)).applied == (0,)
+
+
+# ------------------------------------------------------ through the executor
+
+
+def _demo_with_redis_map(tmp_path, prefix, keys, url=None, **options):
+    """The SQLite demo keyspace, its map loaded into Redis: Redis map + SQLite shards."""
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=keys, shards=4)
+    with open(info["config"]) as f:
+        raw = yaml.safe_load(f)
+    base = os.path.dirname(info["config"])
+    sqlite_map = SqliteMapStore(os.path.join(base, raw["map_store"]["path"]))
+    store = RedisMapStore.create(require_redis(), prefix=prefix)
+    with sqlite_map.snapshot(5000) as snap:
+        for batch in snap:
+            store.put_many(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+    raw["map_store"] = {"kind": "redis", "url": url or require_redis(), "prefix": prefix}
+    raw["data_store"]["directory"] = os.path.join(base, raw["data_store"]["directory"])
+    raw["work_dir"] = os.path.join(base, raw["work_dir"])
+    raw.update({"hash_buckets": 2, "retry_base_delay": "1ms", "checkpoint_flush_interval": "50ms",
+                "copy_concurrency": 3, "verify_concurrency": 3})
+    raw.update(options)
+    data = SqliteDataStore(raw["data_store"]["directory"])
+    originals = {}
+    for s in raw["current_shards"]:
+        con = sqlite3.connect(data.shard_path(s))
+        originals.update({k: (s, v) for k, v in con.execute("SELECT key, value FROM records")})
+        con.close()
+    return raw, store, originals
+
+
+def _assert_as_planned(raw, store, moves, originals, failed=()):
+    data = SqliteDataStore(raw["data_store"]["directory"])
+    current = {k.decode(): (s, v) for k, (s, v) in store.lookup([k.encode() for k in originals]).items()}
+    moved = {}
+    for key, src, tgt in moves:
+        t = key.decode()
+        moved[t] = tgt
+        if key in failed:
+            continue
+        assert current[t][0] == tgt
+        assert data.read([key], tgt)[key][0] == originals[t][1]  # the record, byte for byte
+    for t, (s, _v) in originals.items():
+        if t not in moved:
+            assert current[t] == (s, 1)  # untouched: still its first version
+
+
+def test_executor_cas_conflict_fails_only_that_key(tmp_path, prefix):
+    raw, store, originals = _demo_with_redis_map(tmp_path, prefix, 400, swap_batch_size=500,
+                                                 faults={"swap": {"latency_ms": 400}})
+    cfg = load_config(None, raw=raw)
+    res = api.plan(cfg, out=lambda _l: None)
+    m = load_manifest(res.plan_dir)
+    moves = plan_moves(res.plan_dir, m)
+    key, src, tgt = moves[len(moves) // 2]
+    other = next(s for s in raw["current_shards"] if s not in (src, tgt))
+    target_file = SqliteDataStore(raw["data_store"]["directory"]).shard_path(tgt)
+    moved_behind = []
+
+    def application():  # when the copy lands on the target, move the key elsewhere
+        app = RedisMapStore(store.url, prefix=prefix)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if os.path.exists(target_file):
+                con = sqlite3.connect(target_file)
+                try:
+                    hit = con.execute("SELECT 1 FROM records WHERE key = ?", (key.decode(),)).fetchone()
+                except sqlite3.Error:
+                    hit = None
+                con.close()
+                if hit:
+                    moved_behind.append(app.swap_batch([(key, src, other)]).committed)
+                    return
+            time.sleep(0.002)
+
+    t = threading.Thread(target=application)
+    t.start()
+    run = api.run(cfg, res.plan_dir, out=lambda _l: None)
+    t.join()
+    assert moved_behind == [True], "the application did not move the key before the executor's swap"
+    assert run.exit_code == 3
+    assert (run.summary["failed"], run.summary["done"]) == (1, m["moves"] - 1)
+    assert run.summary["failures_by_reason"] == {S.MAP_CHANGED: 1}
+    assert store.lookup([key])[key][0] == other
+    _assert_as_planned(raw, store, moves, originals, failed={key})
+
+
+def test_cli_kill_and_resume_redis_map_sqlite_shards(tmp_path, prefix):
+    """The whole migration through the CLI, killed mid-run, on a Redis map (reached
+    with a password that must never be echoed) and SQLite shards."""
+    c = client()
+    user = f"smtest-{uuid.uuid4().hex[:8]}"
+    c.acl_setuser(user, enabled=True, passwords=[f"+{SECRET}"], keys=["*"], commands=["+@all"])
+    try:
+        url = f"redis://{user}:{SECRET}@127.0.0.1:6379/0"
+        faults = {"copy": {"latency_ms": 10, "keys_per_call": 1}, "swap": {"latency_ms": 60}}
+        raw, store, originals = _demo_with_redis_map(tmp_path, prefix, 1500, url=url, faults=faults,
+                                                     swap_batch_size=25, checkpoint_flush_interval="20ms",
+                                                     copy_concurrency=2)
+        plan_dir, m, outs = run_killed_then_resumed(tmp_path, raw)
+        assert m["moves"] > 150
+        _assert_as_planned(raw, store, plan_moves(plan_dir, m), originals)
+        assert_no_secret(outs, raw["work_dir"], SECRET)
+    finally:
+        c.acl_deluser(user)
