@@ -8,7 +8,7 @@ and checkpoint commits, configured by the ``faults:`` section.
       verify:     {transient_rate: 0.02, mismatch_rate: 0.0, mismatch_first: 0, latency_ms: 0}
       swap:       {transient_rate: 0.1, transient_first: 0, latency_ms: 0}
       checkpoint: {transient_rate: 0.0}
-      crash_after_transitions: 0      # os._exit(137) after N transitions in one process
+      crash_after_transitions: 0      # os._exit(137) after N transitions recorded by one stage (DoFn instance)
 
 Decisions are deterministic: a pseudo-random number from xxh3 of (seed,
 operation, key or batch, call number), so a run under faults is
