@@ -39,7 +39,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Tuple
+from typing import Any, Tuple
 
 # Output types are declared on this module's transforms (mostly Any): without
 # them Beam infers each DoFn's output type by walking its bytecode, which cost
@@ -100,6 +100,8 @@ class PlanGraphSpec:
 
 def _open(path: str):
     if fs.is_gcs(path):
+        if hasattr(fs, "open_bulk"):  # ranged reads: footers and row groups only
+            return fs.open_bulk(path)
         from apache_beam.io.filesystems import FileSystems
 
         return io.BytesIO(FileSystems.open(path).read())
@@ -177,7 +179,7 @@ def _write_spill(path: str, blobs: list) -> None:
     """Write the concatenated blobs.  Scratch data: atomic (rename) but not
     fsynced -- a crash discards the whole staging directory anyway."""
     if fs.is_gcs(path):
-        getattr(fs, "write_bulk", fs.write_atomic)(path, b"".join(blobs))
+        fs.write_bulk(path, b"".join(blobs))  # one upload, finalised on close
         return
     import os
     import tempfile
@@ -201,14 +203,11 @@ def _write_spill(path: str, blobs: list) -> None:
 
 def _read_range(path: str, offset: int, length: int) -> bytes:
     if fs.is_gcs(path):
-        from apache_beam.io.filesystems import FileSystems
-
-        f = FileSystems.open(path, compression_type="uncompressed")
+        data = fs.read_range(path, offset, length)  # one ranged GET
     else:
-        f = open(path, "rb")
-    with f:
-        f.seek(offset)
-        data = f.read(length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
     if len(data) != length:
         raise IOError(f"spill file {path.rsplit('/', 1)[-1]} is short ({len(data)} of {length} bytes)")
     return data
@@ -238,8 +237,8 @@ def _group_bounds(moves: pa.Table):
     return starts, ends
 
 
-def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, bucket_count: int):
-    """Write one spill file; yield ("hashes", partition, ptr) and ("moves", gid, ptr).
+def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list):
+    """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
 
     Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
     per (source, target, bucket) group of its moves sorted in CONTRACTS order.
@@ -333,7 +332,7 @@ class _PlanChunkFn(beam.DoFn):
 
     def _spill(self, chunk, k, hashes, moves):
         self._spills.inc()
-        for tag, key, ptr in spill_chunk(self._staging, chunk, k, hashes, moves, self._ctx.hash_buckets):
+        for tag, key, ptr in spill_chunk(self._staging, chunk, k, hashes, moves):
             yield beam.pvalue.TaggedOutput(tag, (key, ptr))
 
 
