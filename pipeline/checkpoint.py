@@ -865,12 +865,14 @@ class CheckpointWriter:
             return self.maybe_flush()
 
     def record_many(self, keys, key_hashes=None, states=None, attempts=None, reasons=None,
-                    content_hashes=None, source_versions=None, verify_methods=None) -> str | None:
-        """:meth:`Transitions.add_many`, then :meth:`maybe_flush`."""
+                    content_hashes=None, source_versions=None, verify_methods=None,
+                    *, may_flush: bool = True) -> str | None:
+        """:meth:`Transitions.add_many`, then :meth:`maybe_flush` (unless ``may_flush`` is
+        False: in-progress markers ride along with the next flush instead of forcing one)."""
         with self._lock:
             self._buffer.add_many(keys, key_hashes, states, attempts, reasons,
                                   content_hashes, source_versions, verify_methods)
-            return self.maybe_flush()
+            return self.maybe_flush() if may_flush else None
 
     def record_table(self, table: "pa.Table | pa.RecordBatch") -> str | None:
         """Buffer a table of transitions (:meth:`Transitions.add_table`), then :meth:`maybe_flush`.

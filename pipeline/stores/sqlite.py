@@ -801,28 +801,22 @@ class SqliteMapStore(_SqliteBase):
         attached: dict[str, str] = {}  # source shard -> schema name
         lock_paths = [self.path]
         if fence is not None:
-            # A fresh connection: a cached "BEGIN IMMEDIATE" statement compiled
-            # before the ATTACH would lock only the main database.
-            conn = self._open(self.path)
             sources = sorted({it.source for it in norm})
             limit = conn.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED)
             if len(sources) > limit:
-                conn.close()
                 raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source shards; "
                                  f"at most {limit} can be attached")
             for n, s in enumerate(sources):
                 path = fence.shard_path(s)
                 if not os.path.exists(path):
-                    conn.close()
                     raise PermanentError(f"fenced swap: source shard file not found ({safe_name(s)})",
                                          reason="shard_missing")
                 attached[s] = f"fence{n}"
             lock_paths += sorted(fence.shard_path(s) for s in sources)
+            conn = self._fenced_conn(tuple(fence.shard_path(s) for s in sources))
 
         with _locked(lock_paths, self.busy_timeout, "map swap"):
             try:
-                for s, alias in attached.items():
-                    conn.execute(f"ATTACH DATABASE ? AS {alias}", (_uri(fence.shard_path(s)),))
                 conn.execute("BEGIN IMMEDIATE")
                 if token is not None:
                     row = conn.execute("SELECT epoch FROM shardmove_runs WHERE plan_id = ?",
@@ -893,10 +887,39 @@ class SqliteMapStore(_SqliteBase):
                                   version=version)
             except sqlite3.Error as e:
                 _rollback(conn)
+                if fence is not None:  # a broken attached connection is not reused
+                    self._drop_fenced_conn(tuple(fence.shard_path(s) for s in attached))
                 raise _store_error(e, "map swap") from e
-            finally:
-                if fence is not None:
-                    conn.close()
+
+    def _fenced_conn(self, shard_paths: tuple) -> sqlite3.Connection:
+        """A per-thread connection to the map with these source shards ATTACHed
+        (as fence0, fence1, ... in this order), kept for reuse.  The shards are
+        attached before any statement is prepared, so its cached
+        ``BEGIN IMMEDIATE`` takes the write lock of every attached file."""
+        cache = getattr(self._local, "fenced", None)
+        if cache is None:
+            cache = self._local.fenced = {}
+        conn = cache.get(shard_paths)
+        if conn is None:
+            conn = self._open(self.path)
+            for n, path in enumerate(shard_paths):
+                conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
+            if len(cache) >= 8:  # bounded: close the oldest
+                old_key = next(iter(cache))
+                cache.pop(old_key).close()
+            cache[shard_paths] = conn
+            with self._all_guard:
+                self._all.append(conn)
+        return conn
+
+    def _drop_fenced_conn(self, shard_paths: tuple) -> None:
+        cache = getattr(self._local, "fenced", None) or {}
+        conn = cache.pop(shard_paths, None)
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
 
 def _iso(t: float) -> str:
