@@ -155,8 +155,13 @@ def cmd_plan(args, beam_args) -> int:
             return plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
 
-    if args.dry_run:
+    from pipeline.runner import is_dry_run, pipeline_args
+
+    translate_only = is_dry_run(pipeline_args(cfg.beam, beam_args))  # Dataflow --dry_run: nothing committed
+    if args.dry_run or translate_only:
         res = make()
+        if translate_only:
+            return EXIT_OK
     else:
         with recorded(cfg.work_dir, "plan") as h:
             res = make()
@@ -190,6 +195,10 @@ def cmd_run(args, beam_args) -> int:
 
     cfg = _load(args)
     plan_dir = _plan_dir(args, cfg)
+    from pipeline.runner import is_dry_run, pipeline_args
+
+    if is_dry_run(pipeline_args(cfg.beam, beam_args)):  # Dataflow --dry_run: translate only, record nothing
+        return run(cfg, plan_dir, beam_args=beam_args).exit_code
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
                   beam_args=beam_args)

@@ -396,7 +396,7 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
              out: Callable[[str], None] = print, install_signals: bool = True,
              allow_drift: bool = False) -> RunResult:
     from pipeline.lease import acquire
-    from pipeline.runner import make_pipeline, pipeline_args, run_pipeline
+    from pipeline.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, pipeline_args, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
     manifest = load_manifest(plan_dir)
@@ -421,6 +421,31 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         raise Refused(f"plan: {ndrift} keys drifted since the plan's snapshot (their current shard is neither "
                       "source nor target, or they were deleted); rerun with --allow-drift to skip them as "
                       "Failed(drifted)")
+
+    def exec_spec(epoch: int, stop_path: str, lease_path: str) -> ExecSpec:
+        from pipeline.faults import validate_faults
+
+        return ExecSpec(
+            plan_dir=plan_dir,
+            plan_id=plan_id,
+            epoch=epoch,
+            key_type=cfg.key_type,
+            map_store=dict(cfg.map_store),
+            data_store=dict(cfg.data_store),
+            options=dict(cfg.options),
+            groups=tuple((f["group"], f["rows"]) for f in manifest["files"]),
+            retry_failed=retry_failed,
+            faults=validate_faults(cfg.faults),
+            stop_path=stop_path,
+            lease_path=lease_path,
+        )
+
+    args = pipeline_args(cfg.beam, beam_args)
+    if is_dry_run(args):  # only translate the job (Dataflow --dry_run): no lease, no claim, nothing modified
+        p = make_pipeline(args)
+        build_run_graph(p, exec_spec(before["max_epoch"] + 1, "", ""))
+        out(dry_run_line(dry_run_stages(run_pipeline(p)) or []))
+        return RunResult(plan_id, before, 0)
 
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
     renew_claim = None
@@ -465,24 +490,9 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     t0 = time.time()
     metrics = {}
     try:
-        from pipeline.faults import validate_faults
-
-        spec = ExecSpec(
-            plan_dir=plan_dir,
-            plan_id=plan_id,
-            epoch=lease.epoch,
-            key_type=cfg.key_type,
-            map_store=dict(cfg.map_store),
-            data_store=dict(cfg.data_store),
-            options=dict(cfg.options),
-            groups=tuple((f["group"], f["rows"]) for f in manifest["files"]),
-            retry_failed=retry_failed,
-            faults=validate_faults(cfg.faults),
-            stop_path=stop_path,
-            lease_path=fs.join(plan_dir, "lease.json"),
-        )
+        spec = exec_spec(lease.epoch, stop_path, fs.join(plan_dir, "lease.json"))
         progress.start()
-        p = make_pipeline(pipeline_args(cfg.beam, beam_args))
+        p = make_pipeline(args)
         build_run_graph(p, spec)
         result = run_pipeline(p)
         metrics = _metrics(result)
@@ -514,6 +524,7 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     summary["keys_per_s"] = round(processed / elapsed, 1) if elapsed > 0 else 0.0
     summary["runs"] = int(prev.get("runs", 0)) + 1
     summary["retries_this_run"] = int(metrics.get("retries", 0))
+    summary["throttled_s"] = round(metrics.get("throttled_ms", 0) / 1000.0, 3)
     summary["metrics_this_run"] = metrics
     summary["timings"] = _timing_stats(progress.timings)
     fs.write_atomic(fs.join(plan_dir, "summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())

@@ -161,7 +161,7 @@ def make_plan(
     out: Callable[[str], None] = print,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from pipeline.runner import make_pipeline, pipeline_args, run_pipeline
+    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
     ring = None if cfg.target_snapshot else build_ring(cfg)
@@ -198,7 +198,11 @@ def make_plan(
         t0 = time.time()
         p = make_pipeline(pipeline_args(cfg.beam, beam_args))
         build_plan_graph(p, spec)
-        run_pipeline(p)
+        stages = dry_run_stages(run_pipeline(p))
+        if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
+            fs.rmtree(staging)
+            out(dry_run_line(stages))
+            return PlanResult("", None, {}, True, True, created=False, lines=[dry_run_line(stages)])
         elapsed = time.time() - t0
         stats = json.loads(fs.read_bytes(fs.join(staging, "stats.json")))
         files = json.loads(fs.read_bytes(fs.join(staging, "files.json")))

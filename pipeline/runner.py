@@ -5,17 +5,42 @@ network (FIELD-NOTES: ``DirectRunner``/``TestPipeline`` first try to download
 Prism).  Any other runner is chosen with the standard Beam flags, passed
 through after ``--`` on the command line or listed under ``beam.options`` in
 the config file (``beam.runner`` is a shortcut for ``--runner``).
+
+The same graphs run unchanged on:
+
+- ``FnApiRunner`` in memory (the default), or with SDK workers in separate
+  processes: ``--direct_running_mode=multi_processing --direct_num_workers=N``
+  (the runner object reads both options when the pipeline runs; its workers
+  are started with this interpreter, ``sys.executable``);
+- ``PortableRunner`` against a job service (``--job_endpoint``), for example
+  Beam's local job service with an external worker pool, or Flink/Spark job
+  servers;
+- ``DataflowRunner``; with ``--dry_run=True`` the job is only translated,
+  offline: :func:`dry_run_stages` tells the launchers, which then report the
+  translated stages and commit nothing.
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-__all__ = ["DEFAULT_RUNNER", "pipeline_args", "make_pipeline", "run_pipeline"]
+__all__ = [
+    "DEFAULT_RUNNER",
+    "pipeline_args",
+    "make_pipeline",
+    "run_pipeline",
+    "runner_name",
+    "is_dry_run",
+    "dry_run_stages",
+    "dry_run_line",
+]
 
 DEFAULT_RUNNER = "FnApiRunner"
+_IN_MEMORY = ("FnApiRunner", "fn_api_runner")
+_DATAFLOW = ("DataflowRunner", "dataflow", "TestDataflowRunner")
 
 
 def pipeline_args(beam_cfg: Mapping | None, extra: Sequence[str] = ()) -> list[str]:
+    """Config ``beam.options`` first, then the command line's flags (which win)."""
     args: list[str] = []
     beam_cfg = beam_cfg or {}
     runner = beam_cfg.get("runner")
@@ -27,22 +52,92 @@ def pipeline_args(beam_cfg: Mapping | None, extra: Sequence[str] = ()) -> list[s
     return args
 
 
-def make_pipeline(args: Sequence[str]):
-    import apache_beam as beam
+def _options(args: Sequence[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    opts = PipelineOptions(list(args))
-    runner_name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
-    if runner_name in ("FnApiRunner", "fn_api_runner"):
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    return PipelineOptions(list(args))
 
-        return beam.Pipeline(runner=FnApiRunner(), options=opts)
+
+def runner_name(args: Sequence[str]) -> str:
+    return _options(args).get_all_options().get("runner") or DEFAULT_RUNNER
+
+
+def is_dry_run(args: Sequence[str]) -> bool:
+    """True for a Dataflow job that is only translated (``--dry_run=True``).
+
+    Only Dataflow honours ``--dry_run``; any other runner would execute the
+    pipeline, so the flag is not a dry run there."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    opts = _options(args)
+    name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
+    return name in _DATAFLOW and bool(opts.view_as(TestOptions).dry_run)
+
+
+def make_pipeline(args: Sequence[str]):
+    import apache_beam as beam
+
+    opts = _options(args)
+    name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
+    if name in _IN_MEMORY:
+        # FnApiRunner.run_pipeline reads --direct_running_mode (in_memory,
+        # multi_threading, multi_processing) and --direct_num_workers from
+        # these options: the runner object needs no arguments of its own.
+        return beam.Pipeline(runner=_fn_api_runner(), options=opts)
     return beam.Pipeline(options=opts)
 
 
+def _fn_api_runner():
+    """``FnApiRunner`` whose SDK worker subprocesses (multi_processing mode)
+    ignore SIGINT and SIGTERM.
+
+    Ctrl-C reaches every process of the terminal's process group.  Workers
+    that died of it would fail the pipeline (exit 1, tracebacks) instead of
+    the graceful stop: the launcher writes the stop marker, the DoFns flush
+    their checkpoints and return, and the run exits 130.  Shielded workers
+    still end when the launcher's control channel closes, or on SIGKILL."""
+    from apache_beam.portability import python_urns
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    class _ShieldedFnApiRunner(FnApiRunner):
+        def run_via_runner_api(self, pipeline_proto, options):
+            for env in pipeline_proto.components.environments.values():
+                if env.urn == python_urns.SUBPROCESS_SDK and not env.payload.startswith(_SHIELD):
+                    env.payload = _SHIELD + env.payload  # the payload is a /bin/sh command line
+            return super().run_via_runner_api(pipeline_proto, options)
+
+    return _ShieldedFnApiRunner()
+
+
+_SHIELD = b"trap '' INT TERM; exec "
+
+
 def run_pipeline(p) -> object:
+    """Run and block until the job finishes (a remote job: the launcher stays
+    attached, and its lease keeps being renewed by its own thread)."""
     result = p.run()
     wait = getattr(result, "wait_until_finish", None)
     if wait is not None:
         wait()
     return result
+
+
+def dry_run_stages(result) -> list[str] | None:
+    """The top-level stage names of a translated (dry-run) Dataflow job, or
+    None when ``result`` is not a dry run's.  Read from the job's portable
+    pipeline proto (``result.job.proto_pipeline``)."""
+    job = getattr(result, "job", None)
+    proto = getattr(job, "proto_pipeline", None)
+    if proto is None:
+        return None
+    comps = proto.components.transforms
+    names = []
+    for root in proto.root_transform_ids:
+        t = comps[root]
+        children = list(t.subtransforms) if t.subtransforms and not t.spec.urn else [root]
+        names.extend(comps[c].unique_name for c in children)
+    return names
+
+
+def dry_run_line(stages: Sequence[str]) -> str:
+    return f"dataflow dry run: job translated, {len(stages)} stages ({', '.join(stages)}); nothing executed"

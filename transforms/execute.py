@@ -16,6 +16,15 @@ Flow (read top to bottom in :func:`build_run_graph`)::
                      batch per chunk; conflicts -> Failed(map_changed) and the
                      rest retried as a new batch; Done only after commit
 
+Mover calls (copies and re-copies) pass through per-shard throttles
+(:mod:`pipeline.throttle`, built on Beam's ``AdaptiveThrottler``): caps on
+calls in flight and keys per second per shard, and an adaptive concurrency
+limit that backs off when a shard's latency or error rate rises.  The
+throttles are shared by every DoFn of a worker process
+(``apache_beam.utils.shared.Shared``); time spent throttled is reported as
+the ``throttled_ms`` counter and Beam's ``cumulativeThrottlingSeconds``
+(what Dataflow's autoscaler reads).
+
 Every stage records its transitions through a :class:`CheckpointWriter` per
 work group (flushed by count, by interval and always at bundle end), so a
 rerun resumes each key from its last committed state.  Every side effect is
@@ -36,7 +45,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
 
 from pipeline import checkpoint as ckpt
 from pipeline import fs
@@ -46,8 +57,10 @@ from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType, short_hash
 from pipeline.names import parse_group_id
+from pipeline.throttle import ShardThrottles, ThrottleConfig
 
-__all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph"]
+__all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph",
+           "throttle_config"]
 
 LOG = logging.getLogger("shardmove.execute")
 NS = "shardmove"
@@ -97,6 +110,16 @@ class Chunk:
         return len(self.keys)
 
 
+def throttle_config(options: Mapping[str, Any]) -> ThrottleConfig:
+    """The per-shard throttling settings of a run's options (0 = no cap)."""
+    return ThrottleConfig(
+        max_in_flight=int(options.get("shard_max_in_flight", 0) or 0),
+        max_keys_per_s=float(options.get("shard_max_keys_per_s", 0) or 0),
+        adaptive=bool(options.get("adaptive_throttling", True)),
+        initial_limit=min(4, int(options.get("copy_concurrency", 4) or 4)),
+    )
+
+
 # ------------------------------------------------------------- shared base
 
 class _StageFn(beam.DoFn):
@@ -105,8 +128,12 @@ class _StageFn(beam.DoFn):
 
     STAGE = "stage"
 
-    def __init__(self, spec: ExecSpec):
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         self._spec = spec
+        # one handle for every stage of a run: the throttles are per process
+        self._shared = shared if shared is not None else Shared()
+        self._throttled_ms = Metrics.counter(NS, "throttled_ms")
+        self._signaler = ThrottlingSignaler(NS)  # cumulativeThrottlingSeconds
         self._retries = Metrics.counter(NS, "retries")
         self._failed = Metrics.counter(NS, "failed")
         self._active = Metrics.gauge(NS, f"active_{self.STAGE}")
@@ -128,8 +155,12 @@ class _StageFn(beam.DoFn):
         self._timings: list = []
         self._opts = dict(spec.options)
         self._tally_lock = threading.Lock()
-        self._tally = {"retries": 0}
+        self._tally = {"retries": 0, "throttled_s": 0.0}
+        self._throttle_carry = 0.0
         self._samples: dict = {}
+        tcfg = throttle_config(self._opts)
+        self._throttles = self._shared.acquire(lambda: ShardThrottles(tcfg),
+                                               tag=(spec.plan_id, spec.epoch, tcfg))
 
     def teardown(self):
         for s in (getattr(self, "_map", None), getattr(self, "_data", None)):
@@ -255,6 +286,12 @@ class _StageFn(beam.DoFn):
         with self._tally_lock:
             self._tally["retries"] += n
 
+    def _count_throttled(self, seconds: float):
+        """Thread-safe, like _count_retry."""
+        if seconds > 0:
+            with self._tally_lock:
+                self._tally["throttled_s"] += seconds
+
     def _sample(self, name: str, ms: float, keys: int):
         with self._tally_lock:
             self._samples.setdefault(name, []).append(int(ms))
@@ -266,10 +303,18 @@ class _StageFn(beam.DoFn):
             if self._peak:
                 self._active.set(self._peak)
         with self._tally_lock:
-            tally, self._tally = self._tally, {"retries": 0}
+            tally, self._tally = self._tally, {"retries": 0, "throttled_s": 0.0}
             samples, self._samples = self._samples, {}
         if tally["retries"]:
             self._retries.inc(tally["retries"])
+        if tally["throttled_s"]:
+            self._throttled_ms.inc(int(round(tally["throttled_s"] * 1000)))
+            # Beam's counter takes whole seconds: carry the fraction over
+            self._throttle_carry += tally["throttled_s"]
+            whole = int(self._throttle_carry)
+            if whole:
+                self._signaler.signal_throttled(whole)
+                self._throttle_carry -= whole
         for name, values in samples.items():
             dist = self._dists.get(name)
             if dist is not None:
@@ -358,8 +403,8 @@ class LoadWork(beam.PTransform):
 class _CopyFn(_StageFn):
     STAGE = "copy"
 
-    def __init__(self, spec: ExecSpec):
-        super().__init__(spec)
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
+        super().__init__(spec, shared)
         self._copied = Metrics.counter(NS, "copied")
         self._recopied = Metrics.counter(NS, "recopied")
 
@@ -431,17 +476,26 @@ class _CopyFn(_StageFn):
         attempt = 0
         while pending:
             keys = [ch.keys[i] for i in pending]
+            # caps count on both shards; the adaptive limit judges the target (the writes)
+            permit = self._throttles.acquire((ch.source, ch.target), len(keys), judged=(ch.target,))
+            self._count_throttled(permit.waited_s)
+            healthy = False
             self._gauge(+1)
             t0 = time.perf_counter()
             try:
                 outcomes = self._data.copy(keys, ch.source, ch.target)
                 err = None
+                # a load signal for the throttles: most keys of the call failed transiently
+                transient = sum(1 for o in outcomes if isinstance(o.error, TransientError))
+                healthy = 2 * transient <= len(outcomes)
             except TransientError as e:
                 outcomes, err = None, e
             except PermanentError as e:
                 outcomes, err = None, e
+                healthy = True  # the store answered: not a load signal
             finally:
                 self._gauge(-1)
+                self._throttles.release(permit, healthy)
                 self._sample("copy_ms", (time.perf_counter() - t0) * 1000, len(keys))
             if outcomes is None:
                 if isinstance(err, PermanentError):
@@ -481,12 +535,13 @@ class _CopyFn(_StageFn):
 
 
 class CopyKeys(beam.PTransform):
-    def __init__(self, spec: ExecSpec):
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__()
         self._spec = spec
+        self._shared = shared
 
     def expand(self, chunks):
-        return chunks | "CopyChunk" >> beam.ParDo(_CopyFn(self._spec))
+        return chunks | "CopyChunk" >> beam.ParDo(_CopyFn(self._spec, self._shared))
 
 
 # ---------------------------------------------------------------- verify
@@ -507,8 +562,8 @@ def _sample_mask(hashes: list, fraction: float, seed: int) -> list:
 class _VerifyFn(_CopyFn):
     STAGE = "verify"
 
-    def __init__(self, spec: ExecSpec):
-        super().__init__(spec)
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
+        super().__init__(spec, shared)
         self._verified = Metrics.counter(NS, "verified")
         self._forced = Metrics.counter(NS, "forced_swaps")
 
@@ -625,12 +680,13 @@ class _VerifyFn(_CopyFn):
 
 
 class VerifyCopies(beam.PTransform):
-    def __init__(self, spec: ExecSpec):
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__()
         self._spec = spec
+        self._shared = shared
 
     def expand(self, chunks):
-        return chunks | "VerifyChunk" >> beam.ParDo(_VerifyFn(self._spec))
+        return chunks | "VerifyChunk" >> beam.ParDo(_VerifyFn(self._spec, self._shared))
 
 
 # ------------------------------------------------------------------ swap
@@ -650,8 +706,8 @@ class _SwapFn(_VerifyFn):
 
     STAGE = "swap"
 
-    def __init__(self, spec: ExecSpec):
-        super().__init__(spec)
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
+        super().__init__(spec, shared)
         self._swapped = Metrics.counter(NS, "swapped")
         self._source_changed = Metrics.counter(NS, "source_changed_recopies")
 
@@ -789,12 +845,13 @@ class _SwapFn(_VerifyFn):
 
 
 class SwapBatches(beam.PTransform):
-    def __init__(self, spec: ExecSpec):
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__()
         self._spec = spec
+        self._shared = shared
 
     def expand(self, chunks):
-        return chunks | "SwapChunk" >> beam.ParDo(_SwapFn(self._spec))
+        return chunks | "SwapChunk" >> beam.ParDo(_SwapFn(self._spec, self._shared))
 
 
 # ----------------------------------------------------------------- graph
@@ -805,12 +862,13 @@ def _key_by_group(ch: Chunk):
 
 def build_run_graph(p: beam.Pipeline, spec: ExecSpec) -> None:
     """The executor's flowchart (see the module docstring)."""
+    throttles = Shared()  # one per-process throttle registry for all stages
     chunks = (
         p
         | "LoadWork" >> LoadWork(spec)
         | "StableInput" >> beam.Reshuffle()
     )
-    copied = chunks | "CopyKeys" >> CopyKeys(spec)
+    copied = chunks | "CopyKeys" >> CopyKeys(spec, throttles)
     if not spec.options["interleave_copy_and_verify"]:
         # a barrier: every copy finishes before any verification starts
         copied = (
@@ -819,9 +877,9 @@ def build_run_graph(p: beam.Pipeline, spec: ExecSpec) -> None:
             | "CopyBarrier" >> beam.GroupByKey()
             | "Unbarrier" >> beam.FlatMap(lambda kv: kv[1])
         )
-    verified = copied | "VerifyCopies" >> VerifyCopies(spec)
+    verified = copied | "VerifyCopies" >> VerifyCopies(spec, throttles)
     (
         verified
         | "StableInputForSwap" >> beam.Reshuffle()
-        | "SwapBatches" >> SwapBatches(spec)
+        | "SwapBatches" >> SwapBatches(spec, throttles)
     )

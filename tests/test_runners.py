@@ -1,0 +1,364 @@
+"""The same plan and run on every runner that works offline, with identical results.
+
+- in-memory FnApiRunner (the default): the reference;
+- FnApiRunner with SDK workers in 2 separate processes
+  (``--direct_running_mode=multi_processing --direct_num_workers=2``):
+  pickling and module-level state, as on Dataflow/Flink workers;
+- PortableRunner against Beam's local job service with an external worker
+  pool started here (the pool starts ``python`` from PATH: the venv's);
+- DataflowRunner with ``--dry_run=True``: the jobs are translated offline.
+
+"Identical" means: plan files byte-identical (plan id and file hashes), the
+final map, every record, the summary counts, and every map row written once.
+"""
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline import api
+from pipeline.config import load_config
+from pipeline.planner import load_manifest
+
+from conftest import ROOT, run_cli
+from test_executor import install_write_witness, map_rows, quiet, write_counts
+
+VENV_BIN = os.path.dirname(sys.executable)
+OPTS = {"swap_batch_size": 50, "hash_buckets": 2, "retry_base_delay": "1ms", "checkpoint_flush_interval": "50ms"}
+MULTI_PROCESS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """One demo keyspace (600 keys, 4 shards -> 5), copied afresh per runner."""
+    d = tmp_path_factory.mktemp("template") / "ks"
+    api.create_demo_keyspace(str(d), keys=600, shards=4)
+    with open(d / "shardmove.yaml", "a") as f:
+        for k, v in OPTS.items():
+            f.write(f"{k}: {v}\n")
+    return d
+
+
+def fresh(template, where):
+    d = where / "ks"
+    shutil.copytree(template, d)
+    cfgpath = str(d / "shardmove.yaml")
+    install_write_witness(load_config(cfgpath).map_store["path"])
+    return cfgpath
+
+
+def all_shard_records(cfg):
+    out = {}
+    for s in sorted(cfg.known_shards()):
+        path = os.path.join(cfg.data_store["directory"], f"{s}.sqlite")
+        if os.path.exists(path):
+            con = sqlite3.connect(path)
+            out[s] = dict(con.execute("SELECT key, value FROM records").fetchall())
+            con.close()
+    return out
+
+
+def outcome(cfgpath, plan_id):
+    """Everything that must not depend on the runner."""
+    cfg = load_config(cfgpath)
+    plan_dir = os.path.join(cfg.work_dir, "plans", plan_id)
+    m = load_manifest(plan_dir)
+    s = api.status(plan_dir)
+    writes = write_counts(cfg)
+    return {
+        "plan_id": plan_id,
+        "files": [(f["group"], f["rows"], f["sha256"]) for f in m["files"]],
+        "map": map_rows(cfg),
+        "records": all_shard_records(cfg),
+        "summary": {k: s[k] for k in ("planned", "done", "failed", "states", "failures_by_reason",
+                                      "done_by_verification", "complete")},
+        "writes": (len(writes), set(writes.values())),
+    }
+
+
+def plan_and_run_api(cfgpath, beam_args):
+    cfg = load_config(cfgpath)
+    res = api.plan(cfg, beam_args=beam_args, out=quiet)
+    run = api.run(cfg, res.plan_dir, beam_args=beam_args, out=quiet)
+    assert run.exit_code == 0, run.summary
+    return res.plan_id, run
+
+
+def plan_and_run_cli(cfgpath, beam_args, env=None):
+    r = run_cli("plan", "--config", cfgpath, "--", *beam_args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan_id = next(l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("plan id: "))
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *beam_args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return plan_id, r.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(template, tmp_path_factory):
+    cfgpath = fresh(template, tmp_path_factory.mktemp("in_memory"))
+    plan_id, run = plan_and_run_api(cfgpath, [])
+    out = outcome(cfgpath, plan_id)
+    assert out["summary"]["done"] == out["summary"]["planned"] > 50
+    assert out["writes"] == (out["summary"]["done"], {1})
+    return out
+
+
+# ------------------------------------------------------- multi-processing
+
+def test_multi_process_plan_and_run_match_in_memory(template, reference, tmp_path):
+    cfgpath = fresh(template, tmp_path)
+    plan_id, run = plan_and_run_api(cfgpath, MULTI_PROCESS)
+    assert outcome(cfgpath, plan_id) == reference
+    # metrics come back from the worker processes
+    assert run.metrics["copied"] == run.metrics["swapped"] == reference["summary"]["done"]
+
+
+def test_multi_process_ctrl_c_stops_gracefully_then_resumes(template, reference, tmp_path):
+    """Ctrl-C reaches the launcher and its SDK worker processes (one process
+    group): the workers ignore it, honour the stop marker and flush; exit 130."""
+    cfgpath = fresh(template, tmp_path)
+    with open(cfgpath, "a") as f:
+        f.write("copy_concurrency: 2\nfaults: {copy: {latency_ms: 25, keys_per_call: 1}}\n")
+        f.write("beam: {options: [%s]}\n" % ", ".join(MULTI_PROCESS))
+    in_memory = ["--", "--direct_running_mode=in_memory", "--direct_num_workers=1"]  # flags after -- win
+    r = run_cli("plan", "--config", cfgpath, *in_memory)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan_id = reference["plan_id"]
+    assert f"plan id: {plan_id}" in r.stdout
+    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
+    p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_parts(plan_dir, 3)
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-3000:]
+    assert "interrupted: checkpoints flushed; rerun to resume" in out
+    assert "Traceback" not in err
+    with open(cfgpath, "a") as f:
+        f.write("faults: {}\n")
+    r = run_cli("run", plan_id, "--config", cfgpath, *in_memory)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert outcome(cfgpath, plan_id) == reference
+
+
+def _wait_for_parts(plan_dir, n, timeout=300):
+    root = os.path.join(plan_dir, "checkpoints")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        found = sum(len([f for f in fs if f.startswith("part-")]) for _d, _s, fs in os.walk(root))
+        if found >= n:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("the run never committed a checkpoint")
+
+
+# --------------------------------------------------------------- portable
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"service exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("localhost", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@pytest.fixture(scope="module")
+def portable_services(tmp_path_factory):
+    """Beam's local job service and an external worker pool, on free ports.
+    The pool starts ``python`` from PATH for each worker: the venv's first."""
+    logs = tmp_path_factory.mktemp("portable")
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+    pool_port, job_port = _free_port(), _free_port()
+    procs = []
+    try:
+        for cmd, port, name in (
+            (["-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"], pool_port, "pool"),
+            (["-m", "apache_beam.runners.portability.local_job_service_main", f"--port={job_port}"], job_port, "jobs"),
+        ):
+            log = open(logs / f"{name}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT))
+            _wait_port(port, procs[-1])
+        yield ["--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
+               "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}"]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_portable_plan_and_run_match_in_memory(template, reference, tmp_path, portable_services):
+    """Through the real CLI, Beam flags after ``--``."""
+    cfgpath = fresh(template, tmp_path)
+    plan_id, stdout = plan_and_run_cli(cfgpath, portable_services)
+    assert f"summary: planned={reference['summary']['planned']} done={reference['summary']['done']} failed=0" in stdout
+    assert outcome(cfgpath, plan_id) == reference
+
+
+# --------------------------------------------------------------- dataflow
+
+def _dataflow_config(template, where, setup_file=True):
+    """configs/dataflow.yaml as shipped (runner, options, tuning), pointed at a local keyspace."""
+    with open(os.path.join(ROOT, "configs", "dataflow.yaml")) as f:
+        raw = yaml.safe_load(f)
+    d = where / "ks"
+    shutil.copytree(template, d)
+    with open(d / "shardmove.yaml") as f:
+        demo = yaml.safe_load(f)
+    for k in ("map_store", "data_store", "current_shards", "target", "work_dir"):
+        raw[k] = demo[k]
+    if not setup_file:
+        raw["beam"]["options"] = [o for o in raw["beam"]["options"] if not o.startswith("--setup_file")]
+    path = d / "dataflow.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture
+def offline_gcp(monkeypatch):
+    """A dry run never calls Google; make sure nothing even looks for credentials."""
+    from apache_beam.internal.gcp import auth
+
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", True)
+    monkeypatch.setattr(auth._Credentials, "_credentials", None)
+
+
+def _capture_results(monkeypatch):
+    import pipeline.runner as runner
+
+    results = []
+    real = runner.run_pipeline
+
+    def capture(p):
+        results.append(real(p))
+        return results[-1]
+
+    monkeypatch.setattr(runner, "run_pipeline", capture)
+    return results
+
+
+def _transforms(result):
+    return {t.unique_name for t in result.job.proto_pipeline.components.transforms.values()}
+
+
+def test_dataflow_dry_run_translates_plan_and_run_offline(template, tmp_path, offline_gcp, monkeypatch):
+    from pipeline.runner import dry_run_stages
+
+    import dataclasses
+
+    cfgpath = _dataflow_config(template, tmp_path, setup_file=False)  # the CLI test below builds the sdist
+    cfg = load_config(cfgpath)
+    assert cfg.beam["runner"] == "DataflowRunner"
+    # a committed plan to translate the run of (planned on the in-memory engine)
+    plan_dir = api.plan(dataclasses.replace(cfg, beam={"runner": "FnApiRunner"}), out=quiet).plan_dir
+    before = sorted(os.listdir(plan_dir))
+    results = _capture_results(monkeypatch)
+    lines = []
+    fast = ["--dry_run=True", "--experiments=disable_logging_submission_environment"]  # no `pip freeze`
+    t0 = time.time()
+    res = api.plan(cfg, beam_args=fast, out=lines.append)
+    assert res.plan_dir is None and res.dry_run
+    run = api.run(cfg, plan_dir, beam_args=fast, out=lines.append)
+    elapsed = time.time() - t0
+    assert run.exit_code == 0
+    plan_job, run_job = results
+    assert dry_run_stages(plan_job) == ["ListChunks", "PlanChunks", "DetectDuplicates", "WriteMoveFiles",
+                                        "FinalizeStart", "Finalize"]
+    assert dry_run_stages(run_job) == ["LoadWork", "StableInput", "CopyKeys", "VerifyCopies",
+                                       "StableInputForSwap", "SwapBatches"]
+    assert {"PlanChunks/PlanChunk", "WriteMoveFiles/GroupByWorkGroup", "WriteMoveFiles/WriteGroupFiles"} <= _transforms(plan_job)
+    assert {"LoadWork/ReadGroupWork", "CopyKeys/CopyChunk", "VerifyCopies/VerifyChunk",
+            "SwapBatches/SwapChunk"} <= _transforms(run_job)
+    assert any(l.startswith("dataflow dry run: job translated, 6 stages (LoadWork,") for l in lines)
+    # a Dataflow job: Docker workers, the options of configs/dataflow.yaml
+    for r in results:
+        envs = r.job.proto_pipeline.components.environments.values()
+        assert all(e.urn == "beam:env:docker:v1" for e in envs)
+        opts = r.job.options.get_all_options()
+        assert opts["project"] == "my-project" and opts["region"] == "us-central1"
+        assert opts["temp_location"].startswith("gs://")
+    # nothing executed, nothing committed, no lease taken
+    assert sorted(os.listdir(plan_dir)) == before
+    assert sorted(n for n in os.listdir(os.path.dirname(plan_dir)) if not n.startswith(".")) == [
+        os.path.basename(plan_dir)]
+    assert elapsed < 60
+
+
+def _cli_plan_id(cfgpath):
+    r = run_cli("plan", "--config", cfgpath, "--", "--runner=FnApiRunner")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return next(l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("plan id: "))
+
+
+def test_dataflow_cli_run_dry_run_with_setup_file(template, tmp_path):
+    """The user's command, verbatim: configs/dataflow.yaml (with --setup_file=./pyproject.toml,
+    relative to the repository root: an sdist of this project is built for the workers)
+    and ``-- --dry_run=True``."""
+    pytest.importorskip("build")
+    cfgpath = _dataflow_config(template, tmp_path)
+    plan_id = _cli_plan_id(cfgpath)  # planned on the in-memory engine (flags after -- win)
+    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
+    before = sorted(os.listdir(plan_dir))
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", "--dry_run=True", env={"NO_GCE_CHECK": "true"},
+                cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dataflow dry run: job translated, 6 stages (LoadWork, StableInput, CopyKeys," in r.stdout
+    assert sorted(os.listdir(plan_dir)) == before  # no lease, no checkpoint, no summary
+
+
+def test_dataflow_cli_plan_dry_run(template, tmp_path):
+    cfgpath = _dataflow_config(template, tmp_path, setup_file=False)
+    r = run_cli("plan", "--config", cfgpath, "--", "--dry_run=True", env={"NO_GCE_CHECK": "true"}, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dataflow dry run: job translated, 6 stages (ListChunks, PlanChunks," in r.stdout
+    assert "plan dir:" not in r.stdout
+    plans = os.path.join(load_config(cfgpath).work_dir, "plans")
+    assert not [n for n in os.listdir(plans) if not n.startswith(".")] if os.path.exists(plans) else True
+
+
+@pytest.mark.parametrize("name,runner", [("flink", "FlinkRunner"), ("spark", "SparkRunner")])
+def test_flink_and_spark_configs_are_well_formed(name, runner):
+    """Untested against a cluster (no job-server jar here): the configs load and
+    Beam accepts every flag they pass."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, PortableOptions, SparkRunnerOptions
+
+    from pipeline.runner import is_dry_run, pipeline_args, runner_name
+
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    args = pipeline_args(cfg.beam)
+    assert runner_name(args) == runner and not is_dry_run(args)
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    opts = PipelineOptions(args)
+    assert opts.view_as(PortableOptions).environment_type in ("EXTERNAL", "DOCKER")
+    view = opts.view_as(FlinkRunnerOptions if name == "flink" else SparkRunnerOptions)
+    assert (view.flink_master if name == "flink" else view.spark_master_url)
+    assert set(opts.get_all_options(retain_unknown_options=True)) == set(opts.get_all_options())  # no unknown flag
