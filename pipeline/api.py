@@ -85,8 +85,8 @@ def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, bea
     if snapshot is None and cfg.snapshot is None:
         map_store = open_map_store(cfg)
     data_store = None
-    if any(s.capacity_bytes for s in cfg.target_shards):
-        data_store = open_data_store(cfg)
+    if any(s.capacity_bytes for s in cfg.target_shards) or cfg.data_store.get("kind") == "objects":
+        data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
     return make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                      beam_args=beam_args, out=out)
 

@@ -83,6 +83,21 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
                        "not listed in target.shards")
 
 
+def _check_key_limits(data_store, staging: str, files: list) -> None:
+    """Keys the data store cannot name on their target shard (e.g. GCS's 1024-byte object
+    names) are refused at plan time, not halfway through a run."""
+    if data_store is None or not hasattr(data_store, "check_keys"):
+        return
+    too_long = 0
+    for f in files:
+        with fs.open_input(fs.join(staging, "moves", f["group"] + ".parquet")) as fh:
+            keys = pq.read_table(fh, columns=["key"]).column("key").combine_chunks()
+        too_long += data_store.check_keys(keys, f["target"])
+    if too_long:
+        raise BadInput(f"plan: {too_long} keys are too long for the data store's object names on their target "
+                       "shard (limit: data_store max_key_bytes)")
+
+
 def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -> tuple[list, bool]:
     """Rows of (shard, before, after, capacity_keys, headroom_keys%, capacity_bytes, bytes_after, headroom_bytes%)."""
     before, after = stats["before"], stats["after"]
@@ -208,6 +223,7 @@ def make_plan(
         files = json.loads(fs.read_bytes(fs.join(staging, "files.json")))
         dups = json.loads(fs.read_bytes(fs.join(staging, "duplicates.json")))
         _validate(stats, dups, cfg)
+        _check_key_limits(data_store, staging, files)
         digest = core.digest_hex(*stats["digest"])
         if snap_meta and snap_meta.get("digest") and snap_meta["digest"] != digest:
             raise BadInput("snapshot: content does not match its snapshot.json digest (files changed or damaged)")

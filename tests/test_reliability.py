@@ -352,3 +352,29 @@ def test_files_holding_keys_are_owner_only(tmp_path):
                     assert mode == 0o600, (f, oct(mode))
                     checked += 1
     assert checked >= 3
+
+
+def test_object_store_over_long_keys_refused_at_plan_time(tmp_path):
+    """Keys whose object name would exceed the store's limit are refused when planning
+    (exit 2, nothing committed), not halfway through a run."""
+    from pipeline.ring import Ring
+
+    ms = SqliteMapStore.create(str(tmp_path / "map.sqlite"), KeyType.STRING)
+    ring = Ring.build("native", [("s0", 1.0)])
+    keys = [f"k{i}".encode() for i in range(50)] + [b"x" * 2000]
+    ms.put_many((k, "s0") for k in keys)
+    shards = {s: str(tmp_path / "objects" / s) for s in ("s0", "s1")}
+    for d in shards.values():
+        os.makedirs(d)
+    raw = {"work_dir": str(tmp_path / "work"), "map_store": {"kind": "sqlite", "path": str(tmp_path / "map.sqlite")},
+           "data_store": {"kind": "objects", "shards": shards}, "current_shards": ["s0"],
+           "target": {"shards": ["s0", "s1"]}}
+    cfg = load_config(None, raw=raw)
+    target = Ring.build("native", [("s0", 1.0), ("s1", 1.0)])
+    if target.assign_one(b"x" * 2000) != "s1":  # make sure the long key moves
+        raw["target"] = {"shards": ["s1"]}
+        cfg = load_config(None, raw=raw)
+    with pytest.raises(BadInput, match=r"plan: 1 keys are too long for the data store's object names"):
+        api.plan(cfg, out=quiet)
+    plans = tmp_path / "work" / "plans"
+    assert not plans.exists() or [p for p in os.listdir(plans) if not p.startswith(".")] == []
