@@ -120,6 +120,9 @@ def throttle_config(options: Mapping[str, Any]) -> ThrottleConfig:
     )
 
 
+_IN_PROGRESS = frozenset({int(S.State.COPYING), int(S.State.VERIFYING), int(S.State.SWAPPING)})
+
+
 # ------------------------------------------------------------- shared base
 
 class _StageFn(beam.DoFn):
@@ -254,6 +257,9 @@ class _StageFn(beam.DoFn):
             [ch.chash[i] for i in idx],
             [ch.sver[i] for i in idx],
             [ch.method[i] for i in idx],
+            # in-progress markers ride along with the next flush instead of forcing one:
+            # losing one only makes a resume redo idempotent work
+            may_flush=int(state) not in _IN_PROGRESS,
         )
         self._crasher.tick(len(idx))
 
