@@ -841,6 +841,7 @@ class CheckpointWriter:
         self._fence = fence
         self._dir = group_dir(plan_dir, group_id)
         self._buffer = Transitions(clock)
+        self._riders = 0  # buffered transitions that do not count toward flush_every
         self._pending: tuple[str, bytes, int] | None = None
         self._last_flush = clock()
         self._lock = threading.RLock()
@@ -868,11 +869,14 @@ class CheckpointWriter:
                     content_hashes=None, source_versions=None, verify_methods=None,
                     *, may_flush: bool = True) -> str | None:
         """:meth:`Transitions.add_many`, then :meth:`maybe_flush` (unless ``may_flush`` is
-        False: in-progress markers ride along with the next flush instead of forcing one)."""
+        False: they ride along with the next flush and do not count toward ``flush_every``)."""
         with self._lock:
             self._buffer.add_many(keys, key_hashes, states, attempts, reasons,
                                   content_hashes, source_versions, verify_methods)
-            return self.maybe_flush() if may_flush else None
+            if not may_flush:
+                self._riders += len(keys)
+                return None
+            return self.maybe_flush()
 
     def record_table(self, table: "pa.Table | pa.RecordBatch") -> str | None:
         """Buffer a table of transitions (:meth:`Transitions.add_table`), then :meth:`maybe_flush`.
@@ -893,7 +897,7 @@ class CheckpointWriter:
         """Flush if the buffer is full or the flush interval has elapsed."""
         with self._lock:
             n = len(self._buffer)
-            if n >= self.flush_every or (
+            if n - self._riders >= self.flush_every or (
                     (n or self._pending) and self._clock() - self._last_flush >= self.flush_interval_s):
                 return self.flush()
             return None
@@ -912,6 +916,7 @@ class CheckpointWriter:
                 name = part_name(self.epoch)
                 self._pending = (name, data, table.num_rows)
                 self._buffer.clear()
+                self._riders = 0
                 written = self._commit(*self._pending)
                 self._pending = None
             self._last_flush = self._clock()
