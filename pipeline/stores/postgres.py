@@ -74,8 +74,8 @@ from psycopg.pq import TransactionStatus
 
 from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key
-from pipeline.stores.base import SNAPSHOT_SCHEMA, CopyOutcome, SnapshotStats, SwapItem, SwapResult
-from pipeline.stores.sqlite import _parse_key_column, _swap_item, _texts, _utf8_column
+from pipeline.stores.base import SNAPSHOT_SCHEMA, CopyOutcome, SwapItem, SwapResult
+from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
 
 __all__ = [
     "PostgresMapStore",
@@ -439,7 +439,7 @@ class _Configured:
 # ------------------------------------------------------------------ map store
 
 
-class PostgresMapSnapshot:
+class PostgresMapSnapshot(_CountingSnapshot):
     """A point-in-time export of a PostgreSQL shard map (see :class:`base.MapSnapshot`).
 
     Opening it starts ONE ``REPEATABLE READ READ ONLY`` transaction on its own
@@ -516,38 +516,7 @@ class PostgresMapSnapshot:
             self.close()
 
     def _to_batch(self, rows: list) -> pa.RecordBatch:
-        key_raw, shard_raw, versions = zip(*rows)
-        canon, key_ok = _parse_key_column(pa.array(key_raw, pa.binary()), self.key_type)
-        shards, shard_ok = _utf8_column(pa.array(shard_raw, pa.binary()))
-        version_arr = pa.array(versions, pa.int64())
-        if not shard_ok.all():
-            canon = canon.filter(pa.array(shard_ok[key_ok]))
-        valid = key_ok & shard_ok
-        if not valid.all():
-            mask = pa.array(valid)
-            shards = shards.filter(mask)
-            version_arr = version_arr.filter(mask)
-        self._invalid += len(rows) - int(valid.sum())
-        self._rows += len(canon)
-        return pa.RecordBatch.from_arrays([canon, shards, version_arr], schema=SNAPSHOT_SCHEMA)
-
-    @property
-    def rows(self) -> int:
-        return self._rows
-
-    @property
-    def invalid_keys(self) -> int:
-        return self._invalid
-
-    @property
-    def rows_above_cutoff(self) -> int | None:
-        """None until the export has been read to the end."""
-        return self._above
-
-    def stats(self) -> SnapshotStats:
-        if self._above is None:
-            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
-        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+        return self._columns_to_batch(*zip(*rows))
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -45,9 +45,9 @@ import xxhash
 
 from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType
-from pipeline.stores.base import SNAPSHOT_SCHEMA, SnapshotStats, SwapItem, SwapResult
+from pipeline.stores.base import SNAPSHOT_SCHEMA, SwapItem, SwapResult
 from pipeline.stores.postgres import _dsn_secrets, _scrub, redact_dsn
-from pipeline.stores.sqlite import _parse_key_column, _swap_item, _texts, _utf8_column
+from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
 
 __all__ = ["RedisMapStore", "RedisMapSnapshot", "DEFAULT_URL", "DEFAULT_PREFIX"]
 
@@ -234,7 +234,7 @@ class _SeenSet:
 # ---------------------------------------------------------------- snapshot
 
 
-class RedisMapSnapshot:
+class RedisMapSnapshot(_CountingSnapshot):
     """A point-in-time export of a Redis shard map (see :class:`base.MapSnapshot`).
 
     Redis has no read transactions, so the snapshot is "at the cutoff, minus
@@ -341,37 +341,7 @@ class RedisMapSnapshot:
             self._closed = True
 
     def _to_batch(self, keys: list[bytes], shards: list[bytes], versions: list[int]) -> pa.RecordBatch:
-        canon, key_ok = _parse_key_column(pa.array(keys, pa.binary()), self.key_type)
-        shard_arr, shard_ok = _utf8_column(pa.array(shards, pa.binary()))
-        version_arr = pa.array(versions, pa.int64())
-        if not shard_ok.all():
-            canon = canon.filter(pa.array(shard_ok[key_ok]))
-        valid = key_ok & shard_ok
-        if not valid.all():
-            mask = pa.array(valid)
-            shard_arr = shard_arr.filter(mask)
-            version_arr = version_arr.filter(mask)
-        self._invalid += len(keys) - int(valid.sum())
-        self._rows += len(canon)
-        return pa.RecordBatch.from_arrays([canon, shard_arr, version_arr], schema=SNAPSHOT_SCHEMA)
-
-    @property
-    def rows(self) -> int:
-        return self._rows
-
-    @property
-    def invalid_keys(self) -> int:
-        return self._invalid
-
-    @property
-    def rows_above_cutoff(self) -> int | None:
-        """None until the export has been read to the end."""
-        return self._above
-
-    def stats(self) -> SnapshotStats:
-        if self._above is None:
-            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
-        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+        return self._columns_to_batch(keys, shards, versions)
 
     def close(self) -> None:
         self._closed = True

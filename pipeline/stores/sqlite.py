@@ -412,7 +412,48 @@ class _SqliteBase:
 # ------------------------------------------------------------------ map store
 
 
-class SqliteMapSnapshot:
+class _CountingSnapshot:
+    """What every map snapshot shares: raw rows -> a SNAPSHOT_SCHEMA batch with rows
+    whose key or shard id cannot be represented dropped and counted (never shown),
+    and the row counts behind ``stats()``.  Subclasses set ``key_type``, ``cutoff``,
+    ``_rows``, ``_invalid`` and ``_above`` (None until read to the end)."""
+
+    def _columns_to_batch(self, keys, shards, versions) -> pa.RecordBatch:
+        canon, key_ok = _parse_key_column(pa.array(keys, pa.binary()), self.key_type)
+        shard_arr, shard_ok = _utf8_column(pa.array(shards, pa.binary()))
+        version_arr = pa.array(versions, pa.int64())
+        if not shard_ok.all():
+            # keys were already filtered by key_ok; align the shard mask to them.
+            canon = canon.filter(pa.array(shard_ok[key_ok]))
+        valid = key_ok & shard_ok
+        if not valid.all():
+            mask = pa.array(valid)
+            shard_arr = shard_arr.filter(mask)
+            version_arr = version_arr.filter(mask)
+        self._invalid += len(keys) - int(valid.sum())
+        self._rows += len(canon)
+        return pa.RecordBatch.from_arrays([canon, shard_arr, version_arr], schema=SNAPSHOT_SCHEMA)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def invalid_keys(self) -> int:
+        return self._invalid
+
+    @property
+    def rows_above_cutoff(self) -> int | None:
+        """None until the export has been read to the end."""
+        return self._above
+
+    def stats(self) -> SnapshotStats:
+        if self._above is None:
+            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
+        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+
+
+class SqliteMapSnapshot(_CountingSnapshot):
     """A point-in-time export of a SQLite shard map (see :class:`base.MapSnapshot`).
 
     Opening it starts ONE read transaction and reads the cutoff (the highest
@@ -496,40 +537,7 @@ class SqliteMapSnapshot:
             self.close()
 
     def _to_batch(self, rows: list) -> pa.RecordBatch:
-        key_raw, shard_raw, versions = zip(*rows)
-        canon, key_ok = _parse_key_column(pa.array(key_raw, pa.binary()), self.key_type)
-        shards, shard_ok = _utf8_column(pa.array(shard_raw, pa.binary()))
-        version_arr = pa.array(versions, pa.int64())
-        if not shard_ok.all():
-            # keys were already filtered by key_ok; align the shard mask to them.
-            keep_of_valid_keys = pa.array(shard_ok[key_ok])
-            canon = canon.filter(keep_of_valid_keys)
-        valid = key_ok & shard_ok
-        if not valid.all():
-            mask = pa.array(valid)
-            shards = shards.filter(mask)
-            version_arr = version_arr.filter(mask)
-        self._invalid += len(rows) - int(valid.sum())
-        self._rows += len(canon)
-        return pa.RecordBatch.from_arrays([canon, shards, version_arr], schema=SNAPSHOT_SCHEMA)
-
-    @property
-    def rows(self) -> int:
-        return self._rows
-
-    @property
-    def invalid_keys(self) -> int:
-        return self._invalid
-
-    @property
-    def rows_above_cutoff(self) -> int | None:
-        """None until the export has been read to the end."""
-        return self._above
-
-    def stats(self) -> SnapshotStats:
-        if self._above is None:
-            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
-        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+        return self._columns_to_batch(*zip(*rows))
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
