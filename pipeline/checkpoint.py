@@ -24,8 +24,9 @@ read at copy), ``verify_method`` (:data:`pipeline.states.VERIFY_METHODS`:
 full | hash | sampled | forced | unchecked | already_swapped), ``epoch``
 (the run epoch = lease epoch, higher on every run) and ``time_ms`` (wall
 clock).  Each file's Parquet key-value metadata holds ``format_version``,
-``plan_id``, ``group_id``, ``epoch``, ``kind`` (part | compacted) and any
-free-form extras of the writer (e.g. ``{"active_copy": "12"}``); it is
+``plan_id``, ``group_id``, ``epoch``, ``kind`` (part | compacted), for
+parts ``state_counts`` (JSON: rows per state rank; progress reads it from the
+footer) and any free-form extras of the writer (e.g. ``{"active_copy": "12"}``); it is
 readable from the footer without reading rows (:func:`read_file_metadata`).
 Data pages carry CRC checksums, verified on read.
 
@@ -100,6 +101,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import json
 import re
 import threading
 import time
@@ -175,7 +177,7 @@ _GROUP_RE = re.compile(r"\A[A-Za-z0-9_%~\-]+\Z")
 # metadata keys written by this module; writer extras may not use them
 _RESERVED = frozenset({
     "format_version", "plan_id", "group_id", "epoch", "kind", "compaction_id",
-    "folded_parts", "ARROW:schema",
+    "folded_parts", "ARROW:schema", "state_counts",
 })
 
 # Merge order (see the module docstring): most significant first, all
@@ -795,6 +797,12 @@ class WriterStats:
     last_part: str | None = None
 
 
+class _BackgroundCommitFailed(Exception):
+    def __init__(self, part):
+        super().__init__("background checkpoint commit failed")
+        self.part = part
+
+
 class CheckpointWriter:
     """Buffers one group's transitions and commits them as new part files.
 
@@ -811,13 +819,22 @@ class CheckpointWriter:
     If a commit fails, its bytes are kept and retried under the same name on
     the next flush (an object already present with the same content counts
     as committed).
+
+    With a ``committer`` (an executor, e.g. one thread), the flushes that
+    :meth:`maybe_flush` triggers serialize and commit in the background, so
+    the caller goes on working while Parquet is encoded and fsynced; an
+    explicit :meth:`flush` (bundle end, stop) waits for them all, retries any
+    that failed and raises what still fails.  Parts only ever hold
+    transitions that happened, so a background part lost to a crash costs a
+    resume only redone idempotent work.
     """
 
     def __init__(self, plan_dir: str, plan_id: str, group_id: str, epoch: int,
                  flush_every: int = 1000, flush_interval_s: float = 2.0,
                  clock: Callable[[], float] = time.time,
                  extras_fn: Callable[[], Mapping[str, Any]] | None = None,
-                 fence: Callable[[], None] | None = None):
+                 fence: Callable[[], None] | None = None,
+                 committer: "concurrent.futures.Executor | None" = None):
         if not isinstance(plan_id, str) or not plan_id:
             raise ValueError("plan_id must be a non-empty string")
         _check_group_id(group_id)
@@ -842,7 +859,9 @@ class CheckpointWriter:
         self._dir = group_dir(plan_dir, group_id)
         self._buffer = Transitions(clock)
         self._riders = 0  # buffered transitions that do not count toward flush_every
-        self._pending: tuple[str, bytes, int] | None = None
+        self._pending: list[tuple[str, bytes, int]] = []  # parts whose commit failed
+        self._committer = committer
+        self._inflight: list = []  # futures of background commits
         self._last_flush = clock()
         self._lock = threading.RLock()
         self._dirs_made = False
@@ -894,33 +913,69 @@ class CheckpointWriter:
             return self.maybe_flush()
 
     def maybe_flush(self) -> str | None:
-        """Flush if the buffer is full or the flush interval has elapsed."""
+        """Flush if the buffer is full or the flush interval has elapsed (in the
+        background when the writer has a ``committer``)."""
         with self._lock:
             n = len(self._buffer)
             if n - self._riders >= self.flush_every or (
                     (n or self._pending) and self._clock() - self._last_flush >= self.flush_interval_s):
-                return self.flush()
+                return self.flush(wait=self._committer is None)
             return None
 
-    def flush(self) -> str | None:
-        """Commit the buffer as one new part; the part name, or None if nothing was buffered."""
+    def flush(self, wait: bool = True) -> str | None:
+        """Commit the buffer as one new part; the part name, or None if nothing was
+        buffered.  ``wait=False`` (only with a ``committer``): hand the part to the
+        committer and return None at once; the next waiting flush waits for it,
+        retries it if it failed and raises what still fails."""
         with self._lock:
             written = None
-            if self._pending is not None:
-                written = self._commit(*self._pending)
-                self._pending = None
+            if wait:
+                self._settle_background()
+                while self._pending:  # parts whose commit failed: same name, same bytes
+                    written = self._commit(*self._pending[0])
+                    self._pending.pop(0)
             if len(self._buffer):
                 table = self._buffer.to_table(self.epoch)
                 meta = self._metadata()
-                data = serialize_table(table, meta)
-                name = part_name(self.epoch)
-                self._pending = (name, data, table.num_rows)
                 self._buffer.clear()
                 self._riders = 0
-                written = self._commit(*self._pending)
-                self._pending = None
+                if wait or self._committer is None:
+                    written = self._serialize_and_commit(table, meta)
+                else:
+                    while len(self._inflight) >= self.MAX_IN_FLIGHT:
+                        self._settle_one()
+                    self._inflight.append(self._committer.submit(self._serialize_and_commit, table, meta, True))
+                    written = None
             self._last_flush = self._clock()
             return written
+
+    #: parts handed to the committer and not yet settled (bounds memory and lag)
+    MAX_IN_FLIGHT = 4
+
+    def _serialize_and_commit(self, table: pa.Table, meta: dict, background: bool = False) -> str:
+        # rows per state, so progress can be read from the footer alone
+        ranks = np.bincount(table.column("state").to_numpy(zero_copy_only=False).astype(np.int64),
+                            minlength=len(State))
+        meta["state_counts"] = json.dumps({str(r): int(n) for r, n in enumerate(ranks) if n})
+        part = (part_name(self.epoch), serialize_table(table, meta), table.num_rows)
+        try:
+            return self._commit(*part)
+        except BaseException as e:
+            if background:  # the waiting flush keeps it (no lock taken here: it may be held)
+                raise _BackgroundCommitFailed(part) from e
+            self._pending.append(part)  # retried under the same name by the next flush
+            raise
+
+    def _settle_one(self) -> None:
+        fut = self._inflight.pop(0)
+        try:
+            fut.result()
+        except _BackgroundCommitFailed as e:  # the next waiting flush retries it and raises what fails
+            self._pending.append(e.part)
+
+    def _settle_background(self) -> None:
+        while self._inflight:
+            self._settle_one()
 
     close = flush
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import json
 import os
 import stat
 import time
@@ -183,11 +184,16 @@ def test_written_part_round_trip_and_metadata_from_footer(tmp_path):
     name = w.flush()
     assert cp.part_name(9).startswith("part-00000009-") and name.startswith("part-00000009-")
     path = os.path.join(cp.group_dir(plan, GID), name)
-    assert cp.read_file_metadata(path) == {
+    meta = cp.read_file_metadata(path)
+    counts = json.loads(meta.pop("state_counts"))
+    assert meta == {
         "format_version": "1", "plan_id": PLAN, "group_id": GID, "epoch": "9", "kind": "part",
         "active_copy": "12"}
     table, _ = cp.parse_part(fs.read_bytes(path))
     assert table.equals(_golden_table())
+    # rows per state rank, for progress read from the footer alone
+    ranks = table.column("state").to_pylist()
+    assert counts == {str(r): ranks.count(r) for r in set(ranks)}
     g = cp.read_group(plan, PLAN, GID)
     assert g.files == (name,) and g.skipped == () and g.rows_read == 4
     assert g.metadata[name]["active_copy"] == "12"

@@ -249,8 +249,9 @@ def test_copy_everything_before_verifying_when_not_interleaved(tmp_path):
     try:
         for interleave in (False, True):
             calls.clear()
-            cfg = make_keyspace(tmp_path / str(interleave), keys=600, interleave_copy_and_verify=interleave,
-                                write_fence="auto")
+            # more chunks than the copy stage keeps in flight, so interleaving is observable
+            cfg = make_keyspace(tmp_path / str(interleave), keys=1200, interleave_copy_and_verify=interleave,
+                                write_fence="auto", swap_batch_size=5)
             plan_dir, m = planned(cfg)
             res = api.run(cfg, plan_dir, out=quiet)
             assert res.summary["done"] == m["moves"]

@@ -34,6 +34,7 @@ changes nothing twice.  Keys never appear in logs: only short hash prefixes.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import checkpoint as ckpt
 from pipeline import fs
@@ -161,11 +163,17 @@ class _StageFn(beam.DoFn):
         self._tally = {"retries": 0, "throttled_s": 0.0}
         self._throttle_carry = 0.0
         self._samples: dict = {}
+        # one thread per DoFn encodes and commits checkpoint parts while the stage works on;
+        # bundle end and stop wait for it (CheckpointWriter.flush)
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-{self.STAGE}")
         tcfg = throttle_config(self._opts)
         self._throttles = self._shared.acquire(lambda: ShardThrottles(tcfg),
                                                tag=(spec.plan_id, spec.epoch, tcfg))
 
     def teardown(self):
+        committer = getattr(self, "_committer", None)
+        if committer is not None:
+            committer.shutdown(wait=True)  # a part being committed finishes (it holds only facts)
         for s in (getattr(self, "_map", None), getattr(self, "_data", None)):
             try:
                 if s is not None and hasattr(s, "close"):
@@ -206,6 +214,7 @@ class _StageFn(beam.DoFn):
                 flush_interval_s=float(o["checkpoint_flush_interval"]),
                 extras_fn=self._extras,
                 fence=self._checkpoint_fence,
+                committer=self._committer,  # count/interval flushes commit in the background
             )
             self._writers[gid] = w
         return w
@@ -413,11 +422,18 @@ class _CopyFn(_StageFn):
         super().__init__(spec, shared)
         self._copied = Metrics.counter(NS, "copied")
         self._recopied = Metrics.counter(NS, "recopied")
+        # wall time during which the copy stage had chunks in flight (its throughput's denominator)
+        self._busy_ms = Metrics.counter(NS, "copy_busy_ms")
 
     def setup(self):
         super().setup()
-        self._pool = ThreadPoolExecutor(max_workers=int(self._opts["copy_concurrency"]),
-                                        thread_name_prefix="copy")
+        self._pool_size = int(self._opts["copy_concurrency"])
+        self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="copy")
+        self._window = collections.deque()
+        self._outstanding_calls = 0  # submitted and not finished (pool threads decrement)
+        self._calls_done = threading.Condition()
+        self._busy_s = 0.0
+        self._busy_since = 0.0
 
     def teardown(self):
         pool = getattr(self, "_pool", None)
@@ -425,41 +441,110 @@ class _CopyFn(_StageFn):
             pool.shutdown(wait=False)
         super().teardown()
 
-    def process(self, ch: Chunk):
+    # The copy stage keeps a bounded window of chunks in flight: process()
+    # admits a chunk (guard lookup, Copying markers, mover calls submitted to
+    # the pool) and returns at once, so the pool works on the next chunks
+    # while this thread records transitions, emits finished chunks and runs
+    # the fused downstream stage (verify).  A chunk is emitted when all its
+    # calls have finished, oldest first; finish_bundle() drains the window.
+    MAX_WINDOW_CHUNKS = 8
+
+    def start_bundle(self):
+        super().start_bundle()
+        self._window: collections.deque = collections.deque()
+
+    def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         if self._should_stop():
             return
         todo = [i for i, s in enumerate(ch.states)
                 if s in (S.State.PLANNED, S.State.COPYING)
                 or (s in (S.State.COPIED, S.State.VERIFYING) and ch.chash[i] is None)]
         if todo:
-            self._guard_and_copy(ch, todo)
+            todo = self._guard(ch, todo)
+        if not self._window:
+            self._busy_since = time.perf_counter()
+        self._window.append(_InFlight(ch, todo, self._start_copies(ch, todo) if todo else [],
+                                      WindowedValue(ch, timestamp, (window,))))
+        # emit what has finished; wait for the oldest while the pool has enough queued work
+        yield from self._retire(block=lambda: (len(self._window) > self.MAX_WINDOW_CHUNKS
+                                               or self._outstanding_calls > 2 * self._pool_size))
         self._drain()
-        yield ch
 
-    def _guard_and_copy(self, ch: Chunk, todo: list):
-        # Only copy keys still mapped to their source: a late (duplicated) copy
-        # after the swap must never overwrite writes made on the target.
+    def finish_bundle(self):
+        yield from self._retire(block=lambda: True)
+        super().finish_bundle()
+
+    def _retire(self, block):
+        """Emit the finished chunks at the head of the window; while ``block()``
+        holds, wait for calls to finish (any call: the pool stays fed)."""
+        while self._window:
+            head = self._window[0]
+            if all(f.done() for f in head.futures):
+                self._window.popleft()
+                results = [f.result() for f in head.futures]
+                self._finish_copies(head.chunk, head.todo, results)
+                if not self._window:
+                    self._busy_s += time.perf_counter() - self._busy_since
+                yield head.output
+                continue
+            if not block():
+                break
+            with self._calls_done:
+                if not all(f.done() for f in head.futures) and block():
+                    self._calls_done.wait(timeout=0.05)
+        self._report_busy()
+
+    def _report_busy(self):
+        ms = int(self._busy_s * 1000)
+        if ms:
+            self._busy_ms.inc(ms)
+            self._busy_s -= ms / 1000.0
+
+    def _guard(self, ch: Chunk, todo: list) -> list:
+        """Only copy keys still mapped to their source: a late (duplicated) copy
+        after the swap must never overwrite writes made on the target.  Keys
+        already at their target (a lost Done) go to the swap, which confirms them."""
         try:
             current = self._retry_io(self._map.lookup, [ch.keys[i] for i in todo])
         except TransientError:
             current = None
         if current is not None:
             at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
-            if at_target:  # applied earlier (a lost Done): let the swap confirm it
+            if at_target:
                 self._record(ch, at_target, S.State.VERIFIED, method=S.VERIFY_ALREADY)
-                todo = [i for i in todo if i not in set(at_target)]
-        self.copy_rows(ch, todo)
+                gone = set(at_target)
+                todo = [i for i in todo if i not in gone]
+        return todo
 
     def copy_rows(self, ch: Chunk, todo: list, recopy: bool = False):
-        """Copy rows ``todo`` of ``ch``: concurrent calls, retries, transitions."""
+        """Copy rows ``todo`` of ``ch`` now (re-copies): concurrent calls, retries, transitions."""
         if not todo:
             return
+        futures = self._start_copies(ch, todo)
+        results = [f.result() for f in futures]
+        self._finish_copies(ch, todo, results, recopy)
+
+    def _start_copies(self, ch: Chunk, todo: list) -> list:
         for i in todo:
             ch.attempts[i] += 1
         self._record(ch, todo, S.State.COPYING)
         per_call = int(getattr(self._data, "keys_per_call", 0) or len(todo))
         calls = [todo[a:a + per_call] for a in range(0, len(todo), per_call)]
-        results = list(self._pool.map(lambda rows: self._copy_call(ch, rows), calls))
+        with self._calls_done:
+            self._outstanding_calls += len(calls)
+        return [self._pool.submit(self._counted_call, ch, rows) for rows in calls]
+
+    def _counted_call(self, ch: Chunk, rows: list):
+        try:
+            return self._copy_call(ch, rows)
+        finally:
+            with self._calls_done:
+                self._outstanding_calls -= 1
+                self._calls_done.notify()
+
+    def _finish_copies(self, ch: Chunk, todo: list, results: list, recopy: bool = False):
+        if not todo:
+            return
         ok, failed = {}, {}
         for r_ok, r_failed in results:
             ok.update(r_ok)
@@ -540,6 +625,16 @@ class _CopyFn(_StageFn):
         return ok, failed
 
 
+@dataclass
+class _InFlight:
+    """A chunk admitted to the copy window: its rows to copy, their calls, its output."""
+
+    chunk: Chunk
+    todo: list
+    futures: list
+    output: Any
+
+
 class CopyKeys(beam.PTransform):
     def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__()
@@ -577,6 +672,8 @@ class _VerifyFn(_CopyFn):
         super().setup()
         self._vpool = ThreadPoolExecutor(max_workers=int(self._opts["verify_concurrency"]),
                                          thread_name_prefix="verify")
+
+    finish_bundle = _StageFn.finish_bundle  # no copy window here: re-copies run synchronously
 
     def teardown(self):
         pool = getattr(self, "_vpool", None)
@@ -731,7 +828,6 @@ class _SwapFn(_VerifyFn):
             return
         rows = [i for i, s in enumerate(ch.states) if s in (S.State.VERIFIED, S.State.SWAPPING)]
         if not rows:
-            self._flush_all()
             return
         self._record(ch, rows, S.State.SWAPPING)
         max_retries = int(self._opts["max_retries"])
@@ -754,8 +850,8 @@ class _SwapFn(_VerifyFn):
                 done = [rows[j] for j in list(res.applied) + list(res.already)]
                 self._record(ch, sorted(done), S.State.DONE)
                 self._swapped.inc(len(done))
-                # commit Done promptly: it is the state that costs most to lose
-                self._retry_io(self._writer(ch.gid).flush)
+                # Done follows the flush policy like every other transition: a Done lost
+                # to a crash costs the rerun one lookup (the key is found at its target)
                 break
             conflicts = {rows[j] for j in res.conflicts}
             if conflicts:
@@ -766,7 +862,7 @@ class _SwapFn(_VerifyFn):
             rows = [i for i in rows if i not in conflicts]
             if changed:
                 rows = self._recopy_changed(ch, rows, changed, changes)
-        self._flush_all()
+        # transitions follow the flush policy (count, interval) and bundle end
         self._drain()
         return
         yield  # a generator: emits nothing

@@ -534,6 +534,9 @@ class PostgresMapStore(_Configured):
     ``repr()`` and every message show the DSN redacted.
     """
 
+    #: count() and count_above() run in the server (the version index): the drift check may use them
+    cheap_counts = True
+
     def __init__(self, dsn: str = "", key_type: KeyType = KeyType.STRING, *, table: str = "shard_map",
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
                  pool_size: int = 4):
