@@ -121,6 +121,8 @@ def end_state(run_dir: str) -> dict:
 def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mover: bool,
                    options: dict | None = None) -> None:
     import apache_beam  # noqa: F401  (imports are not run time)
+    if os.environ.get("SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
 
     import transforms.execute as tx
     from pipeline import api

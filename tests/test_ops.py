@@ -269,7 +269,9 @@ def test_rollback_preserves_target_writes_and_resumes_after_crashes(tmp_path):
     def crash_config(name, after):
         p = os.path.join(os.path.dirname(path), name)
         with open(path) as src, open(p, "w") as f:
-            f.write(src.read() + f"checkpoint_flush_every_transitions: 1\n"
+            # small batches: more chunks than the copy and verify windows hold, so a crash
+            # mid-copy leaves keys in every state
+            f.write(src.read() + f"checkpoint_flush_every_transitions: 1\nswap_batch_size: 5\n"
                                  f"faults: {{crash_after_transitions: {after}}}\n")
         return p
 

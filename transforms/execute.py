@@ -422,8 +422,9 @@ class _CopyFn(_StageFn):
         super().__init__(spec, shared)
         self._copied = Metrics.counter(NS, "copied")
         self._recopied = Metrics.counter(NS, "recopied")
-        # wall time during which the copy stage had chunks in flight (its throughput's denominator)
-        self._busy_ms = Metrics.counter(NS, "copy_busy_ms")
+        # wall time during which the stage had chunks in flight (its throughput's denominator):
+        # copy_busy_ms, verify_busy_ms
+        self._busy_ms = Metrics.counter(NS, f"{self.STAGE}_busy_ms")
 
     def setup(self):
         super().setup()
@@ -447,7 +448,7 @@ class _CopyFn(_StageFn):
     # while this thread records transitions, emits finished chunks and runs
     # the fused downstream stage (verify).  A chunk is emitted when all its
     # calls have finished, oldest first; finish_bundle() drains the window.
-    MAX_WINDOW_CHUNKS = 8
+    MAX_WINDOW_CHUNKS = 2
 
     def start_bundle(self):
         super().start_bundle()
@@ -461,13 +462,18 @@ class _CopyFn(_StageFn):
                 or (s in (S.State.COPIED, S.State.VERIFYING) and ch.chash[i] is None)]
         if todo:
             todo = self._guard(ch, todo)
+        futures = self._start_copies(ch, todo) if todo else []
+        yield from self._admit(_InFlight(ch, futures, lambda results: self._finish_copies(ch, todo, results),
+                                         WindowedValue(ch, timestamp, (window,))), self._pool_size)
+
+    def _admit(self, entry: "_InFlight", pool_size: int):
+        """Add a chunk to the window; emit what has finished, and wait while the
+        window is full or the pool has plenty of queued calls."""
         if not self._window:
             self._busy_since = time.perf_counter()
-        self._window.append(_InFlight(ch, todo, self._start_copies(ch, todo) if todo else [],
-                                      WindowedValue(ch, timestamp, (window,))))
-        # emit what has finished; wait for the oldest while the pool has enough queued work
+        self._window.append(entry)
         yield from self._retire(block=lambda: (len(self._window) > self.MAX_WINDOW_CHUNKS
-                                               or self._outstanding_calls > 2 * self._pool_size))
+                                               or self._outstanding_calls > 2 * pool_size))
         self._drain()
 
     def finish_bundle(self):
@@ -481,8 +487,7 @@ class _CopyFn(_StageFn):
             head = self._window[0]
             if all(f.done() for f in head.futures):
                 self._window.popleft()
-                results = [f.result() for f in head.futures]
-                self._finish_copies(head.chunk, head.todo, results)
+                head.finish([f.result() for f in head.futures])
                 if not self._window:
                     self._busy_s += time.perf_counter() - self._busy_since
                 yield head.output
@@ -530,13 +535,17 @@ class _CopyFn(_StageFn):
         self._record(ch, todo, S.State.COPYING)
         per_call = int(getattr(self._data, "keys_per_call", 0) or len(todo))
         calls = [todo[a:a + per_call] for a in range(0, len(todo), per_call)]
-        with self._calls_done:
-            self._outstanding_calls += len(calls)
-        return [self._pool.submit(self._counted_call, ch, rows) for rows in calls]
+        return [self._submit(self._pool, self._copy_call, ch, rows) for rows in calls]
 
-    def _counted_call(self, ch: Chunk, rows: list):
+    def _submit(self, pool, fn, *args):
+        """pool.submit, counted in _outstanding_calls (the window waits on it)."""
+        with self._calls_done:
+            self._outstanding_calls += 1
+        return pool.submit(self._counted_call, fn, *args)
+
+    def _counted_call(self, fn, *args):
         try:
-            return self._copy_call(ch, rows)
+            return fn(*args)
         finally:
             with self._calls_done:
                 self._outstanding_calls -= 1
@@ -627,11 +636,11 @@ class _CopyFn(_StageFn):
 
 @dataclass
 class _InFlight:
-    """A chunk admitted to the copy window: its rows to copy, their calls, its output."""
+    """A chunk admitted to a stage's window: its calls, what completes it, its output."""
 
     chunk: Chunk
-    todo: list
     futures: list
+    finish: Any  # callable(results) run on the bundle thread when every call is done
     output: Any
 
 
@@ -662,6 +671,7 @@ def _sample_mask(hashes: list, fraction: float, seed: int) -> list:
 
 class _VerifyFn(_CopyFn):
     STAGE = "verify"
+    MAX_WINDOW_CHUNKS = 0
 
     def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__(spec, shared)
@@ -670,28 +680,56 @@ class _VerifyFn(_CopyFn):
 
     def setup(self):
         super().setup()
-        self._vpool = ThreadPoolExecutor(max_workers=int(self._opts["verify_concurrency"]),
-                                         thread_name_prefix="verify")
+        self._vpool_size = int(self._opts["verify_concurrency"])
+        self._vpool = ThreadPoolExecutor(max_workers=self._vpool_size, thread_name_prefix="verify")
 
-    finish_bundle = _StageFn.finish_bundle  # no copy window here: re-copies run synchronously
-
-    def teardown(self):
-        pool = getattr(self, "_vpool", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
-        super().teardown()
-
-    def process(self, ch: Chunk):
+    def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        """Like the copy stage, a window of chunks in flight: the first round of
+        checks is submitted and the chunk completes (further rounds, re-copies,
+        transitions) when they have finished, so reads overlap the next chunks."""
         if self._should_stop():
             return
         todo = [i for i, s in enumerate(ch.states) if s in (S.State.COPIED, S.State.VERIFYING)]
+        futures, finish = [], (lambda results: None)
+        if todo:
+            self._record(ch, todo, S.State.VERIFYING)
+            futures, combine = self._start_first_round(ch, todo)
+            finish = lambda results: self._complete(ch, todo, combine(results))  # noqa: E731
+        yield from self._admit(_InFlight(ch, futures, finish, WindowedValue(ch, timestamp, (window,))),
+                               self._vpool_size)
+
+    def _start_first_round(self, ch: Chunk, todo: list):
+        """Submit the first round's checks; returns (futures, combine(results) -> good, bad, errored)."""
+        mode = self._opts["verification"]
+        if mode != "sampled":
+            futures = self._submit_checks(ch, todo, mode)
+            return futures, lambda results: self._combine(results, mode)
+        mask = _sample_mask([ch.hashes[i] for i in todo], float(self._opts["sample_fraction"]),
+                            int(self._opts["sample_seed"]))
+        sample = [i for i, m in zip(todo, mask) if m]
+        rest = [i for i, m in zip(todo, mask) if not m]
+
+        def combine(results):
+            good, bad, errored = self._combine(results, "full")
+            if bad or errored:  # escalate: the whole batch fully
+                g2, b2, e2 = self._check(ch, rest, "full")
+                return {S.VERIFY_FULL: good.get("full", []) + g2.get("full", [])}, bad + b2, errored + e2
+            return {S.VERIFY_SAMPLED: good.get("full", []), S.VERIFY_UNCHECKED: rest}, [], []
+
+        return self._submit_checks(ch, sample, "full"), combine
+
+    def _complete(self, ch: Chunk, todo: list, first) -> None:
+        """Record the first round's outcome; re-copy and re-verify mismatches (bounded)."""
         max_retries = int(self._opts["max_retries"])
         rounds = 0
         forced_any = False
         while todo:
-            self._record(ch, todo, S.State.VERIFYING)
-            # after a mismatch and a re-copy, verify fully: never sample a suspect key
-            good, bad, errored = self._verify_rows(ch, todo, escalated=rounds > 0)
+            if first is not None:
+                (good, bad, errored), first = first, None
+            else:
+                self._record(ch, todo, S.State.VERIFYING)
+                # after a mismatch and a re-copy, verify fully: never sample a suspect key
+                good, bad, errored = self._verify_rows(ch, todo, escalated=True)
             for method, rows in good.items():
                 self._record(ch, rows, S.State.VERIFIED, method=method)
                 self._verified.inc(len(rows))
@@ -711,11 +749,9 @@ class _VerifyFn(_CopyFn):
             self._count_retry()
             self.copy_rows(ch, bad, recopy=True)  # re-copy, then verify again
             todo = [i for i in bad if ch.states[i] == S.State.COPIED]
-        self._drain()
         if forced_any:
             LOG.warning("FORCED SWAP: batch %s swaps keys that failed verification "
                         "(force_swap_on_verification_failure=true)", ch.batch_id[:40])
-        yield ch
 
     def _verify_rows(self, ch: Chunk, rows: list, escalated: bool = False):
         mode = self._opts["verification"]
@@ -733,18 +769,26 @@ class _VerifyFn(_CopyFn):
             return {S.VERIFY_SAMPLED: good.get("full", []), S.VERIFY_UNCHECKED: rest}, [], []
         return self._check(ch, rows, mode)
 
-    def _check(self, ch: Chunk, rows: list, mode: str):
-        if not rows:
-            return {}, [], []
-        size = 250
-        parts = [rows[a:a + size] for a in range(0, len(rows), size)]
-        results = list(self._vpool.map(lambda part: self._check_part(ch, part, mode), parts))
+    CHECK_PART = 500  # keys per verification read
+
+    def _submit_checks(self, ch: Chunk, rows: list, mode: str) -> list:
+        return [self._submit(self._vpool, self._check_part, ch, rows[a:a + self.CHECK_PART], mode)
+                for a in range(0, len(rows), self.CHECK_PART)]
+
+    @staticmethod
+    def _combine(results: list, mode: str):
         good, bad, errored = [], [], []
         for g, b, e in results:
             good += g
             bad += b
             errored += e
         return {mode: good} if good else {}, bad, errored
+
+    def _check(self, ch: Chunk, rows: list, mode: str):
+        """Check ``rows`` now (later rounds, swap-time re-checks)."""
+        if not rows:
+            return {}, [], []
+        return self._combine([f.result() for f in self._submit_checks(ch, rows, mode)], mode)
 
     def _check_part(self, ch: Chunk, rows: list, mode: str):
         keys = [ch.keys[i] for i in rows]
