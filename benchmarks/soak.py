@@ -94,7 +94,7 @@ def main(argv=None):
     with open(cfg, "a") as f:
         f.write("swap_batch_size: 200\nhash_buckets: 8\ncheckpoint_flush_interval: 200ms\n"
                 "faults: {seed: %d, copy: {latency_ms: 15, transient_rate: 0.02}, verify: {latency_ms: 5},"
-                " swap: {latency_ms: 20, transient_rate: 0.05}}\n" % args.seed)
+                " swap: {latency_ms: 120, transient_rate: 0.05}}\n" % args.seed)
     from pipeline.config import load_config
 
     c = load_config(cfg)

@@ -116,8 +116,8 @@ class FaultyDataStore:
         p = self._plan
         c = p.op("copy")
         p.sleep("copy")
-        batch_call = p.call_no("copy-batch", tuple(keys[:1]), len(keys))
-        if c.get("transient_rate") and p.u("copy-batch", tuple(keys[:1]), batch_call) < c["transient_rate"]:
+        if c.get("transient_rate") and p.u("copy-batch", tuple(keys[:1]),
+                                           p.call_no("copy-batch", tuple(keys[:1]), len(keys))) < c["transient_rate"]:
             p.count("transient")
             raise TransientError("injected transient copy failure")
         first = int(c.get("transient_first", 0))

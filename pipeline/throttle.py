@@ -200,6 +200,8 @@ class ShardLimiter:
     # -- the controller (called with the lock held)
     def _maybe_adjust(self, now: float) -> None:
         cfg = self.cfg
+        if not self._slow_start and now - self._interval_start < cfg.interval_s:
+            return  # no decision due (checked before the moving sums: this runs after every call)
         now_ms = now * 1000
         calls = self._calls.sum(now_ms)
         if calls < cfg.min_samples:

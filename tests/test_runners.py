@@ -292,12 +292,11 @@ def test_dataflow_dry_run_translates_plan_and_run_offline(template, tmp_path, of
     plan_job, run_job = results
     assert dry_run_stages(plan_job) == ["ListChunks", "PlanChunks", "DetectDuplicates", "WriteMoveFiles",
                                         "FinalizeStart", "Finalize"]
-    assert dry_run_stages(run_job) == ["LoadWork", "StableInput", "CopyKeys", "VerifyCopies",
-                                       "StableInputForSwap", "SwapBatches"]
+    assert dry_run_stages(run_job) == ["LoadWork", "StableInput", "CopyKeys", "VerifyCopies", "SwapBatches"]
     assert {"PlanChunks/PlanChunk", "WriteMoveFiles/GroupByWorkGroup", "WriteMoveFiles/WriteGroupFiles"} <= _transforms(plan_job)
     assert {"LoadWork/ReadGroupWork", "CopyKeys/CopyChunk", "VerifyCopies/VerifyChunk",
             "SwapBatches/SwapChunk"} <= _transforms(run_job)
-    assert any(l.startswith("dataflow dry run: job translated, 6 stages (LoadWork,") for l in lines)
+    assert any(l.startswith("dataflow dry run: job translated, 5 stages (LoadWork,") for l in lines)
     # a Dataflow job: Docker workers, the options of configs/dataflow.yaml
     for r in results:
         envs = r.job.proto_pipeline.components.environments.values()
@@ -330,7 +329,7 @@ def test_dataflow_cli_run_dry_run_with_setup_file(template, tmp_path):
     r = run_cli("run", plan_id, "--config", cfgpath, "--", "--dry_run=True", env={"NO_GCE_CHECK": "true"},
                 cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "dataflow dry run: job translated, 6 stages (LoadWork, StableInput, CopyKeys," in r.stdout
+    assert "dataflow dry run: job translated, 5 stages (LoadWork, StableInput, CopyKeys," in r.stdout
     assert sorted(os.listdir(plan_dir)) == before  # no lease, no checkpoint, no summary
 
 

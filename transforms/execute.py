@@ -11,10 +11,15 @@ Flow (read top to bottom in :func:`build_run_graph`)::
                      exponential backoff, permanent errors -> Failed(reason)
     VerifyCopies     Copied/Verifying keys: full | hash | sampled; a mismatch
                      re-copies (bounded) then Failed(verify_mismatch)
-    StableInputForSwap
     SwapBatches      Verified/Swapping keys: one all-or-nothing compare-and-set
                      batch per chunk; conflicts -> Failed(map_changed) and the
                      rest retried as a new batch; Done only after commit
+
+Copy, verify and swap are fused (one shuffle, before the copy); inside a
+worker they overlap: the copy stage keeps a window of chunks whose mover
+calls run on a thread pool, checkpoint parts are encoded and committed by a
+background thread, and swaps run on one swapper thread per worker while the
+bundle thread copies and verifies the next chunks.
 
 Mover calls (copies and re-copies) pass through per-shard throttles
 (:mod:`pipeline.throttle`, built on Beam's ``AdaptiveThrottler``): caps on
@@ -48,7 +53,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.shared import Shared
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import checkpoint as ckpt
@@ -127,6 +134,30 @@ _IN_PROGRESS = frozenset({int(S.State.COPYING), int(S.State.VERIFYING), int(S.St
 
 # ------------------------------------------------------------- shared base
 
+_COUNTER_LOCK = threading.Lock()
+
+
+class _DeferredCounter:
+    """A Beam counter that any thread may increment: Beam metrics live in the
+    bundle thread's context (elsewhere an increment is silently lost), so the
+    increments are summed here and pushed by ``_StageFn._drain()`` on the
+    bundle thread."""
+
+    def __init__(self, counter):
+        self._counter = counter
+        self._pending = 0
+
+    def inc(self, n: int = 1) -> None:
+        with _COUNTER_LOCK:
+            self._pending += n
+
+    def flush(self) -> None:
+        with _COUNTER_LOCK:
+            n, self._pending = self._pending, 0
+        if n:
+            self._counter.inc(n)
+
+
 class _StageFn(beam.DoFn):
     """Opens stores in setup(), keeps one checkpoint writer per group, flushes
     at bundle end, and honours the stop marker (graceful SIGINT/SIGTERM)."""
@@ -140,7 +171,8 @@ class _StageFn(beam.DoFn):
         self._throttled_ms = Metrics.counter(NS, "throttled_ms")
         self._signaler = ThrottlingSignaler(NS)  # cumulativeThrottlingSeconds
         self._retries = Metrics.counter(NS, "retries")
-        self._failed = Metrics.counter(NS, "failed")
+        self._deferred: list = []  # counters incremented on any thread, pushed by _drain()
+        self._failed = self._counter("failed")
         self._active = Metrics.gauge(NS, f"active_{self.STAGE}")
         self._dists = {n: Metrics.distribution(NS, n) for n in ("copy_ms", "verify_ms", "swap_batch_ms", "fence_window_ms")}
 
@@ -312,8 +344,15 @@ class _StageFn(beam.DoFn):
             self._samples.setdefault(name, []).append(int(ms))
             self._timings.append([name.split("_")[0], round(ms, 3), keys])
 
+    def _counter(self, name: str) -> "_DeferredCounter":
+        c = _DeferredCounter(Metrics.counter(NS, name))
+        self._deferred.append(c)
+        return c
+
     def _drain(self):
         """Push what pool threads tallied into Beam metrics (on the bundle thread)."""
+        for c in self._deferred:
+            c.flush()
         with self._gauge_lock:
             if self._peak:
                 self._active.set(self._peak)
@@ -420,8 +459,8 @@ class _CopyFn(_StageFn):
 
     def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__(spec, shared)
-        self._copied = Metrics.counter(NS, "copied")
-        self._recopied = Metrics.counter(NS, "recopied")
+        self._copied = self._counter("copied")
+        self._recopied = self._counter("recopied")
         # wall time during which the stage had chunks in flight (its throughput's denominator):
         # copy_busy_ms, verify_busy_ms
         self._busy_ms = Metrics.counter(NS, f"{self.STAGE}_busy_ms")
@@ -446,8 +485,12 @@ class _CopyFn(_StageFn):
     # admits a chunk (guard lookup, Copying markers, mover calls submitted to
     # the pool) and returns at once, so the pool works on the next chunks
     # while this thread records transitions, emits finished chunks and runs
-    # the fused downstream stage (verify).  A chunk is emitted when all its
-    # calls have finished, oldest first; finish_bundle() drains the window.
+    # the fused downstream stages.  A chunk is emitted when all its calls have
+    # finished, oldest first; finish_bundle() drains the window.  The window
+    # holds up to MAX_WINDOW_CHUNKS chunks beyond the one admitted, and admission
+    # also waits while more than 2 x copy_concurrency calls are queued (8 chunks
+    # measured slower than 2 with the SQLite mover: more source reads at once,
+    # all queueing for the target file).
     MAX_WINDOW_CHUNKS = 2
 
     def start_bundle(self):
@@ -464,7 +507,7 @@ class _CopyFn(_StageFn):
             todo = self._guard(ch, todo)
         futures = self._start_copies(ch, todo) if todo else []
         yield from self._admit(_InFlight(ch, futures, lambda results: self._finish_copies(ch, todo, results),
-                                         WindowedValue(ch, timestamp, (window,))), self._pool_size)
+                                         _windowed(ch, window, timestamp)), self._pool_size)
 
     def _admit(self, entry: "_InFlight", pool_size: int):
         """Add a chunk to the window; emit what has finished, and wait while the
@@ -490,7 +533,8 @@ class _CopyFn(_StageFn):
                 head.finish([f.result() for f in head.futures])
                 if not self._window:
                     self._busy_s += time.perf_counter() - self._busy_since
-                yield head.output
+                if head.output is not None:
+                    yield head.output
                 continue
             if not block():
                 break
@@ -634,6 +678,14 @@ class _CopyFn(_StageFn):
         return ok, failed
 
 
+def _windowed(value, window, timestamp) -> WindowedValue:
+    """``value`` in the input element's window (the global window when the DoFn is
+    called directly, outside a runner, as tests do)."""
+    if not isinstance(timestamp, Timestamp):
+        timestamp, window = MIN_TIMESTAMP, GlobalWindow()
+    return WindowedValue(value, timestamp, (window,))
+
+
 @dataclass
 class _InFlight:
     """A chunk admitted to a stage's window: its calls, what completes it, its output."""
@@ -675,8 +727,8 @@ class _VerifyFn(_CopyFn):
 
     def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__(spec, shared)
-        self._verified = Metrics.counter(NS, "verified")
-        self._forced = Metrics.counter(NS, "forced_swaps")
+        self._verified = self._counter("verified")
+        self._forced = self._counter("forced_swaps")
 
     def setup(self):
         super().setup()
@@ -684,9 +736,11 @@ class _VerifyFn(_CopyFn):
         self._vpool = ThreadPoolExecutor(max_workers=self._vpool_size, thread_name_prefix="verify")
 
     def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-        """Like the copy stage, a window of chunks in flight: the first round of
-        checks is submitted and the chunk completes (further rounds, re-copies,
-        transitions) when they have finished, so reads overlap the next chunks."""
+        """The first round of checks is submitted and the chunk completes (further
+        rounds, re-copies, transitions) when they have finished.  The window is 0
+        chunks by default (each chunk completes before the next is admitted):
+        verification reads the target shard the copies are writing, and reading
+        it concurrently with them measured slower on SQLite (benchmarks/run_bench.py)."""
         if self._should_stop():
             return
         todo = [i for i, s in enumerate(ch.states) if s in (S.State.COPIED, S.State.VERIFYING)]
@@ -695,7 +749,7 @@ class _VerifyFn(_CopyFn):
             self._record(ch, todo, S.State.VERIFYING)
             futures, combine = self._start_first_round(ch, todo)
             finish = lambda results: self._complete(ch, todo, combine(results))  # noqa: E731
-        yield from self._admit(_InFlight(ch, futures, finish, WindowedValue(ch, timestamp, (window,))),
+        yield from self._admit(_InFlight(ch, futures, finish, _windowed(ch, window, timestamp)),
                                self._vpool_size)
 
     def _start_first_round(self, ch: Chunk, todo: list):
@@ -849,14 +903,24 @@ class _SwapFn(_VerifyFn):
     versions are re-checked just before the swap, with the same re-copy loop;
     the window between that check and the swap commit is measured
     (``fence_window_ms``) and closed only by fence-aware writers.
+
+    The stage is fused with verification (no shuffle between them): each
+    chunk's swap runs on ONE swapper thread per DoFn instance, so map writes
+    of a worker stay one at a time on one connection (whose page cache stays
+    warm), while the bundle thread goes on copying and verifying the next
+    chunks; at most ``MAX_WINDOW_CHUNKS`` chunks wait for the swapper, and
+    bundle end waits for all of them.  A retried bundle redoes its chunks'
+    copies and verification (idempotent; keys already swapped are found at
+    their target and confirmed) before their swaps.
     """
 
     STAGE = "swap"
+    MAX_WINDOW_CHUNKS = 2
 
     def __init__(self, spec: ExecSpec, shared: Shared | None = None):
         super().__init__(spec, shared)
-        self._swapped = Metrics.counter(NS, "swapped")
-        self._source_changed = Metrics.counter(NS, "source_changed_recopies")
+        self._swapped = self._counter("swapped")
+        self._source_changed = self._counter("source_changed_recopies")
 
     def setup(self):
         super().setup()
@@ -866,13 +930,27 @@ class _SwapFn(_VerifyFn):
                             and self._opts.get("write_fence", "auto") == "auto")
         self._fence_store = inner if self._strict else None
         self._token = (self._spec.plan_id, self._spec.epoch) if hasattr(self._map, "claim_run") else None
+        self._swapper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
 
-    def process(self, ch: Chunk):
+    def teardown(self):
+        swapper = getattr(self, "_swapper", None)
+        if swapper is not None:
+            swapper.shutdown(wait=True)  # a swap in progress finishes (Done only after its commit)
+        super().teardown()
+
+    def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         if self._should_stop():
             return
         rows = [i for i, s in enumerate(ch.states) if s in (S.State.VERIFIED, S.State.SWAPPING)]
         if not rows:
             return
+        fut = self._submit(self._swapper, self._swap_chunk, ch, rows)
+        # emits nothing: the window only bounds the chunks waiting for the swapper
+        yield from self._admit(_InFlight(ch, [fut], lambda results: None, None), pool_size=1)
+
+    def _swap_chunk(self, ch: Chunk, rows: list) -> None:
+        """One chunk's swap (on the swapper thread): CAS batches until every row is
+        Done or Failed, re-copying rows whose source changed since their copy."""
         self._record(ch, rows, S.State.SWAPPING)
         max_retries = int(self._opts["max_retries"])
         attempt = 0
@@ -907,9 +985,6 @@ class _SwapFn(_VerifyFn):
             if changed:
                 rows = self._recopy_changed(ch, rows, changed, changes)
         # transitions follow the flush policy (count, interval) and bundle end
-        self._drain()
-        return
-        yield  # a generator: emits nothing
 
     def _swap_once(self, ch: Chunk, rows: list):
         """One fenced swap attempt: (SwapResult | None if transient, changed rows)."""
@@ -1024,8 +1099,4 @@ def build_run_graph(p: beam.Pipeline, spec: ExecSpec) -> None:
             | "Unbarrier" >> beam.FlatMap(lambda kv: kv[1])
         )
     verified = copied | "VerifyCopies" >> VerifyCopies(spec, throttles)
-    (
-        verified
-        | "StableInputForSwap" >> beam.Reshuffle()
-        | "SwapBatches" >> SwapBatches(spec, throttles)
-    )
+    verified | "SwapBatches" >> SwapBatches(spec, throttles)
