@@ -364,7 +364,7 @@ class _SqliteBase:
     #: instead of SQLite's 1000: a 500-key batch of random keys dirties
     #: ~1000 pages, so the default checkpoints after nearly every batch
     #: (measured: swap and copy ~40% faster).
-    _PRAGMAS: tuple[str, ...] = ("PRAGMA wal_autocheckpoint=10000", "PRAGMA mmap_size=1073741824")
+    _PRAGMAS: tuple[str, ...] = ("PRAGMA wal_autocheckpoint=10000",)
 
     def __init__(self, key_type: KeyType, busy_timeout: float, synchronous: str):
         self.key_type = KeyType(key_type)
