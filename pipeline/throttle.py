@@ -26,8 +26,10 @@ On top of them, per shard:
   applied, and a fresh shard still reaches its ceiling within tens of calls).
   After a back-off it rises x1.5 per interval while the latency stays within
   ``fast_ramp_below`` x the baseline, else by 1, 2, 4, ... the longer the
-  shard keeps up.  When the shard's latency per key over the last interval
-  exceeds ``latency_tolerance`` x its no-load baseline, or its error rate
+  shard keeps up.  When the shard's latency per key exceeds
+  ``latency_tolerance`` x its no-load baseline over two decision intervals
+  in a row (one slow interval only holds the limit: a pause of the worker
+  process itself looks the same), or its error rate over the last interval
   exceeds ``error_ratio``, the limit drops to ``decrease`` x the calls
   actually in flight.  The baseline is the lowest interval average seen,
   drifting up slowly (``baseline_drift`` per healthy interval), and by 10%
@@ -105,6 +107,7 @@ class ShardLimiter:
         self._slow_start = True
         self._streak = 0  # healthy intervals in a row since the last back-off
         self._warming = True  # the first interval is a warm-up: measured, not used
+        self._slow_before = False  # the previous decision saw latency above the tolerance
         self._next_free = 0.0  # token bucket in virtual time
         ms = int(cfg.throttler_window_s * 1000)
         self._throttler = AdaptiveThrottler(window_ms=ms, bucket_ms=max(1, ms // 10),
@@ -160,13 +163,16 @@ class ShardLimiter:
     def should_delay(self, now_ms: float) -> bool:
         """Beam's AdaptiveThrottler decision for one call attempt.
 
-        Every attempt is counted, but the decision only applies while the
-        shard has failed calls in the throttler's window: the throttler counts
-        a call in flight as not (yet) successful, so a burst of concurrent
-        calls to a healthy shard would otherwise look like failures."""
+        The throttler is consulted and fed (attempts here, successes in
+        :meth:`leave`) only while the shard has failed calls in the
+        throttler's window -- an error episode: it counts a call in flight as
+        not (yet) successful, so a burst of concurrent calls to a healthy
+        shard would otherwise look like failures, and skipping it on healthy
+        shards saves its moving sums on every call."""
         with self._cond:
-            delay = self._throttler.throttle_request(now_ms)
-            return delay and now_ms - self._last_error_ms < self.cfg.throttler_window_s * 1000
+            if now_ms - self._last_error_ms >= self.cfg.throttler_window_s * 1000:
+                return False  # no failed call in the window: nothing to decide, nothing to feed
+            return self._throttler.throttle_request(now_ms)
 
     def cancel(self) -> None:
         """Give a slot back without a sample (the call never ran)."""
@@ -187,8 +193,8 @@ class ShardLimiter:
                 self._cond.notify()
                 return
             now_ms = now * 1000
-            if ok:
-                self._throttler.successful_request(now_ms)
+            if ok and now_ms - self._last_error_ms < self.cfg.throttler_window_s * 1000:
+                self._throttler.successful_request(now_ms)  # fed during error episodes only
             self._calls.add(now_ms, 1)
             self._errors.add(now_ms, 0 if ok else 1)
             self._lat.add(now_ms, elapsed_s * 1000)
@@ -221,8 +227,18 @@ class ShardLimiter:
             return
         if self.baseline is None or per_key < self.baseline:
             self.baseline = per_key
-        overloaded = (per_key > cfg.latency_tolerance * self.baseline) or err > cfg.error_ratio
+        slow = per_key > cfg.latency_tolerance * self.baseline
+        overloaded = err > cfg.error_ratio or (slow and self._slow_before)
         before = self.limit
+        if slow and not overloaded:
+            # one slow interval is not yet overload: a pause of this process (a GC pass, a
+            # long step on another thread) looks the same for ~20 ms.  Hold the limit and
+            # decide again on the next interval's calls.
+            self._slow_before = True
+            self.history.append((round(now, 3), before, self._peak, round(per_key, 3)))
+            self._reset_interval(now, lat / calls / 1000)
+            return
+        self._slow_before = False
         if overloaded and self.limit <= 1:
             # slow even one call at a time: the store got slower for good; follow it
             self.baseline *= 1.1
@@ -231,6 +247,8 @@ class ShardLimiter:
             self._slow_start = False
             self._streak = 0
             self.backoffs += 1
+        elif self._slow_start and self._peak < int(self.limit):
+            self._slow_start = False  # the limit no longer binds: slow start is over
         elif self._peak >= int(self.limit) and self.limit < self.ceiling:
             # the limit was binding and the shard kept up: ramp up -- multiplicatively while
             # the latency is close to the baseline (far from overload), else additively,
