@@ -115,7 +115,7 @@ import pyarrow.parquet as pq
 
 from pipeline import fs
 from pipeline import keys as _keys
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, TransientError
 from pipeline.states import VERIFY_METHODS, State
 
 __all__ = [
@@ -798,9 +798,10 @@ class WriterStats:
 
 
 class _BackgroundCommitFailed(Exception):
-    def __init__(self, part):
+    def __init__(self, part, cause: BaseException):
         super().__init__("background checkpoint commit failed")
         self.part = part
+        self.cause = cause
 
 
 class CheckpointWriter:
@@ -942,8 +943,13 @@ class CheckpointWriter:
                 if wait or self._committer is None:
                     written = self._serialize_and_commit(table, meta)
                 else:
+                    self._reap_background()
                     while len(self._inflight) >= self.MAX_IN_FLIGHT:
                         self._settle_one()
+                    if len(self._pending) >= self.MAX_IN_FLIGHT:  # commits keep failing: retry now, raise
+                        while self._pending:
+                            self._commit(*self._pending[0])
+                            self._pending.pop(0)
                     self._inflight.append(self._committer.submit(self._serialize_and_commit, table, meta, True))
                     written = None
             self._last_flush = self._clock()
@@ -962,7 +968,7 @@ class CheckpointWriter:
             return self._commit(*part)
         except BaseException as e:
             if background:  # the waiting flush keeps it (no lock taken here: it may be held)
-                raise _BackgroundCommitFailed(part) from e
+                raise _BackgroundCommitFailed(part, e) from e
             self._pending.append(part)  # retried under the same name by the next flush
             raise
 
@@ -970,8 +976,15 @@ class CheckpointWriter:
         fut = self._inflight.pop(0)
         try:
             fut.result()
-        except _BackgroundCommitFailed as e:  # the next waiting flush retries it and raises what fails
-            self._pending.append(e.part)
+        except _BackgroundCommitFailed as e:
+            self._pending.append(e.part)  # retried under the same name by the next waiting flush
+            if not isinstance(e.cause, TransientError):
+                raise e.cause from None  # a lost lease, a foreign part...: the caller stops now
+
+    def _reap_background(self) -> None:
+        """Settle the background commits that have finished (never waits)."""
+        while self._inflight and self._inflight[0].done():
+            self._settle_one()
 
     def _settle_background(self) -> None:
         while self._inflight:

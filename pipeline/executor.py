@@ -368,9 +368,12 @@ def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> d
 
     Fast path: where the map store counts cheaply (an index), a map with no row
     above the snapshot's cutoff and as many rows as the snapshot had cannot
-    have drifted (every write stamps a new, higher version; a deletion lowers
-    the count), so no key is looked up.  Otherwise every non-terminal key is.
-    Either way the swap's compare-and-set still guards every key."""
+    have drifted (CONTRACTS: every write stamps a new, higher version; a
+    deletion lowers the count), so no key is looked up.  Otherwise every
+    non-terminal key is.  A writer that reuses version numbers (e.g. max + 1
+    after deleting the top rows) defeats the fast path, as it defeats
+    snapshots and catch-up plans; the swap's compare-and-set still guards
+    every key (such keys end Failed(map_changed))."""
     import pyarrow.parquet as pq
 
     drift: dict = {}

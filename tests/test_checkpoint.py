@@ -726,6 +726,59 @@ def test_writer_retries_a_failed_commit_under_the_same_name(tmp_path, monkeypatc
     assert w.stats.parts == 1 and w.flush() is None
 
 
+def test_writer_background_commits_lose_nothing_and_raise_at_the_waiting_flush(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from pipeline.errors import TransientError
+
+    plan = str(tmp_path)
+    real = fs.create_if_absent
+    failing = {"n": 2}
+
+    def flaky(path, data, mode=0o600):
+        if failing["n"]:
+            failing["n"] -= 1
+            raise TransientError("store busy")
+        return real(path, data, mode)
+
+    monkeypatch.setattr(cp.fs, "create_if_absent", flaky)
+    with ThreadPoolExecutor(1) as committer:
+        w = cp.CheckpointWriter(plan, PLAN, GID, 1, flush_every=2, flush_interval_s=3600, committer=committer)
+        for i in range(6):  # three flushes due by count: handed to the committer, none waited for
+            assert w.record(b"k%d" % i, None, State.COPIED, 1) is None
+        wait(w._inflight)
+        assert len(_files(plan)) == 1  # two background commits failed (transient) ...
+        w.flush()  # ... the waiting flush retries them under their names
+        assert len(_files(plan)) == 3 and w.stats.parts == 3
+        assert sorted(cp.read_group(plan, PLAN, GID).table.column("key").to_pylist()) == [b"k%d" % i for i in range(6)]
+
+
+def test_writer_background_commit_refused_by_the_fence_stops_the_caller_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    plan = str(tmp_path)
+    lost = {"yes": False}
+
+    class LeaseLost(Exception):
+        pass
+
+    def fence():
+        if lost["yes"]:
+            raise LeaseLost("taken over")
+
+    with ThreadPoolExecutor(1) as committer:
+        w = cp.CheckpointWriter(plan, PLAN, GID, 1, flush_every=1, flush_interval_s=3600, fence=fence,
+                                committer=committer)
+        w.record(b"a", None, State.COPIED, 1)
+        wait(w._inflight)
+        lost["yes"] = True
+        w.record(b"b", None, State.COPIED, 1)  # its background commit is refused
+        wait(w._inflight)
+        with pytest.raises(LeaseLost):  # the next flush due (not only bundle end) raises it
+            w.record(b"c", None, State.COPIED, 1)
+        assert len(_files(plan)) == 1  # nothing committed past the fence
+
+
 def test_record_table_checks_epoch(tmp_path):
     w = cp.CheckpointWriter(str(tmp_path), PLAN, GID, 3, flush_every=10)
     w.record_table(_one(b"k", 3, State.COPIED, 1))

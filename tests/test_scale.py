@@ -252,6 +252,38 @@ def _side_by_side(fn_cls, spec, chunks):
     return a
 
 
+def test_copy_guard_fails_closed_when_the_map_cannot_be_read(twice_template, tmp_path):
+    """A retried bundle may follow its own swaps: without the guard's lookup, nothing is copied."""
+    from pipeline.errors import TransientError
+
+    cfg = _keyspace(twice_template, tmp_path).with_options(max_retries=1, retry_base_delay="1ms")
+    plan_dir = api.plan(cfg, out=quiet).plan_dir
+    spec = exec_spec(cfg, plan_dir)
+    chunks = load_chunks(spec)
+    fn = tx._CopyFn(spec)
+    fn.setup()
+    lookups, copies = [], []
+
+    class MapDown:
+        def lookup(self, keys):
+            lookups.append(len(keys))
+            raise TransientError("map store unreachable")
+
+    class Recorder:
+        keys_per_call = 0
+
+        def copy(self, keys, source, target):
+            copies.append(len(keys))
+            return []
+
+    fn._map, fn._data = MapDown(), Recorder()
+    fn.start_bundle()
+    with pytest.raises(TransientError):
+        _process(fn, chunks[0])
+    fn.teardown()
+    assert len(lookups) == 2 and copies == []  # retried once, then the bundle fails; no copy
+
+
 def test_twice_every_stage_retried_and_duplicated_changes_nothing(twice_template, tmp_path):
     ref_cfg = _keyspace(twice_template, tmp_path / "ref")
     ref_plan = api.plan(ref_cfg, out=quiet).plan_dir

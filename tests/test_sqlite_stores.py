@@ -460,6 +460,27 @@ def test_fenced_swap_applies_when_sources_are_unchanged(tmp_path):
     assert "fence0" not in [r[1] for r in sqlite3.connect(store.path).execute("PRAGMA database_list")]
 
 
+def test_fenced_swaps_share_one_connection_that_survives_a_failed_attach(tmp_path):
+    data = _data(tmp_path)
+    keys = demo_keys(8, KeyType.STRING)
+    data.put_many("a", zip(keys[:4], values_for(keys[:4])))
+    data.put_many("c", zip(keys[4:], values_for(keys[4:])))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys[:4]] + [(k, "c") for k in keys[4:]])
+    out_a, out_c = data.copy(keys[:4], "a", "b"), data.copy(keys[4:], "c", "b")
+    assert store.swap_batch([(o.key, "a", "b", o.source_version) for o in out_a[:2]], fence=data).committed
+    conn = store._fenced_conn((data.shard_path("a"),))
+    # another source shard: the same connection, re-attached
+    assert store.swap_batch([(o.key, "c", "b", o.source_version) for o in out_c[:2]], fence=data).committed
+    assert store._fenced_conn((data.shard_path("c"),)) is conn
+    # an attach that fails half way (the second file cannot be opened) never leaves a broken connection
+    with pytest.raises(errors.StoreError):
+        store._fenced_conn((data.shard_path("a"), str(tmp_path / "missing" / "x.sqlite")))
+    res = store.swap_batch([(o.key, "a", "b", o.source_version) for o in out_a[2:]], fence=data)
+    assert res.committed and len(res.applied) == 2
+    assert store.swap_batch([(o.key, "c", "b", o.source_version) for o in out_c[2:]], fence=data).committed
+    assert {k: v[0] for k, v in store.lookup(keys).items()} == {k: "b" for k in keys}
+
+
 def test_fenced_swap_reports_changed_sources_and_applies_nothing(tmp_path):
     data = _data(tmp_path)
     keys = demo_keys(6, KeyType.STRING)

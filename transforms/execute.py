@@ -478,7 +478,7 @@ class _CopyFn(_StageFn):
     def teardown(self):
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown(wait=False)
+            pool.shutdown(wait=False, cancel_futures=True)
         super().teardown()
 
     # The copy stage keeps a bounded window of chunks in flight: process()
@@ -530,7 +530,12 @@ class _CopyFn(_StageFn):
             head = self._window[0]
             if all(f.done() for f in head.futures):
                 self._window.popleft()
-                head.finish([f.result() for f in head.futures])
+                try:
+                    results = [f.result() for f in head.futures]
+                except BaseException:
+                    self._cancel_window()  # the bundle fails: start no more queued work of it
+                    raise
+                head.finish(results)
                 if not self._window:
                     self._busy_s += time.perf_counter() - self._busy_since
                 if head.output is not None:
@@ -543,6 +548,11 @@ class _CopyFn(_StageFn):
                     self._calls_done.wait(timeout=0.05)
         self._report_busy()
 
+    def _cancel_window(self) -> None:
+        for entry in self._window:
+            for f in entry.futures:
+                f.cancel()  # only calls not yet started; running ones finish (idempotent)
+
     def _report_busy(self):
         ms = int(self._busy_s * 1000)
         if ms:
@@ -552,17 +562,17 @@ class _CopyFn(_StageFn):
     def _guard(self, ch: Chunk, todo: list) -> list:
         """Only copy keys still mapped to their source: a late (duplicated) copy
         after the swap must never overwrite writes made on the target.  Keys
-        already at their target (a lost Done) go to the swap, which confirms them."""
-        try:
-            current = self._retry_io(self._map.lookup, [ch.keys[i] for i in todo])
-        except TransientError:
-            current = None
-        if current is not None:
-            at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
-            if at_target:
-                self._record(ch, at_target, S.State.VERIFIED, method=S.VERIFY_ALREADY)
-                gone = set(at_target)
-                todo = [i for i in todo if i not in gone]
+        already at their target (a lost Done) go to the swap, which confirms them.
+
+        Fails closed: when the map cannot be read (after the retries) nothing is
+        copied and the error fails the bundle -- a retried bundle may follow its
+        own swaps, so copying unchecked could overwrite the target's newer writes."""
+        current = self._retry_io(self._map.lookup, [ch.keys[i] for i in todo])
+        at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
+        if at_target:
+            self._record(ch, at_target, S.State.VERIFIED, method=S.VERIFY_ALREADY)
+            gone = set(at_target)
+            todo = [i for i in todo if i not in gone]
         return todo
 
     def copy_rows(self, ch: Chunk, todo: list, recopy: bool = False):
@@ -585,15 +595,14 @@ class _CopyFn(_StageFn):
         """pool.submit, counted in _outstanding_calls (the window waits on it)."""
         with self._calls_done:
             self._outstanding_calls += 1
-        return pool.submit(self._counted_call, fn, *args)
+        fut = pool.submit(fn, *args)
+        fut.add_done_callback(self._call_done)  # runs once the future is done: no missed wake-up
+        return fut
 
-    def _counted_call(self, fn, *args):
-        try:
-            return fn(*args)
-        finally:
-            with self._calls_done:
-                self._outstanding_calls -= 1
-                self._calls_done.notify()
+    def _call_done(self, _fut) -> None:
+        with self._calls_done:
+            self._outstanding_calls -= 1
+            self._calls_done.notify()
 
     def _finish_copies(self, ch: Chunk, todo: list, results: list, recopy: bool = False):
         if not todo:
@@ -751,6 +760,12 @@ class _VerifyFn(_CopyFn):
             finish = lambda results: self._complete(ch, todo, combine(results))  # noqa: E731
         yield from self._admit(_InFlight(ch, futures, finish, _windowed(ch, window, timestamp)),
                                self._vpool_size)
+
+    def teardown(self):
+        pool = getattr(self, "_vpool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        super().teardown()
 
     def _start_first_round(self, ch: Chunk, todo: list):
         """Submit the first round's checks; returns (futures, combine(results) -> good, bad, errored)."""
@@ -935,7 +950,8 @@ class _SwapFn(_VerifyFn):
     def teardown(self):
         swapper = getattr(self, "_swapper", None)
         if swapper is not None:
-            swapper.shutdown(wait=True)  # a swap in progress finishes (Done only after its commit)
+            # a swap in progress finishes (Done only after its commit); queued ones never start
+            swapper.shutdown(wait=True, cancel_futures=True)
         super().teardown()
 
     def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):

@@ -312,6 +312,15 @@ def _rows_json(conn: sqlite3.Connection, columns: str, table: str, keys: Sequenc
         yield from json.loads(conn.execute(sql, (*params, *chunk)).fetchone()[0])
 
 
+def _limit(conn: sqlite3.Connection, name: str, default: int) -> int:
+    """A run-time limit of ``conn`` (``Connection.getlimit``, Python >= 3.11), else SQLite's default."""
+    getlimit = getattr(conn, "getlimit", None)
+    code = getattr(sqlite3, name, None)
+    if getlimit is None or code is None:
+        return default
+    return int(getlimit(code))
+
+
 _UPSERT_SQL: dict[int, str] = {}
 
 
@@ -850,7 +859,7 @@ class SqliteMapStore(_SqliteBase):
         lock_paths = [self.path]
         if fence is not None:
             sources = sorted({it.source for it in norm})
-            limit = conn.getlimit(sqlite3.SQLITE_LIMIT_ATTACHED)
+            limit = _limit(conn, "SQLITE_LIMIT_ATTACHED", 10)
             if len(sources) > limit:
                 raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source shards; "
                                  f"at most {limit} can be attached")
@@ -975,11 +984,14 @@ class SqliteMapStore(_SqliteBase):
             state = self._local.fenced = [conn, ()]
         conn, current = state
         if current != shard_paths:
-            for n in range(len(current)):
-                conn.execute(f"DETACH DATABASE fence{n}")
-            state[1] = ()
-            for n, path in enumerate(shard_paths):
-                conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
+            try:
+                for n in range(len(current)):
+                    conn.execute(f"DETACH DATABASE fence{n}")
+                for n, path in enumerate(shard_paths):
+                    conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
+            except sqlite3.Error as e:  # half attached: never reuse it; the next batch opens anew
+                self._drop_fenced_conn(shard_paths)
+                raise _store_error(e, "map swap (attach source shards)") from e
             state[1] = shard_paths
         return conn
 
@@ -1223,7 +1235,8 @@ class SqliteDataStore(_SqliteBase):
                     if rows:
                         rows.sort(key=_first)  # key order: fewer page seeks in the target's index
                         # one statement per chunk of rows, not one step per row (see _rows_json)
-                        for chunk in _chunks(rows):
+                        per = max(1, min(_IN_CHUNK, _limit(tgt, "SQLITE_LIMIT_VARIABLE_NUMBER", 999) // 3))
+                        for chunk in _chunks(rows, per):
                             tgt.execute(_upsert_sql(len(chunk)), [x for row in chunk for x in row])
                     tgt.execute("COMMIT")
                 except sqlite3.Error as e:
