@@ -96,3 +96,32 @@ def bench_root() -> str:
     root = os.environ.get("SHARDMOVE_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "shardmove-bench")
     os.makedirs(root, mode=0o700, exist_ok=True)
     return root
+
+
+def install_sleep_mover(tx) -> None:
+    """Make ``transforms.execute`` open a mover that does no I/O: the fault injector's
+    latency is all a copy costs, which separates the executor's concurrency from
+    SQLite's one transaction per key.  copy/hashes/read only (no write fence):
+    verification sees what the copy reported."""
+    from pipeline.stores.base import CopyOutcome
+
+    real_open = tx.data_store_from_spec
+
+    class SleepMover:
+        def __init__(self, real):
+            self._real = real
+            self.key_type = real.key_type
+
+        def shard_exists(self, shard):
+            return self._real.shard_exists(shard)
+
+        def copy(self, keys, source, target):
+            return [CopyOutcome(k, content_hash=b"\0" * 16, source_version=0, written=True) for k in keys]
+
+        def hashes(self, keys, shard):
+            return {k: (b"\0" * 16, 0) for k in keys}
+
+        def read(self, keys, shard):
+            return {k: (b"", 0) for k in keys}
+
+    tx.data_store_from_spec = lambda spec, key_type: SleepMover(real_open(spec, key_type))

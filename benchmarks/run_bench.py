@@ -52,7 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import bench_root, child_result, emit, median, run_child  # noqa: E402
+from common import bench_root, child_result, emit, install_sleep_mover, median, run_child  # noqa: E402
 
 
 # ------------------------------------------------------------------ inputs
@@ -121,8 +121,6 @@ def end_state(run_dir: str) -> dict:
 def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mover: bool,
                    options: dict | None = None) -> None:
     import apache_beam  # noqa: F401  (imports are not run time)
-    if os.environ.get("SWITCH_INTERVAL"):
-        sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
 
     import transforms.execute as tx
     from pipeline import api
@@ -138,7 +136,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
     if options:  # raw run options not (yet) declared in the config, e.g. adaptive_throttling
         cfg = dataclasses.replace(cfg, options={**cfg.options, **options})
     if sleep_mover:
-        _install_sleep_mover(tx)
+        install_sleep_mover(tx)
     plan_dir = plan_dir_of(run_dir)
     ck_dir = os.path.join(plan_dir, "checkpoints")
     m = {"flush_s": 0.0, "flush_calls": 0, "ckpt_work_s": 0.0, "commit_s": 0.0, "commit_calls": 0, "compact_s": 0.0,
@@ -191,7 +189,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
             m["compact_s"] += time.perf_counter() - t
 
     ckpt.compact_group = compact_group
-    breakdown = _install_breakdown(tx)
+    breakdown, breakdown_calls = _install_breakdown(tx)
     lines = []
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -205,7 +203,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
         "done": s["done"], "failed": s["failed"], "bytes_after_compaction": dir_bytes(ck_dir),
         "copy_calls": copy_ms.get("count", 0), "copy_call_ms_sum": copy_ms.get("sum", 0),
         "copied": res.metrics.get("copied", 0), "breakdown": dict(breakdown), **m,
-        "copy_chunks": acc_calls[0].get("copy_start", 0),
+        "copy_chunks": breakdown_calls.get("copy_start", 0),
         # the copy stage's busy time (chunks in flight), the executor's own metric
         "copy_stage_s": res.metrics.get("copy_busy_ms", 0) / 1000.0, "copy_stage_keys": res.metrics.get("copied", 0),
     })
@@ -261,11 +259,9 @@ def _timed(orig, label, gen, add):
     return wrapper
 
 
-acc_calls: dict = {}  # [0]: calls per label of the breakdown
-
-
-def _install_breakdown(tx) -> dict:
-    """Wrap the functions above to sum their wall time (seconds) into a dict.
+def _install_breakdown(tx) -> tuple[dict, dict]:
+    """Wrap the functions above to sum their wall time (seconds) and count their calls,
+    into two dicts by label.
 
     Generators are timed inside each ``next()`` only, so a fused downstream
     stage's work is not counted twice.  Threads add to the same totals
@@ -275,7 +271,6 @@ def _install_breakdown(tx) -> dict:
 
     acc: dict = {}
     calls: dict = {}
-    acc_calls[0] = calls
     lock = threading.Lock()
 
     def add(label, dt):
@@ -291,40 +286,7 @@ def _install_breakdown(tx) -> dict:
             owner = getattr(owner, p)
         orig = getattr(owner, parts[-1])
         setattr(owner, parts[-1], _timed(orig, label, gen, add))
-    return acc
-
-
-def _install_sleep_mover(tx) -> None:
-    """A mover that does no I/O: FaultyDataStore's injected latency is all a copy costs."""
-    from pipeline.stores.base import CopyOutcome
-
-    orig = tx.data_store_from_spec
-
-    def data_store_from_spec(spec, key_type):
-        inner = orig(spec, key_type)
-
-        class SleepMover:
-            """copy/hashes/read only (no write fence): verify sees what the copy reported."""
-
-            def __init__(self, real):
-                self._real = real
-                self.key_type = real.key_type
-
-            def shard_exists(self, shard):
-                return self._real.shard_exists(shard)
-
-            def copy(self, keys, source, target):
-                return [CopyOutcome(k, content_hash=b"\0" * 16, source_version=0, written=True) for k in keys]
-
-            def hashes(self, keys, shard):
-                return {k: (b"\0" * 16, 0) for k in keys}
-
-            def read(self, keys, shard):
-                return {k: (b"", 0) for k in keys}
-
-        return SleepMover(inner)
-
-    tx.data_store_from_spec = data_store_from_spec
+    return acc, calls
 
 
 def child_baseline(run_dir: str) -> None:

@@ -50,7 +50,7 @@ for p in (HERE, ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from common import bench_root, child_result, emit, run_child  # noqa: E402
+from common import bench_root, child_result, emit, install_sleep_mover, run_child  # noqa: E402
 
 
 def note(msg: str) -> None:
@@ -83,7 +83,6 @@ def child_plan(snapshot: str, out: str) -> None:
 
 def child_run(cfgpath: str, plan_dir: str, faults: str, mover: str = "sqlite") -> None:
     import dataclasses
-    import threading
 
     import apache_beam  # noqa: F401
 
@@ -92,7 +91,7 @@ def child_run(cfgpath: str, plan_dir: str, faults: str, mover: str = "sqlite") -
     from pipeline.config import load_config
 
     if mover == "sleep":
-        _install_sleep_mover(tx)
+        install_sleep_mover(tx)
     cfg = dataclasses.replace(load_config(cfgpath), faults=json.loads(faults))
     t0, c0 = time.perf_counter(), time.process_time()
     res = api.run(cfg, plan_dir, out=lambda _l: None)
@@ -105,33 +104,6 @@ def child_run(cfgpath: str, plan_dir: str, faults: str, mover: str = "sqlite") -
                   # the copy stage's busy time: chunks in flight (its own metric, copy_busy_ms)
                   "copy_stage_s": res.metrics.get("copy_busy_ms", 0) / 1000.0,
                   "copy_stage_keys": res.metrics.get("copied", 0)})
-
-
-def _install_sleep_mover(tx) -> None:
-    """A mover that does no I/O, so the injected latency is all a copy costs: it
-    separates the executor's concurrency from SQLite's one transaction per key."""
-    from pipeline.stores.base import CopyOutcome
-
-    real_open = tx.data_store_from_spec
-
-    class SleepMover:
-        def __init__(self, real):
-            self._real = real
-            self.key_type = real.key_type
-
-        def shard_exists(self, shard):
-            return self._real.shard_exists(shard)
-
-        def copy(self, keys, source, target):
-            return [CopyOutcome(k, content_hash=b"\0" * 16, source_version=0, written=True) for k in keys]
-
-        def hashes(self, keys, shard):
-            return {k: (b"\0" * 16, 0) for k in keys}
-
-        def read(self, keys, shard):
-            return {k: (b"", 0) for k in keys}
-
-    tx.data_store_from_spec = lambda spec, key_type: SleepMover(real_open(spec, key_type))
 
 
 # ------------------------------------------------------------------ inputs

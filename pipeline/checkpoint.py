@@ -932,9 +932,7 @@ class CheckpointWriter:
             written = None
             if wait:
                 self._settle_background()
-                while self._pending:  # parts whose commit failed: same name, same bytes
-                    written = self._commit(*self._pending[0])
-                    self._pending.pop(0)
+                written = self._retry_pending()
             if len(self._buffer):
                 table = self._buffer.to_table(self.epoch)
                 meta = self._metadata()
@@ -947,9 +945,7 @@ class CheckpointWriter:
                     while len(self._inflight) >= self.MAX_IN_FLIGHT:
                         self._settle_one()
                     if len(self._pending) >= self.MAX_IN_FLIGHT:  # commits keep failing: retry now, raise
-                        while self._pending:
-                            self._commit(*self._pending[0])
-                            self._pending.pop(0)
+                        self._retry_pending()
                     self._inflight.append(self._committer.submit(self._serialize_and_commit, table, meta, True))
                     written = None
             self._last_flush = self._clock()
@@ -980,6 +976,15 @@ class CheckpointWriter:
             self._pending.append(e.part)  # retried under the same name by the next waiting flush
             if not isinstance(e.cause, TransientError):
                 raise e.cause from None  # a lost lease, a foreign part...: the caller stops now
+
+    def _retry_pending(self) -> str | None:
+        """Commit the parts whose commit failed (same name, same bytes); raises what still
+        fails.  Returns the last part name committed, if any."""
+        written = None
+        while self._pending:
+            written = self._commit(*self._pending[0])
+            self._pending.pop(0)
+        return written
 
     def _reap_background(self) -> None:
         """Settle the background commits that have finished (never waits)."""

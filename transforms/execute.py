@@ -49,7 +49,6 @@ from typing import Any, Mapping
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics import Metrics
@@ -64,7 +63,7 @@ from pipeline import states as S
 from pipeline.backends import data_store_from_spec, map_store_from_spec
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
-from pipeline.keys import KeyType, short_hash
+from pipeline.keys import KeyType
 from pipeline.names import parse_group_id
 from pipeline.throttle import ShardThrottles, ThrottleConfig
 
@@ -756,7 +755,7 @@ class _VerifyFn(_CopyFn):
         futures, finish = [], (lambda results: None)
         if todo:
             self._record(ch, todo, S.State.VERIFYING)
-            futures, combine = self._start_first_round(ch, todo)
+            futures, combine = self._start_checks(ch, todo)
             finish = lambda results: self._complete(ch, todo, combine(results))  # noqa: E731
         yield from self._admit(_InFlight(ch, futures, finish, _windowed(ch, window, timestamp)),
                                self._vpool_size)
@@ -767,16 +766,20 @@ class _VerifyFn(_CopyFn):
             pool.shutdown(wait=False, cancel_futures=True)
         super().teardown()
 
-    def _start_first_round(self, ch: Chunk, todo: list):
-        """Submit the first round's checks; returns (futures, combine(results) -> good, bad, errored)."""
+    def _start_checks(self, ch: Chunk, rows: list, escalated: bool = False):
+        """Submit one round of checks of ``rows``; returns (futures, combine(results) ->
+        good by method, bad, errored).  ``sampled`` checks a seeded sample fully and
+        escalates to the whole batch on any mismatch; after a mismatch and a re-copy
+        (``escalated``) it verifies fully: never sample a suspect key."""
         mode = self._opts["verification"]
+        if mode == "sampled" and escalated:
+            mode = "full"
         if mode != "sampled":
-            futures = self._submit_checks(ch, todo, mode)
-            return futures, lambda results: self._combine(results, mode)
-        mask = _sample_mask([ch.hashes[i] for i in todo], float(self._opts["sample_fraction"]),
+            return self._submit_checks(ch, rows, mode), lambda results: self._combine(results, mode)
+        mask = _sample_mask([ch.hashes[i] for i in rows], float(self._opts["sample_fraction"]),
                             int(self._opts["sample_seed"]))
-        sample = [i for i, m in zip(todo, mask) if m]
-        rest = [i for i, m in zip(todo, mask) if not m]
+        sample = [i for i, m in zip(rows, mask) if m]
+        rest = [i for i, m in zip(rows, mask) if not m]
 
         def combine(results):
             good, bad, errored = self._combine(results, "full")
@@ -797,8 +800,8 @@ class _VerifyFn(_CopyFn):
                 (good, bad, errored), first = first, None
             else:
                 self._record(ch, todo, S.State.VERIFYING)
-                # after a mismatch and a re-copy, verify fully: never sample a suspect key
-                good, bad, errored = self._verify_rows(ch, todo, escalated=True)
+                futures, combine = self._start_checks(ch, todo, escalated=True)
+                good, bad, errored = combine([f.result() for f in futures])
             for method, rows in good.items():
                 self._record(ch, rows, S.State.VERIFIED, method=method)
                 self._verified.inc(len(rows))
@@ -821,22 +824,6 @@ class _VerifyFn(_CopyFn):
         if forced_any:
             LOG.warning("FORCED SWAP: batch %s swaps keys that failed verification "
                         "(force_swap_on_verification_failure=true)", ch.batch_id[:40])
-
-    def _verify_rows(self, ch: Chunk, rows: list, escalated: bool = False):
-        mode = self._opts["verification"]
-        if mode == "sampled" and escalated:
-            return self._check(ch, rows, "full")
-        if mode == "sampled":
-            mask = _sample_mask([ch.hashes[i] for i in rows], float(self._opts["sample_fraction"]),
-                                int(self._opts["sample_seed"]))
-            sample = [i for i, m in zip(rows, mask) if m]
-            rest = [i for i, m in zip(rows, mask) if not m]
-            good, bad, errored = self._check(ch, sample, "full")
-            if bad or errored:  # escalate: the whole batch fully
-                g2, b2, e2 = self._check(ch, rest, "full")
-                return {S.VERIFY_FULL: good.get("full", []) + g2.get("full", [])}, bad + b2, errored + e2
-            return {S.VERIFY_SAMPLED: good.get("full", []), S.VERIFY_UNCHECKED: rest}, [], []
-        return self._check(ch, rows, mode)
 
     CHECK_PART = 500  # keys per verification read
 

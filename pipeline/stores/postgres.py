@@ -74,7 +74,7 @@ from psycopg.pq import TransactionStatus
 
 from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key
-from pipeline.stores.base import SNAPSHOT_SCHEMA, CopyOutcome, SwapItem, SwapResult
+from pipeline.stores.base import CopyOutcome, SwapItem, SwapResult
 from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
 
 __all__ = [
@@ -476,20 +476,6 @@ class PostgresMapSnapshot(_CountingSnapshot):
         except BaseException:
             self._conn.close()
             raise
-
-    def __enter__(self) -> "PostgresMapSnapshot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        if self._started:
-            raise RuntimeError("a map snapshot can be iterated only once")
-        if self._conn is None:
-            raise RuntimeError("map snapshot already closed")
-        self._started = True
-        return self._batches()
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         store = self._store

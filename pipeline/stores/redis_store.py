@@ -45,7 +45,7 @@ import xxhash
 
 from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType
-from pipeline.stores.base import SNAPSHOT_SCHEMA, SwapItem, SwapResult
+from pipeline.stores.base import SwapItem, SwapResult
 from pipeline.stores.postgres import _dsn_secrets, _scrub, redact_dsn
 from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
 
@@ -274,19 +274,8 @@ class RedisMapSnapshot(_CountingSnapshot):
         self._closed = False
         self.cutoff = store.max_version()
 
-    def __enter__(self) -> "RedisMapSnapshot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        if self._started:
-            raise RuntimeError("a map snapshot can be iterated only once")
-        if self._closed:
-            raise RuntimeError("map snapshot already closed")
-        self._started = True
-        return self._batches()
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _page(self, cursor: int) -> tuple[int, list[bytes], list[bytes]]:
         """One HSCAN page: (next cursor, fields, shard ids).  A hook for tests."""

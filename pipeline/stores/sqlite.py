@@ -295,8 +295,7 @@ def _in_sql(template: str, n: int) -> str:
     return sql
 
 
-def _rows_json(conn: sqlite3.Connection, columns: str, table: str, keys: Sequence[str],
-               where: str = "", params: Sequence = ()) -> Iterator[list]:
+def _rows_json(conn: sqlite3.Connection, columns: str, table: str, keys: Sequence[str]) -> Iterator[list]:
     """``[key, *columns]`` of the rows of ``table`` whose key is in ``keys``, read
     as ONE JSON array per ``IN`` chunk (SQLite builds it: ``json_group_array``).
 
@@ -308,8 +307,8 @@ def _rows_json(conn: sqlite3.Connection, columns: str, table: str, keys: Sequenc
     text (NUL and control characters are escaped).  Not for BLOB columns."""
     for chunk in _chunks(keys):
         sql = _in_sql(f"SELECT json_group_array(json_array(key, {columns})) FROM {table} "
-                      f"WHERE {where}key IN ({{in}})", len(chunk))
-        yield from json.loads(conn.execute(sql, (*params, *chunk)).fetchone()[0])
+                      "WHERE key IN ({in})", len(chunk))
+        yield from json.loads(conn.execute(sql, chunk).fetchone()[0])
 
 
 def _limit(conn: sqlite3.Connection, name: str, default: int) -> int:
@@ -458,7 +457,9 @@ class _CountingSnapshot:
     """What every map snapshot shares: raw rows -> a SNAPSHOT_SCHEMA batch with rows
     whose key or shard id cannot be represented dropped and counted (never shown),
     and the row counts behind ``stats()``.  Subclasses set ``key_type``, ``cutoff``,
-    ``_rows``, ``_invalid`` and ``_above`` (None until read to the end)."""
+    ``_rows``, ``_invalid``, ``_above`` (None until read to the end) and
+    ``_started``, and define ``_batches()`` and ``close()``; a snapshot is
+    iterated once."""
 
     def _columns_to_batch(self, keys, shards, versions) -> pa.RecordBatch:
         canon, key_ok = _parse_key_column(pa.array(keys, pa.binary()), self.key_type)
@@ -493,6 +494,24 @@ class _CountingSnapshot:
         if self._above is None:
             raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
         return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+
+    # -- one iteration, then closed (subclasses define _batches() and close())
+    def _is_closed(self) -> bool:
+        return self._conn is None  # the connection holding the snapshot's read transaction
+
+    def __enter__(self) -> "_CountingSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if self._started:
+            raise RuntimeError("a map snapshot can be iterated only once")
+        if self._is_closed():
+            raise RuntimeError("map snapshot already closed")
+        self._started = True
+        return self._batches()
 
 
 class SqliteMapSnapshot(_CountingSnapshot):
@@ -545,20 +564,6 @@ class SqliteMapSnapshot(_CountingSnapshot):
         except BaseException:
             self._conn.close()
             raise
-
-    def __enter__(self) -> "SqliteMapSnapshot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        if self._started:
-            raise RuntimeError("a map snapshot can be iterated only once")
-        if self._conn is None:
-            raise RuntimeError("map snapshot already closed")
-        self._started = True
-        return self._batches()
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         try:
@@ -913,15 +918,9 @@ class SqliteMapStore(_SqliteBase):
                     else:
                         status[t] = "conflict"
 
-                if attached and applied_keys:
-                    by_source: dict[str, list[str]] = {}
-                    for t in applied_keys:
-                        by_source.setdefault(norm[first[t]].source, []).append(t)
-                    for s, ts in by_source.items():
-                        found: dict[str, int] = dict(_rows_json(conn, "version", f"{attached[s]}.records", ts))
-                        for t in ts:
-                            if found.get(t) != norm[first[t]].source_version:
-                                status[t] = "source_changed"
+                if attached:
+                    for t in _sources_changed(conn, norm, first, applied_keys, attached):
+                        status[t] = "source_changed"
 
                 by_status: dict[str, list[int]] = {"apply": [], "already": [], "conflict": [], "source_changed": []}
                 for i, t in enumerate(texts):
@@ -953,14 +952,8 @@ class SqliteMapStore(_SqliteBase):
         fenced, has the source version its copy read), apply them all and return the
         new version.  Returns None (nothing written) when the fence check fails and
         raises _NotAllApplied (rows written: roll back) when the CAS missed a row."""
-        if attached:
-            by_source: dict[str, list[str]] = {}
-            for t in uniq:
-                by_source.setdefault(norm[first[t]].source, []).append(t)
-            for s, ts in by_source.items():
-                found: dict[str, int] = dict(_rows_json(conn, "version", f"{attached[s]}.records", ts))
-                if any(found.get(t) != norm[first[t]].source_version for t in ts):
-                    return None
+        if attached and _sources_changed(conn, norm, first, uniq, attached):
+            return None
         version = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
         if _cas_update(conn, norm, first, uniq, version) == len(uniq):
             return version
@@ -1004,6 +997,19 @@ class SqliteMapStore(_SqliteBase):
             except sqlite3.Error:
                 pass
             self._local.fenced = None
+
+
+def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict) -> list[str]:
+    """The write fence's check, inside the swap transaction: the ``keys`` whose record
+    on their (attached) source shard is gone or no longer has the version the copy read."""
+    by_source: dict[str, list[str]] = {}
+    for t in keys:
+        by_source.setdefault(norm[first[t]].source, []).append(t)
+    changed = []
+    for source, ts in by_source.items():
+        found: dict[str, int] = dict(_rows_json(conn, "version", f"{attached[source]}.records", ts))
+        changed += [t for t in ts if found.get(t) != norm[first[t]].source_version]
+    return changed
 
 
 def _cas_update(conn: sqlite3.Connection, norm, first, keys, version: int) -> int:
