@@ -14,6 +14,24 @@ if ROOT not in sys.path:
 SHARDMOVE = os.path.join(os.path.dirname(sys.executable), "shardmove")
 
 
+def pytest_configure(config):
+    """Find or start the PostgreSQL and Redis servers for the session (tests/servers.py)."""
+    import servers
+
+    servers.provide()
+    if servers.failures and os.environ.get("CI", "").lower() == "true":
+        servers.stop()
+        raise pytest.UsageError(" ; ".join(servers.failures.values()) + " -- CI=true: the store tests must run")
+    for reason in servers.failures.values():
+        print(f"note: {reason}; its tests skip", file=sys.stderr)
+
+
+def pytest_unconfigure(config):
+    import servers
+
+    servers.stop()
+
+
 def run_cli(*args, env=None, timeout=600, cwd=None):
     """Run the real console script; returns CompletedProcess (text)."""
     e = dict(os.environ)

@@ -1,15 +1,15 @@
 """Reaching the real PostgreSQL and Redis servers the store tests need.
 
-``require_postgres()`` / ``require_redis()`` connect with a short timeout; an
-unreachable server skips the test with a visible reason -- or fails it when
-``CI=true`` (CI must never silently skip the store tests).
-
-Servers (override with environment variables):
+The servers themselves are found or started once per session by
+``tests/servers.py`` (see there), which exports where they are:
 
 * ``SHARDMOVE_TEST_PG``: an admin DSN to the ``postgres`` database that may
-  ``CREATE DATABASE`` (default ``host=127.0.0.1 port=5432 user=postgres
-  dbname=postgres``);
-* ``SHARDMOVE_TEST_REDIS``: a Redis URL (default ``redis://127.0.0.1:6379/0``).
+  ``CREATE DATABASE``;
+* ``SHARDMOVE_TEST_REDIS``: a Redis URL.
+
+``require_postgres()`` / ``require_redis()`` check that the server answers;
+one that does not skips the test with the reason -- or fails it when
+``CI=true`` (CI must never silently skip the store tests).
 
 Isolation: every PostgreSQL test gets a fresh database (``fresh_database``),
 dropped afterwards; every Redis test gets a unique key prefix
@@ -28,13 +28,25 @@ from typing import Iterator
 
 import pytest
 
-PG_ADMIN_DSN = os.environ.get("SHARDMOVE_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
-REDIS_URL = os.environ.get("SHARDMOVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+import servers
+
 _TIMEOUT = 3
 
 
-def _unavailable(what: str, err: BaseException):
-    reason = f"{what} not reachable ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+def _pg_dsn() -> str:
+    return os.environ.get("SHARDMOVE_TEST_PG") or servers.DEFAULT_PG
+
+
+def _redis_url() -> str:
+    return os.environ.get("SHARDMOVE_TEST_REDIS") or servers.DEFAULT_REDIS
+
+
+def _unavailable(what: str, err: BaseException | None):
+    if what in servers.failures:
+        reason = servers.failures[what]
+    else:
+        detail = str(err).strip().splitlines()[0] if err is not None and str(err).strip() else ""
+        reason = f"{what} not reachable ({type(err).__name__}: {detail})"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason + " -- CI=true: the store tests must run", pytrace=False)
     pytest.skip(reason)
@@ -44,32 +56,46 @@ def require_postgres() -> str:
     """The admin DSN, after checking the server answers (skip / fail otherwise)."""
     import psycopg
 
+    if "PostgreSQL" in servers.failures:
+        _unavailable("PostgreSQL", None)
     try:
-        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=_TIMEOUT, autocommit=True) as conn:
+        with psycopg.connect(_pg_dsn(), connect_timeout=_TIMEOUT, autocommit=True) as conn:
             conn.execute("SELECT 1")
     except Exception as e:  # any failure to reach the server: skip or fail, with the reason
         _unavailable("PostgreSQL", e)
-    return PG_ADMIN_DSN
+    return _pg_dsn()
 
 
 def require_redis() -> str:
     """The Redis URL, after checking the server answers (skip / fail otherwise)."""
     import redis
 
+    if "Redis" in servers.failures:
+        _unavailable("Redis", None)
     try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=_TIMEOUT, socket_timeout=_TIMEOUT)
+        client = redis.Redis.from_url(_redis_url(), socket_connect_timeout=_TIMEOUT, socket_timeout=_TIMEOUT)
         client.ping()
         client.close()
     except Exception as e:  # any failure to reach the server: skip or fail, with the reason
         _unavailable("Redis", e)
-    return REDIS_URL
+    return _redis_url()
+
+
+def redis_url_as(user: str, password: str) -> str:
+    """The test Redis's URL with other credentials (host, port and db kept)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(require_redis())
+    host = parts.hostname if ":" not in (parts.hostname or "") else f"[{parts.hostname}]"
+    netloc = f"{user}:{password}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def dsn_for(dbname: str, **extra: str) -> str:
     """The admin DSN pointed at ``dbname`` (plus extra ``key=value`` settings)."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    params = conninfo_to_dict(PG_ADMIN_DSN)
+    params = conninfo_to_dict(_pg_dsn())
     params["dbname"] = dbname
     params.update(extra)
     return make_conninfo(**params)

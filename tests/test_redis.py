@@ -28,7 +28,8 @@ from pipeline.stores.base import SNAPSHOT_SCHEMA, MapStore, SwapItem
 from pipeline.stores.redis_store import RedisMapSnapshot, RedisMapStore
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
-from services import assert_no_secret, fresh_prefix, plan_moves, require_redis, run_killed_then_resumed
+from services import (assert_no_secret, fresh_prefix, plan_moves, redis_url_as, require_redis,
+                      run_killed_then_resumed)
 
 ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
 SECRET = "sekret-pw-123"
@@ -101,7 +102,7 @@ def test_errors_are_classified_and_redacted(prefix):
     with pytest.raises(errors.TransientError, match="map lookup") as e:
         gone.lookup([b"k"])
     assert SECRET not in str(e.value) and e.value.reason == "connection"
-    wrong = RedisMapStore(f"redis://nobody-{uuid.uuid4().hex[:6]}:{SECRET}@127.0.0.1:6379/0", prefix=prefix)
+    wrong = RedisMapStore(redis_url_as(f"nobody-{uuid.uuid4().hex[:6]}", SECRET), prefix=prefix)
     with pytest.raises(errors.PermanentError) as e:
         wrong.max_version()
     assert e.value.reason == "cannot_connect" and SECRET not in str(e.value)
@@ -434,7 +435,7 @@ def test_cli_kill_and_resume_redis_map_sqlite_shards(tmp_path, prefix):
     user = f"smtest-{uuid.uuid4().hex[:8]}"
     c.acl_setuser(user, enabled=True, passwords=[f"+{SECRET}"], keys=["*"], commands=["+@all"])
     try:
-        url = f"redis://{user}:{SECRET}@127.0.0.1:6379/0"
+        url = redis_url_as(user, SECRET)
         faults = {"copy": {"latency_ms": 10, "keys_per_call": 1}, "swap": {"latency_ms": 60}}
         raw, store, originals = _demo_with_redis_map(tmp_path, prefix, 1500, url=url, faults=faults,
                                                      swap_batch_size=25, checkpoint_flush_interval="20ms",
