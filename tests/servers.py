@@ -190,7 +190,10 @@ def _start_redis() -> str:
 
 def _provide_one(what: str, env: str, default: str, usable, start) -> None:
     if os.environ.get(env):
-        return  # the developer's own server: require_* checks it and reports it if it does not answer
+        # the developer's own server, used as it is (its address is not printed: it may hold a password)
+        if not usable(os.environ[env]):
+            failures[what] = f"{what} named by {env} does not answer (or is too old, or refuses the login)"
+        return
     if usable(default):
         os.environ[env] = default
         return
