@@ -189,6 +189,12 @@ def _plan_dir(args, cfg=None):
 
 
 def cmd_run(args, beam_args) -> int:
+    from pipeline import interrupts
+    from pipeline.faults import hold_point
+
+    # first thing: a signal before the run holds anything exits 130 (pipeline.interrupts)
+    interrupts.install()
+    hold_point("startup")
     from pipeline.api import run
 
     from pipeline.history import recorded
