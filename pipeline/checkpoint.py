@@ -809,8 +809,10 @@ class CheckpointWriter:
 
     Flushes when the buffer holds ``flush_every`` transitions or
     ``flush_interval_s`` has passed since the last flush (checked by
-    :meth:`maybe_flush`, which :meth:`record`/:meth:`record_table` call), and
-    always on :meth:`flush` (call it at bundle end).  Every flush writes one
+    :meth:`maybe_flush`, which :meth:`record`/:meth:`record_table` call, and
+    by :meth:`flush_if_due`, which a timer calls: the interval holds even when
+    no further transition arrives), and always on :meth:`flush` (call it at
+    bundle end).  Every flush writes one
     new part, committed atomically under a fresh unique name -- never an
     in-place overwrite -- so re-running a bundle only adds rows the merge
     collapses.  ``fence`` (optional) is called right before each commit and
@@ -957,6 +959,17 @@ class CheckpointWriter:
                     (n or self._pending) and self._clock() - self._last_flush >= self.flush_interval_s):
                 return self.flush(wait=self._committer is None)
             return None
+
+    def flush_if_due(self) -> None:
+        """The flush timer's entry (call it periodically from another thread): once
+        ``flush_interval_s`` has passed since the last flush, commit whatever is buffered,
+        in-progress markers included -- in the background with a ``committer``.  Without
+        it, a group whose transitions came in one burst (a group smaller than a chunk)
+        would be committed only at bundle end.  A commit that fails here is retried, and
+        raised, by the next waiting flush."""
+        with self._lock:
+            if len(self._buffer) and self._clock() - self._last_flush >= self.flush_interval_s:
+                self.flush(wait=self._committer is None)
 
     def flush(self, wait: bool = True) -> str | None:
         """Commit the buffer as one new part; the part name, or None if nothing was

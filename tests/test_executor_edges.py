@@ -145,3 +145,49 @@ def test_fault_injected_run_with_live_writer_records_only_allowed_transitions(tm
     assert seen.get((S.State.SWAPPING, S.State.VERIFIED), 0) > 0
     assert seen.get((S.State.VERIFIED, S.State.COPYING), 0) > 0
     assert w.writes > 20
+
+
+# ---------------------------------------------- item 8: the flush interval is a timer
+
+def test_checkpoints_flushed_by_the_interval_while_the_run_goes(tmp_path):
+    """Groups smaller than a chunk get their transitions in one burst per stage, far below
+    checkpoint_flush_every_transitions: only the interval can commit them.  With a slow
+    mover, committed checkpoints (what status and a rerun read) must show keys Done while
+    the run is still going, not only at its end."""
+    cfg = with_faults(make_keyspace(tmp_path, keys=1000, hash_buckets=16, swap_batch_size=500, copy_concurrency=1,
+                                    checkpoint_flush_every_transitions=100000, checkpoint_flush_interval="100ms",
+                                    progress_interval="100ms"),
+                      {"copy": {"latency_ms": 15, "keys_per_call": 1}})
+    plan_dir, m = planned(cfg)
+    n = m["moves"]
+    assert max(f["rows"] for f in m["files"]) < 100  # every group far below the count threshold
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("res", api.run(cfg, plan_dir, out=quiet)))
+    t.start()
+    mid_run = []
+    while t.is_alive():
+        s = api.status(plan_dir)
+        if 0 < s["done"] < n:
+            mid_run.append(s["done"])
+        t.join(0.05)
+    assert result["res"].summary["done"] == n
+    assert mid_run, "no Done key was committed before the run ended"
+    events = [f for f in os.listdir(os.path.join(plan_dir, "progress")) if not f.startswith("timings")]
+    import json
+    mid_events = [e for e in (json.load(open(os.path.join(plan_dir, "progress", f))) for f in events)
+                  if not e["final"] and 0 < e["swapped"] < n]
+    assert mid_events  # progress advanced during the run
+
+
+def test_writer_flush_if_due_commits_a_quiet_buffer_riders_included(tmp_path):
+    now = [1000.0]
+    w = ckpt.CheckpointWriter(str(tmp_path), "a" * 64, "s0~s1~0000", 1, flush_every=1000, flush_interval_s=2.0,
+                              clock=lambda: now[0])
+    w.record_many([b"k1"], None, S.State.COPYING, 1, may_flush=False)  # an in-progress marker
+    w.flush_if_due()
+    assert len(w) == 1 and w.stats.parts == 0  # not due yet
+    now[0] += 2.5  # no further transition arrives: the timer alone commits it
+    w.flush_if_due()
+    assert len(w) == 0 and w.stats.parts == 1
+    w.flush_if_due()
+    assert w.stats.parts == 1  # nothing buffered, nothing written

@@ -200,8 +200,27 @@ class _StageFn(beam.DoFn):
         tcfg = throttle_config(self._opts)
         self._throttles = self._shared.acquire(lambda: ShardThrottles(tcfg),
                                                tag=(spec.plan_id, spec.epoch, tcfg))
+        # checkpoint_flush_interval is honoured by a timer: a group's transitions often come
+        # in one burst (a group smaller than a chunk), after which no record would check it
+        self._timer_stop = threading.Event()
+        self._timer = threading.Thread(target=self._flush_timer, name=f"ckpt-timer-{self.STAGE}", daemon=True)
+        self._timer.start()
+
+    def _flush_timer(self):
+        interval = float(self._opts["checkpoint_flush_interval"])
+        period = min(max(interval / 4, 0.01), 0.5)
+        while not self._timer_stop.wait(period):
+            for w in list(self._writers.values()):
+                try:
+                    w.flush_if_due()
+                except Exception as e:  # noqa: BLE001 - kept as pending: the bundle's next waiting flush raises it
+                    LOG.debug("%s: timed checkpoint flush failed (%s)", self.STAGE, type(e).__name__)
 
     def teardown(self):
+        stop = getattr(self, "_timer_stop", None)
+        if stop is not None:
+            stop.set()
+            self._timer.join(timeout=5)
         committer = getattr(self, "_committer", None)
         if committer is not None:
             committer.shutdown(wait=True)  # a part being committed finishes (it holds only facts)
