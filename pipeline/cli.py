@@ -192,7 +192,8 @@ def cmd_run(args, beam_args) -> int:
     from pipeline import interrupts
     from pipeline.faults import hold_point
 
-    # first thing: a signal before the run holds anything exits 130 (pipeline.interrupts)
+    # a signal before the run holds anything exits 130 (pipeline.interrupts); the console
+    # script (pipeline.console) installed the same handler before importing the CLI
     interrupts.install()
     hold_point("startup")
     from pipeline.api import run
@@ -288,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    except ShardmoveError as e:  # a signal while parsing (pipeline.interrupts): one line, its code
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
     except Exception as e:  # a bug in the parser set-up: one line, no traceback
         sys.stderr.write(f"error: internal failure parsing arguments ({type(e).__name__})\n")
         return EXIT_INTERNAL

@@ -181,3 +181,31 @@ def test_run_local_demo_sigterm_to_the_process_group_exits_130(tmp_path):
     plan_id = (tmp_path / "demo" / "PLAN").read_text().strip()
     plan_dir = tmp_path / "demo" / "work" / "plans" / plan_id
     assert read_lease(str(plan_dir))["released"]
+
+
+def _catches_sigterm(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def test_sigterm_at_the_first_moment_exits_130(small_plan):
+    """The console script installs the handler before importing the CLI: SIGTERM as soon as
+    the process catches it (long before the lease) exits 130 and holds nothing."""
+    cfg, cfgpath, plan_id, plan_dir = small_plan
+    p = _start(plan_id, cfgpath)
+    try:
+        t0 = time.time()
+        while not _catches_sigterm(p.pid):
+            assert p.poll() is None and time.time() - t0 < 60
+            time.sleep(0.001)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, (out, err)
+    assert "error: interrupted" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(plan_dir, "lease.json"))
+    _assert_released_and_resumable(cfg, cfgpath, plan_id, plan_dir)
