@@ -571,7 +571,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     out(summary_line(summary))
     if stopped:
         out("interrupted: checkpoints flushed; rerun to resume" if not summary["complete"] else
-            "interrupted: checkpoints flushed; the plan is complete (a rerun finishes its compaction)")
+            "interrupted: checkpoints flushed; the plan is complete (a rerun finishes what is left)")
         return RunResult(plan_id, summary, 130, interrupted=True, metrics=metrics)
     if not summary["complete"]:
         code = 1  # the pipeline ended without finishing every key: a bug
@@ -677,7 +677,7 @@ def _already_complete(cfg: Config, plan_dir: str, manifest: dict, before: dict, 
     out("nothing to do: plan already complete")
     out(summary_line(summary))
     if irq.interrupted:
-        out("interrupted: the plan is complete (a rerun finishes its compaction)")
+        out("interrupted: the plan is complete (a rerun finishes what is left)")
         return RunResult(plan_id, summary, 130, nothing_to_do=True, interrupted=True)
     return RunResult(plan_id, summary, 3 if summary["failed"] else 0, nothing_to_do=True)
 
