@@ -982,18 +982,20 @@ class CheckpointWriter:
                 self._settle_background()
                 written = self._retry_pending()
             if len(self._buffer):
-                table = self._buffer.to_table(self.epoch)
-                meta = self._metadata()
-                self._buffer.clear()
-                self._riders = 0
-                if wait or self._committer is None:
-                    written = self._serialize_and_commit(table, meta)
-                else:
+                background = not wait and self._committer is not None
+                if background:  # settle earlier commits first: if that raises, the buffer is kept
                     self._reap_background()
                     while len(self._inflight) >= self.MAX_IN_FLIGHT:
                         self._settle_one()
                     if len(self._pending) >= self.MAX_IN_FLIGHT:  # commits keep failing: retry now, raise
                         self._retry_pending()
+                table = self._buffer.to_table(self.epoch)
+                meta = self._metadata()
+                self._buffer.clear()
+                self._riders = 0
+                if not background:
+                    written = self._serialize_and_commit(table, meta)
+                else:
                     self._inflight.append(self._committer.submit(self._serialize_and_commit, table, meta, True))
                     written = None
             self._last_flush = self._clock()

@@ -191,3 +191,34 @@ def test_writer_flush_if_due_commits_a_quiet_buffer_riders_included(tmp_path):
     assert len(w) == 0 and w.stats.parts == 1
     w.flush_if_due()
     assert w.stats.parts == 1  # nothing buffered, nothing written
+
+
+def test_writer_keeps_its_buffer_when_settling_an_earlier_commit_raises(tmp_path, monkeypatch):
+    """A background flush first settles earlier commits; when one of them fails for good
+    (a lost lease, say), the transitions still buffered are kept, not dropped."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from pipeline import fs
+
+    real = fs.create_if_absent
+    refuse = {"on": False}
+
+    def flaky(path, data, mode=0o600):
+        if refuse["on"]:
+            raise PermissionError("refused")
+        return real(path, data, mode)
+
+    monkeypatch.setattr(ckpt.fs, "create_if_absent", flaky)
+    with ThreadPoolExecutor(1) as committer:
+        w = ckpt.CheckpointWriter(str(tmp_path), "a" * 64, "s0~s1~0000", 1, flush_every=1, flush_interval_s=3600,
+                                  committer=committer)
+        refuse["on"] = True
+        w.record(b"a", None, S.State.COPIED, 1)  # handed to the committer, which fails
+        wait(w._inflight)
+        with pytest.raises(PermissionError):
+            w.record(b"b", None, S.State.COPIED, 1)  # settling the failed commit raises ...
+        assert len(w) == 1  # ... and b is still buffered
+        refuse["on"] = False
+        w.flush()
+    keys = ckpt.read_group(str(tmp_path), "a" * 64, "s0~s1~0000").table.column("key").to_pylist()
+    assert sorted(keys) == [b"a", b"b"]
