@@ -57,9 +57,10 @@ an interrupted ``Copying``/``Verifying``/``Swapping`` is simply repeated
 (all three operations are idempotent), ``Copied`` goes on to ``Verifying``,
 ``Verified`` to ``Swapping``.  ``Done`` keys are never touched again.
 ``Failed`` keys stay Failed unless the run is started with
-``--retry-failed``: then ``failed -> copying`` is allowed (``RETRY_FAILED_ENTRY``)
-and, because the new epoch's record supersedes every earlier one, the key is
-reset.
+``--retry-failed``: then the key starts over as Planned -- ``failed -> copying``
+(``RETRY_FAILED_ENTRY``), or ``failed -> verified`` when it is found at its
+target -- and, because the new epoch's record supersedes every earlier one, the
+key is reset.
 """
 from __future__ import annotations
 
@@ -190,12 +191,14 @@ def is_terminal(state: "State | int") -> bool:
 def can_transition(a: "State | int", b: "State | int", *, retry_failed: bool = False) -> bool:
     """Whether a key in state ``a`` may next record state ``b``.
 
-    ``retry_failed`` additionally allows ``failed -> copying`` (a new epoch
-    started with ``--retry-failed``).
+    ``retry_failed`` (a new epoch started with ``--retry-failed``): a Failed
+    key starts over as Planned, so it may go wherever a Planned key may --
+    ``failed -> copying`` (:data:`RETRY_FAILED_ENTRY`), or ``failed -> verified``
+    (``already_swapped``) when the map already routes it to its target.
     """
     a, b = State(a), State(b)
-    if retry_failed and a is State.FAILED and b is RETRY_FAILED_ENTRY:
-        return True
+    if retry_failed and a is State.FAILED:
+        return b in TRANSITIONS[State.PLANNED]
     return b in TRANSITIONS[a]
 
 

@@ -147,6 +147,43 @@ def test_fault_injected_run_with_live_writer_records_only_allowed_transitions(tm
     assert w.writes > 20
 
 
+
+@pytest.mark.parametrize("state", [S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING,
+                                   S.State.VERIFIED, S.State.SWAPPING, S.State.FAILED])
+@pytest.mark.parametrize("swapped", [False, True])
+def test_resume_from_each_state_records_only_allowed_transitions(tmp_path, state, swapped):
+    """Across runs too: a rerun's first record for a key leaves the state its merged
+    checkpoint holds (Failed with --retry-failed), whether or not an earlier run's swap
+    already applied, and every later one follows the table."""
+    cfg = make_keyspace(tmp_path, keys=300)
+    plan_dir, m = planned(cfg)
+    _write_states(cfg, plan_dir, m, state)
+    if swapped:
+        ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+        for k, s_, t in plan_moves(plan_dir, m):
+            ms.swap_batch([(k, s_, t)])
+    found = {k: S.State(v[0]) for k, v in key_states(plan_dir, m).items()}
+    retry = state == S.State.FAILED
+    bad = []
+    orig = ckpt.CheckpointWriter.record_many
+
+    def witness(self, keys, key_hashes=None, states=None, attempts=None, *a, **kw):
+        for k in keys:
+            t = (found[k], S.State(int(states)))
+            if not S.can_transition(*t, retry_failed=retry and t[0] == S.State.FAILED):
+                bad.append(t)
+            found[k] = t[1]
+        return orig(self, keys, key_hashes, states, attempts, *a, **kw)
+
+    ckpt.CheckpointWriter.record_many = witness
+    try:
+        res = api.run(cfg, plan_dir, retry_failed=retry, out=quiet)
+    finally:
+        ckpt.CheckpointWriter.record_many = orig
+    assert bad == []
+    assert (res.summary["done"], res.summary["failed"]) == (m["moves"], 0)
+
+
 # ---------------------------------------------- item 8: the flush interval is a timer
 
 def test_checkpoints_flushed_by_the_interval_while_the_run_goes(tmp_path):
