@@ -68,7 +68,12 @@ class Interrupts:
             pass
 
     def restore(self) -> None:
+        """Put the previous handlers back.  A previous :class:`Interrupts` (the CLI's
+        start-up handler) comes back deferred: the run has given back what it held, so a
+        later signal must not claim it came before the lease -- it only counts."""
         for sig, h in self._previous.items():
+            if isinstance(h, Interrupts):
+                h.deferred = True
             signal.signal(sig, h)
         self._previous = {}
 
