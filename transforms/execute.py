@@ -6,7 +6,9 @@ Flow (read top to bottom in :func:`build_run_graph`)::
                      keys in plan order (chunk ids derived from plan order);
                      terminal keys are skipped
     StableInput      Reshuffle of chunks (Dataflow's stable-input idiom)
-    CopyKeys         Planned/Copying keys: idempotent batched copies, up to
+    CopyKeys         every key not yet verified is looked up in the map (one at
+                     its target is confirmed by the swap, never copied, verified
+                     or failed); Planned/Copying keys: idempotent batched copies, up to
                      copy_concurrency calls in flight, transient retries with
                      exponential backoff, permanent errors -> Failed(reason)
     VerifyCopies     Copied/Verifying keys: full | hash | sampled; a mismatch
@@ -31,8 +33,10 @@ the ``throttled_ms`` counter and Beam's ``cumulativeThrottlingSeconds``
 (what Dataflow's autoscaler reads).
 
 Every stage records its transitions through a :class:`CheckpointWriter` per
-work group (flushed by count, by interval and always at bundle end), so a
-rerun resumes each key from its last committed state.  Every side effect is
+work group (flushed by count, by interval -- a timer thread per stage -- and
+always at bundle end), so a rerun resumes each key from its last committed
+state.  Each record names the state its keys leave, and the writer refuses
+any transition the state machine (``pipeline/states.py``) does not allow.  Every side effect is
 idempotent (copy = upsert that never clobbers a newer record; swap = CAS that
 treats "already at target" as applied), so a retried or duplicated bundle
 changes nothing twice.  Keys never appear in logs: only short hash prefixes.
