@@ -31,7 +31,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
 from pipeline.config import Config
-from pipeline.errors import BadInput, Interrupted, Refused
+from pipeline.errors import BadInput, Refused
 from pipeline.faults import hold_point
 from pipeline.planner import load_manifest
 

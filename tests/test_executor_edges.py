@@ -1,20 +1,19 @@
 """The executor at its edges: keys swapped before a crash, the state machine as the
 truth of what is recorded, checkpoints flushed by a timer.  Real SQLite stores, the
 real Beam executor on the in-memory engine (FnApiRunner, pinned by pipeline.runner)."""
+import json
 import os
 import threading
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import api
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
-from pipeline.executor import summarize
 from pipeline.keys import text_form
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
-from test_executor import (_write_states, all_records, key_states, make_keyspace, map_rows, plan_moves, planned,
+from test_executor import (_write_states, key_states, make_keyspace, map_rows, plan_moves, planned,
                            quiet, records, with_faults, write_counts)
 from test_reliability import Writer
 
@@ -210,7 +209,6 @@ def test_checkpoints_flushed_by_the_interval_while_the_run_goes(tmp_path):
     assert result["res"].summary["done"] == n
     assert mid_run, "no Done key was committed before the run ended"
     events = [f for f in os.listdir(os.path.join(plan_dir, "progress")) if not f.startswith("timings")]
-    import json
     mid_events = [e for e in (json.load(open(os.path.join(plan_dir, "progress", f))) for f in events)
                   if not e["final"] and 0 < e["swapped"] < n]
     assert mid_events  # progress advanced during the run
