@@ -96,7 +96,9 @@ case "$cmd" in
       PLAN_ID=$(sed -n 's/^plan id: //p' demo/.plan.out | head -n1)
       echo "$PLAN_ID" > demo/PLAN
     fi
-    "$SM" run "$PLAN_ID" --config demo/shardmove.yaml
+    # exec: the executor takes this process's place, so SIGINT/SIGTERM to the script (or its
+    # process group) reach the executor alone, which stops gracefully (exit 130, lease released)
+    exec "$SM" run "$PLAN_ID" --config demo/shardmove.yaml
     ;;
   *)
     echo "usage: ./run_local.sh [test|reset]" >&2

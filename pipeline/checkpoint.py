@@ -116,7 +116,7 @@ import pyarrow.parquet as pq
 from pipeline import fs
 from pipeline import keys as _keys
 from pipeline.errors import BadInput, TransientError
-from pipeline.states import VERIFY_METHODS, State
+from pipeline.states import VERIFY_METHODS, State, check_transitions
 
 __all__ = [
     "CHECKPOINT_SCHEMA",
@@ -809,13 +809,21 @@ class CheckpointWriter:
 
     Flushes when the buffer holds ``flush_every`` transitions or
     ``flush_interval_s`` has passed since the last flush (checked by
-    :meth:`maybe_flush`, which :meth:`record`/:meth:`record_table` call), and
-    always on :meth:`flush` (call it at bundle end).  Every flush writes one
+    :meth:`maybe_flush`, which :meth:`record`/:meth:`record_table` call, and
+    by :meth:`flush_if_due`, which a timer calls: the interval holds even when
+    no further transition arrives), and always on :meth:`flush` (call it at
+    bundle end).  Every flush writes one
     new part, committed atomically under a fresh unique name -- never an
     in-place overwrite -- so re-running a bundle only adds rows the merge
     collapses.  ``fence`` (optional) is called right before each commit and
     should raise if this executor lost its lease; ``extras_fn`` (optional)
     returns extra key-value metadata for each part.  Thread-safe.
+
+    The state machine is enforced here: a record given ``prev`` (the states
+    its keys leave) is refused with :class:`~pipeline.states.TransitionError`
+    unless every transition is in :data:`pipeline.states.TRANSITIONS`, and a
+    writer made with ``check_transitions=True`` (the executor's) refuses any
+    record without ``prev``.  Nothing refused is buffered.
 
     If a commit fails, its bytes are kept and retried under the same name on
     the next flush (an object already present with the same content counts
@@ -835,7 +843,8 @@ class CheckpointWriter:
                  clock: Callable[[], float] = time.time,
                  extras_fn: Callable[[], Mapping[str, Any]] | None = None,
                  fence: Callable[[], None] | None = None,
-                 committer: "concurrent.futures.Executor | None" = None):
+                 committer: "concurrent.futures.Executor | None" = None,
+                 check_transitions: bool = False):
         if not isinstance(plan_id, str) or not plan_id:
             raise ValueError("plan_id must be a non-empty string")
         _check_group_id(group_id)
@@ -862,6 +871,7 @@ class CheckpointWriter:
         self._riders = 0  # buffered transitions that do not count toward flush_every
         self._pending: list[tuple[str, bytes, int]] = []  # parts whose commit failed
         self._committer = committer
+        self._check_transitions = bool(check_transitions)
         self._inflight: list = []  # futures of background commits
         self._last_flush = clock()
         self._lock = threading.RLock()
@@ -876,10 +886,27 @@ class CheckpointWriter:
         with self._lock:
             return dataclasses.replace(self._stats)
 
+    def _check(self, prev, state, n: int) -> None:
+        """The state machine guards what is written: with ``prev`` (the states the keys
+        were in) every ``prev -> state`` must be allowed (:data:`pipeline.states.TRANSITIONS`);
+        a writer made with ``check_transitions`` requires ``prev`` on every record."""
+        if prev is None:
+            if self._check_transitions:
+                raise TypeError("this checkpoint writer checks transitions: pass prev (the states left)")
+            return
+        if isinstance(prev, (int, np.integer, State)):
+            prev = [prev] * n
+        elif len(prev) != n:
+            raise ValueError(f"prev has {len(prev)} states for {n} transitions")
+        check_transitions(prev, state if isinstance(state, (int, np.integer, State)) else State.parse(state))
+
     def record(self, key: bytes, key_hash: int | None, state: "State | int", attempts: int,
                reason: str | None = None, content_hash: bytes | None = None,
-               source_version: int | None = None, verify_method: str | None = None) -> str | None:
-        """Buffer one transition; returns the part name if this triggered a flush."""
+               source_version: int | None = None, verify_method: str | None = None,
+               *, prev: "State | int | None" = None) -> str | None:
+        """Buffer one transition (from ``prev``, checked: :meth:`_check`); returns the part
+        name if this triggered a flush."""
+        self._check(prev, state, 1)
         with self._lock:
             self._buffer.add(key, key_hash, state, attempts, reason, content_hash,
                              source_version, verify_method)
@@ -887,9 +914,17 @@ class CheckpointWriter:
 
     def record_many(self, keys, key_hashes=None, states=None, attempts=None, reasons=None,
                     content_hashes=None, source_versions=None, verify_methods=None,
-                    *, may_flush: bool = True) -> str | None:
+                    *, may_flush: bool = True, prev=None) -> str | None:
         """:meth:`Transitions.add_many`, then :meth:`maybe_flush` (unless ``may_flush`` is
-        False: they ride along with the next flush and do not count toward ``flush_every``)."""
+        False: they ride along with the next flush and do not count toward ``flush_every``).
+
+        ``prev``: the state each key leaves (a sequence, or one state for all); every
+        ``prev -> states`` must be allowed, else :class:`~pipeline.states.TransitionError`
+        and nothing is buffered.  ``states`` is then a single state."""
+        if prev is not None or self._check_transitions:
+            if not isinstance(states, (int, np.integer, State, str)):
+                raise TypeError("checked transitions need one target state per call")
+            self._check(prev, states, len(keys))
         with self._lock:
             self._buffer.add_many(keys, key_hashes, states, attempts, reasons,
                                   content_hashes, source_versions, verify_methods)
@@ -909,6 +944,8 @@ class CheckpointWriter:
                 raise ValueError(f"transition table has epochs other than this writer's {self.epoch}")
             table = table.drop_columns(["epoch"]) if isinstance(table, pa.Table) else \
                 pa.Table.from_batches([table]).drop_columns(["epoch"])
+        if self._check_transitions:
+            raise TypeError("this checkpoint writer checks transitions: use record_many with prev")
         with self._lock:
             self._buffer.add_table(table)
             return self.maybe_flush()
@@ -923,6 +960,17 @@ class CheckpointWriter:
                 return self.flush(wait=self._committer is None)
             return None
 
+    def flush_if_due(self) -> None:
+        """The flush timer's entry (call it periodically from another thread): once
+        ``flush_interval_s`` has passed since the last flush, commit whatever is buffered,
+        in-progress markers included -- in the background with a ``committer``.  Without
+        it, a group whose transitions came in one burst (a group smaller than a chunk)
+        would be committed only at bundle end.  A commit that fails here is retried, and
+        raised, by the next waiting flush."""
+        with self._lock:
+            if len(self._buffer) and self._clock() - self._last_flush >= self.flush_interval_s:
+                self.flush(wait=self._committer is None)
+
     def flush(self, wait: bool = True) -> str | None:
         """Commit the buffer as one new part; the part name, or None if nothing was
         buffered.  ``wait=False`` (only with a ``committer``): hand the part to the
@@ -934,18 +982,20 @@ class CheckpointWriter:
                 self._settle_background()
                 written = self._retry_pending()
             if len(self._buffer):
-                table = self._buffer.to_table(self.epoch)
-                meta = self._metadata()
-                self._buffer.clear()
-                self._riders = 0
-                if wait or self._committer is None:
-                    written = self._serialize_and_commit(table, meta)
-                else:
+                background = not wait and self._committer is not None
+                if background:  # settle earlier commits first: if that raises, the buffer is kept
                     self._reap_background()
                     while len(self._inflight) >= self.MAX_IN_FLIGHT:
                         self._settle_one()
                     if len(self._pending) >= self.MAX_IN_FLIGHT:  # commits keep failing: retry now, raise
                         self._retry_pending()
+                table = self._buffer.to_table(self.epoch)
+                meta = self._metadata()
+                self._buffer.clear()
+                self._riders = 0
+                if not background:
+                    written = self._serialize_and_commit(table, meta)
+                else:
                     self._inflight.append(self._committer.submit(self._serialize_and_commit, table, meta, True))
                     written = None
             self._last_flush = self._clock()

@@ -189,6 +189,13 @@ def _plan_dir(args, cfg=None):
 
 
 def cmd_run(args, beam_args) -> int:
+    from pipeline import interrupts
+    from pipeline.faults import hold_point
+
+    # a signal before the run holds anything exits 130 (pipeline.interrupts); the console
+    # script (pipeline.console) installed the same handler before importing the CLI
+    irq = interrupts.install()
+    hold_point("startup")
     from pipeline.api import run
 
     from pipeline.history import recorded
@@ -202,6 +209,7 @@ def cmd_run(args, beam_args) -> int:
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
                   beam_args=beam_args)
+        irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
         h["details"] = {"planned": s["planned"], "done": s["done"], "failed": s["failed"],
@@ -211,7 +219,7 @@ def cmd_run(args, beam_args) -> int:
         from pipeline.prom import summary_to_prometheus, write_textfile
 
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
-    return res.exit_code
+    return EXIT_INTERRUPTED if irq.interrupted else res.exit_code
 
 
 def _status_lines(s: dict) -> list[str]:
@@ -282,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    except ShardmoveError as e:  # a signal while parsing (pipeline.interrupts): one line, its code
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
     except Exception as e:  # a bug in the parser set-up: one line, no traceback
         sys.stderr.write(f"error: internal failure parsing arguments ({type(e).__name__})\n")
         return EXIT_INTERNAL

@@ -2,11 +2,13 @@
 
 ``run_plan`` checks the plan files, reads the merged checkpoint state (so a
 complete plan is reported without starting Beam), takes the lease (which
-gives the run its epoch), installs graceful SIGINT/SIGTERM handling (a stop
-marker the DoFns honour: they flush checkpoints and stop; exit 130), runs
-``transforms/execute.py``, compacts checkpoints, and writes ``summary.json``
-from the checkpoints -- so the totals of a finished plan are the same however
-many times it was interrupted.  Progress events are derived from committed
+gives the run its epoch), runs ``transforms/execute.py``, compacts
+checkpoints, and writes ``summary.json`` from the checkpoints -- so the
+totals of a finished plan are the same however many times it was
+interrupted.  SIGINT/SIGTERM stop every phase with exit 130, the claim and
+the lease released (:mod:`pipeline.interrupts`; during the pipeline through
+a stop marker the DoFns honour).  A complete plan whose last run was killed
+before its final phase gets that phase (compaction, summary) from the rerun.  Progress events are derived from committed
 checkpoint parts, at most one per ``progress_interval`` plus a final one.
 """
 from __future__ import annotations
@@ -15,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from pipeline import fs
 from pipeline import states as S
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
+from pipeline.faults import hold_point
 from pipeline.planner import load_manifest
 
 __all__ = ["RunResult", "run_plan", "plan_status", "summarize", "SUMMARY_FORMAT_VERSION"]
@@ -68,8 +70,11 @@ def verify_plan_files(plan_dir: str, manifest: dict) -> None:
         raise BadInput(f"plan: {bad} of {len(manifest['files'])} move files are missing or damaged")
 
 
-def summarize(plan_dir: str, manifest: dict, *, compact: bool = False) -> dict:
-    """Totals from the merged checkpoints (exact, however many runs it took)."""
+def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_stop=None) -> dict:
+    """Totals from the merged checkpoints (exact, however many runs it took).
+
+    ``compact``: fold each group's parts into its compacted file first; once
+    ``should_stop()`` holds (a signal), the remaining groups are only read."""
     plan_id = manifest["plan_id"]
     counts = {st.name.lower(): 0 for st in S.State}
     reasons: dict = {}
@@ -80,13 +85,14 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False) -> dict:
     skipped = 0
     for f in manifest["files"]:
         gid = f["group"]
-        if compact:
+        if compact and not (should_stop is not None and should_stop()):
             try:
                 ckpt.compact_group(plan_dir, plan_id, gid)
             except ckpt.CheckpointError:
                 raise
             except Exception as e:  # compaction is an optimisation; reading still works
                 LOG.warning("checkpoint compaction of a group failed (%s); continuing", type(e).__name__)
+            hold_point("compaction", should_stop)
         g = ckpt.read_group(plan_dir, plan_id, gid)
         skipped += len(g.skipped)
         t = g.table
@@ -425,6 +431,20 @@ def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
              allow_drift: bool = False) -> RunResult:
+    """Run (or resume, or finish) a plan; see the module docstring.  SIGINT/SIGTERM are
+    handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130."""
+    from pipeline import interrupts
+
+    irq = interrupts.install(install_signals)
+    try:
+        return _run_plan(cfg, plan_dir, irq, retry_failed=retry_failed, beam_args=beam_args, out=out,
+                         allow_drift=allow_drift)
+    finally:
+        irq.restore()
+
+
+def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
+              out: Callable[[str], None], allow_drift: bool) -> RunResult:
     from pipeline.lease import acquire
     from pipeline.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, pipeline_args, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
@@ -437,9 +457,7 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     verify_plan_files(plan_dir, manifest)
     before = summarize(plan_dir, manifest)
     if before["complete"] and not (retry_failed and before["failed"]):
-        out("nothing to do: plan already complete")
-        out(summary_line(before))
-        return RunResult(plan_id, before, 3 if before["failed"] else 0, nothing_to_do=True)
+        return _already_complete(cfg, plan_dir, manifest, before, irq, out)
 
     from pipeline.backends import open_data_store, open_map_store
 
@@ -477,97 +495,73 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         out(dry_run_line(dry_run_stages(run_pipeline(p)) or []))
         return RunResult(plan_id, before, 0)
 
+    stop_path = fs.join(plan_dir, "stop")
+    # from here on a signal never raises: the run gives back what it holds, then exits 130
+    irq.deferred = True
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
+    claimed = False
     renew_claim = None
-    if hasattr(map_store, "claim_run"):
-        import socket
+    progress = None
+    try:
+        if hasattr(map_store, "claim_run"):
+            import socket
 
-        window = _window_range(manifest)
-        try:
+            window = _window_range(manifest)
             map_store.claim_run(plan_id, lease.epoch, window, f"{socket.gethostname()}:{os.getpid()}",
                                 cfg.opt("lease_ttl"), time.time())
-        except BaseException:
-            lease.release()
-            raise
-        claim_store = open_map_store(cfg)  # its own connection for the renewal thread
+            claimed = True
+            claim_store = open_map_store(cfg)  # its own connection for the renewal thread
 
-        def renew_claim():
-            claim_store.renew_run(plan_id, lease.epoch, cfg.opt("lease_ttl"), time.time())
-    if ndrift:
-        _mark_drifted(plan_dir, plan_id, lease.epoch, drift)
-        out(f"drift: {ndrift} keys skipped as Failed(drifted)")
-    stop_path = fs.join(plan_dir, "stop")
-    fs.remove(stop_path)
-    interrupted = {"flag": False}
-    old_handlers = {}
-
-    def on_signal(signum, _frame):
-        interrupted["flag"] = True
-        try:
-            fs.write_atomic(stop_path, b"stop\n")
-        except Exception:
-            pass
-        # a second signal stops at once
-        signal.signal(signum, old_handlers.get(signum) or signal.SIG_DFL)
-
-    if install_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[sig] = signal.getsignal(sig)
-            signal.signal(sig, on_signal)
-    lease.start_renewing(also=renew_claim)
-    progress = _Progress(plan_dir, plan_id, lease.epoch, _base_counts(before), before["planned"],
-                         cfg.opt("progress_interval"), sys.stderr.isatty())
-    t0 = time.time()
-    metrics = {}
-    try:
-        spec = exec_spec(lease.epoch, stop_path, fs.join(plan_dir, "lease.json"))
-        progress.start()
-        p = make_pipeline(args)
-        build_run_graph(p, spec)
-        result = run_pipeline(p)
-        metrics = _metrics(result)
-    except BaseException as e:
-        # the run failed (or lost its lease): give up our claims, keep every checkpoint
-        for release in (lambda: map_store.release_run(plan_id, lease.epoch) if hasattr(map_store, "release_run")
-                        else None, lease.release):
-            try:
-                release()
-            except Exception:
-                pass
+            def renew_claim():
+                claim_store.renew_run(plan_id, lease.epoch, cfg.opt("lease_ttl"), time.time())
         fs.remove(stop_path)
-        from pipeline.lease import LeaseLost
+        irq.stop_path = stop_path
+        if irq.interrupted:  # a signal while taking the lease: the DoFns must see it too
+            irq.write_stop_marker()
+        if ndrift:
+            _mark_drifted(plan_dir, plan_id, lease.epoch, drift)
+            out(f"drift: {ndrift} keys skipped as Failed(drifted)")
+        lease.start_renewing(also=renew_claim)
+        hold_point("lease", lambda: irq.interrupted)
+        progress = _Progress(plan_dir, plan_id, lease.epoch, _base_counts(before), before["planned"],
+                             cfg.opt("progress_interval"), sys.stderr.isatty())
+        t0 = time.time()
+        metrics = {}
+        if not irq.interrupted:  # stopped before the pipeline started: nothing to stop
+            spec = exec_spec(lease.epoch, stop_path, fs.join(plan_dir, "lease.json"))
+            progress.start()
+            p = make_pipeline(args)
+            build_run_graph(p, spec)
+            try:
+                result = run_pipeline(p)
+            except BaseException as e:
+                # the run failed (or lost its lease): keep every checkpoint; the claims go below
+                from pipeline.lease import LeaseLost
 
-        if isinstance(e, LeaseLost) or lease.lost:
-            raise LeaseLost(f"plan {plan_id[:12]}: this executor's lease (epoch {lease.epoch}) was taken over; "
-                            "it stopped without applying anything more") from e
-        raise
+                if isinstance(e, LeaseLost) or lease.lost:
+                    raise LeaseLost(f"plan {plan_id[:12]}: this executor's lease (epoch {lease.epoch}) was "
+                                    "taken over; it stopped without applying anything more") from e
+                raise
+            finally:
+                progress.stop()
+            metrics = _metrics(result)
+        elapsed = time.time() - t0
+        # the final phase: a signal stops the compaction between groups; the summary is written
+        summary = summarize(plan_dir, manifest, compact=True, should_stop=lambda: irq.interrupted)
+        summary.update(_run_figures(plan_dir, summary, before, elapsed, metrics, progress.timings))
+        hold_point("summary", lambda: irq.interrupted)
+        _write_summary(plan_dir, summary)
+        if progress.timings:
+            fs.create_if_absent(fs.join(plan_dir, "progress", f"timings-{lease.epoch:06d}.json"),
+                                json.dumps(progress.timings).encode())
+        progress.event(exact={"copied": _base_counts(summary)["copied"], "verified": _base_counts(summary)["verified"],
+                              "swapped": summary["done"], "failed": summary["failed"]})
+        stopped = irq.interrupted or fs.exists(stop_path)
     finally:
-        progress.stop()
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
-    elapsed = time.time() - t0
-    summary = summarize(plan_dir, manifest, compact=True)
-    prev = _read_json(fs.join(plan_dir, "summary.json")) or {}
-    summary["elapsed_s"] = round(elapsed, 3)
-    summary["total_elapsed_s"] = round(prev.get("total_elapsed_s", 0) + elapsed, 3)
-    processed = (summary["done"] + summary["failed"]) - (before["done"] + before["failed"])
-    summary["keys_per_s"] = round(processed / elapsed, 1) if elapsed > 0 else 0.0
-    summary["runs"] = int(prev.get("runs", 0)) + 1
-    summary["retries_this_run"] = int(metrics.get("retries", 0))
-    summary["throttled_s"] = round(metrics.get("throttled_ms", 0) / 1000.0, 3)
-    summary["metrics_this_run"] = metrics
-    summary["timings"] = _timing_stats(progress.timings)
-    fs.write_atomic(fs.join(plan_dir, "summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
-    if progress.timings:
-        fs.create_if_absent(fs.join(plan_dir, "progress", f"timings-{lease.epoch:06d}.json"),
-                            json.dumps(progress.timings).encode())
-    progress.event(exact={"copied": _base_counts(summary)["copied"], "verified": _base_counts(summary)["verified"],
-                          "swapped": summary["done"], "failed": summary["failed"]})
-    stopped = interrupted["flag"] or fs.exists(stop_path)
-    fs.remove(stop_path)
-    if hasattr(map_store, "release_run"):
-        map_store.release_run(plan_id, lease.epoch)
-    lease.release()
+        # whatever happened (success, failure, a signal in any phase): give back the claim and
+        # the lease; every committed checkpoint stays
+        _release(map_store if claimed else None, plan_id, lease)
+        fs.remove(stop_path)
     for reason, n in summary["failures_by_reason"].items():
         out(f"failed[{reason}]: {n}")
     for method, n in summary["done_by_verification"].items():
@@ -575,14 +569,117 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     out(f"elapsed: {summary['elapsed_s']:.1f}s keys_per_s: {summary['keys_per_s']:.0f} "
         f"retries: {summary['retries_this_run']}")
     out(summary_line(summary))
-    if stopped and not summary["complete"]:
-        out("interrupted: checkpoints flushed; rerun to resume")
+    if stopped:
+        out("interrupted: checkpoints flushed; rerun to resume" if not summary["complete"] else
+            "interrupted: checkpoints flushed; the plan is complete (a rerun finishes what is left)")
         return RunResult(plan_id, summary, 130, interrupted=True, metrics=metrics)
     if not summary["complete"]:
         code = 1  # the pipeline ended without finishing every key: a bug
         LOG.error("run ended with %d keys not terminal", summary["planned"] - summary["done"] - summary["failed"])
         return RunResult(plan_id, summary, code, metrics=metrics)
     return RunResult(plan_id, summary, 3 if summary["failed"] else 0, metrics=metrics)
+
+
+def _release(map_store, plan_id: str, lease) -> None:
+    """Give back the map-store claim (if taken) and the lease; each is tried even if the
+    other fails, and a failure to release never hides the run's outcome."""
+    if map_store is not None and hasattr(map_store, "release_run"):
+        try:
+            map_store.release_run(plan_id, lease.epoch)
+        except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
+            LOG.warning("run claim not released (%s); it expires after lease_ttl", type(e).__name__)
+    try:
+        lease.release()
+    except Exception as e:  # noqa: BLE001 - the lease then expires after lease_ttl
+        LOG.warning("lease not released (%s); it expires after lease_ttl", type(e).__name__)
+
+
+def _run_figures(plan_dir: str, summary: dict, before: dict, elapsed: float, metrics: dict,
+                 timings: list) -> dict:
+    """This run's figures, added to the summary (totals carried over from summary.json)."""
+    prev = _read_json(fs.join(plan_dir, "summary.json")) or {}
+    processed = (summary["done"] + summary["failed"]) - (before["done"] + before["failed"])
+    return {
+        "elapsed_s": round(elapsed, 3),
+        "total_elapsed_s": round(prev.get("total_elapsed_s", 0) + elapsed, 3),
+        "keys_per_s": round(processed / elapsed, 1) if elapsed > 0 else 0.0,
+        "runs": int(prev.get("runs", 0)) + 1,
+        "retries_this_run": int(metrics.get("retries", 0)),
+        "throttled_s": round(metrics.get("throttled_ms", 0) / 1000.0, 3),
+        "metrics_this_run": metrics,
+        "timings": _timing_stats(timings),
+    }
+
+
+def _write_summary(plan_dir: str, summary: dict) -> None:
+    fs.write_atomic(fs.join(plan_dir, "summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+_COUNTED = ("planned", "done", "failed", "states", "failures_by_reason", "done_by_verification")
+
+
+def _finished(plan_dir: str, before: dict) -> bool:
+    """A complete plan is finished when its summary.json holds its final counts and no
+    readable checkpoint part is left uncompacted (unreadable parts stay, by design)."""
+    saved = _read_json(fs.join(plan_dir, "summary.json"))
+    if not saved or any(saved.get(k) != before[k] for k in _COUNTED):
+        return False
+    parts = [p for p in fs.walk_files(ckpt.checkpoints_dir(plan_dir))
+             if p.rsplit("/", 1)[-1].startswith("part-")]
+    return len(parts) <= before["skipped_checkpoint_files"]
+
+
+def _supersede_claim(cfg: Config, manifest: dict, lease):
+    """Claim the run on the map store with this lease's (newer) epoch, which supersedes the
+    claim a killed run left live, so that releasing it frees the map at once; the map store
+    (to release it with), or None when there is no registry or another plan holds it."""
+    import socket
+
+    from pipeline.backends import open_map_store
+
+    try:
+        map_store = open_map_store(cfg)
+        if not hasattr(map_store, "claim_run"):
+            return None
+        map_store.claim_run(manifest["plan_id"], lease.epoch, _window_range(manifest),
+                            f"{socket.gethostname()}:{os.getpid()}", cfg.opt("lease_ttl"), time.time())
+        return map_store
+    except Exception as e:  # noqa: BLE001 - a claim left by a killed run then expires after lease_ttl
+        LOG.info("run claim not superseded (%s)", type(e).__name__)
+        return None
+
+
+def _already_complete(cfg: Config, plan_dir: str, manifest: dict, before: dict, irq,
+                      out: Callable[[str], None]) -> RunResult:
+    """A complete plan: nothing to run.  If the run that completed it was killed before
+    its final phase, finish that phase now (compaction, summary.json) under the lease."""
+    from pipeline.lease import acquire
+
+    plan_id = manifest["plan_id"]
+    summary = before
+    if not _finished(plan_dir, before):
+        irq.deferred = True
+        try:
+            lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
+        except Refused:  # a live executor holds the plan: it finishes the final phase itself
+            lease = None
+        if lease is not None:
+            claim_store = _supersede_claim(cfg, manifest, lease)
+            try:
+                summary = summarize(plan_dir, manifest, compact=True, should_stop=lambda: irq.interrupted)
+                summary.update(_run_figures(plan_dir, summary, summary, 0.0, {}, []))
+                hold_point("summary", lambda: irq.interrupted)
+                _write_summary(plan_dir, summary)
+                LOG.info("plan %s: summary written and checkpoints compacted (its last run stopped before)",
+                         plan_id[:12])
+            finally:
+                _release(claim_store, plan_id, lease)
+    out("nothing to do: plan already complete")
+    out(summary_line(summary))
+    if irq.interrupted:
+        out("interrupted: the plan is complete (a rerun finishes what is left)")
+        return RunResult(plan_id, summary, 130, nothing_to_do=True, interrupted=True)
+    return RunResult(plan_id, summary, 3 if summary["failed"] else 0, nothing_to_do=True)
 
 
 def _window_range(manifest: dict) -> tuple[int, int]:

@@ -232,3 +232,21 @@ def wrap_stores(map_store, data_store, faults: Mapping[str, Any] | None):
     ms = FaultyMapStore(map_store, plan) if map_store is not None else None
     ds = FaultyDataStore(data_store, plan) if data_store is not None else None
     return ms, ds, plan
+
+
+def hold_point(phase: str, until=None, timeout_s: float = 120.0) -> None:
+    """Test hook: pause at a named phase of ``run`` so a test can land a signal there.
+
+    Active only when the environment names the phase: ``SHARDMOVE_TEST_HOLD=<phase>``.
+    The process then creates the file ``SHARDMOVE_TEST_HOLD_FILE`` (the test waits for
+    it) and waits until ``until()`` holds (e.g. a signal arrived), at most ``timeout_s``.
+    Phases: ``startup``, ``lease``, ``compaction``, ``summary``."""
+    if not phase or os.environ.get("SHARDMOVE_TEST_HOLD") != phase:
+        return
+    path = os.environ.get("SHARDMOVE_TEST_HOLD_FILE")
+    if path:
+        with open(path, "w") as f:
+            f.write(phase)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (until is not None and until()):
+        time.sleep(0.01)

@@ -4,8 +4,8 @@
 epoch and an expiry.  Acquiring bumps the epoch; the epoch stamps every
 checkpoint transition of the run (and is what the merge rule orders runs
 by).  A live lease held by someone else refuses the run (exit 4) naming the
-holder and expiry; a holder proven dead on this host (pid gone, or reused by
-a process with another start time) is taken over at once, any other holder
+holder and expiry; a holder proven dead on this host (pid gone, a zombie not yet
+reaped, or the pid reused by a process with another start time) is taken over at once, any other holder
 after its expiry.  The lease is kept after release (``released: true``) so
 the epoch never goes back.
 
@@ -36,11 +36,16 @@ class LeaseLost(Refused):
 
 
 def process_start_time(pid: int) -> str | None:
-    """Start time of a process (clock ticks since boot, from /proc), or None if gone."""
+    """Start time of a live process (clock ticks since boot, from /proc), or None if it is
+    gone -- or dead but not yet reaped: a zombie (state ``Z``) or a dying task (``X``) has
+    exited and holds nothing, although its /proc entry (and pid) still exists."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read().decode("ascii", "replace")
-        return data.rsplit(")", 1)[1].split()[19]
+        fields = data.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        if fields[0] in ("Z", "X", "x"):
+            return None
+        return fields[19]
     except (OSError, IndexError):
         return None
 

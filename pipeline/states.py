@@ -23,19 +23,30 @@ Transitions
 * re-copy: ``verifying -> copying`` after a verify mismatch while copy
   attempts remain (the copy is an idempotent upsert), and
   ``verified -> copying`` when the source record changed after it was
-  verified (its version moved before the swap), so stale data is never swapped;
+  verified (its version moved before the swap), so stale data is never swapped.
+  The write fence finds that change while the key is Swapping: the swap did
+  not happen, so the key is first rolled back (``swapping -> verified``),
+  then re-copied, and re-verified through ``copied -> verifying``;
 * roll-back: ``swapping -> verified`` when a swap batch was rolled back and
   the key is re-queued for another batch (it keeps its attempts, so the
   merged checkpoint shows Swapping until the key moves on; harmless, since a
   resumed Swapping key repeats the swap's compare-and-set);
-* already at target: ``planned -> verified`` / ``copying -> verified`` (with
-  verify method ``already_swapped``) when, before copying, the shard map
-  already routes the key to its target -- an earlier run's swap applied but
-  its later records were lost with an unflushed checkpoint buffer; the swap's
-  compare-and-set then confirms it as Done;
+* already at target: ``planned -> verified`` / ``copying -> verified`` /
+  ``verifying -> verified`` (with verify method ``already_swapped``) when the
+  shard map already routes the key to its target -- an earlier run's swap
+  applied but its later records were lost with an unflushed checkpoint
+  buffer; the swap's compare-and-set then confirms it as Done.  A Copied key
+  gets there through Verifying (``copied -> verifying``, its resume entry);
+  a key is looked up before it is copied or verified and again before a copy
+  or verification failure is recorded, so a migrated key is never Failed;
 * ``-> failed`` from every non-terminal state, with a reason code.
 
 ``Done`` and ``Failed`` are terminal within an epoch.
+
+The table is enforced where transitions are written: the executor passes
+the state each key leaves with every record, and
+:class:`pipeline.checkpoint.CheckpointWriter` refuses what the table does
+not allow (:func:`check_transitions`, a :class:`TransitionError`: exit 1).
 
 Resume
 ------
@@ -46,9 +57,10 @@ an interrupted ``Copying``/``Verifying``/``Swapping`` is simply repeated
 (all three operations are idempotent), ``Copied`` goes on to ``Verifying``,
 ``Verified`` to ``Swapping``.  ``Done`` keys are never touched again.
 ``Failed`` keys stay Failed unless the run is started with
-``--retry-failed``: then ``failed -> copying`` is allowed (``RETRY_FAILED_ENTRY``)
-and, because the new epoch's record supersedes every earlier one, the key is
-reset.
+``--retry-failed``: then the key starts over as Planned -- ``failed -> copying``
+(``RETRY_FAILED_ENTRY``), or ``failed -> verified`` when it is found at its
+target -- and, because the new epoch's record supersedes every earlier one, the
+key is reset.
 """
 from __future__ import annotations
 
@@ -66,6 +78,7 @@ __all__ = [
     "TERMINAL",
     "TransitionError",
     "check_transition",
+    "check_transitions",
     "can_transition",
     "is_terminal",
     "resume_entry",
@@ -178,12 +191,14 @@ def is_terminal(state: "State | int") -> bool:
 def can_transition(a: "State | int", b: "State | int", *, retry_failed: bool = False) -> bool:
     """Whether a key in state ``a`` may next record state ``b``.
 
-    ``retry_failed`` additionally allows ``failed -> copying`` (a new epoch
-    started with ``--retry-failed``).
+    ``retry_failed`` (a new epoch started with ``--retry-failed``): a Failed
+    key starts over as Planned, so it may go wherever a Planned key may --
+    ``failed -> copying`` (:data:`RETRY_FAILED_ENTRY`), or ``failed -> verified``
+    (``already_swapped``) when the map already routes it to its target.
     """
     a, b = State(a), State(b)
-    if retry_failed and a is State.FAILED and b is RETRY_FAILED_ENTRY:
-        return True
+    if retry_failed and a is State.FAILED:
+        return b in TRANSITIONS[State.PLANNED]
     return b in TRANSITIONS[a]
 
 
@@ -195,6 +210,22 @@ def check_transition(a: "State | int", b: "State | int", *, retry_failed: bool =
         raise TransitionError(
             f"state transition {a} -> {b} is not allowed (from {a}: {allowed})"
         )
+
+
+def check_transitions(prev, state: "State | int", *, retry_failed: bool = False) -> None:
+    """Raise :class:`TransitionError` unless every ``prev[i] -> state`` is allowed.
+
+    ``prev``: the states (ranks) the keys were in, one per transition recorded.  The
+    message counts the offending transitions by kind; it never names a key."""
+    b = State(int(state))
+    bad: dict = {}
+    for a in prev:
+        a = int(a)
+        if not can_transition(a, b, retry_failed=retry_failed):
+            bad[a] = bad.get(a, 0) + 1
+    if bad:
+        kinds = ", ".join(f"{n} x {State(a)} -> {b}" for a, n in sorted(bad.items()))
+        raise TransitionError(f"state transitions not allowed by the state machine: {kinds}")
 
 
 def resume_entry(found: "State | int", *, retry_failed: bool = False) -> "State | None":

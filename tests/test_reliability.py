@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import socket
 import sqlite3
 import stat
@@ -190,6 +191,38 @@ def test_dead_holder_on_this_host_taken_over_at_once(tmp_path):
         json.dump(doc, f)
     res = api.run(cfg, plan_dir, out=quiet)
     assert res.exit_code == 0 and read_lease(plan_dir)["epoch"] == 4
+
+
+def test_zombie_holder_is_dead_and_taken_over_at_once(tmp_path):
+    """A SIGKILLed holder that its parent has not reaped yet still has a /proc entry (state Z)
+    with its own start time: it holds nothing, so the lease is taken over at once."""
+    from pipeline.lease import process_start_time
+
+    cfg = make_keyspace(tmp_path, keys=200)
+    plan_dir, m = planned(cfg)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        start = process_start_time(holder.pid)
+        assert start is not None
+        holder.send_signal(signal.SIGKILL)
+        for _ in range(500):  # not reaped (no wait()): a zombie
+            with open(f"/proc/{holder.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the killed holder never became a zombie")
+        doc = {"format_version": 1, "plan_id": m["plan_id"], "epoch": 3,
+               "holder": {"host": socket.gethostname(), "pid": holder.pid, "start_time": start},
+               "expires_at": time.time() + 3600, "released": False}
+        with open(os.path.join(plan_dir, "lease.json"), "w") as f:
+            json.dump(doc, f)
+        assert process_start_time(holder.pid) is None
+        res = api.run(cfg, plan_dir, out=quiet)
+        assert res.exit_code == 0 and read_lease(plan_dir)["epoch"] == 4
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_cli_second_run_exits_4(tmp_path):

@@ -6,7 +6,9 @@ Flow (read top to bottom in :func:`build_run_graph`)::
                      keys in plan order (chunk ids derived from plan order);
                      terminal keys are skipped
     StableInput      Reshuffle of chunks (Dataflow's stable-input idiom)
-    CopyKeys         Planned/Copying keys: idempotent batched copies, up to
+    CopyKeys         every key not yet verified is looked up in the map (one at
+                     its target is confirmed by the swap, never copied, verified
+                     or failed); Planned/Copying keys: idempotent batched copies, up to
                      copy_concurrency calls in flight, transient retries with
                      exponential backoff, permanent errors -> Failed(reason)
     VerifyCopies     Copied/Verifying keys: full | hash | sampled; a mismatch
@@ -31,8 +33,10 @@ the ``throttled_ms`` counter and Beam's ``cumulativeThrottlingSeconds``
 (what Dataflow's autoscaler reads).
 
 Every stage records its transitions through a :class:`CheckpointWriter` per
-work group (flushed by count, by interval and always at bundle end), so a
-rerun resumes each key from its last committed state.  Every side effect is
+work group (flushed by count, by interval -- a timer thread per stage -- and
+always at bundle end), so a rerun resumes each key from its last committed
+state.  Each record names the state its keys leave, and the writer refuses
+any transition the state machine (``pipeline/states.py``) does not allow.  Every side effect is
 idempotent (copy = upsert that never clobbers a newer record; swap = CAS that
 treats "already at target" as applied), so a retried or duplicated bundle
 changes nothing twice.  Keys never appear in logs: only short hash prefixes.
@@ -200,8 +204,27 @@ class _StageFn(beam.DoFn):
         tcfg = throttle_config(self._opts)
         self._throttles = self._shared.acquire(lambda: ShardThrottles(tcfg),
                                                tag=(spec.plan_id, spec.epoch, tcfg))
+        # checkpoint_flush_interval is honoured by a timer: a group's transitions often come
+        # in one burst (a group smaller than a chunk), after which no record would check it
+        self._timer_stop = threading.Event()
+        self._timer = threading.Thread(target=self._flush_timer, name=f"ckpt-timer-{self.STAGE}", daemon=True)
+        self._timer.start()
+
+    def _flush_timer(self):
+        interval = float(self._opts["checkpoint_flush_interval"])
+        period = min(max(interval / 4, 0.01), 0.5)
+        while not self._timer_stop.wait(period):
+            for w in list(self._writers.values()):
+                try:
+                    w.flush_if_due()
+                except Exception as e:  # noqa: BLE001 - kept as pending: the bundle's next waiting flush raises it
+                    LOG.debug("%s: timed checkpoint flush failed (%s)", self.STAGE, type(e).__name__)
 
     def teardown(self):
+        stop = getattr(self, "_timer_stop", None)
+        if stop is not None:
+            stop.set()
+            self._timer.join(timeout=5)
         committer = getattr(self, "_committer", None)
         if committer is not None:
             committer.shutdown(wait=True)  # a part being committed finishes (it holds only facts)
@@ -246,6 +269,7 @@ class _StageFn(beam.DoFn):
                 extras_fn=self._extras,
                 fence=self._checkpoint_fence,
                 committer=self._committer,  # count/interval flushes commit in the background
+                check_transitions=True,  # every record names the state it leaves (the state machine)
             )
             self._writers[gid] = w
         return w
@@ -284,6 +308,7 @@ class _StageFn(beam.DoFn):
         if not idx:
             return
         w = self._writer(ch.gid)
+        prev = [ch.states[i] for i in idx]
         for i in idx:
             ch.states[i] = int(state)
             for name, values in cols.items():
@@ -300,6 +325,7 @@ class _StageFn(beam.DoFn):
             # in-progress markers ride along with the next flush instead of forcing one:
             # losing one only makes a resume redo idempotent work
             may_flush=int(state) not in _IN_PROGRESS,
+            prev=prev,  # the writer refuses a transition the state machine does not allow
         )
         self._crasher.tick(len(idx))
 
@@ -499,11 +525,18 @@ class _CopyFn(_StageFn):
     def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         if self._should_stop():
             return
-        todo = [i for i, s in enumerate(ch.states)
-                if s in (S.State.PLANNED, S.State.COPYING)
-                or (s in (S.State.COPIED, S.State.VERIFYING) and ch.chash[i] is None)]
-        if todo:
-            todo = self._guard(ch, todo)
+        # every key not yet verified is looked up first: one already at its target (an
+        # earlier run swapped it) is confirmed by the swap, never copied or verified again
+        # against a copy-time hash the application has since overwritten on the target
+        pending = [i for i, s in enumerate(ch.states)
+                   if s in (S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING)]
+        if pending:
+            self._guard(ch, pending)
+        # copied keys without the hash their copy read (not written by this executor) cannot
+        # be verified: they go through a failed verification to a re-copy
+        todo = [i for i in pending if ch.states[i] in (S.State.PLANNED, S.State.COPYING)
+                or (ch.states[i] in (S.State.COPIED, S.State.VERIFYING) and ch.chash[i] is None)]
+        self._record(ch, [i for i in todo if ch.states[i] == S.State.COPIED], S.State.VERIFYING)
         futures = self._start_copies(ch, todo) if todo else []
         yield from self._admit(_InFlight(ch, futures, lambda results: self._finish_copies(ch, todo, results),
                                          _windowed(ch, window, timestamp)), self._pool_size)
@@ -568,11 +601,33 @@ class _CopyFn(_StageFn):
         own swaps, so copying unchecked could overwrite the target's newer writes."""
         current = self._retry_io(self._map.lookup, [ch.keys[i] for i in todo])
         at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
-        if at_target:
-            self._record(ch, at_target, S.State.VERIFIED, method=S.VERIFY_ALREADY)
-            gone = set(at_target)
-            todo = [i for i in todo if i not in gone]
-        return todo
+        self._confirm_at_target(ch, at_target)
+        gone = set(at_target)
+        return [i for i in todo if i not in gone]
+
+    def _confirm_at_target(self, ch: Chunk, rows: list) -> None:
+        """Rows found at their target: Verified(already_swapped), for the swap to confirm
+        (a Copied key gets there through Verifying, as the state machine has it)."""
+        if not rows:
+            return
+        self._record(ch, [i for i in rows if ch.states[i] == S.State.COPIED], S.State.VERIFYING)
+        self._record(ch, rows, S.State.VERIFIED, method=S.VERIFY_ALREADY)
+
+    def _spare_swapped(self, ch: Chunk, rows: list) -> list:
+        """Of ``rows`` about to be Failed for their data (copy or verification), those the
+        map already routes to their target are migrated: the map is the truth, and the
+        target holds the application's newer writes.  They become Verified(already_swapped),
+        never Failed; the rest are returned.  A map that cannot be read spares nothing."""
+        if not rows:
+            return rows
+        try:
+            current = self._retry_io(self._map.lookup, [ch.keys[i] for i in rows])
+        except StoreError:
+            return rows
+        at_target = [i for i in rows if current.get(ch.keys[i], (None,))[0] == ch.target]
+        self._confirm_at_target(ch, at_target)
+        gone = set(at_target)
+        return [i for i in rows if i not in gone]
 
     def copy_rows(self, ch: Chunk, todo: list, recopy: bool = False):
         """Copy rows ``todo`` of ``ch`` now (re-copies): concurrent calls, retries, transitions."""
@@ -618,7 +673,8 @@ class _CopyFn(_StageFn):
             # counted once per key: re-copies after a verify mismatch are counted apart
             (self._recopied if recopy else self._copied).inc(len(rows))
         if failed:
-            self._fail(ch, sorted(failed), failed)
+            rows = self._spare_swapped(ch, sorted(failed))
+            self._fail(ch, rows, {i: failed[i] for i in rows})
 
     def _copy_call(self, ch: Chunk, rows: list):
         """One mover call with retries; returns ({row: (hash, version)}, {row: reason})."""
@@ -807,6 +863,7 @@ class _VerifyFn(_CopyFn):
                 self._verified.inc(len(rows))
             if errored:
                 self._fail(ch, errored, S.VERIFY_FAILED)
+            bad = self._spare_swapped(ch, bad)  # swapped meanwhile: the target is the application's
             if not bad:
                 break
             if rounds >= max_retries:
@@ -1053,17 +1110,21 @@ class _SwapFn(_VerifyFn):
             self._fail(ch, give_up, S.SOURCE_CHANGING)
         if again:
             self._source_changed.inc(len(again))
+            # the swap of these keys did not happen (rolled back, or not attempted): back to
+            # Verified, whose source then changed -> re-copy, re-verify, swap again
+            self._record(ch, [i for i in again if ch.states[i] == S.State.SWAPPING], S.State.VERIFIED)
             self.copy_rows(ch, again, recopy=True)
             copied = [i for i in again if ch.states[i] == S.State.COPIED]
+            self._record(ch, copied, S.State.VERIFYING)
             good, bad, errored = self._check(ch, copied, "hash")
             for method, ok_rows in good.items():
                 self._record(ch, ok_rows, S.State.VERIFIED, method=method)
             if bad:
-                self._fail(ch, bad, S.VERIFY_MISMATCH)
+                self._fail(ch, self._spare_swapped(ch, bad), S.VERIFY_MISMATCH)
             if errored:
                 self._fail(ch, errored, S.VERIFY_FAILED)
-            if good:
-                self._record(ch, [i for r in good.values() for i in r], S.State.SWAPPING)
+            # verified again (or found at the target meanwhile): swap them again
+            self._record(ch, [i for i in again if ch.states[i] == S.State.VERIFIED], S.State.SWAPPING)
         changed_set = set(changed)
         return [i for i in rows if i not in changed_set or ch.states[i] == S.State.SWAPPING]
 
