@@ -64,6 +64,7 @@ from pipeline.backends import data_store_from_spec, map_store_from_spec
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
+from pipeline.logsafe import cap_beam_loggers
 from pipeline.names import parse_group_id
 from pipeline.throttle import ShardThrottles, ThrottleConfig
 
@@ -93,9 +94,12 @@ class ExecSpec:
     lease_path: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class Chunk:
-    """Up to swap_batch_size keys of one work group, in plan order."""
+    """Up to swap_batch_size keys of one work group, in plan order.
+
+    Its repr names the batch and its size, never its keys (a Beam element's
+    repr can reach a log)."""
 
     gid: str
     index: int
@@ -116,6 +120,9 @@ class Chunk:
 
     def __len__(self):
         return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.batch_id}, {len(self.keys)} keys)"
 
 
 def throttle_config(options: Mapping[str, Any]) -> ThrottleConfig:
@@ -177,6 +184,7 @@ class _StageFn(beam.DoFn):
 
     # -- lifecycle
     def setup(self):
+        cap_beam_loggers()  # this worker's Beam loggers never print elements (keys)
         spec = self._spec
         ms = map_store_from_spec(spec.map_store, spec.key_type)
         ds = data_store_from_spec(spec.data_store, spec.key_type)
