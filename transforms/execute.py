@@ -1041,14 +1041,18 @@ class _SwapFn(_VerifyFn):
             return []
         keys = [ch.keys[i] for i in rows]
         try:
-            if versions is not None:
+            if versions is not None:  # read under the source's write lock
                 current = versions(keys)
             else:
-                current = {k: v for k, (_h, v) in self._retry_io(self._data.hashes, keys, ch.source).items()}
+                current = self._retry_io(self._data.hashes, keys, ch.source)
         except TransientError:
             return []  # cannot tell: the swap's own checks still apply
+        # both the version and the content: an application may rewrite a record and keep
+        # its version (SQLite shards: the version is the application's to stamp)
         return [i for i, k in zip(rows, keys)
-                if k not in current or (ch.sver[i] is not None and current[k] != ch.sver[i])]
+                if k not in current
+                or (ch.sver[i] is not None and current[k][1] != ch.sver[i])
+                or (ch.chash[i] is not None and current[k][0] != ch.chash[i])]
 
     def _recopy_changed(self, ch: Chunk, rows: list, changed: list, changes: dict) -> list:
         """Re-copy and re-verify keys whose source changed; give up after max_retries."""

@@ -129,7 +129,9 @@ class SwapResult:
     * ``conflicts``: keys neither at their expected source nor at their target,
       or absent from the map;
     * ``source_changed``: (fenced swaps only) keys whose source record version
-      no longer equals the version read at copy time, or that were deleted.
+      no longer equals the version read at copy time, that were deleted, or
+      (SQLite shards) whose source record no longer holds the bytes of its
+      copy on the target -- a rewrite that kept the version.
 
     If ``conflicts`` or ``source_changed`` is non-empty the whole batch was
     rolled back: ``applied`` is empty and ``committed`` is False (``already``
