@@ -78,11 +78,29 @@ class _DropBelowInfo(logging.Filter):
 _DROP = _DropBelowInfo()
 
 
+# Beam's loggers known to log elements or values below INFO; created here if their
+# modules are not imported yet (``getLogger`` returns the same object to them later)
+_ELEMENT_LOGGERS = (
+    "apache_beam.runners.worker.operations",
+    "apache_beam.runners.worker.bundle_processor",
+    "apache_beam.runners.worker.sdk_worker",
+    "apache_beam.runners.common",
+    "apache_beam.runners.portability.fn_api_runner.fn_runner",
+    "apache_beam.runners.portability.fn_api_runner.execution",
+    "apache_beam.runners.portability.fn_api_runner.trigger_manager",
+    "apache_beam.runners.portability.fn_api_runner.worker_handlers",
+    "apache_beam.transforms.core",
+)
+
+
 def cap_beam_loggers() -> None:
-    """Filter every ``apache_beam`` logger that exists now: nothing below INFO
-    (no element reprs).  Idempotent; levels are left as they are."""
+    """Filter Beam's loggers -- every ``apache_beam`` logger that exists now, and
+    those known to print elements whether or not their modules are imported
+    yet: nothing below INFO (no element reprs).  Idempotent; levels are left
+    as they are."""
     manager = logging.Logger.manager
-    names = ["apache_beam"] + [n for n in list(manager.loggerDict) if n.startswith("apache_beam.")]
+    names = ["apache_beam", *_ELEMENT_LOGGERS]
+    names += [n for n in list(manager.loggerDict) if n.startswith("apache_beam.")]
     for name in names:
         lg = logging.getLogger(name)
         if _DROP not in lg.filters:

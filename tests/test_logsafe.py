@@ -171,3 +171,26 @@ def test_chunk_repr_names_the_batch_never_its_keys():
     ch = Chunk("s0~s3~0", 3, "s0", "s3", [key], [1], [0], [0], [None], [None], [None], [None])
     assert repr(ch) == "Chunk(s0~s3~0#000003, 1 keys)" and str(ch) == repr(ch)
     assert leaks(json.dumps(repr([ch])), [key]) == []
+
+
+def test_python_api_at_debug_prints_no_key_bytes(tmp_path):
+    """Without the CLI's handler: an application's own DEBUG logging around ``pipeline.api``
+    (a dry run with an explicit target, and a run) shows no element either."""
+    import subprocess
+
+    keys, cfg, _faulty = marked_keyspace(tmp_path)
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)\n"
+        "from pipeline import api\n"
+        "from pipeline.config import load_config\n"
+        f"cfg = load_config({cfg!r})\n"
+        "api.plan(cfg, dry_run=True)\n"
+        "res = api.plan(cfg)\n"
+        "print('exit', api.run(cfg, res.plan_dir).exit_code)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and "exit 0" in r.stdout, r.stderr[-3000:]
+    assert "DEBUG" in r.stderr  # the application's debug logging was on
+    assert leaks(r.stdout + r.stderr, keys) == []

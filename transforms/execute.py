@@ -1041,18 +1041,19 @@ class _SwapFn(_VerifyFn):
             return []
         keys = [ch.keys[i] for i in rows]
         try:
-            if versions is not None:  # read under the source's write lock
+            if versions is not None:  # read under the source's write lock: (content hash, version)
                 current = versions(keys)
-            else:
-                current = self._retry_io(self._data.hashes, keys, ch.source)
+            else:  # stores whose every write changes the version (object generations)
+                current = {k: (None, v) for k, (_h, v) in
+                           self._retry_io(self._data.hashes, keys, ch.source).items()}
         except TransientError:
             return []  # cannot tell: the swap's own checks still apply
-        # both the version and the content: an application may rewrite a record and keep
-        # its version (SQLite shards: the version is the application's to stamp)
+        # the version and the content: an application may rewrite a record and keep its
+        # version (SQLite shards: the version is the application's to stamp)
         return [i for i, k in zip(rows, keys)
                 if k not in current
                 or (ch.sver[i] is not None and current[k][1] != ch.sver[i])
-                or (ch.chash[i] is not None and current[k][0] != ch.chash[i])]
+                or (ch.chash[i] is not None and current[k][0] is not None and current[k][0] != ch.chash[i])]
 
     def _recopy_changed(self, ch: Chunk, rows: list, changed: list, changes: dict) -> list:
         """Re-copy and re-verify keys whose source changed; give up after max_retries."""
