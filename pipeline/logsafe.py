@@ -18,7 +18,9 @@ Never imports Beam.  Where key bytes could reach a log, and what stops them:
    third-party logger below INFO: DEBUG is shardmove's own, whose loggers
    (``shardmove.*``) identify a key only by its short hash.  Above that, a
    third-party record's arguments are shown only as plain values: an object
-   (an element, a table, bytes) becomes ``<TypeName>``.
+   (an element, a table, bytes) becomes ``<TypeName>``, and an object data
+   store's record name (``k/<hh>/<base32hex of the key>``, as in a client
+   library's retry warning) is cut to ``k/<hh>/<key withheld>``.
 3. **Tracebacks** (``--debug``): an exception's message may quote a value
    (``KeyError(b'...')``, a driver's error).  :class:`KeySafeFormatter` shows
    frames and exception types, and the message only for shardmove's own
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import traceback
 
 __all__ = ["KeySafeFilter", "KeySafeFormatter", "cap_beam_loggers", "safe_exception_text", "configure"]
@@ -113,9 +116,15 @@ def _plain(value):
     return f"<{type(value).__name__}>"
 
 
+# An object data store's record name, ``<shard>/k/<hh>/<base32hex of the key>``, plain
+# or URL-encoded (a client library's retry warning quotes the request path)
+_OBJECT_NAME = re.compile(r"(?i)(^|/|%2F|\s)k(/|%2F)([0-9a-f]{2})(/|%2F)[0-9a-v_]+(?:(?:/|%2F)[0-9a-v_]+)*")
+
+
 class KeySafeFilter(logging.Filter):
     """A handler filter: third-party records below INFO are dropped, and the
-    others show only plain arguments (see the module docstring)."""
+    others show only plain arguments (see the module docstring), with object
+    store record names (which encode their key) cut to their hash fan-out."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _own(record):
@@ -129,6 +138,12 @@ class KeySafeFilter(logging.Filter):
             record.args = {k: _plain(v) for k, v in record.args.items()}
         elif record.args:
             record.args = tuple(_plain(a) for a in record.args)
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: show its template only
+            text, record.args = str(record.msg), None
+        if _OBJECT_NAME.search(text):
+            record.msg, record.args = _OBJECT_NAME.sub(r"\1k\2\3\4<key withheld>", text), None
         return True
 
 

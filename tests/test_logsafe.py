@@ -136,6 +136,13 @@ def test_beam_element_logs_and_third_party_tracebacks_are_withheld(capsys):
         logging.getLogger("apache_beam.runners.worker.operations").info("element %s %r", table, key)
         logging.getLogger("urllib3.connectionpool").debug("GET /o/%s", key.decode())
         logging.log(logging.INFO, table)  # a non-string message (Beam logs values like this)
+        from pipeline.stores.objects import encode_key
+
+        name = encode_key(key)  # an object store's record name encodes its key (base32hex)
+        logging.getLogger("urllib3.connectionpool").warning(
+            "Retrying (%r) after connection broken by '%r': %s", "Retry(total=2)", "reset",
+            "/storage/v1/b/bkt/o/shards%2Fs0%2F" + name.replace("/", "%2F"))
+        logging.getLogger("google.cloud.storage").warning("object %s failed", "gs://bkt/s0/" + name)
         own = logging.getLogger("shardmove.test")
         own.debug("own debug line %d", 7)
         try:
@@ -157,6 +164,8 @@ def test_beam_element_logs_and_third_party_tracebacks_are_withheld(capsys):
             root.addHandler(h)
     err = capsys.readouterr().err
     assert leaks(err, [key]) == [], err
+    assert name.split("/", 2)[2] not in err and name.split("/", 2)[2][:20] not in err
+    assert err.count("<key withheld>") == 2
     assert "own debug line 7" in err
     assert "element <Table> '<bytes>'" in err and "INFO root: <Table>" in err
     assert "KeyError: <message withheld" in err and "ValueError: <message withheld" in err
