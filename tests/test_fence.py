@@ -67,6 +67,10 @@ def test_fenced_swap_refuses_a_same_version_rewrite(tmp_path):
     assert ms.swap_batch([(b"k3", "b", "a", outs[2].source_version)], fence=ds).source_changed == (0,)
     assert ms.swap_batch([(b"k3", "b", "c", outs[2].source_version)], fence=ds).source_changed == (0,)  # no file
     assert {k: v[0] for k, v in ms.lookup(keys).items()} == {k: "b" for k in keys}
+    # a key swapped by force (its verification failed): its version is checked, not its bytes
+    forced = (b"k1", "b", "a", outs[0].source_version, False)
+    assert ms.swap_batch([forced], fence=ds).committed
+    assert ms.lookup([b"k1"])[b"k1"][0] == "a"
 
 
 @pytest.mark.parametrize("write_fence", ["auto", "recheck"])
@@ -108,3 +112,31 @@ def test_run_never_swaps_a_record_rewritten_with_its_version_kept(tmp_path, monk
             stale.append(k)
     assert stale == []  # every rewritten key was re-copied before its swap
     assert run.summary["metrics_this_run"].get("source_changed_recopies", 0) >= 120
+
+
+def test_forced_swap_still_swaps_a_real_mismatch(tmp_path, monkeypatch):
+    """force_swap_on_verification_failure: a target that really differs from its source
+    (written behind the copy's back) is swapped by force, the fence checking the version only."""
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=400, shards=4)
+    with open(info["config"], "a") as f:
+        f.write("swap_batch_size: 50\nhash_buckets: 2\nretry_base_delay: 1ms\nmax_retries: 1\n"
+                "force_swap_on_verification_failure: true\n")
+    cfg = dataclasses.replace(load_config(info["config"]), beam={"runner": "FnApiRunner"})
+    copy = SqliteDataStore.copy
+    corrupted: set = set()
+    lock = threading.Lock()
+
+    def copy_then_corrupt_target(self, keys, source, target):
+        out = copy(self, keys, source, target)
+        with lock:  # the same 10 keys on every copy: re-copies cannot mend them
+            for o in out:
+                if o.error is None and (o.key in corrupted or len(corrupted) < 10):
+                    same_version_rewrite(self.shard_path(target), o.key.decode(), b"not the source's bytes")
+                    corrupted.add(o.key)
+        return out
+
+    monkeypatch.setattr(SqliteDataStore, "copy", copy_then_corrupt_target)
+    res = api.plan(cfg, out=quiet)
+    run = api.run(cfg, res.plan_dir, out=quiet)
+    assert run.exit_code == 0 and run.summary["failed"] == 0, run.summary
+    assert run.summary["done_by_verification"].get("forced") == 10

@@ -1012,7 +1012,9 @@ class _SwapFn(_VerifyFn):
                 changed = self._recheck_sources(ch, rows, versions)
                 if changed:
                     return None, changed
-            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i]) for i in rows]
+            # a forced key's target differs from its source by definition: the fence checks its version only
+            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i], ch.method[i] != S.VERIFY_FORCED)
+                     for i in rows]
             kw = {}
             if self._strict:
                 kw["fence"] = self._fence_store

@@ -1040,16 +1040,23 @@ def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict
     for (source, target), ts in by_pair.items():
         tgt = targets.get(target)
         if tgt is None:  # no target file: nothing was copied there
-            changed += ts
-            continue
+            changed += [t for t in ts if norm[first[t]].check_content]
+            ts = [t for t in ts if not norm[first[t]].check_content]
+            if not ts:
+                continue
         found: dict[str, tuple] = {}
-        for chunk in _chunks(ts):
+        checked = [t for t in ts if norm[first[t]].check_content]
+        for chunk in _chunks(checked):
             sql = _in_sql("SELECT json_group_array(json_array(s.key, s.version, "
                           "CAST(s.value AS BLOB) IS CAST(t.value AS BLOB))) "
                           f"FROM {attached[source]}.records s LEFT JOIN {tgt}.records t ON t.key = s.key "
                           "WHERE s.key IN ({in})", len(chunk))
             for k, ver, same in json.loads(conn.execute(sql, chunk).fetchone()[0]):
                 found[k] = (ver, same)
+        if len(checked) < len(ts):  # forced swaps: the version only
+            forced = [t for t in ts if not norm[first[t]].check_content]
+            for k, ver in _rows_json(conn, "version", f"{attached[source]}.records", forced):
+                found[k] = (ver, True)
         for t in ts:
             cur = found.get(t)
             if cur is None or cur[0] != norm[first[t]].source_version or not cur[1]:
@@ -1083,7 +1090,9 @@ def _swap_item(it) -> SwapItem:
         return it
     if len(it) == 3:
         return SwapItem(it[0], it[1], it[2], None)
-    return SwapItem(it[0], it[1], it[2], it[3])
+    if len(it) == 4:
+        return SwapItem(it[0], it[1], it[2], it[3])
+    return SwapItem(it[0], it[1], it[2], it[3], bool(it[4]))
 
 
 # ----------------------------------------------------------------- data store
