@@ -134,15 +134,16 @@ def test_beam_element_logs_and_third_party_tracebacks_are_withheld(capsys):
         beam_ops = logging.getLogger("apache_beam.runners.worker.operations")
         beam_ops.debug("Processing [%s] in %s", table, "op")
         logging.getLogger("apache_beam.runners.worker.operations").info("element %s %r", table, key)
-        logging.getLogger("urllib3.connectionpool").debug("GET /o/%s", key.decode())
+        logging.getLogger("thirdparty.urllib3").debug("GET /o/%s", key.decode())
         logging.log(logging.INFO, table)  # a non-string message (Beam logs values like this)
         from pipeline.stores.objects import encode_key
 
         name = encode_key(key)  # an object store's record name encodes its key (base32hex)
-        logging.getLogger("urllib3.connectionpool").warning(
+        # (loggers of the test's own: other tests may have tuned the real libraries' ones)
+        logging.getLogger("thirdparty.urllib3").warning(
             "Retrying (%r) after connection broken by '%r': %s", "Retry(total=2)", "reset",
             "/storage/v1/b/bkt/o/shards%2Fs0%2F" + name.replace("/", "%2F"))
-        logging.getLogger("google.cloud.storage").warning("object %s failed", "gs://bkt/s0/" + name)
+        logging.getLogger("thirdparty.storage").warning("object %s failed", "gs://bkt/s0/" + name)
         own = logging.getLogger("shardmove.test")
         own.debug("own debug line %d", 7)
         try:
