@@ -95,9 +95,13 @@ def _extensions():
 
 
 def _configure_logging(args) -> None:
+    """No key bytes at any level (pipeline/logsafe.py): Beam's loggers never
+    below INFO (they print elements at DEBUG), third-party records show only
+    plain arguments, and tracebacks only shardmove's own messages."""
+    from pipeline import logsafe
+
     level = args.log_level or ("DEBUG" if getattr(args, "debug", False) else "WARNING")
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logsafe.configure(getattr(logging, level), sys.stderr)
     if level != "DEBUG":
         for noisy in ("google", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

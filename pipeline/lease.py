@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pipeline import fs
 from pipeline.errors import Refused
 
-__all__ = ["Lease", "LeaseLost", "acquire", "read_lease", "process_start_time"]
+__all__ = ["Lease", "LeaseLost", "acquire", "live_holder", "read_lease", "process_start_time"]
 
 FORMAT_VERSION = 1
 
@@ -191,3 +191,17 @@ def acquire(plan_dir: str, plan_id: str, ttl: float, *, min_epoch: int = 0, now=
         except LeaseLost as e:
             raise Refused("another executor took the plan's lease at the same moment; try again") from e
     return lease
+
+
+def live_holder(plan_dir: str, *, now=time.time) -> str | None:
+    """Who holds the plan's lease now (the refusal ``acquire`` would give), or
+    None when nobody does: no lease, released, expired, or its holder proven
+    dead on this host.  Reads only; takes nothing."""
+    cur = read_lease(plan_dir)
+    if cur is None or cur.get("released") or cur.get("expires_at", 0) <= now():
+        return None
+    holder = cur.get("holder") or {}
+    if _holder_dead(holder):
+        return None
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cur.get("expires_at", 0)))
+    return f"{holder.get('host')}:{holder.get('pid')} (epoch {cur.get('epoch')}) until {expires}"

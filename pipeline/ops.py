@@ -853,10 +853,19 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     Every delete is a versioned delete (``DataStore.delete(..., versions=...)``
     with the version just read), so a record rewritten in between is kept.
     Idempotent: deleted records are simply absent next time.  Dry run unless
-    ``apply``; with ``apply`` the plan's lease is held (exit 4 while a run or
-    rollback of the plan is in progress).  Refused (exit 4) while a rollback
-    of the plan is unfinished: its copies back onto the source look like the
-    source copies this would delete.
+    ``apply``; with ``apply`` the plan's lease is held throughout.
+
+    Refused (:class:`~pipeline.errors.Refused`, exit 4), as a dry run and
+    with ``apply`` alike, before anything is read or written
+    (:func:`_refuse_unless_settled`):
+
+    * while a run or rollback of the plan is live (its lease is held);
+    * while the plan itself is unfinished -- some keys are neither Done nor
+      Failed (an interrupted run, or one never started): the keys in flight
+      have copies that are neither leftovers nor final, and the migration may
+      yet be resumed or rolled back; finish it first;
+    * while a rollback of the plan is unfinished: its copies back onto the
+      source look like the source copies this would delete.
     """
     if older_than < 0:
         raise BadInput(f"cleanup: --older-than must be >= 0, got {older_than}")
@@ -869,9 +878,11 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     now = time.time() if now is None else now
     cutoff_ms = int((now - older_than) * 1000)
     res = CleanupResult(plan_id, apply, older_than, cutoff_ms)
+    _refuse_unless_settled(cfg, plan_dir, manifest)  # refused before the lease: a refusal changes nothing
     lease = _plan_lease(cfg, plan_dir, manifest) if apply else None
     try:
-        _refuse_during_rollback(cfg, plan_dir)
+        if lease is not None:  # a run may have started and stopped in between
+            _refuse_unless_settled(cfg, plan_dir, manifest, leased=True)
         for gid, source, target in _groups(manifest):
             t = _merged(plan_dir, plan_id, gid)
             if not t.num_rows:
@@ -898,6 +909,26 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
             lease.release()
     _print_cleanup(cfg, ds, res, out)
     return res
+
+
+def _refuse_unless_settled(cfg: Config, plan_dir: str, manifest: dict, *, leased: bool = False) -> None:
+    """Cleanup's rule (see :func:`cleanup`): refuse while the plan or a rollback of
+    it is live or unfinished.  One key-free line; reads only."""
+    from pipeline.errors import Refused
+    from pipeline.executor import summarize
+    from pipeline.lease import live_holder
+
+    if not leased:
+        holder = live_holder(plan_dir)
+        if holder is not None:
+            raise Refused(f"cleanup: a run or rollback of this plan is live (lease held by {holder}); "
+                          "clean up after it ends")
+    s = summarize(plan_dir, manifest)
+    if not s["complete"]:
+        pending = s["planned"] - s["done"] - s["failed"]
+        raise Refused(f"cleanup: the plan is unfinished ({pending} of {s['planned']} keys neither Done nor "
+                      "Failed); finish it with shardmove run (or roll it back) first")
+    _refuse_during_rollback(cfg, plan_dir)
 
 
 def _refuse_during_rollback(cfg: Config, plan_dir: str) -> None:

@@ -77,6 +77,10 @@ def is_dry_run(args: Sequence[str]) -> bool:
 def make_pipeline(args: Sequence[str]):
     import apache_beam as beam
 
+    from pipeline.logsafe import cap_beam_loggers
+
+    cap_beam_loggers()  # Beam prints elements (keys) at DEBUG: never below INFO
+
     opts = _options(args)
     name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
     if name in _IN_MEMORY:

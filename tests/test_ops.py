@@ -368,3 +368,57 @@ def test_cleanup_deletes_nothing_without_apply_and_never_a_mapped_copy(tmp_path)
     again = ops.cleanup(cfg, plan_dir, older_than=0, apply=True, out=quiet)  # idempotent
     assert again.source_total == (0, 0) and again.target_total == (0, 0)
     assert {s: records(cfg, s) for s in shards} == after
+
+
+def test_cleanup_refuses_an_unfinished_or_live_plan_and_changes_nothing(tmp_path):
+    """An interrupted forward run: cleanup (dry run and --apply) exits 4 with one line and
+    touches nothing -- no record, no lease; a live lease likewise.  Once the run is
+    finished, the same cleanup deletes."""
+    path, cfg = keyspace(tmp_path, keys=1000)
+    res = api.plan(cfg, out=quiet)
+    plan_dir = res.plan_dir
+    crash = os.path.join(os.path.dirname(path), "crash.yaml")
+    with open(path) as src, open(crash, "w") as f:
+        f.write(src.read() + "checkpoint_flush_every_transitions: 1\nswap_batch_size: 5\n"
+                             f"faults: {{crash_after_transitions: {res.manifest['moves']}}}\n")
+    r = run_cli("run", plan_dir, "--config", crash)
+    assert r.returncode == 137, (r.stdout, r.stderr)
+    st = summarize(plan_dir, load_manifest(plan_dir))
+    assert 0 < st["done"] < st["planned"] and not st["complete"]  # some source copies are deletable
+    shards = sorted(cfg.known_shards())
+    before = {s: records(cfg, s) for s in shards}
+    lease_before = open(os.path.join(plan_dir, "lease.json")).read()
+    for extra in ((), ("--apply",)):
+        r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s", *extra)
+        assert r.returncode == 4, (extra, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: cleanup: the plan is unfinished"), r.stderr
+        assert "would delete" not in r.stdout and "deleted" not in r.stdout
+        assert {s: records(cfg, s) for s in shards} == before
+        assert open(os.path.join(plan_dir, "lease.json")).read() == lease_before
+        no_key_in(r.stdout + r.stderr, cfg)
+    with pytest.raises(Refused, match="unfinished"):
+        ops.cleanup(cfg, plan_dir, older_than=0, apply=True, out=quiet)
+
+    assert api.run(cfg, plan_dir, out=quiet).exit_code == 0
+    # a live run of the plan (its lease held): refused too, dry run included
+    from pipeline.lease import acquire
+
+    lease = acquire(plan_dir, res.plan_id, 60)
+    try:
+        for extra in ((), ("--apply",)):
+            r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s", *extra)
+            assert r.returncode == 4 and "is live (lease held by" in r.stderr, (extra, r.stderr)
+            assert r.stderr.count("\n") == 1
+    finally:
+        lease.release()
+    done_before = {s: records(cfg, s) for s in shards}
+    r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s")
+    assert r.returncode == 0, r.stderr
+    would = int(re.search(r"would delete source copies of done keys: (\d+) keys", r.stdout).group(1))
+    # keys found at their target on resume (Done lost to the crash) have no copy record: skipped
+    skipped = re.search(r"skipped\[no_copy_record\]: (\d+)", r.stdout)
+    assert would > 0 and would + (int(skipped.group(1)) if skipped else 0) == res.manifest["moves"]
+    assert {s: records(cfg, s) for s in shards} == done_before
+    r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s", "--apply")
+    assert r.returncode == 0, r.stderr
+    assert f"deleted source copies of done keys: {would} keys" in r.stdout

@@ -602,7 +602,7 @@ def test_write_fence_holds_writers_and_reads_versions(db):
     data, keys = _two_shards(db, n=4, lock_timeout=0.2)
     out = data.copy(keys, "s0", "s1")
     with data.write_fence("s0") as versions:
-        assert versions(keys + [b"absent"]) == {o.key: o.source_version for o in out}
+        assert versions(keys + [b"absent"]) == {o.key: (o.content_hash, o.source_version) for o in out}
         with psycopg.connect(db.dsn(options=f"-c search_path={db.ns} -c lock_timeout=200")) as writer:
             with pytest.raises(psycopg.errors.LockNotAvailable):  # any writer waits for the fence
                 writer.execute(f"UPDATE {q(db, 's0', 'orders')} SET item = 'x' WHERE tenant_id = %s",

@@ -68,6 +68,7 @@ from pipeline.backends import data_store_from_spec, map_store_from_spec
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
+from pipeline.logsafe import cap_beam_loggers
 from pipeline.names import parse_group_id
 from pipeline.throttle import ShardThrottles, ThrottleConfig
 
@@ -97,9 +98,12 @@ class ExecSpec:
     lease_path: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class Chunk:
-    """Up to swap_batch_size keys of one work group, in plan order."""
+    """Up to swap_batch_size keys of one work group, in plan order.
+
+    Its repr names the batch and its size, never its keys (a Beam element's
+    repr can reach a log)."""
 
     gid: str
     index: int
@@ -120,6 +124,9 @@ class Chunk:
 
     def __len__(self):
         return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.batch_id}, {len(self.keys)} keys)"
 
 
 def throttle_config(options: Mapping[str, Any]) -> ThrottleConfig:
@@ -181,6 +188,7 @@ class _StageFn(beam.DoFn):
 
     # -- lifecycle
     def setup(self):
+        cap_beam_loggers()  # this worker's Beam loggers never print elements (keys)
         spec = self._spec
         ms = map_store_from_spec(spec.map_store, spec.key_type)
         ds = data_store_from_spec(spec.data_store, spec.key_type)
@@ -1061,7 +1069,9 @@ class _SwapFn(_VerifyFn):
                 changed = self._recheck_sources(ch, rows, versions)
                 if changed:
                     return None, changed
-            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i]) for i in rows]
+            # a forced key's target differs from its source by definition: the fence checks its version only
+            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i], ch.method[i] != S.VERIFY_FORCED)
+                     for i in rows]
             kw = {}
             if self._strict:
                 kw["fence"] = self._fence_store
@@ -1090,14 +1100,19 @@ class _SwapFn(_VerifyFn):
             return []
         keys = [ch.keys[i] for i in rows]
         try:
-            if versions is not None:
+            if versions is not None:  # read under the source's write lock: (content hash, version)
                 current = versions(keys)
-            else:
-                current = {k: v for k, (_h, v) in self._retry_io(self._data.hashes, keys, ch.source).items()}
+            else:  # stores whose every write changes the version (object generations)
+                current = {k: (None, v) for k, (_h, v) in
+                           self._retry_io(self._data.hashes, keys, ch.source).items()}
         except TransientError:
             return []  # cannot tell: the swap's own checks still apply
+        # the version and the content: an application may rewrite a record and keep its
+        # version (SQLite shards: the version is the application's to stamp)
         return [i for i, k in zip(rows, keys)
-                if k not in current or (ch.sver[i] is not None and current[k] != ch.sver[i])]
+                if k not in current
+                or (ch.sver[i] is not None and current[k][1] != ch.sver[i])
+                or (ch.chash[i] is not None and current[k][0] is not None and current[k][0] != ch.chash[i])]
 
     def _recopy_changed(self, ch: Chunk, rows: list, changed: list, changes: dict) -> list:
         """Re-copy and re-verify keys whose source changed; give up after max_retries."""

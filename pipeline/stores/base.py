@@ -107,16 +107,21 @@ class MapSnapshot(Protocol):
 
 
 class SwapItem(NamedTuple):
-    """One key of a swap batch.  Plain 3- or 4-tuples are accepted too.
+    """One key of a swap batch.  Plain 3-, 4- or 5-tuples are accepted too.
 
     ``source_version`` is the version of the source record read at copy time
     (:attr:`CopyOutcome.source_version`); only a fenced swap needs it.
+    ``check_content``: a fenced swap on SQLite shards also requires the
+    source record's bytes to equal its copy's on the target (a rewrite that
+    kept the version); False only for a key swapped by force after its
+    verification failed (``force_swap_on_verification_failure``).
     """
 
     key: bytes
     source: str
     target: str
     source_version: Optional[int] = None
+    check_content: bool = True
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,9 @@ class SwapResult:
     * ``conflicts``: keys neither at their expected source nor at their target,
       or absent from the map;
     * ``source_changed``: (fenced swaps only) keys whose source record version
-      no longer equals the version read at copy time, or that were deleted.
+      no longer equals the version read at copy time, that were deleted, or
+      (SQLite shards) whose source record no longer holds the bytes of its
+      copy on the target -- a rewrite that kept the version.
 
     If ``conflicts`` or ``source_changed`` is non-empty the whole batch was
     rolled back: ``applied`` is empty and ``committed`` is False (``already``

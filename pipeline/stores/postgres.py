@@ -1317,7 +1317,8 @@ class PostgresDataStore(_Configured):
 
     @contextlib.contextmanager
     def write_fence(self, shard: str) -> Iterator:
-        """Hold ``shard``'s tables against writers and yield ``versions(keys) -> {key: version}``.
+        """Hold ``shard``'s tables against writers and yield
+        ``versions(keys) -> {key: (content hash, version)}`` (the shape of :meth:`hashes`).
 
         One transaction on the shard that ``LOCK``s every configured table
         ``IN SHARE MODE`` (readers go on; every writer -- fence-aware or not --
@@ -1339,14 +1340,14 @@ class PostgresDataStore(_Configured):
                 raise self._error(e, "write fence") from None
             kt = self.key_type
 
-            def versions(keys: Sequence[bytes]) -> dict[bytes, int]:
+            def versions(keys: Sequence[bytes]) -> dict[bytes, tuple[bytes, int]]:
                 texts = _texts(list(keys), kt)
                 back = dict(zip(texts, keys))
                 try:
                     recs = self._records(layouts, self._select_rows(conn, layouts, list(back)))
                 except psycopg.Error as e:
                     raise self._error(e, "write fence") from None
-                return {back[t]: pseudo_version(r) for t, r in recs.items()}
+                return {back[t]: (xxhash.xxh3_128_digest(r), pseudo_version(r)) for t, r in recs.items()}
 
             try:
                 yield versions

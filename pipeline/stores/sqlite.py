@@ -16,10 +16,15 @@ Data store: one file per shard, ``<directory>/<names.safe_name(shard)>.sqlite``:
 
     records(key TEXT PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL)
 
-A record's version must grow with every write of that key wherever it lives:
-``copy`` carries the source version to the target, and ``put_many`` stamps
-``max(version in the file) + 1`` (a Lamport clock per file), so a write made
-on the target after a copy always outranks the copied record.
+A record's version should grow with every write of that key wherever it
+lives (README, "The writer contract"): ``copy`` carries the source version to
+the target, and ``put_many`` stamps ``max(version in the file) + 1`` (a
+Lamport clock per file), so a write made on the target after a copy always
+outranks the copied record.  The write fence does not rely on applications
+doing the same: besides the version, the fenced swap compares the source
+record's bytes with its copy on the target (and ``write_fence`` yields content
+hashes for the executor's re-check), so a rewrite that kept the version is
+re-copied, never swapped stale.
 
 Concurrency: WAL journal (set when this module creates a file; existing files
 keep their mode), a busy timeout on every connection, and a process-wide
@@ -335,9 +340,9 @@ def _upsert_sql(n: int) -> str:
     return sql
 
 
-def _uri(path: str) -> str:
-    """A ``file:`` URI that opens an existing file read-write and never creates one."""
-    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+def _uri(path: str, *, readonly: bool = False) -> str:
+    """A ``file:`` URI that opens an existing file read-write (or read-only) and never creates one."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + ("?mode=ro" if readonly else "?mode=rw")
 
 
 def _create_file(path: str) -> bool:
@@ -820,8 +825,10 @@ class SqliteMapStore(_SqliteBase):
 
         With ``fence`` (the :class:`SqliteDataStore` holding the source
         shards), each source shard file is ATTACHed and locked by the same
-        transaction, and every key to apply must still have a source record
-        whose version equals ``source_version``; the others are
+        transaction (each target shard file ATTACHed read-only), and every
+        key to apply must still have a source record whose version equals
+        ``source_version`` and whose bytes equal its record's on the target
+        (a rewrite that kept the version); the others are
         ``source_changed``.  While the transaction runs, writers to those
         source shards wait: the swap is a short write fence.
 
@@ -861,21 +868,30 @@ class SqliteMapStore(_SqliteBase):
 
         conn = self._map_conn()
         attached: dict[str, str] = {}  # source shard -> schema name
+        targets: dict[str, str | None] = {}  # target shard -> schema name (None: no file)
         lock_paths = [self.path]
         if fence is not None:
             sources = sorted({it.source for it in norm})
+            # targets are attached read-only: BEGIN IMMEDIATE takes no write lock on them,
+            # so copies to them go on during the swap
+            readonly = sorted({it.target for it in norm} - set(sources))
+            readonly = [s for s in readonly if os.path.exists(fence.shard_path(s))]
             limit = _limit(conn, "SQLITE_LIMIT_ATTACHED", 10)
-            if len(sources) > limit:
-                raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source shards; "
-                                 f"at most {limit} can be attached")
+            if len(sources) + len(readonly) > limit:
+                raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source and {len(readonly)} "
+                                 f"target shards; at most {limit} can be attached")
             for n, s in enumerate(sources):
                 path = fence.shard_path(s)
                 if not os.path.exists(path):
                     raise PermanentError(f"fenced swap: source shard file not found ({safe_name(s)})",
                                          reason="shard_missing")
                 attached[s] = f"fence{n}"
+            targets = {it.target: attached.get(it.target) for it in norm}
+            for n, s in enumerate(readonly):
+                targets[s] = f"copy{n}"
             lock_paths += sorted(fence.shard_path(s) for s in sources)
-            conn = self._fenced_conn(tuple(fence.shard_path(s) for s in sources))
+            conn = self._fenced_conn(tuple(fence.shard_path(s) for s in sources),
+                                     tuple(fence.shard_path(s) for s in readonly))
 
         with _locked(lock_paths, self.busy_timeout, "map swap"):
             try:
@@ -894,7 +910,7 @@ class SqliteMapStore(_SqliteBase):
                     # Fast path (a first run: every key still at its source): fence check and
                     # compare-and-set straight away; if every row was written, that is the answer.
                     try:
-                        fast = self._swap_all_applied(conn, norm, first, uniq, attached)
+                        fast = self._swap_all_applied(conn, norm, first, uniq, attached, targets)
                     except _NotAllApplied:
                         conn.execute("ROLLBACK")
                         return None  # swap_batch decides key by key in a new transaction
@@ -919,7 +935,7 @@ class SqliteMapStore(_SqliteBase):
                         status[t] = "conflict"
 
                 if attached:
-                    for t in _sources_changed(conn, norm, first, applied_keys, attached):
+                    for t in _sources_changed(conn, norm, first, applied_keys, attached, targets):
                         status[t] = "source_changed"
 
                 by_status: dict[str, list[int]] = {"apply": [], "already": [], "conflict": [], "source_changed": []}
@@ -947,45 +963,52 @@ class SqliteMapStore(_SqliteBase):
                     self._drop_fenced_conn(tuple(fence.shard_path(s) for s in attached))
                 raise _store_error(e, "map swap") from e
 
-    def _swap_all_applied(self, conn, norm, first, uniq, attached) -> int | None:
+    def _swap_all_applied(self, conn, norm, first, uniq, attached, targets) -> int | None:
         """Inside the swap transaction: if every key is at its expected source (and,
         fenced, has the source version its copy read), apply them all and return the
         new version.  Returns None (nothing written) when the fence check fails and
         raises _NotAllApplied (rows written: roll back) when the CAS missed a row."""
-        if attached and _sources_changed(conn, norm, first, uniq, attached):
+        if attached and _sources_changed(conn, norm, first, uniq, attached, targets):
             return None
         version = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
         if _cas_update(conn, norm, first, uniq, version) == len(uniq):
             return version
         raise _NotAllApplied  # the caller rolls back and decides key by key
 
-    def _fenced_conn(self, shard_paths: tuple) -> sqlite3.Connection:
+    def _fenced_conn(self, shard_paths: tuple, readonly_paths: tuple = ()) -> sqlite3.Connection:
         """This thread's fencing connection to the map with exactly these source
-        shards ATTACHed (as fence0, fence1, ... in this order).
+        shards ATTACHed (as fence0, fence1, ... in this order), and these target
+        shards ATTACHed read-only (as copy0, copy1, ...).
 
         ONE connection per thread, re-attached when a batch needs other shards:
         every map connection's page cache is invalidated by another connection's
         write, so several fencing connections taking turns would each read the map
         cold (measured: swaps ~25% slower).  Attaching happens outside any
         transaction; ``BEGIN IMMEDIATE`` then takes the write lock of every
-        attached file (SQLite re-prepares cached statements after the change)."""
+        attached file but the read-only ones (SQLite re-prepares cached
+        statements after the change)."""
         state = getattr(self._local, "fenced", None)
         if state is None or state[0] is None:
             conn = self._open(self.path)
             with self._all_guard:
                 self._all.append(conn)
-            state = self._local.fenced = [conn, ()]
+            state = self._local.fenced = [conn, ((), ())]
         conn, current = state
-        if current != shard_paths:
+        wanted = (shard_paths, readonly_paths)
+        if current != wanted:
             try:
-                for n in range(len(current)):
+                for n in range(len(current[0])):
                     conn.execute(f"DETACH DATABASE fence{n}")
+                for n in range(len(current[1])):
+                    conn.execute(f"DETACH DATABASE copy{n}")
                 for n, path in enumerate(shard_paths):
                     conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
+                for n, path in enumerate(readonly_paths):
+                    conn.execute(f"ATTACH DATABASE ? AS copy{n}", (_uri(path, readonly=True),))
             except sqlite3.Error as e:  # half attached: never reuse it; the next batch opens anew
                 self._drop_fenced_conn(shard_paths)
-                raise _store_error(e, "map swap (attach source shards)") from e
-            state[1] = shard_paths
+                raise _store_error(e, "map swap (attach shards)") from e
+            state[1] = wanted
         return conn
 
     def _drop_fenced_conn(self, shard_paths: tuple) -> None:
@@ -999,16 +1022,45 @@ class SqliteMapStore(_SqliteBase):
             self._local.fenced = None
 
 
-def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict) -> list[str]:
+def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict, targets: dict) -> list[str]:
     """The write fence's check, inside the swap transaction: the ``keys`` whose record
-    on their (attached) source shard is gone or no longer has the version the copy read."""
-    by_source: dict[str, list[str]] = {}
+    on their (attached) source shard is gone, no longer has the version the copy read,
+    or no longer holds the same bytes as the key's record on its target shard.
+
+    The last condition catches an application that rewrote a record and kept its
+    version (the version is the application's to stamp here): the swap then needs
+    a fresh copy.  SQLite compares the bytes itself, the target attached read-only
+    (``targets``: target shard -> schema, or None when its file is absent); one JSON
+    document per chunk comes back (see :func:`_rows_json`)."""
+    by_pair: dict[tuple, list[str]] = {}
     for t in keys:
-        by_source.setdefault(norm[first[t]].source, []).append(t)
+        it = norm[first[t]]
+        by_pair.setdefault((it.source, it.target), []).append(t)
     changed = []
-    for source, ts in by_source.items():
-        found: dict[str, int] = dict(_rows_json(conn, "version", f"{attached[source]}.records", ts))
-        changed += [t for t in ts if found.get(t) != norm[first[t]].source_version]
+    for (source, target), ts in by_pair.items():
+        tgt = targets.get(target)
+        if tgt is None:  # no target file: nothing was copied there
+            changed += [t for t in ts if norm[first[t]].check_content]
+            ts = [t for t in ts if not norm[first[t]].check_content]
+            if not ts:
+                continue
+        found: dict[str, tuple] = {}
+        checked = [t for t in ts if norm[first[t]].check_content]
+        for chunk in _chunks(checked):
+            sql = _in_sql("SELECT json_group_array(json_array(s.key, s.version, "
+                          "CAST(s.value AS BLOB) IS CAST(t.value AS BLOB))) "
+                          f"FROM {attached[source]}.records s LEFT JOIN {tgt}.records t ON t.key = s.key "
+                          "WHERE s.key IN ({in})", len(chunk))
+            for k, ver, same in json.loads(conn.execute(sql, chunk).fetchone()[0]):
+                found[k] = (ver, same)
+        if len(checked) < len(ts):  # forced swaps: the version only
+            forced = [t for t in ts if not norm[first[t]].check_content]
+            for k, ver in _rows_json(conn, "version", f"{attached[source]}.records", forced):
+                found[k] = (ver, True)
+        for t in ts:
+            cur = found.get(t)
+            if cur is None or cur[0] != norm[first[t]].source_version or not cur[1]:
+                changed.append(t)
     return changed
 
 
@@ -1038,7 +1090,9 @@ def _swap_item(it) -> SwapItem:
         return it
     if len(it) == 3:
         return SwapItem(it[0], it[1], it[2], None)
-    return SwapItem(it[0], it[1], it[2], it[3])
+    if len(it) == 4:
+        return SwapItem(it[0], it[1], it[2], it[3])
+    return SwapItem(it[0], it[1], it[2], it[3], bool(it[4]))
 
 
 # ----------------------------------------------------------------- data store
@@ -1122,7 +1176,10 @@ class SqliteDataStore(_SqliteBase):
     @contextlib.contextmanager
     def write_fence(self, shard: str):
         """Hold ``shard``'s write lock (``BEGIN IMMEDIATE``) and yield
-        ``versions(keys) -> {key: version}`` read inside that transaction.
+        ``versions(keys) -> {key: (content hash, version)}`` (the shape of
+        :meth:`hashes`) read inside that transaction: the executor compares
+        both with what the copy read, so a rewrite that kept the version is
+        caught too.
 
         While it is held, writers to the shard wait: the executor re-checks
         source versions and swaps the map under it, so a fence-aware writer
@@ -1141,15 +1198,12 @@ class SqliteDataStore(_SqliteBase):
             raise _store_error(e, "write fence") from e
         kt = self.key_type
 
-        def versions(keys: Sequence[bytes]) -> dict[bytes, int]:
+        def versions(keys: Sequence[bytes]) -> dict[bytes, tuple[bytes, int]]:
             texts = _texts(list(keys), kt)
             back = dict(zip(texts, keys))
-            found: dict[bytes, int] = {}
-            for chunk in _chunks(texts):
-                sql = _in_sql("SELECT key, version FROM records WHERE key IN ({in})", len(chunk))
-                for t, v in conn.execute(sql, chunk).fetchall():
-                    found[back[t]] = int(v)
-            return found
+            digest, unhex = xxhash.xxh3_128_digest, bytes.fromhex
+            return {back[t]: (digest(unhex(hx)), int(v))
+                    for t, v, hx in _rows_json(conn, "version, hex(value)", "records", texts)}
 
         try:
             yield versions
