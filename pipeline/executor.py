@@ -442,10 +442,12 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         return RunResult(plan_id, before, 3 if before["failed"] else 0, nothing_to_do=True)
 
     from pipeline.backends import open_data_store, open_map_store
+    from pipeline.errors import before_changes
 
-    map_store = open_map_store(cfg)
-    check_shards(cfg, manifest, open_data_store(cfg))
-    drift = find_drift(plan_dir, manifest, map_store)
+    with before_changes():  # nothing modified yet: a store we cannot use is bad configuration
+        map_store = open_map_store(cfg)
+        check_shards(cfg, manifest, open_data_store(cfg))
+        drift = find_drift(plan_dir, manifest, map_store)
     ndrift = sum(len(v) for v in drift.values())
     if ndrift and not allow_drift:
         raise Refused(f"plan: {ndrift} keys drifted since the plan's snapshot (their current shard is neither "

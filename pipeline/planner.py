@@ -176,11 +176,9 @@ def make_plan(
     out: Callable[[str], None] = print,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
-    from transforms.plan import PlanGraphSpec, build_plan_graph
 
     ring = None if cfg.target_snapshot else build_ring(cfg)
-    target_parts = list_parts(cfg.target_snapshot, "target snapshot") if cfg.target_snapshot else ()
+    target_parts = list_parts(cfg.target_snapshot, "target snapshot", cfg.key_type) if cfg.target_snapshot else ()
 
     snap_loc = snapshot or cfg.snapshot
     snap_meta = None
@@ -188,12 +186,31 @@ def make_plan(
         if map_store is None:
             raise BadInput("plan: no snapshot given and no map store configured")
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
-        snap_loc = info.location
-        snap_meta = read_snapshot_info(snap_loc)
-        out(f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} rows_above_cutoff={info.rows_above_cutoff}")
-    else:
-        snap_meta = read_snapshot_info(snap_loc)
-    parts = list_parts(snap_loc, "snapshot")
+        try:
+            result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
+                                data_store, dry_run, beam_args, out, snapshot_line=(
+                                    f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
+                                    f"rows_above_cutoff={info.rows_above_cutoff}"))
+        except BaseException:
+            # a refused (or failed) plan leaves the work directory as it found it:
+            # the snapshot this call took goes too (an existing one stays)
+            if info.created:
+                fs.rmtree(info.location)
+            raise
+        return result
+    return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
+                      beam_args, out)
+
+
+def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
+               beam_args: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
+               ) -> PlanResult:
+    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
+    from transforms.plan import PlanGraphSpec, build_plan_graph
+
+    if snapshot_line:
+        out(snapshot_line)
+    parts = list_parts(snap_loc, "snapshot", cfg.key_type)
 
     known = frozenset(cfg.known_shards())
     ctx = core.PlanContext(
@@ -205,6 +222,8 @@ def make_plan(
         target_shards=frozenset(s.id for s in cfg.target_shards) if cfg.target_shards else None,
     )
     plans = fs.join(cfg.work_dir, "plans")
+    new_dirs = fs.NewDirs()
+    new_dirs.watch(plans)
     fs.makedirs(plans)
     staging = fs.join(plans, fs.unique_name(".staging-"))
     fs.makedirs(staging)
@@ -216,6 +235,7 @@ def make_plan(
         stages = dry_run_stages(run_pipeline(p))
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
             fs.rmtree(staging)
+            new_dirs.remove_created()
             out(dry_run_line(stages))
             return PlanResult("", None, {}, True, True, created=False, lines=[dry_run_line(stages)])
         elapsed = time.time() - t0
@@ -276,6 +296,7 @@ def make_plan(
         result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
         if dry_run:
             fs.rmtree(staging)
+            new_dirs.remove_created()
             out("dry run: no plan committed")
             return result
         if not cap_ok:
@@ -299,6 +320,7 @@ def make_plan(
         return result
     except BaseException:
         fs.rmtree(staging)
+        new_dirs.remove_created()
         raise
 
 

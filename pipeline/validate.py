@@ -75,6 +75,8 @@ class TopologyReport:
     cutoff: int | None = None
     rows_above_cutoff: int | None = None  # written while the export ran
     invalid_keys: int = 0  # rows the key type cannot represent (skipped by the export)
+    empty_keys: int = 0  # empty string / bytes keys: the planner rejects them
+    oversize_keys: int = 0  # keys longer than MAX_KEY_BYTES: the planner rejects them
     duplicate_keys: int = 0  # distinct keys that appear more than once
     duplicate_rows: int = 0  # rows beyond the first of each duplicated key
     per_shard: dict = dataclasses.field(default_factory=dict)
@@ -85,7 +87,8 @@ class TopologyReport:
 
     @property
     def bad(self) -> bool:
-        return bool(self.duplicate_keys or self.unknown_shard_rows or self.invalid_keys)
+        return bool(self.duplicate_keys or self.unknown_shard_rows or self.invalid_keys or self.empty_keys
+                    or self.oversize_keys)
 
 
 @dataclasses.dataclass
@@ -249,6 +252,8 @@ def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
                       memory_rows: int = DEFAULT_MEMORY_ROWS, spill_root: str | None = None) -> TopologyReport:
     """One streamed pass over ``map_store.snapshot(segment_size)``; see the module docstring."""
     rep = TopologyReport()
+    kt = getattr(map_store, "key_type", None)
+    empty_matters = kt is None or K.KeyType(kt) in (K.KeyType.STRING, K.KeyType.BYTES)
     lanes = (0, 0, 0)
     per_shard: dict[str, int] = {}
     finder = _DuplicateFinder(memory_rows, spill_root)
@@ -261,6 +266,10 @@ def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
                 shards = batch.column(batch.schema.get_field_index("shard_id"))
                 if keys.type != pa.binary():
                     keys = keys.cast(pa.binary())
+                lengths = pc.binary_length(keys)
+                rep.oversize_keys += int(pc.sum(pc.greater(lengths, K.MAX_KEY_BYTES).cast(pa.int64())).as_py() or 0)
+                if empty_matters:
+                    rep.empty_keys += int(pc.sum(pc.equal(lengths, 0).cast(pa.int64())).as_py() or 0)
                 hashes = K.stable_hashes(keys.to_pylist(), len(keys))
                 lanes = core._add_digest(lanes, core.digest_lanes(hashes, core._shard_hash_array(shards)))
                 for v in pc.value_counts(shards):
@@ -375,6 +384,8 @@ def format_lines(res: ValidationResult) -> list[str]:
     lines.append(f"unknown shard rows: {t.unknown_shard_rows}" + (f" on {len(t.unknown_shards)} ids ({shown})"
                                                                   if t.unknown_shards else ""))
     lines.append(f"invalid keys: {t.invalid_keys}")
+    lines.append(f"empty keys: {t.empty_keys}")
+    lines.append(f"over-long keys (> {K.MAX_KEY_BYTES} bytes): {t.oversize_keys}")
     lines.append(f"topology digest: {t.digest}")
     d = res.drift
     if d is not None:

@@ -54,6 +54,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import fs
 from pipeline import plancore as core
+from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
 
@@ -125,7 +126,11 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
             names = pf.schema_arrow.names
             cols = [c for c in columns if c in names]
             for _p, rg in units[i:j]:
-                table = pf.read_row_group(rg, columns=cols)
+                try:
+                    table = pf.read_row_group(rg, columns=cols)
+                except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
+                    raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
+                                   f"truncated ({type(e).__name__})") from None
                 if rows_counter is not None:
                     rows_counter.inc(table.num_rows)
                 for b in table.to_batches(max_chunksize=segment_size):

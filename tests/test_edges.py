@@ -1,0 +1,300 @@
+"""shardmove at its edges (issue 12): user errors, refusals that change nothing,
+unsigned hashes in Beam, abbreviated flags, key limits.  Through the real CLI."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import sqlite3
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import run_cli
+
+SECRET = "sekret-pw-987"
+PLAN_RE = re.compile(r"^plan id: ([0-9a-f]{64})$", re.M)
+FAST = 60  # no user error may take longer than this (a hang fails the test)
+
+
+def one_error_line(r, code):
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr and "internal failure" not in r.stderr, r.stderr
+    assert SECRET not in r.stdout + r.stderr
+    return lines[0]
+
+
+def tree(root) -> dict:
+    """Every path under ``root`` with its bytes (directories as None)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            out[os.path.relpath(os.path.join(d, n), root)] = None
+        for n in files:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("edges-demo")
+    r = run_cli("demo", str(d), "--keys", "300", "--shards", "2")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def write_cfg(path, doc: dict) -> str:
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def demo_doc(demo, tmp_path, **over) -> dict:
+    doc = yaml.safe_load((demo / "shardmove.yaml").read_text())
+    doc["map_store"] = {"kind": "sqlite", "path": str(demo / "keyspace" / "map.sqlite")}
+    doc["data_store"] = {"kind": "sqlite", "directory": str(demo / "keyspace" / "shards")}
+    doc["work_dir"] = str(tmp_path / "work")
+    doc.update(over)
+    return doc
+
+
+def unused_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ------------------------------------------------------------- item 2: store errors are user errors
+
+def _sqlite_not_a_db(tmp_path):
+    p = tmp_path / "garbage.sqlite"
+    p.write_bytes(b"this is not a database at all" * 200)
+    return {"kind": "sqlite", "path": str(p)}
+
+
+def _sqlite_directory(tmp_path):
+    p = tmp_path / "adir.sqlite"
+    p.mkdir()
+    return {"kind": "sqlite", "path": str(p)}
+
+
+def _sqlite_wrong_schema(tmp_path):
+    p = tmp_path / "other.sqlite"
+    c = sqlite3.connect(p)
+    c.execute("CREATE TABLE something_else(a)")
+    c.commit()
+    c.close()
+    return {"kind": "sqlite", "path": str(p)}
+
+
+@pytest.mark.parametrize("make", [_sqlite_not_a_db, _sqlite_directory, _sqlite_wrong_schema],
+                         ids=["not_a_database", "directory", "wrong_schema"])
+@pytest.mark.parametrize("command", ["validate", "snapshot", "plan"])
+def test_misconfigured_sqlite_map_is_bad_configuration(demo, tmp_path, make, command):
+    cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path, map_store=make(tmp_path)))
+    line = one_error_line(run_cli(command, "--config", cfg, timeout=FAST), 2)
+    assert "map store" in line, line
+    assert not (tmp_path / "work").exists() or tree(tmp_path / "work") == {} or \
+        all(v is None for v in tree(tmp_path / "work").values())
+
+
+def test_misconfigured_sqlite_data_shard_on_run_is_bad_configuration(demo, tmp_path):
+    cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path))
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in os.listdir(demo / "keyspace" / "shards"):
+        (shards / name).write_bytes(b"not a database" * 300)
+    bad = write_cfg(tmp_path / "bad.yaml", demo_doc(demo, tmp_path, data_store={"kind": "sqlite",
+                                                                             "directory": str(shards)}))
+    before = tree(tmp_path / "work")
+    line = one_error_line(run_cli("run", plan_id, "--config", bad, timeout=FAST), 2)
+    assert "data store" in line or "shard" in line, line
+    assert tree(tmp_path / "work") == before
+
+
+@pytest.fixture
+def pg():
+    from services import require_postgres
+
+    return require_postgres()
+
+
+def _pg_cases():
+    from services import dsn_for
+
+    return {
+        "wrong_db": lambda: {"kind": "postgres", "dsn": dsn_for("no_such_db_shardmove", password=SECRET)},
+        "wrong_port": lambda: {"kind": "postgres", "dsn": dsn_for("postgres", host="127.0.0.1",
+                                                                    port=str(unused_port()), password=SECRET),
+                               "connect_timeout": 2},
+        "wrong_user": lambda: {"kind": "postgres", "dsn": dsn_for("postgres", user="no_such_role_sm",
+                                                                    password=SECRET)},
+        "missing_table": lambda: {"kind": "postgres", "dsn": dsn_for("postgres", password=SECRET),
+                                  "table": "no_such_table_sm"},
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong_db", "wrong_port", "wrong_user", "missing_table"])
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_misconfigured_postgres_map_is_bad_configuration(demo, tmp_path, pg, case, command):
+    spec = _pg_cases()[case]()
+    cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path, map_store=spec))
+    line = one_error_line(run_cli(command, "--config", cfg, timeout=FAST), 2)
+    assert "map store" in line and "password=***" in line or "table" in line, line
+
+
+def test_unreachable_postgres_host_does_not_hang(demo, tmp_path, pg):
+    from services import dsn_for
+
+    spec = {"kind": "postgres", "dsn": dsn_for("postgres", host="192.0.2.1", password=SECRET), "connect_timeout": 1}
+    cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path, map_store=spec))
+    line = one_error_line(run_cli("validate", "--config", cfg, timeout=30), 2)
+    assert "192.0.2.1" in line, line
+
+
+@pytest.fixture
+def redis_url():
+    from services import require_redis
+
+    return require_redis()
+
+
+def test_misconfigured_redis_map_is_bad_configuration(demo, tmp_path, redis_url):
+    import redis
+    from services import fresh_prefix, redis_url_as
+
+    cases = {
+        "wrong_port": {"kind": "redis", "url": f"redis://:{SECRET}@127.0.0.1:{unused_port()}/0", "connect_timeout": 2},
+        "wrong_auth": {"kind": "redis", "url": redis_url_as("nobody_sm", SECRET)},
+    }
+    with fresh_prefix("edges") as prefix:
+        c = redis.Redis.from_url(redis_url)
+        c.set(f"{prefix}:shard", "a string, not a hash")
+        cases["prefix_type"] = {"kind": "redis", "url": redis_url, "prefix": prefix}
+        for name, spec in cases.items():
+            for command in ("validate", "plan"):
+                cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path, map_store=spec))
+                line = one_error_line(run_cli(command, "--config", cfg, timeout=FAST), 2)
+                assert "map store" in line or "map schema" in line, (name, line)
+
+
+def test_malformed_inputs_are_bad_input(demo, tmp_path):
+    garbage = tmp_path / "snap.parquet"
+    garbage.write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
+    floats = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"key": pa.array([1.5, 2.5]), "shard_id": pa.array(["s0", "s1"])}), floats)
+    intshards = tmp_path / "intshards.parquet"
+    pq.write_table(pa.table({"key": pa.array(["a", "b"]), "shard_id": pa.array([1, 2])}), intshards)
+    cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path))
+    for snap in (garbage, floats, intshards):
+        line = one_error_line(run_cli("plan", "--config", cfg, "--snapshot", str(snap), timeout=FAST), 2)
+        assert "snapshot" in line, line
+    doc = demo_doc(demo, tmp_path)
+    doc["target"] = {"snapshot": str(floats)}
+    line = one_error_line(run_cli("plan", "--config", write_cfg(tmp_path / "t.yaml", doc), timeout=FAST), 2)
+    assert "target" in line, line
+    for text in ("- just\n- a list\n", "target: 5\n", "map_store: 3\n", "current_shards: 7\n", "\x00\x01",
+                 "key_type: [1]\n"):
+        (tmp_path / "y.yaml").write_text(text)
+        one_error_line(run_cli("validate", "--config", str(tmp_path / "y.yaml"), timeout=FAST), 2)
+
+
+# ------------------------------------------------------------- item 3: a refusal changes nothing
+
+def _copy_demo(demo, dst):
+    import shutil
+
+    shutil.copytree(demo / "keyspace", dst / "keyspace")
+
+
+def _insert_map_row(cfg_doc, key: str, shard: str = "s0"):
+    """A new row, written as an application would: with a new, higher version."""
+    c = sqlite3.connect(cfg_doc["map_store"]["path"])
+    top = c.execute("SELECT max(version) FROM shard_map").fetchone()[0]
+    c.execute("INSERT INTO shard_map(key, shard_id, version) VALUES (?, ?, ?)", (key, shard, top + 1))
+    c.commit()
+    c.close()
+
+
+def _doc_in(tmp_path, demo):
+    _copy_demo(demo, tmp_path)
+    doc = yaml.safe_load((demo / "shardmove.yaml").read_text())
+    doc["map_store"] = {"kind": "sqlite", "path": str(tmp_path / "keyspace" / "map.sqlite")}
+    doc["data_store"] = {"kind": "sqlite", "directory": str(tmp_path / "keyspace" / "shards")}
+    doc["work_dir"] = str(tmp_path / "work")
+    return doc
+
+
+@pytest.mark.parametrize("bad_key", ["", "x" * 5000], ids=["empty", "over_long"])
+def test_refused_plan_leaves_a_fresh_work_dir_absent(demo, tmp_path, bad_key):
+    doc = _doc_in(tmp_path, demo)
+    _insert_map_row(doc, bad_key)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    for args in (["--dry-run"], []):
+        line = one_error_line(run_cli("plan", "--config", cfg, *args), 2)
+        assert "1 keys" in line, line
+        assert not (tmp_path / "work").exists(), tree(tmp_path / "work")
+
+
+def test_refused_commands_leave_the_work_dir_byte_for_byte(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    _insert_map_row(doc, "")  # the map now holds a key plan refuses
+    before = tree(tmp_path / "work")
+    for args in (["plan", "--dry-run"], ["plan"], ["catchup", plan_id], ["catchup", plan_id, "--dry-run"]):
+        one_error_line(run_cli(*args, "--config", cfg), 2)
+        assert tree(tmp_path / "work") == before, args
+    # refused runs: a config that does not fit the plan, a missing data store
+    kt = write_cfg(tmp_path / "kt.yaml", {**doc, "key_type": "bytes"})
+    one_error_line(run_cli("run", plan_id, "--config", kt), 2)
+    assert tree(tmp_path / "work") == before
+    nodata = write_cfg(tmp_path / "nd.yaml", {**doc, "data_store": {"kind": "sqlite",
+                                                                     "directory": str(tmp_path / "nowhere")}})
+    one_error_line(run_cli("run", plan_id, "--config", nodata), 2)
+    assert tree(tmp_path / "work") == before
+    # a run refused for drift (exit 4)
+    c = sqlite3.connect(doc["map_store"]["path"])
+    c.execute("DELETE FROM shard_map WHERE key = ''")
+    moved = pq.read_table(os.path.join(tmp_path / "work" / "plans" / plan_id / "moves",
+                                       sorted(os.listdir(tmp_path / "work" / "plans" / plan_id / "moves"))[0]))
+    c.execute("DELETE FROM shard_map WHERE key = ?", (moved["key"][0].as_py().decode(),))
+    c.commit()
+    c.close()
+    one_error_line(run_cli("run", plan_id, "--config", cfg), 4)
+    assert tree(tmp_path / "work") == before
+
+
+def test_a_successful_dry_run_keeps_only_its_snapshot(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    kept = {p.split(os.sep)[0] for p in tree(tmp_path / "work")}
+    assert kept == {"snapshots"}, kept  # the snapshot is a cache (README); no plan, no history
+
+
+# ------------------------------------------------------------- item 14: validate reports what plan refuses
+
+@pytest.mark.parametrize("bad_key", ["", "x" * 5000], ids=["empty", "over_long"])
+def test_validate_reports_every_key_plan_refuses(demo, tmp_path, bad_key):
+    doc = _doc_in(tmp_path, demo)
+    _insert_map_row(doc, bad_key)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("validate", "--config", cfg)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "validate: bad topology" in r.stdout or "bad topology" in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
