@@ -298,3 +298,44 @@ def test_validate_reports_every_key_plan_refuses(demo, tmp_path, bad_key):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "validate: bad topology" in r.stdout or "bad topology" in r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------- item 1: uint64 hashes as Beam elements
+
+def _key_with_hash(high: bool) -> str:
+    from pipeline.keys import stable_hashes
+
+    for i in range(1000):
+        k = f"dup-{i}"
+        h = int(stable_hashes([k.encode()], 1)[0])
+        if (h >= 2 ** 63) == high:
+            return k
+    raise AssertionError("no key found")
+
+
+@pytest.mark.parametrize("high,beam", [
+    (True, ["--runner=FnApiRunner"]),
+    (False, ["--runner=FnApiRunner"]),
+    (True, ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
+], ids=["hash_ge_2_63", "hash_lt_2_63", "hash_ge_2_63_multi_process"])
+def test_duplicate_keys_are_refused_whatever_their_hash(demo, tmp_path, high, beam):
+    dup = _key_with_hash(high)
+    keys = [f"k{i}" for i in range(50)] + [dup, dup]
+    snap = tmp_path / "snap.parquet"
+    pq.write_table(pa.table({"key": pa.array(keys), "shard_id": pa.array(["s0", "s1"] * 26)}), snap)
+    cfg = write_cfg(tmp_path / "c.yaml", demo_doc(demo, tmp_path))
+    line = one_error_line(run_cli("plan", "--config", cfg, "--snapshot", str(snap), "--", *beam), 2)
+    assert "1 duplicate keys" in line, line
+
+
+def test_uint64_coder_round_trips_and_is_deterministic():
+    from transforms.coders import Uint64Coder
+
+    c = Uint64Coder()
+    assert c.is_deterministic()
+    for v in (0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1):
+        data = c.encode(v)
+        assert len(data) == 8 and c.decode(data) == v
+    assert c.encode(1) < c.encode(2 ** 63) < c.encode(2 ** 64 - 1)  # order-preserving bytes
+    with pytest.raises((OverflowError, ValueError)):
+        c.encode(2 ** 64)

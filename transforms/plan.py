@@ -57,6 +57,7 @@ from pipeline import plancore as core
 from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
+from transforms.coders import Uint64
 
 __all__ = [
     "PlanGraphSpec",
@@ -513,13 +514,13 @@ class DetectDuplicates(beam.PTransform):
         candidates = (
             hashes
             | "GroupByPartition" >> beam.GroupByKey()
-            | "CandidateHashes" >> beam.FlatMap(_candidate_hashes).with_output_types(int)
+            | "CandidateHashes" >> beam.FlatMap(_candidate_hashes).with_output_types(Uint64)
         )
         return (
             self._chunks
             | "ConfirmByKeyBytes" >> beam.ParDo(
                 _ConfirmDuplicatesFn(self._key_type, self._segment_size), beam.pvalue.AsList(candidates)
-            ).with_output_types(Tuple[int, bytes])
+            ).with_output_types(Tuple[Uint64, bytes])
             | "GroupByHash" >> beam.GroupByKey()
             | "CountDuplicates" >> beam.Map(_count_true_duplicates).with_output_types(int)
         )
