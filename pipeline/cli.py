@@ -23,6 +23,13 @@ LOG = logging.getLogger("shardmove")
 
 
 class _Parser(argparse.ArgumentParser):
+    """Exact option names only: argparse's prefix matching let ``--force true``
+    reach ``--force-swap-on-verification-failure``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(EXIT_BAD_INPUT)

@@ -422,6 +422,17 @@ def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
         w.flush()
 
 
+def warn_unsafe_options(cfg: Config, stream=None) -> list[str]:
+    """One ``warning:`` line on stderr per unsafe option that is on, as a run starts."""
+    from pipeline.config import OPTIONS
+
+    lines = [f"warning: {o.name} is on: {o.doc}" for o in OPTIONS if o.unsafe and cfg.options.get(o.name)]
+    for line in lines:
+        (stream or sys.stderr).write(line + "\n")
+    (stream or sys.stderr).flush()
+    return lines
+
+
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
              allow_drift: bool = False) -> RunResult:
@@ -480,6 +491,7 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         return RunResult(plan_id, before, 0)
 
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
+    warn_unsafe_options(cfg)
     renew_claim = None
     if hasattr(map_store, "claim_run"):
         import socket

@@ -339,3 +339,52 @@ def test_uint64_coder_round_trips_and_is_deterministic():
     assert c.encode(1) < c.encode(2 ** 63) < c.encode(2 ** 64 - 1)  # order-preserving bytes
     with pytest.raises((OverflowError, ValueError)):
         c.encode(2 ** 64)
+
+
+# ------------------------------------------------------------- item 5: no abbreviated flags
+
+def test_abbreviated_flags_are_refused_everywhere(demo, tmp_path):
+    from pipeline.cli import build_parser
+
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    before = tree(tmp_path / "work")
+    for args in (["run", plan_id, "--config", cfg, "--force", "true"],
+                 ["run", plan_id, "--config", cfg, "--force-swap", "true"],
+                 ["run", plan_id, "--conf", cfg],
+                 ["plan", "--config", cfg, "--dry"],
+                 ["plan", "--config", cfg, "--copy-conc", "4"],
+                 ["status", plan_id, "--config", cfg, "--js"]):
+        line = one_error_line(run_cli(*args), 2)
+        assert "unrecognized arguments" in line, (args, line)
+        assert tree(tmp_path / "work") == before
+    parsers = [build_parser()]
+    while parsers:  # every parser and sub-parser refuses prefixes
+        p = parsers.pop()
+        assert p.allow_abbrev is False, p.prog
+        for a in p._actions:
+            if isinstance(a, type(build_parser()._subparsers._group_actions[0])):
+                parsers.extend(a.choices.values())
+
+
+def test_unsafe_option_needs_its_full_name_and_warns_when_the_run_starts(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg)
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    r = run_cli("run", plan_id, "--config", cfg, "--force-swap-on-verification-failure", "true",
+                "--", "--runner=FnApiRunner")
+    assert r.returncode == 0, r.stderr
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning: force_swap_on_verification_failure is on")]
+    assert len(warnings) == 1, r.stderr
+    # off (the default): no warning
+    import io
+
+    from pipeline.config import load_config
+    from pipeline.executor import warn_unsafe_options
+
+    buf = io.StringIO()
+    assert warn_unsafe_options(load_config(cfg), buf) == [] and buf.getvalue() == ""
