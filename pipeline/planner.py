@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import pyarrow.parquet as pq
 
 from pipeline import fs
+from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
@@ -67,7 +68,7 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
         raise BadInput(f"plan: {stats['invalid_keys']} keys in the snapshot cannot be represented as key_type {kt} "
                        "(or are empty)")
     if stats["oversize_keys"]:
-        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than 4096 bytes")
+        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than {K.MAX_KEY_BYTES} bytes")
     if dups:
         raise BadInput(f"plan: {dups} duplicate keys in the snapshot")
     if stats["unknown_shard_rows"]:
@@ -78,6 +79,9 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
     if stats.get("target_invalid_keys"):
         raise BadInput(f"plan: {stats['target_invalid_keys']} keys in the target snapshot cannot be represented "
                        f"as key_type {kt}")
+    if stats.get("target_oversize_keys"):
+        raise BadInput(f"plan: {stats['target_oversize_keys']} keys in the target snapshot are longer than "
+                       f"{K.MAX_KEY_BYTES} bytes")
     if stats.get("target_unknown_shard_rows"):
         raise BadInput(f"plan: {stats['target_unknown_shard_rows']} keys in the target snapshot are on shard ids "
                        "not listed in target.shards")
@@ -89,13 +93,18 @@ def _check_key_limits(data_store, staging: str, files: list) -> None:
     if data_store is None or not hasattr(data_store, "check_keys"):
         return
     too_long = 0
+    limits: dict = {}
     for f in files:
         with fs.open_input(fs.join(staging, "moves", f["group"] + ".parquet")) as fh:
             keys = pq.read_table(fh, columns=["key"]).column("key").combine_chunks()
-        too_long += data_store.check_keys(keys, f["target"])
+        n = data_store.check_keys(keys, f["target"])
+        if n:
+            too_long += n
+            limits[f["target"]] = data_store.max_key_bytes(f["target"])
     if too_long:
+        shown = ", ".join(f"{b} bytes on {s}" for s, b in sorted(limits.items(), key=lambda kv: kv[0].encode())[:3])
         raise BadInput(f"plan: {too_long} keys are too long for the data store's object names on their target "
-                       "shard (limit: data_store max_key_bytes)")
+                       f"shard (longest key allowed: {shown}{', ...' if len(limits) > 3 else ''})")
 
 
 def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -> tuple[list, bool]:
@@ -294,6 +303,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         for line in lines:
             out(line)
         result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
+        final = fs.join(plans, plan_id)
+        _note_reused_layout(final, manifest, out)
         if dry_run:
             fs.rmtree(staging)
             new_dirs.remove_created()
@@ -305,7 +316,6 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         for name in ("stats.json", "files.json", "duplicates.json"):
             fs.remove(fs.join(staging, name))
         fs.write_atomic(fs.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
-        final = fs.join(plans, plan_id)
         if fs.exists(fs.join(final, "manifest.json")):
             fs.rmtree(staging)
             result.created = False
@@ -322,6 +332,21 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         fs.rmtree(staging)
         new_dirs.remove_created()
         raise
+
+
+def _note_reused_layout(final: str, manifest: dict, out: Callable[[str], None]) -> None:
+    """One line when a committed plan with this id exists with another work
+    layout: the plan id does not depend on ``hash_buckets``, so the existing
+    plan (and its layout) is what ``run`` will use."""
+    if not fs.exists(fs.join(final, "manifest.json")):
+        return
+    try:
+        old = json.loads(fs.read_bytes(fs.join(final, "manifest.json"))).get("hash_buckets")
+    except (OSError, ValueError):
+        return
+    if old is not None and old != manifest["hash_buckets"]:
+        out(f"note: plan {manifest['plan_id'][:12]} already exists with hash_buckets={old}; it is kept as it is "
+            f"(hash_buckets={manifest['hash_buckets']} is ignored: it does not change the plan id)")
 
 
 def resolve_plan_dir(plan: str, work_dir: str | None) -> str:

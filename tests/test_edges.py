@@ -388,3 +388,47 @@ def test_unsafe_option_needs_its_full_name_and_warns_when_the_run_starts(demo, t
 
     buf = io.StringIO()
     assert warn_unsafe_options(load_config(cfg), buf) == [] and buf.getvalue() == ""
+
+
+# ------------------------------------------------------------- item 14: smaller items
+
+def test_explicit_target_over_long_key_is_counted_once(demo, tmp_path):
+    long_key = "L" * 5000
+    keys = [f"k{i}" for i in range(20)] + [long_key]
+    src = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"key": pa.array(keys), "shard_id": pa.array(["s0"] * 21)}), src)
+    tgt = tmp_path / "tgt.parquet"
+    pq.write_table(pa.table({"key": pa.array(keys), "shard_id": pa.array(["s1"] * 21)}), tgt)
+    doc = demo_doc(demo, tmp_path)
+    doc["target"] = {"snapshot": str(tgt), "shards": [{"id": "s0"}, {"id": "s1"}]}
+    line = one_error_line(run_cli("plan", "--config", write_cfg(tmp_path / "c.yaml", doc), "--snapshot", str(src)), 2)
+    assert "plan: 1 keys are longer than 4096 bytes" in line, line
+
+
+def test_local_object_shards_state_their_key_limit(tmp_path):
+    from pipeline.stores.sqlite import SqliteMapStore
+    from pipeline.keys import KeyType
+
+    ms = SqliteMapStore.create(str(tmp_path / "map.sqlite"), KeyType.STRING)
+    ms.put_many([(f"k{i}".encode(), "s0") for i in range(50)] + [(b"y" * 700, "s0")])
+    shards = {s: str(tmp_path / "objects" / s) for s in ("s0", "s1")}
+    for d in shards.values():
+        os.makedirs(d)
+    doc = {"work_dir": str(tmp_path / "work"), "map_store": {"kind": "sqlite", "path": str(tmp_path / "map.sqlite")},
+           "data_store": {"kind": "objects", "shards": shards}, "current_shards": ["s0"],
+           "target": {"shards": ["s1"]}}
+    line = one_error_line(run_cli("plan", "--config", write_cfg(tmp_path / "c.yaml", doc), "--dry-run"), 2)
+    assert "1 keys are too long" in line and "630 bytes on s1" in line, line
+    assert not (tmp_path / "work").exists()
+
+
+def test_replanning_with_other_hash_buckets_says_the_plan_is_reused(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r1 = run_cli("plan", "--config", cfg, "--hash-buckets", "4")
+    assert r1.returncode == 0 and "note:" not in r1.stdout, r1.stderr
+    r2 = run_cli("plan", "--config", cfg, "--hash-buckets", "8")
+    assert r2.returncode == 0, r2.stderr
+    notes = [l for l in r2.stdout.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "hash_buckets=4" in notes[0] and "hash_buckets=8" in notes[0], r2.stdout
+    assert PLAN_RE.findall(r1.stdout) == PLAN_RE.findall(r2.stdout)
