@@ -348,7 +348,7 @@ def _dispatch(args, beam_args) -> int:
             LOG.exception("environment error")
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         what = e.strerror or (str(e).strip().splitlines() or [""])[0][:200] or "environment error"
-        sys.stderr.write(redact(f"error: {what}{where} ({type(e).__name__})") + "\n")
+        sys.stderr.write(_no_object_names(redact(f"error: {what}{where} ({type(e).__name__})")) + "\n")
         return EXIT_INTERNAL
     except Exception as e:  # a bug: never echo messages (they may hold values)
         if args.debug:
@@ -357,12 +357,21 @@ def _dispatch(args, beam_args) -> int:
         return EXIT_INTERNAL
 
 
+_OBJECT_NAME = re.compile(r"/k/[0-9a-f]{2}/[0-9a-v_/]+")
+
+
+def _no_object_names(text: str) -> str:
+    """An object data store's file names encode key bytes (base32hex): cut them
+    to their fan-out directory, so no key reaches a message."""
+    return _OBJECT_NAME.sub(lambda m: m.group(0)[:6] + "…", text)
+
+
 def _one_line(e: BaseException) -> str:
     """The message of a ShardmoveError as one redacted line (a runner may have
     appended its own context on further lines)."""
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
-    return redact(re.sub(r"\s*\[while running '[^\]]*'\]\s*$", "", line))
+    return _no_object_names(redact(re.sub(r"\s*\[while running '[^\]]*'\]\s*$", "", line)))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -133,6 +133,21 @@ def _require_data_store(cfg: Config, what: str):
     return ds
 
 
+def _probe_stores(cfg: Config, manifest: dict) -> None:
+    """Use the map store and the plan's shards once before anything is modified,
+    so that a store that cannot be opened, reached or read is bad configuration
+    (exit 2) rather than a failure halfway through."""
+    from pipeline.errors import before_changes
+
+    with before_changes():
+        open_map_store(cfg).max_version()
+        ds = open_data_store(cfg)
+        if ds is not None and hasattr(ds, "shard_exists"):
+            for p in manifest.get("pairs", ()):
+                ds.shard_exists(p["source"])
+                ds.shard_exists(p["target"])
+
+
 def _plan_lease(cfg: Config, plan_dir: str, manifest: dict):
     """Take the plan's executor lease (exit 4 while a run holds it) and keep it renewed."""
     from pipeline.lease import acquire
@@ -768,6 +783,7 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
     manifest = load_manifest(plan_dir)
     _check_key_type(cfg, manifest)
     orig = manifest["plan_id"]
+    _probe_stores(cfg, manifest)
     lease = _plan_lease(cfg, plan_dir, manifest)
     try:
         plan = None
@@ -863,6 +879,17 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     manifest = load_manifest(plan_dir)
     _check_key_type(cfg, manifest)
     plan_id = manifest["plan_id"]
+    _probe_stores(cfg, manifest)
+    if not apply:  # a dry run only reads: a store it cannot use is bad configuration
+        from pipeline.errors import before_changes
+
+        with before_changes():
+            return _cleanup(cfg, plan_dir, manifest, plan_id, older_than, apply, now, out)
+    return _cleanup(cfg, plan_dir, manifest, plan_id, older_than, apply, now, out)
+
+
+def _cleanup(cfg: Config, plan_dir: str, manifest: dict, plan_id: str, older_than: float, apply: bool,
+             now: float | None, out: Callable[[str], None]) -> CleanupResult:
     ms = open_map_store(cfg)
     ds = _require_data_store(cfg, "cleanup")
     B = _batch(cfg)

@@ -432,3 +432,18 @@ def test_replanning_with_other_hash_buckets_says_the_plan_is_reused(demo, tmp_pa
     notes = [l for l in r2.stdout.splitlines() if l.startswith("note:")]
     assert len(notes) == 1 and "hash_buckets=4" in notes[0] and "hash_buckets=8" in notes[0], r2.stdout
     assert PLAN_RE.findall(r1.stdout) == PLAN_RE.findall(r2.stdout)
+
+
+def test_operator_commands_with_an_unusable_map_store_are_bad_configuration(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg)
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    bad = write_cfg(tmp_path / "bad.yaml", {**doc, "map_store": _sqlite_not_a_db(tmp_path)})
+    before = tree(tmp_path / "work")
+    for args in (["run", plan_id], ["verify", plan_id], ["rollback", plan_id],
+                 ["cleanup", plan_id, "--older-than", "0s"], ["cleanup", plan_id, "--older-than", "0s", "--apply"],
+                 ["validate", "--compare", plan_id], ["catchup", plan_id], ["snapshot"]):
+        line = one_error_line(run_cli(*args, "--config", bad, timeout=FAST), 2)
+        assert "not a SQLite database" in line and "garbage.sqlite" in line, (args, line)
+        assert tree(tmp_path / "work") == before, args
