@@ -198,6 +198,8 @@ def cmd_plan(args, beam_args) -> int:
         print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
+        if _NEW_DIRS is not None:
+            _NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
         return 4
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")

@@ -274,6 +274,8 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, ra
                 text = f.read()
         except OSError as e:
             raise BadInput(f"cannot read config {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise BadInput(f"config {path}: not UTF-8 text (byte {e.start})") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:

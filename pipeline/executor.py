@@ -354,12 +354,20 @@ def _metrics(result) -> dict:
 
 
 def check_shards(cfg: Config, manifest: dict, data_store) -> None:
-    """Every source shard of the plan must exist in the data store (exit 2 otherwise)."""
+    """Every source shard of the plan must exist in the data store (exit 2
+    otherwise).  Target shards are looked at too: one that cannot be reached
+    or read raises here, before anything is modified, and a missing one is
+    refused where the store does not create shards (``creates_shards``)."""
     if data_store is None or not hasattr(data_store, "shard_exists"):
         return
     missing = sorted({p["source"] for p in manifest["pairs"] if not data_store.shard_exists(p["source"])})
     if missing:
         raise BadInput(f"data store: {len(missing)} source shards of the plan do not exist ({', '.join(missing[:3])})")
+    targets = sorted({p["target"] for p in manifest["pairs"]}, key=lambda s: s.encode())
+    absent = [t for t in targets if not data_store.shard_exists(t)]
+    if absent and not getattr(data_store, "creates_shards", True):
+        raise BadInput(f"data store: {len(absent)} target shards of the plan cannot be reached or lack the "
+                       f"configured tables ({', '.join(absent[:3])})")
 
 
 def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> dict:

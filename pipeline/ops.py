@@ -1140,8 +1140,12 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
         snap, created = _catchup_snapshot(cfg, earlier, out)
         try:
             data_store = open_data_store(cfg) if any(s.capacity_bytes for s in cfg.target_shards) else None
-            return make_plan(cfg, data_store=data_store, snapshot=snap, dry_run=dry_run, beam_args=beam_args,
-                             out=out)
+            res = make_plan(cfg, data_store=data_store, snapshot=snap, dry_run=dry_run, beam_args=beam_args,
+                            out=out)
+            if res.dry_run and not res.capacity_ok:  # refused by the capacity check (exit 4): keep nothing
+                for d in created:
+                    fs.rmtree(d)
+            return res
         except BaseException:
             for d in created:  # a refused catch-up leaves the work directory as it found it
                 fs.rmtree(d)

@@ -206,6 +206,8 @@ def make_plan(
             if info.created:
                 fs.rmtree(info.location)
             raise
+        if result.dry_run and not result.capacity_ok and info.created:
+            fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
                       beam_args, out)
@@ -369,6 +371,19 @@ def load_manifest(plan_dir: str) -> dict:
         m = json.loads(fs.read_bytes(fs.join(plan_dir, "manifest.json")))
     except ValueError as e:
         raise BadInput("manifest.json is not valid JSON") from e
+    if not isinstance(m, dict):
+        raise BadInput(f"{plan_dir}/manifest.json is damaged: not a JSON object")
     if m.get("format_version") != MANIFEST_FORMAT_VERSION:
         raise BadInput(f"manifest format_version {m.get('format_version')!r} is not supported")
+    for name, kind in _MANIFEST_FIELDS:
+        if not isinstance(m.get(name), kind):
+            raise BadInput(f"{plan_dir}/manifest.json is damaged: field {name} is missing or malformed")
+    for f in m["files"]:
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), t) for k, t in _FILE_FIELDS):
+            raise BadInput(f"{plan_dir}/manifest.json is damaged: a files entry is malformed")
     return m
+
+
+_MANIFEST_FIELDS = (("plan_id", str), ("key_type", str), ("files", list), ("pairs", list), ("snapshot", dict),
+                    ("keys_examined", int), ("moves", int))
+_FILE_FIELDS = (("group", str), ("source", str), ("target", str), ("rows", int))

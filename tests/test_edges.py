@@ -205,9 +205,12 @@ def test_malformed_inputs_are_bad_input(demo, tmp_path):
     line = one_error_line(run_cli("plan", "--config", write_cfg(tmp_path / "t.yaml", doc), timeout=FAST), 2)
     assert "target" in line, line
     for text in ("- just\n- a list\n", "target: 5\n", "map_store: 3\n", "current_shards: 7\n", "\x00\x01",
-                 "key_type: [1]\n"):
+                 "key_type: [1]\n", "faults: 5\n"):
         (tmp_path / "y.yaml").write_text(text)
         one_error_line(run_cli("validate", "--config", str(tmp_path / "y.yaml"), timeout=FAST), 2)
+    (tmp_path / "y.yaml").write_bytes(b"\xff\xfe\x00not utf-8")
+    assert "not UTF-8" in one_error_line(run_cli("validate", "--config", str(tmp_path / "y.yaml")), 2)
+    one_error_line(run_cli("validate", "--config", str(tmp_path)), 2)  # a directory
 
 
 # ------------------------------------------------------------- item 3: a refusal changes nothing
@@ -447,3 +450,53 @@ def test_operator_commands_with_an_unusable_map_store_are_bad_configuration(demo
         line = one_error_line(run_cli(*args, "--config", bad, timeout=FAST), 2)
         assert "not a SQLite database" in line and "garbage.sqlite" in line, (args, line)
         assert tree(tmp_path / "work") == before, args
+
+
+def test_run_with_an_unreachable_postgres_target_shard_is_refused_before_anything_is_modified(demo, tmp_path, pg):
+    from services import dsn_for, fresh_database, pg_execute
+
+    with fresh_database("edges") as dbname:
+        for shard in ("s0", "s1"):
+            pg_execute(dbname, f"CREATE SCHEMA {shard}")
+            pg_execute(dbname, f"CREATE TABLE {shard}.accounts (tenant_id text PRIMARY KEY, name text)")
+        shards = {s: {"dsn": dsn_for(dbname, password=SECRET), "schema": s} for s in ("s0", "s1")}
+        shards["s2"] = {"dsn": dsn_for("no_such_db_shardmove", password=SECRET), "schema": "s2"}
+        doc = _doc_in(tmp_path, demo)
+        doc["data_store"] = {"kind": "postgres", "shards": shards,
+                             "tables": [{"name": "accounts", "key_column": "tenant_id"}]}
+        cfg = write_cfg(tmp_path / "c.yaml", doc)
+        r = run_cli("plan", "--config", cfg)
+        assert r.returncode == 0, r.stderr
+        plan_id = PLAN_RE.findall(r.stdout)[0]
+        before = tree(tmp_path / "work")
+        map_before = (tmp_path / "keyspace" / "map.sqlite").read_bytes()
+        line = one_error_line(run_cli("run", plan_id, "--config", cfg, timeout=FAST), 2)
+        assert "target shards" in line and "s2" in line, line
+        assert tree(tmp_path / "work") == before
+        assert (tmp_path / "keyspace" / "map.sqlite").read_bytes() == map_before
+
+
+def test_a_damaged_manifest_is_bad_input(demo, tmp_path):
+    import json
+
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg)
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    manifest = tmp_path / "work" / "plans" / plan_id / "manifest.json"
+    for text in ('{"format_version": 1}', "[1, 2]", json.dumps({**json.loads(manifest.read_text()), "files": [7]})):
+        manifest.write_text(text)
+        for args in (["run", plan_id], ["status", plan_id], ["verify", plan_id]):
+            line = one_error_line(run_cli(*args, "--config", cfg, timeout=FAST), 2)
+            assert "manifest.json is damaged" in line, (args, line)
+
+
+def test_a_dry_run_refused_by_the_capacity_check_keeps_nothing(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg, "--dry-run", "--min-headroom-percent", "99")
+    assert r.returncode == 4 and "capacity check: FAILED" in r.stdout, (r.stdout, r.stderr)
+    assert not (tmp_path / "work").exists(), tree(tmp_path / "work")
+    r = run_cli("plan", "--config", cfg, "--min-headroom-percent", "99")
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    assert not (tmp_path / "work").exists(), tree(tmp_path / "work")
