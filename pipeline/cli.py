@@ -110,6 +110,8 @@ def _configure_logging(args) -> None:
     if level != "DEBUG":
         for noisy in ("google", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # a missing credential is reported as one error line, not as google.auth's warnings
+        logging.getLogger("google.auth").setLevel(logging.ERROR)
         # Beam logs a failed bundle's traceback itself; our error line says what failed
         logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 

@@ -500,3 +500,13 @@ def test_a_dry_run_refused_by_the_capacity_check_keeps_nothing(demo, tmp_path):
     r = run_cli("plan", "--config", cfg, "--min-headroom-percent", "99")
     assert r.returncode == 4, (r.stdout, r.stderr)
     assert not (tmp_path / "work").exists(), tree(tmp_path / "work")
+
+
+def test_gcs_without_credentials_is_bad_configuration(demo, tmp_path):
+    doc = _doc_in(tmp_path, demo)
+    doc["work_dir"] = "gs://no-such-bucket-shardmove/work"
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    env = {"STORAGE_EMULATOR_HOST": "", "NO_GCE_CHECK": "true", "GOOGLE_APPLICATION_CREDENTIALS": "",
+           "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
+    line = one_error_line(run_cli("plan", "--config", cfg, "--dry-run", env=env, timeout=FAST), 2)
+    assert "GCS: no credentials" in line, line
