@@ -377,5 +377,6 @@ def _one_line(e: BaseException) -> str:
     line = text.splitlines()[0] if text else type(e).__name__
     return _no_object_names(redact(re.sub(r"\s*\[while running '[^\]]*'\]\s*$", "", line)))
 
+
 if __name__ == "__main__":
     sys.exit(main())

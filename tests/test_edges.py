@@ -2,7 +2,6 @@
 unsigned hashes in Beam, abbreviated flags, key limits.  Through the real CLI."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
