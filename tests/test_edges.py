@@ -509,3 +509,16 @@ def test_gcs_without_credentials_is_bad_configuration(demo, tmp_path):
            "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud")}
     line = one_error_line(run_cli("plan", "--config", cfg, "--dry-run", env=env, timeout=FAST), 2)
     assert "GCS: no credentials" in line, line
+
+
+def test_validate_reports_what_plan_refuses_in_an_explicit_target(demo, tmp_path):
+    tgt = tmp_path / "tgt.parquet"
+    pq.write_table(pa.table({"key": pa.array(["a", "L" * 5000, "", "b"]),
+                             "shard_id": pa.array(["s1", "s1", "s0", "zz"])}), tgt)
+    doc = _doc_in(tmp_path, demo)
+    doc["target"] = {"snapshot": str(tgt), "shards": [{"id": "s0"}, {"id": "s1"}]}
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("validate", "--config", cfg)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "target snapshot: invalid keys: 1 over-long keys: 1 rows on shards not in target.shards: 1" in r.stdout
+    assert one_error_line(run_cli("plan", "--config", cfg), 2)
