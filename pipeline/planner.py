@@ -219,8 +219,6 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
     from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
-    if snapshot_line:
-        out(snapshot_line)
     parts = list_parts(snap_loc, "snapshot", cfg.key_type)
 
     known = frozenset(cfg.known_shards())
@@ -247,6 +245,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
             fs.rmtree(staging)
             new_dirs.remove_created()
+            if snapshot_line:
+                out(snapshot_line)
             out(dry_run_line(stages))
             return PlanResult("", None, {}, True, True, created=False, lines=[dry_run_line(stages)])
         elapsed = time.time() - t0
@@ -258,6 +258,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         digest = core.digest_hex(*stats["digest"])
         if snap_meta and snap_meta.get("digest") and snap_meta["digest"] != digest:
             raise BadInput("snapshot: content does not match its snapshot.json digest (files changed or damaged)")
+        if snapshot_line:  # only now: a refused plan prints its one error line and nothing else
+            out(snapshot_line)
         target_canon = _target_canonical(cfg, ring, stats)
         plan_id = core.plan_id_for(digest, target_canon, cfg.key_type, cfg.window)
         files.sort(key=lambda f: (f["source"].encode(), f["target"].encode(), f["bucket"]))

@@ -244,8 +244,10 @@ def test_refused_plan_leaves_a_fresh_work_dir_absent(demo, tmp_path, bad_key):
     _insert_map_row(doc, bad_key)
     cfg = write_cfg(tmp_path / "c.yaml", doc)
     for args in (["--dry-run"], []):
-        line = one_error_line(run_cli("plan", "--config", cfg, *args), 2)
+        r = run_cli("plan", "--config", cfg, *args)
+        line = one_error_line(r, 2)
         assert "1 keys" in line, line
+        assert r.stdout == "", r.stdout  # nothing but the one error line
         assert not (tmp_path / "work").exists(), tree(tmp_path / "work")
 
 
