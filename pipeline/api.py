@@ -73,22 +73,27 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
 def snapshot(cfg: Config):
     from pipeline.snapshot import take_snapshot
 
-    store = open_map_store(cfg)
-    return take_snapshot(store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
+    from pipeline.errors import before_changes
+
+    with before_changes():
+        store = open_map_store(cfg)
+        return take_snapshot(store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
 
 
 def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, beam_args: Sequence[str] = (),
          out: Callable[[str], None] = print):
+    from pipeline.errors import before_changes
     from pipeline.planner import make_plan
 
-    map_store = None
-    if snapshot is None and cfg.snapshot is None:
-        map_store = open_map_store(cfg)
-    data_store = None
-    if any(s.capacity_bytes for s in cfg.target_shards) or cfg.data_store.get("kind") == "objects":
-        data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
-    return make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
-                     beam_args=beam_args, out=out)
+    with before_changes():  # planning only reads the stores: one it cannot use is bad configuration
+        map_store = None
+        if snapshot is None and cfg.snapshot is None:
+            map_store = open_map_store(cfg)
+        data_store = None
+        if any(s.capacity_bytes for s in cfg.target_shards) or cfg.data_store.get("kind") == "objects":
+            data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
+        return make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
+                         beam_args=beam_args, out=out)
 
 
 def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: bool = False,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import Sequence
 
 from pipeline.config import OPTIONS, load_config
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError
+from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
+                             before_changes, redact)
 
 __all__ = ["main", "build_parser"]
 
@@ -21,6 +23,13 @@ LOG = logging.getLogger("shardmove")
 
 
 class _Parser(argparse.ArgumentParser):
+    """Exact option names only: argparse's prefix matching let ``--force true``
+    reach ``--force-swap-on-verification-failure``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(EXIT_BAD_INPUT)
@@ -105,8 +114,23 @@ def _configure_logging(args) -> None:
     if level != "DEBUG":
         for noisy in ("google", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # a missing credential is reported as one error line, not as google.auth's warnings
+        logging.getLogger("google.auth").setLevel(logging.ERROR)
         # Beam logs a failed bundle's traceback itself; our error line says what failed
         logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+
+
+#: Work-directory folders a command may create; a refused command removes the
+#: ones it created (see ``main``), so that it leaves the work directory as it
+#: found it.
+_NEW_DIRS = None
+
+
+def _watch_work_dir(work_dir: str) -> None:
+    from pipeline import fs
+
+    if _NEW_DIRS is not None:
+        _NEW_DIRS.watch(work_dir, *(fs.join(work_dir, d) for d in ("snapshots", "plans", "history")))
 
 
 def _load(args):
@@ -116,6 +140,7 @@ def _load(args):
         import dataclasses
 
         cfg = dataclasses.replace(cfg, work_dir=os.path.abspath(args.work_dir))
+    _watch_work_dir(cfg.work_dir)
     return cfg
 
 
@@ -179,6 +204,8 @@ def cmd_plan(args, beam_args) -> int:
         print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
+        if _NEW_DIRS is not None:
+            _NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
         return 4
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")
@@ -279,6 +306,11 @@ def cmd_status(args, beam_args) -> int:
         time.sleep(max(0.2, args.watch))
 
 
+#: Commands that never write to a store (their work-directory files are theirs
+#: alone): every store error they meet is met before anything is modified.
+_READ_ONLY = frozenset({"snapshot", "plan", "catchup", "validate", "status", "report", "metrics", "history",
+                        "failures", "verify"})
+
 COMMANDS = {"demo": cmd_demo, "snapshot": cmd_snapshot, "plan": cmd_plan, "run": cmd_run, "status": cmd_status}
 _EXTENSIONS = _extensions()
 
@@ -304,21 +336,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     _configure_logging(args)
+    global _NEW_DIRS
+    from pipeline.fs import NewDirs
+
+    _NEW_DIRS = NewDirs()
     try:
+        return _dispatch(args, beam_args)
+    finally:
+        _NEW_DIRS = None
+
+
+def _dispatch(args, beam_args) -> int:
+    try:
+        if args.command in _READ_ONLY:  # modifies no store: a store it cannot use is bad configuration
+            with before_changes():
+                return COMMANDS[args.command](args, beam_args)
         return COMMANDS[args.command](args, beam_args)
     except ShardmoveError as e:
         if args.debug:
             LOG.exception("failed")
-        sys.stderr.write(f"error: {e}\n")
+        if e.nothing_modified and _NEW_DIRS is not None:
+            _NEW_DIRS.remove_created()
+        sys.stderr.write(f"error: {_one_line(e)}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return EXIT_INTERRUPTED
-    except Exception as e:  # an internal failure: never echo messages (they may hold values)
+    except OSError as e:  # the environment (a file, a disk, a socket), not a bug: say what and where
+        if args.debug:
+            LOG.exception("environment error")
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        what = e.strerror or (str(e).strip().splitlines() or [""])[0][:200] or "environment error"
+        sys.stderr.write(_no_object_names(redact(f"error: {what}{where} ({type(e).__name__})")) + "\n")
+        return EXIT_INTERNAL
+    except Exception as e:  # a bug: never echo messages (they may hold values)
         if args.debug:
             LOG.exception("internal failure")
         sys.stderr.write(f"error: internal failure ({type(e).__name__}); rerun with --debug for details\n")
         return EXIT_INTERNAL
+
+
+_OBJECT_NAME = re.compile(r"/k/[0-9a-f]{2}/[0-9a-v_/]+")
+
+
+def _no_object_names(text: str) -> str:
+    """An object data store's file names encode key bytes (base32hex): cut them
+    to their fan-out directory, so no key reaches a message."""
+    return _OBJECT_NAME.sub(lambda m: m.group(0)[:6] + "…", text)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a ShardmoveError as one redacted line (a runner may have
+    appended its own context on further lines)."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return _no_object_names(redact(re.sub(r"\s*\[while running '[^\]]*'\]\s*$", "", line)))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,10 @@ def cmd_catchup(args, beam_args) -> int:
     res = plan_since(cfg, plan_dir, dry_run=args.dry_run, beam_args=beam_args)
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
+        from pipeline import cli
+
+        if cli._NEW_DIRS is not None:
+            cli._NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
         return EXIT_REFUSED
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")

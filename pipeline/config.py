@@ -72,6 +72,8 @@ class OptionSpec:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
+    #: Unsafe when on: the run warns when it starts (and flags never abbreviate).
+    unsafe: bool = False
 
     @property
     def flag(self) -> str:
@@ -163,7 +165,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("max_retries", 5, "int", "Transient retries (and re-copies after a verify mismatch) before a key is Failed.", 0, 100),
     OptionSpec("retry_base_delay", 0.1, "duration", "Base of the exponential backoff: delay = base * 2^attempt, capped at 30s.", 0.0, 60.0),
     OptionSpec("interleave_copy_and_verify", True, "bool", "Verify each batch right after its copy (true) or copy everything first (false)."),
-    OptionSpec("force_swap_on_verification_failure", False, "bool", "Swap keys whose verification failed (unsafe; one loud warning per batch)."),
+    OptionSpec("force_swap_on_verification_failure", False, "bool", "Swap keys whose verification failed (unsafe; one loud warning per batch).", unsafe=True),
     OptionSpec("checkpoint_flush_interval", 2.0, "duration", "Flush checkpoint transitions at least this often.", 0.0, 3600.0),
     OptionSpec("checkpoint_flush_every_transitions", 1000, "int", "Flush checkpoint transitions after this many.", 1, 10_000_000),
     OptionSpec("segment_size", 20000, "int", "Rows per Arrow segment when reading snapshots and plans (bounds memory).", 100, 10_000_000),
@@ -272,6 +274,8 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, ra
                 text = f.read()
         except OSError as e:
             raise BadInput(f"cannot read config {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise BadInput(f"config {path}: not UTF-8 text (byte {e.start})") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -360,12 +360,20 @@ def _metrics(result) -> dict:
 
 
 def check_shards(cfg: Config, manifest: dict, data_store) -> None:
-    """Every source shard of the plan must exist in the data store (exit 2 otherwise)."""
+    """Every source shard of the plan must exist in the data store (exit 2
+    otherwise).  Target shards are looked at too: one that cannot be reached
+    or read raises here, before anything is modified, and a missing one is
+    refused where the store does not create shards (``creates_shards``)."""
     if data_store is None or not hasattr(data_store, "shard_exists"):
         return
     missing = sorted({p["source"] for p in manifest["pairs"] if not data_store.shard_exists(p["source"])})
     if missing:
         raise BadInput(f"data store: {len(missing)} source shards of the plan do not exist ({', '.join(missing[:3])})")
+    targets = sorted({p["target"] for p in manifest["pairs"]}, key=lambda s: s.encode())
+    absent = [t for t in targets if not data_store.shard_exists(t)]
+    if absent and not getattr(data_store, "creates_shards", True):
+        raise BadInput(f"data store: {len(absent)} target shards of the plan cannot be reached or lack the "
+                       f"configured tables ({', '.join(absent[:3])})")
 
 
 def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> dict:
@@ -428,6 +436,17 @@ def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
         w.flush()
 
 
+def warn_unsafe_options(cfg: Config, stream=None) -> list[str]:
+    """One ``warning:`` line on stderr per unsafe option that is on, as a run starts."""
+    from pipeline.config import OPTIONS
+
+    lines = [f"warning: {o.name} is on: {o.doc}" for o in OPTIONS if o.unsafe and cfg.options.get(o.name)]
+    for line in lines:
+        (stream or sys.stderr).write(line + "\n")
+    (stream or sys.stderr).flush()
+    return lines
+
+
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
              allow_drift: bool = False) -> RunResult:
@@ -460,10 +479,12 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         return _already_complete(cfg, plan_dir, manifest, before, irq, out)
 
     from pipeline.backends import open_data_store, open_map_store
+    from pipeline.errors import before_changes
 
-    map_store = open_map_store(cfg)
-    check_shards(cfg, manifest, open_data_store(cfg))
-    drift = find_drift(plan_dir, manifest, map_store)
+    with before_changes():  # nothing modified yet: a store we cannot use is bad configuration
+        map_store = open_map_store(cfg)
+        check_shards(cfg, manifest, open_data_store(cfg))
+        drift = find_drift(plan_dir, manifest, map_store)
     ndrift = sum(len(v) for v in drift.values())
     if ndrift and not allow_drift:
         raise Refused(f"plan: {ndrift} keys drifted since the plan's snapshot (their current shard is neither "
@@ -500,6 +521,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     irq.deferred = True
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
     claimed = False
+    warn_unsafe_options(cfg)
     renew_claim = None
     progress = None
     try:

@@ -117,6 +117,28 @@ def makedirs(path: str, mode: int = 0o700) -> None:
     os.makedirs(path, mode=mode, exist_ok=True)
 
 
+class NewDirs:
+    """Remembers which of some local directories did not exist yet, so that a
+    refused command can remove the ones it created (only while still empty:
+    never anything another process put there).  ``gs://`` prefixes need no
+    creation and are ignored."""
+
+    def __init__(self) -> None:
+        self._absent: list[str] = []
+
+    def watch(self, *paths: str) -> None:
+        for p in paths:
+            if p and not is_gcs(p) and not os.path.exists(p) and p not in self._absent:
+                self._absent.append(p)
+
+    def remove_created(self) -> None:
+        for p in sorted(self._absent, key=len, reverse=True):  # deepest first
+            try:
+                os.rmdir(p)
+            except OSError:  # absent, not empty, or not ours to remove
+                pass
+
+
 def listdir(path: str) -> list[str]:
     """Names directly below ``path`` (files and sub-directories), sorted."""
     if is_gcs(path):

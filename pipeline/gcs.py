@@ -272,7 +272,17 @@ def client():
         with _CLIENTS_LOCK:
             c = _CLIENTS.get(ident)
             if c is None:
-                c = _CLIENTS[ident] = _make_client()
+                try:
+                    c = _make_client()
+                except Exception as e:
+                    if type(e).__name__ == "DefaultCredentialsError":  # google.auth's: a configuration error
+                        from pipeline.errors import PermanentError
+
+                        raise PermanentError("GCS: no credentials found (Application Default Credentials; set "
+                                             "GOOGLE_APPLICATION_CREDENTIALS, or STORAGE_EMULATOR_HOST for an "
+                                             "emulator)", reason="cannot_connect") from None
+                    raise
+                _CLIENTS[ident] = c
     return c
 
 
@@ -361,6 +371,11 @@ class _Calls:
             return False
         if isinstance(exc, _not_found()):
             raise FileNotFoundError(f"{self.what}: no such object: {self.path}") from exc
+        if type(exc).__name__ in ("Forbidden", "Unauthorized"):  # google.api_core's 403 / 401
+            from pipeline.errors import PermanentError
+
+            raise PermanentError(f"{self.what}: access to {self.path} denied ({type(exc).__name__})",
+                                 reason="permission") from None
         if is_transient(exc):
             raise StorageUnavailable(f"{self.what}: storage unavailable for {self.path} "
                                      f"({type(exc).__name__})") from exc

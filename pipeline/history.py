@@ -94,7 +94,9 @@ def recorded(work_dir: str, command: str, plan_id: str | None = None):
     """Record one history entry for the ``with`` block, however it ends.
 
     Yields a dict the block fills in: ``plan_id``, ``code`` (exit code,
-    default 0) and ``details`` (counts only).  A :class:`ShardmoveError` is
+    default 0) and ``details`` (counts only).  A refusal (a
+    :class:`ShardmoveError` with ``nothing_modified``) is not recorded: it
+    changed nothing.  Any other :class:`ShardmoveError` is
     recorded with its exit code and its (key-free) message, an interrupt as
     130, anything else as 1 with the exception type only; the exception is
     re-raised unchanged.
@@ -105,7 +107,8 @@ def recorded(work_dir: str, command: str, plan_id: str | None = None):
     try:
         yield h
     except ShardmoveError as e:
-        record(work_dir, command, h["plan_id"], e.exit_code, {**h["details"], "error": str(e)})
+        if not e.nothing_modified:  # a refusal changes nothing, not even the history
+            record(work_dir, command, h["plan_id"], e.exit_code, {**h["details"], "error": str(e)})
         raise
     except KeyboardInterrupt:
         record(work_dir, command, h["plan_id"], EXIT_INTERRUPTED, h["details"])

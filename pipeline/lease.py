@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 class LeaseLost(Refused):
     """This executor's lease was taken over: it must not apply anything more."""
 
+    nothing_modified = False  # raised mid-run, after work was done
+
 
 def process_start_time(pid: int) -> str | None:
     """Start time of a live process (clock ticks since boot, from /proc), or None if it is

@@ -133,6 +133,21 @@ def _require_data_store(cfg: Config, what: str):
     return ds
 
 
+def _probe_stores(cfg: Config, manifest: dict) -> None:
+    """Use the map store and the plan's shards once before anything is modified,
+    so that a store that cannot be opened, reached or read is bad configuration
+    (exit 2) rather than a failure halfway through."""
+    from pipeline.errors import before_changes
+
+    with before_changes():
+        open_map_store(cfg).max_version()
+        ds = open_data_store(cfg)
+        if ds is not None and hasattr(ds, "shard_exists"):
+            for p in manifest.get("pairs", ()):
+                ds.shard_exists(p["source"])
+                ds.shard_exists(p["target"])
+
+
 def _plan_lease(cfg: Config, plan_dir: str, manifest: dict):
     """Take the plan's executor lease (exit 4 while a run holds it) and keep it renewed."""
     from pipeline.lease import acquire
@@ -768,6 +783,7 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
     manifest = load_manifest(plan_dir)
     _check_key_type(cfg, manifest)
     orig = manifest["plan_id"]
+    _probe_stores(cfg, manifest)
     lease = _plan_lease(cfg, plan_dir, manifest)
     try:
         plan = None
@@ -872,6 +888,17 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     manifest = load_manifest(plan_dir)
     _check_key_type(cfg, manifest)
     plan_id = manifest["plan_id"]
+    _probe_stores(cfg, manifest)
+    if not apply:  # a dry run only reads: a store it cannot use is bad configuration
+        from pipeline.errors import before_changes
+
+        with before_changes():
+            return _cleanup(cfg, plan_dir, manifest, plan_id, older_than, apply, now, out)
+    return _cleanup(cfg, plan_dir, manifest, plan_id, older_than, apply, now, out)
+
+
+def _cleanup(cfg: Config, plan_dir: str, manifest: dict, plan_id: str, older_than: float, apply: bool,
+             now: float | None, out: Callable[[str], None]) -> CleanupResult:
     ms = open_map_store(cfg)
     ds = _require_data_store(cfg, "cleanup")
     B = _batch(cfg)
@@ -1024,9 +1051,10 @@ def _print_cleanup(cfg: Config, ds, res: CleanupResult, out) -> None:
 
 # ================================================================ catch-up
 
-def _catchup_snapshot(cfg: Config, earlier: dict, out) -> str:
-    """A snapshot directory of the rows written since the earlier plan's cutoff."""
-    from pipeline.snapshot import SNAPSHOT_FORMAT_VERSION, ROWS_PER_FILE, list_parts, take_snapshot
+def _catchup_snapshot(cfg: Config, earlier: dict, out) -> tuple[str, list]:
+    """A snapshot directory of the rows written since the earlier plan's cutoff,
+    and the directories this call created (the full snapshot, the catch-up one)."""
+    from pipeline.snapshot import take_snapshot
 
     base_cutoff = (earlier.get("snapshot") or {}).get("cutoff")
     if base_cutoff is None:
@@ -1034,6 +1062,18 @@ def _catchup_snapshot(cfg: Config, earlier: dict, out) -> str:
                        "(planned from a user-supplied snapshot); take a full plan instead")
     base_cutoff = int(base_cutoff)
     info = take_snapshot(open_map_store(cfg), cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
+    try:
+        final, created = _catchup_from(cfg, info, base_cutoff, earlier, out)
+    except BaseException:
+        if info.created:  # a refused catch-up leaves the work directory as it found it
+            fs.rmtree(info.location)
+        raise
+    return final, [d for d, new in ((final, created), (info.location, info.created)) if new]
+
+
+def _catchup_from(cfg: Config, info, base_cutoff: int, earlier: dict, out):
+    from pipeline.snapshot import SNAPSHOT_FORMAT_VERSION, ROWS_PER_FILE, list_parts
+
     snaps = fs.join(cfg.work_dir, "snapshots")
     staging = fs.join(snaps, fs.unique_name(".staging-"))
     fs.makedirs(staging)
@@ -1091,18 +1131,21 @@ def _catchup_snapshot(cfg: Config, earlier: dict, out) -> str:
         }
         fs.write_atomic(fs.join(staging, "snapshot.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
         final = fs.join(snaps, f"catchup-{digest}")
+        created = False
         if fs.exists(fs.join(final, "snapshot.json")):
             fs.rmtree(staging)
         else:
             if fs.exists(final):
                 fs.rmtree(final)
-            fs.rename_dir(staging, final)
+            created = fs.rename_dir(staging, final)
+            if not created:  # another process committed it first
+                fs.rmtree(staging)
     except BaseException:
         fs.rmtree(staging)
         raise
     out(f"catch-up: {rows} of {info.rows} keys written since cutoff {base_cutoff} "
         f"(earlier plan {earlier['plan_id'][:12]}); snapshot cutoff {info.cutoff}")
-    return final
+    return final, created
 
 
 def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, beam_args: Sequence[str] = (),
@@ -1120,8 +1163,21 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
     """
     from pipeline.planner import make_plan
 
+    from pipeline.errors import before_changes
+
     earlier = load_manifest(earlier_plan_dir)
     _check_key_type(cfg, earlier)
-    snap = _catchup_snapshot(cfg, earlier, out)
-    data_store = open_data_store(cfg) if any(s.capacity_bytes for s in cfg.target_shards) else None
-    return make_plan(cfg, data_store=data_store, snapshot=snap, dry_run=dry_run, beam_args=beam_args, out=out)
+    with before_changes():  # planning only reads the stores
+        snap, created = _catchup_snapshot(cfg, earlier, out)
+        try:
+            data_store = open_data_store(cfg) if any(s.capacity_bytes for s in cfg.target_shards) else None
+            res = make_plan(cfg, data_store=data_store, snapshot=snap, dry_run=dry_run, beam_args=beam_args,
+                            out=out)
+            if res.dry_run and not res.capacity_ok:  # refused by the capacity check (exit 4): keep nothing
+                for d in created:
+                    fs.rmtree(d)
+            return res
+        except BaseException:
+            for d in created:  # a refused catch-up leaves the work directory as it found it
+                fs.rmtree(d)
+            raise

@@ -153,6 +153,7 @@ class Stats:
     digest: tuple = (0, 0, 0)
     target_rows: int = 0
     target_invalid_keys: int = 0
+    target_oversize_keys: int = 0
     target_digest: tuple = (0, 0, 0)
     target_unknown_shard_rows: int = 0
 
@@ -171,6 +172,7 @@ class Stats:
         self.digest = _add_digest(self.digest, o.digest)
         self.target_rows += o.target_rows
         self.target_invalid_keys += o.target_invalid_keys
+        self.target_oversize_keys += o.target_oversize_keys
         self.target_digest = _add_digest(self.target_digest, o.target_digest)
         self.target_unknown_shard_rows += o.target_unknown_shard_rows
         return self
@@ -259,9 +261,9 @@ def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: St
         nempty = (pc.sum(empty.cast(pa.int64())).as_py() or 0) if empty is not None else 0
     shard_null = pc.is_null(shard_col)
     nshard_null = pc.sum(shard_null.cast(pa.int64())).as_py() or 0
-    if target_side:
+    if target_side:  # counted apart: a key in both files is one over-long snapshot key, not two
         stats.target_invalid_keys += bad + nempty + nshard_null
-        stats.oversize_keys += nlong
+        stats.target_oversize_keys += nlong
     else:
         stats.invalid_keys += bad + nempty + nshard_null
         stats.oversize_keys += nlong

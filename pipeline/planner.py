@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import pyarrow.parquet as pq
 
 from pipeline import fs
+from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
@@ -67,7 +68,7 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
         raise BadInput(f"plan: {stats['invalid_keys']} keys in the snapshot cannot be represented as key_type {kt} "
                        "(or are empty)")
     if stats["oversize_keys"]:
-        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than 4096 bytes")
+        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than {K.MAX_KEY_BYTES} bytes")
     if dups:
         raise BadInput(f"plan: {dups} duplicate keys in the snapshot")
     if stats["unknown_shard_rows"]:
@@ -78,6 +79,9 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
     if stats.get("target_invalid_keys"):
         raise BadInput(f"plan: {stats['target_invalid_keys']} keys in the target snapshot cannot be represented "
                        f"as key_type {kt}")
+    if stats.get("target_oversize_keys"):
+        raise BadInput(f"plan: {stats['target_oversize_keys']} keys in the target snapshot are longer than "
+                       f"{K.MAX_KEY_BYTES} bytes")
     if stats.get("target_unknown_shard_rows"):
         raise BadInput(f"plan: {stats['target_unknown_shard_rows']} keys in the target snapshot are on shard ids "
                        "not listed in target.shards")
@@ -89,13 +93,18 @@ def _check_key_limits(data_store, staging: str, files: list) -> None:
     if data_store is None or not hasattr(data_store, "check_keys"):
         return
     too_long = 0
+    limits: dict = {}
     for f in files:
         with fs.open_input(fs.join(staging, "moves", f["group"] + ".parquet")) as fh:
             keys = pq.read_table(fh, columns=["key"]).column("key").combine_chunks()
-        too_long += data_store.check_keys(keys, f["target"])
+        n = data_store.check_keys(keys, f["target"])
+        if n:
+            too_long += n
+            limits[f["target"]] = data_store.max_key_bytes(f["target"])
     if too_long:
+        shown = ", ".join(f"{b} bytes on {s}" for s, b in sorted(limits.items(), key=lambda kv: kv[0].encode())[:3])
         raise BadInput(f"plan: {too_long} keys are too long for the data store's object names on their target "
-                       "shard (limit: data_store max_key_bytes)")
+                       f"shard (longest key allowed: {shown}{', ...' if len(limits) > 3 else ''})")
 
 
 def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -> tuple[list, bool]:
@@ -176,11 +185,9 @@ def make_plan(
     out: Callable[[str], None] = print,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
-    from transforms.plan import PlanGraphSpec, build_plan_graph
 
     ring = None if cfg.target_snapshot else build_ring(cfg)
-    target_parts = list_parts(cfg.target_snapshot, "target snapshot") if cfg.target_snapshot else ()
+    target_parts = list_parts(cfg.target_snapshot, "target snapshot", cfg.key_type) if cfg.target_snapshot else ()
 
     snap_loc = snapshot or cfg.snapshot
     snap_meta = None
@@ -188,12 +195,31 @@ def make_plan(
         if map_store is None:
             raise BadInput("plan: no snapshot given and no map store configured")
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
-        snap_loc = info.location
-        snap_meta = read_snapshot_info(snap_loc)
-        out(f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} rows_above_cutoff={info.rows_above_cutoff}")
-    else:
-        snap_meta = read_snapshot_info(snap_loc)
-    parts = list_parts(snap_loc, "snapshot")
+        try:
+            result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
+                                data_store, dry_run, beam_args, out, snapshot_line=(
+                                    f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
+                                    f"rows_above_cutoff={info.rows_above_cutoff}"))
+        except BaseException:
+            # a refused (or failed) plan leaves the work directory as it found it:
+            # the snapshot this call took goes too (an existing one stays)
+            if info.created:
+                fs.rmtree(info.location)
+            raise
+        if result.dry_run and not result.capacity_ok and info.created:
+            fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
+        return result
+    return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
+                      beam_args, out)
+
+
+def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
+               beam_args: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
+               ) -> PlanResult:
+    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
+    from transforms.plan import PlanGraphSpec, build_plan_graph
+
+    parts = list_parts(snap_loc, "snapshot", cfg.key_type)
 
     known = frozenset(cfg.known_shards())
     ctx = core.PlanContext(
@@ -205,6 +231,8 @@ def make_plan(
         target_shards=frozenset(s.id for s in cfg.target_shards) if cfg.target_shards else None,
     )
     plans = fs.join(cfg.work_dir, "plans")
+    new_dirs = fs.NewDirs()
+    new_dirs.watch(plans)
     fs.makedirs(plans)
     staging = fs.join(plans, fs.unique_name(".staging-"))
     fs.makedirs(staging)
@@ -216,6 +244,9 @@ def make_plan(
         stages = dry_run_stages(run_pipeline(p))
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
             fs.rmtree(staging)
+            new_dirs.remove_created()
+            if snapshot_line:
+                out(snapshot_line)
             out(dry_run_line(stages))
             return PlanResult("", None, {}, True, True, created=False, lines=[dry_run_line(stages)])
         elapsed = time.time() - t0
@@ -227,6 +258,8 @@ def make_plan(
         digest = core.digest_hex(*stats["digest"])
         if snap_meta and snap_meta.get("digest") and snap_meta["digest"] != digest:
             raise BadInput("snapshot: content does not match its snapshot.json digest (files changed or damaged)")
+        if snapshot_line:  # only now: a refused plan prints its one error line and nothing else
+            out(snapshot_line)
         target_canon = _target_canonical(cfg, ring, stats)
         plan_id = core.plan_id_for(digest, target_canon, cfg.key_type, cfg.window)
         files.sort(key=lambda f: (f["source"].encode(), f["target"].encode(), f["bucket"]))
@@ -274,8 +307,11 @@ def make_plan(
         for line in lines:
             out(line)
         result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
+        final = fs.join(plans, plan_id)
+        _note_reused_layout(final, manifest, out)
         if dry_run:
             fs.rmtree(staging)
+            new_dirs.remove_created()
             out("dry run: no plan committed")
             return result
         if not cap_ok:
@@ -284,7 +320,6 @@ def make_plan(
         for name in ("stats.json", "files.json", "duplicates.json"):
             fs.remove(fs.join(staging, name))
         fs.write_atomic(fs.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
-        final = fs.join(plans, plan_id)
         if fs.exists(fs.join(final, "manifest.json")):
             fs.rmtree(staging)
             result.created = False
@@ -299,7 +334,23 @@ def make_plan(
         return result
     except BaseException:
         fs.rmtree(staging)
+        new_dirs.remove_created()
         raise
+
+
+def _note_reused_layout(final: str, manifest: dict, out: Callable[[str], None]) -> None:
+    """One line when a committed plan with this id exists with another work
+    layout: the plan id does not depend on ``hash_buckets``, so the existing
+    plan (and its layout) is what ``run`` will use."""
+    if not fs.exists(fs.join(final, "manifest.json")):
+        return
+    try:
+        old = json.loads(fs.read_bytes(fs.join(final, "manifest.json"))).get("hash_buckets")
+    except (OSError, ValueError):
+        return
+    if old is not None and old != manifest["hash_buckets"]:
+        out(f"note: plan {manifest['plan_id'][:12]} already exists with hash_buckets={old}; it is kept as it is "
+            f"(hash_buckets={manifest['hash_buckets']} is ignored: it does not change the plan id)")
 
 
 def resolve_plan_dir(plan: str, work_dir: str | None) -> str:
@@ -322,6 +373,19 @@ def load_manifest(plan_dir: str) -> dict:
         m = json.loads(fs.read_bytes(fs.join(plan_dir, "manifest.json")))
     except ValueError as e:
         raise BadInput("manifest.json is not valid JSON") from e
+    if not isinstance(m, dict):
+        raise BadInput(f"{plan_dir}/manifest.json is damaged: not a JSON object")
     if m.get("format_version") != MANIFEST_FORMAT_VERSION:
         raise BadInput(f"manifest format_version {m.get('format_version')!r} is not supported")
+    for name, kind in _MANIFEST_FIELDS:
+        if not isinstance(m.get(name), kind):
+            raise BadInput(f"{plan_dir}/manifest.json is damaged: field {name} is missing or malformed")
+    for f in m["files"]:
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), t) for k, t in _FILE_FIELDS):
+            raise BadInput(f"{plan_dir}/manifest.json is damaged: a files entry is malformed")
     return m
+
+
+_MANIFEST_FIELDS = (("plan_id", str), ("key_type", str), ("files", list), ("pairs", list), ("snapshot", dict),
+                    ("keys_examined", int), ("moves", int))
+_FILE_FIELDS = (("group", str), ("source", str), ("target", str), ("rows", int))

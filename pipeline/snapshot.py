@@ -108,7 +108,9 @@ def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyTy
         else:
             if fs.exists(final):
                 fs.rmtree(final)  # a half-copied directory from a crash (gs://)
-            fs.rename_dir(staging, final)
+            created = fs.rename_dir(staging, final)
+            if not created:  # another process committed the same snapshot first
+                fs.rmtree(staging)
         return SnapshotInfo(final, digest, rows, cutoff, above, created)
     except BaseException:
         fs.rmtree(staging)
@@ -141,10 +143,29 @@ def _isdir(path):
     return os.path.isdir(path)
 
 
-def list_parts(location: str, what: str = "snapshot") -> tuple[tuple[str, int], ...]:
+def _column_types_ok(schema: pa.Schema, key_type) -> str | None:
+    """Why the key / shard_id columns cannot be read as ``key_type`` keys, or None."""
+    def base(t):
+        return t.value_type if pa.types.is_dictionary(t) else t
+
+    k, s = base(schema.field("key").type), base(schema.field("shard_id").type)
+    kt = K.KeyType(key_type) if key_type is not None else None
+    key_ok = (pa.types.is_binary(k) or pa.types.is_large_binary(k) or pa.types.is_fixed_size_binary(k)
+              or pa.types.is_string(k) or pa.types.is_large_string(k)
+              or (pa.types.is_integer(k) and (kt is None or kt is K.KeyType.INT64)))
+    if not key_ok:
+        return f"column key of type {k} cannot hold {kt.value if kt else 'shardmove'} keys"
+    if not (pa.types.is_string(s) or pa.types.is_large_string(s)):
+        return f"column shard_id is of type {s}, expected string"
+    return None
+
+
+def list_parts(location: str, what: str = "snapshot", key_type=None) -> tuple[tuple[str, int], ...]:
     """(path, row group) units of a Parquet file or a directory of them.
 
-    Reads only footers.  A corrupted or truncated file is bad input (exit 2).
+    Reads only footers.  A corrupted or truncated file, or one whose key or
+    shard_id column has a type that cannot hold keys / shard ids, is bad input
+    (exit 2).
     """
     if fs.is_gcs(location):
         files = [f for f in fs.walk_files(location) if f.endswith(".parquet")] or (
@@ -166,6 +187,9 @@ def list_parts(location: str, what: str = "snapshot") -> tuple[tuple[str, int], 
                 names = pf.schema_arrow.names
                 if "key" not in names or "shard_id" not in names:
                     raise BadInput(f"{what}: {f.rsplit('/', 1)[-1]} lacks the key and shard_id columns")
+                why = _column_types_ok(pf.schema_arrow, key_type)
+                if why:
+                    raise BadInput(f"{what}: {f.rsplit('/', 1)[-1]}: {why}")
                 units.extend((f, i) for i in range(pf.num_row_groups))
         except BadInput:
             raise

@@ -75,6 +75,12 @@ class TopologyReport:
     cutoff: int | None = None
     rows_above_cutoff: int | None = None  # written while the export ran
     invalid_keys: int = 0  # rows the key type cannot represent (skipped by the export)
+    empty_keys: int = 0  # empty string / bytes keys: the planner rejects them
+    oversize_keys: int = 0  # keys longer than MAX_KEY_BYTES: the planner rejects them
+    target_checked: bool = False  # an explicit target snapshot was read too
+    target_invalid_keys: int = 0  # ... keys in it the key type cannot represent (or empty)
+    target_oversize_keys: int = 0
+    target_unknown_shard_rows: int = 0  # ... rows on ids not in target.shards
     duplicate_keys: int = 0  # distinct keys that appear more than once
     duplicate_rows: int = 0  # rows beyond the first of each duplicated key
     per_shard: dict = dataclasses.field(default_factory=dict)
@@ -85,7 +91,9 @@ class TopologyReport:
 
     @property
     def bad(self) -> bool:
-        return bool(self.duplicate_keys or self.unknown_shard_rows or self.invalid_keys)
+        return bool(self.duplicate_keys or self.unknown_shard_rows or self.invalid_keys or self.empty_keys
+                    or self.oversize_keys or self.target_invalid_keys or self.target_oversize_keys
+                    or self.target_unknown_shard_rows)
 
 
 @dataclasses.dataclass
@@ -249,6 +257,8 @@ def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
                       memory_rows: int = DEFAULT_MEMORY_ROWS, spill_root: str | None = None) -> TopologyReport:
     """One streamed pass over ``map_store.snapshot(segment_size)``; see the module docstring."""
     rep = TopologyReport()
+    kt = getattr(map_store, "key_type", None)
+    empty_matters = kt is None or K.KeyType(kt) in (K.KeyType.STRING, K.KeyType.BYTES)
     lanes = (0, 0, 0)
     per_shard: dict[str, int] = {}
     finder = _DuplicateFinder(memory_rows, spill_root)
@@ -261,6 +271,10 @@ def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
                 shards = batch.column(batch.schema.get_field_index("shard_id"))
                 if keys.type != pa.binary():
                     keys = keys.cast(pa.binary())
+                lengths = pc.binary_length(keys)
+                rep.oversize_keys += int(pc.sum(pc.greater(lengths, K.MAX_KEY_BYTES).cast(pa.int64())).as_py() or 0)
+                if empty_matters:
+                    rep.empty_keys += int(pc.sum(pc.equal(lengths, 0).cast(pa.int64())).as_py() or 0)
                 hashes = K.stable_hashes(keys.to_pylist(), len(keys))
                 lanes = core._add_digest(lanes, core.digest_lanes(hashes, core._shard_hash_array(shards)))
                 for v in pc.value_counts(shards):
@@ -339,6 +353,30 @@ def compare_plan(map_store, plan_dir: str, manifest: dict, *, lookup_batch: int 
 
 # ------------------------------------------------------------- launcher
 
+def _check_target_snapshot(cfg, rep: TopologyReport) -> None:
+    """Count what the planner refuses in an explicit target snapshot (same rules:
+    :func:`pipeline.plancore.prepare_batch` on the target side)."""
+    from pipeline.snapshot import list_parts
+
+    targets = frozenset(s.id for s in cfg.target_shards) if cfg.target_shards else None
+    st = core.Stats()
+    units = list_parts(cfg.target_snapshot, "target snapshot", cfg.key_type)
+    for path in dict.fromkeys(p for p, _rg in units):
+        try:
+            with fs.open_input(path) as fh:
+                pf = pq.ParquetFile(fh)
+                for rg in range(pf.num_row_groups):
+                    core.prepare_batch(pf.read_row_group(rg, columns=["key", "shard_id"]), cfg.key_type, st,
+                                       targets, target_side=True)
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(f"target snapshot: {path.rsplit('/', 1)[-1]} is corrupted or truncated "
+                           f"({type(e).__name__})") from None
+    rep.target_checked = True
+    rep.target_invalid_keys = st.target_invalid_keys
+    rep.target_oversize_keys = st.target_oversize_keys
+    rep.target_unknown_shard_rows = st.target_unknown_shard_rows
+
+
 def validate(cfg, *, compare_plan_dir: str | None = None, map_store=None,
              memory_rows: int = DEFAULT_MEMORY_ROWS) -> ValidationResult:
     """Validate the configured map store; optionally compare a plan with it."""
@@ -355,6 +393,8 @@ def validate(cfg, *, compare_plan_dir: str | None = None, map_store=None,
     store = open_map_store(cfg) if own else map_store
     try:
         topo = validate_topology(store, cfg.known_shards(), cfg.opt("segment_size"), memory_rows=memory_rows)
+        if getattr(cfg, "target_snapshot", None):
+            _check_target_snapshot(cfg, topo)
         drift = None
         if manifest is not None:
             drift = compare_plan(store, compare_plan_dir, manifest, live_digest=topo.digest)
@@ -375,6 +415,11 @@ def format_lines(res: ValidationResult) -> list[str]:
     lines.append(f"unknown shard rows: {t.unknown_shard_rows}" + (f" on {len(t.unknown_shards)} ids ({shown})"
                                                                   if t.unknown_shards else ""))
     lines.append(f"invalid keys: {t.invalid_keys}")
+    lines.append(f"empty keys: {t.empty_keys}")
+    lines.append(f"over-long keys (> {K.MAX_KEY_BYTES} bytes): {t.oversize_keys}")
+    if t.target_checked:
+        lines.append(f"target snapshot: invalid keys: {t.target_invalid_keys} over-long keys: "
+                     f"{t.target_oversize_keys} rows on shards not in target.shards: {t.target_unknown_shard_rows}")
     lines.append(f"topology digest: {t.digest}")
     d = res.drift
     if d is not None:

@@ -229,14 +229,19 @@ def test_history_cli(tmp_path):
 
 
 def test_history_recorded_context_records_success_and_failure(tmp_path):
-    from pipeline.errors import Refused
+    from pipeline.errors import BadInput, Refused
+    from pipeline.lease import LeaseLost
 
     work = str(tmp_path / "work")
     with H.recorded(work, "run", "12" * 32) as h:
         h["code"], h["details"] = 3, {"done": 5, "failed": 1}
-    with pytest.raises(Refused):
+    for refusal in (Refused("plan: 2 keys drifted since the plan's snapshot"), BadInput("plan: 1 keys are empty")):
+        with pytest.raises(type(refusal)):  # a refusal changed nothing: not even the history
+            with H.recorded(work, "run", "12" * 32) as h:
+                raise refusal
+    with pytest.raises(LeaseLost):  # exit 4 too, but the run had done work: recorded
         with H.recorded(work, "run", "12" * 32) as h:
-            raise Refused("plan: 2 keys drifted since the plan's snapshot")
+            raise LeaseLost("plan 121212121212: this executor's lease (epoch 2) was taken over")
     recs = H.read_history(work)
     assert [(r["outcome"], r.get("exit_code")) for r in recs] == [("failed_keys", 3), ("refused", 4)]
-    assert recs[1]["details"]["error"].startswith("plan: 2 keys drifted")
+    assert recs[1]["details"]["error"].startswith("plan 121212121212: this executor's lease")

@@ -54,8 +54,10 @@ from apache_beam.metrics import Metrics
 
 from pipeline import fs
 from pipeline import plancore as core
+from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
+from transforms.coders import Uint64
 
 __all__ = [
     "PlanGraphSpec",
@@ -125,7 +127,11 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
             names = pf.schema_arrow.names
             cols = [c for c in columns if c in names]
             for _p, rg in units[i:j]:
-                table = pf.read_row_group(rg, columns=cols)
+                try:
+                    table = pf.read_row_group(rg, columns=cols)
+                except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
+                    raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
+                                   f"truncated ({type(e).__name__})") from None
                 if rows_counter is not None:
                     rows_counter.inc(table.num_rows)
                 for b in table.to_batches(max_chunksize=segment_size):
@@ -508,13 +514,13 @@ class DetectDuplicates(beam.PTransform):
         candidates = (
             hashes
             | "GroupByPartition" >> beam.GroupByKey()
-            | "CandidateHashes" >> beam.FlatMap(_candidate_hashes).with_output_types(int)
+            | "CandidateHashes" >> beam.FlatMap(_candidate_hashes).with_output_types(Uint64)
         )
         return (
             self._chunks
             | "ConfirmByKeyBytes" >> beam.ParDo(
                 _ConfirmDuplicatesFn(self._key_type, self._segment_size), beam.pvalue.AsList(candidates)
-            ).with_output_types(Tuple[int, bytes])
+            ).with_output_types(Tuple[Uint64, bytes])
             | "GroupByHash" >> beam.GroupByKey()
             | "CountDuplicates" >> beam.Map(_count_true_duplicates).with_output_types(int)
         )

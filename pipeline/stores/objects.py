@@ -38,8 +38,12 @@ per extra component.
 
 Limits (:meth:`ObjectDataStore.max_key_bytes`): on GCS the whole object name
 (prefix inside the bucket + ``/`` + name) is at most 1024 bytes; locally the
-name is at most 1024 bytes and the whole path at most 4095.  Longer keys are
-rejected at plan time (:meth:`ObjectDataStore.check_keys`); a copy of one
+name is at most 1024 bytes too (so that a local rehearsal refuses what GCS
+would) and the whole path at most 4095.  A 1024-byte name holds a key of at
+most 630 bytes, well below the planner's 4096: base32hex spends 8 characters
+on 5 bytes, and even the 4095-byte path limit could not hold a 4096-byte key
+(6554 characters).  Longer keys are rejected at plan time
+(:meth:`ObjectDataStore.check_keys`), with the limit in bytes; a copy of one
 fails the key with reason ``key_too_long``.
 
 Record bytes, content hash, versions
@@ -500,7 +504,7 @@ class ObjectDataStore:
         name = encode_key(key)
         if len(name) > s.name_budget():
             raise KeyTooLong(f"key {short_hash_of_key(bytes(key))} is too long for an object name "
-                             f"on shard {shard}")
+                             f"on shard {shard} (longest key there: {self.max_key_bytes(shard)} bytes)")
         return s.path(name)
 
     def max_key_bytes(self, shard: str | None = None) -> int:
@@ -560,7 +564,7 @@ class ObjectDataStore:
         name = encode_key(key)
         if len(name) > s.name_budget():
             raise KeyTooLong(f"key {short_hash_of_key(bytes(key))} is too long for an object name "
-                             f"on shard {s.id}")
+                             f"on shard {s.id} (longest key there: {self.max_key_bytes(s.id)} bytes)")
         return name
 
     # ------------------------------------------------------------- reads

@@ -1375,6 +1375,9 @@ class PostgresDataStore(_Configured):
         """``key -> length of its canonical encoding`` for the keys with rows on ``shard``."""
         return {k: len(r) for k, r in self._read_records(keys, shard, "shard sizes").items()}
 
+    #: Copies need the target tables to exist: nothing is created.
+    creates_shards = False
+
     def shard_exists(self, shard: str) -> bool:
         """Configured, reachable, and every configured table exists there."""
         if shard not in self._shards:

@@ -325,7 +325,7 @@ class RedisMapSnapshot(_CountingSnapshot):
                     yield batch
             self._above = store.count_above(self.cutoff)
         except redis.RedisError as e:
-            _raise(e, "map snapshot", store._secrets)
+            _raise(e, f"map store {redact_dsn(store.url)}: snapshot", store._secrets)
         finally:
             self._closed = True
 
@@ -448,7 +448,7 @@ class RedisMapStore:
                     raise PermanentError(f"map schema: {key} holds a {got.decode()}, expected a {typ.decode()}",
                                          reason="schema")
         except redis.RedisError as e:
-            _raise(e, "map schema", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: schema", self._secrets)
 
     # ---------------------------------------------------------------- reads
 
@@ -480,7 +480,7 @@ class RedisMapStore:
                     except (UnicodeDecodeError, ValueError):
                         continue
         except redis.RedisError as e:
-            _raise(e, "map lookup", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: lookup", self._secrets)
         return out
 
     def max_version(self) -> int:
@@ -488,7 +488,7 @@ class RedisMapStore:
         try:
             v = self._client().get(self.clock_key)
         except redis.RedisError as e:
-            _raise(e, "map max version", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: max version", self._secrets)
         try:
             return int(v or 0)
         except ValueError:
@@ -517,14 +517,14 @@ class RedisMapStore:
                 if int(cursor) == 0:
                     break
         except redis.RedisError as e:
-            _raise(e, "map count", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: count", self._secrets)
         return n
 
     def count(self) -> int:
         try:
             return int(self._client().hlen(self.shard_key))
         except redis.RedisError as e:
-            _raise(e, "map count", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: count", self._secrets)
 
     # --------------------------------------------------------------- writes
 
@@ -542,7 +542,7 @@ class RedisMapStore:
             try:
                 self._script("put")(keys=[self.shard_key, self.version_key, self.clock_key], args=args)
             except redis.RedisError as e:
-                _raise(e, "map put", self._secrets)
+                _raise(e, f"map store {redact_dsn(self.url)}: put", self._secrets)
             total += len(buf)
             buf.clear()
 
@@ -578,7 +578,7 @@ class RedisMapStore:
             reply = self._script("claim")(keys=[self.runs_key], args=[
                 plan_id, int(epoch), int(window[0]), int(window[1]), holder, repr(float(now + ttl)), repr(float(now))])
         except redis.RedisError as e:
-            _raise(e, "run claim", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: run claim", self._secrets)
         what = reply[0].decode()
         if what == "newer":
             raise LeaseLost(f"plan {plan_id[:12]} is already claimed by a newer executor (epoch {reply[1].decode()})")
@@ -593,7 +593,7 @@ class RedisMapStore:
         try:
             return bool(self._script("renew")(keys=[self.runs_key], args=[plan_id, int(epoch), repr(float(expires_at))]))
         except redis.RedisError as e:
-            _raise(e, what, self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: {what}", self._secrets)
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
         """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
@@ -643,7 +643,7 @@ class RedisMapStore:
             reply = self._script("swap")(keys=[self.shard_key, self.version_key, self.clock_key, self.runs_key],
                                          args=args)
         except redis.RedisError as e:
-            _raise(e, "map swap", self._secrets)
+            _raise(e, f"map store {redact_dsn(self.url)}: swap", self._secrets)
         if reply[0] == b"lease_lost":
             from pipeline.lease import LeaseLost
 

@@ -91,6 +91,7 @@ _RECORDS_SCHEMA = (
 # SQLite primary result codes that mean "someone else holds the lock, try again".
 _TRANSIENT_CODES = {5, 6, 15}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_PROTOCOL
 _CANTOPEN = 14
+_NOTADB = 26
 
 
 # --------------------------------------------------------------------- errors
@@ -112,6 +113,8 @@ def _store_error(e: sqlite3.Error, what: str) -> StoreError:
     code = getattr(e, "sqlite_errorcode", None)
     if code is not None and (code & 0xFF) == _CANTOPEN:
         return PermanentError(f"{what}: cannot open the database file ({name})", reason="cannot_open")
+    if code is not None and (code & 0xFF) == _NOTADB:
+        return PermanentError(f"{what}: the file is not a SQLite database ({name})", reason="not_a_database")
     if "no such table" in str(e) or "no such column" in str(e):
         return PermanentError(f"{what}: schema mismatch: {e}", reason="schema")
     return PermanentError(f"{what}: {e} ({name})", reason="store_error")
@@ -378,6 +381,8 @@ class _SqliteBase:
     #: ~1000 pages, so the default checkpoints after nearly every batch
     #: (measured: swap and copy ~40% faster).
     _PRAGMAS: tuple[str, ...] = ("PRAGMA wal_autocheckpoint=10000",)
+    #: What error messages call this store.
+    _WHAT = "store"
 
     def __init__(self, key_type: KeyType, busy_timeout: float, synchronous: str):
         self.key_type = KeyType(key_type)
@@ -402,15 +407,26 @@ class _SqliteBase:
         self.__init__(**state)
 
     def _open(self, path: str, *, text_factory=None) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            _uri(path), uri=True, timeout=self.busy_timeout, isolation_level=None,
-            check_same_thread=False, cached_statements=256,
-        )
-        if text_factory is not None:
-            conn.text_factory = text_factory
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        for pragma in self._PRAGMAS:
-            conn.execute(pragma)
+        """A configured connection; a file that cannot be opened or is not a
+        SQLite database raises a PermanentError naming the file."""
+        try:
+            conn = sqlite3.connect(
+                _uri(path), uri=True, timeout=self.busy_timeout, isolation_level=None,
+                check_same_thread=False, cached_statements=256,
+            )
+        except sqlite3.Error as e:
+            raise _store_error(e, f"{self._WHAT} {path}") from None
+        try:
+            if text_factory is not None:
+                conn.text_factory = text_factory
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            for pragma in self._PRAGMAS:
+                conn.execute(pragma)
+            # reading the schema is what tells a database from any other file
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as e:
+            conn.close()
+            raise _store_error(e, f"{self._WHAT} {path}") from None
         return conn
 
     def _conn(self, path: str) -> sqlite3.Connection:
@@ -565,7 +581,7 @@ class SqliteMapSnapshot(_CountingSnapshot):
             self._invalid = int(self._conn.execute(self._BAD_TYPED).fetchone()[0])
         except sqlite3.Error as e:
             self._conn.close()
-            raise _store_error(e, "map snapshot") from e
+            raise _store_error(e, f"map store {self._path}: snapshot") from e
         except BaseException:
             self._conn.close()
             raise
@@ -584,7 +600,7 @@ class SqliteMapSnapshot(_CountingSnapshot):
             self._above = int(self._conn.execute(
                 "SELECT count(*) FROM shard_map WHERE version > ?", (self.cutoff,)).fetchone()[0])
         except sqlite3.Error as e:
-            raise _store_error(e, "map snapshot") from e
+            raise _store_error(e, f"map store {self._path}: snapshot") from e
         finally:
             self.close()
 
@@ -608,6 +624,7 @@ class SqliteMapStore(_SqliteBase):
     # The map is hot (every swap batch reads and writes random pages of it):
     # a 64 MiB page cache per connection; few connections exist.
     _PRAGMAS = _SqliteBase._PRAGMAS + ("PRAGMA cache_size=-65536",)
+    _WHAT = "map store"
 
     #: count() and count_above() are index scans: the executor's drift check may use them
     cheap_counts = True
@@ -668,7 +685,7 @@ class SqliteMapStore(_SqliteBase):
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             _rollback(conn)
-            raise _store_error(e, "map lookup") from e
+            raise _store_error(e, f"map store {self.path}: lookup") from e
         return out
 
     def max_version(self) -> int:
@@ -676,7 +693,7 @@ class SqliteMapStore(_SqliteBase):
         try:
             return int(conn.execute("SELECT max(version) FROM shard_map").fetchone()[0] or 0)
         except sqlite3.Error as e:
-            raise _store_error(e, "map max version") from e
+            raise _store_error(e, f"map store {self.path}: max version") from e
 
     def count_above(self, version: int) -> int:
         """Rows whose version is above ``version`` (uses the version index)."""
@@ -685,14 +702,14 @@ class SqliteMapStore(_SqliteBase):
             return int(conn.execute("SELECT count(*) FROM shard_map WHERE version > ?",
                                     (int(version),)).fetchone()[0])
         except sqlite3.Error as e:
-            raise _store_error(e, "map count") from e
+            raise _store_error(e, f"map store {self.path}: count") from e
 
     def count(self) -> int:
         conn = self._map_conn()
         try:
             return int(conn.execute("SELECT count(*) FROM shard_map").fetchone()[0])
         except sqlite3.Error as e:
-            raise _store_error(e, "map count") from e
+            raise _store_error(e, f"map store {self.path}: count") from e
 
     # --------------------------------------------------------------- writes
 
@@ -722,7 +739,7 @@ class SqliteMapStore(_SqliteBase):
                     conn.execute("COMMIT")
                 except sqlite3.Error as e:
                     _rollback(conn)
-                    raise _store_error(e, "map put") from e
+                    raise _store_error(e, f"map store {self.path}: put") from e
             total += len(buf)
             buf.clear()
 
@@ -781,7 +798,7 @@ class SqliteMapStore(_SqliteBase):
                     _rollback(conn)
                     raise
         except sqlite3.Error as e:
-            raise _store_error(e, "run claim") from e
+            raise _store_error(e, f"map store {self.path}: run claim") from e
         finally:
             conn.close()
 
@@ -795,7 +812,7 @@ class SqliteMapStore(_SqliteBase):
             conn.commit()
         except sqlite3.Error as e:
             _rollback(conn)
-            raise _store_error(e, "run renew") from e
+            raise _store_error(e, f"map store {self.path}: run renew") from e
         if cur.rowcount != 1:
             raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
 
@@ -807,7 +824,7 @@ class SqliteMapStore(_SqliteBase):
             conn.commit()
         except sqlite3.Error as e:
             _rollback(conn)
-            raise _store_error(e, "run release") from e
+            raise _store_error(e, f"map store {self.path}: run release") from e
 
     def swap_batch(self, items: Sequence[SwapItem | tuple], *,
                    fence: "SqliteDataStore | None" = None,
@@ -961,7 +978,7 @@ class SqliteMapStore(_SqliteBase):
                 _rollback(conn)
                 if fence is not None:  # a broken attached connection is not reused
                     self._drop_fenced_conn(tuple(fence.shard_path(s) for s in attached))
-                raise _store_error(e, "map swap") from e
+                raise _store_error(e, f"map store {self.path}: swap") from e
 
     def _swap_all_applied(self, conn, norm, first, uniq, attached, targets) -> int | None:
         """Inside the swap transaction: if every key is at its expected source (and,
@@ -1007,7 +1024,7 @@ class SqliteMapStore(_SqliteBase):
                     conn.execute(f"ATTACH DATABASE ? AS copy{n}", (_uri(path, readonly=True),))
             except sqlite3.Error as e:  # half attached: never reuse it; the next batch opens anew
                 self._drop_fenced_conn(shard_paths)
-                raise _store_error(e, "map swap (attach shards)") from e
+                raise _store_error(e, f"map store {self.path}: swap (attach shards)") from e
             state[1] = wanted
         return conn
 
@@ -1106,6 +1123,8 @@ class SqliteDataStore(_SqliteBase):
     files, and only target files -- never a copy's source.
     """
 
+    _WHAT = "data store"
+
     def __init__(self, directory: str, key_type: KeyType = KeyType.STRING, *,
                  busy_timeout: float = DEFAULT_BUSY_TIMEOUT, synchronous: str = "FULL"):
         super().__init__(key_type, busy_timeout, synchronous)
@@ -1125,7 +1144,19 @@ class SqliteDataStore(_SqliteBase):
         return os.path.join(self.directory, safe_name(shard) + ".sqlite")
 
     def shard_exists(self, shard: str) -> bool:
-        return os.path.exists(self.shard_path(shard))
+        """The shard's file exists.  A file that is not a SQLite database, or
+        lacks the ``records`` table, raises PermanentError naming it."""
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            return False
+        conn = self._conn(path)
+        try:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
+        except sqlite3.Error as e:
+            raise _store_error(e, f"data store {path}") from e
+        if found is None:
+            raise PermanentError(f"data store {path}: schema mismatch: no table records", reason="schema")
+        return True
 
     def ensure_shard(self, shard: str) -> str:
         """Create the shard file (0600, WAL) and its table if absent; return its path."""
