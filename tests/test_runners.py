@@ -222,6 +222,102 @@ def test_portable_plan_and_run_match_in_memory(template, reference, tmp_path, po
     assert outcome(cfgpath, plan_id) == reference
 
 
+# ------------------------------------------------------------------ prism
+
+ON_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="module")
+def prism_binary():
+    """Prism for the installed Beam version, built once with ``go install`` into
+    shardmove's cache (``./run_local.sh test`` builds it before the suite).
+    Under CI a missing binary or Go is a failure, never a skip."""
+    from pipeline import engines
+    from pipeline.errors import BadInput
+
+    try:
+        return engines.ensure_prism(log=lambda s: sys.stderr.write(s + "\n"))
+    except BadInput as e:
+        if ON_CI:
+            pytest.fail(f"CI=true: the Prism tests must run: {e}")
+        pytest.skip(f"no Prism binary: {e}")
+
+
+def _prism_ran(stderr, times):
+    """Prism's own log lines: the pipelines really executed on Prism (DirectRunner would
+    otherwise fall back to the in-process engine without saying so)."""
+    assert stderr.count("PrismRunner: pipeline done!") == times, stderr[-3000:]
+
+
+def test_prism_runner_plan_and_run_match_in_memory(template, reference, tmp_path, prism_binary):
+    cfgpath = fresh(template, tmp_path)
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
+    r = run_cli("plan", "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    plan_id = reference["plan_id"]
+    assert f"plan id: {plan_id}" in r.stdout
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    assert f"summary: planned={reference['summary']['planned']} done={reference['summary']['done']} failed=0" in r.stdout
+    assert outcome(cfgpath, plan_id) == reference
+
+
+def test_prism_as_users_type_it_direct_runner_finds_the_local_binary(template, reference, tmp_path, prism_binary):
+    """``--runner=DirectRunner`` with no --prism_location: shardmove points Beam at the
+    cached binary (found through SHARDMOVE_PRISM here, as on a machine where
+    ``python -m pipeline.engines prism`` built it), so nothing is downloaded and the
+    pipelines run on Prism, not on the fallback engine."""
+    cfgpath = fresh(template, tmp_path)
+    env = {"SHARDMOVE_PRISM": prism_binary}
+    r = run_cli("plan", "--config", cfgpath, "--", "--runner=DirectRunner", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    plan_id = reference["plan_id"]
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", "--runner=DirectRunner", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    assert outcome(cfgpath, plan_id) == reference
+
+
+def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, prism_binary):
+    """SIGKILL of the whole run (launcher, Prism, its SDK workers) mid-copy; a rerun on
+    Prism takes the dead holder's lease over and completes: same map and records, each
+    map row written once (a Done lost with the kill is found at its target, not rewritten)."""
+    cfgpath = fresh(template, tmp_path)
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
+    r = run_cli("plan", "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan_id = reference["plan_id"]
+    with open(cfgpath, "a") as f:
+        f.write("copy_concurrency: 2\nfaults: {copy: {latency_ms: 20, keys_per_call: 1}}\n")
+    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
+    p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath, "--", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_parts(plan_dir, 3)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == -signal.SIGKILL
+    before = api.status(plan_dir)
+    assert not before["complete"]  # killed mid-run ...
+    assert before["states"].get("Planned", 0) < before["planned"]  # ... after checkpointed progress
+    with open(cfgpath, "a") as f:
+        f.write("faults: {}\n")
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    got = outcome(cfgpath, plan_id)
+    for k in ("plan_id", "files", "map", "records", "writes"):
+        assert got[k] == reference[k], k
+    for k in ("planned", "done", "failed", "states", "failures_by_reason", "complete"):
+        assert got["summary"][k] == reference["summary"][k], k
+
+
 # --------------------------------------------------------------- dataflow
 
 def _dataflow_config(template, where, setup_file=True):
@@ -339,6 +435,13 @@ def test_dataflow_cli_plan_dry_run(template, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dataflow dry run: job translated, 6 stages (ListChunks, PlanChunks," in r.stdout
     assert "plan dir:" not in r.stdout
+    # the preflight's findings for workers on other machines, as warnings: the translation still happens
+    warnings = [l for l in r.stdout.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 3, r.stdout
+    assert warnings[0].startswith("warning: map_store: a SQLite store cannot be used")
+    assert "SQLite locking is unsafe on network filesystems" in warnings[0]
+    assert warnings[1].startswith("warning: data_store: a SQLite store cannot be used")
+    assert warnings[2].startswith("warning: work_dir ") and "DataflowRunner runs its workers" in warnings[2]
     plans = os.path.join(load_config(cfgpath).work_dir, "plans")
     assert not [n for n in os.listdir(plans) if not n.startswith(".")] if os.path.exists(plans) else True
 
