@@ -264,6 +264,38 @@ def test_prism_runner_plan_and_run_match_in_memory(template, reference, tmp_path
     assert outcome(cfgpath, plan_id) == reference
 
 
+def test_prism_config_as_shipped(template, reference, tmp_path, prism_binary):
+    """configs/prism.yaml's command, verbatim (no Beam flags: the config names PrismRunner and
+    shardmove finds the binary it built), on a copy of the demo keyspace."""
+    with open(os.path.join(ROOT, "configs", "prism.yaml")) as f:
+        raw = yaml.safe_load(f)
+    assert raw["beam"] == {"runner": "PrismRunner"}
+    d = tmp_path / "ks"
+    shutil.copytree(template, d)
+    with open(d / "shardmove.yaml") as f:
+        demo = yaml.safe_load(f)
+    for k in ("map_store", "data_store", "current_shards", "target", "work_dir", *OPTS):
+        raw[k] = demo[k]
+    cfgpath = d / "prism.yaml"
+    cfgpath.write_text(yaml.safe_dump(raw))
+    install_write_witness(load_config(str(cfgpath)).map_store["path"])
+    env = {"SHARDMOVE_PRISM": ""} if os.path.dirname(prism_binary) == _prism_cache() else {"SHARDMOVE_PRISM": prism_binary}
+    r = run_cli("plan", "--config", str(cfgpath), env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    plan_id = reference["plan_id"]
+    r = run_cli("run", plan_id, "--config", str(cfgpath), env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    assert outcome(str(cfgpath), plan_id) == reference
+
+
+def _prism_cache():
+    from pipeline.engines import prism_cache_dir
+
+    return prism_cache_dir()
+
+
 def test_prism_as_users_type_it_direct_runner_finds_the_local_binary(template, reference, tmp_path, prism_binary):
     """``--runner=DirectRunner`` with no --prism_location: shardmove points Beam at the
     cached binary (found through SHARDMOVE_PRISM here, as on a machine where
@@ -464,3 +496,24 @@ def test_flink_and_spark_configs_are_well_formed(name, runner):
     view = opts.view_as(FlinkRunnerOptions if name == "flink" else SparkRunnerOptions)
     assert (view.flink_master if name == "flink" else view.spark_master_url)
     assert set(opts.get_all_options(retain_unknown_options=True)) == set(opts.get_all_options())  # no unknown flag
+
+
+def test_one_beam_version_everywhere():
+    """The Python SDK pin, Prism's tag, the job-server jars and the SDK image tags
+    in the README and configs name one Beam version: the installed one."""
+    import re
+
+    import apache_beam
+
+    v = apache_beam.__version__
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert re.findall(r'"apache-beam\[gcp\]==([^"]+)"', f.read()) == [v]
+    texts = {}
+    for name in ["README.md", "run_local.sh"] + [os.path.join("configs", n) for n in os.listdir(os.path.join(ROOT, "configs"))]:
+        with open(os.path.join(ROOT, name)) as f:
+            texts[name] = f.read()
+    patterns = (r"beam_python3\.\d+_sdk:(\d+\.\d+\.\d+)", r"job[-_]server[-:](\d+\.\d+\.\d+)",
+                r"_job_server:(\d+\.\d+\.\d+)", r"prism@v(\d+\.\d+\.\d+)", r"Prism v(\d+\.\d+\.\d+)")
+    seen = {(name, m) for name, t in texts.items() for p in patterns for m in re.findall(p, t)}
+    assert seen and {m for _n, m in seen} == {v}, sorted(seen)
+    assert any(n == "README.md" for n, _m in seen) and any(n.startswith("configs") for n, _m in seen)
