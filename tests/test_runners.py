@@ -350,6 +350,37 @@ def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, p
         assert got["summary"][k] == reference["summary"][k], k
 
 
+def test_prism_sigterm_exits_130_then_rerun_completes(template, reference, tmp_path, prism_binary):
+    """SIGTERM to the launcher of a run on Prism: the DoFns on Prism's SDK worker honour
+    the stop marker and flush, the job ends, the run exits 130; a rerun completes identically."""
+    cfgpath = fresh(template, tmp_path)
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
+    r = run_cli("plan", "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan_id = reference["plan_id"]
+    with open(cfgpath, "a") as f:
+        f.write("copy_concurrency: 1\nfaults: {copy: {latency_ms: 30, keys_per_call: 1}}\n")
+    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
+    p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath, "--", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_parts(plan_dir, 3)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-3000:]
+    assert "interrupted: checkpoints flushed; rerun to resume" in out
+    assert "Traceback" not in err
+    assert not api.status(plan_dir)["complete"]
+    with open(cfgpath, "a") as f:
+        f.write("faults: {}\n")
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert outcome(cfgpath, plan_id) == reference
+
+
 # --------------------------------------------------------------- dataflow
 
 def _dataflow_config(template, where, setup_file=True):
