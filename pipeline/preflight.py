@@ -71,7 +71,7 @@ def canonical_runner(name: str) -> str:
     from apache_beam.options.pipeline_options import StandardOptions
 
     known = {p.rsplit(".", 1)[-1].lower(): p.rsplit(".", 1)[-1] for p in StandardOptions.ALL_KNOWN_RUNNERS}
-    known["fnapirunner"] = "FnApiRunner"
+    known["fn_api_runner"] = "FnApiRunner"  # shardmove's own alias of the in-memory engine
     key = name.lower()
     if key in known:
         return known[key]

@@ -77,8 +77,10 @@ def is_dry_run(args: Sequence[str]) -> bool:
 def make_pipeline(args: Sequence[str]):
     import apache_beam as beam
 
+    from pipeline.preflight import canonical_runner
+
     opts = _options(args)
-    name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
+    name = canonical_runner(opts.get_all_options().get("runner") or DEFAULT_RUNNER)
     if name in _IN_MEMORY:
         # FnApiRunner.run_pipeline reads --direct_running_mode (in_memory,
         # multi_threading, multi_processing) and --direct_num_workers from

@@ -73,7 +73,7 @@ def test_unknown_runner_is_one_line(ks):
 def test_runner_names_as_beam_accepts_them():
     assert canonical_runner("flink") == "FlinkRunner"
     assert canonical_runner("directrunner") == "DirectRunner"
-    assert canonical_runner("FnApiRunner") == "FnApiRunner"
+    assert canonical_runner("FnApiRunner") == canonical_runner("fn_api_runner") == canonical_runner("fnapi") == "FnApiRunner"
     assert canonical_runner("Prism") == "PrismRunner"
     with pytest.raises(BadInput, match="unknown runner"):
         canonical_runner("Flinck")
