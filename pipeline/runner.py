@@ -12,6 +12,9 @@ The same graphs run unchanged on:
   processes: ``--direct_running_mode=multi_processing --direct_num_workers=N``
   (the runner object reads both options when the pipeline runs; its workers
   are started with this interpreter, ``sys.executable``);
+- ``PrismRunner``, and ``DirectRunner`` (which hands pipelines to Prism): the
+  preflight (:mod:`pipeline.preflight`) adds ``--prism_location`` with the local
+  binary of :mod:`pipeline.engines`, so nothing is downloaded;
 - ``PortableRunner`` against a job service (``--job_endpoint``), for example
   Beam's local job service with an external worker pool, or Flink/Spark job
   servers;
