@@ -186,3 +186,34 @@ def test_missing_go_for_prism_is_one_line(ks, tmp_path):
     r = run_cli("plan", "--config", ks, "--", "--runner=PrismRunner", env=env)
     _refused(r, "Prism v", "Go is not installed", "install Go", "--prism_location=PATH")
     _untouched(ks)
+
+
+def test_prism_is_built_with_go_install_of_the_pinned_tag_into_the_cache(tmp_path, monkeypatch):
+    """A stand-in ``go`` records its arguments and writes the binary where GOBIN says."""
+    import apache_beam
+
+    from pipeline import engines
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "go.log"
+    fake = bindir / "go"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\n[ "$FAIL" = 1 ] && {{ echo "go: boom" >&2; exit 1; }}\n'
+                    'printf "#!/bin/sh\\n" > "$GOBIN/prism"; chmod +x "$GOBIN/prism"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")  # the stand-in go first
+    monkeypatch.setenv("SHARDMOVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SHARDMOVE_PRISM", raising=False)
+    v = apache_beam.__version__
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(BadInput, match=rf"Prism v{v}: go install .*@v{v} failed \(go: boom\)"):
+        engines.ensure_prism()
+    assert engines.find_prism() is None and os.listdir(tmp_path / "cache" / "prism") == []  # nothing half-built
+    monkeypatch.setenv("FAIL", "0")
+    path = engines.ensure_prism()
+    assert log.read_text().split() == ["install", f"github.com/apache/beam/sdks/v2/go/cmd/prism@v{v}"]
+    assert path == os.path.join(engines.prism_cache_dir(), "prism") and engines.find_prism() == path
+    assert str(tmp_path / "cache") in path and ROOT not in path  # never inside the repository
+    log.unlink()
+    assert engines.ensure_prism() == path and not log.exists()  # cached: not built again
