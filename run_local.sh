@@ -3,6 +3,7 @@
 #   ./run_local.sh          create .venv, install, create the demo keyspace (demo/) if absent, run the demo migration
 #   ./run_local.sh test     create .venv, install with test dependencies and the Debian packages the tests
 #                           need (PostgreSQL, Redis, Chromium), run the whole suite (it starts its own servers)
+#   ./run_local.sh prism    build (once) and print the Prism binary for the pinned Beam version
 #   ./run_local.sh reset    delete demo/ (the next ./run_local.sh starts afresh)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -69,14 +70,33 @@ ensure_packages() {
   return 0
 }
 
+ensure_prism() {
+  # Prism (Beam's Go runner) for the pinned Beam version: built once with `go install` from the Go
+  # module proxy into ~/.cache/shardmove/prism/ (never into the repository); the runner tests use it.
+  # Go's official tarball installs to /usr/local/go, often not on a non-login shell's PATH
+  [ -x /usr/local/go/bin/go ] && ! command -v go >/dev/null 2>&1 && export PATH="$PATH:/usr/local/go/bin"
+  if ! .venv/bin/python -m pipeline.engines prism >/dev/null; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "error: CI=true: Prism could not be built, and its tests must run" >&2
+      exit 1
+    fi
+    echo "warning: no Prism binary; the Prism tests skip" >&2
+  fi
+}
+
 cmd=${1:-demo}
 case "$cmd" in
   test)
     shift || true
     ensure_venv test
     ensure_packages
-    echo "set-up: ${SECONDS}s (venv, packages); the suite starts its servers itself" >&2
+    ensure_prism
+    echo "set-up: ${SECONDS}s (venv, packages, Prism); the suite starts its servers itself" >&2
     exec .venv/bin/python -m pytest -q "$@"
+    ;;
+  prism)
+    ensure_venv ""
+    .venv/bin/python -m pipeline.engines prism
     ;;
   reset)
     rm -rf demo
@@ -101,7 +121,7 @@ case "$cmd" in
     exec "$SM" run "$PLAN_ID" --config demo/shardmove.yaml
     ;;
   *)
-    echo "usage: ./run_local.sh [test|reset]" >&2
+    echo "usage: ./run_local.sh [test|prism|reset]" >&2
     exit 2
     ;;
 esac

@@ -184,9 +184,9 @@ def cmd_plan(args, beam_args) -> int:
             return plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
 
-    from pipeline.runner import is_dry_run, pipeline_args
+    from pipeline.runner import is_dry_run
 
-    translate_only = is_dry_run(pipeline_args(cfg.beam, beam_args))  # Dataflow --dry_run: nothing committed
+    translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
         res = make()
         if translate_only:
@@ -212,6 +212,14 @@ def cmd_plan(args, beam_args) -> int:
     return EXIT_OK
 
 
+def _preflight(cfg, beam_args) -> list[str]:
+    """Bad Beam flags, stores remote workers cannot reach, missing Java/Go/jar: exit 2
+    before anything (snapshot, lease, history record) is written."""
+    from pipeline.preflight import preflight
+
+    return preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n")).args
+
+
 def _plan_dir(args, cfg=None):
     from pipeline.planner import resolve_plan_dir
 
@@ -232,10 +240,11 @@ def cmd_run(args, beam_args) -> int:
     from pipeline.history import recorded
 
     cfg = _load(args)
-    plan_dir = _plan_dir(args, cfg)
-    from pipeline.runner import is_dry_run, pipeline_args
+    from pipeline.runner import is_dry_run
 
-    if is_dry_run(pipeline_args(cfg.beam, beam_args)):  # Dataflow --dry_run: translate only, record nothing
+    translate_only = is_dry_run(_preflight(cfg, beam_args))
+    plan_dir = _plan_dir(args, cfg)
+    if translate_only:  # Dataflow --dry_run: translate only, record nothing
         return run(cfg, plan_dir, beam_args=beam_args).exit_code
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,

@@ -86,10 +86,19 @@ def cmd_verify(args, beam_args) -> int:
     return res.exit_code
 
 
+def _preflight(cfg, beam_args) -> None:
+    import sys
+
+    from pipeline.preflight import preflight
+
+    preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))
+
+
 def cmd_rollback(args, beam_args) -> int:
     from pipeline.ops import rollback
 
     cfg, plan_dir = _cfg_and_plan(args)
+    _preflight(cfg, beam_args)  # bad Beam flags etc.: exit 2 before the rollback plan is written
     return rollback(cfg, plan_dir, beam_args=beam_args).exit_code
 
 
@@ -107,6 +116,7 @@ def cmd_catchup(args, beam_args) -> int:
     from pipeline.ops import plan_since
 
     cfg, plan_dir = _cfg_and_plan(args)
+    _preflight(cfg, beam_args)
     res = plan_since(cfg, plan_dir, dry_run=args.dry_run, beam_args=beam_args)
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")

@@ -181,6 +181,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("shard_max_in_flight", 0, "int", "Per-shard cap on copy calls in flight, per worker process (0 = no cap).", 0, 100000),
     OptionSpec("shard_max_keys_per_s", 0.0, "float", "Per-shard cap on keys copied per second, per worker process (0 = no cap).", 0.0, 1e9),
     OptionSpec("adaptive_throttling", True, "bool", "Back off a shard's copy concurrency when its latency or error rate rises; ramp up when it recovers."),
+    OptionSpec("shared_paths", False, "bool", "Declare that a local work_dir and local object-store shards are mounted at the same path on every worker (required for runners whose workers may be on other machines)."),
 )
 OPTION_NAMES = tuple(o.name for o in OPTIONS)
 _SPEC = {o.name: o for o in OPTIONS}

@@ -447,6 +447,10 @@ def warn_unsafe_options(cfg: Config, stream=None) -> list[str]:
     return lines
 
 
+def _stderr_line(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
              allow_drift: bool = False) -> RunResult:
@@ -465,9 +469,11 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
               out: Callable[[str], None], allow_drift: bool) -> RunResult:
     from pipeline.lease import acquire
-    from pipeline.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, pipeline_args, run_pipeline
+    from pipeline.preflight import preflight
+    from pipeline.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
+    pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now
     manifest = load_manifest(plan_dir)
     plan_id = manifest["plan_id"]
     out(f"plan id: {plan_id}")
@@ -509,8 +515,10 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
             lease_path=lease_path,
         )
 
-    args = pipeline_args(cfg.beam, beam_args)
+    args = pf.args
     if is_dry_run(args):  # only translate the job (Dataflow --dry_run): no lease, no claim, nothing modified
+        for w in pf.warnings:
+            out(w)
         p = make_pipeline(args)
         build_run_graph(p, exec_spec(before["max_epoch"] + 1, "", ""))
         out(dry_run_line(dry_run_stages(run_pipeline(p)) or []))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -185,6 +186,11 @@ def make_plan(
     out: Callable[[str], None] = print,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
+    from pipeline.preflight import preflight
+
+    pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
+    for w in pf.warnings:
+        out(w)
 
     ring = None if cfg.target_snapshot else build_ring(cfg)
     target_parts = list_parts(cfg.target_snapshot, "target snapshot", cfg.key_type) if cfg.target_snapshot else ()
@@ -239,7 +245,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
     try:
         spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"))
         t0 = time.time()
-        p = make_pipeline(pipeline_args(cfg.beam, beam_args))
+        p = make_pipeline(pf.args)
         build_plan_graph(p, spec)
         stages = dry_run_stages(run_pipeline(p))
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit

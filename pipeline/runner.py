@@ -12,6 +12,9 @@ The same graphs run unchanged on:
   processes: ``--direct_running_mode=multi_processing --direct_num_workers=N``
   (the runner object reads both options when the pipeline runs; its workers
   are started with this interpreter, ``sys.executable``);
+- ``PrismRunner``, and ``DirectRunner`` (which hands pipelines to Prism): the
+  preflight (:mod:`pipeline.preflight`) adds ``--prism_location`` with the local
+  binary of :mod:`pipeline.engines`, so nothing is downloaded;
 - ``PortableRunner`` against a job service (``--job_endpoint``), for example
   Beam's local job service with an external worker pool, or Flink/Spark job
   servers;
@@ -78,11 +81,12 @@ def make_pipeline(args: Sequence[str]):
     import apache_beam as beam
 
     from pipeline.logsafe import cap_beam_loggers
+    from pipeline.preflight import canonical_runner
 
     cap_beam_loggers()  # Beam prints elements (keys) at DEBUG: never below INFO
 
     opts = _options(args)
-    name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
+    name = canonical_runner(opts.get_all_options().get("runner") or DEFAULT_RUNNER)
     if name in _IN_MEMORY:
         # FnApiRunner.run_pipeline reads --direct_running_mode (in_memory,
         # multi_threading, multi_processing) and --direct_num_workers from

@@ -222,6 +222,165 @@ def test_portable_plan_and_run_match_in_memory(template, reference, tmp_path, po
     assert outcome(cfgpath, plan_id) == reference
 
 
+# ------------------------------------------------------------------ prism
+
+ON_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="module")
+def prism_binary():
+    """Prism for the installed Beam version, built once with ``go install`` into
+    shardmove's cache (``./run_local.sh test`` builds it before the suite).
+    Under CI a missing binary or Go is a failure, never a skip."""
+    from pipeline import engines
+    from pipeline.errors import BadInput
+
+    try:
+        return engines.ensure_prism(log=lambda s: sys.stderr.write(s + "\n"))
+    except BadInput as e:
+        if ON_CI:
+            pytest.fail(f"CI=true: the Prism tests must run: {e}")
+        pytest.skip(f"no Prism binary: {e}")
+
+
+def _prism_ran(stderr, times):
+    """Prism's own log lines: the pipelines really executed on Prism (DirectRunner would
+    otherwise fall back to the in-process engine without saying so)."""
+    assert stderr.count("PrismRunner: pipeline done!") == times, stderr[-3000:]
+
+
+def test_prism_runner_plan_and_run_match_in_memory(template, reference, tmp_path, prism_binary):
+    cfgpath = fresh(template, tmp_path)
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
+    r = run_cli("plan", "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    plan_id = reference["plan_id"]
+    assert f"plan id: {plan_id}" in r.stdout
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    assert f"summary: planned={reference['summary']['planned']} done={reference['summary']['done']} failed=0" in r.stdout
+    assert outcome(cfgpath, plan_id) == reference
+
+
+def test_prism_config_as_shipped(template, reference, tmp_path, prism_binary):
+    """configs/prism.yaml's command, verbatim (no Beam flags: the config names PrismRunner and
+    shardmove finds the binary it built), on a copy of the demo keyspace."""
+    with open(os.path.join(ROOT, "configs", "prism.yaml")) as f:
+        raw = yaml.safe_load(f)
+    assert raw["beam"] == {"runner": "PrismRunner"}
+    d = tmp_path / "ks"
+    shutil.copytree(template, d)
+    with open(d / "shardmove.yaml") as f:
+        demo = yaml.safe_load(f)
+    for k in ("map_store", "data_store", "current_shards", "target", "work_dir", *OPTS):
+        raw[k] = demo[k]
+    cfgpath = d / "prism.yaml"
+    cfgpath.write_text(yaml.safe_dump(raw))
+    install_write_witness(load_config(str(cfgpath)).map_store["path"])
+    env = {"SHARDMOVE_PRISM": ""} if os.path.dirname(prism_binary) == _prism_cache() else {"SHARDMOVE_PRISM": prism_binary}
+    r = run_cli("plan", "--config", str(cfgpath), env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    plan_id = reference["plan_id"]
+    r = run_cli("run", plan_id, "--config", str(cfgpath), env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    assert outcome(str(cfgpath), plan_id) == reference
+
+
+def _prism_cache():
+    from pipeline.engines import prism_cache_dir
+
+    return prism_cache_dir()
+
+
+def test_prism_as_users_type_it_direct_runner_finds_the_local_binary(template, reference, tmp_path, prism_binary):
+    """``--runner=DirectRunner`` with no --prism_location: shardmove points Beam at the
+    cached binary (found through SHARDMOVE_PRISM here, as on a machine where
+    ``python -m pipeline.engines prism`` built it), so nothing is downloaded and the
+    pipelines run on Prism, not on the fallback engine."""
+    cfgpath = fresh(template, tmp_path)
+    env = {"SHARDMOVE_PRISM": prism_binary}
+    r = run_cli("plan", "--config", cfgpath, "--", "--runner=DirectRunner", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    plan_id = reference["plan_id"]
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", "--runner=DirectRunner", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    assert outcome(cfgpath, plan_id) == reference
+
+
+def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, prism_binary):
+    """SIGKILL of the whole run (launcher, Prism, its SDK workers) mid-copy; a rerun on
+    Prism takes the dead holder's lease over and completes: same map and records, each
+    map row written once (a Done lost with the kill is found at its target, not rewritten)."""
+    cfgpath = fresh(template, tmp_path)
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
+    r = run_cli("plan", "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan_id = reference["plan_id"]
+    with open(cfgpath, "a") as f:
+        f.write("copy_concurrency: 2\nfaults: {copy: {latency_ms: 20, keys_per_call: 1}}\n")
+    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
+    p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath, "--", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_parts(plan_dir, 3)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == -signal.SIGKILL
+    before = api.status(plan_dir)
+    assert not before["complete"]  # killed mid-run ...
+    assert before["states"].get("Planned", 0) < before["planned"]  # ... after checkpointed progress
+    with open(cfgpath, "a") as f:
+        f.write("faults: {}\n")
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _prism_ran(r.stderr, 1)
+    got = outcome(cfgpath, plan_id)
+    for k in ("plan_id", "files", "map", "records", "writes"):
+        assert got[k] == reference[k], k
+    for k in ("planned", "done", "failed", "states", "failures_by_reason", "complete"):
+        assert got["summary"][k] == reference["summary"][k], k
+
+
+def test_prism_sigterm_exits_130_then_rerun_completes(template, reference, tmp_path, prism_binary):
+    """SIGTERM to the launcher of a run on Prism: the DoFns on Prism's SDK worker honour
+    the stop marker and flush, the job ends, the run exits 130; a rerun completes identically."""
+    cfgpath = fresh(template, tmp_path)
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
+    r = run_cli("plan", "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan_id = reference["plan_id"]
+    with open(cfgpath, "a") as f:
+        f.write("copy_concurrency: 1\nfaults: {copy: {latency_ms: 30, keys_per_call: 1}}\n")
+    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
+    p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath, "--", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_parts(plan_dir, 3)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-3000:]
+    assert "interrupted: checkpoints flushed; rerun to resume" in out
+    assert "Traceback" not in err
+    assert not api.status(plan_dir)["complete"]
+    with open(cfgpath, "a") as f:
+        f.write("faults: {}\n")
+    r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert outcome(cfgpath, plan_id) == reference
+
+
 # --------------------------------------------------------------- dataflow
 
 def _dataflow_config(template, where, setup_file=True):
@@ -339,6 +498,13 @@ def test_dataflow_cli_plan_dry_run(template, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dataflow dry run: job translated, 6 stages (ListChunks, PlanChunks," in r.stdout
     assert "plan dir:" not in r.stdout
+    # the preflight's findings for workers on other machines, as warnings: the translation still happens
+    warnings = [l for l in r.stdout.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 3, r.stdout
+    assert warnings[0].startswith("warning: map_store: a SQLite store cannot be used")
+    assert "SQLite locking is unsafe on network filesystems" in warnings[0]
+    assert warnings[1].startswith("warning: data_store: a SQLite store cannot be used")
+    assert warnings[2].startswith("warning: work_dir ") and "DataflowRunner runs its workers" in warnings[2]
     plans = os.path.join(load_config(cfgpath).work_dir, "plans")
     assert not [n for n in os.listdir(plans) if not n.startswith(".")] if os.path.exists(plans) else True
 
@@ -361,3 +527,24 @@ def test_flink_and_spark_configs_are_well_formed(name, runner):
     view = opts.view_as(FlinkRunnerOptions if name == "flink" else SparkRunnerOptions)
     assert (view.flink_master if name == "flink" else view.spark_master_url)
     assert set(opts.get_all_options(retain_unknown_options=True)) == set(opts.get_all_options())  # no unknown flag
+
+
+def test_one_beam_version_everywhere():
+    """The Python SDK pin, Prism's tag, the job-server jars and the SDK image tags
+    in the README and configs name one Beam version: the installed one."""
+    import re
+
+    import apache_beam
+
+    v = apache_beam.__version__
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert re.findall(r'"apache-beam\[gcp\]==([^"]+)"', f.read()) == [v]
+    texts = {}
+    for name in ["README.md", "run_local.sh"] + [os.path.join("configs", n) for n in os.listdir(os.path.join(ROOT, "configs"))]:
+        with open(os.path.join(ROOT, name)) as f:
+            texts[name] = f.read()
+    patterns = (r"beam_python3\.\d+_sdk:(\d+\.\d+\.\d+)", r"job[-_]server[-:](\d+\.\d+\.\d+)",
+                r"_job_server:(\d+\.\d+\.\d+)", r"prism@v(\d+\.\d+\.\d+)", r"Prism v(\d+\.\d+\.\d+)")
+    seen = {(name, m) for name, t in texts.items() for p in patterns for m in re.findall(p, t)}
+    assert seen and {m for _n, m in seen} == {v}, sorted(seen)
+    assert any(n == "README.md" for n, _m in seen) and any(n.startswith("configs") for n, _m in seen)
