@@ -203,7 +203,7 @@ def make_plan(
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
-                                data_store, dry_run, beam_args, out, snapshot_line=(
+                                data_store, dry_run, pf.args, out, snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
                                     f"rows_above_cutoff={info.rows_above_cutoff}"))
         except BaseException:
@@ -216,13 +216,14 @@ def make_plan(
             fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
-                      beam_args, out)
+                      pf.args, out)
 
 
 def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
-               beam_args: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
+               pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
                ) -> PlanResult:
-    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, pipeline_args, run_pipeline
+    """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
+    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
     parts = list_parts(snap_loc, "snapshot", cfg.key_type)
@@ -245,7 +246,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
     try:
         spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"))
         t0 = time.time()
-        p = make_pipeline(pf.args)
+        p = make_pipeline(pipeline_argv)
         build_plan_graph(p, spec)
         stages = dry_run_stages(run_pipeline(p))
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
