@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from pipeline.backends import open_data_store, open_map_store
+from pipeline.stores import open_data_store, open_map_store
 from pipeline.config import Config
 from pipeline.keys import KeyType
 

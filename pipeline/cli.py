@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Sequence
 
+from pipeline import cli_common
+from pipeline.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
 from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
                              before_changes, redact)
@@ -120,30 +122,6 @@ def _configure_logging(args) -> None:
         logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 
 
-#: Work-directory folders a command may create; a refused command removes the
-#: ones it created (see ``main``), so that it leaves the work directory as it
-#: found it.
-_NEW_DIRS = None
-
-
-def _watch_work_dir(work_dir: str) -> None:
-    from pipeline import fs
-
-    if _NEW_DIRS is not None:
-        _NEW_DIRS.watch(work_dir, *(fs.join(work_dir, d) for d in ("snapshots", "plans", "history")))
-
-
-def _load(args):
-    overrides = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    cfg = load_config(args.config, overrides)
-    if getattr(args, "work_dir", None):
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, work_dir=os.path.abspath(args.work_dir))
-    _watch_work_dir(cfg.work_dir)
-    return cfg
-
-
 def cmd_demo(args, beam_args) -> int:
     from pipeline.api import create_demo_keyspace
 
@@ -204,27 +182,11 @@ def cmd_plan(args, beam_args) -> int:
         print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
-        if _NEW_DIRS is not None:
-            _NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
+        cli_common.remove_created()  # refused: leave the work directory as it was found
         return 4
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")
     return EXIT_OK
-
-
-def _preflight(cfg, beam_args) -> list[str]:
-    """Bad Beam flags, stores remote workers cannot reach, missing Java/Go/jar: exit 2
-    before anything (snapshot, lease, history record) is written."""
-    from pipeline.preflight import preflight
-
-    return preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n")).args
-
-
-def _plan_dir(args, cfg=None):
-    from pipeline.planner import resolve_plan_dir
-
-    work = os.path.abspath(args.work_dir) if getattr(args, "work_dir", None) else (cfg.work_dir if cfg else None)
-    return resolve_plan_dir(args.plan, work)
 
 
 def cmd_run(args, beam_args) -> int:
@@ -297,7 +259,6 @@ def cmd_status(args, beam_args) -> int:
     while True:
         s = status(plan_dir)
         if args.prometheus:
-            from pipeline.cli_reports import with_last_run
             from pipeline.prom import summary_to_prometheus, write_textfile
 
             write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
@@ -345,14 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     _configure_logging(args)
-    global _NEW_DIRS
     from pipeline.fs import NewDirs
 
-    _NEW_DIRS = NewDirs()
+    cli_common.track_new_dirs(NewDirs())
     try:
         return _dispatch(args, beam_args)
     finally:
-        _NEW_DIRS = None
+        cli_common.track_new_dirs(None)
 
 
 def _dispatch(args, beam_args) -> int:
@@ -364,8 +324,8 @@ def _dispatch(args, beam_args) -> int:
     except ShardmoveError as e:
         if args.debug:
             LOG.exception("failed")
-        if e.nothing_modified and _NEW_DIRS is not None:
-            _NEW_DIRS.remove_created()
+        if e.nothing_modified:
+            cli_common.remove_created()
         sys.stderr.write(f"error: {_one_line(e)}\n")
         return e.exit_code
     except KeyboardInterrupt:

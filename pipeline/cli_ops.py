@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline import cli_common
+from pipeline.cli_common import preflight as _preflight
 from pipeline.errors import EXIT_OK, EXIT_REFUSED, BadInput
 
 __all__ = ["register"]
@@ -60,10 +62,8 @@ def register(subparsers, add_common, commands) -> None:
 
 
 def _cfg_and_plan(args):
-    from pipeline.cli import _load, _plan_dir
-
-    cfg = _load(args)
-    return cfg, _plan_dir(args, cfg)
+    cfg = cli_common.load(args)
+    return cfg, cli_common.plan_dir(args, cfg)
 
 
 def cmd_failures(args, beam_args) -> int:
@@ -84,14 +84,6 @@ def cmd_verify(args, beam_args) -> int:
     if args.json:
         print(json.dumps(res.to_dict(), indent=1, sort_keys=True))
     return res.exit_code
-
-
-def _preflight(cfg, beam_args) -> None:
-    import sys
-
-    from pipeline.preflight import preflight
-
-    preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))
 
 
 def cmd_rollback(args, beam_args) -> int:
@@ -120,10 +112,7 @@ def cmd_catchup(args, beam_args) -> int:
     res = plan_since(cfg, plan_dir, dry_run=args.dry_run, beam_args=beam_args)
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
-        from pipeline import cli
-
-        if cli._NEW_DIRS is not None:
-            cli._NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
+        cli_common.remove_created()  # refused: leave the work directory as it was found
         return EXIT_REFUSED
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from pipeline.cli_common import load as _load, plan_dir as _plan_dir, with_last_run
 from pipeline.errors import EXIT_OK, BadInput
 
 __all__ = ["register", "cmd_validate", "cmd_report", "cmd_metrics", "cmd_history", "export_summary",
@@ -48,8 +49,6 @@ def register(subparsers, add_common, commands) -> None:
 
 
 def _cfg_and_work(args):
-    from pipeline.cli import _load
-
     if not args.config and not getattr(args, "work_dir", None):
         raise BadInput("a configuration (--config) or a work directory (--work-dir) is required")
     if args.config:
@@ -61,7 +60,6 @@ def _cfg_and_work(args):
 
 
 def cmd_validate(args, beam_args) -> int:
-    from pipeline.cli import _load
     from pipeline.planner import resolve_plan_dir
     from pipeline.validate import format_lines, validate
 
@@ -89,7 +87,6 @@ def cmd_validate(args, beam_args) -> int:
 
 
 def cmd_report(args, beam_args) -> int:
-    from pipeline.cli import _plan_dir
     from pipeline.report import write_report
 
     cfg, _work = _cfg_and_work(args)
@@ -105,24 +102,7 @@ def export_summary(plan_dir: str) -> dict:
     return with_last_run(plan_dir, plan_status(plan_dir))
 
 
-def with_last_run(plan_dir: str, s: dict) -> dict:
-    """Add the last run's total time, retries and stage timings (``summary.json``) to a status dict."""
-    from pipeline import fs
-
-    path = fs.join(plan_dir, "summary.json")
-    if fs.exists(path):
-        try:
-            prev = json.loads(fs.read_bytes(path))
-        except ValueError:
-            prev = {}
-        for k in ("total_elapsed_s", "retries_this_run", "timings"):
-            if k in prev and k not in s:
-                s[k] = prev[k]
-    return s
-
-
 def cmd_metrics(args, beam_args) -> int:
-    from pipeline.cli import _plan_dir
     from pipeline.prom import summary_to_prometheus, write_textfile
 
     cfg, _work = _cfg_and_work(args)

@@ -484,7 +484,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     if before["complete"] and not (retry_failed and before["failed"]):
         return _already_complete(cfg, plan_dir, manifest, before, irq, out)
 
-    from pipeline.backends import open_data_store, open_map_store
+    from pipeline.stores import open_data_store, open_map_store
     from pipeline.errors import before_changes
 
     with before_changes():  # nothing modified yet: a store we cannot use is bad configuration
@@ -665,7 +665,7 @@ def _supersede_claim(cfg: Config, manifest: dict, lease):
     (to release it with), or None when there is no registry or another plan holds it."""
     import socket
 
-    from pipeline.backends import open_map_store
+    from pipeline.stores import open_map_store
 
     try:
         map_store = open_map_store(cfg)

@@ -42,6 +42,8 @@ import tempfile
 import uuid
 from typing import Iterator
 
+from pipeline.errors import CommitConflict
+
 __all__ = [
     "CommitConflict",
     "is_gcs",
@@ -65,10 +67,6 @@ __all__ = [
     "copy_tree",
     "size",
 ]
-
-
-class CommitConflict(RuntimeError):
-    """create-if-absent found an object with different content (or a stale replace)."""
 
 
 def is_gcs(path: str) -> bool:

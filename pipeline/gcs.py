@@ -58,7 +58,7 @@ import sys
 import threading
 from typing import Mapping
 
-from pipeline.errors import TransientError
+from pipeline.errors import CommitConflict, TransientError
 
 __all__ = [
     "EMULATOR_ENV",
@@ -561,7 +561,6 @@ def create_if_absent(path: str, data: bytes) -> bool:
     first response was lost).  Raises :class:`pipeline.fs.CommitConflict`
     when it holds different bytes.
     """
-    from pipeline.fs import CommitConflict
 
     Pre = _precondition()
     for _ in range(3):
@@ -588,7 +587,6 @@ def replace(path: str, data: bytes, *, generation: int | None = None) -> int:
     must not change between that read and the upload).  Raises
     :class:`pipeline.fs.CommitConflict` ("stale replace") when it changed.
     """
-    from pipeline.fs import CommitConflict
 
     if generation is None:
         st = stat(path)

@@ -39,7 +39,7 @@ from pipeline import fs
 from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline import states as S
-from pipeline.backends import open_data_store, open_map_store
+from pipeline.stores import open_data_store, open_map_store
 from pipeline.config import Config
 from pipeline.errors import EXIT_FAILED_KEYS, EXIT_OK, BadInput
 from pipeline.names import group_id

@@ -380,7 +380,7 @@ def _check_target_snapshot(cfg, rep: TopologyReport) -> None:
 def validate(cfg, *, compare_plan_dir: str | None = None, map_store=None,
              memory_rows: int = DEFAULT_MEMORY_ROWS) -> ValidationResult:
     """Validate the configured map store; optionally compare a plan with it."""
-    from pipeline.backends import open_map_store
+    from pipeline.stores import open_map_store
     from pipeline.planner import load_manifest
 
     manifest = None

@@ -85,7 +85,9 @@ def test_every_subcommand_at_debug_prints_no_key_bytes(tmp_path):
     outs = {}
 
     def cli(name, *args, codes=(0,)):
-        r = run_cli(*args, *DEBUG)
+        # shardmove's own flags go before "--": what follows it is Beam's (an unknown one is refused)
+        cut = args.index("--") if "--" in args else len(args)
+        r = run_cli(*args[:cut], *DEBUG, *args[cut:])
         outs[name] = r.stdout + r.stderr
         assert r.returncode in codes, (name, r.returncode, r.stderr[-2000:])
         return r

@@ -19,7 +19,7 @@ import yaml
 
 from pipeline import api, errors
 from pipeline import states as S
-from pipeline.backends import map_store_from_spec
+from pipeline.stores import map_store_from_spec
 from pipeline.config import load_config
 from pipeline.demo import demo_keys
 from pipeline.keys import KeyType, text_form

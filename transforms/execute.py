@@ -64,7 +64,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
-from pipeline.backends import data_store_from_spec, map_store_from_spec
+from pipeline.stores import data_store_from_spec, map_store_from_spec
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
@@ -1155,10 +1155,6 @@ class SwapBatches(beam.PTransform):
 
 
 # ----------------------------------------------------------------- graph
-
-def _key_by_group(ch: Chunk):
-    return ch.gid, ch
-
 
 def build_run_graph(p: beam.Pipeline, spec: ExecSpec) -> None:
     """The executor's flowchart (see the module docstring)."""

@@ -63,7 +63,6 @@ __all__ = [
     "PlanGraphSpec",
     "ReadAssignments",
     "PlanChunks",
-    "PlanMoves",
     "DetectDuplicates",
     "WriteMoveFiles",
     "build_plan_graph",
@@ -355,41 +354,6 @@ class PlanChunks(beam.PTransform):
         return chunks | "PlanChunk" >> beam.ParDo(
             _PlanChunkFn(self._ctx, self._staging, self._segment_size)
         ).with_output_types(Any).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
-
-
-class _PlanSegmentFn(beam.DoFn):
-    """Segment -> moves (gid, table) and hashes (partition, array) as elements.
-
-    Kept for callers that plan small inputs without spill files; the
-    planner's graph uses :class:`PlanChunks`."""
-
-    MOVES = "moves"
-    HASHES = "hashes"
-
-    def __init__(self, ctx: core.PlanContext):
-        self._ctx = ctx
-
-    def process(self, table: pa.Table):
-        moves, stats, hashes = core.plan_batch(table, self._ctx)
-        part = (hashes >> np.uint64(64 - SPILL_PARTITION_BITS)).astype(np.int32)
-        for p in np.unique(part):
-            yield beam.pvalue.TaggedOutput(self.HASHES, (int(p), hashes[part == p]))
-        for gid, t in _split_moves(moves):
-            yield beam.pvalue.TaggedOutput(self.MOVES, (gid, t))
-        yield stats
-
-
-class PlanMoves(beam.PTransform):
-    """Segments -> tagged outputs ``moves`` (gid, table), ``hashes`` (partition, ndarray), main: Stats."""
-
-    def __init__(self, ctx: core.PlanContext):
-        super().__init__()
-        self._ctx = ctx
-
-    def expand(self, segments):
-        return segments | "PlanSegments" >> beam.ParDo(_PlanSegmentFn(self._ctx)).with_outputs(
-            _PlanSegmentFn.MOVES, _PlanSegmentFn.HASHES, main="stats"
-        )
 
 
 class _PrepareSideFn(beam.DoFn):

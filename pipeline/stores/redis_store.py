@@ -44,10 +44,9 @@ import redis
 import xxhash
 
 from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
-from pipeline.keys import KeyType
-from pipeline.stores.base import SwapItem, SwapResult
+from pipeline.keys import KeyType, text_forms
+from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
 from pipeline.stores.postgres import _dsn_secrets, _scrub, redact_dsn
-from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
 
 __all__ = ["RedisMapStore", "RedisMapSnapshot", "DEFAULT_URL", "DEFAULT_PREFIX"]
 
@@ -234,7 +233,7 @@ class _SeenSet:
 # ---------------------------------------------------------------- snapshot
 
 
-class RedisMapSnapshot(_CountingSnapshot):
+class RedisMapSnapshot(CountingSnapshot):
     """A point-in-time export of a Redis shard map (see :class:`base.MapSnapshot`).
 
     Redis has no read transactions, so the snapshot is "at the cutoff, minus
@@ -460,7 +459,7 @@ class RedisMapStore:
         """Current ``(shard_id, version)`` of those keys that exist (one MULTI per chunk)."""
         if not keys:
             return {}
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         by_text = dict(zip(texts, keys))
         uniq = list(by_text)
         out: dict[bytes, tuple[str, int]] = {}
@@ -537,7 +536,7 @@ class RedisMapStore:
         def flush():
             nonlocal total
             args: list = []
-            for t, (_, s) in zip(_texts([k for k, _ in buf], self.key_type), buf):
+            for t, (_, s) in zip(text_forms([k for k, _ in buf], self.key_type), buf):
                 args += [t, s]
             try:
                 self._script("put")(keys=[self.shard_key, self.version_key, self.clock_key], args=args)
@@ -624,10 +623,10 @@ class RedisMapStore:
         """
         if fence is not None:
             raise TypeError("swap_batch: the Redis map store cannot fence a swap (supports_fence is False)")
-        norm = [_swap_item(it) for it in items]
+        norm = [swap_item(it) for it in items]
         if not norm:
             return SwapResult()
-        texts = _texts([it.key for it in norm], self.key_type)
+        texts = text_forms([it.key for it in norm], self.key_type)
         first: dict[str, int] = {}
         dup_conflict: set[str] = set()
         for i, (t, it) in enumerate(zip(texts, norm)):
