@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Sequence
 
-from pipeline import cli_common
+from pipeline import cli_common, workdir
 from pipeline.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
 from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
@@ -156,10 +156,9 @@ def cmd_plan(args, beam_args) -> int:
             if args.snapshot:
                 raise BadInput("plan: --since and --snapshot cannot be combined")
             from pipeline.ops import plan_since
-            from pipeline.planner import resolve_plan_dir
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
-            return plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
+            return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
 
     from pipeline.runner import is_dry_run

@@ -13,6 +13,7 @@ import os
 import sys
 
 from pipeline import fs
+from pipeline import workdir
 from pipeline.config import OPTIONS, load_config
 
 __all__ = ["load", "plan_dir", "preflight", "track_new_dirs", "remove_created", "with_last_run"]
@@ -35,7 +36,7 @@ def remove_created() -> None:
 
 def _watch_work_dir(work_dir: str) -> None:
     if _NEW_DIRS is not None:
-        _NEW_DIRS.watch(work_dir, *(fs.join(work_dir, d) for d in ("snapshots", "plans", "history")))
+        _NEW_DIRS.watch(work_dir, workdir.snapshots_dir(work_dir), workdir.plans_dir(work_dir), workdir.history_dir(work_dir))
 
 
 def load(args):
@@ -50,23 +51,21 @@ def load(args):
 
 def plan_dir(args, cfg=None) -> str:
     """The plan directory of ``args.plan``: a directory, or a plan id under the work directory."""
-    from pipeline.planner import resolve_plan_dir
-
     work = os.path.abspath(args.work_dir) if getattr(args, "work_dir", None) else (cfg.work_dir if cfg else None)
-    return resolve_plan_dir(args.plan, work)
+    return workdir.resolve_plan_dir(args.plan, work)
 
 
 def preflight(cfg, beam_args) -> list[str]:
     """Bad Beam flags, stores remote workers cannot reach, missing Java/Go/jar: exit 2
     before anything (snapshot, lease, history record) is written."""
-    from pipeline.preflight import preflight as _preflight
+    from pipeline.preflight import preflight as _preflight  # deferred: the preflight loads Beam
 
     return _preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n")).args
 
 
 def with_last_run(plan_dir: str, s: dict) -> dict:
     """Add the last run's total time, retries and stage timings (``summary.json``) to a status dict."""
-    path = fs.join(plan_dir, "summary.json")
+    path = workdir.summary_path(plan_dir)
     if fs.exists(path):
         try:
             prev = json.loads(fs.read_bytes(path))

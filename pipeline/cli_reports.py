@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from pipeline import workdir
 from pipeline.cli_common import load as _load, plan_dir as _plan_dir, with_last_run
 from pipeline.errors import EXIT_OK, BadInput
 
@@ -60,13 +61,12 @@ def _cfg_and_work(args):
 
 
 def cmd_validate(args, beam_args) -> int:
-    from pipeline.planner import resolve_plan_dir
     from pipeline.validate import format_lines, validate
 
     if not args.config:
         raise BadInput("validate: --config is required")
     cfg = _load(args)
-    plan_dir = resolve_plan_dir(args.compare, cfg.work_dir) if args.compare else None
+    plan_dir = workdir.resolve_plan_dir(args.compare, cfg.work_dir) if args.compare else None
     res = validate(cfg, compare_plan_dir=plan_dir)
     if args.json:
         print(json.dumps(res.to_dict(), indent=1, sort_keys=True))

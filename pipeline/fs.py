@@ -348,7 +348,7 @@ def rmtree(path: str) -> None:
 def rename_dir(src: str, dst: str) -> bool:
     """Move a finished directory into place; False if ``dst`` already exists."""
     if is_gcs(src) or is_gcs(dst):
-        if exists(join(dst, "manifest.json")):
+        if any(exists(join(dst, m)) for m in COMMIT_MARKERS):
             return False
         copy_tree(src, dst)
         rmtree(src)

@@ -64,6 +64,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
+from pipeline import workdir
 from pipeline.stores import data_store_from_spec, map_store_from_spec
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
@@ -427,7 +428,7 @@ class _LoadWorkFn(beam.DoFn):
         gid, _rows = element
         spec = self._spec
         source, target, _bucket = parse_group_id(gid)
-        path = fs.join(spec.plan_dir, "moves", gid + ".parquet")
+        path = workdir.move_file(spec.plan_dir, gid)
         with fs.open_input(path) as f:
             plan = pq.read_table(f, columns=["key", "key_hash"])
         n = plan.num_rows

@@ -54,6 +54,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import fs
 from pipeline import plancore as core
+from pipeline import workdir
 from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
@@ -569,9 +570,9 @@ class _WriteGroupFn(beam.DoFn):
         gid, values = element
         table = pa.concat_tables([_moves_table(v) for v in values])
         data = write_moves_bytes(table)
-        path = fs.join(self._staging, "moves", gid + ".parquet")
+        path = workdir.move_file(self._staging, gid)
         if not self._made:
-            fs.makedirs(fs.join(self._staging, "moves"))
+            fs.makedirs(workdir.moves_dir(self._staging))
             self._made = True
         record = {
             "group": gid,
