@@ -303,6 +303,7 @@ def beam_gcsio():
     ident = (os.getpid(), emulator_host())
     io_ = _GCSIO.get(ident)
     if io_ is None:
+        # deferred: Beam's GCS IO (seconds to import) only for bulk gs:// files
         from apache_beam.io.filesystems import FileSystems
         from apache_beam.io.gcp import gcsio
 

@@ -14,7 +14,7 @@ import pytest
 import xxhash
 
 from pipeline import errors
-from pipeline.demo import create_demo, demo_keys
+from shardmove.demo import create_demo, demo_keys
 from pipeline.keys import KeyType, stable_hash, text_form
 from pipeline.stores import (
     SNAPSHOT_SCHEMA,

@@ -24,7 +24,7 @@ background thread, and swaps run on one swapper thread per worker while the
 bundle thread copies and verifies the next chunks.
 
 Mover calls (copies and re-copies) pass through per-shard throttles
-(:mod:`pipeline.throttle`, built on Beam's ``AdaptiveThrottler``): caps on
+(:mod:`transforms.throttle`, built on Beam's ``AdaptiveThrottler``): caps on
 calls in flight and keys per second per shard, and an adaptive concurrency
 limit that backs off when a shard's latency or error rate rises.  The
 throttles are shared by every DoFn of a worker process
@@ -71,7 +71,7 @@ from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
 from pipeline.logsafe import cap_beam_loggers
 from pipeline.names import parse_group_id
-from pipeline.throttle import ShardThrottles, ThrottleConfig
+from transforms.throttle import ShardThrottles, ThrottleConfig
 
 __all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph",
            "throttle_config"]

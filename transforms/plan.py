@@ -31,7 +31,7 @@ Spill names are deterministic (chunk index, spill index), so a retried
 bundle rewrites the same bytes; only pointers that Beam committed are read.
 
 Bulk data travels as Arrow tables, never per-key elements.  The launcher
-(``pipeline/planner.py``) validates the stats and commits the manifest.
+(``shardmove/planner.py``) validates the stats and commits the manifest.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ attached to a ticket on its own.  No scripts, no external resources.
   (copied / verified / swapped / failed over time, from ``progress/*.json``),
   throughput, per-stage latency distributions (``progress/timings-*.json``),
   copy attempts per key (retries), failures by reason and Done keys by
-  verification method (:func:`pipeline.executor.summarize`, exact from the
+  verification method (:func:`shardmove.executor.summarize`, exact from the
   checkpoints).
 
 Reports hold counts, shard ids and timings only -- never a key value.  Files
@@ -373,7 +373,7 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
     import pyarrow.compute as pc
 
     from pipeline import checkpoint as ckpt
-    from pipeline.executor import summarize
+    from shardmove.executor import summarize
 
     summary = summarize(plan_dir, manifest)
     prev = workdir.read_summary(plan_dir) or {}

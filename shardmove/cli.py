@@ -13,8 +13,9 @@ import re
 import sys
 from typing import Sequence
 
-from pipeline import cli_common, workdir
-from pipeline.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
+from pipeline import workdir
+from shardmove import cli_common
+from shardmove.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
 from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
                              before_changes, redact)
@@ -96,7 +97,7 @@ def _extensions():
     import importlib
 
     mods = []
-    for name in ("pipeline.cli_reports", "pipeline.cli_ops"):
+    for name in ("shardmove.cli_reports", "shardmove.cli_ops"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as e:
@@ -123,7 +124,7 @@ def _configure_logging(args) -> None:
 
 
 def cmd_demo(args, beam_args) -> int:
-    from pipeline.api import create_demo_keyspace
+    from shardmove.api import create_demo_keyspace
 
     if args.keys < 0 or args.shards < 1:
         raise BadInput("demo: --keys must be >= 0 and --shards >= 1")
@@ -134,7 +135,7 @@ def cmd_demo(args, beam_args) -> int:
 
 
 def cmd_snapshot(args, beam_args) -> int:
-    from pipeline.api import snapshot
+    from shardmove.api import snapshot
 
     cfg = _load(args)
     info = snapshot(cfg)
@@ -145,9 +146,9 @@ def cmd_snapshot(args, beam_args) -> int:
 
 
 def cmd_plan(args, beam_args) -> int:
-    from pipeline.api import plan
+    from shardmove.api import plan
 
-    from pipeline.history import recorded
+    from shardmove.history import recorded
 
     cfg = _load(args)
 
@@ -155,13 +156,13 @@ def cmd_plan(args, beam_args) -> int:
         if args.since:
             if args.snapshot:
                 raise BadInput("plan: --since and --snapshot cannot be combined")
-            from pipeline.ops import plan_since
+            from shardmove.ops import plan_since
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
 
-    from pipeline.runner import is_dry_run
+    from transforms.runner import is_dry_run
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
@@ -176,7 +177,7 @@ def cmd_plan(args, beam_args) -> int:
             h["details"] = {"moves": m["moves"], "keys_examined": m["keys_examined"], "window": m["window"],
                             "created": res.created, "since": args.since}
     if args.report_dir:
-        from pipeline.report import write_plan_report
+        from shardmove.report import write_plan_report
 
         print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
     if args.dry_run and not res.capacity_ok:
@@ -193,15 +194,15 @@ def cmd_run(args, beam_args) -> int:
     from pipeline.faults import hold_point
 
     # a signal before the run holds anything exits 130 (pipeline.interrupts); the console
-    # script (pipeline.console) installed the same handler before importing the CLI
+    # script (shardmove.console) installed the same handler before importing the CLI
     irq = interrupts.install()
     hold_point("startup")
-    from pipeline.api import run
+    from shardmove.api import run
 
-    from pipeline.history import recorded
+    from shardmove.history import recorded
 
     cfg = _load(args)
-    from pipeline.runner import is_dry_run
+    from transforms.runner import is_dry_run
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
@@ -217,14 +218,14 @@ def cmd_run(args, beam_args) -> int:
                         "elapsed_s": s.get("elapsed_s"), "nothing_to_do": res.nothing_to_do,
                         "retry_failed": args.retry_failed, "allow_drift": args.allow_drift}
     if args.prometheus:
-        from pipeline.prom import summary_to_prometheus, write_textfile
+        from shardmove.prom import summary_to_prometheus, write_textfile
 
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
     return EXIT_INTERRUPTED if irq.interrupted else res.exit_code
 
 
 def _status_lines(s: dict) -> list[str]:
-    from pipeline.executor import summary_line
+    from shardmove.executor import summary_line
 
     lines = [f"plan id: {s['plan_id']}"]
     for name, n in s["states"].items():
@@ -248,8 +249,8 @@ def cmd_status(args, beam_args) -> int:
     import json
     import time
 
-    from pipeline.api import status
-    from pipeline.executor import status_exit_code
+    from shardmove.api import status
+    from shardmove.executor import status_exit_code
 
     cfg = None
     if args.config:
@@ -258,7 +259,7 @@ def cmd_status(args, beam_args) -> int:
     while True:
         s = status(plan_dir)
         if args.prometheus:
-            from pipeline.prom import summary_to_prometheus, write_textfile
+            from shardmove.prom import summary_to_prometheus, write_textfile
 
             write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
         if args.json:

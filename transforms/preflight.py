@@ -20,7 +20,7 @@ filled in (a local Prism binary, the job-server jar), or raises
   A Dataflow ``--dry_run=True`` translation runs the same checks but reports
   them as ``warning:`` lines and still translates.
 - **Missing tools**: Prism (built with Go when absent), Java and the
-  job-server jar for Flink and Spark (see :mod:`pipeline.engines`).
+  job-server jar for Flink and Spark (see :mod:`transforms.engines`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pipeline.errors import BadInput
-from pipeline.runner import canonical_runner, pipeline_args
+from transforms.runner import canonical_runner, pipeline_args
 
 __all__ = ["Preflight", "preflight", "unknown_flags", "canonical_runner", "remote_reason"]
 
@@ -134,7 +134,7 @@ def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | N
     from apache_beam.options.pipeline_options import (
         PipelineOptions, PrismRunnerOptions, TestOptions, FlinkRunnerOptions, SparkRunnerOptions)
 
-    from pipeline import engines
+    from transforms import engines
 
     args = pipeline_args(cfg.beam, beam_args)
     bad = unknown_flags(args)

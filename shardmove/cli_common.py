@@ -58,7 +58,7 @@ def plan_dir(args, cfg=None) -> str:
 def preflight(cfg, beam_args) -> list[str]:
     """Bad Beam flags, stores remote workers cannot reach, missing Java/Go/jar: exit 2
     before anything (snapshot, lease, history record) is written."""
-    from pipeline.preflight import preflight as _preflight  # deferred: the preflight loads Beam
+    from transforms.preflight import preflight as _preflight  # deferred: the preflight loads Beam
 
     return _preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n")).args
 

@@ -13,8 +13,8 @@ The same graphs run unchanged on:
   (the runner object reads both options when the pipeline runs; its workers
   are started with this interpreter, ``sys.executable``);
 - ``PrismRunner``, and ``DirectRunner`` (which hands pipelines to Prism): the
-  preflight (:mod:`pipeline.preflight`) adds ``--prism_location`` with the local
-  binary of :mod:`pipeline.engines`, so nothing is downloaded;
+  preflight (:mod:`transforms.preflight`) adds ``--prism_location`` with the local
+  binary of :mod:`transforms.engines`, so nothing is downloaded;
 - ``PortableRunner`` against a job service (``--job_endpoint``), for example
   Beam's local job service with an external worker pool, or Flink/Spark job
   servers;

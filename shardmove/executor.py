@@ -463,8 +463,8 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
               out: Callable[[str], None], allow_drift: bool) -> RunResult:
     from pipeline.lease import acquire
-    from pipeline.preflight import preflight
-    from pipeline.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
+    from transforms.preflight import preflight
+    from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
     pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now

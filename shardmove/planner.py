@@ -187,7 +187,7 @@ def make_plan(
     out: Callable[[str], None] = print,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from pipeline.preflight import preflight
+    from transforms.preflight import preflight
 
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
@@ -224,7 +224,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
                ) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
-    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
+    from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
     parts = list_parts(snap_loc, "snapshot", cfg.key_type)

@@ -1,9 +1,9 @@
 """Operator workflows after a run: failures, post-verification, rollback,
 cleanup and catch-up plans (migration usage guide, "Operational sequence",
-steps 6-7).  The CLI (:mod:`pipeline.cli_ops`) is a thin wrapper around these
+steps 6-7).  The CLI (:mod:`shardmove.cli_ops`) is a thin wrapper around these
 functions; schedulers and notebooks call them directly.
 
-    from pipeline import ops
+    from shardmove import ops
     ops.export_failures(cfg, plan_dir, "failed.parquet")   # -> FailuresResult
     ops.verify_plan(cfg, plan_dir, sample=1000, seed=7)     # -> VerifyResult
     ops.rollback(cfg, plan_dir)                             # -> RollbackResult
@@ -43,7 +43,7 @@ from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import EXIT_FAILED_KEYS, EXIT_OK, BadInput
 from pipeline.names import group_id
-from pipeline.planner import PlanResult
+from shardmove.planner import PlanResult
 from pipeline.stores import open_data_store, open_map_store
 from pipeline.stores.base import content_hash
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest
@@ -576,7 +576,7 @@ class RollbackResult:
     rollback_of: str
     plan: RollbackPlan | None
     resumed: bool
-    run: object | None             # pipeline.executor.RunResult
+    run: object | None             # shardmove.executor.RunResult
     exit_code: int
 
     @property
@@ -761,14 +761,14 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
     target -- so rerunning after a complete rollback only picks up keys that
     were not rolled back (e.g. they failed), and says "nothing to do" when
     there are none.  The rollback plan is executed by the ordinary executor
-    (:func:`pipeline.executor.run_plan`): copy the CURRENT target record back
+    (:func:`shardmove.executor.run_plan`): copy the CURRENT target record back
     to the source, verify it, swap the map back in compare-and-set batches,
     with its own checkpoints, lease and resume.
 
     Exit code: the run's (0, 3 Failed keys, 130 interrupted, 4 refused), or
     3 when it succeeded but some keys were refused.
     """
-    from pipeline.executor import run_plan, summarize
+    from shardmove.executor import run_plan, summarize
 
     manifest = load_manifest(plan_dir)
     _check_key_type(cfg, manifest)
@@ -932,7 +932,7 @@ def _refuse_unless_settled(cfg: Config, plan_dir: str, manifest: dict, *, leased
     """Cleanup's rule (see :func:`cleanup`): refuse while the plan or a rollback of
     it is live or unfinished.  One key-free line; reads only."""
     from pipeline.errors import Refused
-    from pipeline.executor import summarize
+    from shardmove.executor import summarize
     from pipeline.lease import live_holder
 
     if not leased:
@@ -951,7 +951,7 @@ def _refuse_unless_settled(cfg: Config, plan_dir: str, manifest: dict, *, leased
 def _refuse_during_rollback(cfg: Config, plan_dir: str) -> None:
     """An unfinished rollback may have copied records back onto the source already."""
     from pipeline.errors import Refused
-    from pipeline.executor import summarize
+    from shardmove.executor import summarize
 
     for rid in _rollback_ids(plan_dir):
         d = workdir.plan_dir(cfg.work_dir, rid)
@@ -1142,7 +1142,7 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
     their target, so the ring gives them no move.  Capacity figures of a
     catch-up plan count only the catch-up keys.
     """
-    from pipeline.planner import make_plan
+    from shardmove.planner import make_plan
 
     from pipeline.errors import before_changes
 
