@@ -58,7 +58,7 @@ import sys
 import threading
 from typing import Mapping
 
-from pipeline.errors import CommitConflict, TransientError
+from pipeline.errors import CommitConflict, PermanentError, TransientError
 
 __all__ = [
     "EMULATOR_ENV",
@@ -276,7 +276,6 @@ def client():
                     c = _make_client()
                 except Exception as e:
                     if type(e).__name__ == "DefaultCredentialsError":  # google.auth's: a configuration error
-                        from pipeline.errors import PermanentError
 
                         raise PermanentError("GCS: no credentials found (Application Default Credentials; set "
                                              "GOOGLE_APPLICATION_CREDENTIALS, or STORAGE_EMULATOR_HOST for an "
@@ -373,7 +372,6 @@ class _Calls:
         if isinstance(exc, _not_found()):
             raise FileNotFoundError(f"{self.what}: no such object: {self.path}") from exc
         if type(exc).__name__ in ("Forbidden", "Unauthorized"):  # google.api_core's 403 / 401
-            from pipeline.errors import PermanentError
 
             raise PermanentError(f"{self.what}: access to {self.path} denied ({type(exc).__name__})",
                                  reason="permission") from None

@@ -34,6 +34,8 @@ import os
 import re
 import traceback
 
+from pipeline.errors import ShardmoveError, StoreError
+
 __all__ = ["KeySafeFilter", "KeySafeFormatter", "cap_beam_loggers", "safe_exception_text", "configure"]
 
 _OWN = ("shardmove", "pipeline", "transforms")
@@ -148,8 +150,6 @@ class KeySafeFilter(logging.Filter):
 
 
 def _message_is_safe(exc: BaseException) -> bool:
-    from pipeline.errors import ShardmoveError, StoreError
-
     return isinstance(exc, (ShardmoveError, StoreError))
 
 

@@ -65,12 +65,14 @@ from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
 from pipeline import workdir
-from pipeline.stores import data_store_from_spec, map_store_from_spec
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
+from pipeline.lease import LeaseLost
 from pipeline.logsafe import cap_beam_loggers
 from pipeline.names import parse_group_id
+from pipeline.plancore import _mix
+from pipeline.stores import data_store_from_spec, map_store_from_spec
 from transforms.throttle import ShardThrottles, ThrottleConfig
 
 __all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph",
@@ -263,8 +265,6 @@ class _StageFn(beam.DoFn):
         except (OSError, ValueError):
             return
         if cur.get("epoch") != self._spec.epoch:
-            from pipeline.lease import LeaseLost
-
             raise LeaseLost(f"lease lost: plan is now held by epoch {cur.get('epoch')}")
 
     def _writer(self, gid: str) -> ckpt.CheckpointWriter:
@@ -783,8 +783,6 @@ class CopyKeys(beam.PTransform):
 
 def _sample_mask(hashes: list, fraction: float, seed: int) -> list:
     """Seeded, deterministic sample of a batch: at least one key per batch."""
-    from pipeline.plancore import _mix
-
     h = np.array(hashes, dtype=np.uint64)
     with np.errstate(over="ignore"):
         u = _mix(h ^ np.uint64(seed % 2**64))

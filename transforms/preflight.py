@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pipeline.errors import BadInput
+from transforms import engines
 from transforms.runner import canonical_runner, pipeline_args
 
 __all__ = ["Preflight", "preflight", "unknown_flags", "canonical_runner", "remote_reason"]
@@ -133,8 +134,6 @@ def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | N
     """Validate the Beam flags for ``cfg`` and fill in what the runner needs; see the module doc."""
     from apache_beam.options.pipeline_options import (
         PipelineOptions, PrismRunnerOptions, TestOptions, FlinkRunnerOptions, SparkRunnerOptions)
-
-    from transforms import engines
 
     args = pipeline_args(cfg.beam, beam_args)
     bad = unknown_flags(args)

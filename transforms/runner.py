@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from pipeline.errors import BadInput
+from pipeline.logsafe import cap_beam_loggers
 
 __all__ = [
     "DEFAULT_RUNNER",
@@ -106,8 +107,6 @@ def is_dry_run(args: Sequence[str]) -> bool:
 
 def make_pipeline(args: Sequence[str]):
     import apache_beam as beam
-
-    from pipeline.logsafe import cap_beam_loggers
 
     cap_beam_loggers()  # Beam prints elements (keys) at DEBUG: never below INFO
 

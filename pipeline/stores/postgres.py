@@ -72,8 +72,9 @@ from psycopg import sql
 from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 
-from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.errors import BadInput, PermanentError, Refused, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
+from pipeline.lease import LeaseLost
 from pipeline.stores.base import CopyOutcome, CountingSnapshot, SwapItem, SwapResult, swap_item
 
 __all__ = [
@@ -723,9 +724,6 @@ class PostgresMapStore(_Configured):
         supersedes the claim.  The epoch is the fencing token that
         :meth:`swap_batch` checks inside its transaction.
         """
-        from pipeline.errors import Refused
-        from pipeline.lease import LeaseLost
-
         runs = self._runs_table()
         try:
             with self._pool().borrow() as conn:
@@ -755,8 +753,6 @@ class PostgresMapStore(_Configured):
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
         """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
-        from pipeline.lease import LeaseLost
-
         try:
             with self._pool().borrow() as conn:
                 n = conn.execute(sql.SQL("UPDATE {} SET expires_at = %s WHERE plan_id = %s AND epoch = %s")
@@ -843,7 +839,6 @@ class PostgresMapStore(_Configured):
                                            .format(self._runs_table()), (token[0],)).fetchone()
                         if row is None or row[0] != token[1]:
                             conn.execute("ROLLBACK")
-                            from pipeline.lease import LeaseLost
 
                             raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
                                             f"(now {row[0] if row else 'none'}); nothing applied")

@@ -43,7 +43,8 @@ import pyarrow as pa
 import redis
 import xxhash
 
-from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
+from pipeline.errors import BadInput, PermanentError, Refused, StoreError, TransientError
+from pipeline.lease import LeaseLost
 from pipeline.keys import KeyType, text_forms
 from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
 from pipeline.stores.postgres import _dsn_secrets, _scrub, redact_dsn
@@ -570,9 +571,6 @@ class RedisMapStore:
         epoch is the fencing token that :meth:`swap_batch` checks inside its
         script.
         """
-        from pipeline.errors import Refused
-        from pipeline.lease import LeaseLost
-
         try:
             reply = self._script("claim")(keys=[self.runs_key], args=[
                 plan_id, int(epoch), int(window[0]), int(window[1]), holder, repr(float(now + ttl)), repr(float(now))])
@@ -596,8 +594,6 @@ class RedisMapStore:
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
         """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
-        from pipeline.lease import LeaseLost
-
         if not self._renew(plan_id, epoch, now + ttl, "run renew"):
             raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
 
@@ -644,8 +640,6 @@ class RedisMapStore:
         except redis.RedisError as e:
             _raise(e, f"map store {redact_dsn(self.url)}: swap", self._secrets)
         if reply[0] == b"lease_lost":
-            from pipeline.lease import LeaseLost
-
             raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
                             f"(now {reply[1].decode()}); nothing applied")
         version = int(reply[0])

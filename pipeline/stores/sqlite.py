@@ -52,8 +52,9 @@ from typing import Iterable, Iterator, Sequence
 import pyarrow as pa
 import xxhash
 
-from pipeline.errors import PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.errors import PermanentError, Refused, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
+from pipeline.lease import LeaseLost
 from pipeline.names import safe_name
 from pipeline.stores.base import (
     SNAPSHOT_SCHEMA,
@@ -585,9 +586,6 @@ class SqliteMapStore(_SqliteBase):
         one; an older epoch is refused (``LeaseLost``).  The epoch is then the
         fencing token that :meth:`swap_batch` checks inside its transaction.
         """
-        from pipeline.errors import Refused
-        from pipeline.lease import LeaseLost
-
         conn = self._open(self.path)
         try:
             with _locked([self.path], self.busy_timeout, "run claim"):
@@ -618,8 +616,6 @@ class SqliteMapStore(_SqliteBase):
             conn.close()
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
-        from pipeline.lease import LeaseLost
-
         conn = self._map_conn()
         try:
             cur = conn.execute("UPDATE shardmove_runs SET expires_at = ? WHERE plan_id = ? AND epoch = ?",
@@ -733,7 +729,6 @@ class SqliteMapStore(_SqliteBase):
                                        (token[0],)).fetchone()
                     if row is None or row[0] != token[1]:
                         conn.execute("ROLLBACK")
-                        from pipeline.lease import LeaseLost
 
                         raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
                                         f"(now {row[0] if row else 'none'}); nothing applied")
