@@ -75,7 +75,7 @@ ensure_prism() {
   # module proxy into ~/.cache/shardmove/prism/ (never into the repository); the runner tests use it.
   # Go's official tarball installs to /usr/local/go, often not on a non-login shell's PATH
   [ -x /usr/local/go/bin/go ] && ! command -v go >/dev/null 2>&1 && export PATH="$PATH:/usr/local/go/bin"
-  if ! .venv/bin/python -m pipeline.engines prism >/dev/null; then
+  if ! .venv/bin/python -m transforms.engines prism >/dev/null; then
     if [ "${CI:-}" = "true" ]; then
       echo "error: CI=true: Prism could not be built, and its tests must run" >&2
       exit 1
@@ -96,7 +96,7 @@ case "$cmd" in
     ;;
   prism)
     ensure_venv ""
-    .venv/bin/python -m pipeline.engines prism
+    .venv/bin/python -m transforms.engines prism
     ;;
   reset)
     rm -rf demo

@@ -9,7 +9,7 @@
    zstd, schema (key: binary, shard_id: string, version: int64), keys
    assigned to 16 shards s0..s15 by the native ring, plus ``snapshot.json``.
 2. Runs, each in its OWN child process so each peak RSS is its own:
-   a) the Beam planner end to end (``pipeline.planner.make_plan``, FnApiRunner,
+   a) the Beam planner end to end (``shardmove.planner.make_plan``, FnApiRunner,
       target = the 16 shards plus s16);
    b) a plain numpy/pyarrow script computing the same plan from the same
       snapshot (read, hash, ring assign, compare, filter, duplicate check by
@@ -111,7 +111,7 @@ def child_planner(snapshot: str, out: str, profile: str | None) -> None:
 
     import transforms.plan  # noqa: F401
     from pipeline.config import load_config
-    from pipeline.planner import make_plan
+    from shardmove.planner import make_plan
 
     raw = {
         "work_dir": os.path.join(out, "work"),

@@ -6,7 +6,7 @@ and the cost of checkpoints.
 
 (a) ``keys_per_s`` / ``baseline_keys_per_s`` / ``ratio``: a demo keyspace of
     K keys on 4 SQLite shards whose target adds a 5th (~K/5 keys move) is
-    created and planned once (cached), then copied twice; ``pipeline.api.run``
+    created and planned once (cached), then copied twice; ``shardmove.api.run``
     executes the plan on one copy (FnApiRunner), a plain sqlite3 script does
     the same moves on the other: per move file, batches of swap_batch_size
     (500) keys in plan order, each batch = one read of the source, one write
@@ -64,7 +64,7 @@ def prepare(root: str, keys: int) -> str:
     if os.path.exists(marker):
         return d
     shutil.rmtree(d, ignore_errors=True)
-    from pipeline import api
+    from shardmove import api
     from pipeline.config import load_config
 
     api.create_demo_keyspace(d, keys=keys, shards=4)
@@ -123,7 +123,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
     import apache_beam  # noqa: F401  (imports are not run time)
 
     import transforms.execute as tx
-    from pipeline import api
+    from shardmove import api
     from pipeline import checkpoint as ckpt
     from pipeline import fs
     from pipeline.config import load_config
@@ -211,10 +211,10 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
 
 #: (module, attribute path, label, is a generator) -- where an executor run spends its time.
 _BREAKDOWN = (
-    ("pipeline.executor", "verify_plan_files", "verify_plan_files", False),
-    ("pipeline.executor", "find_drift", "find_drift", False),
-    ("pipeline.executor", "summarize", "summarize_and_compact", False),
-    ("pipeline.executor", "_Progress._scan", "progress_scan_thread", False),
+    ("shardmove.executor", "verify_plan_files", "verify_plan_files", False),
+    ("shardmove.executor", "find_drift", "find_drift", False),
+    ("shardmove.executor", "summarize", "summarize_and_compact", False),
+    ("shardmove.executor", "_Progress._scan", "progress_scan_thread", False),
     ("transforms.execute", "_LoadWorkFn.process", "stage_load_work", True),
     ("transforms.execute", "_CopyFn.process", "stage_copy", True),
     ("transforms.execute", "_VerifyFn.process", "stage_verify", True),

@@ -23,7 +23,7 @@ benchmark fails otherwise.  Runners:
 
 - ``in_memory``: FnApiRunner, one process (the default engine);
 - ``multi_process``: FnApiRunner with 2 SDK worker processes;
-- ``prism``: PrismRunner with the binary from ``python -m pipeline.engines prism``;
+- ``prism``: PrismRunner with the binary from ``python -m transforms.engines prism``;
 - ``flink``: needs Beam's Flink job-server jar; when none can be had it prints
   ``flink_status: unavailable`` and the reason on stderr.
 
@@ -52,7 +52,7 @@ def _quiet(_line: str) -> None:
 
 
 def runner_args(name: str) -> list[str] | None:
-    from pipeline import engines
+    from transforms import engines
     from pipeline.errors import BadInput
 
     if name == "in_memory":
@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     for noisy in ("apache_beam", "PrismRunner"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    from pipeline import api
+    from shardmove import api
     from pipeline.config import load_config
-    from pipeline.planner import make_plan
+    from shardmove.planner import make_plan
 
     work = tempfile.mkdtemp(prefix="runner-bench-")
     try:

@@ -10,10 +10,10 @@ own.  What a Dataflow/Flink worker does is the same work on its share of the
 groups, so these are per-worker figures; multi-machine figures are MODELLED
 from them (see README "Scaling out").
 
-(plan) ``plan_keys_per_s_<N>``: ``pipeline.planner.make_plan`` end to end on a
+(plan) ``plan_keys_per_s_<N>``: ``shardmove.planner.make_plan`` end to end on a
        snapshot of N keys (16 shards -> 17; the snapshot is built and cached
        by benchmarks/plan_bench.py's builder), CPU seconds and peak RSS.
-(run)  ``run_keys_per_s_<K>``: ``pipeline.api.run`` on a demo keyspace of K
+(run)  ``run_keys_per_s_<K>``: ``shardmove.api.run`` on a demo keyspace of K
        keys on 4 SQLite shards whose target adds a 5th (~K/5 keys move),
        planned beforehand; swap_batch_size 500, hash_buckets 16, verification
        hash.  Also the p50 of one swap batch and of one copy call, and RSS.
@@ -65,7 +65,7 @@ def child_plan(snapshot: str, out: str) -> None:
     import transforms.plan  # noqa: F401
     from plan_bench import HASH_BUCKETS, SOURCE_SHARDS, TARGET_SHARDS
     from pipeline.config import load_config
-    from pipeline.planner import make_plan
+    from shardmove.planner import make_plan
 
     raw = {
         "work_dir": os.path.join(out, "work"),
@@ -87,7 +87,7 @@ def child_run(cfgpath: str, plan_dir: str, faults: str, mover: str = "sqlite") -
     import apache_beam  # noqa: F401
 
     from transforms import execute as tx
-    from pipeline import api
+    from shardmove import api
     from pipeline.config import load_config
 
     if mover == "sleep":
@@ -110,7 +110,7 @@ def child_run(cfgpath: str, plan_dir: str, faults: str, mover: str = "sqlite") -
 
 def keyspace(root: str, keys: int) -> str:
     """A pristine demo keyspace of ``keys`` keys (cached)."""
-    from pipeline import api
+    from shardmove import api
 
     d = os.path.join(root, f"scale-keyspace-{keys}")
     if not os.path.exists(os.path.join(d, "ready")):
@@ -123,7 +123,7 @@ def keyspace(root: str, keys: int) -> str:
 
 def planned_copy(pristine: str, where: str, options: dict) -> tuple[str, str, int]:
     """A fresh copy of ``pristine`` with a committed plan: (config, plan dir, moves)."""
-    from pipeline import api
+    from shardmove import api
     from pipeline.config import load_config
 
     shutil.rmtree(where, ignore_errors=True)

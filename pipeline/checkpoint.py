@@ -115,6 +115,7 @@ import pyarrow.parquet as pq
 
 from pipeline import fs
 from pipeline import keys as _keys
+from pipeline import workdir
 from pipeline.errors import BadInput, TransientError
 from pipeline.states import VERIFY_METHODS, State, check_transitions
 
@@ -169,7 +170,7 @@ CHECKPOINT_SCHEMA = pa.schema([
 _BUFFER_SCHEMA = pa.schema([f for f in CHECKPOINT_SCHEMA if f.name != "epoch"])
 _NOT_NULL = tuple(f.name for f in CHECKPOINT_SCHEMA if not f.nullable)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = workdir.CHECKPOINTS
 COMPACTED_NAME = "compacted.parquet"
 _PART_RE = re.compile(r"\Apart-(\d{8,})-([0-9a-f]{32})\.parquet\Z")
 _GROUP_RE = re.compile(r"\A[A-Za-z0-9_%~\-]+\Z")
@@ -207,12 +208,12 @@ class SkippedFile(NamedTuple):
 # ------------------------------------------------------------------- paths
 
 def checkpoints_dir(plan_dir: str) -> str:
-    return fs.join(plan_dir, CHECKPOINTS)
+    return workdir.checkpoints_dir(plan_dir)
 
 
 def group_dir(plan_dir: str, group_id: str) -> str:
     _check_group_id(group_id)
-    return fs.join(plan_dir, CHECKPOINTS, group_id)
+    return fs.join(workdir.checkpoints_dir(plan_dir), group_id)
 
 
 def part_name(epoch: int) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "TransientError",
     "PermanentError",
     "SourceMissing",
+    "CommitConflict",
     "CONFIG_REASONS",
     "before_changes",
     "redact",
@@ -149,3 +150,11 @@ def redact(text: str) -> str:
     text = _URI_USERINFO.sub(lambda m: m.group(1) + ":***@", str(text))
     text = _QUERY_PW.sub(lambda m: m.group(1) + "***", text)
     return _KV_PW.sub(lambda m: m.group(1) + "***", text)
+
+
+class CommitConflict(RuntimeError):
+    """create-if-absent found an object with different content (or a stale replace).
+
+    Raised by :mod:`pipeline.fs` and :mod:`pipeline.gcs`; re-exported as
+    ``pipeline.fs.CommitConflict``.
+    """

@@ -42,6 +42,8 @@ import tempfile
 import uuid
 from typing import Iterator
 
+from pipeline.errors import CommitConflict
+
 __all__ = [
     "CommitConflict",
     "is_gcs",
@@ -65,10 +67,6 @@ __all__ = [
     "copy_tree",
     "size",
 ]
-
-
-class CommitConflict(RuntimeError):
-    """create-if-absent found an object with different content (or a stale replace)."""
 
 
 def is_gcs(path: str) -> bool:
@@ -350,7 +348,7 @@ def rmtree(path: str) -> None:
 def rename_dir(src: str, dst: str) -> bool:
     """Move a finished directory into place; False if ``dst`` already exists."""
     if is_gcs(src) or is_gcs(dst):
-        if exists(join(dst, "manifest.json")):
+        if any(exists(join(dst, m)) for m in COMMIT_MARKERS):
             return False
         copy_tree(src, dst)
         rmtree(src)

@@ -58,7 +58,7 @@ import sys
 import threading
 from typing import Mapping
 
-from pipeline.errors import TransientError
+from pipeline.errors import CommitConflict, PermanentError, TransientError
 
 __all__ = [
     "EMULATOR_ENV",
@@ -276,7 +276,6 @@ def client():
                     c = _make_client()
                 except Exception as e:
                     if type(e).__name__ == "DefaultCredentialsError":  # google.auth's: a configuration error
-                        from pipeline.errors import PermanentError
 
                         raise PermanentError("GCS: no credentials found (Application Default Credentials; set "
                                              "GOOGLE_APPLICATION_CREDENTIALS, or STORAGE_EMULATOR_HOST for an "
@@ -303,6 +302,7 @@ def beam_gcsio():
     ident = (os.getpid(), emulator_host())
     io_ = _GCSIO.get(ident)
     if io_ is None:
+        # deferred: Beam's GCS IO (seconds to import) only for bulk gs:// files
         from apache_beam.io.filesystems import FileSystems
         from apache_beam.io.gcp import gcsio
 
@@ -372,7 +372,6 @@ class _Calls:
         if isinstance(exc, _not_found()):
             raise FileNotFoundError(f"{self.what}: no such object: {self.path}") from exc
         if type(exc).__name__ in ("Forbidden", "Unauthorized"):  # google.api_core's 403 / 401
-            from pipeline.errors import PermanentError
 
             raise PermanentError(f"{self.what}: access to {self.path} denied ({type(exc).__name__})",
                                  reason="permission") from None
@@ -561,7 +560,6 @@ def create_if_absent(path: str, data: bytes) -> bool:
     first response was lost).  Raises :class:`pipeline.fs.CommitConflict`
     when it holds different bytes.
     """
-    from pipeline.fs import CommitConflict
 
     Pre = _precondition()
     for _ in range(3):
@@ -588,7 +586,6 @@ def replace(path: str, data: bytes, *, generation: int | None = None) -> int:
     must not change between that read and the upload).  Raises
     :class:`pipeline.fs.CommitConflict` ("stale replace") when it changed.
     """
-    from pipeline.fs import CommitConflict
 
     if generation is None:
         st = stat(path)

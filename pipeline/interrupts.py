@@ -60,6 +60,7 @@ class Interrupts:
         return self.count > 0
 
     def write_stop_marker(self) -> None:
+        # deferred: the console installs this handler before anything else is imported
         from pipeline import fs
 
         try:

@@ -16,7 +16,7 @@ import enum
 import re
 import struct
 import uuid
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ __all__ = [
     "short_hash_of_key",
     "canonical_array",
     "text_array",
+    "text_forms",
+    "parse_text_strict",
+    "canonical_from_texts",
     "MAX_KEY_BYTES",
 ]
 
@@ -140,15 +143,8 @@ def from_canonical(data: bytes, key_type: KeyType):
 
 
 def text_form(data: bytes, key_type: KeyType) -> str:
-    """Text form of canonical bytes, for stores that need text."""
-    kt = KeyType(key_type)
-    if kt is KeyType.STRING:
-        return data.decode("utf-8")
-    if kt is KeyType.INT64:
-        return str(from_canonical(data, kt))
-    if kt is KeyType.UUID:
-        return str(from_canonical(data, kt))
-    return data.hex()
+    """Text form of canonical bytes, for stores that need text; InvalidKeyError if not canonical."""
+    return _TEXT_OF[KeyType(key_type)](data)
 
 
 def parse_text(text: str, key_type: KeyType) -> bytes:
@@ -249,7 +245,114 @@ def canonical_array(column: pa.Array | pa.ChunkedArray, key_type: KeyType) -> tu
 
 
 def text_array(canonical: Sequence[bytes], key_type: KeyType) -> list[str]:
-    kt = KeyType(key_type)
-    if kt is KeyType.STRING:
-        return [b.decode("utf-8") for b in canonical]
-    return [text_form(b, kt) for b in canonical]
+    return text_forms(canonical, KeyType(key_type))
+
+
+# ------------------------------------------------------------ key text forms
+# The one home of the text forms that stores keep keys in (CONTRACTS "Keys").
+
+
+def _int64_text(b: bytes) -> str:
+    if len(b) != 8:
+        raise InvalidKeyError("int64 key is not 8 bytes")
+    return str(int.from_bytes(b, "big", signed=True))
+
+
+def _uuid_text(b: bytes) -> str:
+    if len(b) != 16:
+        raise InvalidKeyError("uuid key is not 16 bytes")
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _string_text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidKeyError("string key is not valid UTF-8") from None
+
+
+def _bytes_text(b: bytes) -> str:
+    return bytes(b).hex()
+
+
+_TEXT_OF: dict[KeyType, Callable[[bytes], str]] = {
+    KeyType.STRING: _string_text,
+    KeyType.INT64: _int64_text,
+    KeyType.UUID: _uuid_text,
+    KeyType.BYTES: _bytes_text,
+}
+
+
+def text_forms(keys: Sequence[bytes], key_type: KeyType) -> list[str]:
+    """Text forms of canonical keys; InvalidKeyError (no value) if one is not canonical."""
+    return list(map(_TEXT_OF[key_type], keys))
+
+
+def parse_text_strict(raw: bytes, key_type: KeyType) -> bytes | None:
+    """Canonical bytes of a stored text key, or None if it is not a canonical text form."""
+    try:
+        text = raw.decode("utf-8")
+        canon = parse_text(text, key_type)
+        if _TEXT_OF[key_type](canon) != text:
+            return None  # e.g. "007", "-0", upper-case hex: would alias another key
+        return canon
+    except (InvalidKeyError, UnicodeDecodeError, ValueError):
+        return None
+
+
+_UUID_TEXT_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_HEX_TEXT_RE = r"^(?:[0-9a-f]{2})*$"
+_NIBBLE = np.zeros(256, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _i
+
+
+def _hex_decode(arr: pa.Array) -> pa.Array:
+    """Decode a null-free array of even-length lowercase hex strings to binary."""
+    arr = arr.cast(pa.binary())
+    n = len(arr)
+    if n == 0:
+        return pa.array([], pa.binary())
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    chars = np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None and end > start \
+        else np.empty(0, np.uint8)
+    nib = _NIBBLE[chars]
+    out = (nib[0::2] << 4) | nib[1::2]
+    new_off = ((offsets - start) // 2).astype(np.int32)
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(new_off), pa.py_buffer(out.tobytes())])
+
+
+def canonical_from_texts(raw: pa.Array, key_type: KeyType) -> tuple[pa.Array, np.ndarray]:
+    """Canonical keys from stored text keys (binary, null-free).
+
+    Returns ``(canonical, valid)``: ``canonical`` holds the keys where
+    ``valid`` is True, in order (invalid ones dropped).  A key is valid only
+    if its text is exactly the canonical text form of its canonical bytes.
+    """
+    n = len(raw)
+    try:
+        if key_type is KeyType.STRING:
+            raw.cast(pa.string())  # validates UTF-8
+            return raw, np.ones(n, dtype=bool)
+        text = raw.cast(pa.string())
+        if key_type is KeyType.INT64:
+            ints = pc.cast(text, pa.int64())
+            ok = pc.equal(pc.cast(ints, pa.string()), text)
+            valid = np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+            be = ints.to_numpy(zero_copy_only=False)[valid].astype(">i8")
+            canon = pa.Array.from_buffers(pa.binary(8), int(valid.sum()), [None, pa.py_buffer(be.tobytes())])
+            return canon.cast(pa.binary()), valid
+        pattern = _UUID_TEXT_RE if key_type is KeyType.UUID else _HEX_TEXT_RE
+        valid = np.asarray(pc.match_substring_regex(text, pattern).to_numpy(zero_copy_only=False), dtype=bool)
+        good = text.filter(pa.array(valid)) if not valid.all() else text
+        if key_type is KeyType.UUID:
+            good = pc.replace_substring(good, "-", "")
+        return _hex_decode(good), valid
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # a value the vectorised path cannot take: decide row by row
+    parsed = [parse_text_strict(v, key_type) for v in raw.to_pylist()]
+    valid = np.fromiter((p is not None for p in parsed), dtype=bool, count=n)
+    return pa.array([p for p in parsed if p is not None], pa.binary()), valid

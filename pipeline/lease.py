@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline import fs
+from pipeline import workdir
 from pipeline.errors import Refused
 
 __all__ = ["Lease", "LeaseLost", "acquire", "live_holder", "read_lease", "process_start_time"]
@@ -68,7 +69,7 @@ def read_lease(plan_dir: str) -> dict | None:
 
 def _read_versioned(plan_dir: str) -> tuple[dict | None, int]:
     """(lease document or None, version for a compare-and-swap replace)."""
-    data, version = fs.read_versioned(fs.join(plan_dir, "lease.json"))
+    data, version = fs.read_versioned(workdir.lease_path(plan_dir))
     if data is None:
         return None, version
     try:
@@ -80,7 +81,7 @@ def _read_versioned(plan_dir: str) -> tuple[dict | None, int]:
 def _commit(plan_dir: str, doc: dict, version: int) -> None:
     """Replace lease.json only if it is still the version read (CAS; on gs:// by generation)."""
     try:
-        fs.write_atomic(fs.join(plan_dir, "lease.json"), json.dumps(doc).encode(), if_version=version)
+        fs.write_atomic(workdir.lease_path(plan_dir), json.dumps(doc).encode(), if_version=version)
     except fs.CommitConflict as e:
         raise LeaseLost("lease changed while it was being written (another executor raced this one)") from e
 

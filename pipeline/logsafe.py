@@ -8,7 +8,7 @@ Never imports Beam.  Where key bytes could reach a log, and what stops them:
    text), and the in-memory runner's trigger manager logs values.
    :func:`cap_beam_loggers` puts a filter on every ``apache_beam`` logger that
    drops its records below INFO, in every process that runs shardmove's
-   graphs: the launcher (:func:`pipeline.runner.make_pipeline`, the CLI) and
+   graphs: the launcher (:func:`transforms.runner.make_pipeline`, the CLI) and
    every SDK worker that loads shardmove's transforms (``transforms``
    applies it on import).  It changes no logger's level.
 2. **SDK workers in other processes relay their log entries** to the
@@ -33,6 +33,8 @@ import logging
 import os
 import re
 import traceback
+
+from pipeline.errors import ShardmoveError, StoreError
 
 __all__ = ["KeySafeFilter", "KeySafeFormatter", "cap_beam_loggers", "safe_exception_text", "configure"]
 
@@ -148,8 +150,6 @@ class KeySafeFilter(logging.Filter):
 
 
 def _message_is_safe(exc: BaseException) -> bool:
-    from pipeline.errors import ShardmoveError, StoreError
-
     return isinstance(exc, (ShardmoveError, StoreError))
 
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import fs
 from pipeline import keys as K
 from pipeline import plancore as core
+from pipeline import workdir
 from pipeline.errors import BadInput
 
 __all__ = ["SnapshotInfo", "take_snapshot", "list_parts", "read_snapshot_info", "SNAPSHOT_FORMAT_VERSION"]
@@ -49,10 +50,8 @@ def _parquet_bytes_writer():
 
 def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyType, log=None) -> SnapshotInfo:
     """Export the map store into ``<work>/snapshots/<digest>/``."""
-    snaps = fs.join(work_dir, "snapshots")
-    fs.makedirs(snaps)
-    staging = fs.join(snaps, fs.unique_name(".staging-"))
-    fs.makedirs(staging)
+    snaps = workdir.snapshots_dir(work_dir)
+    staging = workdir.new_staging(snaps)
     lanes = (0, 0, 0)
     rows = 0
     files = []
@@ -99,18 +98,9 @@ def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyTy
             "files": files,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        fs.write_atomic(fs.join(staging, "snapshot.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+        fs.write_atomic(workdir.snapshot_meta_path(staging), json.dumps(meta, indent=1, sort_keys=True).encode())
         final = fs.join(snaps, digest)
-        created = True
-        if fs.exists(fs.join(final, "snapshot.json")):
-            fs.rmtree(staging)
-            created = False
-        else:
-            if fs.exists(final):
-                fs.rmtree(final)  # a half-copied directory from a crash (gs://)
-            created = fs.rename_dir(staging, final)
-            if not created:  # another process committed the same snapshot first
-                fs.rmtree(staging)
+        created = workdir.commit_staged(staging, final, workdir.SNAPSHOT_META)
         return SnapshotInfo(final, digest, rows, cutoff, above, created)
     except BaseException:
         fs.rmtree(staging)
@@ -126,7 +116,7 @@ def _commit_part(staging, part, writer, sink, rows):
 
 
 def read_snapshot_info(location: str) -> dict | None:
-    meta = fs.join(location, "snapshot.json")
+    meta = workdir.snapshot_meta_path(location)
     if not fs.is_gcs(location) and not _isdir(location):
         return None
     if not fs.exists(meta):

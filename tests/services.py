@@ -179,7 +179,7 @@ def run_killed_then_resumed(tmp_path, raw: dict, parts_before_kill: int = 3):
     import yaml
 
     from conftest import run_cli
-    from pipeline.planner import load_manifest
+    from shardmove.planner import load_manifest
 
     cfgpath = str(tmp_path / "shardmove.yaml")
     fd = os.open(cfgpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

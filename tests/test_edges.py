@@ -348,7 +348,7 @@ def test_uint64_coder_round_trips_and_is_deterministic():
 # ------------------------------------------------------------- item 5: no abbreviated flags
 
 def test_abbreviated_flags_are_refused_everywhere(demo, tmp_path):
-    from pipeline.cli import build_parser
+    from shardmove.cli import build_parser
 
     doc = _doc_in(tmp_path, demo)
     cfg = write_cfg(tmp_path / "c.yaml", doc)
@@ -388,7 +388,7 @@ def test_unsafe_option_needs_its_full_name_and_warns_when_the_run_starts(demo, t
     import io
 
     from pipeline.config import load_config
-    from pipeline.executor import warn_unsafe_options
+    from shardmove.executor import warn_unsafe_options
 
     buf = io.StringIO()
     assert warn_unsafe_options(load_config(cfg), buf) == [] and buf.getvalue() == ""

@@ -15,13 +15,13 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import api
+from shardmove import api
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
 from pipeline.config import load_config
-from pipeline.executor import summarize
+from shardmove.executor import summarize
 from pipeline.keys import KeyType, text_form
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
 from conftest import run_cli

@@ -1,13 +1,13 @@
 """The executor at its edges: keys swapped before a crash, the state machine as the
 truth of what is recorded, checkpoints flushed by a timer.  Real SQLite stores, the
-real Beam executor on the in-memory engine (FnApiRunner, pinned by pipeline.runner)."""
+real Beam executor on the in-memory engine (FnApiRunner, pinned by transforms.runner)."""
 import json
 import os
 import threading
 
 import pytest
 
-from pipeline import api
+from shardmove import api
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
 from pipeline.keys import text_form

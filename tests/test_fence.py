@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from pipeline import api
+from shardmove import api
 from pipeline.config import load_config
 from pipeline.stores.base import content_hash
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore

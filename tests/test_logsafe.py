@@ -85,7 +85,7 @@ def test_every_subcommand_at_debug_prints_no_key_bytes(tmp_path):
     outs = {}
 
     def cli(name, *args, codes=(0,)):
-        # shardmove's own flags go before a `--`: what follows it is Beam's (unknown ones are refused)
+        # shardmove's own flags go before "--": what follows it is Beam's (an unknown one is refused)
         cut = args.index("--") if "--" in args else len(args)
         r = run_cli(*args[:cut], *DEBUG, *args[cut:])
         outs[name] = r.stdout + r.stderr
@@ -186,7 +186,7 @@ def test_chunk_repr_names_the_batch_never_its_keys():
 
 
 def test_python_api_at_debug_prints_no_key_bytes(tmp_path):
-    """Without the CLI's handler: an application's own DEBUG logging around ``pipeline.api``
+    """Without the CLI's handler: an application's own DEBUG logging around ``shardmove.api``
     (a dry run with an explicit target, and a run) shows no element either."""
     import subprocess
 
@@ -194,7 +194,7 @@ def test_python_api_at_debug_prints_no_key_bytes(tmp_path):
     script = (
         "import logging, sys\n"
         "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)\n"
-        "from pipeline import api\n"
+        "from shardmove import api\n"
         "from pipeline.config import load_config\n"
         f"cfg = load_config({cfg!r})\n"
         "api.plan(cfg, dry_run=True)\n"

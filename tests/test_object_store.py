@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 
 from conftest import SHARDMOVE, run_cli
 from gcs_emulators import *  # noqa: F401,F403 -- fixtures
-from pipeline import api, fs, gcs
-from pipeline.backends import data_store_from_spec
+from pipeline import fs, gcs
+from shardmove import api
+from pipeline.stores import data_store_from_spec
 from pipeline.config import load_config
-from pipeline.executor import summarize
+from shardmove.executor import summarize
 from pipeline.errors import BadInput, PermanentError, SourceMissing, TransientError
 from pipeline.keys import KeyType, text_form
 from pipeline.stores import objects as O

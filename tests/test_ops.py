@@ -15,14 +15,15 @@ import stat
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import api, ops
+from shardmove import api
+from shardmove import ops
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
 from pipeline.config import load_config
 from pipeline.errors import Refused
-from pipeline.executor import summarize
+from shardmove.executor import summarize
 from pipeline.keys import short_hash_of_key, text_form
-from pipeline.planner import build_ring, load_manifest
+from shardmove.planner import build_ring, load_manifest
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
 from conftest import run_cli

@@ -13,7 +13,7 @@ from pipeline import plancore as core
 from pipeline.config import load_config
 from pipeline.errors import BadInput
 from pipeline.keys import KeyType, canonical_bytes
-from pipeline.planner import make_plan
+from shardmove.planner import make_plan
 from pipeline.ring import Ring
 
 SHARDS4 = ["s0", "s1", "s2", "s3"]
@@ -226,7 +226,7 @@ def test_golden_small_plan(tmp_path):
 
 
 def test_dry_run_capacity_in_bytes(tmp_path):
-    from pipeline import api
+    from shardmove import api
 
     info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=2000, shards=4)
     cfg = load_config(info["config"])

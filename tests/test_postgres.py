@@ -17,13 +17,14 @@ import psycopg
 import pytest
 import xxhash
 
-from pipeline import api, errors
+from pipeline import errors
+from shardmove import api
 from pipeline import states as S
-from pipeline.backends import data_store_from_spec, map_store_from_spec
+from pipeline.stores import data_store_from_spec, map_store_from_spec
 from pipeline.config import load_config
-from pipeline.demo import demo_keys
+from shardmove.demo import demo_keys
 from pipeline.keys import KeyType, stable_hashes, text_form
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 from pipeline.ring import Ring
 from pipeline.stores.base import SNAPSHOT_SCHEMA, DataStore, MapStore, SwapItem
 from pipeline.stores.postgres import (

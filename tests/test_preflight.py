@@ -9,10 +9,10 @@ import sys
 import pytest
 import yaml
 
-from pipeline import api
+from shardmove import api
 from pipeline.config import load_config
 from pipeline.errors import BadInput
-from pipeline.preflight import canonical_runner, preflight, unknown_flags
+from transforms.preflight import canonical_runner, preflight, unknown_flags
 
 from conftest import ROOT, run_cli
 
@@ -192,7 +192,7 @@ def test_prism_is_built_with_go_install_of_the_pinned_tag_into_the_cache(tmp_pat
     """A stand-in ``go`` records its arguments and writes the binary where GOBIN says."""
     import apache_beam
 
-    from pipeline import engines
+    from transforms import engines
 
     bindir = tmp_path / "bin"
     bindir.mkdir()

@@ -4,7 +4,7 @@ import os
 import re
 import stat
 
-from pipeline.prom import summary_to_prometheus, write_textfile
+from shardmove.prom import summary_to_prometheus, write_textfile
 
 PLAN = "ab" * 32
 

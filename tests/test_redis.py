@@ -17,13 +17,14 @@ import pytest
 import redis
 import yaml
 
-from pipeline import api, errors
+from pipeline import errors
+from shardmove import api
 from pipeline import states as S
-from pipeline.backends import map_store_from_spec
+from pipeline.stores import map_store_from_spec
 from pipeline.config import load_config
-from pipeline.demo import demo_keys
+from shardmove.demo import demo_keys
 from pipeline.keys import KeyType, text_form
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 from pipeline.stores.base import SNAPSHOT_SCHEMA, MapStore, SwapItem
 from pipeline.stores.redis_store import RedisMapSnapshot, RedisMapStore
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore

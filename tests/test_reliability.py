@@ -17,14 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import api
+from shardmove import api
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
 from pipeline.config import load_config
 from pipeline.errors import BadInput, Refused
 from pipeline.keys import KeyType, text_form
 from pipeline.lease import LeaseLost, acquire, read_lease
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
 from conftest import run_cli

@@ -13,9 +13,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline import api
-from pipeline import history as H
-from pipeline import report as R
+from shardmove import api
+from shardmove import history as H
+from shardmove import report as R
 from pipeline.config import load_config
 
 from conftest import run_cli
@@ -102,7 +102,7 @@ def test_report_cli_writes_html_and_pngs_of_expected_size(ran_plan, cli_report):
 
 def test_run_data_matches_summary(ran_plan):
     _path, cfg, res, _keys = ran_plan
-    from pipeline.planner import load_manifest
+    from shardmove.planner import load_manifest
 
     data = R.collect_run_data(res.plan_dir, load_manifest(res.plan_dir))
     s = data["summary"]

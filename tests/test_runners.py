@@ -23,9 +23,9 @@ import time
 import pytest
 import yaml
 
-from pipeline import api
+from shardmove import api
 from pipeline.config import load_config
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 
 from conftest import ROOT, run_cli
 from test_executor import install_write_witness, map_rows, quiet, write_counts
@@ -232,7 +232,7 @@ def prism_binary():
     """Prism for the installed Beam version, built once with ``go install`` into
     shardmove's cache (``./run_local.sh test`` builds it before the suite).
     Under CI a missing binary or Go is a failure, never a skip."""
-    from pipeline import engines
+    from transforms import engines
     from pipeline.errors import BadInput
 
     try:
@@ -291,7 +291,7 @@ def test_prism_config_as_shipped(template, reference, tmp_path, prism_binary):
 
 
 def _prism_cache():
-    from pipeline.engines import prism_cache_dir
+    from transforms.engines import prism_cache_dir
 
     return prism_cache_dir()
 
@@ -299,7 +299,7 @@ def _prism_cache():
 def test_prism_as_users_type_it_direct_runner_finds_the_local_binary(template, reference, tmp_path, prism_binary):
     """``--runner=DirectRunner`` with no --prism_location: shardmove points Beam at the
     cached binary (found through SHARDMOVE_PRISM here, as on a machine where
-    ``python -m pipeline.engines prism`` built it), so nothing is downloaded and the
+    ``python -m transforms.engines prism`` built it), so nothing is downloaded and the
     pipelines run on Prism, not on the fallback engine."""
     cfgpath = fresh(template, tmp_path)
     env = {"SHARDMOVE_PRISM": prism_binary}
@@ -411,7 +411,7 @@ def offline_gcp(monkeypatch):
 
 
 def _capture_results(monkeypatch):
-    import pipeline.runner as runner
+    import transforms.runner as runner
 
     results = []
     real = runner.run_pipeline
@@ -429,7 +429,7 @@ def _transforms(result):
 
 
 def test_dataflow_dry_run_translates_plan_and_run_offline(template, tmp_path, offline_gcp, monkeypatch):
-    from pipeline.runner import dry_run_stages
+    from transforms.runner import dry_run_stages
 
     import dataclasses
 
@@ -515,7 +515,7 @@ def test_flink_and_spark_configs_are_well_formed(name, runner):
     Beam accepts every flag they pass."""
     from apache_beam.options.pipeline_options import FlinkRunnerOptions, PortableOptions, SparkRunnerOptions
 
-    from pipeline.runner import is_dry_run, pipeline_args, runner_name
+    from transforms.runner import is_dry_run, pipeline_args, runner_name
 
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
     args = pipeline_args(cfg.beam)

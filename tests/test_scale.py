@@ -27,13 +27,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline import api
+from shardmove import api
 from pipeline import checkpoint as ckpt
 from pipeline.config import load_config
-from pipeline.executor import summarize
-from pipeline.planner import load_manifest
+from shardmove.executor import summarize
+from shardmove.planner import load_manifest
 from pipeline.stores.sqlite import SqliteMapStore
-from pipeline.throttle import ShardThrottles, ThrottleConfig
+from transforms.throttle import ShardThrottles, ThrottleConfig
 from transforms import execute as tx
 from transforms.plan import SPILL_PARTITION_BITS
 
@@ -112,7 +112,7 @@ def _tap(element, label, keyed):
 
 
 def test_hot_key_one_pair_spreads_over_buckets_and_shuffles_chunks(tmp_path, monkeypatch):
-    import pipeline.runner as runner
+    import transforms.runner as runner
 
     info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=2000, shards=1)  # s0 -> s0, s1: one pair
     buckets, batch = 8, 40

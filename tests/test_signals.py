@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.lease import read_lease
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 
 from conftest import run_cli
 from test_executor import _cli_cfg, _plan_cli, _wait_for_parts

@@ -14,7 +14,7 @@ import pytest
 import xxhash
 
 from pipeline import errors
-from pipeline.demo import create_demo, demo_keys
+from shardmove.demo import create_demo, demo_keys
 from pipeline.keys import KeyType, stable_hash, text_form
 from pipeline.stores import (
     SNAPSHOT_SCHEMA,
@@ -24,8 +24,8 @@ from pipeline.stores import (
     SqliteMapStore,
     SwapItem,
     content_hash,
-    open_data_store,
-    open_map_store,
+    data_store_from_spec,
+    map_store_from_spec,
 )
 
 ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
@@ -95,15 +95,16 @@ def test_stores_pickle_as_configuration(tmp_path):
 
 
 def test_open_from_config_sections(tmp_path):
-    m = open_map_store({"kind": "sqlite", "path": str(tmp_path / "m.sqlite")}, KeyType.STRING)
-    assert isinstance(m, SqliteMapStore)
-    assert open_data_store({"kind": "none"}, KeyType.STRING) is None
-    d = open_data_store({"kind": "sqlite", "directory": str(tmp_path), "busy_timeout": 1}, KeyType.BYTES)
+    spec = {"kind": "sqlite", "path": str(tmp_path / "m.sqlite"), "busy_timeout": 2, "synchronous": "full"}
+    m = map_store_from_spec(spec, KeyType.STRING, must_exist=False)
+    assert isinstance(m, SqliteMapStore) and (m.busy_timeout, m.synchronous) == (2.0, "FULL")
+    assert data_store_from_spec({"kind": "none"}, KeyType.STRING) is None
+    d = data_store_from_spec({"kind": "sqlite", "directory": str(tmp_path), "busy_timeout": 1}, KeyType.BYTES)
     assert isinstance(d, SqliteDataStore) and d.busy_timeout == 1.0
-    with pytest.raises(errors.BadInput, match="map_store.kind: unsupported store kind 'redis'"):
-        open_map_store({"kind": "redis"}, KeyType.STRING)
+    with pytest.raises(errors.BadInput, match="map_store.kind: unknown kind 'cassandra'"):
+        map_store_from_spec({"kind": "cassandra"}, KeyType.STRING)
     with pytest.raises(errors.BadInput, match="data_store.busy_timeout"):
-        open_data_store({"kind": "sqlite", "directory": "x", "busy_timeout": -1}, KeyType.STRING)
+        data_store_from_spec({"kind": "sqlite", "directory": str(tmp_path), "busy_timeout": -1}, KeyType.STRING)
 
 
 # ------------------------------------------------------------------- snapshot

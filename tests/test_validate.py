@@ -12,10 +12,10 @@ import sqlite3
 import pyarrow as pa
 import pytest
 
-from pipeline import api
-from pipeline import validate as V
+from shardmove import api
+from shardmove import validate as V
 from pipeline.config import load_config
-from pipeline.planner import load_manifest
+from shardmove.planner import load_manifest
 from pipeline.snapshot import take_snapshot
 from pipeline.stores.sqlite import SqliteMapStore
 

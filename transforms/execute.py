@@ -24,7 +24,7 @@ background thread, and swaps run on one swapper thread per worker while the
 bundle thread copies and verifies the next chunks.
 
 Mover calls (copies and re-copies) pass through per-shard throttles
-(:mod:`pipeline.throttle`, built on Beam's ``AdaptiveThrottler``): caps on
+(:mod:`transforms.throttle`, built on Beam's ``AdaptiveThrottler``): caps on
 calls in flight and keys per second per shard, and an adaptive concurrency
 limit that backs off when a shard's latency or error rate rises.  The
 throttles are shared by every DoFn of a worker process
@@ -64,13 +64,16 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
-from pipeline.backends import data_store_from_spec, map_store_from_spec
+from pipeline import workdir
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
+from pipeline.lease import LeaseLost
 from pipeline.logsafe import cap_beam_loggers
 from pipeline.names import parse_group_id
-from pipeline.throttle import ShardThrottles, ThrottleConfig
+from pipeline.plancore import _mix
+from pipeline.stores import data_store_from_spec, map_store_from_spec
+from transforms.throttle import ShardThrottles, ThrottleConfig
 
 __all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph",
            "throttle_config"]
@@ -262,8 +265,6 @@ class _StageFn(beam.DoFn):
         except (OSError, ValueError):
             return
         if cur.get("epoch") != self._spec.epoch:
-            from pipeline.lease import LeaseLost
-
             raise LeaseLost(f"lease lost: plan is now held by epoch {cur.get('epoch')}")
 
     def _writer(self, gid: str) -> ckpt.CheckpointWriter:
@@ -427,7 +428,7 @@ class _LoadWorkFn(beam.DoFn):
         gid, _rows = element
         spec = self._spec
         source, target, _bucket = parse_group_id(gid)
-        path = fs.join(spec.plan_dir, "moves", gid + ".parquet")
+        path = workdir.move_file(spec.plan_dir, gid)
         with fs.open_input(path) as f:
             plan = pq.read_table(f, columns=["key", "key_hash"])
         n = plan.num_rows
@@ -782,8 +783,6 @@ class CopyKeys(beam.PTransform):
 
 def _sample_mask(hashes: list, fraction: float, seed: int) -> list:
     """Seeded, deterministic sample of a batch: at least one key per batch."""
-    from pipeline.plancore import _mix
-
     h = np.array(hashes, dtype=np.uint64)
     with np.errstate(over="ignore"):
         u = _mix(h ^ np.uint64(seed % 2**64))
@@ -1155,10 +1154,6 @@ class SwapBatches(beam.PTransform):
 
 
 # ----------------------------------------------------------------- graph
-
-def _key_by_group(ch: Chunk):
-    return ch.gid, ch
-
 
 def build_run_graph(p: beam.Pipeline, spec: ExecSpec) -> None:
     """The executor's flowchart (see the module docstring)."""

@@ -31,7 +31,7 @@ Spill names are deterministic (chunk index, spill index), so a retried
 bundle rewrites the same bytes; only pointers that Beam committed are read.
 
 Bulk data travels as Arrow tables, never per-key elements.  The launcher
-(``pipeline/planner.py``) validates the stats and commits the manifest.
+(``shardmove/planner.py``) validates the stats and commits the manifest.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import fs
 from pipeline import plancore as core
+from pipeline import workdir
 from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
@@ -63,7 +64,6 @@ __all__ = [
     "PlanGraphSpec",
     "ReadAssignments",
     "PlanChunks",
-    "PlanMoves",
     "DetectDuplicates",
     "WriteMoveFiles",
     "build_plan_graph",
@@ -357,41 +357,6 @@ class PlanChunks(beam.PTransform):
         ).with_output_types(Any).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
 
 
-class _PlanSegmentFn(beam.DoFn):
-    """Segment -> moves (gid, table) and hashes (partition, array) as elements.
-
-    Kept for callers that plan small inputs without spill files; the
-    planner's graph uses :class:`PlanChunks`."""
-
-    MOVES = "moves"
-    HASHES = "hashes"
-
-    def __init__(self, ctx: core.PlanContext):
-        self._ctx = ctx
-
-    def process(self, table: pa.Table):
-        moves, stats, hashes = core.plan_batch(table, self._ctx)
-        part = (hashes >> np.uint64(64 - SPILL_PARTITION_BITS)).astype(np.int32)
-        for p in np.unique(part):
-            yield beam.pvalue.TaggedOutput(self.HASHES, (int(p), hashes[part == p]))
-        for gid, t in _split_moves(moves):
-            yield beam.pvalue.TaggedOutput(self.MOVES, (gid, t))
-        yield stats
-
-
-class PlanMoves(beam.PTransform):
-    """Segments -> tagged outputs ``moves`` (gid, table), ``hashes`` (partition, ndarray), main: Stats."""
-
-    def __init__(self, ctx: core.PlanContext):
-        super().__init__()
-        self._ctx = ctx
-
-    def expand(self, segments):
-        return segments | "PlanSegments" >> beam.ParDo(_PlanSegmentFn(self._ctx)).with_outputs(
-            _PlanSegmentFn.MOVES, _PlanSegmentFn.HASHES, main="stats"
-        )
-
-
 class _PrepareSideFn(beam.DoFn):
     """Explicit target: canonical keys + hashes, keyed by hash partition."""
 
@@ -605,9 +570,9 @@ class _WriteGroupFn(beam.DoFn):
         gid, values = element
         table = pa.concat_tables([_moves_table(v) for v in values])
         data = write_moves_bytes(table)
-        path = fs.join(self._staging, "moves", gid + ".parquet")
+        path = workdir.move_file(self._staging, gid)
         if not self._made:
-            fs.makedirs(fs.join(self._staging, "moves"))
+            fs.makedirs(workdir.moves_dir(self._staging))
             self._made = True
         record = {
             "group": gid,

@@ -1,11 +1,13 @@
 """Map and data store adapters behind the :mod:`pipeline.stores.base` protocols.
 
-Never imports Beam.  ``open_map_store`` / ``open_data_store`` build a store
-from a configuration section (``{"kind": "sqlite", "path": ...}`` /
-``{"kind": "sqlite", "directory": ...}``); later adapters register here.
+Never imports Beam.  The one store factory: ``map_store_from_spec`` /
+``data_store_from_spec`` build a store from a configuration section (``kind``
+sqlite, postgres, redis or objects), and ``open_map_store`` /
+``open_data_store`` do so for a whole configuration.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from pipeline.errors import BadInput
@@ -36,6 +38,8 @@ __all__ = [
     "SqliteDataStore",
     "SqliteMapSnapshot",
     "SqliteMapStore",
+    "map_store_from_spec",
+    "data_store_from_spec",
     "open_map_store",
     "open_data_store",
 ]
@@ -57,25 +61,63 @@ def _options(section: Mapping[str, Any], what: str) -> dict:
     return out
 
 
-def open_map_store(section: Mapping[str, Any], key_type: KeyType) -> MapStore:
-    """The map store a ``map_store`` configuration section describes."""
-    kind = section.get("kind")
+def map_store_from_spec(spec: Mapping[str, Any], key_type: KeyType, *, must_exist: bool = True) -> MapStore:
+    """The map store a ``map_store`` section (a picklable spec) describes.
+
+    The one store factory: the launcher opens its stores here, and Beam DoFns
+    open their own clients in ``setup()`` from the same spec.
+    """
+    kind = spec.get("kind")
+    if kind == "postgres":
+        # deferred: psycopg is loaded only by configurations that use PostgreSQL
+        from pipeline.stores.postgres import PostgresMapStore
+
+        return PostgresMapStore.from_spec(spec, key_type)
+    if kind == "redis":
+        # deferred: redis is loaded only by configurations that use Redis
+        from pipeline.stores.redis_store import RedisMapStore
+
+        return RedisMapStore.from_spec(spec, key_type)
     if kind == "sqlite":
-        path = section.get("path")
-        if not isinstance(path, str) or not path:
-            raise BadInput(f"config map_store.path: expected a path, got {path!r}")
-        return SqliteMapStore(path, key_type, **_options(section, "map_store"))
-    raise BadInput(f"config map_store.kind: unsupported store kind {kind!r}")
+        path = spec.get("path")
+        if not path:
+            raise BadInput("config map_store.path: required for kind sqlite")
+        if must_exist and not os.path.exists(path):
+            raise BadInput(f"map store not found: {path}")
+        return SqliteMapStore(path, key_type, **_options(spec, "map_store"))
+    raise BadInput(f"config map_store.kind: unknown kind {kind!r}")
 
 
-def open_data_store(section: Mapping[str, Any], key_type: KeyType) -> DataStore | None:
+def data_store_from_spec(spec: Mapping[str, Any], key_type: KeyType) -> DataStore | None:
     """The data store a ``data_store`` section describes (None for ``kind: none``)."""
-    kind = section.get("kind")
-    if kind == "none":
+    kind = spec.get("kind")
+    if kind in (None, "none"):
         return None
+    if kind == "postgres":
+        # deferred: psycopg is loaded only by configurations that use PostgreSQL
+        from pipeline.stores.postgres import PostgresDataStore
+
+        return PostgresDataStore.from_spec(spec, key_type)
+    if kind == "objects":
+        # deferred: the object store loads the GCS client only when it is used
+        from pipeline.stores.objects import ObjectDataStore
+
+        return ObjectDataStore.from_spec(spec, key_type)
     if kind == "sqlite":
-        directory = section.get("directory")
-        if not isinstance(directory, str) or not directory:
-            raise BadInput(f"config data_store.directory: expected a directory, got {directory!r}")
-        return SqliteDataStore(directory, key_type, **_options(section, "data_store"))
-    raise BadInput(f"config data_store.kind: unsupported store kind {kind!r}")
+        d = spec.get("directory")
+        if not d:
+            raise BadInput("config data_store.directory: required for kind sqlite")
+        if not os.path.isdir(d):
+            raise BadInput(f"data store directory not found: {d}")
+        return SqliteDataStore(d, key_type, **_options(spec, "data_store"))
+    raise BadInput(f"config data_store.kind: unknown kind {kind!r}")
+
+
+def open_map_store(cfg, *, must_exist: bool = True) -> MapStore:
+    """The map store of a :class:`pipeline.config.Config`."""
+    return map_store_from_spec(cfg.map_store, cfg.key_type, must_exist=must_exist)
+
+
+def open_data_store(cfg) -> DataStore | None:
+    """The data store of a :class:`pipeline.config.Config` (None for ``kind: none``)."""
+    return data_store_from_spec(cfg.data_store, cfg.key_type)

@@ -26,11 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from pipeline.errors import StoreError
-from pipeline.keys import KeyType
+from pipeline.keys import KeyType, canonical_from_texts
 
 __all__ = [
     "SNAPSHOT_SCHEMA",
@@ -260,3 +262,92 @@ class DataStore(Protocol):
     def count(self, shard: str) -> int: ...
 
     def close(self) -> None: ...
+
+
+# ------------------------------------------------- shared by the map store adapters
+
+
+def swap_item(it) -> SwapItem:
+    if isinstance(it, SwapItem):
+        return it
+    if len(it) == 3:
+        return SwapItem(it[0], it[1], it[2], None)
+    if len(it) == 4:
+        return SwapItem(it[0], it[1], it[2], it[3])
+    return SwapItem(it[0], it[1], it[2], it[3], bool(it[4]))
+
+
+def utf8_column(raw: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Binary -> string, with a validity mask (invalid UTF-8 rows become null)."""
+    try:
+        return raw.cast(pa.string()), np.ones(len(raw), dtype=bool)
+    except pa.ArrowInvalid:
+        out = []
+        for v in raw.to_pylist():
+            try:
+                out.append(v.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(None)
+        arr = pa.array(out, pa.string())
+        return arr, np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class CountingSnapshot:
+    """What every map snapshot shares: raw rows -> a SNAPSHOT_SCHEMA batch with rows
+    whose key or shard id cannot be represented dropped and counted (never shown),
+    and the row counts behind ``stats()``.  Subclasses set ``key_type``, ``cutoff``,
+    ``_rows``, ``_invalid``, ``_above`` (None until read to the end) and
+    ``_started``, and define ``_batches()`` and ``close()``; a snapshot is
+    iterated once."""
+
+    def _columns_to_batch(self, keys, shards, versions) -> pa.RecordBatch:
+        canon, key_ok = canonical_from_texts(pa.array(keys, pa.binary()), self.key_type)
+        shard_arr, shard_ok = utf8_column(pa.array(shards, pa.binary()))
+        version_arr = pa.array(versions, pa.int64())
+        if not shard_ok.all():
+            # keys were already filtered by key_ok; align the shard mask to them.
+            canon = canon.filter(pa.array(shard_ok[key_ok]))
+        valid = key_ok & shard_ok
+        if not valid.all():
+            mask = pa.array(valid)
+            shard_arr = shard_arr.filter(mask)
+            version_arr = version_arr.filter(mask)
+        self._invalid += len(keys) - int(valid.sum())
+        self._rows += len(canon)
+        return pa.RecordBatch.from_arrays([canon, shard_arr, version_arr], schema=SNAPSHOT_SCHEMA)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def invalid_keys(self) -> int:
+        return self._invalid
+
+    @property
+    def rows_above_cutoff(self) -> int | None:
+        """None until the export has been read to the end."""
+        return self._above
+
+    def stats(self) -> SnapshotStats:
+        if self._above is None:
+            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
+        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
+
+    # -- one iteration, then closed (subclasses define _batches() and close())
+    def _is_closed(self) -> bool:
+        return self._conn is None  # the connection holding the snapshot's read transaction
+
+    def __enter__(self) -> "CountingSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if self._started:
+            raise RuntimeError("a map snapshot can be iterated only once")
+        if self._is_closed():
+            raise RuntimeError("map snapshot already closed")
+        self._started = True
+        return self._batches()

@@ -112,6 +112,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from pipeline import gcs
 from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key
 from pipeline.stores.base import CopyOutcome, content_hash
@@ -263,8 +264,6 @@ def _store_error(e: BaseException, what: str) -> StoreError:
     """Classify a failure; the message names the operation, never a key."""
     if isinstance(e, StoreError):
         return e
-    from pipeline import gcs
-
     if gcs.is_transient(e):
         return TransientError(f"{what}: storage unavailable ({type(e).__name__})", reason="unavailable")
     if isinstance(e, FileNotFoundError) and e.errno is None:  # pipeline.gcs: a 404 (no such bucket)
@@ -307,8 +306,6 @@ def _written_ns(meta: Mapping[str, str], updated_ns: int) -> int:
 
 
 def _gcs_head(path: str) -> _Head | None:
-    from pipeline import gcs
-
     st = gcs.stat(path)
     if st is None:
         return None
@@ -316,8 +313,6 @@ def _gcs_head(path: str) -> _Head | None:
 
 
 def _gcs_get(path: str) -> tuple[bytes, _Head] | None:
-    from pipeline import gcs
-
     got = gcs.read_object(path)
     if got is None:
         return None
@@ -328,8 +323,6 @@ def _gcs_get(path: str) -> tuple[bytes, _Head] | None:
 def _gcs_write(path: str, data: bytes, written_ns: int, expect: int) -> bool:
     """Upload if the object still has generation ``expect`` (0: absent); False on a 412."""
     from google.api_core.exceptions import PreconditionFailed
-
-    from pipeline import gcs
 
     try:
         gcs.upload(path, data, if_generation_match=expect, metadata={WRITTEN_NS_METADATA: str(written_ns)})
@@ -615,8 +608,6 @@ class ObjectDataStore:
         s = self._shard(shard)
         try:
             if s.is_gcs:
-                from pipeline import gcs
-
                 return [n for p, n in gcs.list_objects(s.root)
                         if not p.rsplit("/", 1)[-1].startswith(".")]
             sizes = []
@@ -648,8 +639,6 @@ class ObjectDataStore:
         if not s.is_gcs:
             return os.path.isdir(s.location)
         from google.api_core.exceptions import NotFound
-
-        from pipeline import gcs
 
         bucket, name = gcs.parse(s.location)
         try:
@@ -771,8 +760,6 @@ class ObjectDataStore:
                 return 0
             try:
                 if s.is_gcs:
-                    from pipeline import gcs
-
                     return int(gcs.delete(s.path(name), if_generation_match=ver))
                 path = s.path(name)
                 if ver is not None:

@@ -72,10 +72,10 @@ from psycopg import sql
 from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 
-from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
-from pipeline.keys import KeyType, short_hash_of_key
-from pipeline.stores.base import CopyOutcome, SwapItem, SwapResult
-from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
+from pipeline.errors import BadInput, PermanentError, Refused, SourceMissing, StoreError, TransientError
+from pipeline.keys import KeyType, short_hash_of_key, text_forms
+from pipeline.lease import LeaseLost
+from pipeline.stores.base import CopyOutcome, CountingSnapshot, SwapItem, SwapResult, swap_item
 
 __all__ = [
     "PostgresMapStore",
@@ -439,7 +439,7 @@ class _Configured:
 # ------------------------------------------------------------------ map store
 
 
-class PostgresMapSnapshot(_CountingSnapshot):
+class PostgresMapSnapshot(CountingSnapshot):
     """A point-in-time export of a PostgreSQL shard map (see :class:`base.MapSnapshot`).
 
     Opening it starts ONE ``REPEATABLE READ READ ONLY`` transaction on its own
@@ -611,7 +611,7 @@ class PostgresMapStore(_Configured):
         """Current ``(shard_id, version)`` of those keys that exist (one read transaction)."""
         if not keys:
             return {}
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         by_text = dict(zip(texts, keys))
         uniq = list(by_text)
         out: dict[bytes, tuple[str, int]] = {}
@@ -665,7 +665,7 @@ class PostgresMapStore(_Configured):
 
         def flush():
             nonlocal total
-            last = dict(zip(_texts([k for k, _ in buf], self.key_type), (s for _, s in buf)))
+            last = dict(zip(text_forms([k for k, _ in buf], self.key_type), (s for _, s in buf)))
             ordered = sorted(last.items())
             try:
                 with self._pool().borrow() as conn, _txn(conn):
@@ -724,9 +724,6 @@ class PostgresMapStore(_Configured):
         supersedes the claim.  The epoch is the fencing token that
         :meth:`swap_batch` checks inside its transaction.
         """
-        from pipeline.errors import Refused
-        from pipeline.lease import LeaseLost
-
         runs = self._runs_table()
         try:
             with self._pool().borrow() as conn:
@@ -756,8 +753,6 @@ class PostgresMapStore(_Configured):
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
         """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
-        from pipeline.lease import LeaseLost
-
         try:
             with self._pool().borrow() as conn:
                 n = conn.execute(sql.SQL("UPDATE {} SET expires_at = %s WHERE plan_id = %s AND epoch = %s")
@@ -806,7 +801,7 @@ class PostgresMapStore(_Configured):
         key twice with different moves is a conflict.  Lock timeouts,
         deadlocks and lost connections raise TransientError.
         """
-        norm = [_swap_item(it) for it in items]
+        norm = [swap_item(it) for it in items]
         if not norm:
             return SwapResult()
         if fence is not None:
@@ -822,7 +817,7 @@ class PostgresMapStore(_Configured):
                 if fence._identity_of(s) != mine:
                     raise PermanentError("fenced swap: a source shard is not in the map's database",
                                          reason="fence_unsupported")
-        texts = _texts([it.key for it in norm], self.key_type)
+        texts = text_forms([it.key for it in norm], self.key_type)
         first: dict[str, int] = {}
         dup_conflict: set[str] = set()
         for i, (t, it) in enumerate(zip(texts, norm)):
@@ -844,7 +839,6 @@ class PostgresMapStore(_Configured):
                                            .format(self._runs_table()), (token[0],)).fetchone()
                         if row is None or row[0] != token[1]:
                             conn.execute("ROLLBACK")
-                            from pipeline.lease import LeaseLost
 
                             raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
                                             f"(now {row[0] if row else 'none'}); nothing applied")
@@ -1290,7 +1284,7 @@ class PostgresDataStore(_Configured):
     def _read_records(self, keys: Sequence[bytes], shard: str, what: str) -> dict[bytes, bytes]:
         if not keys or shard not in self._shards:
             return {}
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         by_text = dict(zip(texts, keys))
         try:
             with self._pool(shard).borrow() as conn, \
@@ -1341,7 +1335,7 @@ class PostgresDataStore(_Configured):
             kt = self.key_type
 
             def versions(keys: Sequence[bytes]) -> dict[bytes, tuple[bytes, int]]:
-                texts = _texts(list(keys), kt)
+                texts = text_forms(list(keys), kt)
                 back = dict(zip(texts, keys))
                 try:
                     recs = self._records(layouts, self._select_rows(conn, layouts, list(back)))
@@ -1454,7 +1448,7 @@ class PostgresDataStore(_Configured):
             return []
         self._shard(source, "copy")
         self._shard(target, "copy")
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         uniq = list(dict.fromkeys(texts))
 
         try:
@@ -1526,7 +1520,7 @@ class PostgresDataStore(_Configured):
             raise ValueError("delete: versions must align with keys")
         if shard not in self._shards:
             return 0
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         want = dict(zip(texts, versions)) if versions is not None else None
         uniq = sorted(set(texts))
         try:
@@ -1565,7 +1559,7 @@ class PostgresDataStore(_Configured):
 
         def flush():
             nonlocal total
-            last = dict(zip(_texts([k for k, _ in buf], self.key_type), (bytes(v) for _, v in buf)))
+            last = dict(zip(text_forms([k for k, _ in buf], self.key_type), (bytes(v) for _, v in buf)))
             ordered = sorted(last.items())
             try:
                 with self._pool(shard).borrow() as conn, _txn(conn):

@@ -43,11 +43,11 @@ import pyarrow as pa
 import redis
 import xxhash
 
-from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
-from pipeline.keys import KeyType
-from pipeline.stores.base import SwapItem, SwapResult
+from pipeline.errors import BadInput, PermanentError, Refused, StoreError, TransientError
+from pipeline.lease import LeaseLost
+from pipeline.keys import KeyType, text_forms
+from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
 from pipeline.stores.postgres import _dsn_secrets, _scrub, redact_dsn
-from pipeline.stores.sqlite import _CountingSnapshot, _swap_item, _texts
 
 __all__ = ["RedisMapStore", "RedisMapSnapshot", "DEFAULT_URL", "DEFAULT_PREFIX"]
 
@@ -234,7 +234,7 @@ class _SeenSet:
 # ---------------------------------------------------------------- snapshot
 
 
-class RedisMapSnapshot(_CountingSnapshot):
+class RedisMapSnapshot(CountingSnapshot):
     """A point-in-time export of a Redis shard map (see :class:`base.MapSnapshot`).
 
     Redis has no read transactions, so the snapshot is "at the cutoff, minus
@@ -460,7 +460,7 @@ class RedisMapStore:
         """Current ``(shard_id, version)`` of those keys that exist (one MULTI per chunk)."""
         if not keys:
             return {}
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         by_text = dict(zip(texts, keys))
         uniq = list(by_text)
         out: dict[bytes, tuple[str, int]] = {}
@@ -537,7 +537,7 @@ class RedisMapStore:
         def flush():
             nonlocal total
             args: list = []
-            for t, (_, s) in zip(_texts([k for k, _ in buf], self.key_type), buf):
+            for t, (_, s) in zip(text_forms([k for k, _ in buf], self.key_type), buf):
                 args += [t, s]
             try:
                 self._script("put")(keys=[self.shard_key, self.version_key, self.clock_key], args=args)
@@ -571,9 +571,6 @@ class RedisMapStore:
         epoch is the fencing token that :meth:`swap_batch` checks inside its
         script.
         """
-        from pipeline.errors import Refused
-        from pipeline.lease import LeaseLost
-
         try:
             reply = self._script("claim")(keys=[self.runs_key], args=[
                 plan_id, int(epoch), int(window[0]), int(window[1]), holder, repr(float(now + ttl)), repr(float(now))])
@@ -597,8 +594,6 @@ class RedisMapStore:
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
         """Extend this executor's claim; ``LeaseLost`` if another epoch took it over."""
-        from pipeline.lease import LeaseLost
-
         if not self._renew(plan_id, epoch, now + ttl, "run renew"):
             raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
 
@@ -624,10 +619,10 @@ class RedisMapStore:
         """
         if fence is not None:
             raise TypeError("swap_batch: the Redis map store cannot fence a swap (supports_fence is False)")
-        norm = [_swap_item(it) for it in items]
+        norm = [swap_item(it) for it in items]
         if not norm:
             return SwapResult()
-        texts = _texts([it.key for it in norm], self.key_type)
+        texts = text_forms([it.key for it in norm], self.key_type)
         first: dict[str, int] = {}
         dup_conflict: set[str] = set()
         for i, (t, it) in enumerate(zip(texts, norm)):
@@ -645,8 +640,6 @@ class RedisMapStore:
         except redis.RedisError as e:
             _raise(e, f"map store {redact_dsn(self.url)}: swap", self._secrets)
         if reply[0] == b"lease_lost":
-            from pipeline.lease import LeaseLost
-
             raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
                             f"(now {reply[1].decode()}); nothing applied")
         version = int(reply[0])

@@ -47,22 +47,23 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import xxhash
 
-from pipeline.errors import PermanentError, SourceMissing, StoreError, TransientError
-from pipeline.keys import InvalidKeyError, KeyType, parse_text, short_hash_of_key
+from pipeline.errors import PermanentError, Refused, SourceMissing, StoreError, TransientError
+from pipeline.keys import KeyType, short_hash_of_key, text_forms
+from pipeline.lease import LeaseLost
 from pipeline.names import safe_name
 from pipeline.stores.base import (
     SNAPSHOT_SCHEMA,
     CopyOutcome,
+    CountingSnapshot,
     SnapshotStats,
     SwapItem,
     SwapResult,
+    swap_item,
 )
 
 __all__ = [
@@ -152,130 +153,6 @@ def _locked(paths: Iterable[str], timeout: float, what: str):
     finally:
         for lock in reversed(held):
             lock.release()
-
-
-# ------------------------------------------------------------ key text forms
-
-
-def _int64_text(b: bytes) -> str:
-    if len(b) != 8:
-        raise InvalidKeyError("int64 key is not 8 bytes")
-    return str(int.from_bytes(b, "big", signed=True))
-
-
-def _uuid_text(b: bytes) -> str:
-    if len(b) != 16:
-        raise InvalidKeyError("uuid key is not 16 bytes")
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _string_text(b: bytes) -> str:
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidKeyError("string key is not valid UTF-8") from None
-
-
-def _bytes_text(b: bytes) -> str:
-    return bytes(b).hex()
-
-
-_TEXT_OF: dict[KeyType, Callable[[bytes], str]] = {
-    KeyType.STRING: _string_text,
-    KeyType.INT64: _int64_text,
-    KeyType.UUID: _uuid_text,
-    KeyType.BYTES: _bytes_text,
-}
-
-
-def _texts(keys: Sequence[bytes], key_type: KeyType) -> list[str]:
-    """Text forms of canonical keys; InvalidKeyError (no value) if one is not canonical."""
-    return list(map(_TEXT_OF[key_type], keys))
-
-
-def _parse_strict(raw: bytes, key_type: KeyType) -> bytes | None:
-    """Canonical bytes of a stored text key, or None if it is not a canonical text form."""
-    try:
-        text = raw.decode("utf-8")
-        canon = parse_text(text, key_type)
-        if _TEXT_OF[key_type](canon) != text:
-            return None  # e.g. "007", "-0", upper-case hex: would alias another key
-        return canon
-    except (InvalidKeyError, UnicodeDecodeError, ValueError):
-        return None
-
-
-_UUID_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_HEX_RE = r"^(?:[0-9a-f]{2})*$"
-_NIBBLE = np.zeros(256, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _NIBBLE[_c] = _i
-
-
-def _hex_decode(arr: pa.Array) -> pa.Array:
-    """Decode a null-free array of even-length lowercase hex strings to binary."""
-    arr = arr.cast(pa.binary())
-    n = len(arr)
-    if n == 0:
-        return pa.array([], pa.binary())
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
-    start, end = int(offsets[0]), int(offsets[-1])
-    chars = np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None and end > start \
-        else np.empty(0, np.uint8)
-    nib = _NIBBLE[chars]
-    out = (nib[0::2] << 4) | nib[1::2]
-    new_off = ((offsets - start) // 2).astype(np.int32)
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(new_off), pa.py_buffer(out.tobytes())])
-
-
-def _parse_key_column(raw: pa.Array, key_type: KeyType) -> tuple[pa.Array, np.ndarray]:
-    """Canonical keys from stored text keys (binary, null-free).
-
-    Returns ``(canonical, valid)``: ``canonical`` holds the keys where
-    ``valid`` is True, in order (invalid ones dropped).  A key is valid only
-    if its text is exactly the canonical text form of its canonical bytes.
-    """
-    n = len(raw)
-    try:
-        if key_type is KeyType.STRING:
-            raw.cast(pa.string())  # validates UTF-8
-            return raw, np.ones(n, dtype=bool)
-        text = raw.cast(pa.string())
-        if key_type is KeyType.INT64:
-            ints = pc.cast(text, pa.int64())
-            ok = pc.equal(pc.cast(ints, pa.string()), text)
-            valid = np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
-            be = ints.to_numpy(zero_copy_only=False)[valid].astype(">i8")
-            canon = pa.Array.from_buffers(pa.binary(8), int(valid.sum()), [None, pa.py_buffer(be.tobytes())])
-            return canon.cast(pa.binary()), valid
-        pattern = _UUID_RE if key_type is KeyType.UUID else _HEX_RE
-        valid = np.asarray(pc.match_substring_regex(text, pattern).to_numpy(zero_copy_only=False), dtype=bool)
-        good = text.filter(pa.array(valid)) if not valid.all() else text
-        if key_type is KeyType.UUID:
-            good = pc.replace_substring(good, "-", "")
-        return _hex_decode(good), valid
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass  # a value the vectorised path cannot take: decide row by row
-    parsed = [_parse_strict(v, key_type) for v in raw.to_pylist()]
-    valid = np.fromiter((p is not None for p in parsed), dtype=bool, count=n)
-    return pa.array([p for p in parsed if p is not None], pa.binary()), valid
-
-
-def _utf8_column(raw: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Binary -> string, with a validity mask (invalid UTF-8 rows become null)."""
-    try:
-        return raw.cast(pa.string()), np.ones(len(raw), dtype=bool)
-    except pa.ArrowInvalid:
-        out = []
-        for v in raw.to_pylist():
-            try:
-                out.append(v.decode("utf-8"))
-            except UnicodeDecodeError:
-                out.append(None)
-        arr = pa.array(out, pa.string())
-        return arr, np.asarray(pc.is_valid(arr).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 # --------------------------------------------------------------- connections
@@ -474,68 +351,7 @@ class _SqliteBase:
 # ------------------------------------------------------------------ map store
 
 
-class _CountingSnapshot:
-    """What every map snapshot shares: raw rows -> a SNAPSHOT_SCHEMA batch with rows
-    whose key or shard id cannot be represented dropped and counted (never shown),
-    and the row counts behind ``stats()``.  Subclasses set ``key_type``, ``cutoff``,
-    ``_rows``, ``_invalid``, ``_above`` (None until read to the end) and
-    ``_started``, and define ``_batches()`` and ``close()``; a snapshot is
-    iterated once."""
-
-    def _columns_to_batch(self, keys, shards, versions) -> pa.RecordBatch:
-        canon, key_ok = _parse_key_column(pa.array(keys, pa.binary()), self.key_type)
-        shard_arr, shard_ok = _utf8_column(pa.array(shards, pa.binary()))
-        version_arr = pa.array(versions, pa.int64())
-        if not shard_ok.all():
-            # keys were already filtered by key_ok; align the shard mask to them.
-            canon = canon.filter(pa.array(shard_ok[key_ok]))
-        valid = key_ok & shard_ok
-        if not valid.all():
-            mask = pa.array(valid)
-            shard_arr = shard_arr.filter(mask)
-            version_arr = version_arr.filter(mask)
-        self._invalid += len(keys) - int(valid.sum())
-        self._rows += len(canon)
-        return pa.RecordBatch.from_arrays([canon, shard_arr, version_arr], schema=SNAPSHOT_SCHEMA)
-
-    @property
-    def rows(self) -> int:
-        return self._rows
-
-    @property
-    def invalid_keys(self) -> int:
-        return self._invalid
-
-    @property
-    def rows_above_cutoff(self) -> int | None:
-        """None until the export has been read to the end."""
-        return self._above
-
-    def stats(self) -> SnapshotStats:
-        if self._above is None:
-            raise RuntimeError("map snapshot not read to the end: its statistics are incomplete")
-        return SnapshotStats(self.cutoff, self._rows, self._invalid, self._above)
-
-    # -- one iteration, then closed (subclasses define _batches() and close())
-    def _is_closed(self) -> bool:
-        return self._conn is None  # the connection holding the snapshot's read transaction
-
-    def __enter__(self) -> "_CountingSnapshot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        if self._started:
-            raise RuntimeError("a map snapshot can be iterated only once")
-        if self._is_closed():
-            raise RuntimeError("map snapshot already closed")
-        self._started = True
-        return self._batches()
-
-
-class SqliteMapSnapshot(_CountingSnapshot):
+class SqliteMapSnapshot(CountingSnapshot):
     """A point-in-time export of a SQLite shard map (see :class:`base.MapSnapshot`).
 
     Opening it starts ONE read transaction and reads the cutoff (the highest
@@ -673,7 +489,7 @@ class SqliteMapStore(_SqliteBase):
         """Current ``(shard_id, version)`` of those keys that exist (one read transaction)."""
         if not keys:
             return {}
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         by_text = dict(zip(texts, keys))
         uniq = list(by_text)
         conn = self._map_conn()
@@ -725,7 +541,7 @@ class SqliteMapStore(_SqliteBase):
 
         def flush():
             nonlocal total
-            texts = _texts([k for k, _ in buf], self.key_type)
+            texts = text_forms([k for k, _ in buf], self.key_type)
             with _locked([self.path], self.busy_timeout, "map put"):
                 try:
                     conn.execute("BEGIN IMMEDIATE")
@@ -770,9 +586,6 @@ class SqliteMapStore(_SqliteBase):
         one; an older epoch is refused (``LeaseLost``).  The epoch is then the
         fencing token that :meth:`swap_batch` checks inside its transaction.
         """
-        from pipeline.errors import Refused
-        from pipeline.lease import LeaseLost
-
         conn = self._open(self.path)
         try:
             with _locked([self.path], self.busy_timeout, "run claim"):
@@ -803,8 +616,6 @@ class SqliteMapStore(_SqliteBase):
             conn.close()
 
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
-        from pipeline.lease import LeaseLost
-
         conn = self._map_conn()
         try:
             cur = conn.execute("UPDATE shardmove_runs SET expires_at = ? WHERE plan_id = ? AND epoch = ?",
@@ -865,7 +676,7 @@ class SqliteMapStore(_SqliteBase):
         return res
 
     def _swap_batch(self, items, *, fence, token, fast_path: bool) -> "SwapResult | None":
-        norm = [_swap_item(it) for it in items]
+        norm = [swap_item(it) for it in items]
         if not norm:
             return SwapResult()
         if fence is not None:
@@ -873,7 +684,7 @@ class SqliteMapStore(_SqliteBase):
                 raise TypeError("swap_batch: fence must be a SqliteDataStore")
             # an item without source_version can only be confirmed "already" at its
             # target; were it to be applied, it counts as source_changed (re-copy first)
-        texts = _texts([it.key for it in norm], self.key_type)
+        texts = text_forms([it.key for it in norm], self.key_type)
 
         # One decision per distinct key; an inconsistent duplicate is a conflict.
         first: dict[str, int] = {}
@@ -918,7 +729,6 @@ class SqliteMapStore(_SqliteBase):
                                        (token[0],)).fetchone()
                     if row is None or row[0] != token[1]:
                         conn.execute("ROLLBACK")
-                        from pipeline.lease import LeaseLost
 
                         raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
                                         f"(now {row[0] if row else 'none'}); nothing applied")
@@ -1102,16 +912,6 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _swap_item(it) -> SwapItem:
-    if isinstance(it, SwapItem):
-        return it
-    if len(it) == 3:
-        return SwapItem(it[0], it[1], it[2], None)
-    if len(it) == 4:
-        return SwapItem(it[0], it[1], it[2], it[3])
-    return SwapItem(it[0], it[1], it[2], it[3], bool(it[4]))
-
-
 # ----------------------------------------------------------------- data store
 
 
@@ -1177,7 +977,7 @@ class SqliteDataStore(_SqliteBase):
         path = self.shard_path(shard)
         if not os.path.exists(path):
             return {}
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         by_text = dict(zip(texts, keys))
         conn = self._conn(path)
         out: dict[bytes, tuple] = {}
@@ -1230,7 +1030,7 @@ class SqliteDataStore(_SqliteBase):
         kt = self.key_type
 
         def versions(keys: Sequence[bytes]) -> dict[bytes, tuple[bytes, int]]:
-            texts = _texts(list(keys), kt)
+            texts = text_forms(list(keys), kt)
             back = dict(zip(texts, keys))
             digest, unhex = xxhash.xxh3_128_digest, bytes.fromhex
             return {back[t]: (digest(unhex(hx)), int(v))
@@ -1289,7 +1089,7 @@ class SqliteDataStore(_SqliteBase):
         if not os.path.exists(src_path):
             raise PermanentError(f"copy: source shard file not found ({safe_name(source)})",
                                  reason="shard_missing")
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         uniq = list(dict.fromkeys(texts))
 
         # 1. one read of the source
@@ -1360,7 +1160,7 @@ class SqliteDataStore(_SqliteBase):
 
         def flush():
             nonlocal total
-            texts = _texts([k for k, _ in buf], self.key_type)
+            texts = text_forms([k for k, _ in buf], self.key_type)
             with _locked([path], self.busy_timeout, "shard put"):
                 try:
                     conn.execute("BEGIN IMMEDIATE")
@@ -1402,7 +1202,7 @@ class SqliteDataStore(_SqliteBase):
         path = self.shard_path(shard)
         if not os.path.exists(path):
             return 0
-        texts = _texts(keys, self.key_type)
+        texts = text_forms(keys, self.key_type)
         conn = self._conn(path)
         with _locked([path], self.busy_timeout, "shard delete"):
             try:

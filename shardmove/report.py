@@ -14,7 +14,7 @@ attached to a ticket on its own.  No scripts, no external resources.
   (copied / verified / swapped / failed over time, from ``progress/*.json``),
   throughput, per-stage latency distributions (``progress/timings-*.json``),
   copy attempts per key (retries), failures by reason and Done keys by
-  verification method (:func:`pipeline.executor.summarize`, exact from the
+  verification method (:func:`shardmove.executor.summarize`, exact from the
   checkpoints).
 
 Reports hold counts, shard ids and timings only -- never a key value.  Files
@@ -28,11 +28,11 @@ import calendar
 import datetime as _dt
 import html
 import io
-import json
 import logging
 import time
 
 from pipeline import fs
+from pipeline import workdir
 
 __all__ = ["CHARTS", "write_plan_report", "write_report", "collect_run_data", "render_html"]
 
@@ -373,20 +373,20 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
     import pyarrow.compute as pc
 
     from pipeline import checkpoint as ckpt
-    from pipeline.executor import summarize
+    from shardmove.executor import summarize
 
     summary = summarize(plan_dir, manifest)
-    prev = _read_json(fs.join(plan_dir, "summary.json")) or {}
+    prev = workdir.read_summary(plan_dir) or {}
     for k in ("elapsed_s", "total_elapsed_s", "keys_per_s", "runs", "retries_this_run", "timings"):
         if k in prev:
             summary[k] = prev[k]
     events, timings = [], []
-    pdir = fs.join(plan_dir, "progress")
+    pdir = workdir.progress_dir(plan_dir)
     for path in fs.walk_files(pdir) if fs.exists(pdir) else []:
         name = path.rsplit("/", 1)[-1]
         if not name.endswith(".json") or name.startswith(".tmp-"):
             continue
-        doc = _read_json(path)
+        doc = workdir.read_json(path)
         if name.startswith("timings-"):
             if isinstance(doc, list):
                 timings.extend(t for t in doc if isinstance(t, list) and len(t) >= 2)
@@ -405,13 +405,6 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
         attempts[0] = attempts.get(0, 0) + not_started
     return {"summary": summary, "events": events, "timings": timings, "attempts": attempts,
             "has_run": bool(events or timings or attempts or prev)}
-
-
-def _read_json(path: str):
-    try:
-        return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- HTML
@@ -574,10 +567,8 @@ def write_plan_report(manifest_like: dict, out_dir: str) -> str:
 
 def write_report(plan_dir: str, *, out_dir: str | None = None) -> str:
     """The full report of a committed plan into ``<plan>/reports/`` (or ``out_dir``)."""
-    from pipeline.planner import load_manifest
-
-    manifest = load_manifest(plan_dir)
-    out_dir = out_dir or fs.join(plan_dir, "reports")
+    manifest = workdir.load_manifest(plan_dir)
+    out_dir = out_dir or workdir.reports_dir(plan_dir)
     fs.makedirs(out_dir, mode=0o755)
     run = collect_run_data(plan_dir, manifest)
     charts = _plan_charts(manifest)

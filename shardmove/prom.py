@@ -1,7 +1,7 @@
 """Prometheus text exposition of a plan's summary (for node_exporter's textfile collector).
 
 Never imports Beam.  :func:`summary_to_prometheus` turns a summary
-(``summary.json``, :func:`pipeline.executor.summarize` or ``plan_status``) into
+(``summary.json``, :func:`shardmove.executor.summarize` or ``plan_status``) into
 the text exposition format 0.0.4: a ``# HELP`` and a ``# TYPE`` line per
 metric family, then one ``name{labels} value`` sample per line, every sample
 labelled with ``plan_id``.  :func:`write_textfile` replaces the file

@@ -1,7 +1,7 @@
 """Operator subcommands: ``failures``, ``verify``, ``rollback``, ``cleanup``, ``catchup``.
 
-Registered by :mod:`pipeline.cli` through ``register(subparsers, add_common,
-commands)``.  Each command parses, calls one function of :mod:`pipeline.ops`
+Registered by :mod:`shardmove.cli` through ``register(subparsers, add_common,
+commands)``.  Each command parses, calls one function of :mod:`shardmove.ops`
 and maps its result to a CONTRACTS exit code; errors are raised as
 :class:`~pipeline.errors.ShardmoveError` and printed by ``cli.main`` as one
 ``error: ...`` line.  No command prints a key: only counts and key hash
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from shardmove import cli_common
+from shardmove.cli_common import preflight as _preflight
 from pipeline.errors import EXIT_OK, EXIT_REFUSED, BadInput
 
 __all__ = ["register"]
@@ -60,14 +62,12 @@ def register(subparsers, add_common, commands) -> None:
 
 
 def _cfg_and_plan(args):
-    from pipeline.cli import _load, _plan_dir
-
-    cfg = _load(args)
-    return cfg, _plan_dir(args, cfg)
+    cfg = cli_common.load(args)
+    return cfg, cli_common.plan_dir(args, cfg)
 
 
 def cmd_failures(args, beam_args) -> int:
-    from pipeline.ops import export_failures
+    from shardmove.ops import export_failures
 
     cfg, plan_dir = _cfg_and_plan(args)
     export_failures(cfg, plan_dir, args.out)
@@ -75,7 +75,7 @@ def cmd_failures(args, beam_args) -> int:
 
 
 def cmd_verify(args, beam_args) -> int:
-    from pipeline.ops import verify_plan
+    from shardmove.ops import verify_plan
 
     if args.sample < 0:
         raise BadInput(f"verify: --sample must be >= 0, got {args.sample}")
@@ -86,16 +86,8 @@ def cmd_verify(args, beam_args) -> int:
     return res.exit_code
 
 
-def _preflight(cfg, beam_args) -> None:
-    import sys
-
-    from pipeline.preflight import preflight
-
-    preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))
-
-
 def cmd_rollback(args, beam_args) -> int:
-    from pipeline.ops import rollback
+    from shardmove.ops import rollback
 
     cfg, plan_dir = _cfg_and_plan(args)
     _preflight(cfg, beam_args)  # bad Beam flags etc.: exit 2 before the rollback plan is written
@@ -104,7 +96,7 @@ def cmd_rollback(args, beam_args) -> int:
 
 def cmd_cleanup(args, beam_args) -> int:
     from pipeline.config import parse_duration
-    from pipeline.ops import cleanup
+    from shardmove.ops import cleanup
 
     older = parse_duration(args.older_than, "--older-than")
     cfg, plan_dir = _cfg_and_plan(args)
@@ -113,17 +105,14 @@ def cmd_cleanup(args, beam_args) -> int:
 
 
 def cmd_catchup(args, beam_args) -> int:
-    from pipeline.ops import plan_since
+    from shardmove.ops import plan_since
 
     cfg, plan_dir = _cfg_and_plan(args)
     _preflight(cfg, beam_args)
     res = plan_since(cfg, plan_dir, dry_run=args.dry_run, beam_args=beam_args)
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
-        from pipeline import cli
-
-        if cli._NEW_DIRS is not None:
-            cli._NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
+        cli_common.remove_created()  # refused: leave the work directory as it was found
         return EXIT_REFUSED
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")

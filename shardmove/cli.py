@@ -13,6 +13,9 @@ import re
 import sys
 from typing import Sequence
 
+from pipeline import workdir
+from shardmove import cli_common
+from shardmove.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
 from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
                              before_changes, redact)
@@ -94,7 +97,7 @@ def _extensions():
     import importlib
 
     mods = []
-    for name in ("pipeline.cli_reports", "pipeline.cli_ops"):
+    for name in ("shardmove.cli_reports", "shardmove.cli_ops"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as e:
@@ -120,32 +123,8 @@ def _configure_logging(args) -> None:
         logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 
 
-#: Work-directory folders a command may create; a refused command removes the
-#: ones it created (see ``main``), so that it leaves the work directory as it
-#: found it.
-_NEW_DIRS = None
-
-
-def _watch_work_dir(work_dir: str) -> None:
-    from pipeline import fs
-
-    if _NEW_DIRS is not None:
-        _NEW_DIRS.watch(work_dir, *(fs.join(work_dir, d) for d in ("snapshots", "plans", "history")))
-
-
-def _load(args):
-    overrides = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    cfg = load_config(args.config, overrides)
-    if getattr(args, "work_dir", None):
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, work_dir=os.path.abspath(args.work_dir))
-    _watch_work_dir(cfg.work_dir)
-    return cfg
-
-
 def cmd_demo(args, beam_args) -> int:
-    from pipeline.api import create_demo_keyspace
+    from shardmove.api import create_demo_keyspace
 
     if args.keys < 0 or args.shards < 1:
         raise BadInput("demo: --keys must be >= 0 and --shards >= 1")
@@ -156,7 +135,7 @@ def cmd_demo(args, beam_args) -> int:
 
 
 def cmd_snapshot(args, beam_args) -> int:
-    from pipeline.api import snapshot
+    from shardmove.api import snapshot
 
     cfg = _load(args)
     info = snapshot(cfg)
@@ -167,9 +146,9 @@ def cmd_snapshot(args, beam_args) -> int:
 
 
 def cmd_plan(args, beam_args) -> int:
-    from pipeline.api import plan
+    from shardmove.api import plan
 
-    from pipeline.history import recorded
+    from shardmove.history import recorded
 
     cfg = _load(args)
 
@@ -177,14 +156,13 @@ def cmd_plan(args, beam_args) -> int:
         if args.since:
             if args.snapshot:
                 raise BadInput("plan: --since and --snapshot cannot be combined")
-            from pipeline.ops import plan_since
-            from pipeline.planner import resolve_plan_dir
+            from shardmove.ops import plan_since
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
-            return plan_since(cfg, resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
+            return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
 
-    from pipeline.runner import is_dry_run
+    from transforms.runner import is_dry_run
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
@@ -199,32 +177,16 @@ def cmd_plan(args, beam_args) -> int:
             h["details"] = {"moves": m["moves"], "keys_examined": m["keys_examined"], "window": m["window"],
                             "created": res.created, "since": args.since}
     if args.report_dir:
-        from pipeline.report import write_plan_report
+        from shardmove.report import write_plan_report
 
         print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
-        if _NEW_DIRS is not None:
-            _NEW_DIRS.remove_created()  # refused: leave the work directory as it was found
+        cli_common.remove_created()  # refused: leave the work directory as it was found
         return 4
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")
     return EXIT_OK
-
-
-def _preflight(cfg, beam_args) -> list[str]:
-    """Bad Beam flags, stores remote workers cannot reach, missing Java/Go/jar: exit 2
-    before anything (snapshot, lease, history record) is written."""
-    from pipeline.preflight import preflight
-
-    return preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n")).args
-
-
-def _plan_dir(args, cfg=None):
-    from pipeline.planner import resolve_plan_dir
-
-    work = os.path.abspath(args.work_dir) if getattr(args, "work_dir", None) else (cfg.work_dir if cfg else None)
-    return resolve_plan_dir(args.plan, work)
 
 
 def cmd_run(args, beam_args) -> int:
@@ -232,15 +194,15 @@ def cmd_run(args, beam_args) -> int:
     from pipeline.faults import hold_point
 
     # a signal before the run holds anything exits 130 (pipeline.interrupts); the console
-    # script (pipeline.console) installed the same handler before importing the CLI
+    # script (shardmove.console) installed the same handler before importing the CLI
     irq = interrupts.install()
     hold_point("startup")
-    from pipeline.api import run
+    from shardmove.api import run
 
-    from pipeline.history import recorded
+    from shardmove.history import recorded
 
     cfg = _load(args)
-    from pipeline.runner import is_dry_run
+    from transforms.runner import is_dry_run
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
@@ -256,14 +218,14 @@ def cmd_run(args, beam_args) -> int:
                         "elapsed_s": s.get("elapsed_s"), "nothing_to_do": res.nothing_to_do,
                         "retry_failed": args.retry_failed, "allow_drift": args.allow_drift}
     if args.prometheus:
-        from pipeline.prom import summary_to_prometheus, write_textfile
+        from shardmove.prom import summary_to_prometheus, write_textfile
 
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
     return EXIT_INTERRUPTED if irq.interrupted else res.exit_code
 
 
 def _status_lines(s: dict) -> list[str]:
-    from pipeline.executor import summary_line
+    from shardmove.executor import summary_line
 
     lines = [f"plan id: {s['plan_id']}"]
     for name, n in s["states"].items():
@@ -287,8 +249,8 @@ def cmd_status(args, beam_args) -> int:
     import json
     import time
 
-    from pipeline.api import status
-    from pipeline.executor import status_exit_code
+    from shardmove.api import status
+    from shardmove.executor import status_exit_code
 
     cfg = None
     if args.config:
@@ -297,8 +259,7 @@ def cmd_status(args, beam_args) -> int:
     while True:
         s = status(plan_dir)
         if args.prometheus:
-            from pipeline.cli_reports import with_last_run
-            from pipeline.prom import summary_to_prometheus, write_textfile
+            from shardmove.prom import summary_to_prometheus, write_textfile
 
             write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
         if args.json:
@@ -345,14 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     _configure_logging(args)
-    global _NEW_DIRS
     from pipeline.fs import NewDirs
 
-    _NEW_DIRS = NewDirs()
+    cli_common.track_new_dirs(NewDirs())
     try:
         return _dispatch(args, beam_args)
     finally:
-        _NEW_DIRS = None
+        cli_common.track_new_dirs(None)
 
 
 def _dispatch(args, beam_args) -> int:
@@ -364,8 +324,8 @@ def _dispatch(args, beam_args) -> int:
     except ShardmoveError as e:
         if args.debug:
             LOG.exception("failed")
-        if e.nothing_modified and _NEW_DIRS is not None:
-            _NEW_DIRS.remove_created()
+        if e.nothing_modified:
+            cli_common.remove_created()
         sys.stderr.write(f"error: {_one_line(e)}\n")
         return e.exit_code
     except KeyboardInterrupt:

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from pipeline import fs
 from pipeline import keys as K
 from pipeline import plancore as core
+from pipeline import workdir
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, BadInput
 
 __all__ = [
@@ -303,7 +304,7 @@ def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
 # ---------------------------------------------------------------- drift
 
 def _move_key_batches(plan_dir: str, group: str, batch_size: int):
-    path = fs.join(plan_dir, "moves", group + ".parquet")
+    path = workdir.move_file(plan_dir, group)
     try:
         with fs.open_input(path) as fh:
             pf = pq.ParquetFile(fh)
@@ -380,12 +381,11 @@ def _check_target_snapshot(cfg, rep: TopologyReport) -> None:
 def validate(cfg, *, compare_plan_dir: str | None = None, map_store=None,
              memory_rows: int = DEFAULT_MEMORY_ROWS) -> ValidationResult:
     """Validate the configured map store; optionally compare a plan with it."""
-    from pipeline.backends import open_map_store
-    from pipeline.planner import load_manifest
+    from pipeline.stores import open_map_store
 
     manifest = None
     if compare_plan_dir is not None:
-        manifest = load_manifest(compare_plan_dir)
+        manifest = workdir.load_manifest(compare_plan_dir)
         if manifest["key_type"] != cfg.key_type.value:
             raise BadInput(f"plan key_type {manifest['key_type']} differs from the configuration's "
                            f"{cfg.key_type.value}")

@@ -24,6 +24,7 @@ import socket
 import uuid
 
 from pipeline import fs
+from pipeline import workdir
 
 __all__ = ["HISTORY_FORMAT_VERSION", "record", "recorded", "read_history", "outcome_for_exit", "who"]
 
@@ -48,7 +49,7 @@ def who() -> str:
 
 
 def _history_dir(work_dir: str) -> str:
-    return fs.join(work_dir, "history")
+    return workdir.history_dir(work_dir)
 
 
 def record(work_dir: str, command: str, plan_id: str | None, outcome, details: dict | None = None, *,

@@ -1,7 +1,7 @@
 """The Python API: what the CLI calls, for schedulers and notebooks too.
 
     from pipeline.config import load_config
-    from pipeline import api
+    from shardmove import api
     cfg = load_config("configs/demo.yaml")
     result = api.plan(cfg)            # PlanResult(plan_id, plan_dir, manifest, ...)
 """
@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import yaml
 
-from pipeline.backends import open_data_store, open_map_store
+from pipeline.stores import open_data_store, open_map_store
 from pipeline.config import Config
 from pipeline.keys import KeyType
 
@@ -23,7 +23,7 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
                          seed: int = 0) -> dict:
     """An embedded keyspace (SQLite map + one SQLite file per shard) and a
     config whose target adds one shard.  Creates nothing that exists."""
-    from pipeline.demo import create_demo
+    from shardmove.demo import create_demo
     from pipeline.ring import Ring
 
     kt = KeyType(key_type)
@@ -83,7 +83,7 @@ def snapshot(cfg: Config):
 def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, beam_args: Sequence[str] = (),
          out: Callable[[str], None] = print):
     from pipeline.errors import before_changes
-    from pipeline.planner import make_plan
+    from shardmove.planner import make_plan
 
     with before_changes():  # planning only reads the stores: one it cannot use is bad configuration
         map_store = None
@@ -99,7 +99,7 @@ def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, bea
 def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: bool = False,
         beam_args: Sequence[str] = (), out: Callable[[str], None] = print):
     """Execute (or resume) a plan; returns ``RunResult`` with ``exit_code`` and ``summary``."""
-    from pipeline.executor import run_plan
+    from shardmove.executor import run_plan
 
     return run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
                     out=out)
@@ -107,6 +107,6 @@ def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: 
 
 def status(plan_dir: str) -> dict:
     """Per-state counts, failures by reason, verification methods, lease holder."""
-    from pipeline.executor import plan_status
+    from shardmove.executor import plan_status
 
     return plan_status(plan_dir)

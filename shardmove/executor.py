@@ -33,7 +33,8 @@ from pipeline import states as S
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
 from pipeline.faults import hold_point
-from pipeline.planner import load_manifest
+from pipeline import workdir
+from pipeline.workdir import load_manifest
 
 __all__ = ["RunResult", "run_plan", "plan_status", "summarize", "SUMMARY_FORMAT_VERSION"]
 
@@ -58,7 +59,7 @@ def summary_line(s: dict) -> str:
 def verify_plan_files(plan_dir: str, manifest: dict) -> None:
     bad = 0
     for f in manifest["files"]:
-        path = fs.join(plan_dir, "moves", f["group"] + ".parquet")
+        path = workdir.move_file(plan_dir, f["group"])
         try:
             data = fs.read_bytes(path)
         except OSError:
@@ -152,7 +153,7 @@ def status_exit_code(summary: dict) -> int:
 def plan_status(plan_dir: str) -> dict:
     manifest = load_manifest(plan_dir)
     s = summarize(plan_dir, manifest)
-    prev = _read_json(fs.join(plan_dir, "summary.json"))
+    prev = workdir.read_summary(plan_dir)
     if prev:
         for k in ("elapsed_s", "keys_per_s", "runs"):
             if k in prev:
@@ -174,11 +175,11 @@ def plan_status(plan_dir: str) -> dict:
 
 def _recent_rate(plan_dir: str, window: int = 30):
     """Keys finished per second over the latest progress events (None without events)."""
-    d = fs.join(plan_dir, "progress")
+    d = workdir.progress_dir(plan_dir)
     names = [n for n in fs.listdir(d) if n.endswith(".json") and not n.startswith("timings")]
     if len(names) < 2:
         return None
-    evs = [_read_json(fs.join(d, n)) for n in names[-window:]]
+    evs = [workdir.read_json(fs.join(d, n)) for n in names[-window:]]
     evs = [e for e in evs if e]
     if len(evs) < 2 or evs[-1].get("epoch") != evs[0].get("epoch"):
         evs = [e for e in evs if e.get("epoch") == evs[-1].get("epoch")]
@@ -187,13 +188,6 @@ def _recent_rate(plan_dir: str, window: int = 30):
     dt = evs[-1]["elapsed_s"] - evs[0]["elapsed_s"]
     dk = (evs[-1]["swapped"] + evs[-1]["failed"]) - (evs[0]["swapped"] + evs[0]["failed"])
     return dk / dt if dt > 0 else None
-
-
-def _read_json(path: str):
-    try:
-        return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- progress
@@ -219,7 +213,7 @@ class _Progress:
         self.events: list = []
 
     def _scan(self):
-        root = fs.join(self.plan_dir, "checkpoints")
+        root = workdir.checkpoints_dir(self.plan_dir)
         prefix = f"part-{self.epoch:08d}-"
         for path in fs.walk_files(root):
             name = path.rsplit("/", 1)[-1]
@@ -279,7 +273,7 @@ class _Progress:
         self.seq += 1
         name = f"{self.epoch:06d}-{self.seq:06d}.json"
         try:
-            fs.create_if_absent(fs.join(self.plan_dir, "progress", name), json.dumps(ev, sort_keys=True).encode())
+            fs.create_if_absent(workdir.progress_path(self.plan_dir, name), json.dumps(ev, sort_keys=True).encode())
         except Exception as e:  # progress is best effort
             LOG.debug("progress event not written: %s", type(e).__name__)
         self.events.append(ev)
@@ -395,7 +389,7 @@ def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> d
         return drift
     for f in manifest["files"]:
         gid = f["group"]
-        with fs.open_input(fs.join(plan_dir, "moves", gid + ".parquet")) as fh:
+        with fs.open_input(workdir.move_file(plan_dir, gid)) as fh:
             t = pq.read_table(fh, columns=["key", "key_hash"])
         state = ckpt.read_group(plan_dir, manifest["plan_id"], gid).table
         terminal = set()
@@ -469,8 +463,8 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
               out: Callable[[str], None], allow_drift: bool) -> RunResult:
     from pipeline.lease import acquire
-    from pipeline.preflight import preflight
-    from pipeline.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
+    from transforms.preflight import preflight
+    from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
     pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now
@@ -484,7 +478,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     if before["complete"] and not (retry_failed and before["failed"]):
         return _already_complete(cfg, plan_dir, manifest, before, irq, out)
 
-    from pipeline.backends import open_data_store, open_map_store
+    from pipeline.stores import open_data_store, open_map_store
     from pipeline.errors import before_changes
 
     with before_changes():  # nothing modified yet: a store we cannot use is bad configuration
@@ -524,7 +518,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         out(dry_run_line(dry_run_stages(run_pipeline(p)) or []))
         return RunResult(plan_id, before, 0)
 
-    stop_path = fs.join(plan_dir, "stop")
+    stop_path = workdir.stop_path(plan_dir)
     # from here on a signal never raises: the run gives back what it holds, then exits 130
     irq.deferred = True
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
@@ -558,7 +552,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         t0 = time.time()
         metrics = {}
         if not irq.interrupted:  # stopped before the pipeline started: nothing to stop
-            spec = exec_spec(lease.epoch, stop_path, fs.join(plan_dir, "lease.json"))
+            spec = exec_spec(lease.epoch, stop_path, workdir.lease_path(plan_dir))
             progress.start()
             p = make_pipeline(args)
             build_run_graph(p, spec)
@@ -582,7 +576,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         hold_point("summary", lambda: irq.interrupted)
         _write_summary(plan_dir, summary)
         if progress.timings:
-            fs.create_if_absent(fs.join(plan_dir, "progress", f"timings-{lease.epoch:06d}.json"),
+            fs.create_if_absent(workdir.progress_path(plan_dir, f"timings-{lease.epoch:06d}.json"),
                                 json.dumps(progress.timings).encode())
         progress.event(exact={"copied": _base_counts(summary)["copied"], "verified": _base_counts(summary)["verified"],
                               "swapped": summary["done"], "failed": summary["failed"]})
@@ -627,7 +621,7 @@ def _release(map_store, plan_id: str, lease) -> None:
 def _run_figures(plan_dir: str, summary: dict, before: dict, elapsed: float, metrics: dict,
                  timings: list) -> dict:
     """This run's figures, added to the summary (totals carried over from summary.json)."""
-    prev = _read_json(fs.join(plan_dir, "summary.json")) or {}
+    prev = workdir.read_summary(plan_dir) or {}
     processed = (summary["done"] + summary["failed"]) - (before["done"] + before["failed"])
     return {
         "elapsed_s": round(elapsed, 3),
@@ -642,7 +636,7 @@ def _run_figures(plan_dir: str, summary: dict, before: dict, elapsed: float, met
 
 
 def _write_summary(plan_dir: str, summary: dict) -> None:
-    fs.write_atomic(fs.join(plan_dir, "summary.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+    workdir.write_summary(plan_dir, summary)
 
 
 _COUNTED = ("planned", "done", "failed", "states", "failures_by_reason", "done_by_verification")
@@ -651,7 +645,7 @@ _COUNTED = ("planned", "done", "failed", "states", "failures_by_reason", "done_b
 def _finished(plan_dir: str, before: dict) -> bool:
     """A complete plan is finished when its summary.json holds its final counts and no
     readable checkpoint part is left uncompacted (unreadable parts stay, by design)."""
-    saved = _read_json(fs.join(plan_dir, "summary.json"))
+    saved = workdir.read_summary(plan_dir)
     if not saved or any(saved.get(k) != before[k] for k in _COUNTED):
         return False
     parts = [p for p in fs.walk_files(ckpt.checkpoints_dir(plan_dir))
@@ -665,7 +659,7 @@ def _supersede_claim(cfg: Config, manifest: dict, lease):
     (to release it with), or None when there is no registry or another plan holds it."""
     import socket
 
-    from pipeline.backends import open_map_store
+    from pipeline.stores import open_map_store
 
     try:
         map_store = open_map_store(cfg)

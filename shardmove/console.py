@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 
 def main() -> int:
+    # deferred, all three: the signal handler goes in before the CLI (Arrow, numpy) is imported
     from pipeline.errors import EXIT_INTERRUPTED, Interrupted
 
     try:
@@ -21,7 +22,7 @@ def main() -> int:
             from pipeline import interrupts
 
             interrupts.install()
-        from pipeline.cli import main as cli_main
+        from shardmove.cli import main as cli_main
     except Interrupted as e:  # a signal while the CLI was being imported
         sys.stderr.write(f"error: {e}\n")
         return EXIT_INTERRUPTED

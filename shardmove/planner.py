@@ -22,14 +22,15 @@ import pyarrow.parquet as pq
 from pipeline import fs
 from pipeline import keys as K
 from pipeline import plancore as core
+from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
+from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
 
 __all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
 
 LOG = logging.getLogger("shardmove.plan")
-MANIFEST_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _check_key_limits(data_store, staging: str, files: list) -> None:
     too_long = 0
     limits: dict = {}
     for f in files:
-        with fs.open_input(fs.join(staging, "moves", f["group"] + ".parquet")) as fh:
+        with fs.open_input(workdir.move_file(staging, f["group"])) as fh:
             keys = pq.read_table(fh, columns=["key"]).column("key").combine_chunks()
         n = data_store.check_keys(keys, f["target"])
         if n:
@@ -120,7 +121,7 @@ def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -
     moved_in: dict = {}
     if need_bytes:
         for f in files:
-            with fs.open_input(fs.join(staging, "moves", f["group"] + ".parquet")) as fh:
+            with fs.open_input(workdir.move_file(staging, f["group"])) as fh:
                 t = pq.read_table(fh, columns=["key"])
             sizes = data_store.key_sizes(t["key"].to_pylist(), f["source"])
             b = sum(sizes.values())
@@ -186,7 +187,7 @@ def make_plan(
     out: Callable[[str], None] = print,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from pipeline.preflight import preflight
+    from transforms.preflight import preflight
 
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
@@ -223,7 +224,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
                ) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
-    from pipeline.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
+    from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
     parts = list_parts(snap_loc, "snapshot", cfg.key_type)
@@ -237,12 +238,10 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         hash_buckets=cfg.opt("hash_buckets"),
         target_shards=frozenset(s.id for s in cfg.target_shards) if cfg.target_shards else None,
     )
-    plans = fs.join(cfg.work_dir, "plans")
+    plans = workdir.plans_dir(cfg.work_dir)
     new_dirs = fs.NewDirs()
     new_dirs.watch(plans)
-    fs.makedirs(plans)
-    staging = fs.join(plans, fs.unique_name(".staging-"))
-    fs.makedirs(staging)
+    staging = workdir.new_staging(plans)
     try:
         spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"))
         t0 = time.time()
@@ -314,7 +313,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         for line in lines:
             out(line)
         result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
-        final = fs.join(plans, plan_id)
+        final = workdir.plan_dir(cfg.work_dir, plan_id)
         _note_reused_layout(final, manifest, out)
         if dry_run:
             fs.rmtree(staging)
@@ -326,16 +325,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
             raise Refused("plan: a target shard would fall below the configured headroom; no plan committed")
         for name in ("stats.json", "files.json", "duplicates.json"):
             fs.remove(fs.join(staging, name))
-        fs.write_atomic(fs.join(staging, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
-        if fs.exists(fs.join(final, "manifest.json")):
-            fs.rmtree(staging)
-            result.created = False
-        else:
-            if fs.exists(final):
-                fs.rmtree(final)
-            if not fs.rename_dir(staging, final):
-                fs.rmtree(staging)
-                result.created = False
+        workdir.write_manifest(staging, manifest)
+        result.created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         result.plan_dir = final
         LOG.info("plan %s committed: %d moves in %d files", plan_id[:12], stats["moved"], len(files))
         return result
@@ -349,50 +340,12 @@ def _note_reused_layout(final: str, manifest: dict, out: Callable[[str], None]) 
     """One line when a committed plan with this id exists with another work
     layout: the plan id does not depend on ``hash_buckets``, so the existing
     plan (and its layout) is what ``run`` will use."""
-    if not fs.exists(fs.join(final, "manifest.json")):
+    if not workdir.has_manifest(final):
         return
     try:
-        old = json.loads(fs.read_bytes(fs.join(final, "manifest.json"))).get("hash_buckets")
+        old = json.loads(fs.read_bytes(workdir.manifest_path(final))).get("hash_buckets")
     except (OSError, ValueError):
         return
     if old is not None and old != manifest["hash_buckets"]:
         out(f"note: plan {manifest['plan_id'][:12]} already exists with hash_buckets={old}; it is kept as it is "
             f"(hash_buckets={manifest['hash_buckets']} is ignored: it does not change the plan id)")
-
-
-def resolve_plan_dir(plan: str, work_dir: str | None) -> str:
-    """PLAN is a plan directory or a plan id under the work directory."""
-    import re
-
-    if re.fullmatch(r"[0-9a-f]{64}", plan or ""):
-        if work_dir is None:
-            raise BadInput("plan id given without a work directory (--work-dir or config)")
-        d = fs.join(work_dir, "plans", plan)
-    else:
-        d = plan.rstrip("/")
-    if not fs.exists(fs.join(d, "manifest.json")):
-        raise BadInput(f"no committed plan at {d} (manifest.json missing)")
-    return d
-
-
-def load_manifest(plan_dir: str) -> dict:
-    try:
-        m = json.loads(fs.read_bytes(fs.join(plan_dir, "manifest.json")))
-    except ValueError as e:
-        raise BadInput("manifest.json is not valid JSON") from e
-    if not isinstance(m, dict):
-        raise BadInput(f"{plan_dir}/manifest.json is damaged: not a JSON object")
-    if m.get("format_version") != MANIFEST_FORMAT_VERSION:
-        raise BadInput(f"manifest format_version {m.get('format_version')!r} is not supported")
-    for name, kind in _MANIFEST_FIELDS:
-        if not isinstance(m.get(name), kind):
-            raise BadInput(f"{plan_dir}/manifest.json is damaged: field {name} is missing or malformed")
-    for f in m["files"]:
-        if not isinstance(f, dict) or not all(isinstance(f.get(k), t) for k, t in _FILE_FIELDS):
-            raise BadInput(f"{plan_dir}/manifest.json is damaged: a files entry is malformed")
-    return m
-
-
-_MANIFEST_FIELDS = (("plan_id", str), ("key_type", str), ("files", list), ("pairs", list), ("snapshot", dict),
-                    ("keys_examined", int), ("moves", int))
-_FILE_FIELDS = (("group", str), ("source", str), ("target", str), ("rows", int))

@@ -156,9 +156,9 @@ def find_job_server_jar(runner: str, opts, given: str | None) -> str:
                    f"-Dartifact={coords} -DoutputDirectory=DIR) and pass {flag}=DIR/{name}")
 
 
-def _main(argv) -> int:  # python -m pipeline.engines prism  -> build (or find) Prism, print its path
+def _main(argv) -> int:  # python -m transforms.engines prism  -> build (or find) Prism, print its path
     if argv[1:] != ["prism"]:
-        sys.stderr.write("usage: python -m pipeline.engines prism\n")
+        sys.stderr.write("usage: python -m transforms.engines prism\n")
         return 2
     try:
         print(ensure_prism(log=lambda s: sys.stderr.write(s + "\n")))

@@ -13,8 +13,8 @@ The same graphs run unchanged on:
   (the runner object reads both options when the pipeline runs; its workers
   are started with this interpreter, ``sys.executable``);
 - ``PrismRunner``, and ``DirectRunner`` (which hands pipelines to Prism): the
-  preflight (:mod:`pipeline.preflight`) adds ``--prism_location`` with the local
-  binary of :mod:`pipeline.engines`, so nothing is downloaded;
+  preflight (:mod:`transforms.preflight`) adds ``--prism_location`` with the local
+  binary of :mod:`transforms.engines`, so nothing is downloaded;
 - ``PortableRunner`` against a job service (``--job_endpoint``), for example
   Beam's local job service with an external worker pool, or Flink/Spark job
   servers;
@@ -26,8 +26,12 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from pipeline.errors import BadInput
+from pipeline.logsafe import cap_beam_loggers
+
 __all__ = [
     "DEFAULT_RUNNER",
+    "canonical_runner",
     "pipeline_args",
     "make_pipeline",
     "run_pipeline",
@@ -55,6 +59,30 @@ def pipeline_args(beam_cfg: Mapping | None, extra: Sequence[str] = ()) -> list[s
     return args
 
 
+def canonical_runner(name: str) -> str:
+    """Beam's class name for a runner name as Beam accepts it (``flink`` → ``FlinkRunner``)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    known = {p.rsplit(".", 1)[-1].lower(): p.rsplit(".", 1)[-1] for p in StandardOptions.ALL_KNOWN_RUNNERS}
+    known["fn_api_runner"] = "FnApiRunner"  # shardmove's own alias of the in-memory engine
+    key = name.lower()
+    if key in known:
+        return known[key]
+    if key + "runner" in known:
+        return known[key + "runner"]
+    if "." in name:
+        import importlib
+
+        module, cls = name.rsplit(".", 1)
+        try:
+            getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):
+            raise BadInput(f"--runner={name}: no such runner class") from None
+        return name
+    raise BadInput(f"--runner={name}: unknown runner (use one of DirectRunner, FnApiRunner, PrismRunner, "
+                   f"FlinkRunner, SparkRunner, PortableRunner, DataflowRunner)")
+
+
 def _options(args: Sequence[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -79,9 +107,6 @@ def is_dry_run(args: Sequence[str]) -> bool:
 
 def make_pipeline(args: Sequence[str]):
     import apache_beam as beam
-
-    from pipeline.logsafe import cap_beam_loggers
-    from pipeline.preflight import canonical_runner
 
     cap_beam_loggers()  # Beam prints elements (keys) at DEBUG: never below INFO
 

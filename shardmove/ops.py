@@ -1,9 +1,9 @@
 """Operator workflows after a run: failures, post-verification, rollback,
 cleanup and catch-up plans (migration usage guide, "Operational sequence",
-steps 6-7).  The CLI (:mod:`pipeline.cli_ops`) is a thin wrapper around these
+steps 6-7).  The CLI (:mod:`shardmove.cli_ops`) is a thin wrapper around these
 functions; schedulers and notebooks call them directly.
 
-    from pipeline import ops
+    from shardmove import ops
     ops.export_failures(cfg, plan_dir, "failed.parquet")   # -> FailuresResult
     ops.verify_plan(cfg, plan_dir, sample=1000, seed=7)     # -> VerifyResult
     ops.rollback(cfg, plan_dir)                             # -> RollbackResult
@@ -39,12 +39,14 @@ from pipeline import fs
 from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline import states as S
-from pipeline.backends import open_data_store, open_map_store
+from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import EXIT_FAILED_KEYS, EXIT_OK, BadInput
 from pipeline.names import group_id
-from pipeline.planner import MANIFEST_FORMAT_VERSION, PlanResult, load_manifest
+from shardmove.planner import PlanResult
+from pipeline.stores import open_data_store, open_map_store
 from pipeline.stores.base import content_hash
+from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest
 
 __all__ = [
     "FAILURES_SCHEMA",
@@ -347,7 +349,7 @@ _BASELINE_SCHEMA = pa.schema([("key_hash", pa.uint64()), ("shard_id", pa.string(
 
 
 def _read_baseline(plan_dir: str) -> dict:
-    path = fs.join(plan_dir, "reports", _BASELINE)
+    path = fs.join(workdir.reports_dir(plan_dir), _BASELINE)
     if not fs.exists(path):
         return {}
     try:
@@ -368,14 +370,14 @@ def _write_baseline(plan_dir: str, base: dict) -> None:
                   "version": pa.array([v[1] for _, v in items], pa.int64())}, schema=_BASELINE_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(t, sink, compression="zstd")
-    fs.makedirs(fs.join(plan_dir, "reports"))
-    fs.write_atomic(fs.join(plan_dir, "reports", _BASELINE), sink.getvalue().to_pybytes(), mode=0o600)
+    fs.makedirs(workdir.reports_dir(plan_dir))
+    fs.write_atomic(fs.join(workdir.reports_dir(plan_dir), _BASELINE), sink.getvalue().to_pybytes(), mode=0o600)
 
 
 def _moved_hashes(plan_dir: str, manifest: dict) -> np.ndarray:
     parts = []
     for f in manifest["files"]:
-        with fs.open_input(fs.join(plan_dir, "moves", f["group"] + ".parquet")) as fh:
+        with fs.open_input(workdir.move_file(plan_dir, f["group"])) as fh:
             parts.append(pq.read_table(fh, columns=["key_hash"]).column("key_hash").to_numpy())
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
@@ -574,7 +576,7 @@ class RollbackResult:
     rollback_of: str
     plan: RollbackPlan | None
     resumed: bool
-    run: object | None             # pipeline.executor.RunResult
+    run: object | None             # shardmove.executor.RunResult
     exit_code: int
 
     @property
@@ -634,10 +636,8 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
     B = _batch(cfg)
     t0 = time.time()
     cutoff = ms.max_version() if hasattr(ms, "max_version") else None
-    plans = fs.join(cfg.work_dir, "plans")
-    fs.makedirs(plans)
-    staging = fs.join(plans, fs.unique_name(".staging-"))
-    fs.makedirs(fs.join(staging, "moves"))
+    staging = workdir.new_staging(workdir.plans_dir(cfg.work_dir))
+    fs.makedirs(workdir.moves_dir(staging))
     refused: dict = {}
     at_source = 0
     examined = 0
@@ -690,7 +690,7 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
             for bucket in np.unique(bk).tolist():
                 gid_r = group_id(target, source, int(bucket))
                 part = moves.filter(pa.array(bk == bucket))
-                path = fs.join(staging, "moves", gid_r + ".parquet")
+                path = workdir.move_file(staging, gid_r)
                 if gid_r in files:  # the same group from two source groups (not with one bucket count)
                     with fs.open_input(path) as fh:
                         part = pa.concat_tables([pq.read_table(fh), part])
@@ -739,19 +739,9 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
             "already_at_source": at_source,
             "planner_seconds": round(time.time() - t0, 3),
         }
-        fs.write_atomic(fs.join(staging, "manifest.json"),
-                        json.dumps(new_manifest, indent=1, sort_keys=True).encode())
-        final = fs.join(plans, rid)
-        created = True
-        if fs.exists(fs.join(final, "manifest.json")):
-            fs.rmtree(staging)
-            created = False
-        else:
-            if fs.exists(final):
-                fs.rmtree(final)
-            if not fs.rename_dir(staging, final):
-                fs.rmtree(staging)
-                created = False
+        workdir.write_manifest(staging, new_manifest)
+        final = workdir.plan_dir(cfg.work_dir, rid)
+        created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         _record_rollback(plan_dir, rid)
         LOG.info("rollback plan %s of %s: %d moves in %d files", rid[:12], orig[:12], n, len(flist))
         return RollbackPlan(rid, final, orig, n, examined, at_source, refused, created)
@@ -771,14 +761,14 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
     target -- so rerunning after a complete rollback only picks up keys that
     were not rolled back (e.g. they failed), and says "nothing to do" when
     there are none.  The rollback plan is executed by the ordinary executor
-    (:func:`pipeline.executor.run_plan`): copy the CURRENT target record back
+    (:func:`shardmove.executor.run_plan`): copy the CURRENT target record back
     to the source, verify it, swap the map back in compare-and-set batches,
     with its own checkpoints, lease and resume.
 
     Exit code: the run's (0, 3 Failed keys, 130 interrupted, 4 refused), or
     3 when it succeeded but some keys were refused.
     """
-    from pipeline.executor import run_plan, summarize
+    from shardmove.executor import run_plan, summarize
 
     manifest = load_manifest(plan_dir)
     _check_key_type(cfg, manifest)
@@ -790,8 +780,8 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
         resumed = False
         existing = []
         for rid in _rollback_ids(plan_dir):
-            d = fs.join(cfg.work_dir, "plans", rid)
-            if fs.exists(fs.join(d, "manifest.json")):
+            d = workdir.plan_dir(cfg.work_dir, rid)
+            if workdir.has_manifest(d):
                 existing.append((d, load_manifest(d)))
         for d, m in reversed(existing):
             if not summarize(d, m)["complete"]:
@@ -942,7 +932,7 @@ def _refuse_unless_settled(cfg: Config, plan_dir: str, manifest: dict, *, leased
     """Cleanup's rule (see :func:`cleanup`): refuse while the plan or a rollback of
     it is live or unfinished.  One key-free line; reads only."""
     from pipeline.errors import Refused
-    from pipeline.executor import summarize
+    from shardmove.executor import summarize
     from pipeline.lease import live_holder
 
     if not leased:
@@ -961,11 +951,11 @@ def _refuse_unless_settled(cfg: Config, plan_dir: str, manifest: dict, *, leased
 def _refuse_during_rollback(cfg: Config, plan_dir: str) -> None:
     """An unfinished rollback may have copied records back onto the source already."""
     from pipeline.errors import Refused
-    from pipeline.executor import summarize
+    from shardmove.executor import summarize
 
     for rid in _rollback_ids(plan_dir):
-        d = fs.join(cfg.work_dir, "plans", rid)
-        if fs.exists(fs.join(d, "manifest.json")) and not summarize(d, load_manifest(d))["complete"]:
+        d = workdir.plan_dir(cfg.work_dir, rid)
+        if workdir.has_manifest(d) and not summarize(d, load_manifest(d))["complete"]:
             raise Refused(f"cleanup: rollback {rid[:12]} of this plan is unfinished; "
                           "finish it with shardmove rollback first")
 
@@ -1074,9 +1064,8 @@ def _catchup_snapshot(cfg: Config, earlier: dict, out) -> tuple[str, list]:
 def _catchup_from(cfg: Config, info, base_cutoff: int, earlier: dict, out):
     from pipeline.snapshot import SNAPSHOT_FORMAT_VERSION, ROWS_PER_FILE, list_parts
 
-    snaps = fs.join(cfg.work_dir, "snapshots")
-    staging = fs.join(snaps, fs.unique_name(".staging-"))
-    fs.makedirs(staging)
+    snaps = workdir.snapshots_dir(cfg.work_dir)
+    staging = workdir.new_staging(snaps)
     try:
         lanes = (0, 0, 0)
         rows = 0
@@ -1129,17 +1118,9 @@ def _catchup_from(cfg: Config, info, base_cutoff: int, earlier: dict, out):
             "base_cutoff": base_cutoff,
             "full_snapshot": info.digest,
         }
-        fs.write_atomic(fs.join(staging, "snapshot.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+        fs.write_atomic(workdir.snapshot_meta_path(staging), json.dumps(meta, indent=1, sort_keys=True).encode())
         final = fs.join(snaps, f"catchup-{digest}")
-        created = False
-        if fs.exists(fs.join(final, "snapshot.json")):
-            fs.rmtree(staging)
-        else:
-            if fs.exists(final):
-                fs.rmtree(final)
-            created = fs.rename_dir(staging, final)
-            if not created:  # another process committed it first
-                fs.rmtree(staging)
+        created = workdir.commit_staged(staging, final, workdir.SNAPSHOT_META)
     except BaseException:
         fs.rmtree(staging)
         raise
@@ -1161,7 +1142,7 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
     their target, so the ring gives them no move.  Capacity figures of a
     catch-up plan count only the catch-up keys.
     """
-    from pipeline.planner import make_plan
+    from shardmove.planner import make_plan
 
     from pipeline.errors import before_changes
 

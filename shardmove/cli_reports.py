@@ -1,6 +1,6 @@
 """Operator subcommands: ``validate``, ``report``, ``metrics``, ``history``.
 
-Registered by :mod:`pipeline.cli` through ``register(subparsers, add_common,
+Registered by :mod:`shardmove.cli` through ``register(subparsers, add_common,
 commands)``.  Each command returns a CONTRACTS exit code; findings go to
 stdout as ``name: value`` lines, and a non-zero verdict also writes one
 ``error: ...`` line on stderr.  Nothing here prints a key value.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from pipeline import workdir
+from shardmove.cli_common import load as _load, plan_dir as _plan_dir, with_last_run
 from pipeline.errors import EXIT_OK, BadInput
 
 __all__ = ["register", "cmd_validate", "cmd_report", "cmd_metrics", "cmd_history", "export_summary",
@@ -48,8 +50,6 @@ def register(subparsers, add_common, commands) -> None:
 
 
 def _cfg_and_work(args):
-    from pipeline.cli import _load
-
     if not args.config and not getattr(args, "work_dir", None):
         raise BadInput("a configuration (--config) or a work directory (--work-dir) is required")
     if args.config:
@@ -61,14 +61,12 @@ def _cfg_and_work(args):
 
 
 def cmd_validate(args, beam_args) -> int:
-    from pipeline.cli import _load
-    from pipeline.planner import resolve_plan_dir
-    from pipeline.validate import format_lines, validate
+    from shardmove.validate import format_lines, validate
 
     if not args.config:
         raise BadInput("validate: --config is required")
     cfg = _load(args)
-    plan_dir = resolve_plan_dir(args.compare, cfg.work_dir) if args.compare else None
+    plan_dir = workdir.resolve_plan_dir(args.compare, cfg.work_dir) if args.compare else None
     res = validate(cfg, compare_plan_dir=plan_dir)
     if args.json:
         print(json.dumps(res.to_dict(), indent=1, sort_keys=True))
@@ -89,8 +87,7 @@ def cmd_validate(args, beam_args) -> int:
 
 
 def cmd_report(args, beam_args) -> int:
-    from pipeline.cli import _plan_dir
-    from pipeline.report import write_report
+    from shardmove.report import write_report
 
     cfg, _work = _cfg_and_work(args)
     path = write_report(_plan_dir(args, cfg), out_dir=args.out_dir)
@@ -100,30 +97,13 @@ def cmd_report(args, beam_args) -> int:
 
 def export_summary(plan_dir: str) -> dict:
     """The plan's current status (exact, from the checkpoints) with the last run's figures."""
-    from pipeline.executor import plan_status
+    from shardmove.executor import plan_status
 
     return with_last_run(plan_dir, plan_status(plan_dir))
 
 
-def with_last_run(plan_dir: str, s: dict) -> dict:
-    """Add the last run's total time, retries and stage timings (``summary.json``) to a status dict."""
-    from pipeline import fs
-
-    path = fs.join(plan_dir, "summary.json")
-    if fs.exists(path):
-        try:
-            prev = json.loads(fs.read_bytes(path))
-        except ValueError:
-            prev = {}
-        for k in ("total_elapsed_s", "retries_this_run", "timings"):
-            if k in prev and k not in s:
-                s[k] = prev[k]
-    return s
-
-
 def cmd_metrics(args, beam_args) -> int:
-    from pipeline.cli import _plan_dir
-    from pipeline.prom import summary_to_prometheus, write_textfile
+    from shardmove.prom import summary_to_prometheus, write_textfile
 
     cfg, _work = _cfg_and_work(args)
     s = export_summary(_plan_dir(args, cfg))
@@ -138,7 +118,7 @@ def _details_text(details: dict) -> str:
 
 
 def cmd_history(args, beam_args) -> int:
-    from pipeline.history import read_history
+    from shardmove.history import read_history
 
     _cfg, work = _cfg_and_work(args)
     if args.limit is not None and args.limit < 0:

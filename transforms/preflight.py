@@ -20,7 +20,7 @@ filled in (a local Prism binary, the job-server jar), or raises
   A Dataflow ``--dry_run=True`` translation runs the same checks but reports
   them as ``warning:`` lines and still translates.
 - **Missing tools**: Prism (built with Go when absent), Java and the
-  job-server jar for Flink and Spark (see :mod:`pipeline.engines`).
+  job-server jar for Flink and Spark (see :mod:`transforms.engines`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pipeline.errors import BadInput
+from transforms import engines
+from transforms.runner import canonical_runner, pipeline_args
 
 __all__ = ["Preflight", "preflight", "unknown_flags", "canonical_runner", "remote_reason"]
 
@@ -64,30 +66,6 @@ def unknown_flags(args: Sequence[str]) -> list[str]:
             if name.replace("-", "_") in unknown and a.split("=", 1)[0] not in out:
                 out.append(a.split("=", 1)[0])
     return out
-
-
-def canonical_runner(name: str) -> str:
-    """Beam's class name for a runner name as Beam accepts it (``flink`` → ``FlinkRunner``)."""
-    from apache_beam.options.pipeline_options import StandardOptions
-
-    known = {p.rsplit(".", 1)[-1].lower(): p.rsplit(".", 1)[-1] for p in StandardOptions.ALL_KNOWN_RUNNERS}
-    known["fn_api_runner"] = "FnApiRunner"  # shardmove's own alias of the in-memory engine
-    key = name.lower()
-    if key in known:
-        return known[key]
-    if key + "runner" in known:
-        return known[key + "runner"]
-    if "." in name:
-        import importlib
-
-        module, cls = name.rsplit(".", 1)
-        try:
-            getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError):
-            raise BadInput(f"--runner={name}: no such runner class") from None
-        return name
-    raise BadInput(f"--runner={name}: unknown runner (use one of DirectRunner, FnApiRunner, PrismRunner, "
-                   f"FlinkRunner, SparkRunner, PortableRunner, DataflowRunner)")
 
 
 def _host(endpoint: str | None) -> str | None:
@@ -156,9 +134,6 @@ def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | N
     """Validate the Beam flags for ``cfg`` and fill in what the runner needs; see the module doc."""
     from apache_beam.options.pipeline_options import (
         PipelineOptions, PrismRunnerOptions, TestOptions, FlinkRunnerOptions, SparkRunnerOptions)
-
-    from pipeline import engines
-    from pipeline.runner import pipeline_args
 
     args = pipeline_args(cfg.beam, beam_args)
     bad = unknown_flags(args)
