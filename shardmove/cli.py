@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-drift", action="store_true",
                    help="skip keys whose map entry drifted since the snapshot, as Failed(drifted)")
 
-    st = sub.add_parser("status", help="per-state counts of a plan; exit 0 complete, 3 failed keys, 5 in progress")
+    st = sub.add_parser("status", help="per-state counts of a plan; exit 0 complete, 3 complete with failed keys, "
+                                               "5 running, 6 planned or stopped (rerun run)")
     _add_common(st, options=False)
     st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -240,8 +241,11 @@ def _status_lines(s: dict) -> list[str]:
     if "lease" in s:
         L = s["lease"]
         lines.append(f"lease: held by {L['host']}:{L['pid']} epoch {L['epoch']}")
-    lines.append("state: " + ("complete" if s["complete"] else "in progress"))
-    lines.append(summary_line(s))
+    lines.append("state: " + s["state"])
+    if s["complete"]:  # CONTRACTS: the summary line is printed for a complete plan only
+        lines.append(summary_line(s))
+    elif s["state"] in ("planned", "stopped"):
+        lines.append("next: rerun `shardmove run` to resume")
     return lines
 
 
@@ -271,7 +275,7 @@ def cmd_status(args, beam_args) -> int:
         else:
             print(text)
         sys.stdout.flush()
-        if not args.watch or s["complete"]:
+        if not args.watch or s["state"] != "running":  # --watch ends when the state leaves running
             return status_exit_code(s)
         time.sleep(max(0.2, args.watch))
 

@@ -144,10 +144,24 @@ def _value_counts(col):
     return [(v["values"].as_py(), v["counts"].as_py()) for v in vc]
 
 
+#: ``status`` states and their exit codes (CONTRACTS, "Exit status")
+STATUS_EXIT = {"complete": 0, "complete with failures": 3, "running": 5, "planned": 6, "stopped": 6}
+
+
+def plan_state(summary: dict, running: bool) -> str:
+    """complete | complete with failures | running (a live executor holds the lease) |
+    planned (nothing started, no live executor) | stopped (started, no live executor: rerun ``run``)."""
+    if summary["complete"]:
+        return "complete with failures" if summary["failed"] else "complete"
+    if running:
+        return "running"
+    untouched = summary["states"].get("planned", 0) == summary["planned"]
+    return "planned" if untouched and not summary.get("runs") else "stopped"
+
+
 def status_exit_code(summary: dict) -> int:
-    if not summary["complete"]:
-        return 5
-    return 3 if summary["failed"] else 0
+    state = summary.get("state") or plan_state(summary, "lease" in summary)
+    return STATUS_EXIT[state]
 
 
 def plan_status(plan_dir: str) -> dict:
@@ -158,18 +172,21 @@ def plan_status(plan_dir: str) -> dict:
         for k in ("elapsed_s", "keys_per_s", "runs"):
             if k in prev:
                 s[k] = prev[k]
-    rate = _recent_rate(plan_dir)
-    if rate is not None and not s["complete"]:
-        s["rate_keys_per_s"] = round(rate, 1)
-        left = s["planned"] - s["done"] - s["failed"]
-        s["eta_s"] = round(left / rate, 1) if rate > 0 else None
-    from pipeline.lease import read_lease
+    from pipeline.lease import live_holder, read_lease
 
     lease = read_lease(plan_dir)
-    if lease and not lease.get("released") and lease.get("expires_at", 0) > time.time():
+    # a live executor: an unreleased, unexpired lease whose holder is not proven dead
+    running = not s["complete"] and live_holder(plan_dir) is not None
+    if running:
         h = lease.get("holder") or {}
         s["lease"] = {"host": h.get("host"), "pid": h.get("pid"), "epoch": lease.get("epoch"),
                       "expires_at": lease.get("expires_at")}
+        rate = _recent_rate(plan_dir)  # rate and ETA only while something runs
+        if rate is not None:
+            s["rate_keys_per_s"] = round(rate, 1)
+            left = s["planned"] - s["done"] - s["failed"]
+            s["eta_s"] = round(left / rate, 1) if rate > 0 else None
+    s["state"] = plan_state(s, running)
     return s
 
 

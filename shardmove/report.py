@@ -470,7 +470,7 @@ def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title:
     ]
     if run is not None:
         s = run["summary"]
-        state = "complete" if s.get("complete") else "in progress"
+        state = s.get("state") or ("complete" if s.get("complete") else "in progress")
         cards += [_card(f"{int(s['done']):,}", "done"), _card(f"{int(s['failed']):,}", "failed"), _card(state, "state")]
     parts.append("<div class=cards>" + "".join(cards) + "</div>")
     parts.append("<h2>Plan</h2>")

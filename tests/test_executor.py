@@ -506,7 +506,11 @@ def test_sigterm_exits_130_then_rerun_completes(tmp_path):
     assert p.returncode == 130, (out, err)
     assert "interrupted" in out
     st = run_cli("status", plan_id, "--config", cfgpath)
-    assert st.returncode == 5
+    # stopped by the signal, no live executor: exit 6, no rate/ETA, no summary line; --watch ends at once
+    assert st.returncode == 6 and "state: stopped" in st.stdout, st.stdout
+    assert "rate:" not in st.stdout and "summary: planned=" not in st.stdout
+    w = run_cli("status", plan_id, "--config", cfgpath, "--watch", "0.2", timeout=30)
+    assert w.returncode == 6 and "state: stopped" in w.stdout
     r = run_cli("run", plan_id, "--config", cfgpath)
     assert r.returncode == 0, r.stderr
     st = run_cli("status", plan_id, "--config", cfgpath)

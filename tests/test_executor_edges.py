@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from shardmove import api
+from shardmove.executor import status_exit_code
 from pipeline import checkpoint as ckpt
 from pipeline import states as S
 from pipeline.keys import text_form
@@ -205,6 +206,8 @@ def test_checkpoints_flushed_by_the_interval_while_the_run_goes(tmp_path):
         s = api.status(plan_dir)
         if 0 < s["done"] < n:
             mid_run.append(s["done"])
+            # a live executor holds the lease: running (status exit 5), never stopped
+            assert s["state"] == "running" and status_exit_code(s) == 5, s["state"]
         t.join(0.05)
     assert result["res"].summary["done"] == n
     assert mid_run, "no Done key was committed before the run ended"
