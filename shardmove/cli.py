@@ -38,6 +38,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+def version_line() -> str:
+    """``shardmove X (apache-beam Y, pyarrow Z)``: the installed distributions' own versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"shardmove {v('shardmove')} (apache-beam {v('apache-beam')}, pyarrow {v('pyarrow')})"
+
+
 def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
     p.add_argument("--config", "-c", help="YAML configuration file")
     p.add_argument("--work-dir", help="work directory (overrides work_dir in the config)")
@@ -51,6 +64,7 @@ def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardmove", description="Plan and execute key migrations of sharded keyspaces on Apache Beam.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     d = sub.add_parser("demo", help="create an embedded (SQLite) demo keyspace and its config")

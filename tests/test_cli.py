@@ -91,3 +91,13 @@ def test_missing_map_store_exit_2(tmp_path):
 def test_unknown_plan_exit_2(demo):
     line = one_error_line(run_cli("run", "0" * 64, "--config", demo), 2)
     assert "no committed plan" in line
+
+
+def test_version_names_shardmove_and_the_beam_pin():
+    from importlib.metadata import version
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == (f"shardmove {version('shardmove')} (apache-beam {version('apache-beam')}, "
+                                f"pyarrow {version('pyarrow')})")
+    assert version("apache-beam") == "2.77.0"
