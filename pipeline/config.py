@@ -265,6 +265,33 @@ def _store_section(raw: Any, base: str, what: str) -> dict:
     return out
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: where ``${VAR}`` is replaced by the environment variable's value: store sections (DSNs, URLs,
+#: paths) and the work directory -- so secrets stay out of config files
+_EXPANDED = ("map_store", "data_store", "work_dir", "snapshot")
+
+
+def _expand_env(raw: Mapping) -> Mapping:
+    """``${VAR}`` in the strings of ``_EXPANDED`` sections, from the environment.  An unset
+    variable is bad configuration, named with where it is used; a value is never printed."""
+
+    def expand(v, where: str):
+        if isinstance(v, str):
+            def one(m):
+                if m.group(1) not in os.environ:
+                    raise BadInput(f"config {where}: environment variable {m.group(1)} is not set")
+                return os.environ[m.group(1)]
+
+            return _ENV_REF.sub(one, v)
+        if isinstance(v, Mapping):
+            return {k: expand(x, f"{where}.{k}") for k, x in v.items()}
+        if isinstance(v, list):
+            return [expand(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    return {k: (expand(v, k) if k in _EXPANDED else v) for k, v in raw.items()}
+
+
 def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, raw: Mapping | None = None) -> Config:
     """Read, merge flag overrides, validate.  Raises BadInput (exit 2)."""
     if raw is None:
@@ -290,6 +317,7 @@ def load_config(path: str | None, overrides: Mapping[str, Any] | None = None, ra
         base = os.path.dirname(os.path.abspath(path))
     else:
         base = os.path.abspath(".")
+    raw = _expand_env(raw)
     unknown = sorted(k for k in raw if k not in _SPEC and k not in _SECTIONS)
     if unknown:
         raise BadInput(f"config: unknown option {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))

@@ -52,7 +52,8 @@ def version_line() -> str:
 
 
 def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
-    p.add_argument("--config", "-c", help="YAML configuration file")
+    p.add_argument("--config", "-c", default=os.environ.get("SHARDMOVE_CONFIG") or None,
+                   help="YAML configuration file (default: $SHARDMOVE_CONFIG)")
     p.add_argument("--work-dir", help="work directory (overrides work_dir in the config)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])

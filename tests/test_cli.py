@@ -101,3 +101,34 @@ def test_version_names_shardmove_and_the_beam_pin():
     assert r.stdout.strip() == (f"shardmove {version('shardmove')} (apache-beam {version('apache-beam')}, "
                                 f"pyarrow {version('pyarrow')})")
     assert version("apache-beam") == "2.77.0"
+
+
+def test_shardmove_config_and_env_references_in_store_settings(tmp_path):
+    """SHARDMOVE_CONFIG stands in for --config; ${VAR} in store settings comes from the
+    environment, and an unset one is one error line naming the variable, nothing written."""
+    import yaml
+
+    d = tmp_path / "ks"
+    assert run_cli("demo", str(d), "--keys", "2000", "--shards", "4").returncode == 0
+    raw = yaml.safe_load(open(d / "shardmove.yaml"))
+    real_map, real_shards = raw["map_store"]["path"], raw["data_store"]["directory"]
+    raw["map_store"]["path"] = "${SM_TEST_MAP_DIR}/" + os.path.basename(real_map)
+    raw["data_store"]["directory"] = "${SM_TEST_SHARDS}"
+    cfg = d / "env.yaml"  # beside the demo's own config: relative paths resolve the same way
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {"SHARDMOVE_CONFIG": str(cfg), "SM_TEST_MAP_DIR": os.path.dirname(real_map),
+           "SM_TEST_SHARDS": real_shards}
+    # unset: refused before anything is written, the variable named (its value never printed)
+    work = raw["work_dir"] if os.path.isabs(raw["work_dir"]) else str(d / raw["work_dir"])
+    r = run_cli("plan", env={k: v for k, v in env.items() if k != "SM_TEST_SHARDS"}, cwd=str(tmp_path))
+    line = one_error_line(r, 2)
+    assert "SM_TEST_SHARDS is not set" in line and "data_store.directory" in line
+    assert not os.path.exists(work) or not os.listdir(work)
+    # set: the plan and the run find the stores through the variables, with no --config at all
+    r = run_cli("plan", env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    r = run_cli("run", plan_id, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^summary: planned=(\d+) done=\1 failed=0$", r.stdout, re.M)
+    assert "SM_TEST" not in r.stdout + r.stderr
