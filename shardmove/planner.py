@@ -152,6 +152,19 @@ def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -
     return rows, ok
 
 
+#: a plan moving more than this multiple of the optimum says the current placement is not the ring's
+PLACEMENT_WARNING_FACTOR = 2.0
+
+
+def placement_warning(moved: float, optimum: float | None) -> str | None:
+    """A ``warning:`` line when the plan moves far more keys than the ring's optimum."""
+    if optimum is None or optimum <= 0 or moved <= PLACEMENT_WARNING_FACTOR * optimum:
+        return None
+    return (f"warning: this plan moves {100 * moved:.1f}% of the keys, {moved / optimum:.1f}x the optimum "
+            f"{100 * optimum:.1f}%: the current placement is not this ring's. If another ring placed the "
+            "keys, set target.profile to it; otherwise give an explicit target (target.snapshot)")
+
+
 def report_lines(manifest: dict, capacity: list, min_head: float) -> list[str]:
     m = manifest
     lines = [
@@ -303,13 +316,20 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
             "files": files,
             "planner_seconds": round(elapsed, 3),
         }
+        ring_optimum = manifest["optimum_moved_fraction"]
         if manifest["optimum_moved_fraction"] is None:
             manifest["optimum_moved_fraction"] = manifest["moved_fraction"]
         capacity, cap_ok = _capacity(cfg, stats, data_store, staging, files)
         manifest["capacity"] = capacity
-        lines = [f"plan id: {plan_id}"] + report_lines(manifest, capacity, cfg.opt("min_headroom_percent"))
+        lines = [f"plan id: {plan_id}"]
+        if manifest["moves"] == 0:
+            lines.append("nothing to move")  # still committed: a run then says the plan is complete
+        lines += report_lines(manifest, capacity, cfg.opt("min_headroom_percent"))
         if total == 0:
             lines.append("empty snapshot: the plan is empty")
+        warning = placement_warning(manifest["moved_fraction"], ring_optimum)
+        if warning:
+            lines.append(warning)
         for line in lines:
             out(line)
         result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)

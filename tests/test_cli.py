@@ -132,3 +132,49 @@ def test_shardmove_config_and_env_references_in_store_settings(tmp_path):
     assert r.returncode == 0, r.stderr
     assert re.search(r"^summary: planned=(\d+) done=\1 failed=0$", r.stdout, re.M)
     assert "SM_TEST" not in r.stdout + r.stderr
+
+
+def _demo_variant(tmp_path, name, edit):
+    import yaml
+
+    d = tmp_path / name
+    assert run_cli("demo", str(d), "--keys", "2000", "--shards", "4").returncode == 0
+    raw = yaml.safe_load(open(d / "shardmove.yaml"))
+    edit(d, raw)
+    cfg = d / "variant.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    return str(cfg)
+
+
+def test_a_zero_move_plan_says_nothing_to_move_and_is_complete(tmp_path):
+    # the demo's keys sit where the ring of its 4 shards puts them: a target of those 4 moves nothing
+    cfg = _demo_variant(tmp_path, "zero", lambda d, raw: raw["target"].update(
+        shards=[s for s in raw["target"]["shards"] if s["id"] in raw["current_shards"]]))
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    i = next(n for n, l in enumerate(lines) if l.startswith("plan id: "))
+    assert lines[i + 1] == "nothing to move"
+    plan_id = PLAN_RE.findall(r.stdout)[0]
+    r = run_cli("run", plan_id, "--config", cfg)
+    assert r.returncode == 0 and "nothing to do: plan already complete" in r.stdout, r.stdout + r.stderr
+    assert "summary: planned=0 done=0 failed=0" in r.stdout
+
+
+def test_dry_run_warns_when_the_placement_is_not_the_rings(tmp_path):
+    import sqlite3
+
+    def modulo_placement(d, raw):
+        path = d / raw["map_store"]["path"]
+        with sqlite3.connect(path) as c:  # n % 4, not the ring: most keys would move
+            c.execute("UPDATE shard_map SET shard_id = 's' || (rowid % 4)")
+
+    cfg = _demo_variant(tmp_path, "modulo", modulo_placement)
+    r = run_cli("plan", "--config", cfg, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    warnings = [l for l in r.stdout.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 1 and "not this ring's" in warnings[0] and "target.profile" in warnings[0]
+    # the ring's own placement gets no such warning
+    plain = _demo_variant(tmp_path, "plain", lambda d, raw: None)
+    r = run_cli("plan", "--config", plain, "--dry-run")
+    assert r.returncode == 0 and "warning: " not in r.stdout, r.stdout
