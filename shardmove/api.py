@@ -2,7 +2,7 @@
 
     from pipeline.config import load_config
     from shardmove import api
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("demo/shardmove.yaml")   # written by ./run_local.sh or `shardmove demo demo`
     result = api.plan(cfg)            # PlanResult(plan_id, plan_dir, manifest, ...)
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
         }
         fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write("# shardmove demo keyspace: 4 shards today, the target adds one.\n")
+            f.write(f"# shardmove demo keyspace: {len(current)} shard{'s' if len(current) != 1 else ''} today, "
+                    f"the target adds {target[-1]}.\n")
             yaml.safe_dump(doc, f, sort_keys=False)
     return info
 

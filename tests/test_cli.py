@@ -178,3 +178,10 @@ def test_dry_run_warns_when_the_placement_is_not_the_rings(tmp_path):
     plain = _demo_variant(tmp_path, "plain", lambda d, raw: None)
     r = run_cli("plan", "--config", plain, "--dry-run")
     assert r.returncode == 0 and "warning: " not in r.stdout, r.stdout
+
+
+def test_demo_config_header_names_its_own_shard_count(tmp_path):
+    r = run_cli("demo", str(tmp_path / "d8"), "--keys", "800", "--shards", "8")
+    assert r.returncode == 0, r.stderr
+    first = open(tmp_path / "d8" / "shardmove.yaml").readline()
+    assert first.startswith("# shardmove demo keyspace: 8 shards today, the target adds s8"), first
