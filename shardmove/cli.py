@@ -237,6 +237,11 @@ def cmd_run(args, beam_args) -> int:
         from shardmove.prom import summary_to_prometheus, write_textfile
 
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
+    if res.summary.get("failed") and not irq.interrupted:
+        # what to do about Failed keys: look at them, then retry them (the key values go to the file only)
+        cfg_arg = f" --config {args.config}" if args.config else ""
+        print(f"next: shardmove failures {res.plan_id}{cfg_arg} --out failed.parquet   # which keys, and why")
+        print(f"next: shardmove run {res.plan_id}{cfg_arg} --retry-failed             # retry them")
     return EXIT_INTERRUPTED if irq.interrupted else res.exit_code
 
 

@@ -185,3 +185,21 @@ def test_demo_config_header_names_its_own_shard_count(tmp_path):
     assert r.returncode == 0, r.stderr
     first = open(tmp_path / "d8" / "shardmove.yaml").readline()
     assert first.startswith("# shardmove demo keyspace: 8 shards today, the target adds s8"), first
+
+
+def test_a_run_with_failed_keys_prints_the_next_two_commands_and_they_work(tmp_path):
+    import shlex
+
+    cfg = _demo_variant(tmp_path, "faulty", lambda d, raw: raw.update(faults={"copy": {"permanent_rate": 0.05}}))
+    plan_id = PLAN_RE.findall(run_cli("plan", "--config", cfg).stdout)[0]
+    r = run_cli("run", plan_id, "--config", cfg)
+    assert r.returncode == 3, r.stdout + r.stderr
+    nexts = [l[len("next: "):].split("#")[0].strip() for l in r.stdout.splitlines() if l.startswith("next: ")]
+    assert [shlex.split(n)[1] for n in nexts] == ["failures", "run"] and "--retry-failed" in nexts[1]
+    exported = run_cli(*shlex.split(nexts[0])[1:], cwd=str(tmp_path))
+    assert exported.returncode == 0 and os.path.exists(tmp_path / "failed.parquet"), exported.stderr
+    # a clean run prints no such hint
+    clean = _demo_variant(tmp_path, "clean", lambda d, raw: None)
+    plan_id = PLAN_RE.findall(run_cli("plan", "--config", clean).stdout)[0]
+    r = run_cli("run", plan_id, "--config", clean)
+    assert r.returncode == 0 and "next: " not in r.stdout
