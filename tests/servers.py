@@ -83,6 +83,11 @@ def _redis_version(url: str) -> tuple | None:
     return tuple(int(p) for p in re.findall(r"\d+", str(version))[:2])
 
 
+def redis_usable(url: str) -> bool:
+    """A Redis answers at ``url`` and is recent enough for the Redis store."""
+    return (_redis_version(url) or (0, 0)) >= MIN_REDIS
+
+
 def _pg_bindir() -> str | None:
     """The newest PostgreSQL server binaries on this machine."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
@@ -139,24 +144,18 @@ def _start_postgres() -> str:
         last = (init.stderr.strip().splitlines() or ["?"])[-1]
         raise RuntimeError(f"initdb failed: {last}")
     port = _free_port()
-    log = open(os.path.join(tmp, "server.log"), "w")
-    if ids is not None:
-        os.chown(log.name, *ids)
-    proc = subprocess.Popen(
-        [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port), "-k", sock,
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=300"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp, preexec_fn=_die_with_parent, **_run_as(ids))
+    log = os.path.join(tmp, "server.log")
+    with open(log, "w") as out:  # the server keeps its own descriptor
+        if ids is not None:
+            os.chown(log, *ids)
+        proc = subprocess.Popen(
+            [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port), "-k", sock,
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=300"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp, preexec_fn=_die_with_parent, **_run_as(ids))
     _started.append((proc, tmp))
-    dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"postgres exited with status {proc.returncode} at start (log: {log.name})")
-        if _pg_answers(dsn):
-            return dsn
-        time.sleep(0.2)
-    raise RuntimeError(f"postgres did not answer within {_START_TIMEOUT} s (log: {log.name})")
+    return _wait_ready("postgres", proc, log, f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
+                       _pg_answers, poll=0.2)
 
 
 def _start_redis() -> str:
@@ -177,15 +176,19 @@ def _start_redis() -> str:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp,
                             preexec_fn=_die_with_parent)
     _started.append((proc, tmp))
-    url = f"redis://127.0.0.1:{port}/0"
+    return _wait_ready("redis-server", proc, log, f"redis://127.0.0.1:{port}/0", redis_usable, poll=0.1)
+
+
+def _wait_ready(what: str, proc: subprocess.Popen, log: str, address: str, answers, poll: float) -> str:
+    """``address`` once the server started there answers; one line why not otherwise."""
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with status {proc.returncode} at start (log: {log})")
-        if _redis_version(url) is not None:
-            return url
-        time.sleep(0.1)
-    raise RuntimeError(f"redis-server did not answer within {_START_TIMEOUT} s (log: {log})")
+            raise RuntimeError(f"{what} exited with status {proc.returncode} at start (log: {log})")
+        if answers(address):
+            return address
+        time.sleep(poll)
+    raise RuntimeError(f"{what} did not answer within {_START_TIMEOUT} s (log: {log})")
 
 
 def _provide_one(what: str, env: str, default: str, usable, start) -> None:
@@ -206,19 +209,22 @@ def _provide_one(what: str, env: str, default: str, usable, start) -> None:
 def provide() -> None:
     """Find or start both servers and export where they are (see the module doc)."""
     _provide_one("PostgreSQL", "SHARDMOVE_TEST_PG", DEFAULT_PG, _pg_answers, _start_postgres)
-    _provide_one("Redis", "SHARDMOVE_TEST_REDIS", DEFAULT_REDIS,
-                 lambda url: (_redis_version(url) or (0, 0)) >= MIN_REDIS, _start_redis)
+    _provide_one("Redis", "SHARDMOVE_TEST_REDIS", DEFAULT_REDIS, redis_usable, _start_redis)
 
 
 def stop() -> None:
     """Stop what ``provide`` started (nothing else) and delete its files."""
     while _started:
-        proc, tmp = _started.pop()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # PostgreSQL: fast shutdown; Redis: exit
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_one(*_started.pop())
+
+
+def stop_one(proc: subprocess.Popen, tmp: str) -> None:
+    """Stop one server ``provide`` started and delete its directory."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # PostgreSQL: fast shutdown; Redis: exit
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -18,12 +18,7 @@ def _own(start, answers):
     assert servers._started[:-1] == before and proc.poll() is None and os.path.isdir(tmp)
     assert answers(address)
     # stop only this one: the session's own servers stay up for the rest of the suite
-    rest = servers._started[:-1]
-    servers._started[:] = [(proc, tmp)]
-    try:
-        servers.stop()
-    finally:
-        servers._started[:] = rest
+    servers.stop_one(*servers._started.pop())
     assert proc.poll() is not None and not os.path.exists(tmp)
     assert not answers(address)
 
@@ -33,11 +28,11 @@ def test_a_started_postgres_answers_and_is_stopped_and_removed():
 
 
 def test_a_started_redis_is_7_or_later_and_is_stopped_and_removed():
-    _own(servers._start_redis, lambda url: (servers._redis_version(url) or (0, 0)) >= servers.MIN_REDIS)
+    _own(servers._start_redis, servers.redis_usable)
 
 
 def test_the_session_exports_where_its_servers_are():
     if servers.failures:
         pytest.skip("; ".join(servers.failures.values()))
     assert servers._pg_answers(os.environ["SHARDMOVE_TEST_PG"])
-    assert (servers._redis_version(os.environ["SHARDMOVE_TEST_REDIS"]) or (0, 0)) >= servers.MIN_REDIS
+    assert servers.redis_usable(os.environ["SHARDMOVE_TEST_REDIS"])
