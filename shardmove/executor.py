@@ -159,9 +159,9 @@ def plan_state(summary: dict, running: bool) -> str:
     return "planned" if untouched and not summary.get("runs") else "stopped"
 
 
-def status_exit_code(summary: dict) -> int:
-    state = summary.get("state") or plan_state(summary, "lease" in summary)
-    return STATUS_EXIT[state]
+def status_exit_code(status: dict) -> int:
+    """The exit code of ``status`` for a :func:`plan_status` result."""
+    return STATUS_EXIT[status["state"]]
 
 
 def plan_status(plan_dir: str) -> dict:
