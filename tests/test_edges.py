@@ -238,6 +238,15 @@ def _doc_in(tmp_path, demo):
     return doc
 
 
+def _planned_copy(tmp_path, demo):
+    """A copy of the demo keyspace under ``tmp_path``, planned: (config doc, config path, plan id)."""
+    doc = _doc_in(tmp_path, demo)
+    cfg = write_cfg(tmp_path / "c.yaml", doc)
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    return doc, cfg, PLAN_RE.findall(r.stdout)[0]
+
+
 @pytest.mark.parametrize("bad_key", ["", "x" * 5000], ids=["empty", "over_long"])
 def test_refused_plan_leaves_a_fresh_work_dir_absent(demo, tmp_path, bad_key):
     doc = _doc_in(tmp_path, demo)
@@ -252,11 +261,7 @@ def test_refused_plan_leaves_a_fresh_work_dir_absent(demo, tmp_path, bad_key):
 
 
 def test_refused_commands_leave_the_work_dir_byte_for_byte(demo, tmp_path):
-    doc = _doc_in(tmp_path, demo)
-    cfg = write_cfg(tmp_path / "c.yaml", doc)
-    r = run_cli("plan", "--config", cfg)
-    assert r.returncode == 0, r.stderr
-    plan_id = PLAN_RE.findall(r.stdout)[0]
+    doc, cfg, plan_id = _planned_copy(tmp_path, demo)
     _insert_map_row(doc, "")  # the map now holds a key plan refuses
     before = tree(tmp_path / "work")
     for args in (["plan", "--dry-run"], ["plan"], ["catchup", plan_id], ["catchup", plan_id, "--dry-run"]):
@@ -350,11 +355,7 @@ def test_uint64_coder_round_trips_and_is_deterministic():
 def test_abbreviated_flags_are_refused_everywhere(demo, tmp_path):
     from shardmove.cli import build_parser
 
-    doc = _doc_in(tmp_path, demo)
-    cfg = write_cfg(tmp_path / "c.yaml", doc)
-    r = run_cli("plan", "--config", cfg)
-    assert r.returncode == 0, r.stderr
-    plan_id = PLAN_RE.findall(r.stdout)[0]
+    doc, cfg, plan_id = _planned_copy(tmp_path, demo)
     before = tree(tmp_path / "work")
     for args in (["run", plan_id, "--config", cfg, "--force", "true"],
                  ["run", plan_id, "--config", cfg, "--force-swap", "true"],
@@ -375,10 +376,7 @@ def test_abbreviated_flags_are_refused_everywhere(demo, tmp_path):
 
 
 def test_unsafe_option_needs_its_full_name_and_warns_when_the_run_starts(demo, tmp_path):
-    doc = _doc_in(tmp_path, demo)
-    cfg = write_cfg(tmp_path / "c.yaml", doc)
-    r = run_cli("plan", "--config", cfg)
-    plan_id = PLAN_RE.findall(r.stdout)[0]
+    doc, cfg, plan_id = _planned_copy(tmp_path, demo)
     r = run_cli("run", plan_id, "--config", cfg, "--force-swap-on-verification-failure", "true",
                 "--", "--runner=FnApiRunner")
     assert r.returncode == 0, r.stderr
@@ -439,10 +437,7 @@ def test_replanning_with_other_hash_buckets_says_the_plan_is_reused(demo, tmp_pa
 
 
 def test_operator_commands_with_an_unusable_map_store_are_bad_configuration(demo, tmp_path):
-    doc = _doc_in(tmp_path, demo)
-    cfg = write_cfg(tmp_path / "c.yaml", doc)
-    r = run_cli("plan", "--config", cfg)
-    plan_id = PLAN_RE.findall(r.stdout)[0]
+    doc, cfg, plan_id = _planned_copy(tmp_path, demo)
     bad = write_cfg(tmp_path / "bad.yaml", {**doc, "map_store": _sqlite_not_a_db(tmp_path)})
     before = tree(tmp_path / "work")
     for args in (["run", plan_id], ["verify", plan_id], ["rollback", plan_id],
@@ -480,10 +475,7 @@ def test_run_with_an_unreachable_postgres_target_shard_is_refused_before_anythin
 def test_a_damaged_manifest_is_bad_input(demo, tmp_path):
     import json
 
-    doc = _doc_in(tmp_path, demo)
-    cfg = write_cfg(tmp_path / "c.yaml", doc)
-    r = run_cli("plan", "--config", cfg)
-    plan_id = PLAN_RE.findall(r.stdout)[0]
+    doc, cfg, plan_id = _planned_copy(tmp_path, demo)
     manifest = tmp_path / "work" / "plans" / plan_id / "manifest.json"
     for text in ('{"format_version": 1}', "[1, 2]", json.dumps({**json.loads(manifest.read_text()), "files": [7]})):
         manifest.write_text(text)

@@ -313,22 +313,36 @@ def test_prism_as_users_type_it_direct_runner_finds_the_local_binary(template, r
     assert outcome(cfgpath, plan_id) == reference
 
 
-def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, prism_binary):
-    """SIGKILL of the whole run (launcher, Prism, its SDK workers) mid-copy; a rerun on
-    Prism takes the dead holder's lease over and completes: same map and records, each
-    map row written once (a Done lost with the kill is found at its target, not rewritten)."""
+def _slow_prism_run(template, reference, tmp_path, prism_binary, *, copy_concurrency, latency_ms):
+    """Plan on Prism, then start a run with slow copies in its own session and wait until it has
+    committed checkpoint parts: (config, Beam args, plan id, plan dir, the running process)."""
     cfgpath = fresh(template, tmp_path)
     args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
     r = run_cli("plan", "--config", cfgpath, "--", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     plan_id = reference["plan_id"]
     with open(cfgpath, "a") as f:
-        f.write("copy_concurrency: 2\nfaults: {copy: {latency_ms: 20, keys_per_call: 1}}\n")
+        f.write(f"copy_concurrency: {copy_concurrency}\n"
+                f"faults: {{copy: {{latency_ms: {latency_ms}, keys_per_call: 1}}}}\n")
     plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
     p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath, "--", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_parts(plan_dir, 3)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return cfgpath, args, plan_id, plan_dir, p
+
+
+def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, prism_binary):
+    """SIGKILL of the whole run (launcher, Prism, its SDK workers) mid-copy; a rerun on
+    Prism takes the dead holder's lease over and completes: same map and records, each
+    map row written once (a Done lost with the kill is found at its target, not rewritten)."""
+    cfgpath, args, plan_id, plan_dir, p = _slow_prism_run(template, reference, tmp_path, prism_binary,
+                                                          copy_concurrency=2, latency_ms=20)
+    try:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=60)
     finally:
@@ -353,18 +367,9 @@ def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, p
 def test_prism_sigterm_exits_130_then_rerun_completes(template, reference, tmp_path, prism_binary):
     """SIGTERM to the launcher of a run on Prism: the DoFns on Prism's SDK worker honour
     the stop marker and flush, the job ends, the run exits 130; a rerun completes identically."""
-    cfgpath = fresh(template, tmp_path)
-    args = ["--runner=PrismRunner", f"--prism_location={prism_binary}"]
-    r = run_cli("plan", "--config", cfgpath, "--", *args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    plan_id = reference["plan_id"]
-    with open(cfgpath, "a") as f:
-        f.write("copy_concurrency: 1\nfaults: {copy: {latency_ms: 30, keys_per_call: 1}}\n")
-    plan_dir = os.path.join(load_config(cfgpath).work_dir, "plans", plan_id)
-    p = subprocess.Popen([os.path.join(VENV_BIN, "shardmove"), "run", plan_id, "--config", cfgpath, "--", *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cfgpath, args, plan_id, plan_dir, p = _slow_prism_run(template, reference, tmp_path, prism_binary,
+                                                          copy_concurrency=1, latency_ms=30)
     try:
-        _wait_for_parts(plan_dir, 3)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=300)
     finally:
