@@ -17,8 +17,8 @@ from pipeline import workdir
 from shardmove import cli_common
 from shardmove.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
-from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
-                             before_changes, redact)
+from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, BadInput,
+                             ShardmoveError, before_changes, redact)
 
 __all__ = ["main", "build_parser"]
 
@@ -199,7 +199,7 @@ def cmd_plan(args, beam_args) -> int:
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
         cli_common.remove_created()  # refused: leave the work directory as it was found
-        return 4
+        return EXIT_REFUSED
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")
     return EXIT_OK
