@@ -186,10 +186,17 @@ def _delete(ds, res: CleanupResult, bucket: dict, shard: str, picks: list) -> No
     bump(res.skipped, "changed_during_cleanup", len(picks) - len(gone))
 
 
-def _cleanup_done(ms, ds, res, keys, chash, sver, source, target) -> None:
+def _map_still_at(ms, res: CleanupResult, keys: list, shard: str, reason: str) -> list[int]:
+    """Indices of the keys whose map entry points at ``shard`` now (looked up just
+    before deleting); the others are counted as skipped for ``reason``."""
     cur = ms.lookup(keys)
-    idx = [i for i, k in enumerate(keys) if cur.get(k, (None,))[0] == target]
-    bump(res.skipped, "map_not_at_target", len(keys) - len(idx))
+    idx = [i for i, k in enumerate(keys) if cur.get(k, (None,))[0] == shard]
+    bump(res.skipped, reason, len(keys) - len(idx))
+    return idx
+
+
+def _cleanup_done(ms, ds, res, keys, chash, sver, source, target) -> None:
+    idx = _map_still_at(ms, res, keys, target, "map_not_at_target")
     if not idx:
         return
     ks = [keys[i] for i in idx]
@@ -215,9 +222,7 @@ def _cleanup_done(ms, ds, res, keys, chash, sver, source, target) -> None:
 
 
 def _cleanup_failed(ms, ds, res, keys, source, target) -> None:
-    cur = ms.lookup(keys)
-    idx = [i for i, k in enumerate(keys) if cur.get(k, (None,))[0] == source]
-    bump(res.skipped, "map_not_at_source", len(keys) - len(idx))
+    idx = _map_still_at(ms, res, keys, source, "map_not_at_source")
     if not idx:
         return
     ks = [keys[i] for i in idx]
