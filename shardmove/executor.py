@@ -518,7 +518,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
             key_type=cfg.key_type,
             map_store=dict(cfg.map_store),
             data_store=dict(cfg.data_store),
-            options=dict(cfg.options),
+            options=cfg.run_options,
             groups=tuple((f["group"], f["rows"]) for f in manifest["files"]),
             retry_failed=retry_failed,
             faults=validate_faults(cfg.faults),
