@@ -195,7 +195,7 @@ def cmd_plan(args, beam_args) -> int:
     if args.report_dir:
         from shardmove.report import write_plan_report
 
-        print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
+        print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir), dry_run=args.dry_run)}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
         cli_common.remove_created()  # refused: leave the work directory as it was found
