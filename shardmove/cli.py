@@ -176,7 +176,7 @@ def cmd_plan(args, beam_args) -> int:
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
-        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print)
 
     from transforms.runner import is_dry_run
 
@@ -223,10 +223,10 @@ def cmd_run(args, beam_args) -> int:
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
     if translate_only:  # Dataflow --dry_run: translate only, record nothing
-        return run(cfg, plan_dir, beam_args=beam_args).exit_code
+        return run(cfg, plan_dir, beam_args=beam_args, out=print).exit_code
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-                  beam_args=beam_args)
+                  beam_args=beam_args, out=print)
         irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
@@ -273,7 +273,7 @@ def cmd_status(args, beam_args) -> int:
     import json
     import time
 
-    from shardmove.api import status
+    from shardmove.executor import plan_status as status
     from shardmove.executor import status_exit_code
 
     cfg = None

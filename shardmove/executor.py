@@ -31,7 +31,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
 from pipeline.config import Config
-from pipeline.errors import BadInput, Refused
+from pipeline.errors import BadInput, Interrupted, Refused
 from pipeline.faults import hold_point
 from pipeline import workdir
 from pipeline.workdir import load_manifest
@@ -213,7 +213,7 @@ class _Progress:
     """Derives progress events from committed checkpoint parts (this epoch)."""
 
     def __init__(self, plan_dir: str, plan_id: str, epoch: int, base: dict, total: int, interval: float,
-                 tty: bool):
+                 tty: bool, on_event: Callable[[dict], object] | None = None):
         self.plan_dir, self.plan_id, self.epoch = plan_dir, plan_id, epoch
         self.total = total
         self.interval = interval
@@ -228,6 +228,7 @@ class _Progress:
         self._stop = threading.Event()
         self._thread = None
         self.events: list = []
+        self.on_event = on_event
 
     def _scan(self):
         root = workdir.checkpoints_dir(self.plan_dir)
@@ -296,6 +297,11 @@ class _Progress:
         self.events.append(ev)
         if self.tty:
             self._bar(ev)
+        if self.on_event is not None:
+            try:  # the API's progress callback: its failure never stops the run
+                self.on_event(dict(ev))
+            except Exception as e:  # noqa: BLE001
+                LOG.warning("progress callback failed (%s); the run goes on", type(e).__name__)
         return ev
 
     def _bar(self, ev):
@@ -464,21 +470,34 @@ def _stderr_line(line: str) -> None:
 
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
-             allow_drift: bool = False) -> RunResult:
+             allow_drift: bool = False, progress: Callable[[dict], object] | None = None,
+             cancel: threading.Event | None = None) -> RunResult:
     """Run (or resume, or finish) a plan; see the module docstring.  SIGINT/SIGTERM are
-    handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130."""
+    handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130.
+    ``cancel`` (set from any thread) stops the run the same way; ``progress`` is called with
+    each progress event."""
     from pipeline import interrupts
 
     irq = interrupts.install(install_signals)
+    finished = threading.Event()
+    if cancel is not None:
+        def watch():
+            while not finished.is_set():
+                if cancel.wait(0.1):
+                    irq.request_stop()
+                    return
+
+        threading.Thread(target=watch, name="cancel", daemon=True).start()
     try:
         return _run_plan(cfg, plan_dir, irq, retry_failed=retry_failed, beam_args=beam_args, out=out,
-                         allow_drift=allow_drift)
+                         allow_drift=allow_drift, on_event=progress)
     finally:
+        finished.set()
         irq.restore()
 
 
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
-              out: Callable[[str], None], allow_drift: bool) -> RunResult:
+              out: Callable[[str], None], allow_drift: bool, on_event=None) -> RunResult:
     from pipeline.lease import acquire
     from transforms.preflight import preflight
     from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
@@ -536,6 +555,8 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         return RunResult(plan_id, before, 0)
 
     stop_path = workdir.stop_path(plan_dir)
+    if irq.interrupted:  # a cancel before the lease (a signal raises on its own): nothing was modified
+        raise Interrupted("interrupted before the run took its lease; nothing was modified")
     # from here on a signal never raises: the run gives back what it holds, then exits 130
     irq.deferred = True
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
@@ -565,7 +586,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         lease.start_renewing(also=renew_claim)
         hold_point("lease", lambda: irq.interrupted)
         progress = _Progress(plan_dir, plan_id, lease.epoch, _base_counts(before), before["planned"],
-                             cfg.opt("progress_interval"), sys.stderr.isatty())
+                             cfg.opt("progress_interval"), sys.stderr.isatty(), on_event=on_event)
         t0 = time.time()
         metrics = {}
         if not irq.interrupted:  # stopped before the pipeline started: nothing to stop

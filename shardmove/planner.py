@@ -65,12 +65,9 @@ def _target_canonical(cfg: Config, ring, stats: dict) -> dict:
 
 
 def _validate(stats: dict, dups: int, cfg: Config) -> None:
-    kt = cfg.key_type.value
-    if stats["invalid_keys"]:
-        raise BadInput(f"plan: {stats['invalid_keys']} keys in the snapshot cannot be represented as key_type {kt} "
-                       "(or are empty)")
-    if stats["oversize_keys"]:
-        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than {K.MAX_KEY_BYTES} bytes")
+    err = core.input_error(stats["invalid_keys"], stats["oversize_keys"], cfg.key_type)
+    if err:
+        raise BadInput(err)
     if dups:
         raise BadInput(f"plan: {dups} duplicate keys in the snapshot")
     if stats["unknown_shard_rows"]:
@@ -78,12 +75,10 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
         shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
         raise BadInput(f"plan: {stats['unknown_shard_rows']} keys are on {len(ids)} shard ids the configuration "
                        f"does not know ({shown})")
-    if stats.get("target_invalid_keys"):
-        raise BadInput(f"plan: {stats['target_invalid_keys']} keys in the target snapshot cannot be represented "
-                       f"as key_type {kt}")
-    if stats.get("target_oversize_keys"):
-        raise BadInput(f"plan: {stats['target_oversize_keys']} keys in the target snapshot are longer than "
-                       f"{K.MAX_KEY_BYTES} bytes")
+    err = core.input_error(stats.get("target_invalid_keys", 0), stats.get("target_oversize_keys", 0), cfg.key_type,
+                           what="target snapshot")
+    if err:
+        raise BadInput(err)
     if stats.get("target_unknown_shard_rows"):
         raise BadInput(f"plan: {stats['target_unknown_shard_rows']} keys in the target snapshot are on shard ids "
                        "not listed in target.shards")
