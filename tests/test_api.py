@@ -135,3 +135,31 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(m.group(1), "README.md:api-example", "exec"), {"__name__": "readme_example"})
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("complete ") and re.fullmatch(r"[0-9a-f]{12} \d+ .*", out[0])
+
+
+def test_run_metrics_gauges_and_durations(tmp_path):
+    """The guide's metrics, as Beam reports them for one run (RunSummary.metrics): the
+    counters once per key, the in-flight gauges within the configured concurrency, and the
+    duration distributions -- copy_ms per store call, swap_batch_ms per swap batch."""
+    import dataclasses
+    import math
+
+    info = shardmove.create_demo_keyspace(str(tmp_path / "ks"), keys=1200, shards=4)
+    cfg = shardmove.load_config(info["config"]).with_options(copy_concurrency=4, verify_concurrency=3,
+                                                             swap_batch_size=50, hash_buckets=2)
+    cfg = dataclasses.replace(cfg, faults={"copy": {"latency_ms": 5, "keys_per_call": 1}})
+    plan = shardmove.plan(cfg)
+    res = shardmove.run(cfg, plan)
+    m, n = res.metrics, plan.move_count
+    assert res.exit_code == 0 and n > 0
+    for counter in ("planned", "copied", "verified", "swapped"):
+        assert m[counter] == n, (counter, m[counter], n)  # once per key
+    assert m.get("failed", 0) == 0
+    assert 2 <= m["active_copy"] <= 4  # the copy stage used its concurrency, never more
+    assert 1 <= m["active_verify"] <= 3
+    copy = m["copy_ms"]
+    assert copy["count"] == n and copy["min"] >= 5  # one store call per key here, each >= the injected 5 ms
+    assert m["verify_ms"]["count"] >= 1 and m["verify_ms"]["min"] >= 0
+    batches = sum(math.ceil(f["rows"] / 50) for f in plan.manifest["files"])
+    assert m["swap_batch_ms"]["count"] >= batches and m["swap_batch_ms"]["sum"] >= m["swap_batch_ms"]["max"] > 0
+    assert res.summary["metrics_this_run"]["copy_ms"]["count"] == n  # kept in summary.json too
