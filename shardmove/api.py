@@ -189,8 +189,8 @@ def _in_memory(x) -> bool:
 
 
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
-         target: str | os.PathLike | Rows | None = None, dry_run: bool = False, beam_args: Sequence[str] = (),
-         out: Callable[[str], None] = _discard) -> Plan:
+         target: str | os.PathLike | Rows | None = None, dry_run: bool = False, sample_hashes: int = 0,
+         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -199,7 +199,10 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     rows in memory.  Rows in memory are streamed in segments into
     ``<work>/snapshots/<digest>/`` first (never through ``beam.Create``), so they validate,
     and give the plan id, exactly as the equivalent Parquet file would.  A refused plan (bad
-    input, capacity) removes the snapshots this call wrote."""
+    input, capacity) removes the snapshots this call wrote.  ``sample_hashes`` (dry runs only):
+    read that many moves at their sources (seeded by the ``sample_seed`` option) and report
+    missing or unreadable records and their bytes, as ``manifest["sample"]``
+    (:mod:`shardmove.sampling`)."""
     from pipeline.errors import before_changes
     from pipeline.snapshot import write_snapshot
     from shardmove.planner import make_plan
@@ -225,10 +228,12 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
             if snapshot is None and cfg.snapshot is None:
                 map_store = open_map_store(cfg)
             data_store = None
-            if any(s.capacity_bytes for s in cfg.target_shards) or cfg.data_store.get("kind") == "objects":
+            if (sample_hashes or any(s.capacity_bytes for s in cfg.target_shards)
+                    or cfg.data_store.get("kind") == "objects"):
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
-                            beam_args=beam_args, out=out)
+                            beam_args=beam_args, out=out, sample_hashes=sample_hashes,
+                            sample_seed=cfg.opt("sample_seed"))
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
     p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
     p.add_argument("--report-dir", metavar="DIR", help="also write the plan report (report.html + PNG charts) into DIR")
+    p.add_argument("--sample-hashes", metavar="N", type=int, default=0,
+                   help="with --dry-run: read N seeded moves at their sources; report missing or unreadable "
+                        "records and their bytes (seeded by the sample_seed option)")
     p.add_argument("--since", metavar="PLAN",
                    help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
@@ -176,7 +179,8 @@ def cmd_plan(args, beam_args) -> int:
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
-        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print)
+        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print,
+                    sample_hashes=args.sample_hashes)
 
     from transforms.runner import is_dry_run
 

@@ -27,6 +27,7 @@ from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
+from shardmove.sampling import sample_sources
 
 __all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
 
@@ -193,10 +194,19 @@ def make_plan(
     dry_run: bool = False,
     beam_args: Sequence[str] = (),
     out: Callable[[str], None] = print,
+    sample_hashes: int = 0,
+    sample_seed: int = 0,
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
     from transforms.preflight import preflight
 
+    if sample_hashes and not dry_run:
+        raise BadInput("plan: --sample-hashes needs --dry-run (it only reads)")
+    if sample_hashes < 0:
+        raise BadInput("plan: --sample-hashes must be >= 0")
+    if sample_hashes and data_store is None:
+        raise BadInput("plan: --sample-hashes needs a data store (data_store in the config)")
+    sample = (sample_hashes, sample_seed)
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
         out(w)
@@ -212,7 +222,7 @@ def make_plan(
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
-                                data_store, dry_run, pf.args, out, snapshot_line=(
+                                data_store, dry_run, pf.args, out, sample=sample, snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
                                     f"rows_above_cutoff={info.rows_above_cutoff}"))
         except BaseException:
@@ -225,12 +235,12 @@ def make_plan(
             fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
-                      pf.args, out)
+                      pf.args, out, sample=sample)
 
 
 def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
-               pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
-               ) -> PlanResult:
+               pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None,
+               sample: tuple = (0, 0)) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
@@ -331,6 +341,13 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         final = workdir.plan_dir(cfg.work_dir, plan_id)
         _note_reused_layout(final, manifest, out)
         if dry_run:
+            if sample[0]:  # read a seeded sample of the moves at their sources; nothing is copied
+                rep = sample_sources(data_store, staging, files, pair_rows, sample[0], seed=sample[1],
+                                     batch=cfg.opt("swap_batch_size"))
+                manifest["sample"] = rep.as_dict()
+                for line in rep.lines():
+                    out(line)
+                    lines.append(line)
             fs.rmtree(staging)
             new_dirs.remove_created()
             out("dry run: no plan committed")

@@ -163,3 +163,42 @@ def test_run_metrics_gauges_and_durations(tmp_path):
     batches = sum(math.ceil(f["rows"] / 50) for f in plan.manifest["files"])
     assert m["swap_batch_ms"]["count"] >= batches and m["swap_batch_ms"]["sum"] >= m["swap_batch_ms"]["max"] > 0
     assert res.summary["metrics_this_run"]["copy_ms"]["count"] == n  # kept in summary.json too
+
+
+def test_dry_run_hash_sampling_reports_missing_records_and_bytes(tmp_path):
+    """``plan --dry-run --sample-hashes N``: N seeded moves read at their sources; a record
+    deleted from its source shows as missing, with its shard; bytes estimate the targets'
+    growth; nothing is copied or committed; the same seed picks the same sample."""
+    info = shardmove.create_demo_keyspace(str(tmp_path / "ks"), keys=1500, shards=3)
+    cfg = shardmove.load_config(info["config"])
+    everything = shardmove.plan(cfg, dry_run=True, sample_hashes=10**6).manifest["sample"]
+    assert everything["sampled"] == everything["found"] == everything["moves"] > 0
+    assert everything["missing"] == everything["unreadable"] == 0 and everything["bytes_found"] > 0
+    # delete one moving key's record at its source: the full sample finds it missing
+    committed = shardmove.plan(cfg)
+    victim = next(iter(committed.moves())).slice(0, 1)
+    key, source = victim["key"][0].as_py(), victim["source"][0].as_py()
+    from pipeline.stores import open_data_store
+
+    ds = open_data_store(cfg)
+    assert ds.delete([key], source) == 1
+    before = sorted(os.listdir(os.path.join(cfg.work_dir, "plans")))
+    r = run_cli_plan(info["config"], "--dry-run", "--sample-hashes", "100000")
+    assert r.returncode == 0, r.stderr
+    assert f"sample: {everything['moves']} of {everything['moves']} moves read at their source (seed 0): " \
+           f"{everything['moves'] - 1} found" in r.stdout
+    assert f"1 records missing at their source ({source}: 1)" in r.stdout
+    assert key.decode() not in r.stdout + r.stderr
+    assert sorted(os.listdir(os.path.join(cfg.work_dir, "plans"))) == before  # nothing committed
+    seeded = cfg.with_options(sample_seed=5)
+    a = shardmove.plan(seeded, dry_run=True, sample_hashes=20).manifest["sample"]
+    b = shardmove.plan(seeded, dry_run=True, sample_hashes=20).manifest["sample"]
+    assert a == b and a["sampled"] == 20 and a["seed"] == 5
+    with pytest.raises(shardmove.BadInput, match="needs --dry-run"):
+        shardmove.plan(cfg, sample_hashes=5)
+
+
+def run_cli_plan(config, *args):
+    from conftest import run_cli
+
+    return run_cli("plan", "--config", config, *args)
