@@ -45,7 +45,7 @@ from pipeline.errors import EXIT_FAILED_KEYS, EXIT_OK, BadInput
 from pipeline.names import group_id
 from shardmove.planner import PlanResult
 from pipeline.stores import open_data_store, open_map_store
-from pipeline.stores.base import content_hash
+from pipeline.stores.base import ChangeCounter, ShardInventory, content_hash
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest
 
 __all__ = [
@@ -144,7 +144,7 @@ def _probe_stores(cfg: Config, manifest: dict) -> None:
     with before_changes():
         open_map_store(cfg).max_version()
         ds = open_data_store(cfg)
-        if ds is not None and hasattr(ds, "shard_exists"):
+        if isinstance(ds, ShardInventory):
             for p in manifest.get("pairs", ()):
                 ds.shard_exists(p["source"])
                 ds.shard_exists(p["target"])
@@ -635,7 +635,7 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
     buckets = int(manifest.get("hash_buckets") or cfg.opt("hash_buckets"))
     B = _batch(cfg)
     t0 = time.time()
-    cutoff = ms.max_version() if hasattr(ms, "max_version") else None
+    cutoff = ms.max_version() if isinstance(ms, ChangeCounter) else None
     staging = workdir.new_staging(workdir.plans_dir(cfg.work_dir))
     fs.makedirs(workdir.moves_dir(staging))
     refused: dict = {}

@@ -73,6 +73,7 @@ from pipeline.logsafe import cap_beam_loggers
 from pipeline.names import parse_group_id
 from pipeline.plancore import _mix
 from pipeline.stores import data_store_from_spec, map_store_from_spec
+from pipeline.stores.base import RunRegistry, WriteFencing
 from transforms.throttle import ShardThrottles, ThrottleConfig
 
 __all__ = ["ExecSpec", "Chunk", "LoadWork", "CopyKeys", "VerifyCopies", "SwapBatches", "build_run_graph",
@@ -995,7 +996,7 @@ class _SwapFn(_VerifyFn):
         self._strict = bool(inner is not None and supports is not None and supports(inner)
                             and self._opts.get("write_fence", "auto") == "auto")
         self._fence_store = inner if self._strict else None
-        self._token = (self._spec.plan_id, self._spec.epoch) if hasattr(self._map, "claim_run") else None
+        self._token = (self._spec.plan_id, self._spec.epoch) if isinstance(self._map, RunRegistry) else None
         self._swapper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
 
     def teardown(self):
@@ -1056,7 +1057,7 @@ class _SwapFn(_VerifyFn):
     def _swap_once(self, ch: Chunk, rows: list):
         """One fenced swap attempt: (SwapResult | None if transient, changed rows)."""
         fence_cm = None
-        if not self._strict and self._data is not None and hasattr(self._data, "write_fence"):
+        if not self._strict and isinstance(self._data, WriteFencing):
             fence_cm = self._data.write_fence(ch.source)
         try:
             versions = fence_cm.__enter__() if fence_cm is not None else None
