@@ -191,3 +191,33 @@ class TestObjectDataStore(_Tracked, DataStoreContract):
     def make_data_store(self, key_type=KeyType.STRING):
         base = self.dir / f"objects{next(_n)}"
         return self._keep(ObjectDataStore({s: str(base / s) for s in self.shards}, key_type))
+
+
+# ------------------------------------------------------------- capabilities
+
+
+def test_capabilities_are_protocols_that_fault_wrappers_keep(tmp_path):
+    """The optional capabilities are checked with isinstance against base.py's Protocols;
+    the fault-injection wrappers keep those of the store they wrap as their own
+    attributes (Python >= 3.12 checks protocols statically, never via __getattr__)."""
+    import inspect
+
+    from pipeline.faults import wrap_stores
+    from pipeline.stores.base import (ChangeCounter, KeyNameLimits, RunRegistry, ShardInventory,
+                                      WriteFencing)
+
+    ms = SqliteMapStore.create(str(tmp_path / "m.sqlite"))
+    ds = SqliteDataStore(str(tmp_path / "d"))
+    objects = ObjectDataStore({"s0": str(tmp_path / "o")})
+    assert isinstance(ms, RunRegistry) and isinstance(ms, ChangeCounter) and not isinstance(ms, WriteFencing)
+    assert isinstance(ds, WriteFencing) and isinstance(ds, ShardInventory) and not isinstance(ds, KeyNameLimits)
+    assert isinstance(objects, KeyNameLimits) and not isinstance(objects, WriteFencing)
+    wms, wds, _ = wrap_stores(ms, ds, {"copy": {"latency_ms": 0}})
+    _, wobj, _ = wrap_stores(None, objects, {"copy": {"latency_ms": 0}})
+    for wrapper, proto in ((wms, RunRegistry), (wms, ChangeCounter), (wds, WriteFencing), (wds, ShardInventory),
+                           (wobj, KeyNameLimits)):
+        assert isinstance(wrapper, proto)
+        for name in ("claim_run", "write_fence", "check_keys", "shard_exists", "max_version"):
+            if hasattr(getattr(wrapper, "_inner"), name):
+                inspect.getattr_static(wrapper, name)  # found without __getattr__
+    assert not isinstance(wobj, WriteFencing) and not isinstance(wds, KeyNameLimits)
