@@ -381,6 +381,28 @@ class MapStoreContract:
             store.close()
 
 
+    def test_run_claims_follow_the_one_claim_rule_on_random_registries(self):
+        """As above, over registries drawn at random (seeded: every run draws the same ones)."""
+        import random
+
+        rng = random.Random(14)
+        plans = [c * 64 for c in "abcd"]
+        for i in range(40):
+            rows = []
+            for pid in rng.sample(plans, rng.randint(0, 4)):
+                lo = rng.randint(0, 15)
+                rows.append((pid, rng.randint(1, 3), lo, rng.randint(lo, 15), f"h{i}",
+                             rng.choice([0.0, 50.0, 100.0, 150.0, 200.0, 250.0])))
+            lo = rng.randint(0, 15)
+            claim = (rng.choice(plans), rng.randint(1, 3), (lo, rng.randint(lo, 15)), 100.0)
+            want = expected_claim(rows, *claim)
+            store = self._registry()
+            seed_claims(store, rows)
+            got = claim_outcome(store, *claim)
+            assert got == _short(want), (i, got, want)
+            store.close()
+
+
 # ----------------------------------------------------------------- data stores
 
 
