@@ -26,13 +26,16 @@ need it).  Keys are never printed: assertion messages show counts only.
 from __future__ import annotations
 
 import pickle
+import random
+import time
 from typing import Any, Iterable, Sequence
 
 from pipeline.errors import Refused, SourceMissing
-from pipeline.keys import KeyType
+from pipeline.keys import KeyType, text_form
 from pipeline.lease import LeaseLost
-from pipeline.stores.base import SNAPSHOT_SCHEMA, DataStore, MapStore, RunRegistry, content_hash
+from pipeline.stores.base import SNAPSHOT_SCHEMA, DataStore, MapStore, RunRegistry, SwapItem, content_hash
 from pipeline.stores.claims import ClaimRow, decide_claim
+from shardmove.demo import demo_keys
 
 __all__ = ["MapStoreContract", "DataStoreContract", "CLAIM_CASES", "sample_keys", "claim_outcome"]
 
@@ -47,8 +50,6 @@ def _pytest():
 
 def sample_keys(n: int, key_type: KeyType = KeyType.STRING, *, seed: int = 0) -> list[bytes]:
     """``n`` distinct canonical keys of ``key_type`` (deterministic), with awkward ones first."""
-    from shardmove.demo import demo_keys
-
     extra: list[bytes] = []
     if key_type is KeyType.INT64:
         extra = [(-1).to_bytes(8, "big", signed=True), (2**63 - 1).to_bytes(8, "big"),
@@ -251,8 +252,6 @@ class MapStoreContract:
         other.close()
 
     def test_all_key_types_round_trip_through_the_map_store(self):
-        from pipeline.keys import text_form
-
         for kt in ALL_KEY_TYPES:
             keys = sample_keys(200, kt, seed=3) + list(self.awkward_keys.get(kt, ()))
             store = self._map([(k, "s1") for k in keys], kt)
@@ -277,8 +276,6 @@ class MapStoreContract:
     # -- swap
 
     def test_swap_applies_a_batch_and_stamps_one_new_higher_version(self):
-        from pipeline.stores.base import SwapItem
-
         keys = sample_keys(10)
         store = self._map([(k, "a") for k in keys])
         top = store.max_version()
@@ -335,8 +332,6 @@ class MapStoreContract:
         return store
 
     def test_run_registry_refuses_overlaps_and_fences_stale_epochs(self):
-        import time
-
         pytest = _pytest()
         keys = sample_keys(6)
         store = self._registry([(k, "a") for k in keys])
@@ -383,8 +378,6 @@ class MapStoreContract:
 
     def test_run_claims_follow_the_one_claim_rule_on_random_registries(self):
         """As above, over registries drawn at random (seeded: every run draws the same ones)."""
-        import random
-
         rng = random.Random(14)
         plans = [c * 64 for c in "abcd"]
         for i in range(40):

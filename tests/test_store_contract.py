@@ -221,3 +221,13 @@ def test_capabilities_are_protocols_that_fault_wrappers_keep(tmp_path):
             if hasattr(getattr(wrapper, "_inner"), name):
                 inspect.getattr_static(wrapper, name)  # found without __getattr__
     assert not isinstance(wobj, WriteFencing) and not isinstance(wds, KeyNameLimits)
+
+
+def test_the_contract_module_needs_pytest_only_to_run():
+    import subprocess
+    import sys
+
+    code = ("import sys, shardmove.testing as t; "
+            "assert 'pytest' not in sys.modules and 'apache_beam' not in sys.modules; "
+            "assert t.MapStoreContract and t.DataStoreContract and t.CLAIM_CASES")
+    subprocess.run([sys.executable, "-c", code], check=True)
