@@ -11,7 +11,6 @@ import itertools
 import sqlite3
 import uuid
 
-import psycopg
 import pytest
 import redis
 

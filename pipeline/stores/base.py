@@ -180,7 +180,9 @@ class RunRegistry(Protocol):
 
     ``claim_run`` registers (plan, epoch) atomically under the one claim rule,
     :func:`pipeline.stores.claims.decide_claim`; the epoch is then the fencing
-    token a swap checks inside its transaction.  ``renew_run`` raises
+    token a swap checks inside its transaction (``swap_batch(..., token=(plan_id,
+    epoch))`` raises :class:`~pipeline.lease.LeaseLost` and applies nothing once
+    that epoch no longer holds the claim).  ``renew_run`` raises
     :class:`~pipeline.lease.LeaseLost` once another epoch holds the claim;
     ``release_run`` expires the claim but keeps it, so the epoch never goes back.
     """

@@ -1,6 +1,7 @@
-"""The PostgreSQL data store (the shared connection and error handling: :mod:`pipeline.stores.postgres_common`).
+"""The PostgreSQL data store.
 
-Never imports Beam.
+Never imports Beam.  Connections, DSN redaction and error classification are
+shared with the other PostgreSQL store: :mod:`pipeline.stores.postgres_common`.
 
 Data store (``kind: postgres``, ``shards``, ``tables``): each shard is a DSN
 (a database), optionally with a ``schema`` in which the configured tables

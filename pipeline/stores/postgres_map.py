@@ -1,6 +1,7 @@
-"""The PostgreSQL map store (the shared connection and error handling: :mod:`pipeline.stores.postgres_common`).
+"""The PostgreSQL map store.
 
-Never imports Beam.
+Never imports Beam.  Connections, DSN redaction and error classification are
+shared with the other PostgreSQL store: :mod:`pipeline.stores.postgres_common`.
 
 Map store (``kind: postgres``, ``dsn``, ``table`` -- default ``shard_map``,
 optionally ``schema.table``)::
