@@ -33,6 +33,7 @@ from pipeline import states as S
 from pipeline.config import Config
 from pipeline.errors import BadInput, Interrupted, Refused
 from pipeline.faults import hold_point
+from pipeline.stores.base import RunRegistry, ShardInventory
 from pipeline import workdir
 from pipeline.workdir import load_manifest
 
@@ -381,7 +382,7 @@ def check_shards(cfg: Config, manifest: dict, data_store) -> None:
     otherwise).  Target shards are looked at too: one that cannot be reached
     or read raises here, before anything is modified, and a missing one is
     refused where the store does not create shards (``creates_shards``)."""
-    if data_store is None or not hasattr(data_store, "shard_exists"):
+    if not isinstance(data_store, ShardInventory):
         return
     missing = sorted({p["source"] for p in manifest["pairs"] if not data_store.shard_exists(p["source"])})
     if missing:
@@ -565,7 +566,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     renew_claim = None
     progress = None
     try:
-        if hasattr(map_store, "claim_run"):
+        if isinstance(map_store, RunRegistry):
             import socket
 
             window = _window_range(manifest)
@@ -645,7 +646,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
 def _release(map_store, plan_id: str, lease) -> None:
     """Give back the map-store claim (if taken) and the lease; each is tried even if the
     other fails, and a failure to release never hides the run's outcome."""
-    if map_store is not None and hasattr(map_store, "release_run"):
+    if isinstance(map_store, RunRegistry):
         try:
             map_store.release_run(plan_id, lease.epoch)
         except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
@@ -701,7 +702,7 @@ def _supersede_claim(cfg: Config, manifest: dict, lease):
 
     try:
         map_store = open_map_store(cfg)
-        if not hasattr(map_store, "claim_run"):
+        if not isinstance(map_store, RunRegistry):
             return None
         map_store.claim_run(manifest["plan_id"], lease.epoch, _window_range(manifest),
                             f"{socket.gethostname()}:{os.getpid()}", cfg.opt("lease_ttl"), time.time())

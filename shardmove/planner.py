@@ -26,6 +26,7 @@ from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
+from pipeline.stores.base import KeyNameLimits, ShardInventory
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
 from shardmove.sampling import sample_sources
 
@@ -88,7 +89,7 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
 def _check_key_limits(data_store, staging: str, files: list) -> None:
     """Keys the data store cannot name on their target shard (e.g. GCS's 1024-byte object
     names) are refused at plan time, not halfway through a run."""
-    if data_store is None or not hasattr(data_store, "check_keys"):
+    if not isinstance(data_store, KeyNameLimits):
         return
     too_long = 0
     limits: dict = {}
@@ -112,7 +113,7 @@ def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -
     shards = sorted(set(before) | set(after) | set(caps), key=lambda s: s.encode())
     min_head = cfg.opt("min_headroom_percent")
     need_bytes = data_store is not None and any(s.capacity_bytes for s in cfg.target_shards) \
-        and hasattr(data_store, "shard_bytes")
+        and isinstance(data_store, ShardInventory)
     moved_out: dict = {}
     moved_in: dict = {}
     if need_bytes:

@@ -36,7 +36,6 @@ Bulk data travels as Arrow tables, never per-key elements.  The launcher
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Any, Tuple
@@ -102,11 +101,7 @@ class PlanGraphSpec:
 
 def _open(path: str):
     if fs.is_gcs(path):
-        if hasattr(fs, "open_bulk"):  # ranged reads: footers and row groups only
-            return fs.open_bulk(path)
-        from apache_beam.io.filesystems import FileSystems
-
-        return io.BytesIO(FileSystems.open(path).read())
+        return fs.open_bulk(path)  # ranged reads: footers and row groups only
     return open(path, "rb")
 
 

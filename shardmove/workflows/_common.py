@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.errors import BadInput, before_changes
 from pipeline.lease import acquire
 from pipeline.stores import open_data_store, open_map_store
+from pipeline.stores.base import ShardInventory
 
 __all__ = ["groups", "merged", "chunks", "batch_size", "bump", "check_key_type", "require_data_store",
            "probe_stores", "plan_lease", "ROLLBACKS", "rollback_ids"]
@@ -72,7 +73,7 @@ def probe_stores(cfg: Config, manifest: dict) -> None:
     with before_changes():
         open_map_store(cfg).max_version()
         ds = open_data_store(cfg)
-        if ds is not None and hasattr(ds, "shard_exists"):
+        if isinstance(ds, ShardInventory):
             for p in manifest.get("pairs", ()):
                 ds.shard_exists(p["source"])
                 ds.shard_exists(p["target"])

@@ -29,6 +29,7 @@ from pipeline.config import Config
 from pipeline.errors import EXIT_FAILED_KEYS, EXIT_OK
 from pipeline.names import group_id
 from pipeline.stores import open_map_store
+from pipeline.stores.base import ChangeCounter
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest
 from shardmove.executor import run_plan, summarize
 from shardmove.workflows._common import (ROLLBACKS, batch_size, bump, check_key_type, chunks, groups, merged,
@@ -113,7 +114,7 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
     buckets = int(manifest.get("hash_buckets") or cfg.opt("hash_buckets"))
     B = batch_size(cfg)
     t0 = time.time()
-    cutoff = ms.max_version() if hasattr(ms, "max_version") else None
+    cutoff = ms.max_version() if isinstance(ms, ChangeCounter) else None
     staging = workdir.new_staging(workdir.plans_dir(cfg.work_dir))
     fs.makedirs(workdir.moves_dir(staging))
     refused: dict = {}

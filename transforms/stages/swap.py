@@ -29,6 +29,7 @@ from apache_beam.utils.shared import Shared
 
 from pipeline import states as S
 from pipeline.retry import is_transient
+from pipeline.stores.base import RunRegistry, WriteFencing
 from transforms.stages.base import StageDoFn
 from transforms.stages.common import Chunk, ExecSpec, StageContext
 from transforms.stages.copy import Copier
@@ -57,7 +58,7 @@ class Swapper:
         self._strict = bool(inner is not None and supports is not None and supports(inner)
                             and ctx.opts.write_fence == "auto")
         self._fence_store = inner if self._strict else None
-        self._token = (ctx.spec.plan_id, ctx.spec.epoch) if hasattr(ctx.map, "claim_run") else None
+        self._token = (ctx.spec.plan_id, ctx.spec.epoch) if isinstance(ctx.map, RunRegistry) else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
 
     def close(self) -> None:
@@ -110,7 +111,7 @@ class Swapper:
         ctx = self._ctx
         data = ctx.data
         fence_cm = None
-        if not self._strict and data is not None and hasattr(data, "write_fence"):
+        if not self._strict and isinstance(data, WriteFencing):
             fence_cm = data.write_fence(ch.source)
         try:
             versions = fence_cm.__enter__() if fence_cm is not None else None
