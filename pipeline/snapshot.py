@@ -100,13 +100,22 @@ class _Parts:
         return SnapshotInfo(final, digest, self.rows, cutoff, above, created)
 
 
-def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyType, log=None) -> SnapshotInfo:
-    """Export the map store into ``<work>/snapshots/<digest>/``."""
+def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyType, log=None, *,
+                  cutoff: int | None = None) -> SnapshotInfo:
+    """Export the map store into ``<work>/snapshots/<digest>/``.
+
+    ``cutoff``: export the rows with ``version <= cutoff`` instead of the
+    store's current version; one above the current version is refused
+    (BadInput, nothing written).  The cutoff reaches the digest -- and so the
+    plan id -- only through the rows it selects: two cutoffs that select the
+    same rows give the same snapshot directory (its ``snapshot.json`` keeps
+    the first one's cutoff)."""
     snaps = workdir.snapshots_dir(work_dir)
     staging = workdir.new_staging(snaps)
     try:
         parts = _Parts(staging, segment_size)
-        with map_store.snapshot(segment_size) as snap:
+        opened = map_store.snapshot(segment_size) if cutoff is None else map_store.snapshot(segment_size, cutoff=cutoff)
+        with opened as snap:
             for batch in snap:
                 parts.add(batch)
             invalid = getattr(snap, "invalid_keys", 0)

@@ -112,18 +112,23 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
     return info
 
 
-def snapshot(config: ConfigLike, rows: Rows | None = None):
+def snapshot(config: ConfigLike, rows: Rows | None = None, *, cutoff: int | None = None):
     """Export the map store (or, given ``rows``, those in-memory assignments) into
-    ``<work>/snapshots/<digest>/``; returns :class:`pipeline.snapshot.SnapshotInfo`."""
+    ``<work>/snapshots/<digest>/``; returns :class:`pipeline.snapshot.SnapshotInfo`.
+
+    ``cutoff``: export the map at that version (rows with ``version <= cutoff``) instead
+    of the current one; above the current version: :class:`BadInput`."""
     from pipeline.errors import before_changes
     from pipeline.snapshot import take_snapshot, write_snapshot
 
     cfg = _config(config)
     if rows is not None:
+        if cutoff is not None:
+            raise BadInput("snapshot: a cutoff applies to the map store, not to rows in memory")
         return write_snapshot(rows, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
     with before_changes():
         store = open_map_store(cfg)
-        return take_snapshot(store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
+        return take_snapshot(store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type, cutoff=cutoff)
 
 
 # ------------------------------------------------------------------ plans
@@ -190,7 +195,7 @@ def _in_memory(x) -> bool:
 
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
          target: str | os.PathLike | Rows | None = None, dry_run: bool = False, sample_hashes: int = 0,
-         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> Plan:
+         cutoff: int | None = None, beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -202,7 +207,8 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     input, capacity) removes the snapshots this call wrote.  ``sample_hashes`` (dry runs only):
     read that many moves at their sources (seeded by the ``sample_seed`` option) and report
     missing or unreadable records and their bytes, as ``manifest["sample"]``
-    (:mod:`shardmove.sampling`)."""
+    (:mod:`shardmove.sampling`).  ``cutoff``: snapshot the map store at that version instead
+    of the current one (no ``snapshot`` given); above the current version: :class:`BadInput`."""
     from pipeline.errors import before_changes
     from pipeline.snapshot import write_snapshot
     from shardmove.planner import make_plan
@@ -233,7 +239,7 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
-                            sample_seed=cfg.opt("sample_seed"))
+                            sample_seed=cfg.opt("sample_seed"), cutoff=cutoff)
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:

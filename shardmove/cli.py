@@ -78,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("snapshot", help="export the current assignments at a version cutoff")
     _add_common(s)
+    s.add_argument("--cutoff", metavar="V", type=int, default=None,
+                   help="export the map at version V instead of its current version (refused above it)")
 
     p = sub.add_parser("plan", help="compute (or --dry-run) a migration plan")
     _add_common(p)
     p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
+    p.add_argument("--cutoff", metavar="V", type=int, default=None,
+                   help="snapshot the map at version V instead of its current version (refused above it)")
     p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
     p.add_argument("--report-dir", metavar="DIR", help="also write the plan report (report.html + PNG charts) into DIR")
     p.add_argument("--sample-hashes", metavar="N", type=int, default=0,
@@ -157,7 +161,7 @@ def cmd_snapshot(args, beam_args) -> int:
     from shardmove.api import snapshot
 
     cfg = _load(args)
-    info = snapshot(cfg)
+    info = snapshot(cfg, cutoff=args.cutoff)
     print(f"snapshot: {info.location}")
     print(f"snapshot digest: {info.digest}")
     print(f"rows: {info.rows} cutoff: {info.cutoff} rows_above_cutoff: {info.rows_above_cutoff}")
@@ -173,14 +177,14 @@ def cmd_plan(args, beam_args) -> int:
 
     def make():
         if args.since:
-            if args.snapshot:
-                raise BadInput("plan: --since and --snapshot cannot be combined")
+            if args.snapshot or args.cutoff is not None:
+                raise BadInput(f"plan: --since and {'--snapshot' if args.snapshot else '--cutoff'} cannot be combined")
             from shardmove.ops import plan_since
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print,
-                    sample_hashes=args.sample_hashes)
+                    sample_hashes=args.sample_hashes, cutoff=args.cutoff)
 
     from transforms.runner import is_dry_run
 

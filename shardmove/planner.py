@@ -197,7 +197,10 @@ def make_plan(
     out: Callable[[str], None] = print,
     sample_hashes: int = 0,
     sample_seed: int = 0,
+    cutoff: int | None = None,
 ) -> PlanResult:
+    """Plan from ``snapshot`` (or ``cfg.snapshot``), else from a snapshot of ``map_store``
+    taken now -- at ``cutoff`` when given (:func:`pipeline.snapshot.take_snapshot`)."""
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
     from transforms.preflight import preflight
 
@@ -217,10 +220,12 @@ def make_plan(
 
     snap_loc = snapshot or cfg.snapshot
     snap_meta = None
+    if cutoff is not None and snap_loc is not None:
+        raise BadInput("plan: a cutoff applies to a snapshot of the map store, not to a given snapshot")
     if snap_loc is None:
         if map_store is None:
             raise BadInput("plan: no snapshot given and no map store configured")
-        info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
+        info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type, cutoff=cutoff)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
                                 data_store, dry_run, pf.args, out, sample=sample, snapshot_line=(

@@ -251,6 +251,36 @@ class MapStoreContract:
         assert stats.rows_above_cutoff == 7 == store.count_above(snap.cutoff)
         other.close()
 
+    def test_snapshot_at_a_caller_chosen_cutoff(self):
+        """``snapshot(segment_size, cutoff=V)`` exports the rows with ``version <= V``, counts
+        the rest above the cutoff, and refuses a cutoff above the current version."""
+        pytest = _pytest()
+        from pipeline.errors import BadInput
+
+        keys = sample_keys(40)
+        store = self._map([(k, "a") for k in keys[:30]])
+        v0 = store.max_version()
+        store.put_many([(k, "b") for k in keys[30:]])
+        assert store.swap_batch([(keys[0], "a", "b")]).committed
+        top = store.max_version()
+        with store.snapshot(7, cutoff=v0) as snap:
+            batches = list(snap)
+            stats = snap.stats()
+        rows = [r for b in batches for r in zip(*(c.to_pylist() for c in b.columns))]
+        assert sorted(k for k, _, _ in rows) == sorted(keys[1:30]) and all(s == "a" for _, s, _ in rows)
+        assert all(v <= v0 for _, _, v in rows) and all(b.num_rows <= 7 for b in batches)
+        assert (stats.cutoff, stats.rows, stats.rows_above_cutoff) == (v0, 29, 11) == (snap.cutoff, 29,
+                                                                                        store.count_above(v0))
+        with store.snapshot(100, cutoff=top) as snap:
+            assert sum(b.num_rows for b in snap) == 40 and snap.stats().rows_above_cutoff == 0
+        with pytest.raises(BadInput, match=rf"^snapshot cutoff {top + 1} is above the map store's current "
+                                           rf"version {top}$"):
+            store.snapshot(10, cutoff=top + 1)
+        for bad in (-1, "3", 2.0, True):
+            with pytest.raises(BadInput, match="snapshot cutoff: expected a version"):
+                store.snapshot(10, cutoff=bad)
+        assert store.max_version() == top  # nothing written
+
     def test_all_key_types_round_trip_through_the_map_store(self):
         for kt in ALL_KEY_TYPES:
             keys = sample_keys(200, kt, seed=3) + list(self.awkward_keys.get(kt, ()))

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from pipeline.errors import StoreError
+from pipeline.errors import BadInput, StoreError
 from pipeline.keys import KeyType, canonical_from_texts
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "ShardInventory",
     "WriteFencing",
     "KeyNameLimits",
+    "check_cutoff",
 ]
 
 #: Schema of every RecordBatch a map snapshot yields.
@@ -77,8 +78,8 @@ def content_hash(value: bytes) -> bytes:
 class SnapshotStats:
     """What a finished snapshot export saw.
 
-    ``cutoff``: the map's highest change number when the snapshot opened; every
-    exported row has ``version <= cutoff``.  ``rows``: rows exported.
+    ``cutoff``: the map's highest change number when the snapshot opened (or
+    the caller's cutoff, at most that); every exported row has ``version <= cutoff``.  ``rows``: rows exported.
     ``invalid_keys``: rows skipped because their key (or shard id) cannot be
     represented in the keyspace's key type; never their values.
     ``rows_above_cutoff``: rows whose version is above the cutoff, counted when
@@ -201,8 +202,13 @@ class MapStore(ChangeCounter, Protocol):
 
     key_type: KeyType
 
-    def snapshot(self, segment_size: int = 20000) -> MapSnapshot:
-        """Open a point-in-time export (one read transaction at a cutoff)."""
+    def snapshot(self, segment_size: int = 20000, cutoff: int | None = None) -> MapSnapshot:
+        """Open a point-in-time export (one read transaction at a cutoff).
+
+        ``cutoff``: export the rows with ``version <= cutoff`` instead of the
+        current version; one above the current version is refused
+        (:func:`check_cutoff`: :class:`~pipeline.errors.BadInput`).
+        """
         ...
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
@@ -324,6 +330,22 @@ class DataStore(ShardInventory, Protocol):
 
 
 # ------------------------------------------------- shared by the map store adapters
+
+
+def check_cutoff(cutoff, current: int) -> int:
+    """The cutoff a snapshot exports at: ``current`` (the map's highest change
+    number, read in the snapshot's transaction) or the caller's ``cutoff``.
+
+    A cutoff above ``current`` would name changes that have not happened: bad
+    input (exit 2), as is one that is not an integer >= 0.
+    """
+    if cutoff is None:
+        return int(current)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 0:
+        raise BadInput(f"snapshot cutoff: expected a version (an integer >= 0), got {cutoff!r}")
+    if cutoff > current:
+        raise BadInput(f"snapshot cutoff {cutoff} is above the map store's current version {current}")
+    return int(cutoff)
 
 
 def swap_item(it) -> SwapItem:

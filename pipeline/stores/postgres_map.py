@@ -38,7 +38,7 @@ from psycopg.pq import TransactionStatus
 from pipeline.errors import PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType, text_forms
 from pipeline.lease import LeaseLost
-from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
+from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, check_cutoff, swap_item
 from pipeline.stores.claims import ClaimRow, decide_claim, raise_for
 from pipeline.stores.postgres_common import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -70,7 +70,8 @@ class PostgresMapSnapshot(CountingSnapshot):
     """A point-in-time export of a PostgreSQL shard map (see :class:`base.MapSnapshot`).
 
     Opening it starts ONE ``REPEATABLE READ READ ONLY`` transaction on its own
-    connection and reads the cutoff (``max(version)`` in that transaction).
+    connection and reads the cutoff (``max(version)`` in that transaction, or
+    the caller's ``cutoff``: at most that, else BadInput).
     Iterating streams the rows with ``version <= cutoff`` through a named
     server-side cursor, ``segment_size`` rows per fetch (memory bounded by one
     segment), as RecordBatches of :data:`SNAPSHOT_SCHEMA`.  Rows whose key is
@@ -82,7 +83,7 @@ class PostgresMapSnapshot(CountingSnapshot):
     export ran; inside the repeatable-read transaction that count is 0).
     """
 
-    def __init__(self, store: "PostgresMapStore", segment_size: int):
+    def __init__(self, store: "PostgresMapStore", segment_size: int, cutoff: int | None = None):
         if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
             raise ValueError(f"segment_size must be a positive integer, got {segment_size!r}")
         self.segment_size = segment_size
@@ -96,7 +97,7 @@ class PostgresMapSnapshot(CountingSnapshot):
         try:
             self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             top = self._conn.execute(sql.SQL("SELECT max(version) FROM {}").format(store._table)).fetchone()[0]
-            self.cutoff = int(top or 0)
+            self.cutoff = check_cutoff(cutoff, int(top or 0))
         except psycopg.Error as e:
             self._conn.close()
             raise store._error(e, "map snapshot") from None
@@ -230,9 +231,10 @@ class PostgresMapStore(_Configured):
 
     # ---------------------------------------------------------------- reads
 
-    def snapshot(self, segment_size: int = 20000) -> PostgresMapSnapshot:
-        """Open a point-in-time export; see :class:`PostgresMapSnapshot`."""
-        return PostgresMapSnapshot(self, segment_size)
+    def snapshot(self, segment_size: int = 20000, cutoff: int | None = None) -> PostgresMapSnapshot:
+        """Open a point-in-time export (at ``cutoff``, default the current version);
+        see :class:`PostgresMapSnapshot`."""
+        return PostgresMapSnapshot(self, segment_size, cutoff)
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
         """Current ``(shard_id, version)`` of those keys that exist (one read transaction)."""

@@ -46,7 +46,7 @@ import xxhash
 from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
 from pipeline.lease import LeaseLost
 from pipeline.keys import KeyType, text_forms
-from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
+from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, check_cutoff, swap_item
 from pipeline.stores.claims import ClaimDecision, ClaimRow, raise_for
 from pipeline.stores.postgres_common import _dsn_secrets, _scrub, redact_dsn
 
@@ -260,7 +260,8 @@ class RedisMapSnapshot(CountingSnapshot):
     """A point-in-time export of a Redis shard map (see :class:`base.MapSnapshot`).
 
     Redis has no read transactions, so the snapshot is "at the cutoff, minus
-    what changed while it ran": opening it reads ``cutoff = GET <prefix>:clock``;
+    what changed while it ran": opening it reads ``cutoff = GET <prefix>:clock``
+    (or takes the caller's ``cutoff``, at most the clock, else BadInput);
     iterating ``HSCAN``s ``<prefix>:shard`` (``COUNT segment_size``, a hint),
     reads the versions of each page with ``HMGET <prefix>:version`` (after
     the shard ids: a row whose version is still <= cutoff then has the shard
@@ -281,7 +282,7 @@ class RedisMapSnapshot(CountingSnapshot):
     * A key deleted during the scan may or may not be exported.
     """
 
-    def __init__(self, store: "RedisMapStore", segment_size: int):
+    def __init__(self, store: "RedisMapStore", segment_size: int, cutoff: int | None = None):
         if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
             raise ValueError(f"segment_size must be a positive integer, got {segment_size!r}")
         self.segment_size = segment_size
@@ -294,7 +295,7 @@ class RedisMapSnapshot(CountingSnapshot):
         self._above: int | None = None
         self._started = False
         self._closed = False
-        self.cutoff = store.max_version()
+        self.cutoff = check_cutoff(cutoff, store.max_version())
 
     def _is_closed(self) -> bool:
         return self._closed
@@ -474,9 +475,10 @@ class RedisMapStore:
 
     # ---------------------------------------------------------------- reads
 
-    def snapshot(self, segment_size: int = 20000) -> RedisMapSnapshot:
-        """Open an export at the current clock; see :class:`RedisMapSnapshot`."""
-        return RedisMapSnapshot(self, segment_size)
+    def snapshot(self, segment_size: int = 20000, cutoff: int | None = None) -> RedisMapSnapshot:
+        """Open an export at the current clock (or at ``cutoff``, at most the clock);
+        see :class:`RedisMapSnapshot`."""
+        return RedisMapSnapshot(self, segment_size, cutoff)
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
         """Current ``(shard_id, version)`` of those keys that exist (one MULTI per chunk)."""

@@ -60,6 +60,7 @@ from pipeline.stores.base import (
     SNAPSHOT_SCHEMA,
     CopyOutcome,
     CountingSnapshot,
+    check_cutoff,
     SnapshotStats,
     SwapItem,
     SwapResult,
@@ -356,7 +357,7 @@ class SqliteMapSnapshot(CountingSnapshot):
     """A point-in-time export of a SQLite shard map (see :class:`base.MapSnapshot`).
 
     Opening it starts ONE read transaction and reads the cutoff (the highest
-    change number).  Iterating streams the rows with ``version <= cutoff``
+    change number, or the caller's ``cutoff``: at most that, else BadInput).  Iterating streams the rows with ``version <= cutoff``
     from a single cursor (``fetchmany``: memory bounded by ``segment_size``) as
     RecordBatches of :data:`SNAPSHOT_SCHEMA`.  Rows whose key is not a
     canonical text form of the key type -- or whose key, shard id or version
@@ -377,7 +378,7 @@ class SqliteMapSnapshot(CountingSnapshot):
         "(typeof(key) = 'text' AND typeof(shard_id) = 'text' AND typeof(version) = 'integer')"
     )
 
-    def __init__(self, store: "SqliteMapStore", segment_size: int):
+    def __init__(self, store: "SqliteMapStore", segment_size: int, cutoff: int | None = None):
         if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
             raise ValueError(f"segment_size must be a positive integer, got {segment_size!r}")
         self.segment_size = segment_size
@@ -394,7 +395,7 @@ class SqliteMapSnapshot(CountingSnapshot):
             top = self._conn.execute("SELECT max(version) FROM shard_map").fetchone()[0]
             if top is not None and not isinstance(top, int):
                 raise PermanentError("map snapshot: a version is not an integer", reason="schema")
-            self.cutoff = int(top or 0)
+            self.cutoff = check_cutoff(cutoff, int(top or 0))
             self._invalid = int(self._conn.execute(self._BAD_TYPED).fetchone()[0])
         except sqlite3.Error as e:
             self._conn.close()
@@ -482,9 +483,10 @@ class SqliteMapStore(_SqliteBase):
 
     # ---------------------------------------------------------------- reads
 
-    def snapshot(self, segment_size: int = 20000) -> SqliteMapSnapshot:
-        """Open a point-in-time export; see :class:`SqliteMapSnapshot`."""
-        return SqliteMapSnapshot(self, segment_size)
+    def snapshot(self, segment_size: int = 20000, cutoff: int | None = None) -> SqliteMapSnapshot:
+        """Open a point-in-time export (at ``cutoff``, default the current version);
+        see :class:`SqliteMapSnapshot`."""
+        return SqliteMapSnapshot(self, segment_size, cutoff)
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
         """Current ``(shard_id, version)`` of those keys that exist (one read transaction)."""
