@@ -317,6 +317,9 @@ def _resolve(base: str, path: Any, what: str) -> str:
 def _store_section(raw: Any, base: str, what: str) -> dict:
     if not isinstance(raw, Mapping) or "kind" not in raw:
         raise BadInput(f"config {what}: expected a mapping with a 'kind'")
+    from pipeline.stores.registry import check_kind  # built-in kinds and shardmove.stores plugins
+
+    check_kind(raw["kind"], what)
     out = dict(raw)
     for k in ("path", "directory"):
         if k in out:

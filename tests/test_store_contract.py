@@ -16,6 +16,7 @@ import redis
 
 from pipeline.keys import KeyType
 from pipeline.stores.claims import ClaimRow, decide_claim
+from pipeline.stores.memory import MemoryDataStore, MemoryMapStore
 from pipeline.stores.objects import ObjectDataStore
 from pipeline.stores.postgres import PostgresDataStore, PostgresMapStore
 from pipeline.stores.redis_store import RedisMapStore
@@ -230,3 +231,20 @@ def test_the_contract_module_needs_pytest_only_to_run():
             "assert 'pytest' not in sys.modules and 'apache_beam' not in sys.modules; "
             "assert t.MapStoreContract and t.DataStoreContract and t.CLAIM_CASES")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ memory
+
+
+class TestMemoryMapStore(MapStoreContract):
+    awkward_keys = {KeyType.STRING: [b"", b"with\x00nul"], KeyType.BYTES: [b""]}
+
+    def make_map_store(self, key_type=KeyType.STRING):
+        return MemoryMapStore(f"contract-{uuid.uuid4().hex}", key_type)
+
+
+class TestMemoryDataStore(DataStoreContract):
+    awkward_keys = {KeyType.STRING: [b""], KeyType.BYTES: [b""]}
+
+    def make_data_store(self, key_type=KeyType.STRING):
+        return MemoryDataStore(f"contract-{uuid.uuid4().hex}", key_type)

@@ -2,8 +2,10 @@
 
 Never imports Beam.  The one store factory: ``map_store_from_spec`` /
 ``data_store_from_spec`` build a store from a configuration section (``kind``
-sqlite, postgres, redis or objects), and ``open_map_store`` /
-``open_data_store`` do so for a whole configuration.
+sqlite, postgres, redis, objects or memory; a plugin registered under the
+entry-point group ``shardmove.stores``; or an API caller's instance -- see
+:mod:`pipeline.stores.registry`), and ``open_map_store`` / ``open_data_store``
+do so for a whole configuration.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pipeline.stores.base import (
     SwapResult,
     content_hash,
 )
+from pipeline.stores.memory import MemoryDataStore, MemoryMapStore
+from pipeline.stores.registry import ENTRY_POINT_GROUP, INSTANCE_KIND, plugin_store
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapSnapshot, SqliteMapStore
 
 __all__ = [
@@ -38,6 +42,9 @@ __all__ = [
     "SqliteDataStore",
     "SqliteMapSnapshot",
     "SqliteMapStore",
+    "MemoryMapStore",
+    "MemoryDataStore",
+    "ENTRY_POINT_GROUP",
     "map_store_from_spec",
     "data_store_from_spec",
     "open_map_store",
@@ -68,6 +75,10 @@ def map_store_from_spec(spec: Mapping[str, Any], key_type: KeyType, *, must_exis
     open their own clients in ``setup()`` from the same spec.
     """
     kind = spec.get("kind")
+    if kind == INSTANCE_KIND:
+        return spec["ref"].obj
+    if kind == "memory":
+        return MemoryMapStore.from_spec(spec, key_type)
     if kind == "postgres":
         # deferred: psycopg is loaded only by configurations that use PostgreSQL
         from pipeline.stores.postgres_map import PostgresMapStore
@@ -85,7 +96,7 @@ def map_store_from_spec(spec: Mapping[str, Any], key_type: KeyType, *, must_exis
         if must_exist and not os.path.exists(path):
             raise BadInput(f"map store not found: {path}")
         return SqliteMapStore(path, key_type, **_options(spec, "map_store"))
-    raise BadInput(f"config map_store.kind: unknown kind {kind!r}")
+    return plugin_store(spec, key_type, "map_store")  # or BadInput naming the known kinds
 
 
 def data_store_from_spec(spec: Mapping[str, Any], key_type: KeyType) -> DataStore | None:
@@ -93,6 +104,10 @@ def data_store_from_spec(spec: Mapping[str, Any], key_type: KeyType) -> DataStor
     kind = spec.get("kind")
     if kind in (None, "none"):
         return None
+    if kind == INSTANCE_KIND:
+        return spec["ref"].obj
+    if kind == "memory":
+        return MemoryDataStore.from_spec(spec, key_type)
     if kind == "postgres":
         # deferred: psycopg is loaded only by configurations that use PostgreSQL
         from pipeline.stores.postgres_data import PostgresDataStore
@@ -110,7 +125,7 @@ def data_store_from_spec(spec: Mapping[str, Any], key_type: KeyType) -> DataStor
         if not os.path.isdir(d):
             raise BadInput(f"data store directory not found: {d}")
         return SqliteDataStore(d, key_type, **_options(spec, "data_store"))
-    raise BadInput(f"config data_store.kind: unknown kind {kind!r}")
+    return plugin_store(spec, key_type, "data_store")  # or BadInput naming the known kinds
 
 
 def open_map_store(cfg, *, must_exist: bool = True) -> MapStore:
