@@ -18,6 +18,7 @@ and shard ids, never a key value.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -58,6 +59,41 @@ def _config(config: ConfigLike) -> Config:
     if isinstance(config, (str, os.PathLike)):
         return load_config(os.fspath(config))
     raise BadInput(f"config: expected a Config or the path of a YAML file, got {type(config).__name__}")
+
+
+def _check_store(obj, what: str, cfg: Config) -> None:
+    from pipeline.stores.base import DataStore, MapStore
+
+    proto = MapStore if what == "map_store" else DataStore
+    if not isinstance(obj, proto):
+        missing = [n for n in sorted(proto.__protocol_attrs__ if hasattr(proto, "__protocol_attrs__")
+                                     else dir(proto)) if not n.startswith("_") and not hasattr(obj, n)]
+        raise BadInput(f"{what}: {type(obj).__name__} does not implement the {proto.__name__} protocol"
+                       + (f" (missing {', '.join(missing)})" if missing else ""))
+    if KeyType(getattr(obj, "key_type")) is not cfg.key_type:
+        raise BadInput(f"{what}: the store's key_type is {KeyType(obj.key_type).value}, the configuration's "
+                       f"{cfg.key_type.value}")
+
+
+@contextlib.contextmanager
+def _with_stores(cfg: Config, map_store=None, data_store=None):
+    """``cfg`` with the caller's store objects in place of its ``map_store`` / ``data_store``
+    sections, for the duration of one call (:mod:`pipeline.stores.registry`: the driver and an
+    in-process runner's workers use these very objects; other worker processes a pickled copy)."""
+    from pipeline.stores.registry import instance_section
+
+    refs = []
+    try:
+        for what, obj in (("map_store", map_store), ("data_store", data_store)):
+            if obj is not None:
+                _check_store(obj, what, cfg)
+                section = instance_section(obj)
+                refs.append(section["ref"])
+                cfg = dataclasses.replace(cfg, **{what: section})
+        yield cfg
+    finally:
+        for ref in refs:
+            ref.close()
 
 
 def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, key_type: str = "string",
@@ -112,22 +148,25 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
     return info
 
 
-def snapshot(config: ConfigLike, rows: Rows | None = None, *, cutoff: int | None = None):
+def snapshot(config: ConfigLike, rows: Rows | None = None, *, cutoff: int | None = None, map_store=None):
     """Export the map store (or, given ``rows``, those in-memory assignments) into
     ``<work>/snapshots/<digest>/``; returns :class:`pipeline.snapshot.SnapshotInfo`.
 
     ``cutoff``: export the map at that version (rows with ``version <= cutoff``) instead
-    of the current one; above the current version: :class:`BadInput`."""
+    of the current one; above the current version: :class:`BadInput`.  ``map_store``: a
+    store object (the ``MapStore`` protocol) to export instead of the configured one."""
     from pipeline.errors import before_changes
     from pipeline.snapshot import take_snapshot, write_snapshot
 
     cfg = _config(config)
+    if map_store is not None:
+        _check_store(map_store, "map_store", cfg)
     if rows is not None:
         if cutoff is not None:
             raise BadInput("snapshot: a cutoff applies to the map store, not to rows in memory")
         return write_snapshot(rows, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
     with before_changes():
-        store = open_map_store(cfg)
+        store = map_store if map_store is not None else open_map_store(cfg)
         return take_snapshot(store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type, cutoff=cutoff)
 
 
@@ -195,7 +234,8 @@ def _in_memory(x) -> bool:
 
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
          target: str | os.PathLike | Rows | None = None, dry_run: bool = False, sample_hashes: int = 0,
-         cutoff: int | None = None, beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> Plan:
+         cutoff: int | None = None, map_store=None, data_store=None, beam_args: Sequence[str] = (),
+         out: Callable[[str], None] = _discard) -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -208,12 +248,20 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     read that many moves at their sources (seeded by the ``sample_seed`` option) and report
     missing or unreadable records and their bytes, as ``manifest["sample"]``
     (:mod:`shardmove.sampling`).  ``cutoff``: snapshot the map store at that version instead
-    of the current one (no ``snapshot`` given); above the current version: :class:`BadInput`."""
+    of the current one (no ``snapshot`` given); above the current version: :class:`BadInput`.
+    ``map_store`` / ``data_store``: store objects implementing the protocols of
+    :mod:`pipeline.stores.base`, used instead of the configured ones (README "Bring your own
+    store")."""
+    cfg = _config(config)
+    with _with_stores(cfg, map_store, data_store) as cfg:
+        return _plan(cfg, snapshot, target, dry_run, sample_hashes, cutoff, beam_args, out)
+
+
+def _plan(cfg: Config, snapshot, target, dry_run, sample_hashes, cutoff, beam_args, out) -> Plan:
     from pipeline.errors import before_changes
     from pipeline.snapshot import write_snapshot
     from shardmove.planner import make_plan
 
-    cfg = _config(config)
     written = []
     try:
         if _in_memory(target):
@@ -235,7 +283,7 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
                 map_store = open_map_store(cfg)
             data_store = None
             if (sample_hashes or any(s.capacity_bytes for s in cfg.target_shards)
-                    or cfg.data_store.get("kind") == "objects"):
+                    or cfg.data_store.get("kind") in ("objects", "instance")):
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
@@ -304,7 +352,8 @@ def _plan_dir(plan, cfg: Config | None = None, work_dir: str | None = None) -> s
 
 def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callable[[dict], Any] | None = None,
         cancel: threading.Event | None = None, retry_failed: bool = False, allow_drift: bool = False,
-        beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> RunSummary:
+        map_store=None, data_store=None, beam_args: Sequence[str] = (),
+        out: Callable[[str], None] = _discard) -> RunSummary:
     """Execute (or resume, or finish) a plan; returns a :class:`RunSummary`.
 
     ``progress`` is called with each progress event (a dict of counts: ``copied``,
@@ -312,15 +361,17 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     background thread; an exception it raises is logged and ignored.  ``cancel``: setting the
     event stops the run as SIGINT does -- checkpoints flushed, claim and lease released,
     ``interrupted`` and ``cancelled`` set, exit code 130 -- and a later ``run`` resumes it.
-    Signal handlers are installed only when called from the main thread."""
+    Signal handlers are installed only when called from the main thread.  ``map_store`` /
+    ``data_store``: store objects used instead of the configured ones (as in :func:`plan`)."""
     from pipeline.errors import Interrupted
     from shardmove.executor import RunResult, plan_state, plan_status, run_plan
 
     cfg = _config(config)
     plan_dir = _plan_dir(plan, cfg)
     try:
-        res = run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
-                       out=out, progress=progress, cancel=cancel)
+        with _with_stores(cfg, map_store, data_store) as cfg:
+            res = run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
+                           out=out, progress=progress, cancel=cancel)
     except Interrupted:
         if cancel is None or not cancel.is_set():
             raise  # a signal: the caller's to handle (the CLI exits 130)

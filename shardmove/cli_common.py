@@ -46,7 +46,17 @@ def load(args):
     if getattr(args, "work_dir", None):
         cfg = dataclasses.replace(cfg, work_dir=os.path.abspath(args.work_dir))
     _watch_work_dir(cfg.work_dir)
+    _warn_not_durable(cfg)
     return cfg
+
+
+def _warn_not_durable(cfg) -> None:
+    """A memory store from the command line: its contents end with this process."""
+    from pipeline.stores.memory import NOT_DURABLE
+
+    for what in ("map_store", "data_store"):
+        if (getattr(cfg, what, None) or {}).get("kind") == "memory":
+            sys.stderr.write("warning: " + NOT_DURABLE.format(what=what) + "\n")
 
 
 def plan_dir(args, cfg=None) -> str:

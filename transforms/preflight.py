@@ -19,6 +19,9 @@ filled in (a local Prism binary, the job-server jar), or raises
   true``, flag ``--shared-paths``: mounted at the same path on every worker).
   A Dataflow ``--dry_run=True`` translation runs the same checks but reports
   them as ``warning:`` lines and still translates.
+- **Stores that live in this process** (``kind: memory``, or an API instance
+  marked ``in_process_only``) on a runner whose workers are other processes
+  (anything but ``FnApiRunner`` in its ``in_memory``/``multi_threading`` modes).
 - **Missing tools**: Prism (built with Go when absent), Java and the
   job-server jar for Flink and Spark (see :mod:`transforms.engines`).
 """
@@ -130,6 +133,22 @@ def _shared_storage_findings(cfg, why: str) -> list[str]:
     return found
 
 
+def _check_in_process_stores(cfg, runner: str, opts) -> None:
+    """A memory store's state is in this process: refuse runners whose workers are elsewhere."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from pipeline.stores.registry import in_process_only
+
+    mode = opts.view_as(DirectOptions).direct_running_mode
+    if runner == "FnApiRunner" and mode in (None, "in_memory", "multi_threading"):
+        return
+    for section in ("map_store", "data_store"):
+        if in_process_only(getattr(cfg, section, None)):
+            where = f"{runner} with --direct_running_mode={mode}" if runner == "FnApiRunner" else runner
+            raise BadInput(f"{section}: a memory store lives in this process and {where} runs its workers in "
+                           f"other processes; use the in-process runner (--runner=FnApiRunner, the default)")
+
+
 def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | None = None) -> Preflight:
     """Validate the Beam flags for ``cfg`` and fill in what the runner needs; see the module doc."""
     from apache_beam.options.pipeline_options import (
@@ -143,6 +162,7 @@ def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | N
     opts = PipelineOptions(args)
     runner = canonical_runner(opts.get_all_options().get("runner") or "FnApiRunner")
     remote = remote_reason(runner, opts)
+    _check_in_process_stores(cfg, runner, opts)
     warnings: list[str] = []
     if remote:
         findings = _shared_storage_findings(cfg, f"workers may be on other machines ({remote})")

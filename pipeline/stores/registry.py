@@ -15,9 +15,14 @@ Never imports Beam.  A ``map_store`` / ``data_store`` section names its store by
 * an **instance** handed to the API (``shardmove.plan(..., map_store=obj)``):
   :func:`instance_section` wraps it as ``{"kind": "instance", "ref": StoreRef}``
   (never written in YAML).  The driver and the workers of an in-process runner
-  use that very object (so it must be thread-safe); workers in other processes
-  get a copy unpickled from the bytes the driver pickled (so it must then be
-  picklable and hold configuration only, opening connections lazily).
+  use that very object (so it must be thread-safe, and stay usable after
+  ``close()``, which each worker calls at teardown); workers in other
+  processes get a copy unpickled from the bytes the driver pickled (so it must
+  then be picklable and hold configuration only, opening connections lazily).
+
+A store -- or a plugin's factory -- whose state lives in the process sets
+``in_process_only = True``: the preflight then refuses runners whose workers
+are other processes (:func:`in_process_only`).
 
 An unknown kind is bad configuration (exit 2): one line naming the known kinds.
 """
@@ -68,7 +73,16 @@ def plugin_kinds() -> dict:
 
 
 def known_kinds(what: str) -> list[str]:
-    return sorted([k for k, roles in BUILTIN_KINDS.items() if what in roles] + list(plugin_kinds()))
+    """The kinds that can build a ``what`` (``map_store`` or ``data_store``); a plugin that
+    cannot be loaded is listed (opening it says why)."""
+    def serves(ep) -> bool:
+        try:
+            return callable(getattr(ep.load(), what, None))
+        except Exception:  # noqa: BLE001
+            return True
+
+    return sorted([k for k, roles in BUILTIN_KINDS.items() if what in roles]
+                  + [name for name, ep in plugin_kinds().items() if serves(ep)])
 
 
 def check_kind(kind: Any, what: str) -> None:
@@ -161,11 +175,20 @@ def instance_section(obj: Any) -> dict:
 
 
 def in_process_only(section: Mapping[str, Any] | None) -> bool:
-    """Whether the store of ``section`` keeps its state in this process (a memory store):
-    a runner whose workers are other processes cannot use it."""
+    """Whether the store of ``section`` keeps its state in this process -- a memory store, an
+    instance or a plugin factory with a true ``in_process_only`` attribute: a runner whose
+    workers are other processes cannot use it."""
     if not section:
         return False
-    if section.get("kind") == "memory":
+    kind = section.get("kind")
+    if kind == "memory":
         return True
-    ref = section.get("ref") if section.get("kind") == INSTANCE_KIND else None
-    return bool(getattr(getattr(ref, "obj", None), "in_process_only", False))
+    if kind == INSTANCE_KIND:
+        return bool(getattr(getattr(section.get("ref"), "obj", None), "in_process_only", False))
+    ep = plugin_kinds().get(kind) if isinstance(kind, str) and kind not in BUILTIN_KINDS else None
+    if ep is None:
+        return False
+    try:
+        return bool(getattr(ep.load(), "in_process_only", False))
+    except Exception:  # noqa: BLE001 - opening the store says why it cannot be loaded
+        return False
