@@ -149,7 +149,8 @@ def test_stores_in_this_process_refuse_runners_with_worker_processes(plugin_dir,
     _edit(cfg, data_store={"kind": "dictmover"})
     code, _out, err = _cli(capsys, "plan", "--config", cfg, "--", "--direct_running_mode=multi_processing")
     assert code == 2 and err.strip().splitlines() == [
-        "error: data_store: a memory store lives in this process and FnApiRunner with "
+        "error: data_store: the store plugin 'dictmover' keeps its state in this process (in_process_only), "
+        "and FnApiRunner with "
         "--direct_running_mode=multi_processing runs its workers in other processes; use the in-process "
         "runner (--runner=FnApiRunner, the default)"], err
     _edit(cfg, map_store={"kind": "memory", "name": uuid.uuid4().hex}, data_store={"kind": "sqlite",
@@ -158,7 +159,7 @@ def test_stores_in_this_process_refuse_runners_with_worker_processes(plugin_dir,
     lines = err.strip().splitlines()
     assert code == 2 and lines[0].startswith("warning: map_store kind memory is not durable: its contents live "
                                              "in this process only"), err
-    assert lines[1:] == ["error: map_store: a memory store lives in this process and PrismRunner runs its "
+    assert lines[1:] == ["error: map_store: a memory store lives in this process, and PrismRunner runs its "
                          "workers in other processes; use the in-process runner (--runner=FnApiRunner, the "
                          "default)"], err
 
@@ -197,7 +198,7 @@ class _Unpicklable:
         return self.inner.copy(keys, source, target)
 
     def __getattr__(self, name):
-        if name == "inner":
+        if name in ("inner", "in_process_only"):  # bound to this process only by being unpicklable
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -216,4 +217,22 @@ def test_store_objects_passed_to_the_api_are_the_ones_the_workers_use(tmp_path):
     done = shardmove.run(cfg, plan, data_store=mover)
     assert done.exit_code == 0 and done.done == plan.move_count > 0
     assert mover.calls > 0  # the very object, not a copy
+    assert mover.count("s3") == plan.move_count
+    with pytest.raises(shardmove.BadInput, match=r"^data_store: the store object _Unpicklable cannot be pickled, "
+                                                 r"and FnApiRunner with --direct_running_mode=multi_processing "
+                                                 r"runs its workers in other processes"):
+        shardmove.run(cfg, plan, data_store=mover, beam_args=["--direct_running_mode=multi_processing"])
+
+
+def test_a_picklable_store_object_reaches_worker_processes_as_a_copy(tmp_path):
+    """FnApiRunner with SDK workers in other processes: the object passed to the API is
+    pickled there (configuration only) and does the work."""
+    from pipeline.stores.sqlite import SqliteDataStore
+
+    cfg = shardmove.load_config(_demo(tmp_path, keys=200))
+    mover = SqliteDataStore(cfg.data_store["directory"], cfg.key_type)
+    plan = shardmove.plan(cfg, data_store=mover)
+    done = shardmove.run(cfg, plan, data_store=mover,
+                         beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=1"])
+    assert done.exit_code == 0 and done.done == plan.move_count > 0
     assert mover.count("s3") == plan.move_count

@@ -19,8 +19,9 @@ filled in (a local Prism binary, the job-server jar), or raises
   true``, flag ``--shared-paths``: mounted at the same path on every worker).
   A Dataflow ``--dry_run=True`` translation runs the same checks but reports
   them as ``warning:`` lines and still translates.
-- **Stores that live in this process** (``kind: memory``, or an API instance
-  marked ``in_process_only``) on a runner whose workers are other processes
+- **Stores bound to this process** (``kind: memory``; an API instance or a
+  plugin marked ``in_process_only``; an API instance that cannot be pickled)
+  on a runner whose workers are other processes
   (anything but ``FnApiRunner`` in its ``in_memory``/``multi_threading`` modes).
 - **Missing tools**: Prism (built with Go when absent), Java and the
   job-server jar for Flink and Spark (see :mod:`transforms.engines`).
@@ -134,7 +135,8 @@ def _shared_storage_findings(cfg, why: str) -> list[str]:
 
 
 def _check_in_process_stores(cfg, runner: str, opts) -> None:
-    """A memory store's state is in this process: refuse runners whose workers are elsewhere."""
+    """A store bound to this process (a memory store, an unpicklable object): refuse runners
+    whose workers are elsewhere."""
     from apache_beam.options.pipeline_options import DirectOptions
 
     from pipeline.stores.registry import in_process_only
@@ -143,10 +145,11 @@ def _check_in_process_stores(cfg, runner: str, opts) -> None:
     if runner == "FnApiRunner" and mode in (None, "in_memory", "multi_threading"):
         return
     for section in ("map_store", "data_store"):
-        if in_process_only(getattr(cfg, section, None)):
+        why = in_process_only(getattr(cfg, section, None))
+        if why:
             where = f"{runner} with --direct_running_mode={mode}" if runner == "FnApiRunner" else runner
-            raise BadInput(f"{section}: a memory store lives in this process and {where} runs its workers in "
-                           f"other processes; use the in-process runner (--runner=FnApiRunner, the default)")
+            raise BadInput(f"{section}: {why}, and {where} runs its workers in other processes; use the "
+                           f"in-process runner (--runner=FnApiRunner, the default)")
 
 
 def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | None = None) -> Preflight:

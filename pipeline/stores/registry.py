@@ -174,21 +174,27 @@ def instance_section(obj: Any) -> dict:
     return {"kind": INSTANCE_KIND, "ref": StoreRef(obj)}
 
 
-def in_process_only(section: Mapping[str, Any] | None) -> bool:
-    """Whether the store of ``section`` keeps its state in this process -- a memory store, an
-    instance or a plugin factory with a true ``in_process_only`` attribute: a runner whose
-    workers are other processes cannot use it."""
+def in_process_only(section: Mapping[str, Any] | None) -> str | None:
+    """Why the store of ``section`` can only be used in this process -- a memory store; an
+    instance or a plugin factory with a true ``in_process_only`` attribute; an instance that
+    cannot be pickled -- or None.  A runner whose workers are other processes cannot use it."""
     if not section:
-        return False
+        return None
     kind = section.get("kind")
     if kind == "memory":
-        return True
+        return "a memory store lives in this process"
     if kind == INSTANCE_KIND:
-        return bool(getattr(getattr(section.get("ref"), "obj", None), "in_process_only", False))
+        obj = getattr(section.get("ref"), "obj", None)
+        if getattr(obj, "in_process_only", False):
+            return f"the store object {type(obj).__name__} keeps its state in this process (in_process_only)"
+        if _payload(obj) is None:
+            return f"the store object {type(obj).__name__} cannot be pickled"
+        return None
     ep = plugin_kinds().get(kind) if isinstance(kind, str) and kind not in BUILTIN_KINDS else None
     if ep is None:
-        return False
+        return None
     try:
-        return bool(getattr(ep.load(), "in_process_only", False))
+        bound = bool(getattr(ep.load(), "in_process_only", False))
     except Exception:  # noqa: BLE001 - opening the store says why it cannot be loaded
-        return False
+        return None
+    return f"the store plugin {kind!r} keeps its state in this process (in_process_only)" if bound else None
