@@ -378,14 +378,15 @@ def verify(config: ConfigLike, plan: Plan | str, *, sample: int = 1000, seed: in
     return verify_plan(cfg, _plan_dir(plan, cfg), sample=sample, seed=seed, out=out)
 
 
-def rollback(config: ConfigLike, plan: Plan | str, *, beam_args: Sequence[str] = (),
+def rollback(config: ConfigLike, plan: Plan | str, *, apply: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = _discard):
-    """Plan and run the reverse of a plan's Done keys (``shardmove rollback``); returns
+    """Plan and run the reverse of a plan's Done keys (``shardmove rollback``); without
+    ``apply`` only count what it would do (nothing written).  Returns
     :class:`shardmove.ops.RollbackResult`."""
     from shardmove.ops import rollback as _rollback
 
     cfg = _config(config)
-    return _rollback(cfg, _plan_dir(plan, cfg), beam_args=beam_args, out=out)
+    return _rollback(cfg, _plan_dir(plan, cfg), apply=apply, beam_args=beam_args, out=out)
 
 
 def cleanup(config: ConfigLike, plan: Plan | str, *, older_than: float, apply: bool = False,
