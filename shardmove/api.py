@@ -82,7 +82,7 @@ def snapshot(cfg: Config):
 
 
 def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, beam_args: Sequence[str] = (),
-         out: Callable[[str], None] = print):
+         out: Callable[[str], None] = print, progress: str = "auto"):
     from pipeline.errors import before_changes
     from shardmove.planner import make_plan
 
@@ -94,16 +94,17 @@ def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, bea
         if any(s.capacity_bytes for s in cfg.target_shards) or cfg.data_store.get("kind") == "objects":
             data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
         return make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
-                         beam_args=beam_args, out=out)
+                         beam_args=beam_args, out=out, progress=progress)
 
 
 def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: bool = False,
-        beam_args: Sequence[str] = (), out: Callable[[str], None] = print):
-    """Execute (or resume) a plan; returns ``RunResult`` with ``exit_code`` and ``summary``."""
+        beam_args: Sequence[str] = (), out: Callable[[str], None] = print, progress: str = "auto"):
+    """Execute (or resume) a plan; returns ``RunResult`` with ``exit_code`` and ``summary``.
+    ``progress``: auto | bar | text | json | none, on stderr (:mod:`shardmove.progress`)."""
     from shardmove.executor import run_plan
 
     return run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
-                    out=out)
+                    out=out, progress=progress)
 
 
 def status(plan_dir: str) -> dict:

@@ -63,6 +63,14 @@ def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
             g.add_argument(o.flag, dest=o.name, default=None, metavar=o.kind.upper(), help=f"{o.doc} Default {o.default_text()}.".replace("%", "%%"))
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    from shardmove.progress import MODES
+
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help="progress on stderr: a bar, one text or JSON line per progress_log_interval, or none; "
+                        "auto (default): a bar on a terminal, text otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardmove", description="Plan and execute key migrations of sharded keyspaces on Apache Beam.")
     parser.add_argument("--version", action="version", version=version_line())
@@ -84,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
     p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
     p.add_argument("--report-dir", metavar="DIR", help="also write the plan report (report.html + PNG charts) into DIR")
+    _add_progress(p)
     p.add_argument("--since", metavar="PLAN",
                    help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
     _add_common(r)
     r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
+    _add_progress(r)
     r.add_argument("--prometheus", metavar="FILE", help="write the final summary as a Prometheus textfile")
     r.add_argument("--allow-drift", action="store_true",
                    help="skip keys whose map entry drifted since the snapshot, as Failed(drifted)")
@@ -176,7 +186,7 @@ def cmd_plan(args, beam_args) -> int:
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
-        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, progress=args.progress)
 
     from transforms.runner import is_dry_run
 
@@ -226,7 +236,7 @@ def cmd_run(args, beam_args) -> int:
         return run(cfg, plan_dir, beam_args=beam_args).exit_code
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-                  beam_args=beam_args)
+                  beam_args=beam_args, progress=args.progress)
         irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
@@ -248,9 +258,19 @@ def cmd_run(args, beam_args) -> int:
 def _status_lines(s: dict) -> list[str]:
     from shardmove.executor import summary_line
 
+    from shardmove.progress import run_counts_text
+
     lines = [f"plan id: {s['plan_id']}"]
-    for name, n in s["states"].items():
-        lines.append(f"{name}: {n}")
+    if "progress" in s:  # cumulative over every run, the same counts as the progress bar
+        lines.append("progress: " + run_counts_text(s["progress"]))
+    lines.append("states now: " + " ".join(f"{name}={n}" for name, n in s["states"].items()))
+    for p in s.get("pairs", ()):
+        lines.append(f"pair {p['source']} -> {p['target']}: {p['done']}/{p['planned']} done failed={p['failed']} "
+                     f"remaining={p['remaining']} ({p['progress']})")
+    for sh in s.get("shards", ()):
+        lines.append(f"shard {sh['shard']}: out {sh['out_done']}/{sh['out_planned']} done "
+                     f"remaining={sh['out_remaining']}; in {sh['in_done']}/{sh['in_planned']} done "
+                     f"remaining={sh['in_remaining']}")
     for reason, n in s["failures_by_reason"].items():
         lines.append(f"failed[{reason}]: {n}")
     for method, n in s["done_by_verification"].items():
