@@ -108,7 +108,8 @@ def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: 
 
 
 def status(plan_dir: str) -> dict:
-    """Per-state counts, failures by reason, verification methods, lease holder."""
+    """Per-state counts, cumulative ``progress`` counts, progress per ``pairs`` (source, target) and
+    per ``shards``, failures by reason, verification methods, lease holder, ``state``."""
     from shardmove.executor import plan_status
 
     return plan_status(plan_dir)

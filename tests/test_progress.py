@@ -232,3 +232,49 @@ def test_text_lines_keep_their_interval():
     d = ProgressDisplay("text", 10.0, stream=quiet, clock=lambda: 0.0)
     d.show(_fields(100), final=True)  # a run shorter than one interval writes nothing
     assert quiet.getvalue() == ""
+
+
+def test_ctrl_c_on_a_terminal_logs_below_the_bar_not_into_it(tmp_path):
+    """The bar on a real terminal (a pty); Ctrl-C makes every stage log ``stop requested``
+    while the bar is drawn: each of those lines starts on a cleared line."""
+    import pty
+    import threading
+
+    cfgpath = _slow_cfg(tmp_path)
+    plan_id = _plan(cfgpath)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([SM, "run", plan_id, "--config", cfgpath], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the run closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        _wait(lambda: b"keys/s ETA" in b"".join(chunks) and b"] 0/" not in b"".join(chunks)[-200:],
+              what="the bar")
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        reader.join(timeout=10)
+        os.close(master)
+    assert p.returncode == 130 and "interrupted" in out, out
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    # what the terminal shows: per line, what follows its last carriage return, minus erase codes
+    screen = [line.split("\r")[-1].replace("\x1b[K", "") for line in text.split("\n")]
+    stops = [s for s in screen if "stop requested" in s]
+    assert stops, text
+    assert not [s for s in screen if "ETA" in s and ("WARNING" in s or "stop requested" in s)], text
+    assert all(s.split(" ", 2)[2].startswith("WARNING") for s in stops), stops  # each from its first column
