@@ -9,7 +9,9 @@ interrupted.  SIGINT/SIGTERM stop every phase with exit 130, the claim and
 the lease released (:mod:`pipeline.interrupts`; during the pipeline through
 a stop marker the DoFns honour).  A complete plan whose last run was killed
 before its final phase gets that phase (compaction, summary) from the rerun.  Progress events are derived from committed
-checkpoint parts, at most one per ``progress_interval`` plus a final one.
+checkpoint parts, at most one per ``progress_interval`` plus a final one, and shown on stderr as a bar or
+as lines (:mod:`shardmove.progress`).  ``plan_status`` counts cumulatively (every run) and per
+(source, target) pair and per shard.
 """
 from __future__ import annotations
 
