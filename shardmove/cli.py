@@ -255,31 +255,12 @@ def cmd_run(args, beam_args) -> int:
     return EXIT_INTERRUPTED if irq.interrupted else res.exit_code
 
 
-#: ``status`` text lists at most this many pairs and shards (``--json`` lists all)
-_STATUS_ROWS = 50
-
-
 def _status_lines(s: dict) -> list[str]:
     from shardmove.executor import summary_line
-
-    from shardmove.progress import run_counts_text
+    from shardmove.progress import status_progress_lines
 
     lines = [f"plan id: {s['plan_id']}"]
-    if "progress" in s:  # cumulative over every run, the same counts as the progress bar
-        lines.append("progress: " + run_counts_text(s["progress"]))
-    lines.append("states now: " + " ".join(f"{name}={n}" for name, n in s["states"].items()))
-    pairs, shards = s.get("pairs", []), s.get("shards", [])
-    for p in pairs[:_STATUS_ROWS]:
-        lines.append(f"pair {p['source']} -> {p['target']}: {p['done']}/{p['planned']} done failed={p['failed']} "
-                     f"remaining={p['remaining']} ({p['progress']})")
-    if len(pairs) > _STATUS_ROWS:
-        lines.append(f"pairs: {len(pairs) - _STATUS_ROWS} more (status --json lists every pair)")
-    for sh in shards[:_STATUS_ROWS]:
-        lines.append(f"shard {sh['shard']}: out {sh['out_done']}/{sh['out_planned']} done "
-                     f"remaining={sh['out_remaining']}; in {sh['in_done']}/{sh['in_planned']} done "
-                     f"remaining={sh['in_remaining']}")
-    if len(shards) > _STATUS_ROWS:
-        lines.append(f"shards: {len(shards) - _STATUS_ROWS} more (status --json lists every shard)")
+    lines += status_progress_lines(s)  # cumulative counts, current states, per pair and per shard
     for reason, n in s["failures_by_reason"].items():
         lines.append(f"failed[{reason}]: {n}")
     for method, n in s["done_by_verification"].items():

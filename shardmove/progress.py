@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-__all__ = ["MODES", "ProgressDisplay", "resolve_mode", "run_counts_text", "run_fields"]
+__all__ = ["MODES", "ProgressDisplay", "resolve_mode", "run_counts_text", "run_fields", "status_progress_lines"]
 
 MODES = ("auto", "bar", "text", "json", "none")
 
@@ -67,6 +67,32 @@ def run_counts_text(f: dict) -> str:
     pct = 100.0 * f["done"] / f["total"] if f["total"] else 100.0
     return (f"{f['done']}/{f['total']} ({pct:.1f}%) copied={f['copied']} verified={f['verified']} "
             f"swapped={f['swapped']} failed={f['failed']}")
+
+
+#: ``status`` text lists at most this many pairs and shards (``--json`` lists all)
+STATUS_ROWS = 50
+
+
+def status_progress_lines(s: dict) -> list[str]:
+    """The progress part of ``status``: the cumulative counts (as the bar shows them), the keys'
+    current states, and progress per (source, target) pair and per shard."""
+    lines = []
+    if "progress" in s:
+        lines.append("progress: " + run_counts_text(s["progress"]))
+    lines.append("states now: " + " ".join(f"{name}={n}" for name, n in s["states"].items()))
+    pairs, shards = s.get("pairs", []), s.get("shards", [])
+    for p in pairs[:STATUS_ROWS]:
+        lines.append(f"pair {p['source']} -> {p['target']}: {p['done']}/{p['planned']} done failed={p['failed']} "
+                     f"remaining={p['remaining']} ({p['progress']})")
+    if len(pairs) > STATUS_ROWS:
+        lines.append(f"pairs: {len(pairs) - STATUS_ROWS} more (status --json lists every pair)")
+    for sh in shards[:STATUS_ROWS]:
+        lines.append(f"shard {sh['shard']}: out {sh['out_done']}/{sh['out_planned']} done "
+                     f"remaining={sh['out_remaining']}; in {sh['in_done']}/{sh['in_planned']} done "
+                     f"remaining={sh['in_remaining']}")
+    if len(shards) > STATUS_ROWS:
+        lines.append(f"shards: {len(shards) - STATUS_ROWS} more (status --json lists every shard)")
+    return lines
 
 
 def _line(f: dict) -> str:

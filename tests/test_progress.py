@@ -278,3 +278,45 @@ def test_ctrl_c_on_a_terminal_logs_below_the_bar_not_into_it(tmp_path):
     assert stops, text
     assert not [s for s in screen if "ETA" in s and ("WARNING" in s or "stop requested" in s)], text
     assert all(s.split(" ", 2)[2].startswith("WARNING") for s in stops), stops  # each from its first column
+
+
+def test_status_text_lists_at_most_50_pairs():
+    from shardmove.progress import STATUS_ROWS, status_progress_lines
+
+    pair = {"source": "a", "target": "b", "planned": 2, "done": 1, "failed": 0, "remaining": 1, "progress": "moving"}
+    s = {"states": {"planned": 1, "done": 1}, "pairs": [pair] * (STATUS_ROWS + 10), "shards": []}
+    lines = status_progress_lines(s)
+    assert len([l for l in lines if l.startswith("pair a -> b: 1/2 done")]) == STATUS_ROWS
+    assert "pairs: 10 more (status --json lists every pair)" in lines
+
+
+def test_pair_and_shard_progress_add_up():
+    from hypothesis import given, settings, strategies as st
+
+    from shardmove.executor import pair_progress
+
+    states = ("planned", "copying", "copied", "verifying", "verified", "swapping", "done", "failed")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from("abcd"),
+                              st.lists(st.sampled_from(states), max_size=30)), max_size=12))
+    def check(groups):
+        files, by_group = [], {}
+        for i, (src, tgt, keys) in enumerate(groups):
+            files.append({"group": f"g{i}", "source": src, "target": tgt, "rows": len(keys)})
+            for name in keys:
+                by_group.setdefault(f"g{i}", {}).setdefault(name, 0)
+                by_group[f"g{i}"][name] += 1
+        pairs, shards = pair_progress({"files": files}, by_group)
+        total = sum(len(k) for _s, _t, k in groups)
+        assert sum(p["planned"] for p in pairs) == total
+        assert len({(p["source"], p["target"]) for p in pairs}) == len(pairs)
+        for p in pairs:
+            assert p["done"] + p["failed"] + p["remaining"] == p["planned"]
+            assert p["copied"] >= p["done"]
+            assert (p["progress"] == "done") == (p["remaining"] == 0)
+        for way in ("planned", "done", "failed", "remaining"):
+            assert sum(s[f"out_{way}"] for s in shards) == sum(s[f"in_{way}"] for s in shards) \
+                == sum(p[way] for p in pairs)
+
+    check()
