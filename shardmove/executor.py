@@ -190,7 +190,7 @@ def pair_progress(manifest: dict, by_group: dict) -> tuple[list, list]:
     remaining)."""
     pairs: dict = {}
     for f in manifest["files"]:
-        p = pairs.setdefault((f["source"], f["target"]), {"planned": 0, "states": {}})
+        p = pairs.setdefault((f.get("source", "?"), f.get("target", "?")), {"planned": 0, "states": {}})
         p["planned"] += int(f["rows"])
         for name, n in by_group.get(f["group"], {}).items():
             p["states"][name] = p["states"].get(name, 0) + n
@@ -535,6 +535,9 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     from transforms.execute import ExecSpec, build_run_graph
 
     pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now
+    from shardmove.progress import ProgressDisplay
+
+    display = ProgressDisplay(progress_mode, cfg.opt("progress_log_interval"))  # a bad mode: exit 2 now
     manifest = load_manifest(plan_dir)
     plan_id = manifest["plan_id"]
     out(f"plan id: {plan_id}")
@@ -593,10 +596,8 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     warn_unsafe_options(cfg)
     renew_claim = None
     progress = None
-    from shardmove.progress import ProgressDisplay
-
-    display = ProgressDisplay(progress_mode, cfg.opt("progress_log_interval")).__enter__()
     try:
+        display.__enter__()  # in bar mode, other writes to the terminal clear and redraw the bar
         if hasattr(map_store, "claim_run"):
             import socket
 

@@ -33,9 +33,11 @@ _CLEAR = "\r\x1b[K"
 
 def resolve_mode(mode: str | None, stream) -> str:
     """``auto`` (or None) -> ``bar`` on a terminal, ``text`` otherwise."""
+    from pipeline.errors import BadInput
+
     mode = mode or "auto"
     if mode not in MODES:
-        raise ValueError(f"progress mode {mode!r}")
+        raise BadInput(f"progress: expected one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
         try:
             tty = stream.isatty()
