@@ -320,3 +320,22 @@ def test_pair_and_shard_progress_add_up():
                 == sum(p[way] for p in pairs)
 
     check()
+
+
+def test_planning_fields_in_every_mode():
+    fields = {"phase": "plan", "segments": 3, "keys_examined": 300, "keys_total": 1000, "rate_keys_per_s": 150.0,
+              "eta_s": 4.7, "elapsed_s": 2.0}
+    term = _Tty()
+    with ProgressDisplay("bar", 10.0, stream=term) as d:
+        d.show(fields)
+    assert "[#########---------------------] segments=3 keys_examined=300/1000 150 keys/s ETA 5s" in term.getvalue()
+    now = [0.0]
+    text, js = io.StringIO(), io.StringIO()
+    for mode, out in (("text", text), ("json", js)):
+        d = ProgressDisplay(mode, 1.0, stream=out, clock=lambda: now[0])
+        now[0] += 2
+        d.show(fields)
+    assert text.getvalue() == ("progress: plan segments=3 keys_examined=300/1000 (30.0%) rate=150 keys/s eta=5s "
+                               "elapsed=2s\n")
+    ev = json.loads(js.getvalue())
+    assert ev["phase"] == "plan" and ev["keys_examined"] == 300 and ev["final"] is False and "time" in ev
