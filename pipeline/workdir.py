@@ -70,6 +70,7 @@ _HISTORY = "history"
 _MOVES = "moves"
 CHECKPOINTS = "checkpoints"
 _PROGRESS = "progress"
+_PLANNING_PROGRESS = "planning-progress"
 _SUMMARY = "summary.json"
 _LEASE = "lease.json"
 _STOP = "stop"
@@ -124,6 +125,36 @@ def progress_dir(plan: str) -> str:
 
 def progress_path(plan: str, name: str) -> str:
     return fs.join(plan, _PROGRESS, name)
+
+
+def planning_progress_dir(staging: str) -> str:
+    """Planning progress marks in a plan's staging directory (removed before it is committed)."""
+    return fs.join(staging, _PLANNING_PROGRESS)
+
+
+def planning_progress_mark(staging: str, chunk: int, segments: int, keys: int) -> str:
+    """One mark: chunk ``chunk`` has examined ``segments`` segments holding ``keys`` keys.
+    The name is the record (the file is empty), so a retried bundle recreates the same names."""
+    return fs.join(staging, _PLANNING_PROGRESS, f"c{chunk:06d}-s{segments:09d}-k{keys:013d}")
+
+
+def read_planning_progress(staging: str) -> tuple[int, int]:
+    """(segments, keys examined) over every chunk: per chunk its highest mark."""
+    best: dict = {}
+    try:
+        names = fs.listdir(planning_progress_dir(staging))
+    except OSError:
+        return 0, 0
+    for name in names:
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            c, sg, k = name.split("-")
+            chunk, segs, keys = int(c[1:]), int(sg[1:]), int(k[1:])
+        except ValueError:
+            continue
+        if chunk not in best or (segs, keys) > best[chunk]:
+            best[chunk] = (segs, keys)
+    return sum(v[0] for v in best.values()), sum(v[1] for v in best.values())
 
 
 def summary_path(plan: str) -> str:

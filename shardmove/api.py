@@ -190,7 +190,8 @@ def _in_memory(x) -> bool:
 
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
          target: str | os.PathLike | Rows | None = None, dry_run: bool = False, sample_hashes: int = 0,
-         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> Plan:
+         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard, progress_output: str = "none"
+         ) -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -202,7 +203,8 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     input, capacity) removes the snapshots this call wrote.  ``sample_hashes`` (dry runs only):
     read that many moves at their sources (seeded by the ``sample_seed`` option) and report
     missing or unreadable records and their bytes, as ``manifest["sample"]``
-    (:mod:`shardmove.sampling`)."""
+    (:mod:`shardmove.sampling`).  ``progress_output``: planning progress on stderr, as the
+    CLI's ``--progress`` (auto, bar, text, json; none by default: the API prints nothing)."""
     from pipeline.errors import before_changes
     from pipeline.snapshot import write_snapshot
     from shardmove.planner import make_plan
@@ -233,7 +235,7 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
-                            sample_seed=cfg.opt("sample_seed"))
+                            sample_seed=cfg.opt("sample_seed"), progress=progress_output)
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:
@@ -298,7 +300,8 @@ def _plan_dir(plan, cfg: Config | None = None, work_dir: str | None = None) -> s
 
 def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callable[[dict], Any] | None = None,
         cancel: threading.Event | None = None, retry_failed: bool = False, allow_drift: bool = False,
-        beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> RunSummary:
+        beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard, progress_output: str = "none"
+        ) -> RunSummary:
     """Execute (or resume, or finish) a plan; returns a :class:`RunSummary`.
 
     ``progress`` is called with each progress event (a dict of counts: ``copied``,
@@ -306,7 +309,8 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     background thread; an exception it raises is logged and ignored.  ``cancel``: setting the
     event stops the run as SIGINT does -- checkpoints flushed, claim and lease released,
     ``interrupted`` and ``cancelled`` set, exit code 130 -- and a later ``run`` resumes it.
-    Signal handlers are installed only when called from the main thread."""
+    Signal handlers are installed only when called from the main thread.  ``progress_output``:
+    progress on stderr as the CLI's ``--progress`` (none by default)."""
     from pipeline.errors import Interrupted
     from shardmove.executor import RunResult, plan_state, plan_status, run_plan
 
@@ -314,7 +318,7 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     plan_dir = _plan_dir(plan, cfg)
     try:
         res = run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
-                       out=out, progress=progress, cancel=cancel)
+                       out=out, progress=progress_output, on_progress=progress, cancel=cancel)
     except Interrupted:
         if cancel is None or not cancel.is_set():
             raise  # a signal: the caller's to handle (the CLI exits 130)

@@ -63,6 +63,14 @@ def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
             g.add_argument(o.flag, dest=o.name, default=None, metavar=o.kind.upper(), help=f"{o.doc} Default {o.default_text()}.".replace("%", "%%"))
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    from shardmove.progress import MODES
+
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help="progress on stderr: a bar, one text or JSON line per progress_log_interval, or none; "
+                        "auto (default): a bar on a terminal, text otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardmove", description="Plan and execute key migrations of sharded keyspaces on Apache Beam.")
     parser.add_argument("--version", action="version", version=version_line())
@@ -87,12 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-hashes", metavar="N", type=int, default=0,
                    help="with --dry-run: read N seeded moves at their sources; report missing or unreadable "
                         "records and their bytes (seeded by the sample_seed option)")
+    _add_progress(p)
     p.add_argument("--since", metavar="PLAN",
                    help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
     _add_common(r)
     r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
     r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
+    _add_progress(r)
     r.add_argument("--prometheus", metavar="FILE", help="write the final summary as a Prometheus textfile")
     r.add_argument("--allow-drift", action="store_true",
                    help="skip keys whose map entry drifted since the snapshot, as Failed(drifted)")
@@ -180,7 +190,7 @@ def cmd_plan(args, beam_args) -> int:
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print,
-                    sample_hashes=args.sample_hashes)
+                    sample_hashes=args.sample_hashes, progress_output=args.progress)
 
     from transforms.runner import is_dry_run
 
@@ -230,7 +240,7 @@ def cmd_run(args, beam_args) -> int:
         return run(cfg, plan_dir, beam_args=beam_args, out=print).exit_code
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-                  beam_args=beam_args, out=print)
+                  beam_args=beam_args, out=print, progress_output=args.progress)
         irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
@@ -251,10 +261,10 @@ def cmd_run(args, beam_args) -> int:
 
 def _status_lines(s: dict) -> list[str]:
     from shardmove.executor import summary_line
+    from shardmove.progress import status_progress_lines
 
     lines = [f"plan id: {s['plan_id']}"]
-    for name, n in s["states"].items():
-        lines.append(f"{name}: {n}")
+    lines += status_progress_lines(s)  # cumulative counts, current states, per pair and per shard
     for reason, n in s["failures_by_reason"].items():
         lines.append(f"failed[{reason}]: {n}")
     for method, n in s["done_by_verification"].items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -197,6 +198,7 @@ def make_plan(
     out: Callable[[str], None] = print,
     sample_hashes: int = 0,
     sample_seed: int = 0,
+    progress: str = "auto",
 ) -> PlanResult:
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
     from transforms.preflight import preflight
@@ -223,7 +225,7 @@ def make_plan(
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
-                                data_store, dry_run, pf.args, out, sample=sample, snapshot_line=(
+                                data_store, dry_run, pf.args, out, sample=sample, progress=progress, snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
                                     f"rows_above_cutoff={info.rows_above_cutoff}"))
         except BaseException:
@@ -236,12 +238,68 @@ def make_plan(
             fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
-                      pf.args, out, sample=sample)
+                      pf.args, out, sample=sample, progress=progress)
+
+
+class _PlanProgress:
+    """Planning progress while the plan pipeline runs: polls the marks the planning DoFns
+    leave in the staging directory (:func:`pipeline.workdir.read_planning_progress`) every
+    ``progress_interval`` and shows segments and keys examined (:mod:`shardmove.progress`)."""
+
+    def __init__(self, staging: str, keys_total, mode: str, cfg: Config):
+        from shardmove.progress import ProgressDisplay
+
+        self.staging = staging
+        self.keys_total = int(keys_total) if keys_total is not None else None
+        self.display = ProgressDisplay(mode, cfg.opt("progress_log_interval"))
+        tick = self.display.tick
+        self.interval = min(cfg.opt("progress_interval"), tick) if tick else cfg.opt("progress_interval")
+        self._stop = threading.Event()
+        self._thread = None
+        self.t0 = time.time()
+
+    def fields(self) -> dict:
+        segments, keys = workdir.read_planning_progress(self.staging)
+        elapsed = time.time() - self.t0
+        rate = keys / elapsed if elapsed > 0 else 0.0
+        left = None if self.keys_total is None else max(0, self.keys_total - keys)
+        return {"phase": "plan", "segments": segments, "keys_examined": keys, "keys_total": self.keys_total,
+                "rate_keys_per_s": round(rate, 1),
+                "eta_s": round(left / rate, 1) if left is not None and rate > 0 else None,
+                "elapsed_s": round(elapsed, 1)}
+
+    def __enter__(self):
+        if self.display.mode == "none":
+            return self
+        self.display.__enter__()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                try:
+                    self.display.show(self.fields())
+                except Exception as e:  # noqa: BLE001 - never fail a plan for its progress
+                    LOG.debug("planning progress failed: %s", type(e).__name__)
+
+        self._thread = threading.Thread(target=loop, name="plan-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self._thread is None:
+            return False
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            if exc_type is None:
+                self.display.show(self.fields(), final=True)
+        finally:
+            self.display.close()
+        return False
 
 
 def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None,
-               sample: tuple = (0, 0)) -> PlanResult:
+               sample: tuple = (0, 0), progress: str = "auto") -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
@@ -266,7 +324,9 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         t0 = time.time()
         p = make_pipeline(pipeline_argv)
         build_plan_graph(p, spec)
-        stages = dry_run_stages(run_pipeline(p))
+        with _PlanProgress(staging, (snap_meta or {}).get("rows"), progress, cfg):
+            stages = dry_run_stages(run_pipeline(p))
+        fs.rmtree(workdir.planning_progress_dir(staging))  # progress marks are not part of the plan
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
             fs.rmtree(staging)
             new_dirs.remove_created()

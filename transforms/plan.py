@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Tuple
 
@@ -91,6 +93,9 @@ MOVES_ROW_GROUP = 65536
 #: Rows of snapshot planned per chunk before its hashes and moves are
 #: spilled (bounds the planner's memory, with segment_size).
 SPILL_ROWS = 1 << 20
+
+#: A chunk marks its planning progress at most this often (and once at its end).
+_MARK_EVERY_S = 0.5
 #: Hash partitions of the duplicate check: 2**bits, by the top bits of the
 #: stable hash.  One partition's hashes are held at once.
 SPILL_PARTITION_BITS = 8
@@ -341,11 +346,16 @@ class _PlanChunkFn(beam.DoFn):
         chunk, units = element
         total = core.Stats()
         hashes, moves, buffered, k = [], [], 0, 0
+        segments, marked = 0, time.monotonic()
         for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
             mv, st, h = core.plan_batch(table, self._ctx)
             self._examined.inc(st.rows)
             self._moved.inc(st.moved)
             total.merge(st)
+            segments += 1
+            if time.monotonic() - marked >= _MARK_EVERY_S:
+                marked = time.monotonic()
+                self._mark(chunk, segments, total.rows)
             hashes.append(h)
             if mv.num_rows:
                 moves.append(mv)
@@ -355,7 +365,16 @@ class _PlanChunkFn(beam.DoFn):
                 hashes, moves, buffered, k = [], [], 0, k + 1
         if buffered or moves:
             yield from self._spill(chunk, k, hashes, moves)
+        self._mark(chunk, segments, total.rows)
         yield total
+
+    def _mark(self, chunk: int, segments: int, keys: int) -> None:
+        """Planning progress for the driver (shardmove.planner polls it): an empty file whose
+        name holds this chunk's cumulative counts; a retry recreates the same names."""
+        try:
+            fs.create_if_absent(workdir.planning_progress_mark(self._staging, chunk, segments, keys), b"")
+        except Exception as e:  # noqa: BLE001 - progress is best effort
+            logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
 
     def _spill(self, chunk, k, hashes, moves):
         self._spills.inc()
