@@ -221,6 +221,7 @@ class RunOptions:
     write_fence: str
     lease_ttl: float
     progress_interval: float
+    progress_log_interval: float
     shard_max_in_flight: int
     shard_max_keys_per_s: float
     adaptive_throttling: bool
