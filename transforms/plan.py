@@ -409,15 +409,11 @@ def spill_side(staging: str, side: str, chunk: int, k: int, tables: list, bits: 
         {n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
     if t.num_rows == 0:
         return []
-    # sorted by hash: each partition is a contiguous sorted run, and the join merges the
-    # runs of several chunks cheaply (a stable sort of concatenated sorted runs is linear)
-    h = t["key_hash"].to_numpy()
-    order = np.argsort(h)
-    t = t.take(pa.array(order))
     nparts = 1 << bits
-    if nparts > 1:
-        edges = np.searchsorted(h[order] >> np.uint64(64 - bits), np.arange(nparts + 1, dtype=np.uint64),
-                                side="left")
+    if nparts > 1:  # one stable radix pass on the partition number, one take
+        part = (t["key_hash"].to_numpy() >> np.uint64(64 - bits)).astype(np.uint16)
+        t = t.take(pa.array(np.argsort(part, kind="stable")))
+        edges = np.searchsorted(np.sort(part), np.arange(nparts + 1), side="left")
     else:
         edges = np.array([0, t.num_rows])
     blobs, out, offset = [], [], 0
@@ -512,7 +508,7 @@ def _exact_duplicates(t: pa.Table) -> int:
     hashes, so the key bytes are compared only when some hash repeats (rarely)."""
     if t.num_rows < 2:
         return 0
-    h = np.sort(t["key_hash"].combine_chunks().to_numpy(zero_copy_only=False), kind="stable")  # sorted runs
+    h = np.sort(t["key_hash"].combine_chunks().to_numpy(zero_copy_only=False))
     if not np.any(h[1:] == h[:-1]):
         return 0
     return t.num_rows - len(pc.unique(t["key"].combine_chunks()))
