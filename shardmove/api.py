@@ -16,7 +16,7 @@ from pipeline.stores import open_data_store, open_map_store
 from pipeline.config import Config
 from pipeline.keys import KeyType
 
-__all__ = ["create_demo_keyspace", "snapshot", "plan", "run", "status"]
+__all__ = ["create_demo_keyspace", "snapshot", "plan", "run", "status", "plans"]
 
 
 def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, key_type: str = "string",
@@ -82,7 +82,8 @@ def snapshot(cfg: Config):
 
 
 def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, beam_args: Sequence[str] = (),
-         out: Callable[[str], None] = print):
+         out: Callable[[str], None] = print, name: str | None = None):
+    """Plan (or dry-run) a migration; ``name`` names the plan (metadata, never part of its id)."""
     from pipeline.errors import before_changes
     from shardmove.planner import make_plan
 
@@ -94,7 +95,7 @@ def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, bea
         if any(s.capacity_bytes for s in cfg.target_shards) or cfg.data_store.get("kind") == "objects":
             data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
         return make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
-                         beam_args=beam_args, out=out)
+                         beam_args=beam_args, out=out, name=name)
 
 
 def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: bool = False,
@@ -107,7 +108,34 @@ def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: 
 
 
 def status(plan_dir: str) -> dict:
-    """Per-state counts, failures by reason, verification methods, lease holder."""
+    """Per-state counts, failures by reason, verification methods, lease holder, the plan's
+    ``name`` (None when unnamed)."""
+    from pipeline import workdir
     from shardmove.executor import plan_status
 
-    return plan_status(plan_dir)
+    s = plan_status(plan_dir)
+    s["name"] = workdir.plan_name(plan_dir)
+    return s
+
+
+def plans(work_dir: str) -> list[dict]:
+    """The work directory's committed plans, newest first: ``plan_id``, ``name``, ``state``
+    (as ``status`` derives it), ``planned``/``done``/``failed``, ``created_at``."""
+    from pipeline import workdir
+    from pipeline.errors import ShardmoveError
+    from shardmove.executor import plan_status
+
+    names = workdir.plan_names(work_dir)
+    out = []
+    for plan_id in workdir.list_plan_ids(work_dir):
+        d = workdir.plan_dir(work_dir, plan_id)
+        m = workdir.read_json(workdir.manifest_path(d)) or {}
+        try:
+            s = plan_status(d)
+        except ShardmoveError:  # a damaged plan is listed, not fatal to the list
+            s = {"state": "unreadable", "planned": None, "done": None, "failed": None}
+        out.append({"plan_id": plan_id, "name": names.get(plan_id), "state": s["state"], "planned": s["planned"],
+                    "done": s["done"], "failed": s["failed"], "created_at": m.get("created_at"),
+                    "plan_dir": d})
+    out.sort(key=lambda r: (r["created_at"] or "", r["plan_id"]), reverse=True)
+    return out
