@@ -190,3 +190,35 @@ def test_json_errors_are_one_object_too(tmp_path):
     r = run_cli("status", "nobody", "--work-dir", str(tmp_path), "--json")
     line = one_error_line(r, 2)
     assert one_json(r) == {"error": line[len("error: "):], "exit_code": 2, "plan_id": None}
+
+
+def test_run_local_demo_prints_the_plan_once_then_how_to_look_at_it(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("run_local.sh", "pyproject.toml"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    venv = tmp_path / ".venv"
+    venv.mkdir()
+    os.symlink(os.path.dirname(sys.executable), venv / "bin")  # this suite's interpreter and console script
+    digest = subprocess.run("sha256sum < pyproject.toml | cut -c1-16", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True).stdout.strip()
+    (venv / f".installed-{digest}-base").touch()  # installed: the script must not pip install
+    env = dict(os.environ, DEMO_KEYS="300")
+    env.pop("SHARDMOVE_CONFIG", None)
+    r = subprocess.run(["./run_local.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    out = r.stdout
+    plan_id = (tmp_path / "demo" / "PLAN").read_text().strip()
+    assert PLAN_RE.findall(out) == [plan_id]
+    assert len(re.findall(r"^moves: ", out, re.M)) == 1 and "name: demo" in out
+    cmds = re.findall(r"^  (\S+ (status|report|verify) (\S+) --config (\S+))$", out, re.M)
+    assert [c[1] for c in cmds] == ["status", "report", "verify"]
+    assert {c[2] for c in cmds} == {plan_id[:12]} and {c[3] for c in cmds} == {"demo/shardmove.yaml"}
+    assert out.index("  " + cmds[0][0]) < out.index("summary: planned=")
+    st = subprocess.run(cmds[0][0].split(), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert st.returncode == 0 and PLAN_RE.findall(st.stdout) == [plan_id], st.stderr
+    again = subprocess.run(["./run_local.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do: plan already complete" in again.stdout
+    assert PLAN_RE.findall(again.stdout) == [plan_id] and "  " + cmds[0][0] in again.stdout
