@@ -248,10 +248,12 @@ def resolve_plan_dir(plan: str, work_dir: str | None) -> str:
     if not plan:
         raise BadInput("PLAN is empty: give a plan directory, a plan id (or 8+ hex digits of one) or a plan name")
     as_dir = plan.rstrip("/")
-    if fs.is_gcs(as_dir) or "/" in plan or _is_local_dir(as_dir):
+    if fs.is_gcs(as_dir) or "/" in plan:
         if not has_manifest(as_dir):
             raise BadInput(f"no committed plan at {as_dir} (manifest.json missing)")
         return as_dir
+    if _is_local_dir(as_dir) and has_manifest(as_dir):
+        return as_dir  # a bare word that is some other directory (``demo``) may still be a name
     if work_dir is None:
         raise BadInput(f"PLAN {plan!r} is not a plan directory and is given without a work directory: "
                        "pass --config FILE, set SHARDMOVE_CONFIG, or pass --work-dir DIR")

@@ -72,7 +72,7 @@ def plan_dir(args, cfg=None) -> str:
     if not getattr(args, "plan", None):
         raise BadInput("PLAN is empty: give a plan directory, a plan id (or 8+ hex digits of one) or a plan name")
     as_dir = args.plan.rstrip("/")
-    if fs.is_gcs(as_dir) or os.path.isdir(as_dir):  # a directory needs no work directory (nor a config)
+    if fs.is_gcs(as_dir) or "/" in args.plan or workdir.has_manifest(as_dir):  # needs no work directory
         return workdir.resolve_plan_dir(args.plan, None)
     return workdir.resolve_plan_dir(args.plan, work_dir(args, cfg))
 

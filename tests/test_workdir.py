@@ -114,3 +114,14 @@ def test_resolve_plan_dir_by_prefix_and_name(tmp_path):
 def test_plan_names_are_validated(bad):
     with pytest.raises(BadInput, match="plan --name"):
         workdir.validate_plan_name(bad)
+
+
+def test_a_bare_word_that_is_another_directory_is_still_a_name(tmp_path, monkeypatch):
+    c = _committed(tmp_path / "work", "ce" * 32)
+    w = str(tmp_path / "work")
+    workdir.claim_plan_name(w, "demo", "ce" * 32)
+    (tmp_path / "demo").mkdir()  # ./run_local.sh's folder, in the current directory
+    monkeypatch.chdir(tmp_path)
+    assert workdir.resolve_plan_dir("demo", w) == c
+    with pytest.raises(BadInput, match="no committed plan at demo"):
+        workdir.resolve_plan_dir("demo/", w)
