@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object on stdout (plan_id, name, counts); the plan block goes to stderr")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
     _add_common(r)
-    r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    r.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
     r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
     r.add_argument("--prometheus", metavar="FILE", help="write the final summary as a Prometheus textfile")
     r.add_argument("--allow-drift", action="store_true",
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="per-state counts of a plan; exit 0 complete, 3 complete with failed keys, "
                                                "5 running, 6 planned or stopped (rerun run)")
     _add_common(st, options=False)
-    st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    st.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.add_argument("--prometheus", metavar="FILE", help="also write the status as a Prometheus textfile")
     st.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
@@ -218,6 +218,8 @@ def cmd_plan(args, beam_args) -> int:
     if args.dry_run or translate_only:
         res = make()
         if translate_only:
+            if args.json:  # a translated job: no plan id, nothing committed
+                _print_json({**_plan_json(res, args, EXIT_OK), "plan_id": res.plan_id or None, "dry_run": True})
             return EXIT_OK
     else:
         with recorded(cfg.work_dir, "plan") as h:

@@ -25,19 +25,19 @@ def register(subparsers, add_common, commands) -> None:
         help="check the live map (duplicates, unknown shards, digest); --compare PLAN reports drift "
              "(exit 0 clean, 2 bad topology, 4 drift)")
     add_common(v)
-    v.add_argument("--compare", metavar="PLAN", help="plan directory or plan id to compare with the live map")
+    v.add_argument("--compare", metavar="PLAN", help="plan (directory, id, 8+ hex prefix or name) to compare with the live map")
     v.add_argument("--json", action="store_true", help="print the findings as JSON")
     commands["validate"] = cmd_validate
 
     r = subparsers.add_parser("report", help="write <plan>/reports/report.html and its PNG charts")
     add_common(r, options=False)
-    r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    r.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
     r.add_argument("--out-dir", help="write the report here instead of <plan>/reports/")
     commands["report"] = cmd_report
 
     m = subparsers.add_parser("metrics", help="write the plan's status as a Prometheus textfile")
     add_common(m, options=False)
-    m.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    m.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
     m.add_argument("--out", required=True, metavar="FILE",
                    help="textfile to replace atomically (e.g. /var/lib/node_exporter/textfile/shardmove.prom)")
     commands["metrics"] = cmd_metrics
