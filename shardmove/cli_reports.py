@@ -8,6 +8,7 @@ stdout as ``name: value`` lines, and a non-zero verdict also writes one
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from pipeline import workdir
@@ -135,7 +136,9 @@ def cmd_history(args, beam_args) -> int:
     if args.limit is not None and args.limit < 0:
         raise BadInput("history: --limit must be >= 0")
     plan_id = None
-    if args.plan:
+    if args.plan and re.fullmatch(r"[0-9a-f]{64}", args.plan):
+        plan_id = args.plan  # a full id: also the records of a plan since deleted
+    elif args.plan:
         plan_id = workdir.resolve_plan_dir(args.plan, work).rstrip("/").rsplit("/", 1)[-1]
     records = read_history(work, plan_id=plan_id, limit=args.limit)
     for r in records:
