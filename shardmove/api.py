@@ -37,7 +37,7 @@ from pipeline.stores import open_data_store, open_map_store
 
 __all__ = [
     "load_config", "create_demo_keyspace", "snapshot", "plan", "run", "status", "validate", "verify",
-    "rollback", "cleanup", "export_failures", "Plan", "Pair", "RunSummary", "Status",
+    "rollback", "cleanup", "export_failures", "plans", "Plan", "Pair", "RunSummary", "Status",
     "ShardmoveError", "BadInput", "Refused",
 ]
 
@@ -149,6 +149,7 @@ class Plan:
     dry_run: bool
     created: bool = True
     lines: list = field(default_factory=list)
+    name: str | None = None
 
     @property
     def id(self) -> str:
@@ -189,9 +190,9 @@ def _in_memory(x) -> bool:
 
 
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
-         target: str | os.PathLike | Rows | None = None, dry_run: bool = False, sample_hashes: int = 0,
-         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard, progress_output: str = "none"
-         ) -> Plan:
+         target: str | os.PathLike | Rows | None = None, dry_run: bool = False, name: str | None = None,
+         sample_hashes: int = 0, beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard,
+         progress_output: str = "none") -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -203,7 +204,8 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     input, capacity) removes the snapshots this call wrote.  ``sample_hashes`` (dry runs only):
     read that many moves at their sources (seeded by the ``sample_seed`` option) and report
     missing or unreadable records and their bytes, as ``manifest["sample"]``
-    (:mod:`shardmove.sampling`).  ``progress_output``: planning progress on stderr, as the
+    (:mod:`shardmove.sampling`).  ``name``: the plan's name (``plan --name``: metadata, never
+    part of the plan id; a name another plan holds is :class:`BadInput`).  ``progress_output``: planning progress on stderr, as the
     CLI's ``--progress`` (auto, bar, text, json; none by default: the API prints nothing)."""
     from pipeline.errors import before_changes
     from pipeline.snapshot import write_snapshot
@@ -235,7 +237,7 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
-                            sample_seed=cfg.opt("sample_seed"), progress=progress_output)
+                            sample_seed=cfg.opt("sample_seed"), progress=progress_output, name=name)
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:
@@ -346,6 +348,7 @@ class Status:
     done: int
     failed: int
     details: dict
+    name: str | None = None
 
 
 def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, work_dir: str | None = None
@@ -355,9 +358,11 @@ def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, 
     from shardmove.executor import plan_status, status_exit_code
 
     cfg = _config(config) if config is not None else None
-    s = plan_status(_plan_dir(plan, cfg, work_dir))
+    d = _plan_dir(plan, cfg, work_dir)
+    s = plan_status(d)
+    s["name"] = workdir.plan_name(d)
     return Status(s["plan_id"], s["state"], status_exit_code(s), int(s["planned"]), int(s["done"]),
-                  int(s["failed"]), s)
+                  int(s["failed"]), s, s["name"])
 
 
 # --------------------------------------------------------------- operator
@@ -410,3 +415,25 @@ def export_failures(config: ConfigLike, plan: Plan | str, path: str, *, out: Cal
 
     cfg = _config(config)
     return _export(cfg, _plan_dir(plan, cfg), path, out=out)
+
+
+def plans(work_dir: str) -> list[dict]:
+    """The work directory's committed plans, newest first: ``plan_id``, ``name``, ``state``
+    (as ``status`` derives it), ``planned``/``done``/``failed``, ``created_at``."""
+    from pipeline.errors import ShardmoveError
+    from shardmove.executor import plan_status
+
+    names = workdir.plan_names(work_dir)
+    out = []
+    for plan_id in workdir.list_plan_ids(work_dir):
+        d = workdir.plan_dir(work_dir, plan_id)
+        m = workdir.read_json(workdir.manifest_path(d)) or {}
+        try:
+            s = plan_status(d)
+        except ShardmoveError:  # a damaged plan is listed, not fatal to the list
+            s = {"state": "unreadable", "planned": None, "done": None, "failed": None}
+        out.append({"plan_id": plan_id, "name": names.get(plan_id), "state": s["state"], "planned": s["planned"],
+                    "done": s["done"], "failed": s["failed"], "created_at": m.get("created_at"),
+                    "plan_dir": d})
+    out.sort(key=lambda r: (r["created_at"] or "", r["plan_id"]), reverse=True)
+    return out

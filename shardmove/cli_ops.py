@@ -20,7 +20,7 @@ __all__ = ["register"]
 
 
 def _plan_arg(p) -> None:
-    p.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    p.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
 
 
 def register(subparsers, add_common, commands) -> None:

@@ -45,6 +45,7 @@ class PlanResult:
     dry_run: bool
     created: bool = True
     lines: list = field(default_factory=list)
+    name: str | None = None  # ``plan --name``: metadata, never part of the plan id
 
 
 def build_ring(cfg: Config):
@@ -199,7 +200,10 @@ def make_plan(
     sample_hashes: int = 0,
     sample_seed: int = 0,
     progress: str = "auto",
+    name: str | None = None,
 ) -> PlanResult:
+    """``name``: the plan's name (``plan --name``), checked before anything is committed and
+    recorded after the commit; never part of the plan id."""
     from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
     from transforms.preflight import preflight
 
@@ -210,6 +214,8 @@ def make_plan(
     if sample_hashes and data_store is None:
         raise BadInput("plan: --sample-hashes needs a data store (data_store in the config)")
     sample = (sample_hashes, sample_seed)
+    if name is not None:
+        workdir.validate_plan_name(name)
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
         out(w)
@@ -225,7 +231,8 @@ def make_plan(
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
-                                data_store, dry_run, pf.args, out, sample=sample, progress=progress, snapshot_line=(
+                                data_store, dry_run, pf.args, out, sample=sample, progress=progress, name=name,
+                                snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
                                     f"rows_above_cutoff={info.rows_above_cutoff}"))
         except BaseException:
@@ -238,7 +245,7 @@ def make_plan(
             fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
-                      pf.args, out, sample=sample, progress=progress)
+                      pf.args, out, sample=sample, progress=progress, name=name)
 
 
 class _PlanProgress:
@@ -299,7 +306,7 @@ class _PlanProgress:
 
 def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None,
-               sample: tuple = (0, 0), progress: str = "auto") -> PlanResult:
+               sample: tuple = (0, 0), progress: str = "auto", name: str | None = None) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
@@ -343,10 +350,12 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         digest = core.digest_hex(*stats["digest"])
         if snap_meta and snap_meta.get("digest") and snap_meta["digest"] != digest:
             raise BadInput("snapshot: content does not match its snapshot.json digest (files changed or damaged)")
-        if snapshot_line:  # only now: a refused plan prints its one error line and nothing else
-            out(snapshot_line)
         target_canon = _target_canonical(cfg, ring, stats)
         plan_id = core.plan_id_for(digest, target_canon, cfg.key_type, cfg.window)
+        if name is not None:  # a name of another plan: refused before anything is printed or committed
+            workdir.check_plan_name(cfg.work_dir, name, plan_id)
+        if snapshot_line:  # only now: a refused plan prints its one error line and nothing else
+            out(snapshot_line)
         files.sort(key=lambda f: (f["source"].encode(), f["target"].encode(), f["bucket"]))
         pairs: dict = {}
         for key, n in stats["pairs"].items():
@@ -388,6 +397,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         capacity, cap_ok = _capacity(cfg, stats, data_store, staging, files)
         manifest["capacity"] = capacity
         lines = [f"plan id: {plan_id}"]
+        if name is not None:
+            lines.append(f"name: {name}")
         if manifest["moves"] == 0:
             lines.append("nothing to move")  # still committed: a run then says the plan is complete
         lines += report_lines(manifest, capacity, cfg.opt("min_headroom_percent"))
@@ -398,7 +409,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
             lines.append(warning)
         for line in lines:
             out(line)
-        result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
+        result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines, name=name)
         final = workdir.plan_dir(cfg.work_dir, plan_id)
         _note_reused_layout(final, manifest, out)
         if dry_run:
@@ -416,11 +427,15 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         if not cap_ok:
             fs.rmtree(staging)
             raise Refused("plan: a target shard would fall below the configured headroom; no plan committed")
-        for name in ("stats.json", "files.json", "duplicates.json"):
-            fs.remove(fs.join(staging, name))
+        for leftover in ("stats.json", "files.json", "duplicates.json"):
+            fs.remove(fs.join(staging, leftover))
         workdir.write_manifest(staging, manifest)
         result.created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         result.plan_dir = final
+        if name is not None:
+            workdir.claim_plan_name(cfg.work_dir, name, plan_id)
+        else:
+            result.name = workdir.plan_names(cfg.work_dir).get(plan_id)
         LOG.info("plan %s committed: %d moves in %d files", plan_id[:12], stats["moved"], len(files))
         return result
     except BaseException:
