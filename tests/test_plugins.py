@@ -176,6 +176,11 @@ def test_memory_stores_from_yaml_through_the_api(tmp_path):
            "data_store": {"kind": "memory", "name": name}, "current_shards": ["s0", "s1"],
            "target": {"profile": "native", "shards": [{"id": s} for s in ("s0", "s1", "s2")]}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    other = MemoryMapStore(uuid.uuid4().hex)  # a store object instead of the configured one
+    other.put_many([(k, "s0") for k in keys[:10]])
+    other.put_many([(k, "s1") for k in keys[10:30]])
+    info = shardmove.snapshot(str(tmp_path / "c.yaml"), map_store=other, cutoff=1)
+    assert (info.rows, info.cutoff, info.rows_above_cutoff) == (10, 1, 20)
     plan = shardmove.plan(str(tmp_path / "c.yaml"))
     assert plan.keys_examined == 400 and plan.move_count > 0
     done = shardmove.run(str(tmp_path / "c.yaml"), plan)
