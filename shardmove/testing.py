@@ -11,8 +11,9 @@ how to build a fresh, empty store, and pytest collects its ``test_*`` methods::
             return MyMapStore.create(..., key_type)   # fresh and empty on every call
 
 * :class:`MapStoreContract` -- the :class:`~pipeline.stores.base.MapStore`
-  protocol: snapshots, look-ups, all-or-nothing compare-and-set swaps, change
-  numbers, pickling as configuration; and, for a store with a run registry
+  protocol: snapshots (at the current version or a caller's cutoff), look-ups,
+  all-or-nothing compare-and-set swaps, change numbers, pickling as
+  configuration; and, for a store with a run registry
   (:class:`~pipeline.stores.base.RunRegistry`), the claim rule of
   :func:`pipeline.stores.claims.decide_claim` over :data:`CLAIM_CASES` and the
   fencing token of ``swap_batch(..., token=)``.

@@ -22,7 +22,8 @@ Never imports Beam.  A ``map_store`` / ``data_store`` section names its store by
 
 A store -- or a plugin's factory -- whose state lives in the process sets
 ``in_process_only = True``: the preflight then refuses runners whose workers
-are other processes (:func:`in_process_only`).
+are other processes (:func:`in_process_only`), as it does for a memory store
+and for an instance that cannot be pickled.
 
 An unknown kind is bad configuration (exit 2): one line naming the known kinds.
 """
