@@ -327,6 +327,15 @@ def _split_moves(moves: pa.Table):
         yield group_id(src, tgt, int(b)), body.take(pa.array(order[s:e]))
 
 
+def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
+    """Planning progress for the driver (shardmove.planner polls it): an empty file whose
+    name holds this chunk's cumulative counts; a retry recreates the same names."""
+    try:
+        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
+    except Exception as e:  # noqa: BLE001 - progress is best effort
+        logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
+
+
 class _PlanChunkFn(beam.DoFn):
     """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""
 
@@ -369,12 +378,7 @@ class _PlanChunkFn(beam.DoFn):
         yield total
 
     def _mark(self, chunk: int, segments: int, keys: int) -> None:
-        """Planning progress for the driver (shardmove.planner polls it): an empty file whose
-        name holds this chunk's cumulative counts; a retry recreates the same names."""
-        try:
-            fs.create_if_absent(workdir.planning_progress_mark(self._staging, chunk, segments, keys), b"")
-        except Exception as e:  # noqa: BLE001 - progress is best effort
-            logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
+        mark_progress(self._staging, chunk, segments, keys)
 
     def _spill(self, chunk, k, hashes, moves):
         self._spills.inc()
@@ -447,7 +451,9 @@ class _PrepareChunkFn(beam.DoFn):
         known = self._ctx.target_shards if is_target else self._ctx.known_shards
         st = core.Stats()
         tables, buffered, k = [], 0, 0
+        segments, marked = 0, time.monotonic()
         for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+            segments += 1
             canon, shard, hashes = core.prepare_batch(table, self._ctx.key_type, st, known, target_side=is_target)
             lanes = core.digest_lanes(hashes, core._shard_hash_array(shard))
             if is_target:
@@ -458,6 +464,9 @@ class _PrepareChunkFn(beam.DoFn):
                 st.digest = core._add_digest(st.digest, lanes)
             tables.append(pa.table([canon, shard, pa.array(hashes, pa.uint64())], schema=_SIDE_SCHEMA))
             buffered += len(hashes)
+            if not is_target and time.monotonic() - marked >= _MARK_EVERY_S:  # the snapshot's keys examined
+                marked = time.monotonic()
+                mark_progress(self._staging, chunk, segments, st.rows)
             if buffered >= SPILL_ROWS:
                 self._spills.inc()
                 yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
@@ -465,6 +474,8 @@ class _PrepareChunkFn(beam.DoFn):
         if tables:
             self._spills.inc()
             yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
+        if not is_target:
+            mark_progress(self._staging, chunk, segments, st.rows)
         yield beam.pvalue.TaggedOutput("stats", st)
 
 
