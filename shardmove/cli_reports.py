@@ -72,7 +72,7 @@ def _cfg_or_none(args):
 
 
 def cmd_validate(args, beam_args) -> int:
-    from shardmove.validate import format_lines, validate
+    from shardmove.validation import format_lines, validate
 
     if not args.config:
         raise BadInput("validate: --config is required")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from shardmove import api
-from shardmove import validate as V
+from shardmove import validation as V
 from pipeline.config import load_config
 from shardmove.planner import load_manifest
 from pipeline.snapshot import take_snapshot

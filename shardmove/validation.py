@@ -58,7 +58,7 @@ __all__ = [
     "format_lines",
 ]
 
-LOG = logging.getLogger("shardmove.validate")
+LOG = logging.getLogger("shardmove.validation")
 
 #: Rows held in memory for duplicate detection before spilling to disk.
 DEFAULT_MEMORY_ROWS = 2_000_000
