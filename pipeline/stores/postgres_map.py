@@ -15,8 +15,8 @@ onto other column names, each a strict identifier, quoted)::
 :func:`map_ddl` is the one definition of these objects: ``create()`` /
 ``ensure_schema()`` run it, ``claim_run`` runs its registry statement,
 ``initialize()`` (``shardmove init``) runs what is missing of it after checking
-the shape of what exists, and the README prints it (``python -m
-pipeline.stores.postgres_map``).  Nothing else is created.
+the shape of what exists, ``shardmove init --print-sql`` prints it, and the
+README shows it (tests/test_docs.py compares).  Nothing else is created.
 
 ``version`` is the keyspace-wide change number of the SQLite map: every write
 transaction (a ``put_many`` chunk, a swap batch) stamps its rows with

@@ -18,7 +18,11 @@ batch (a ``put_many`` chunk, a swap batch) runs as ONE Lua script that does
 value, so versions grow in commit order and ``max_version()`` is the clock.
 A conflicted swap writes nothing and consumes no version.  Applications that
 write the map must follow the same rule (INCR the clock, HSET both hashes, in
-one script or MULTI).
+one script or MULTI).  A map seeded by hand must set the clock to at least its
+highest version (:func:`seeding_rule`): rows above the clock are left out of
+every snapshot, and ``rows_above_clock`` (:class:`~pipeline.stores.base.ExternalClock`)
+counts them for ``validate``.  There is nothing to create: ``initialize`` only
+checks the layout's key types.
 
 The scripts carry a ``#!lua`` shebang (Redis >= 7.0): Redis then refuses them
 up front when it is out of memory instead of failing half-way, so a batch is
