@@ -279,6 +279,7 @@ def test_redis_validate_refuses_rows_above_the_clock_and_an_empty_prefix(tmp_pat
     line = cli_refused("validate", "--config", cfg)
     assert line == (f"error: validate: redis prefix {prefix!r} holds no rows (is the map store's table, prefix or "
                     "path the right one?)")
+    assert "snapshot: the map store holds no rows to export" in cli_refused("plan", "--config", cfg)
     # seeded by hand, as the README says, but without the clock
     c = redis.Redis.from_url(require_redis())
     c.hset(f"{prefix}:shard", mapping=dict(rows))
@@ -286,6 +287,8 @@ def test_redis_validate_refuses_rows_above_the_clock_and_an_empty_prefix(tmp_pat
     line = cli_refused("validate", "--config", cfg)
     assert line == (f"error: validate: {len(rows)} rows of redis prefix {prefix!r} have a version above its clock "
                     f"(0), up to 3; snapshots leave them out: SET {prefix}:clock 3")
+    line = cli_refused("plan", "--config", cfg)  # not a path error: what is wrong, and where to look
+    assert f"holds no rows to export ({len(rows)} rows have a version above the cutoff 0" in line
     c.set(f"{prefix}:clock", 2)
     assert "above its clock (2), up to 3" in cli_refused("validate", "--config", cfg)
     c.set(f"{prefix}:clock", 3)
