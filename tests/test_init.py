@@ -297,3 +297,13 @@ def test_redis_validate_refuses_rows_above_the_clock_and_an_empty_prefix(tmp_pat
     moves, _ = plan_and_run(cfg)
     got = {k.decode(): s.decode() for k, s in c.hgetall(f"{prefix}:shard").items()}
     assert got == expected_map(rows, moves)
+
+
+def test_init_needs_a_config_and_an_unreachable_map_is_one_line_exit_2(tmp_path):
+    assert run_cli("init", "--help").returncode == 0
+    assert cli_refused("init") == "error: init: --config is required"
+    secret = "init-sekret-42"
+    cfg, _rows = demo(tmp_path, {"kind": "postgres", "dsn": dsn_for("no_such_db_shardmove_init", password=secret)},
+                      keys=10)
+    line = cli_refused("init", "--config", cfg)
+    assert "map store" in line and "password=***" in line and secret not in line

@@ -68,7 +68,8 @@ from pipeline.stores.postgres_common import (
 )
 from pipeline.stores.postgres_data import PostgresDataStore
 
-__all__ = ["PostgresMapStore", "PostgresMapSnapshot", "MapColumns", "map_columns", "map_ddl", "DdlStep"]
+__all__ = ["PostgresMapStore", "PostgresMapSnapshot", "MapColumns", "map_columns", "map_ddl", "ddl_text", "DdlStep",
+           "RUNS_COLUMNS"]
 
 
 class MapColumns(NamedTuple):
