@@ -28,7 +28,7 @@ def register(subparsers, add_common, commands) -> None:
 
 
 def _describe(spec) -> str:
-    from shardmove.validate import describe_map
+    from shardmove.validation import describe_map
 
     cols = spec.get("columns")
     return describe_map(spec) + (f" (columns {', '.join(f'{k}={v}' for k, v in cols.items())})"
