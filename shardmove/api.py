@@ -427,8 +427,8 @@ def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, 
 def validate(config: ConfigLike, *, compare: Plan | str | None = None):
     """Check the live map (duplicates, unknown shards, digest); with ``compare``, count the
     plan's keys at source, target, elsewhere and missing.  Returns
-    :class:`shardmove.validate.ValidationResult`."""
-    from shardmove.validate import validate as _validate
+    :class:`shardmove.validation.ValidationResult`."""
+    from shardmove.validation import validate as _validate
 
     cfg = _config(config)
     return _validate(cfg, compare_plan_dir=_plan_dir(compare, cfg) if compare is not None else None)

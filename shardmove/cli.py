@@ -137,7 +137,7 @@ def _extensions():
     import importlib
 
     mods = []
-    for name in ("shardmove.cli_reports", "shardmove.cli_ops"):
+    for name in ("shardmove.cli_reports", "shardmove.cli_ops", "shardmove.cli_init"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as e:

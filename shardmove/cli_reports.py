@@ -72,7 +72,7 @@ def _cfg_or_none(args):
 
 
 def cmd_validate(args, beam_args) -> int:
-    from shardmove.validate import format_lines, validate
+    from shardmove.validation import error_lines, format_lines, validate
 
     if not args.config:
         raise BadInput("validate: --config is required")
@@ -87,16 +87,8 @@ def cmd_validate(args, beam_args) -> int:
     else:
         for line in format_lines(res):
             print(line)
-    t, d = res.topology, res.drift
-    if t.bad:
-        sys.stderr.write(f"error: validate: bad topology: {t.duplicate_keys} duplicate keys, "
-                         f"{t.unknown_shard_rows} rows on {len(t.unknown_shards)} unknown shard ids, "
-                         f"{t.invalid_keys} invalid keys\n")
-    elif d is not None and d.drift:
-        sys.stderr.write(f"error: validate: drift detected against plan {d.plan_id[:12]}: "
-                         f"{d.elsewhere} plan keys on another shard, {d.missing} deleted, "
-                         f"{d.rewritten_at_source} rewritten at source, {d.other_changed or 0} other keys changed "
-                         "since the snapshot\n")
+    for line in error_lines(res, cfg.map_store):
+        sys.stderr.write(f"error: {line}\n")
     return res.exit_code
 
 

@@ -339,3 +339,31 @@ def test_planning_fields_in_every_mode():
                                "elapsed=2s\n")
     ev = json.loads(js.getvalue())
     assert ev["phase"] == "plan" and ev["keys_examined"] == 300 and ev["final"] is False and "time" in ev
+
+
+def test_explicit_target_plan_reports_keys_examined(tmp_path):
+    """The explicit-target planner (spilled sides, joined per partition) reports planning
+    progress too: the snapshot's keys examined, to the last one."""
+    import sqlite3
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=3000, shards=3)
+    cfgpath = info["config"]
+    doc = yaml.safe_load(open(cfgpath))
+    con = sqlite3.connect(os.path.join(os.path.dirname(cfgpath), doc["map_store"]["path"]))
+    rows = list(con.execute("SELECT key, shard_id FROM shard_map ORDER BY key"))
+    con.close()
+    target = pa.table({"key": [k for k, _ in rows], "shard_id": ["s3" if i % 10 == 0 else s for i, (_k, s) in enumerate(rows)]})
+    pq.write_table(target, str(tmp_path / "target.parquet"), row_group_size=500)
+    doc["target"] = {"snapshot": str(tmp_path / "target.parquet"), "shards": [{"id": f"s{i}"} for i in range(4)]}
+    doc["segment_size"] = 500
+    with open(cfgpath, "w") as f:
+        yaml.safe_dump(doc, f)
+    r = run_cli("plan", "--config", cfgpath, "--dry-run", "--progress", "text", "--progress-log-interval", "100ms")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("progress: plan ")]
+    assert lines and re.match(r"progress: plan segments=\d+ keys_examined=3000/3000 ", lines[-1]), r.stderr
+    assert "moves: 300 of 3000 keys (10.00%)" in r.stdout, r.stdout

@@ -77,7 +77,6 @@ from transforms.coders import Uint64
 
 __all__ = [
     "PlanGraphSpec",
-    "ReadAssignments",
     "PlanChunks",
     "DetectDuplicates",
     "WriteMoveFiles",
@@ -163,33 +162,6 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
                 for b in table.to_batches(max_chunksize=segment_size):
                     yield pa.Table.from_batches([b])
         i = j
-
-
-class _ReadSegmentsFn(beam.DoFn):
-    """(path, row group) -> Arrow tables of at most ``segment_size`` rows."""
-
-    def __init__(self, segment_size: int, columns: tuple):
-        self._segment_size = segment_size
-        self._columns = columns
-        self._rows = Metrics.counter("plan", "rows_read")
-
-    def process(self, element):
-        yield from _read_units([element], self._segment_size, self._columns, self._rows)
-
-
-class ReadAssignments(beam.PTransform):
-    def __init__(self, parts: tuple, segment_size: int, columns=("key", "shard_id")):
-        super().__init__()
-        self._parts = parts
-        self._segment_size = segment_size
-        self._columns = tuple(columns)
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "ListParts" >> beam.Create(list(self._parts))
-            | "ReadSegments" >> beam.ParDo(_ReadSegmentsFn(self._segment_size, self._columns))
-        )
 
 
 def make_chunks(units: tuple, segment_size: int) -> list:
@@ -327,6 +299,15 @@ def _split_moves(moves: pa.Table):
         yield group_id(src, tgt, int(b)), body.take(pa.array(order[s:e]))
 
 
+def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
+    """Planning progress for the driver (shardmove.planner polls it): an empty file whose
+    name holds this chunk's cumulative counts; a retry recreates the same names."""
+    try:
+        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
+    except Exception as e:  # noqa: BLE001 - progress is best effort
+        logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
+
+
 class _PlanChunkFn(beam.DoFn):
     """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""
 
@@ -369,12 +350,7 @@ class _PlanChunkFn(beam.DoFn):
         yield total
 
     def _mark(self, chunk: int, segments: int, keys: int) -> None:
-        """Planning progress for the driver (shardmove.planner polls it): an empty file whose
-        name holds this chunk's cumulative counts; a retry recreates the same names."""
-        try:
-            fs.create_if_absent(workdir.planning_progress_mark(self._staging, chunk, segments, keys), b"")
-        except Exception as e:  # noqa: BLE001 - progress is best effort
-            logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
+        mark_progress(self._staging, chunk, segments, keys)
 
     def _spill(self, chunk, k, hashes, moves):
         self._spills.inc()
@@ -383,7 +359,17 @@ class _PlanChunkFn(beam.DoFn):
 
 
 class PlanChunks(beam.PTransform):
-    """Chunks -> tagged outputs ``moves`` (gid, ptr), ``hashes`` (partition, ptr), main: Stats."""
+    """Plan the snapshot against the ring, one chunk at a time.
+
+    Input: ``(chunk index, ((path, row group), ...))`` elements (:func:`make_chunks`).
+    Outputs: main, one :class:`pipeline.plancore.Stats` per chunk; tagged ``moves``,
+    ``(group id, (path, offset, length))`` pointers to the chunk's sorted moves of one
+    (source, target, bucket) group; tagged ``hashes``, ``(partition, pointer)`` to the
+    chunk's sorted stable hashes of one hash partition.
+    Side effects: one spill file per chunk (and per SPILL_ROWS rows) under
+    ``<staging>/spill/`` (0600: it holds keys), and planning-progress marks.
+    Idempotent: spill and mark names are functions of the chunk, so a retried bundle
+    rewrites the same bytes under the same names; only committed pointers are read."""
 
     def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
         super().__init__()
@@ -447,7 +433,9 @@ class _PrepareChunkFn(beam.DoFn):
         known = self._ctx.target_shards if is_target else self._ctx.known_shards
         st = core.Stats()
         tables, buffered, k = [], 0, 0
+        segments, marked = 0, time.monotonic()
         for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+            segments += 1
             canon, shard, hashes = core.prepare_batch(table, self._ctx.key_type, st, known, target_side=is_target)
             lanes = core.digest_lanes(hashes, core._shard_hash_array(shard))
             if is_target:
@@ -458,6 +446,9 @@ class _PrepareChunkFn(beam.DoFn):
                 st.digest = core._add_digest(st.digest, lanes)
             tables.append(pa.table([canon, shard, pa.array(hashes, pa.uint64())], schema=_SIDE_SCHEMA))
             buffered += len(hashes)
+            if not is_target and time.monotonic() - marked >= _MARK_EVERY_S:  # the snapshot's keys examined
+                marked = time.monotonic()
+                mark_progress(self._staging, chunk, segments, st.rows)
             if buffered >= SPILL_ROWS:
                 self._spills.inc()
                 yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
@@ -465,6 +456,8 @@ class _PrepareChunkFn(beam.DoFn):
         if tables:
             self._spills.inc()
             yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
+        if not is_target:
+            mark_progress(self._staging, chunk, segments, st.rows)
         yield beam.pvalue.TaggedOutput("stats", st)
 
 
@@ -570,7 +563,8 @@ class DetectDuplicates(beam.PTransform):
     Input: hashes keyed by partition, each value an ndarray or a spill
     pointer.  ``chunks``: the planner's (chunk, units) PCollection, re-read
     only when candidates exist.  Output: duplicate counts (to be summed;
-    usually empty)."""
+    usually empty).  Side effects: none (it only reads).  Idempotent: a pure
+    function of its inputs."""
 
     def __init__(self, chunks, segment_size: int, key_type: KeyType):
         super().__init__()
@@ -710,6 +704,16 @@ class _WriteGroupFn(beam.DoFn):
 
 
 class WriteMoveFiles(beam.PTransform):
+    """One Parquet file per (source, target, bucket) group of moves.
+
+    Input: ``(group id, moves)`` where moves is an Arrow table or a spill pointer; a group's
+    values may come from many chunks or partitions.  Output: one record per file
+    (``group``, ``source``, ``target``, ``bucket``, ``rows``, ``bytes``, ``sha256``).
+    Side effects: ``<staging>/moves/<group>.parquet``, written atomically
+    (:func:`pipeline.fs.write_atomic`).  Idempotent: the moves are sorted in CONTRACTS order
+    and encoded with fixed options (:func:`write_moves_bytes`), so a retried bundle writes
+    the same bytes under the same name."""
+
     def __init__(self, staging: str):
         super().__init__()
         self._staging = staging
