@@ -10,6 +10,7 @@
     <work>/plans/<plan id>/summary.json
     <work>/plans/<plan id>/lease.json
     <work>/plans/<plan id>/stop              graceful-stop marker
+    <work>/plans/<plan id>/halt.json         why a run stopped itself (a configuration error)
     <work>/plans/<plan id>/reports/
     <work>/history/                          one record per command
 
@@ -45,6 +46,7 @@ __all__ = [
     "summary_path",
     "lease_path",
     "stop_path",
+    "halt_path",
     "reports_dir",
     "new_staging",
     "commit_staged",
@@ -73,6 +75,7 @@ _PROGRESS = "progress"
 _SUMMARY = "summary.json"
 _LEASE = "lease.json"
 _STOP = "stop"
+_HALT = "halt.json"
 _REPORTS = "reports"
 
 _PLAN_ID = re.compile(r"[0-9a-f]{64}")
@@ -136,6 +139,12 @@ def lease_path(plan: str) -> str:
 
 def stop_path(plan: str) -> str:
     return fs.join(plan, _STOP)
+
+
+def halt_path(plan: str) -> str:
+    """Written (create-if-absent: the first finding wins) by a stage that met a
+    configuration error; the launcher reports it and removes it."""
+    return fs.join(plan, _HALT)
 
 
 def reports_dir(plan: str) -> str:
