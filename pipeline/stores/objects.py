@@ -485,7 +485,7 @@ class ObjectDataStore:
     def _shard(self, shard: str) -> _Shard:
         s = self._shards.get(shard)
         if s is None:
-            raise ConfigurationError(f"data store: shard {shard} not configured in data_store.shards",
+            raise ConfigurationError(f"data store: shard not configured in data_store.shards ({shard})",
                                  reason="shard_unknown")
         return s
 

@@ -290,7 +290,7 @@ class PostgresDataStore(_Configured):
     def _shard(self, shard: str, what: str) -> _Shard:
         sh = self._shards.get(shard)
         if sh is None:
-            raise ConfigurationError(f"{what}: shard {shard} not configured in data_store.shards", reason="shard_missing")
+            raise ConfigurationError(f"{what}: shard not configured in data_store.shards ({shard})", reason="shard_missing")
         return sh
 
     def _pool(self, shard: str) -> _Pool:
