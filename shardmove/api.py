@@ -306,6 +306,9 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     background thread; an exception it raises is logged and ignored.  ``cancel``: setting the
     event stops the run as SIGINT does -- checkpoints flushed, claim and lease released,
     ``interrupted`` and ``cancelled`` set, exit code 130 -- and a later ``run`` resumes it.
+    A store found unusable before the run starts raises ``BadInput`` (the preflight, exit 2);
+    a configuration error met while it runs (a table dropped, a permission revoked) stops it
+    with no key Failed and raises ``RunHalted`` (exit 1); a later ``run`` resumes it.
     Signal handlers are installed only when called from the main thread."""
     from pipeline.errors import Interrupted
     from shardmove.executor import RunResult, plan_state, plan_status, run_plan

@@ -208,3 +208,29 @@ def test_failed_reasons_are_a_closed_set():
     for code in ("store_error", "io_error", "storage_error", "something_new", None):
         assert S.failure_reason(code) == S.PERMANENT
     assert issubclass(ConfigurationError, PermanentError)
+
+
+def test_permission_refused_at_the_swap_stops_the_run_and_a_rerun_swaps(tmp_path, db):
+    """The swap stage's path: the map refuses the swap's UPDATE as a revoked privilege would
+    (SQLSTATE 42501, raised by a trigger); the keys stay Swapping, none Failed."""
+    raw, _originals = build_keyspace(tmp_path, db, None, 300)
+    cfgpath = _config(tmp_path, raw)
+    plan_id = _plan_cli(cfgpath)
+    db.sql(f"""
+        CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+          RAISE EXCEPTION 'permission denied for table shard_map' USING ERRCODE = 'insufficient_privilege';
+        END $$;
+        CREATE TRIGGER test_refuse BEFORE UPDATE ON {db.ns}.shard_map FOR EACH ROW EXECUTE FUNCTION test_refuse();
+    """)
+    r = run_cli("run", plan_id, "--config", cfgpath)
+    line = _one_error_line(r, 1)
+    assert line.startswith("error: the run stopped on a configuration error: ") and "shard_map" in line, line
+    m = re.search(r"^summary: planned=(\d+) done=0 failed=0$", r.stdout, re.M)
+    assert m, r.stdout
+    st = run_cli("status", plan_id, "--config", cfgpath)
+    assert st.returncode == 6 and "failed: 0" in st.stdout, st.stdout
+    assert int(re.search(r"^swapping: (\d+)$", st.stdout, re.M).group(1)) > 0, st.stdout  # kept, not Failed
+    db.sql(f"DROP TRIGGER test_refuse ON {db.ns}.shard_map")
+    again = run_cli("run", plan_id, "--config", cfgpath)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"summary: planned={m.group(1)} done={m.group(1)} failed=0" in again.stdout

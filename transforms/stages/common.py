@@ -392,8 +392,8 @@ class StageContext:
         first = not self._halted
         self._halted = self._stopped = True
         if first:
-            LOG.warning("%s: configuration error, stopping the run (no key is failed for it): %s",
-                        self.stage, err)
+            # the launcher prints the one error line; workers' logs keep the finding too
+            LOG.info("%s: configuration error, stopping the run (no key is failed for it): %s", self.stage, err)
         if self.spec.plan_dir:
             doc = {"stage": self.stage, "epoch": self.spec.epoch, "reason": err.reason, "message": str(err)}
             try:
