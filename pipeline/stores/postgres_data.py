@@ -551,8 +551,8 @@ class PostgresDataStore(_Configured):
                 return self._check_tables(shard, conn, write)
         except psycopg.Error as e:
             return f"cannot be used: {self._error(e, 'connect')}"
-        except StoreError as e:
-            return f"cannot be used: {e}"
+        except StoreError as e:  # the pool's: it names the shard and its redacted DSN
+            return str(e)
 
     def _check_tables(self, shard: str, conn: psycopg.Connection, write: bool) -> str | None:
         if write:
