@@ -234,3 +234,25 @@ def test_permission_refused_at_the_swap_stops_the_run_and_a_rerun_swaps(tmp_path
     again = run_cli("run", plan_id, "--config", cfgpath)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"summary: planned={m.group(1)} done={m.group(1)} failed=0" in again.stdout
+
+
+def test_local_stores_preflight_without_writing(tmp_path):
+    from pipeline.keys import KeyType
+    from pipeline.stores.base import ShardChecks
+    from pipeline.stores.objects import ObjectDataStore
+    from pipeline.stores.sqlite import SqliteDataStore
+
+    objs = ObjectDataStore({"a": str(tmp_path / "o" / "a"), "b": str(tmp_path / "o" / "b")}, KeyType.STRING)
+    assert isinstance(objs, ShardChecks)
+    assert objs.check_shard("a") == f"directory {tmp_path / 'o' / 'a'} does not exist"
+    assert objs.check_shard("a", write=True) is None  # the first copy creates it
+    assert objs.check_shard("zz") == "not configured in data_store.shards"
+    assert not (tmp_path / "o").exists()  # nothing was created
+    sq = SqliteDataStore(str(tmp_path / "d"), KeyType.STRING)
+    assert sq.check_shard("s0", write=True) is None and sq.check_shard("s0").endswith("s0.sqlite does not exist")
+    sq.put_many("s0", [(b"k", b"v")])
+    before = (tmp_path / "d" / "s0.sqlite").read_bytes()
+    assert sq.check_shard("s0") is None and sq.check_shard("s0", write=True) is None
+    assert (tmp_path / "d" / "s0.sqlite").read_bytes() == before
+    (tmp_path / "d" / "s1.sqlite").write_bytes(b"not a database, just bytes" * 100)
+    assert "not a SQLite database" in sq.check_shard("s1", write=True)
