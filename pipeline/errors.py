@@ -34,6 +34,8 @@ __all__ = [
     "TransientError",
     "PermanentError",
     "SourceMissing",
+    "ConfigurationError",
+    "RunHalted",
     "CommitConflict",
     "CONFIG_REASONS",
     "before_changes",
@@ -113,6 +115,29 @@ class SourceMissing(PermanentError):
     reason = "source_missing"
 
 
+class ConfigurationError(PermanentError):
+    """A store cannot serve a shard as configured: a missing database, schema,
+    table or column, a refused permission, a shard file, directory or bucket
+    that is not there.  Raised by the stores' error classifiers (PostgreSQL
+    SQLSTATE 42P01/42703/3F000/3D000/42501/28xxx, SQLite "no such table" and
+    read-only files, object-store 403/404 and EACCES); ``reason`` keeps the
+    store's short code (``schema``, ``permission``, ``cannot_connect``...).
+
+    Not a per-key outcome, so no key is ever Failed for it: before a command
+    modifies anything it is bad configuration (exit 2, :func:`before_changes`);
+    during a run it stops the run (:class:`RunHalted`, exit 1) with every key
+    left in its state, and a rerun resumes once the store is fixed."""
+
+    reason = "schema"
+
+
+class RunHalted(ShardmoveError):
+    """A run stopped by a :class:`ConfigurationError` found while it ran (exit 1):
+    checkpoints flushed, claim and lease released, no key Failed for it."""
+
+    exit_code = EXIT_INTERNAL
+
+
 #: Store failures that, before anything is modified, mean the configuration
 #: points at the wrong thing (or at something unreachable): exit 2.  Busy
 #: stores (locks, serialization conflicts) are not in it: rerunning helps.
@@ -134,7 +159,7 @@ def before_changes():
     try:
         yield
     except StoreError as e:
-        if e.reason in CONFIG_REASONS:
+        if isinstance(e, ConfigurationError) or e.reason in CONFIG_REASONS:
             raise StoreConfigError(str(e)) from e
         raise
 

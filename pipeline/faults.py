@@ -254,7 +254,8 @@ def hold_point(phase: str, until=None, timeout_s: float = 120.0) -> None:
 
     Active only when the environment names the phase: ``SHARDMOVE_TEST_HOLD=<phase>``.
     The process then creates the file ``SHARDMOVE_TEST_HOLD_FILE`` (the test waits for
-    it) and waits until ``until()`` holds (e.g. a signal arrived), at most ``timeout_s``.
+    it) and waits until ``until()`` holds (e.g. a signal arrived) or the test removes that
+    file (the run goes on), at most ``timeout_s``.
     Phases: ``startup``, ``lease``, ``compaction``, ``summary``."""
     if not phase or os.environ.get("SHARDMOVE_TEST_HOLD") != phase:
         return
@@ -264,4 +265,6 @@ def hold_point(phase: str, until=None, timeout_s: float = 120.0) -> None:
             f.write(phase)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not (until is not None and until()):
+        if path and not os.path.exists(path):
+            return
         time.sleep(0.01)

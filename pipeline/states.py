@@ -92,7 +92,10 @@ __all__ = [
     "SOURCE_CHANGING",
     "DRIFTED",
     "PERMANENT",
+    "KEY_TOO_LONG",
+    "CONSTRAINT",
     "REASONS",
+    "failure_reason",
     "VERIFY_FULL",
     "VERIFY_HASH",
     "VERIFY_SAMPLED",
@@ -238,7 +241,10 @@ def resume_entry(found: "State | int", *, retry_failed: bool = False) -> "State 
 
 # ------------------------------------------------------------- reason codes
 # Stored in the checkpoint's ``reason`` column (mostly on Failed records; a
-# retry record may carry the reason of the attempt that preceded it).
+# retry record may carry the reason of the attempt that preceded it).  A Failed
+# record holds one of REASONS and nothing else (:func:`failure_reason`); the
+# README lists each with its meaning.  A store's configuration error (a missing
+# table, a refused permission) is no key's reason: it stops the run instead.
 
 SOURCE_MISSING = "source_missing"     # the key has no record on its source shard
 SHARD_MISSING = "shard_missing"       # the source or target shard does not exist
@@ -250,11 +256,19 @@ SWAP_FAILED = "swap_failed"           # swap retries exhausted / batch could not
 SOURCE_CHANGING = "source_changing"   # the source record kept changing during the move
 DRIFTED = "drifted"                   # the keyspace drifted from the plan's snapshot
 PERMANENT = "permanent"               # any other permanent store error
+KEY_TOO_LONG = "key_too_long"         # the key cannot be named on the target (object-name limit)
+CONSTRAINT = "constraint"             # the target refused the key's rows (a constraint of its tables)
 
 REASONS: frozenset[str] = frozenset({
     SOURCE_MISSING, SHARD_MISSING, COPY_FAILED, VERIFY_MISMATCH, VERIFY_FAILED,
-    MAP_CHANGED, SWAP_FAILED, SOURCE_CHANGING, DRIFTED, PERMANENT,
+    MAP_CHANGED, SWAP_FAILED, SOURCE_CHANGING, DRIFTED, PERMANENT, KEY_TOO_LONG, CONSTRAINT,
 })
+
+
+def failure_reason(code: "str | None") -> str:
+    """The Failed reason for a store error's ``reason`` code: itself when it is one of
+    :data:`REASONS`, else :data:`PERMANENT` (the store's message is logged where it occurs)."""
+    return code if code in REASONS else PERMANENT
 
 # ------------------------------------------------------- verification methods
 # Stored in the checkpoint's ``verify_method`` column of Verified/Done records.

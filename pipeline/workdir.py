@@ -10,6 +10,7 @@
     <work>/plans/<plan id>/summary.json
     <work>/plans/<plan id>/lease.json
     <work>/plans/<plan id>/stop              graceful-stop marker
+    <work>/plans/<plan id>/halt.json         why a run stopped itself (a configuration error)
     <work>/plans/<plan id>/reports/
     <work>/history/                          one record per command
     <work>/names/<name>.json                 a plan name -> its plan id (``plan --name``)
@@ -46,6 +47,7 @@ __all__ = [
     "summary_path",
     "lease_path",
     "stop_path",
+    "halt_path",
     "reports_dir",
     "new_staging",
     "commit_staged",
@@ -82,6 +84,7 @@ _PLANNING_PROGRESS = "planning-progress"
 _SUMMARY = "summary.json"
 _LEASE = "lease.json"
 _STOP = "stop"
+_HALT = "halt.json"
 _REPORTS = "reports"
 _NAMES = "names"
 
@@ -179,6 +182,12 @@ def lease_path(plan: str) -> str:
 
 def stop_path(plan: str) -> str:
     return fs.join(plan, _STOP)
+
+
+def halt_path(plan: str) -> str:
+    """Written (create-if-absent: the first finding wins) by a stage that met a
+    configuration error; the launcher reports it and removes it."""
+    return fs.join(plan, _HALT)
 
 
 def reports_dir(plan: str) -> str:

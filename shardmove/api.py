@@ -368,7 +368,10 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     ``interrupted`` and ``cancelled`` set, exit code 130 -- and a later ``run`` resumes it.
     Signal handlers are installed only when called from the main thread.  ``progress_output``:
     progress on stderr as the CLI's ``--progress`` (none by default).  ``map_store`` /
-    ``data_store``: store objects used instead of the configured ones (as in :func:`plan`)."""
+    ``data_store``: store objects used instead of the configured ones (as in :func:`plan`).
+    A store found unusable before the run starts raises ``BadInput`` (the preflight, exit 2);
+    a configuration error met while it runs (a table dropped, a permission revoked) stops it
+    with no key Failed and raises ``RunHalted`` (exit 1); a later ``run`` resumes it."""
     from pipeline.errors import Interrupted
     from shardmove.executor import RunResult, plan_state, plan_status, run_plan
 

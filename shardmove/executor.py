@@ -7,7 +7,11 @@ checkpoints, and writes ``summary.json`` from the checkpoints -- so the
 totals of a finished plan are the same however many times it was
 interrupted.  SIGINT/SIGTERM stop every phase with exit 130, the claim and
 the lease released (:mod:`pipeline.interrupts`; during the pipeline through
-a stop marker the DoFns honour).  A complete plan whose last run was killed
+a stop marker the DoFns honour).  A configuration error a stage meets while
+the run goes (a table dropped, a permission revoked:
+:class:`~pipeline.errors.ConfigurationError`) stops it the same way, no key
+Failed for it, and exits 1 (:class:`~pipeline.errors.RunHalted`) with one
+line naming the shard and the object; a rerun resumes.  A complete plan whose last run was killed
 before its final phase gets that phase (compaction, summary) from the rerun.  Progress events are derived from committed
 checkpoint parts, at most one per ``progress_interval`` plus a final one, and shown on stderr as a bar or
 as lines (:mod:`shardmove.progress`).  ``plan_status`` counts cumulatively (every run) and per
@@ -33,9 +37,9 @@ from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
 from pipeline.config import Config
-from pipeline.errors import BadInput, Interrupted, Refused
+from pipeline.errors import BadInput, Interrupted, Refused, RunHalted
 from pipeline.faults import hold_point
-from pipeline.stores.base import RunRegistry, ShardInventory
+from pipeline.stores.base import RunRegistry
 from pipeline import workdir
 from pipeline.workdir import load_manifest
 
@@ -75,12 +79,15 @@ def verify_plan_files(plan_dir: str, manifest: dict) -> None:
 
 
 def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_stop=None,
-              by_group: dict | None = None) -> dict:
+              by_group: dict | None = None, epoch: int | None = None) -> dict:
     """Totals from the merged checkpoints (exact, however many runs it took).
 
     ``compact``: fold each group's parts into its compacted file first; once
     ``should_stop()`` holds (a signal), the remaining groups are only read.
-    ``by_group``: when given, filled with each group's per-state counts."""
+    ``by_group``: when given, filled with each group's per-state counts.
+    ``epoch``: also count, as ``finished_this_run``, the keys whose merged state
+    is terminal (Done or Failed) and was recorded by that run -- what the run
+    finished, also when it turned Failed keys into Done keys (``--retry-failed``)."""
     plan_id = manifest["plan_id"]
     counts = {st.name.lower(): 0 for st in S.State}
     reasons: dict = {}
@@ -89,6 +96,7 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_st
     max_epoch = 0
     seen = 0
     skipped = 0
+    finished = 0
     for f in manifest["files"]:
         gid = f["group"]
         if compact and not (should_stop is not None and should_stop()):
@@ -120,13 +128,16 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_st
         if pc.any(done).as_py():
             for m, n in _value_counts(t.column("verify_method").filter(done)):
                 methods[m or "unknown"] = methods.get(m or "unknown", 0) + n
+        if epoch is not None:
+            terminal = pc.or_(done, failed)
+            finished += int(pc.sum(pc.and_(terminal, pc.equal(t.column("epoch"), int(epoch)))).as_py() or 0)
         attempts += int(pc.sum(t.column("attempts")).as_py() or 0)
         max_epoch = max(max_epoch, int(pc.max(t.column("epoch")).as_py() or 0))
     planned = int(manifest["moves"])
     counts["planned"] += planned - seen  # keys with no checkpoint yet
     done = counts["done"]
     failed = counts["failed"]
-    return {
+    out = {
         "format_version": SUMMARY_FORMAT_VERSION,
         "plan_id": plan_id,
         "planned": planned,
@@ -140,6 +151,9 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_st
         "max_epoch": max_epoch,
         "skipped_checkpoint_files": skipped,
     }
+    if epoch is not None:
+        out["finished_this_run"] = finished
+    return out
 
 
 def _unique(a):
@@ -426,23 +440,6 @@ def _metrics(result) -> dict:
     return out
 
 
-def check_shards(cfg: Config, manifest: dict, data_store) -> None:
-    """Every source shard of the plan must exist in the data store (exit 2
-    otherwise).  Target shards are looked at too: one that cannot be reached
-    or read raises here, before anything is modified, and a missing one is
-    refused where the store does not create shards (``creates_shards``)."""
-    if not isinstance(data_store, ShardInventory):
-        return
-    missing = sorted({p["source"] for p in manifest["pairs"] if not data_store.shard_exists(p["source"])})
-    if missing:
-        raise BadInput(f"data store: {len(missing)} source shards of the plan do not exist ({', '.join(missing[:3])})")
-    targets = sorted({p["target"] for p in manifest["pairs"]}, key=lambda s: s.encode())
-    absent = [t for t in targets if not data_store.shard_exists(t)]
-    if absent and not getattr(data_store, "creates_shards", True):
-        raise BadInput(f"data store: {len(absent)} target shards of the plan cannot be reached or lack the "
-                       f"configured tables ({', '.join(absent[:3])})")
-
-
 def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> dict:
     """Non-terminal plan keys whose current shard is neither source nor target, or
     that were deleted from the map: {group id: [(key, key_hash), ...]}.
@@ -551,7 +548,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
               out: Callable[[str], None], allow_drift: bool, progress_mode: str = "auto",
               on_event=None) -> RunResult:
     from pipeline.lease import acquire
-    from transforms.preflight import preflight
+    from transforms.preflight import check_stores, preflight
     from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
@@ -574,7 +571,11 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
 
     with before_changes():  # nothing modified yet: a store we cannot use is bad configuration
         map_store = open_map_store(cfg)
-        check_shards(cfg, manifest, open_data_store(cfg))
+        data_store = open_data_store(cfg)
+        try:  # every source readable, every target writable, tables in place (transforms.preflight)
+            check_stores(manifest, data_store)
+        finally:
+            data_store.close()
         drift = find_drift(plan_dir, manifest, map_store)
     ndrift = sum(len(v) for v in drift.values())
     if ndrift and not allow_drift:
@@ -610,6 +611,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         return RunResult(plan_id, before, 0)
 
     stop_path = workdir.stop_path(plan_dir)
+    halt_path = workdir.halt_path(plan_dir)
     if irq.interrupted:  # a cancel before the lease (a signal raises on its own): nothing was modified
         raise Interrupted("interrupted before the run took its lease; nothing was modified")
     # from here on a signal never raises: the run gives back what it holds, then exits 130
@@ -633,6 +635,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
             def renew_claim():
                 claim_store.renew_run(plan_id, lease.epoch, cfg.opt("lease_ttl"), time.time())
         fs.remove(stop_path)
+        fs.remove(halt_path)  # a finding of an earlier run: this run looks again
         irq.stop_path = stop_path
         if irq.interrupted:  # a signal while taking the lease: the DoFns must see it too
             irq.write_stop_marker()
@@ -665,7 +668,8 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
             metrics = _metrics(result)
         elapsed = time.time() - t0
         # the final phase: a signal stops the compaction between groups; the summary is written
-        summary = summarize(plan_dir, manifest, compact=True, should_stop=lambda: irq.interrupted)
+        summary = summarize(plan_dir, manifest, compact=True, should_stop=lambda: irq.interrupted,
+                            epoch=lease.epoch)
         summary.update(_run_figures(plan_dir, summary, before, elapsed, metrics, progress.timings))
         hold_point("summary", lambda: irq.interrupted)
         _write_summary(plan_dir, summary)
@@ -674,6 +678,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
                                 json.dumps(progress.timings).encode())
         progress.event(exact={"copied": _base_counts(summary)["copied"], "verified": _base_counts(summary)["verified"],
                               "swapped": summary["done"], "failed": summary["failed"]})
+        halt = workdir.read_json(halt_path)
         stopped = irq.interrupted or fs.exists(stop_path)
     finally:
         # whatever happened (success, failure, a signal in any phase): give back the claim and
@@ -681,6 +686,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         display.close()
         _release(map_store if claimed else None, plan_id, lease)
         fs.remove(stop_path)
+        fs.remove(halt_path)
     for reason, n in summary["failures_by_reason"].items():
         out(f"failed[{reason}]: {n}")
     for method, n in summary["done_by_verification"].items():
@@ -688,6 +694,9 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     out(f"elapsed: {summary['elapsed_s']:.1f}s keys_per_s: {summary['keys_per_s']:.0f} "
         f"retries: {summary['retries_this_run']}")
     out(summary_line(summary))
+    if halt:
+        raise RunHalted(f"the run stopped on a configuration error: {halt.get('message')}; no key was failed "
+                        "for it, checkpoints are flushed and the lease released: fix it, then rerun to resume")
     if stopped:
         out("interrupted: checkpoints flushed; rerun to resume" if not summary["complete"] else
             "interrupted: checkpoints flushed; the plan is complete (a rerun finishes what is left)")
@@ -717,7 +726,11 @@ def _run_figures(plan_dir: str, summary: dict, before: dict, elapsed: float, met
                  timings: list) -> dict:
     """This run's figures, added to the summary (totals carried over from summary.json)."""
     prev = workdir.read_summary(plan_dir) or {}
-    processed = (summary["done"] + summary["failed"]) - (before["done"] + before["failed"])
+    # the keys this run finished: with --retry-failed a Failed key that ends Done leaves the
+    # totals' done + failed unchanged, so the totals' difference would say 0
+    processed = summary.pop("finished_this_run", None)
+    if processed is None:
+        processed = (summary["done"] + summary["failed"]) - (before["done"] + before["failed"])
     return {
         "elapsed_s": round(elapsed, 3),
         "total_elapsed_s": round(prev.get("total_elapsed_s", 0) + elapsed, 3),

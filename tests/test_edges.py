@@ -456,7 +456,7 @@ def test_run_with_an_unreachable_postgres_target_shard_is_refused_before_anythin
         before = tree(tmp_path / "work")
         map_before = (tmp_path / "keyspace" / "map.sqlite").read_bytes()
         line = one_error_line(run_cli("run", plan_id, "--config", cfg, timeout=FAST), 2)
-        assert "target shards" in line and "s2" in line, line
+        assert "preflight: data store: target shard s2: " in line and "does not exist" in line, line
         assert tree(tmp_path / "work") == before
         assert (tmp_path / "keyspace" / "map.sqlite").read_bytes() == map_before
 

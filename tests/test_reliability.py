@@ -321,7 +321,7 @@ def test_missing_shard_database_exit_2_nothing_modified(tmp_path):
     src = m["pairs"][0]["source"]
     os.rename(os.path.join(cfg.data_store["directory"], f"{src}.sqlite"), str(tmp_path / "away.sqlite"))
     before = map_rows(cfg)
-    with pytest.raises(BadInput, match=r"data store: 1 source shards of the plan do not exist \(" + src):
+    with pytest.raises(BadInput, match=r"preflight: data store: source shard " + src + r": file .* does not exist"):
         api.run(cfg, plan_dir, out=quiet)
     assert map_rows(cfg) == before
     assert not os.path.exists(os.path.join(plan_dir, "checkpoints"))

@@ -25,6 +25,16 @@ filled in (a local Prism binary, the job-server jar), or raises
   (anything but ``FnApiRunner`` in its ``in_memory``/``multi_threading`` modes).
 - **Missing tools**: Prism (built with Go when absent), Java and the
   job-server jar for Flink and Spark (see :mod:`transforms.engines`).
+
+:func:`check_stores` is the stores' half, called by ``run`` once the plan is
+read and before the lease is taken or anything is copied: every source shard
+of the plan must be readable and every target shard writable, with its tables
+or schema in place -- each data store says how it judges that without writing
+(:class:`~pipeline.stores.base.ShardChecks`: PostgreSQL asks
+``has_table_privilege``, SQLite takes and rolls back its write lock, a local
+object store asks ``os.access``).  A finding is one line, exit 2, naming the
+shard and the object: ``preflight: data store: target shard s4: table
+public.records does not exist``.
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ from pipeline.errors import BadInput
 from transforms import engines
 from transforms.runner import canonical_runner, pipeline_args
 
-__all__ = ["Preflight", "preflight", "unknown_flags", "canonical_runner", "remote_reason"]
+__all__ = ["Preflight", "preflight", "check_stores", "unknown_flags", "canonical_runner", "remote_reason"]
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0")
 
@@ -193,3 +203,38 @@ def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | N
         if not given:
             extra.append(f"{flag}={jar}")
     return Preflight(args + extra, runner, remote, warnings)
+
+
+def check_stores(manifest: dict, data_store) -> None:
+    """The data store's preflight for a plan (see the module doc): raises :class:`BadInput`
+    (exit 2) with one line naming the first shard at fault and what is wrong there.
+
+    A store without :class:`~pipeline.stores.base.ShardChecks` is asked only whether
+    its shards exist (:class:`~pipeline.stores.base.ShardInventory`): every source
+    must, and every target too where the store does not create shards."""
+    from pipeline.stores.base import ShardChecks, ShardInventory
+
+    order = lambda ids: sorted(ids, key=lambda s: s.encode())  # noqa: E731 - CONTRACTS: shard ids by UTF-8 bytes
+    targets = order({p["target"] for p in manifest["pairs"]})
+    sources = order({p["source"] for p in manifest["pairs"]} - set(targets))
+    if isinstance(data_store, ShardChecks):
+        found = []
+        for role, shards, write in (("source", sources, False), ("target", targets, True)):
+            for shard in shards:
+                problem = data_store.check_shard(shard, write=write)
+                if problem:
+                    found.append(f"{role} shard {shard}: {problem}")
+        if found:
+            more = f" (and {len(found) - 1} more shards)" if len(found) > 1 else ""
+            raise BadInput(f"preflight: data store: {found[0]}{more}; nothing was modified")
+        return
+    if not isinstance(data_store, ShardInventory):
+        return
+    missing = [s for s in order({p["source"] for p in manifest["pairs"]}) if not data_store.shard_exists(s)]
+    if missing:
+        raise BadInput(f"preflight: data store: {len(missing)} source shards of the plan do not exist "
+                       f"({', '.join(missing[:3])})")
+    absent = [t for t in targets if not data_store.shard_exists(t)]
+    if absent and not getattr(data_store, "creates_shards", True):
+        raise BadInput(f"preflight: data store: {len(absent)} target shards of the plan cannot be reached or lack "
+                       f"the configured tables ({', '.join(absent[:3])})")

@@ -49,6 +49,7 @@ __all__ = [
     "SchemaSetup",
     "ExternalClock",
     "ShardInventory",
+    "ShardChecks",
     "WriteFencing",
     "KeyNameLimits",
     "check_cutoff",
@@ -294,6 +295,20 @@ class ShardInventory(Protocol):
     def shard_bytes(self, shard: str) -> int: ...
 
     def count(self, shard: str) -> int: ...
+
+
+@runtime_checkable
+class ShardChecks(Protocol):
+    """Optional data-store capability: the preflight of one shard, changing nothing.
+
+    ``check_shard(shard, write=False)`` -- can a copy read from it (a source);
+    ``write=True`` -- can a copy write to it (a target).  Returns None when it
+    can, else one short phrase naming the object at fault, never a password or
+    a DSN (``"table public.records does not exist"``, ``"no INSERT privilege on
+    table public.records"``).  How each store judges "writable" without writing
+    is in its docstring."""
+
+    def check_shard(self, shard: str, *, write: bool = False) -> str | None: ...
 
 
 @runtime_checkable

@@ -113,7 +113,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from pipeline import gcs
-from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.errors import BadInput, ConfigurationError, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key
 from pipeline.stores.base import CopyOutcome, content_hash
 
@@ -256,6 +256,8 @@ def _contains(outer: str, inner: str) -> bool:
 
 # ----------------------------------------------------------- error mapping
 
+#: a permission refused or a read-only filesystem: the configuration's to fix, not the key's
+_CONFIG_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS}
 _TRANSIENT_ERRNO = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE,
                     errno.ENFILE, errno.EMFILE, errno.ECONNRESET}
 
@@ -267,17 +269,17 @@ def _store_error(e: BaseException, what: str) -> StoreError:
     if gcs.is_transient(e):
         return TransientError(f"{what}: storage unavailable ({type(e).__name__})", reason="unavailable")
     if isinstance(e, FileNotFoundError) and e.errno is None:  # pipeline.gcs: a 404 (no such bucket)
-        return PermanentError(f"{what}: bucket not found", reason="shard_missing")
+        return ConfigurationError(f"{what}: bucket not found", reason="shard_missing")
     if isinstance(e, OSError) and not _is_google(e):
         if e.errno in _TRANSIENT_ERRNO:
             return TransientError(f"{what}: {os.strerror(e.errno)}", reason="io_busy")
-        return PermanentError(f"{what}: {os.strerror(e.errno) if e.errno else type(e).__name__}",
-                              reason="io_error")
+        cls = ConfigurationError if e.errno in _CONFIG_ERRNO else PermanentError
+        return cls(f"{what}: {os.strerror(e.errno) if e.errno else type(e).__name__}", reason="io_error")
     code = getattr(e, "code", None)
     if code in (401, 403):
-        return PermanentError(f"{what}: access denied ({code})", reason="forbidden")
+        return ConfigurationError(f"{what}: access denied ({code})", reason="forbidden")
     if code == 404:
-        return PermanentError(f"{what}: bucket not found", reason="shard_missing")
+        return ConfigurationError(f"{what}: bucket not found", reason="shard_missing")
     return PermanentError(f"{what}: {type(e).__name__}", reason="storage_error")
 
 
@@ -483,7 +485,7 @@ class ObjectDataStore:
     def _shard(self, shard: str) -> _Shard:
         s = self._shards.get(shard)
         if s is None:
-            raise PermanentError("data store: shard not configured in data_store.shards",
+            raise ConfigurationError(f"data store: shard not configured in data_store.shards ({shard})",
                                  reason="shard_unknown")
         return s
 
@@ -651,6 +653,39 @@ class ObjectDataStore:
         except Exception as e:  # noqa: BLE001
             raise _store_error(e, "shard exists") from e
 
+    def check_shard(self, shard: str, *, write: bool = False) -> str | None:
+        """The preflight of ``shard`` (:class:`~pipeline.stores.base.ShardChecks`): None when a
+        copy can read from it (``write=True``: write to it), else what is wrong.  Nothing is
+        written.
+
+        Local: a source's directory must exist and be readable; a target's
+        directory must be writable (``os.access``) -- or, when absent (the first
+        copy creates it), its nearest existing parent.  GCS: the bucket must
+        answer a listing of the shard's prefix (a 404 or 403 names it); write
+        permission is not probed on GCS (a probe would have to write), so a
+        refused write surfaces at the run's first copy, which stops the run
+        as a configuration error without failing any key."""
+        s = self._shards.get(shard)
+        if s is None:
+            return "not configured in data_store.shards"
+        if s.is_gcs:
+            try:
+                return None if self.shard_exists(shard) else f"bucket of {s.location} not found"
+            except StoreError as e:
+                return str(e)
+        loc = s.location
+        if not os.path.isdir(loc):
+            if not write:
+                return f"directory {loc} does not exist"
+            parent = os.path.dirname(os.path.abspath(loc))
+            while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+                parent = os.path.dirname(parent)
+            return None if os.access(parent, os.W_OK | os.X_OK) else f"directory {parent} is not writable"
+        mode = os.R_OK | os.X_OK | (os.W_OK if write else 0)
+        if not os.access(loc, mode):
+            return f"directory {loc} is not {'writable' if write else 'readable'}"
+        return None
+
     # ------------------------------------------------------------ writes
 
     def copy(self, keys: Sequence[bytes], source: str, target: str) -> list[CopyOutcome]:
@@ -666,7 +701,7 @@ class ObjectDataStore:
             return []
         src, tgt = self._shard(source), self._shard(target)
         if not src.is_gcs and not os.path.isdir(src.location):
-            raise PermanentError(f"copy: source shard directory not found ({source})", reason="shard_missing")
+            raise ConfigurationError(f"copy: source shard directory not found ({source})", reason="shard_missing")
         uniq = list(dict.fromkeys(bytes(k) for k in keys))
         done = dict(zip(uniq, self._map(lambda k: self._copy_one(k, src, tgt), uniq)))
         return [done[bytes(k)] for k in keys]

@@ -42,7 +42,7 @@ from psycopg import sql
 from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 
-from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
+from pipeline.errors import BadInput, ConfigurationError, PermanentError, StoreError, TransientError
 
 __all__ = [
     "redact_dsn",
@@ -165,15 +165,17 @@ def _store_error(e: psycopg.Error, what: str, secrets: Sequence[str],
     if state.startswith(("08", "53", "57P", "58")):
         return TransientError(msg, reason="connection")
     if state in ("42P01", "42703", "3F000", "42704", "42883"):
-        return PermanentError(msg, reason="schema")
+        return ConfigurationError(msg, reason="schema")
     if state.startswith("23"):
         return PermanentError(msg, reason="constraint")
-    if state.startswith("42501"):
-        return PermanentError(msg, reason="permission")
+    if state.startswith("42501") or state == "25006":  # insufficient privilege; read-only transaction
+        return ConfigurationError(msg, reason="permission")
+    if state == "3D000" or state.startswith("28"):  # no such database; authentication
+        return ConfigurationError(msg, reason="cannot_connect")
     if isinstance(e, psycopg.OperationalError) and not state:
         low = str(e).lower()
         if any(p in low for p in _PERMANENT_CONNECT):
-            return PermanentError(msg, reason="cannot_connect")
+            return ConfigurationError(msg, reason="cannot_connect")
         return TransientError(msg, reason="connection")
     if isinstance(e, psycopg.InterfaceError):
         return TransientError(msg, reason="connection")

@@ -23,7 +23,7 @@ import psycopg
 import xxhash
 from psycopg import sql
 
-from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.errors import BadInput, ConfigurationError, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
 from pipeline.stores.base import CopyOutcome
 from pipeline.stores.postgres_common import (
@@ -290,7 +290,7 @@ class PostgresDataStore(_Configured):
     def _shard(self, shard: str, what: str) -> _Shard:
         sh = self._shards.get(shard)
         if sh is None:
-            raise PermanentError(f"{what}: shard not configured in data_store.shards", reason="shard_missing")
+            raise ConfigurationError(f"{what}: shard not configured in data_store.shards ({shard})", reason="shard_missing")
         return sh
 
     def _pool(self, shard: str) -> _Pool:
@@ -335,7 +335,7 @@ class PostgresDataStore(_Configured):
             if row is None:
                 if missing_ok:
                     return None
-                raise PermanentError(f"{what}: table {spec.name} not found on shard {shard}", reason="schema")
+                raise ConfigurationError(f"{what}: table {spec.name} not found on shard {shard}", reason="schema")
             oid, nsp, rel = row
             cols = conn.execute(
                 "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute "
@@ -343,14 +343,14 @@ class PostgresDataStore(_Configured):
             types = {n: t for n, t, gen in cols if not gen}
             names = tuple(sorted(types))
             if spec.key_column not in types:
-                raise PermanentError(f"{what}: table {spec.name} on shard {shard} has no column {spec.key_column}",
+                raise ConfigurationError(f"{what}: table {spec.name} on shard {shard} has no column {spec.key_column}",
                                      reason="schema")
             if spec.version_column and spec.version_column not in types:
-                raise PermanentError(f"{what}: table {spec.name} on shard {shard} has no column "
+                raise ConfigurationError(f"{what}: table {spec.name} on shard {shard} has no column "
                                      f"{spec.version_column}", reason="schema")
             kt_sql = types[spec.key_column]
             if kt_sql == "bytea" and self.key_type is not KeyType.BYTES:
-                raise PermanentError(f"{what}: table {spec.name}: a bytea key column needs key_type bytes",
+                raise ConfigurationError(f"{what}: table {spec.name}: a bytea key column needs key_type bytes",
                                      reason="schema")
             out.append(_Layout(spec, sql.Identifier(nsp, rel), names, tuple(types[n] for n in names), kt_sql,
                                names.index(spec.version_column) if spec.version_column else None))
@@ -532,6 +532,68 @@ class PostgresDataStore(_Configured):
                 return False
             raise
 
+    def check_shard(self, shard: str, *, write: bool = False) -> str | None:
+        """The preflight of ``shard`` (:class:`~pipeline.stores.base.ShardChecks`): None when a
+        copy can read from it (``write=True``: and write to it), else what is wrong.
+
+        Nothing is written: it connects, then for every configured table checks
+        that its schema and the table exist, that the key (and version) columns
+        exist, and that the session's role holds ``USAGE`` on the schema and
+        ``SELECT`` on the table.  A target ("writable") must also grant ``INSERT``
+        and ``DELETE`` on every table (a copy deletes the key's rows, then
+        ``COPY``s the source's in) -- asked with ``has_table_privilege`` -- and
+        must not be a read-only server (``pg_is_in_recovery()``,
+        ``default_transaction_read_only``)."""
+        if shard not in self._shards:
+            return "not configured in data_store.shards"
+        try:
+            with self._pool(shard).borrow() as conn, _txn(conn, "BEGIN READ ONLY"):
+                return self._check_tables(shard, conn, write)
+        except psycopg.Error as e:
+            return f"cannot be used: {self._error(e, 'connect')}"
+        except StoreError as e:  # the pool's: it names the shard and its redacted DSN
+            return str(e)
+
+    def _check_tables(self, shard: str, conn: psycopg.Connection, write: bool) -> str | None:
+        if write:
+            standby, ro = conn.execute(
+                "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')").fetchone()
+            if standby:
+                return "the server is a read-only standby (pg_is_in_recovery)"
+            if ro == "on":
+                return "default_transaction_read_only is on: the server refuses writes"
+        sh = self._shards[shard]
+        for spec in self._specs:
+            schema = spec.schema or sh.schema
+            if schema and conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                       (schema,)).fetchone() is None:
+                return f"schema {schema} does not exist"
+            row = conn.execute(
+                "SELECT c.oid, n.nspname, c.relname, has_schema_privilege(n.oid, 'USAGE'), "
+                "has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'), "
+                "has_table_privilege(c.oid, 'DELETE') "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+                (self._table_ref(shard, spec),)).fetchone()
+            if row is None:
+                where = schema or conn.execute("SELECT current_schema()").fetchone()[0]
+                name = f"{where}.{spec.table}" if where else spec.table
+                return f"table {name} does not exist" + ("" if schema else " (looked up through search_path)")
+            oid, nsp, rel, usage, can_select, can_insert, can_delete = row
+            name = f"{nsp}.{rel}"
+            cols = {n for (n,) in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped",
+                (oid,)).fetchall()}
+            for col in filter(None, (spec.key_column, spec.version_column)):
+                if col not in cols:
+                    return f"table {name} has no column {col}"
+            if not usage:
+                return f"no USAGE privilege on schema {nsp}"
+            missing = [p for p, ok in (("SELECT", can_select), ("INSERT", can_insert), ("DELETE", can_delete))
+                       if not ok and (write or p == "SELECT")]
+            if missing:
+                return f"no {', '.join(missing)} privilege on table {name}"
+        return None
+
     def _key_union(self, layouts: Sequence[_Layout]) -> sql.Composable:
         return sql.SQL(" UNION ").join(
             sql.SQL("SELECT {k}::text AS k FROM {t}").format(k=sql.Identifier(l.spec.key_column), t=l.ident)
@@ -612,7 +674,7 @@ class PostgresDataStore(_Configured):
                     tgt_layouts = self._layout(target, conn, "copy write")
                     for s, t in zip(src_layouts, tgt_layouts):
                         if s.shape != t.shape:
-                            raise PermanentError(f"copy write: table {s.spec.name} has different columns on "
+                            raise ConfigurationError(f"copy write: table {s.spec.name} has different columns on "
                                                  f"shards {source} and {target}", reason="schema")
                     self._lock_keys(conn, present)
                     todo = present

@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import pyarrow as pa
 import xxhash
 
-from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.errors import BadInput, ConfigurationError, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
 from pipeline.lease import LeaseLost
 from pipeline.names import safe_name
@@ -103,6 +103,7 @@ _RECORDS_SCHEMA = (
 _TRANSIENT_CODES = {5, 6, 15}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_PROTOCOL
 _CANTOPEN = 14
 _NOTADB = 26
+_READONLY = 8
 
 
 # --------------------------------------------------------------------- errors
@@ -123,11 +124,13 @@ def _store_error(e: sqlite3.Error, what: str) -> StoreError:
         return TransientError(f"{what}: {e} ({name})", reason="busy")
     code = getattr(e, "sqlite_errorcode", None)
     if code is not None and (code & 0xFF) == _CANTOPEN:
-        return PermanentError(f"{what}: cannot open the database file ({name})", reason="cannot_open")
+        return ConfigurationError(f"{what}: cannot open the database file ({name})", reason="cannot_open")
     if code is not None and (code & 0xFF) == _NOTADB:
-        return PermanentError(f"{what}: the file is not a SQLite database ({name})", reason="not_a_database")
+        return ConfigurationError(f"{what}: the file is not a SQLite database ({name})", reason="not_a_database")
     if "no such table" in str(e) or "no such column" in str(e):
-        return PermanentError(f"{what}: schema mismatch: {e}", reason="schema")
+        return ConfigurationError(f"{what}: schema mismatch: {e}", reason="schema")
+    if code is not None and (code & 0xFF) == _READONLY:
+        return ConfigurationError(f"{what}: the database file is read-only ({name})", reason="permission")
     return PermanentError(f"{what}: {e} ({name})", reason="store_error")
 
 
@@ -539,7 +542,7 @@ class SqliteMapStore(_SqliteBase):
 
     def _require_file(self) -> None:
         if not os.path.exists(self.path):
-            raise PermanentError(f"map store file not found: {self.path}", reason="map_missing")
+            raise ConfigurationError(f"map store file not found: {self.path}", reason="map_missing")
 
     def _map_conn(self) -> sqlite3.Connection:
         self._require_file()
@@ -1008,8 +1011,47 @@ class SqliteDataStore(_SqliteBase):
         except sqlite3.Error as e:
             raise _store_error(e, f"data store {path}") from e
         if found is None:
-            raise PermanentError(f"data store {path}: schema mismatch: no table records", reason="schema")
+            raise ConfigurationError(f"data store {path}: schema mismatch: no table records", reason="schema")
         return True
+
+    def check_shard(self, shard: str, *, write: bool = False) -> str | None:
+        """The preflight of ``shard`` (:class:`~pipeline.stores.base.ShardChecks`): None when a
+        copy can read from it (``write=True``: write to it), else what is wrong.
+
+        A source's file must exist, be a SQLite database and hold the ``records``
+        table with its columns.  A target's file, if it exists, likewise, and it
+        must take the write lock a copy takes (``BEGIN IMMEDIATE``, rolled back at
+        once: nothing is written; a file someone else is writing to counts as
+        writable); an absent target file is created by the first copy, so its
+        directory (or the nearest existing parent) must be writable."""
+        path = self.shard_path(shard)
+        if not os.path.exists(path):
+            if not write:
+                return f"file {path} does not exist"
+            parent = os.path.dirname(os.path.abspath(path))
+            while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+                parent = os.path.dirname(parent)
+            return None if os.access(parent, os.W_OK | os.X_OK) else f"directory {parent} is not writable"
+        if write and not os.access(path, os.W_OK):
+            return f"file {path} is not writable"
+        try:
+            conn = self._open(path)
+        except StoreError as e:
+            return str(e)
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+                return f"file {path} has no table records"
+            conn.execute("SELECT key, value, version FROM records LIMIT 0").fetchall()
+            if write:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            err = _store_error(e, f"file {path}")
+            return None if isinstance(err, TransientError) else str(err)
+        finally:
+            _rollback(conn)
+            conn.close()
+        return None
 
     def ensure_shard(self, shard: str) -> str:
         """Create the shard file (0600, WAL) and its table if absent; return its path."""
@@ -1073,7 +1115,7 @@ class SqliteDataStore(_SqliteBase):
         """
         path = self.shard_path(shard)
         if not os.path.exists(path):
-            raise PermanentError(f"write fence: shard file not found ({safe_name(shard)})", reason="shard_missing")
+            raise ConfigurationError(f"write fence: shard file not found ({safe_name(shard)})", reason="shard_missing")
         conn = self._open(path)
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -1140,7 +1182,7 @@ class SqliteDataStore(_SqliteBase):
             return []
         src_path = self.shard_path(source)
         if not os.path.exists(src_path):
-            raise PermanentError(f"copy: source shard file not found ({safe_name(source)})",
+            raise ConfigurationError(f"copy: source shard file not found ({safe_name(source)})",
                                  reason="shard_missing")
         texts = text_forms(keys, self.key_type)
         uniq = list(dict.fromkeys(texts))

@@ -47,6 +47,7 @@ FAILURES_SCHEMA = pa.schema([
 
 _STAGE_OF_REASON = {
     S.SOURCE_MISSING: "copy", S.SHARD_MISSING: "copy", S.COPY_FAILED: "copy", S.PERMANENT: "copy",
+    S.KEY_TOO_LONG: "copy", S.CONSTRAINT: "copy",
     S.VERIFY_MISMATCH: "verify", S.VERIFY_FAILED: "verify",
     S.MAP_CHANGED: "swap", S.SWAP_FAILED: "swap", S.SOURCE_CHANGING: "swap",
     S.DRIFTED: "drift",

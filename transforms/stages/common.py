@@ -11,7 +11,8 @@
 - :class:`StageContext` -- what a stage DoFn holds from ``setup()`` to
   ``teardown()``: its stores, the per-process throttles, the retry schedule
   (:mod:`pipeline.retry`), its metrics and recorder, and the run's guards (the
-  stop marker, the lease).
+  stop marker, the lease, and :meth:`StageContext.halt` for a configuration
+  error: the run stops, no key is Failed for it).
 
 Every side effect here is idempotent: a checkpoint part is committed once
 whatever the retries, and a record only names a state its keys leave.
@@ -34,7 +35,9 @@ from apache_beam.utils.shared import Shared
 from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import states as S
+from pipeline import workdir
 from pipeline.config import RunOptions
+from pipeline.errors import CommitConflict, ConfigurationError
 from pipeline.faults import Crasher, checkpoint_fault, wrap_stores
 from pipeline.keys import KeyType
 from pipeline.lease import LeaseLost
@@ -339,6 +342,7 @@ class StageContext:
         self.metrics = StageMetrics(stage)
         self._stop_checked = 0.0
         self._stopped = False
+        self._halted = False
         tcfg = throttle_config(self.opts)
         self.throttles = shared.acquire(lambda: ShardThrottles(tcfg), tag=(spec.plan_id, spec.epoch, tcfg))
         self.recorder = CheckpointRecorder(self)
@@ -370,6 +374,39 @@ class StageContext:
             return
         if cur.get("epoch") != self.spec.epoch:
             raise LeaseLost(f"lease lost: plan is now held by epoch {cur.get('epoch')}")
+
+    @property
+    def halted(self) -> bool:
+        """A configuration error stopped the run (:meth:`halt`)."""
+        return self._halted
+
+    def halt(self, err: ConfigurationError) -> None:
+        """Stop the run for a configuration error (a missing table, schema or database, a
+        refused permission): it is no key's fault, so no key is Failed for it.
+
+        Callers leave the keys of the failed call in the state they recorded (Copying,
+        Verifying, Swapping: a rerun repeats those idempotent steps).  The first finding
+        of the run is kept in ``halt.json`` (create-if-absent) for the launcher to report;
+        the stop marker makes every stage return at its next chunk, their checkpoints
+        flushed as at any bundle end."""
+        first = not self._halted
+        self._halted = self._stopped = True
+        if first:
+            # the launcher prints the one error line; workers' logs keep the finding too
+            LOG.info("%s: configuration error, stopping the run (no key is failed for it): %s", self.stage, err)
+        if self.spec.plan_dir:
+            doc = {"stage": self.stage, "epoch": self.spec.epoch, "reason": err.reason, "message": str(err)}
+            try:
+                fs.create_if_absent(workdir.halt_path(self.spec.plan_dir), json.dumps(doc).encode())
+            except CommitConflict:
+                pass  # another stage's finding came first
+            except Exception as e:  # noqa: BLE001 - the stop marker below still stops the run
+                LOG.warning("%s: halt record not written (%s)", self.stage, type(e).__name__)
+        if self.spec.stop_path:
+            try:
+                fs.write_atomic(self.spec.stop_path, b"halt\n")
+            except Exception as e:  # noqa: BLE001 - this stage stops anyway; the others at their next error
+                LOG.warning("%s: stop marker not written (%s)", self.stage, type(e).__name__)
 
     def checkpoint_fence(self) -> None:
         checkpoint_fault(self.faults, self.stage)

@@ -5,11 +5,14 @@ one already at its target is confirmed by the swap, never copied.  Planned and
 Copying keys are copied by mover calls on a thread pool (``copy_concurrency``
 per worker) through the per-shard throttles; transient failures are retried on
 the run's schedule (:mod:`pipeline.retry`), permanent ones become
-Failed(reason).  A copy is an upsert that never clobbers a newer record, so a
+Failed(reason) -- except configuration errors (a missing table, a refused
+permission: :class:`~pipeline.errors.ConfigurationError`), which stop the run
+and fail no key (:meth:`StageContext.halt`).  A copy is an upsert that never clobbers a newer record, so a
 retried or duplicated bundle changes nothing twice.
 """
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +20,7 @@ import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 from pipeline import states as S
-from pipeline.errors import PermanentError
+from pipeline.errors import ConfigurationError, PermanentError
 from pipeline.retry import is_transient
 from transforms.stages.base import StageDoFn
 from transforms.stages.common import Chunk, ExecSpec, StageContext
@@ -25,6 +28,8 @@ from transforms.stages.guard import MapGuard
 from transforms.stages.window import InFlight, Window, windowed
 
 __all__ = ["Copier", "CopyKeys"]
+
+LOG = logging.getLogger("shardmove.execute")
 
 
 class Copier:
@@ -85,7 +90,7 @@ class Copier:
         ok, failed = {}, {}
         pending = list(rows)
         attempt = 0
-        while pending:
+        while pending and not ctx.halted:  # halted: the rest keep their state (Copying)
             keys = [ch.keys[i] for i in pending]
             # caps count on both shards; the adaptive limit judges the target (the writes)
             permit = ctx.throttles.acquire((ch.source, ch.target), len(keys), judged=(ch.target,))
@@ -111,9 +116,14 @@ class Copier:
                 ctx.throttles.release(permit, healthy)
                 metrics.sample("copy_ms", (time.perf_counter() - t0) * 1000, len(keys))
             if outcomes is None:
+                if isinstance(err, ConfigurationError):  # the store's, not the keys': stop the run
+                    ctx.halt(err)
+                    return ok, failed
                 if isinstance(err, PermanentError):
+                    LOG.warning("copy: batch %s: %d keys Failed(%s): %s", ch.batch_id[:40], len(pending),
+                                S.failure_reason(err.reason), err)
                     for i in pending:
-                        failed[i] = err.reason
+                        failed[i] = S.failure_reason(err.reason)
                     return ok, failed
                 if ctx.retry.exhausted(attempt):
                     for i in pending:
@@ -126,13 +136,19 @@ class Copier:
                     ch.attempts[i] += 1
                 continue
             retry = []
+            halt = None
             for i, out in zip(pending, outcomes):
                 if out.error is None:
                     ok[i] = (out.content_hash, out.source_version)
                 elif is_transient(out.error):
                     retry.append(i)
+                elif isinstance(out.error, ConfigurationError):
+                    halt = out.error  # e.g. a write refused on the target: the key keeps its state
                 else:
-                    failed[i] = getattr(out.error, "reason", S.PERMANENT) or S.PERMANENT
+                    failed[i] = S.failure_reason(getattr(out.error, "reason", None))
+            if halt is not None:
+                ctx.halt(halt)
+                return ok, failed
             if retry and ctx.retry.exhausted(attempt):
                 for i in retry:
                     failed[i] = S.COPY_FAILED
@@ -169,6 +185,8 @@ class _CopyFn(StageDoFn):
                    if s in (S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING)]
         if pending:
             self.guard.keep_at_source(ch, pending)
+            if self.ctx.halted:  # the map could not be read: a configuration error stopped the run
+                return
         # copied keys without the hash their copy read (not written by this executor) cannot
         # be verified: they go through a failed verification to a re-copy
         todo = [i for i in pending if ch.states[i] in (S.State.PLANNED, S.State.COPYING)

@@ -8,7 +8,7 @@ target holds the application's newer writes.
 from __future__ import annotations
 
 from pipeline import states as S
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigurationError, StoreError
 from transforms.stages.common import Chunk, StageContext
 
 __all__ = ["MapGuard"]
@@ -27,8 +27,14 @@ class MapGuard:
 
         Fails closed: when the map cannot be read (after the retries) nothing is
         copied and the error fails the bundle -- a retried bundle may follow its
-        own swaps, so copying unchecked could overwrite the target's newer writes."""
-        current = self._ctx.retry_io(self._ctx.map.lookup, [ch.keys[i] for i in todo])
+        own swaps, so copying unchecked could overwrite the target's newer writes.
+        A configuration error (the map's table gone, a permission refused) halts the
+        run instead (nothing to copy: ``[]``)."""
+        try:
+            current = self._ctx.retry_io(self._ctx.map.lookup, [ch.keys[i] for i in todo])
+        except ConfigurationError as e:
+            self._ctx.halt(e)
+            return []
         at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
         self.confirm_at_target(ch, at_target)
         gone = set(at_target)

@@ -9,6 +9,10 @@ are re-checked just before the swap, with the same re-copy loop; the window
 between that check and the swap commit is measured (``fence_window_ms``) and
 closed only by fence-aware writers.
 
+A configuration error (the map's or a shard's table gone, a permission
+refused) stops the run (:meth:`StageContext.halt`): the batch's keys stay
+Swapping -- a rerun repeats the compare-and-set -- and none is Failed.
+
 The stage is fused with verification (no shuffle between them): each chunk's
 swap runs on ONE swapper thread per DoFn instance, so map writes of a worker
 stay one at a time on one connection (whose page cache stays warm), while the
@@ -28,6 +32,7 @@ import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
 from pipeline import states as S
+from pipeline.errors import ConfigurationError
 from pipeline.retry import is_transient
 from pipeline.stores.base import RunRegistry, WriteFencing
 from transforms.stages.base import StageDoFn
@@ -75,8 +80,12 @@ class Swapper:
         ctx.record(ch, rows, S.State.SWAPPING)
         attempt = 0
         changes: dict = {}
-        while rows:
-            res, changed = self.swap_once(ch, rows)
+        while rows and not ctx.halted:
+            try:
+                res, changed = self.swap_once(ch, rows)
+            except ConfigurationError as e:  # the stores', not the keys': stop the run
+                ctx.halt(e)
+                break
             if changed:  # sources changed since their copy: re-copy outside the fence, then again
                 rows = self._recopy_changed(ch, rows, changed, changes)
                 continue

@@ -18,7 +18,7 @@ import numpy as np
 from apache_beam.utils.shared import Shared
 
 from pipeline import states as S
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigurationError, StoreError
 from pipeline.plancore import _mix
 from pipeline.retry import is_transient
 from transforms.stages.base import StageDoFn
@@ -78,6 +78,8 @@ class Verifier:
 
         def combine(results):
             good, bad, errored = self._combine(results, "full")
+            if self._ctx.halted:  # the sample was not (fully) checked: nothing is vouched for
+                return {}, [], []
             if bad or errored:  # escalate: the whole batch fully
                 g2, b2, e2 = self.check(ch, rest, "full")
                 return {S.VERIFY_FULL: good.get("full", []) + g2.get("full", [])}, bad + b2, errored + e2
@@ -91,7 +93,7 @@ class Verifier:
         max_retries = int(ctx.opts.max_retries)
         rounds = 0
         forced_any = False
-        while todo:
+        while todo and not ctx.halted:
             if first is not None:
                 (good, bad, errored), first = first, None
             else:
@@ -157,6 +159,9 @@ class Verifier:
                     src = None
                 break
             except Exception as e:  # noqa: BLE001 - filtered: transient retried, store errors reported
+                if isinstance(e, ConfigurationError):  # the store's, not the keys': stop the run
+                    ctx.halt(e)
+                    return [], [], []  # the rows stay Verifying
                 if is_transient(e):
                     if ctx.retry.exhausted(attempt):
                         return [], [], list(rows)
