@@ -108,7 +108,7 @@ def test_resume_entries_are_allowed_transitions():
 def test_reason_codes():
     assert S.REASONS == {
         "source_missing", "shard_missing", "copy_failed", "verify_mismatch", "verify_failed",
-        "map_changed", "swap_failed", "source_changing", "drifted", "permanent"}
+        "map_changed", "swap_failed", "source_changing", "drifted", "permanent", "key_too_long", "constraint"}
     assert S.VERIFY_METHODS == {"full", "hash", "sampled", "forced", "unchecked", "already_swapped"}
 
 
