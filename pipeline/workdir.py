@@ -31,6 +31,11 @@ __all__ = [
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST",
     "SNAPSHOT_META",
+    "COMMIT_MARKERS",
+    "PLAN_STATS",
+    "PLAN_FILES",
+    "PLAN_DUPLICATES",
+    "PLAN_OUTPUTS",
     "snapshots_dir",
     "snapshot_meta_path",
     "plans_dir",
@@ -47,6 +52,7 @@ __all__ = [
     "stop_path",
     "reports_dir",
     "new_staging",
+    "plan_output_path",
     "commit_staged",
     "read_json",
     "read_summary",
@@ -63,6 +69,16 @@ MANIFEST_FORMAT_VERSION = 1
 #: The commit markers: a plan / snapshot directory is complete once these exist.
 MANIFEST = "manifest.json"
 SNAPSHOT_META = "snapshot.json"
+COMMIT_MARKERS = (MANIFEST, SNAPSHOT_META)
+
+#: What the planning graph (``transforms/plan.py``) leaves in a plan's staging
+#: directory for the planner (``shardmove/planner.py``), which reads them and
+#: removes them before it writes the manifest: the merged statistics, one
+#: record per move file, and the count of duplicate keys.
+PLAN_STATS = "stats.json"
+PLAN_FILES = "files.json"
+PLAN_DUPLICATES = "duplicates.json"
+PLAN_OUTPUTS = (PLAN_STATS, PLAN_FILES, PLAN_DUPLICATES)
 
 _SNAPSHOTS = "snapshots"
 _PLANS = "plans"
@@ -152,6 +168,13 @@ def new_staging(parent: str) -> str:
     return staging
 
 
+def plan_output_path(staging: str, name: str) -> str:
+    """One of the planning graph's outputs (:data:`PLAN_OUTPUTS`) in a plan's staging directory."""
+    if name not in PLAN_OUTPUTS:
+        raise ValueError(f"not a planning output: {name!r}")
+    return fs.join(staging, name)
+
+
 def commit_staged(staging: str, final: str, marker: str) -> bool:
     """Move a finished staging directory to ``final``; its ``marker`` file is already in it.
 
@@ -168,7 +191,7 @@ def commit_staged(staging: str, final: str, marker: str) -> bool:
         return False
     if fs.exists(final):
         fs.rmtree(final)  # a half-copied directory from a crash (gs://)
-    created = fs.rename_dir(staging, final)
+    created = fs.rename_dir(staging, final, markers=COMMIT_MARKERS)
     if not created:  # another process committed the same directory first
         fs.rmtree(staging)
     if not fs.exists(marker_path):

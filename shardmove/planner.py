@@ -269,9 +269,9 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
             out(dry_run_line(stages))
             return PlanResult("", None, {}, True, True, created=False, lines=[dry_run_line(stages)])
         elapsed = time.time() - t0
-        stats = json.loads(fs.read_bytes(fs.join(staging, "stats.json")))
-        files = json.loads(fs.read_bytes(fs.join(staging, "files.json")))
-        dups = json.loads(fs.read_bytes(fs.join(staging, "duplicates.json")))
+        stats = json.loads(fs.read_bytes(workdir.plan_output_path(staging, workdir.PLAN_STATS)))
+        files = json.loads(fs.read_bytes(workdir.plan_output_path(staging, workdir.PLAN_FILES)))
+        dups = json.loads(fs.read_bytes(workdir.plan_output_path(staging, workdir.PLAN_DUPLICATES)))
         _validate(stats, dups, cfg)
         _check_key_limits(data_store, staging, files)
         digest = core.digest_hex(*stats["digest"])
@@ -343,8 +343,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         if not cap_ok:
             fs.rmtree(staging)
             raise Refused("plan: a target shard would fall below the configured headroom; no plan committed")
-        for name in ("stats.json", "files.json", "duplicates.json"):
-            fs.remove(fs.join(staging, name))
+        for name in workdir.PLAN_OUTPUTS:
+            fs.remove(workdir.plan_output_path(staging, name))
         workdir.write_manifest(staging, manifest)
         result.created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         result.plan_dir = final
