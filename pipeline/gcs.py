@@ -158,13 +158,13 @@ def _make_client():
 
     project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
     if emulator_host():
-        from google.auth.credentials import AnonymousCredentials
+        from google.auth.credentials import AnonymousCredentials  # deferred: gs:// only (see above)
 
         c = storage.Client(project=project or "shardmove-emulator", credentials=AnonymousCredentials())
     else:
         c = storage.Client(project=project)
     try:  # room for concurrent movers: one connection per in-flight request
-        import requests.adapters
+        import requests.adapters  # deferred: google-cloud-storage's HTTP layer, gs:// only
 
         adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=_POOL, max_retries=0)
         c._http.mount("https://", adapter)

@@ -14,10 +14,10 @@ as integers; ``version`` is optional there.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -128,8 +128,6 @@ def read_snapshot_info(location: str) -> dict | None:
 
 
 def _isdir(path):
-    import os
-
     return os.path.isdir(path)
 
 

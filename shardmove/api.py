@@ -12,9 +12,15 @@ from typing import Callable, Sequence
 
 import yaml
 
-from pipeline.stores import open_data_store, open_map_store
 from pipeline.config import Config
-from pipeline.keys import KeyType
+from pipeline.errors import before_changes
+from pipeline.keys import KeyType, stable_hashes
+from pipeline.ring import Ring
+from pipeline.snapshot import take_snapshot
+from pipeline.stores import open_data_store, open_map_store
+from shardmove.demo import create_demo
+from shardmove.executor import plan_status, run_plan
+from shardmove.planner import make_plan
 
 __all__ = ["create_demo_keyspace", "snapshot", "plan", "run", "status"]
 
@@ -23,9 +29,6 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
                          seed: int = 0) -> dict:
     """An embedded keyspace (SQLite map + one SQLite file per shard) and a
     config whose target adds one shard.  Creates nothing that exists."""
-    from shardmove.demo import create_demo
-    from pipeline.ring import Ring
-
     kt = KeyType(key_type)
     directory = os.path.abspath(directory)
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -38,8 +41,6 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
         ring = Ring.build("native", [(s, 1.0) for s in current], key_type=kt)
 
         def assign(batch: list[bytes]) -> list[str]:
-            from pipeline.keys import stable_hashes
-
             idx = ring.assign(batch, stable_hashes(batch, len(batch)))
             return [ring.shard_ids[i] for i in idx]
 
@@ -72,10 +73,6 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
 
 
 def snapshot(cfg: Config):
-    from pipeline.snapshot import take_snapshot
-
-    from pipeline.errors import before_changes
-
     with before_changes():
         store = open_map_store(cfg)
         return take_snapshot(store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
@@ -83,9 +80,6 @@ def snapshot(cfg: Config):
 
 def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, beam_args: Sequence[str] = (),
          out: Callable[[str], None] = print):
-    from pipeline.errors import before_changes
-    from shardmove.planner import make_plan
-
     with before_changes():  # planning only reads the stores: one it cannot use is bad configuration
         map_store = None
         if snapshot is None and cfg.snapshot is None:
@@ -100,14 +94,10 @@ def plan(cfg: Config, *, snapshot: str | None = None, dry_run: bool = False, bea
 def run(cfg: Config, plan_dir: str, *, retry_failed: bool = False, allow_drift: bool = False,
         beam_args: Sequence[str] = (), out: Callable[[str], None] = print):
     """Execute (or resume) a plan; returns ``RunResult`` with ``exit_code`` and ``summary``."""
-    from shardmove.executor import run_plan
-
     return run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
                     out=out)
 
 
 def status(plan_dir: str) -> dict:
     """Per-state counts, failures by reason, verification methods, lease holder."""
-    from shardmove.executor import plan_status
-
     return plan_status(plan_dir)

@@ -7,13 +7,22 @@ Every subcommand exits with a CONTRACTS code; errors are one line on stderr
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 import re
 import sys
+import time
 from typing import Sequence
 
+from pipeline import interrupts
+from pipeline import logsafe
 from pipeline import workdir
+from pipeline.fs import NewDirs
+from shardmove.history import recorded
+from shardmove.prom import summary_to_prometheus, write_textfile
+from transforms.runner import is_dry_run
 from shardmove import cli_common
 from shardmove.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
@@ -40,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 def version_line() -> str:
     """``shardmove X (apache-beam Y, pyarrow Z)``: the installed distributions' own versions."""
+    # deferred: importlib.metadata loads ~30 modules (email, zipfile); only --version needs it
     from importlib.metadata import PackageNotFoundError, version
 
     def v(dist: str) -> str:
@@ -110,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Operator subcommands live in their own modules; each has
     ``register(subparsers, add_common, commands)``."""
-    import importlib
-
     mods = []
     for name in ("shardmove.cli_reports", "shardmove.cli_ops"):
         try:
@@ -126,8 +134,6 @@ def _configure_logging(args) -> None:
     """No key bytes at any level (pipeline/logsafe.py): Beam's loggers never
     below INFO (they print elements at DEBUG), third-party records show only
     plain arguments, and tracebacks only shardmove's own messages."""
-    from pipeline import logsafe
-
     level = args.log_level or ("DEBUG" if getattr(args, "debug", False) else "WARNING")
     logsafe.configure(getattr(logging, level), sys.stderr)
     if level != "DEBUG":
@@ -140,6 +146,7 @@ def _configure_logging(args) -> None:
 
 
 def cmd_demo(args, beam_args) -> int:
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import create_demo_keyspace
 
     if args.keys < 0 or args.shards < 1:
@@ -151,6 +158,7 @@ def cmd_demo(args, beam_args) -> int:
 
 
 def cmd_snapshot(args, beam_args) -> int:
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import snapshot
 
     cfg = _load(args)
@@ -162,9 +170,8 @@ def cmd_snapshot(args, beam_args) -> int:
 
 
 def cmd_plan(args, beam_args) -> int:
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import plan
-
-    from shardmove.history import recorded
 
     cfg = _load(args)
 
@@ -172,13 +179,12 @@ def cmd_plan(args, beam_args) -> int:
         if args.since:
             if args.snapshot:
                 raise BadInput("plan: --since and --snapshot cannot be combined")
+            # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
             from shardmove.ops import plan_since
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
-
-    from transforms.runner import is_dry_run
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
@@ -193,6 +199,7 @@ def cmd_plan(args, beam_args) -> int:
             h["details"] = {"moves": m["moves"], "keys_examined": m["keys_examined"], "window": m["window"],
                             "created": res.created, "since": args.since}
     if args.report_dir:
+        # deferred: reports load the checkpoint reader and the executor; start-up stays light
         from shardmove.report import write_plan_report
 
         print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
@@ -206,20 +213,17 @@ def cmd_plan(args, beam_args) -> int:
 
 
 def cmd_run(args, beam_args) -> int:
-    from pipeline import interrupts
+    # deferred: pipeline.faults loads the stores; start-up stays light
     from pipeline.faults import hold_point
 
     # a signal before the run holds anything exits 130 (pipeline.interrupts); the console
     # script (shardmove.console) installed the same handler before importing the CLI
     irq = interrupts.install()
     hold_point("startup")
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import run
 
-    from shardmove.history import recorded
-
     cfg = _load(args)
-    from transforms.runner import is_dry_run
-
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
     if translate_only:  # Dataflow --dry_run: translate only, record nothing
@@ -234,8 +238,6 @@ def cmd_run(args, beam_args) -> int:
                         "elapsed_s": s.get("elapsed_s"), "nothing_to_do": res.nothing_to_do,
                         "retry_failed": args.retry_failed, "allow_drift": args.allow_drift}
     if args.prometheus:
-        from shardmove.prom import summary_to_prometheus, write_textfile
-
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
     if res.summary.get("failed") and not irq.interrupted:
         # what to do about Failed keys: look at them, then retry them (the key values go to the file only)
@@ -246,6 +248,7 @@ def cmd_run(args, beam_args) -> int:
 
 
 def _status_lines(s: dict) -> list[str]:
+    # deferred: the executor loads checkpoints (Arrow Parquet) and stores; start-up stays light
     from shardmove.executor import summary_line
 
     lines = [f"plan id: {s['plan_id']}"]
@@ -270,9 +273,7 @@ def _status_lines(s: dict) -> list[str]:
 
 
 def cmd_status(args, beam_args) -> int:
-    import json
-    import time
-
+    # deferred: the API and the executor load checkpoints (Arrow Parquet) and stores; start-up stays light
     from shardmove.api import status
     from shardmove.executor import status_exit_code
 
@@ -283,8 +284,6 @@ def cmd_status(args, beam_args) -> int:
     while True:
         s = status(plan_dir)
         if args.prometheus:
-            from shardmove.prom import summary_to_prometheus, write_textfile
-
             write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
         if args.json:
             text = json.dumps(s, indent=1, sort_keys=True)
@@ -330,8 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     _configure_logging(args)
-    from pipeline.fs import NewDirs
-
     cli_common.track_new_dirs(NewDirs())
     try:
         return _dispatch(args, beam_args)

@@ -13,6 +13,7 @@ import json
 
 from shardmove import cli_common
 from shardmove.cli_common import preflight as _preflight
+from pipeline.config import parse_duration
 from pipeline.errors import EXIT_OK, EXIT_REFUSED, BadInput
 
 __all__ = ["register"]
@@ -67,6 +68,7 @@ def _cfg_and_plan(args):
 
 
 def cmd_failures(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import export_failures
 
     cfg, plan_dir = _cfg_and_plan(args)
@@ -75,6 +77,7 @@ def cmd_failures(args, beam_args) -> int:
 
 
 def cmd_verify(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import verify_plan
 
     if args.sample < 0:
@@ -87,6 +90,7 @@ def cmd_verify(args, beam_args) -> int:
 
 
 def cmd_rollback(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import rollback
 
     cfg, plan_dir = _cfg_and_plan(args)
@@ -95,7 +99,7 @@ def cmd_rollback(args, beam_args) -> int:
 
 
 def cmd_cleanup(args, beam_args) -> int:
-    from pipeline.config import parse_duration
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import cleanup
 
     older = parse_duration(args.older_than, "--older-than")
@@ -105,6 +109,7 @@ def cmd_cleanup(args, beam_args) -> int:
 
 
 def cmd_catchup(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import plan_since
 
     cfg, plan_dir = _cfg_and_plan(args)

@@ -8,11 +8,14 @@ stdout as ``name: value`` lines, and a non-zero verdict also writes one
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pipeline import workdir
 from shardmove.cli_common import load as _load, plan_dir as _plan_dir, with_last_run
 from pipeline.errors import EXIT_OK, BadInput
+from shardmove.history import read_history
+from shardmove.prom import summary_to_prometheus, write_textfile
 
 __all__ = ["register", "cmd_validate", "cmd_report", "cmd_metrics", "cmd_history", "export_summary",
            "with_last_run"]
@@ -55,12 +58,11 @@ def _cfg_and_work(args):
     if args.config:
         cfg = _load(args)
         return cfg, cfg.work_dir
-    import os
-
     return None, os.path.abspath(args.work_dir)
 
 
 def cmd_validate(args, beam_args) -> int:
+    # deferred: validation loads Arrow Parquet and the stores; start-up stays light
     from shardmove.validate import format_lines, validate
 
     if not args.config:
@@ -87,6 +89,7 @@ def cmd_validate(args, beam_args) -> int:
 
 
 def cmd_report(args, beam_args) -> int:
+    # deferred: reports load the checkpoint reader and the executor; start-up stays light
     from shardmove.report import write_report
 
     cfg, _work = _cfg_and_work(args)
@@ -97,14 +100,13 @@ def cmd_report(args, beam_args) -> int:
 
 def export_summary(plan_dir: str) -> dict:
     """The plan's current status (exact, from the checkpoints) with the last run's figures."""
+    # deferred: the executor loads checkpoints (Arrow Parquet) and stores; start-up stays light
     from shardmove.executor import plan_status
 
     return with_last_run(plan_dir, plan_status(plan_dir))
 
 
 def cmd_metrics(args, beam_args) -> int:
-    from shardmove.prom import summary_to_prometheus, write_textfile
-
     cfg, _work = _cfg_and_work(args)
     s = export_summary(_plan_dir(args, cfg))
     write_textfile(args.out, summary_to_prometheus(s, s["plan_id"]))
@@ -118,8 +120,6 @@ def _details_text(details: dict) -> str:
 
 
 def cmd_history(args, beam_args) -> int:
-    from shardmove.history import read_history
-
     _cfg, work = _cfg_and_work(args)
     if args.limit is not None and args.limit < 0:
         raise BadInput("history: --limit must be >= 0")

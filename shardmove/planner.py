@@ -25,8 +25,10 @@ from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
+from pipeline.ring import Ring
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
+from transforms.preflight import preflight
 
 __all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
 
@@ -45,8 +47,6 @@ class PlanResult:
 
 
 def build_ring(cfg: Config):
-    from pipeline.ring import Ring
-
     try:
         return Ring.build(
             cfg.target_profile,
@@ -199,9 +199,6 @@ def make_plan(
     beam_args: Sequence[str] = (),
     out: Callable[[str], None] = print,
 ) -> PlanResult:
-    from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from transforms.preflight import preflight
-
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
         out(w)
@@ -237,6 +234,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
                ) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
+    # deferred, with the graph: building it loads Beam (seconds); the API imports this module
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 

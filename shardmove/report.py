@@ -31,8 +31,13 @@ import io
 import logging
 import time
 
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import workdir
+from shardmove.executor import summarize
 
 __all__ = ["CHARTS", "write_plan_report", "write_report", "collect_run_data", "render_html"]
 
@@ -58,6 +63,7 @@ _COLORS = {"copied": "#1f77b4", "verified": "#2ca02c", "swapped": "#9467bd", "fa
 # ------------------------------------------------------------- plotting
 
 def _plt():
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -86,6 +92,7 @@ def _png(fig) -> bytes:
 
 
 def _rc():
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
     import matplotlib
 
     # shard ids are data: never let "$" start mathtext
@@ -103,8 +110,6 @@ def _shard_order(ids) -> list:
 
 
 def chart_move_matrix(manifest: dict) -> bytes:
-    import numpy as np
-
     with _rc():
         plt, fig = _figure("move_matrix")
         ax = fig.add_subplot(111)
@@ -140,8 +145,6 @@ def chart_move_matrix(manifest: dict) -> bytes:
 
 
 def chart_shard_counts(manifest: dict) -> bytes:
-    import numpy as np
-
     with _rc():
         plt, fig = _figure("shard_counts")
         ax = fig.add_subplot(111)
@@ -306,8 +309,6 @@ def chart_throughput(events: list, keys_per_s: float | None) -> bytes:
 
 
 def chart_latency(timings: list) -> bytes:
-    import numpy as np
-
     with _rc():
         plt, fig = _figure("latency")
         stages = [s for s in ("copy", "verify", "swap") if any(t and t[0] == s for t in timings)]
@@ -370,11 +371,6 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
     ``events``: progress events; ``timings``: per-call ``[stage, ms, keys]``
     lists of every run; ``attempts``: keys per number of copy attempts.
     """
-    import pyarrow.compute as pc
-
-    from pipeline import checkpoint as ckpt
-    from shardmove.executor import summarize
-
     summary = summarize(plan_dir, manifest)
     prev = workdir.read_summary(plan_dir) or {}
     for k in ("elapsed_s", "total_elapsed_s", "keys_per_s", "runs", "retries_this_run", "timings"):
