@@ -98,14 +98,16 @@ def bench_root() -> str:
     return root
 
 
-def install_sleep_mover(tx) -> None:
-    """Make ``transforms.execute`` open a mover that does no I/O: the fault injector's
+def install_sleep_mover() -> None:
+    """Make the executor's stages (``transforms.stages.common``, where every stage opens
+    its stores) open a mover that does no I/O: the fault injector's
     latency is all a copy costs, which separates the executor's concurrency from
     SQLite's one transaction per key.  copy/hashes/read only (no write fence):
     verification sees what the copy reported."""
     from pipeline.stores.base import CopyOutcome
+    from transforms.stages import common as stages
 
-    real_open = tx.data_store_from_spec
+    real_open = stages.data_store_from_spec
 
     class SleepMover:
         def __init__(self, real):
@@ -124,4 +126,4 @@ def install_sleep_mover(tx) -> None:
         def read(self, keys, shard):
             return {k: (b"", 0) for k in keys}
 
-    tx.data_store_from_spec = lambda spec, key_type: SleepMover(real_open(spec, key_type))
+    stages.data_store_from_spec = lambda spec, key_type: SleepMover(real_open(spec, key_type))

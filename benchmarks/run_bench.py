@@ -122,7 +122,6 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
                    options: dict | None = None) -> None:
     import apache_beam  # noqa: F401  (imports are not run time)
 
-    import transforms.execute as tx
     from shardmove import api
     from pipeline import checkpoint as ckpt
     from pipeline import fs
@@ -136,7 +135,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
     if options:  # raw run options not (yet) declared in the config, e.g. adaptive_throttling
         cfg = dataclasses.replace(cfg, options={**cfg.options, **options})
     if sleep_mover:
-        install_sleep_mover(tx)
+        install_sleep_mover()
     plan_dir = plan_dir_of(run_dir)
     ck_dir = os.path.join(plan_dir, "checkpoints")
     m = {"flush_s": 0.0, "flush_calls": 0, "ckpt_work_s": 0.0, "commit_s": 0.0, "commit_calls": 0, "compact_s": 0.0,
@@ -189,7 +188,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
             m["compact_s"] += time.perf_counter() - t
 
     ckpt.compact_group = compact_group
-    breakdown, breakdown_calls = _install_breakdown(tx)
+    breakdown, breakdown_calls = _install_breakdown()
     lines = []
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -215,15 +214,15 @@ _BREAKDOWN = (
     ("shardmove.executor", "find_drift", "find_drift", False),
     ("shardmove.executor", "summarize", "summarize_and_compact", False),
     ("shardmove.executor", "_Progress._scan", "progress_scan_thread", False),
-    ("transforms.execute", "_LoadWorkFn.process", "stage_load_work", True),
-    ("transforms.execute", "_CopyFn.process", "stage_copy", True),
-    ("transforms.execute", "_VerifyFn.process", "stage_verify", True),
-    ("transforms.execute", "_SwapFn.process", "stage_swap", True),
-    ("transforms.execute", "_CopyFn._guard", "copy_guard", False),
-    ("transforms.execute", "_CopyFn._start_copies", "copy_start", False),
-    ("transforms.execute", "_CopyFn._finish_copies", "copy_finish", False),
-    ("transforms.execute", "_SwapFn._swap_once", "swap_once", False),
-    ("transforms.execute", "_StageFn._record", "record_transitions", False),
+    ("transforms.stages.load", "_LoadWorkFn.process", "stage_load_work", True),
+    ("transforms.stages.copy", "_CopyFn.process", "stage_copy", True),
+    ("transforms.stages.verify", "_VerifyFn.process", "stage_verify", True),
+    ("transforms.stages.swap", "_SwapFn.process", "stage_swap", True),
+    ("transforms.stages.guard", "MapGuard.keep_at_source", "copy_guard", False),
+    ("transforms.stages.copy", "Copier.start_copies", "copy_start", False),
+    ("transforms.stages.copy", "Copier.finish_copies", "copy_finish", False),
+    ("transforms.stages.swap", "Swapper.swap_once", "swap_once", False),
+    ("transforms.stages.common", "CheckpointRecorder.record", "record_transitions", False),
     ("pipeline.stores.sqlite", "SqliteMapStore.lookup", "map_lookup", False),
     ("pipeline.stores.sqlite", "SqliteMapStore.swap_batch", "map_swap_batch", False),
     ("pipeline.stores.sqlite", "SqliteDataStore.copy", "data_copy", False),
@@ -261,7 +260,7 @@ def _timed(orig, label, gen, add):
     return wrapper
 
 
-def _install_breakdown(tx) -> tuple[dict, dict]:
+def _install_breakdown() -> tuple[dict, dict]:
     """Wrap the functions above to sum their wall time (seconds) and count their calls,
     into two dicts by label.
 

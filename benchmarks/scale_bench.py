@@ -86,12 +86,11 @@ def child_run(cfgpath: str, plan_dir: str, faults: str, mover: str = "sqlite") -
 
     import apache_beam  # noqa: F401
 
-    from transforms import execute as tx
     from shardmove import api
     from pipeline.config import load_config
 
     if mover == "sleep":
-        install_sleep_mover(tx)
+        install_sleep_mover()
     cfg = dataclasses.replace(load_config(cfgpath), faults=json.loads(faults))
     t0, c0 = time.perf_counter(), time.process_time()
     res = api.run(cfg, plan_dir, out=lambda _l: None)

@@ -26,6 +26,7 @@ __all__ = [
     "OptionSpec",
     "OPTIONS",
     "OPTION_NAMES",
+    "RunOptions",
     "Config",
     "TargetShard",
     "load_config",
@@ -163,7 +164,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("verify_concurrency", 32, "int", "Verifications in flight per worker.", 1, 1024),
     OptionSpec("swap_batch_size", 500, "int", "Keys per atomic map swap batch; also the unit of copy/verify work.", 1, 100000),
     OptionSpec("max_retries", 5, "int", "Transient retries (and re-copies after a verify mismatch) before a key is Failed.", 0, 100),
-    OptionSpec("retry_base_delay", 0.1, "duration", "Base of the exponential backoff: delay = base * 2^attempt, capped at 30s.", 0.0, 60.0),
+    OptionSpec("retry_base_delay", 0.1, "duration", "Base of the exponential backoff: retry n waits d/2 + random(0, d/2), d = min(30s, base * 2^n) (equal jitter).", 0.0, 60.0),
     OptionSpec("interleave_copy_and_verify", True, "bool", "Verify each batch right after its copy (true) or copy everything first (false)."),
     OptionSpec("force_swap_on_verification_failure", False, "bool", "Swap keys whose verification failed (unsafe; one loud warning per batch).", unsafe=True),
     OptionSpec("checkpoint_flush_interval", 2.0, "duration", "Flush checkpoint transitions at least this often.", 0.0, 3600.0),
@@ -185,6 +186,65 @@ OPTIONS: tuple[OptionSpec, ...] = (
 )
 OPTION_NAMES = tuple(o.name for o in OPTIONS)
 _SPEC = {o.name: o for o in OPTIONS}
+
+#: The type of each option kind (what ``OptionSpec.parse`` returns), as RunOptions annotates it.
+KIND_TYPES: Mapping[str, str] = {"int": "int", "float": "float", "bool": "bool", "duration": "float",
+                                 "choice": "str", "window": "str | None", "str": "str | None"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every option of :data:`OPTIONS`, typed, as one frozen (picklable) object.
+
+    What the stages of a run read.  It declares no defaults of its own: build
+    it with :meth:`from_mapping`, which takes what ``OPTIONS`` says for any
+    option the mapping leaves out.  Its fields are ``OPTIONS``, in order, typed
+    by their kind (checked when this module is imported)."""
+
+    copy_concurrency: int
+    verify_concurrency: int
+    swap_batch_size: int
+    max_retries: int
+    retry_base_delay: float
+    interleave_copy_and_verify: bool
+    force_swap_on_verification_failure: bool
+    checkpoint_flush_interval: float
+    checkpoint_flush_every_transitions: int
+    segment_size: int
+    verification: str
+    sample_fraction: float
+    sample_seed: int
+    hash_buckets: int
+    window: str | None
+    min_headroom_percent: float
+    write_fence: str
+    lease_ttl: float
+    progress_interval: float
+    shard_max_in_flight: int
+    shard_max_keys_per_s: float
+    adaptive_throttling: bool
+    shared_paths: bool
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None = None) -> "RunOptions":
+        """Validated options: each given value parsed by its OptionSpec, the rest its default."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_SPEC))
+        if unknown:
+            raise BadInput(f"unknown option {unknown[0]}")
+        values = {}
+        for o in OPTIONS:
+            v = options.get(o.name, o.default)
+            values[o.name] = o.parse(v) if v is not None or o.kind in ("window", "str") else v
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+if [(f.name, f.type) for f in dataclasses.fields(RunOptions)] != [(o.name, KIND_TYPES[o.kind]) for o in OPTIONS]:
+    raise RuntimeError("RunOptions must declare OPTIONS' names, in order, typed by their kind")  # pragma: no cover
+
 
 _SECTIONS = ("key_type", "work_dir", "map_store", "data_store", "current_shards", "target", "beam", "faults", "snapshot")
 
@@ -218,6 +278,11 @@ class Config:
 
     def opt(self, name: str) -> Any:
         return self.options[name]
+
+    @property
+    def run_options(self) -> RunOptions:
+        """The options as one typed, frozen object (what a run's stages read)."""
+        return RunOptions.from_mapping(self.options)
 
     def __getattr__(self, name):  # options as attributes: cfg.copy_concurrency
         opts = object.__getattribute__(self, "options")

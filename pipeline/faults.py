@@ -98,6 +98,19 @@ class FaultPlan:
             time.sleep(ms / 1000.0)
 
 
+# The optional capabilities (pipeline.stores.base's Protocols) of a wrapped store
+# become the wrapper's own attributes: isinstance checks against those Protocols
+# look at attributes statically on Python >= 3.12, never through __getattr__.
+_CAPABILITIES = ("claim_run", "renew_run", "release_run", "max_version", "count_above", "supports_fence",
+                 "write_fence", "check_keys", "max_key_bytes", "shard_exists", "shard_bytes", "count")
+
+
+def _forward_capabilities(wrapper, inner) -> None:
+    for name in _CAPABILITIES:
+        if name not in type(wrapper).__dict__ and hasattr(inner, name):
+            setattr(wrapper, name, getattr(inner, name))
+
+
 class FaultyDataStore:
     """Wraps a DataStore: injected copy and verification-read faults."""
 
@@ -105,6 +118,7 @@ class FaultyDataStore:
         self._inner = inner
         self._plan = plan
         self.key_type = inner.key_type
+        _forward_capabilities(self, inner)
         kpc = int(plan.op("copy").get("keys_per_call", 0) or 0)
         if kpc:
             self.keys_per_call = kpc
@@ -182,6 +196,7 @@ class FaultyMapStore:
         self._inner = inner
         self._plan = plan
         self.key_type = inner.key_type
+        _forward_capabilities(self, inner)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)

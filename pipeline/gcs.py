@@ -56,6 +56,7 @@ import threading
 from typing import Mapping
 
 from pipeline.errors import CommitConflict, PermanentError, TransientError
+from pipeline.retry import RetrySchedule
 
 __all__ = [
     "EMULATOR_ENV",
@@ -378,15 +379,22 @@ def read_range(path: str, offset: int, length: int) -> bytes:
                                       retry=_retry(), timeout=_TIMEOUT)
 
 
+#: Base delay of read_object's re-reads of an object replaced while it was read.
+_READ_RETRY_BASE_S = 0.02
+
+
 def read_object(path: str, *, attempts: int = 5) -> tuple[bytes, ObjectStat] | None:
     """``(bytes, stat)`` of one consistent generation of the object; None if absent.
 
     Reads the metadata, then downloads with ``if_generation_match`` on that
     generation; if the object is replaced in between (412/404) it starts over
-    (at most ``attempts`` times, then :class:`StorageUnavailable`).
+    (at most ``attempts`` times, waiting between them on the retry schedule of
+    :mod:`pipeline.retry`, then :class:`StorageUnavailable`).
     """
     Pre = _precondition()
-    for _ in range(max(1, attempts)):
+    schedule = RetrySchedule(_READ_RETRY_BASE_S, max(1, attempts) - 1)
+    attempt = 0
+    while True:
         st = stat(path)
         if st is None:
             return None
@@ -395,12 +403,13 @@ def read_object(path: str, *, attempts: int = 5) -> tuple[bytes, ObjectStat] | N
             with _Calls("read", path):
                 data = blob.download_as_bytes(if_generation_match=st.generation or None,
                                               retry=_retry(), timeout=_TIMEOUT)
-        except FileNotFoundError:
-            continue  # replaced or deleted since the stat: look again
-        except Pre:
+        except (FileNotFoundError, Pre):  # replaced or deleted since the stat: look again
+            if schedule.exhausted(attempt):
+                raise StorageUnavailable(f"read: {path} keeps changing while being read") from None
+            schedule.wait(attempt)
+            attempt += 1
             continue
         return data, st
-    raise StorageUnavailable(f"read: {path} keeps changing while being read")
 
 
 def read_with_generation(path: str) -> tuple[bytes | None, int]:

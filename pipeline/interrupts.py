@@ -55,6 +55,13 @@ class Interrupts:
             except OSError:
                 pass
 
+    def request_stop(self) -> None:
+        """Stop as a signal would, asked from any thread (the API's ``cancel`` event): it
+        never raises; before the lease the launcher checks :attr:`interrupted` itself."""
+        self.count += 1
+        if self.stop_path:
+            self.write_stop_marker()
+
     @property
     def interrupted(self) -> bool:
         return self.count > 0

@@ -236,6 +236,19 @@ def _canonical_keys(keys_col, key_type: KeyType):
     return K.canonical_array(keys_col, key_type)
 
 
+def input_error(invalid: int, oversize: int, key_type: KeyType, *, what: str = "snapshot") -> str | None:
+    """The one-line refusal of a snapshot (``what="snapshot"``) or an explicit target
+    (``"target snapshot"``) holding invalid or over-long keys, or None; counts only."""
+    kt = KeyType(key_type).value
+    if invalid:
+        tail = " (or are empty)" if what == "snapshot" else ""
+        return f"plan: {invalid} keys in the {what} cannot be represented as key_type {kt}{tail}"
+    if oversize:
+        where = "" if what == "snapshot" else f" in the {what}"
+        return f"plan: {oversize} keys{where} are longer than {K.MAX_KEY_BYTES} bytes"
+    return None
+
+
 def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: Stats, known: frozenset | None,
                   *, target_side: bool = False):
     """Canonical keys, shard ids and stable hashes of a batch; invalid rows dropped and counted."""

@@ -27,7 +27,8 @@ from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.errors import BadInput
 
-__all__ = ["SnapshotInfo", "take_snapshot", "list_parts", "read_snapshot_info", "SNAPSHOT_FORMAT_VERSION"]
+__all__ = ["SnapshotInfo", "take_snapshot", "write_snapshot", "list_parts", "read_snapshot_info",
+           "SNAPSHOT_FORMAT_VERSION"]
 
 SNAPSHOT_FORMAT_VERSION = 1
 ROWS_PER_FILE = 1_000_000
@@ -43,43 +44,71 @@ class SnapshotInfo:
     created: bool = True
 
 
-def _parquet_bytes_writer():
-    sink = pa.BufferOutputStream()
-    return sink
+class _Parts:
+    """Snapshot parts being written into a staging directory: canonical batches in,
+    Parquet parts of at most :data:`ROWS_PER_FILE` rows out, the content digest on the way."""
+
+    def __init__(self, staging: str, segment_size: int):
+        self.staging, self.segment_size = staging, segment_size
+        self.lanes = (0, 0, 0)
+        self.rows = 0
+        self.files: list = []
+        self._writer = self._sink = None
+        self._in_file = 0
+
+    def add(self, batch: pa.RecordBatch, hashes: np.ndarray | None = None) -> None:
+        """``batch``: canonical rows (``SNAPSHOT_SCHEMA``); ``hashes``: their stable hashes, if known."""
+        if batch.num_rows == 0:
+            return
+        batch = batch.cast(core.SNAPSHOT_SCHEMA) if batch.schema != core.SNAPSHOT_SCHEMA else batch
+        if hashes is None:
+            keys = batch.column(0)
+            hashes = K.stable_hashes(keys.to_pylist(), len(keys))
+        self.lanes = core._add_digest(self.lanes, core.digest_lanes(hashes, core._shard_hash_array(batch.column(1))))
+        if self._writer is None:
+            self._sink = pa.BufferOutputStream()
+            self._writer = pq.ParquetWriter(self._sink, core.SNAPSHOT_SCHEMA, compression="zstd")
+        self._writer.write_table(pa.Table.from_batches([batch]), row_group_size=self.segment_size)
+        self.rows += batch.num_rows
+        self._in_file += batch.num_rows
+        if self._in_file >= ROWS_PER_FILE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._writer is not None:
+            self.files.append(_commit_part(self.staging, len(self.files), self._writer, self._sink, self._in_file))
+            self._writer = self._sink = None
+            self._in_file = 0
+
+    def commit(self, snaps: str, key_type, cutoff, above: int, **extra) -> SnapshotInfo:
+        self._flush()
+        digest = core.digest_hex(*self.lanes)
+        meta = {
+            "format_version": SNAPSHOT_FORMAT_VERSION,
+            "digest": digest,
+            "rows": self.rows,
+            "cutoff": cutoff,
+            "rows_above_cutoff": above,
+            "key_type": K.KeyType(key_type).value,
+            "files": self.files,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+        fs.write_atomic(workdir.snapshot_meta_path(self.staging), json.dumps(meta, indent=1, sort_keys=True).encode())
+        final = fs.join(snaps, digest)
+        created = workdir.commit_staged(self.staging, final, workdir.SNAPSHOT_META)
+        return SnapshotInfo(final, digest, self.rows, cutoff, above, created)
 
 
 def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyType, log=None) -> SnapshotInfo:
     """Export the map store into ``<work>/snapshots/<digest>/``."""
     snaps = workdir.snapshots_dir(work_dir)
     staging = workdir.new_staging(snaps)
-    lanes = (0, 0, 0)
-    rows = 0
-    files = []
     try:
+        parts = _Parts(staging, segment_size)
         with map_store.snapshot(segment_size) as snap:
-            part = 0
-            writer = sink = None
-            in_file = 0
             for batch in snap:
-                if batch.num_rows == 0:
-                    continue
-                batch = batch.cast(core.SNAPSHOT_SCHEMA) if batch.schema != core.SNAPSHOT_SCHEMA else batch
-                keys = batch.column(0)
-                hashes = K.stable_hashes(keys.to_pylist(), len(keys))
-                lanes = core._add_digest(lanes, core.digest_lanes(hashes, core._shard_hash_array(batch.column(1))))
-                if writer is None:
-                    sink = pa.BufferOutputStream()
-                    writer = pq.ParquetWriter(sink, core.SNAPSHOT_SCHEMA, compression="zstd")
-                writer.write_table(pa.Table.from_batches([batch]), row_group_size=segment_size)
-                rows += batch.num_rows
-                in_file += batch.num_rows
-                if in_file >= ROWS_PER_FILE:
-                    files.append(_commit_part(staging, part, writer, sink, in_file))
-                    part += 1
-                    writer = None
-                    in_file = 0
-            if writer is not None:
-                files.append(_commit_part(staging, part, writer, sink, in_file))
+                parts.add(batch)
             invalid = getattr(snap, "invalid_keys", 0)
             cutoff = getattr(snap, "cutoff", None)
             above = getattr(snap, "rows_above_cutoff", 0)
@@ -87,21 +116,92 @@ def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyTy
             raise BadInput(
                 f"snapshot: {invalid} keys in the map store cannot be represented as key_type {K.KeyType(key_type).value}"
             )
-        digest = core.digest_hex(*lanes)
-        meta = {
-            "format_version": SNAPSHOT_FORMAT_VERSION,
-            "digest": digest,
-            "rows": rows,
-            "cutoff": cutoff,
-            "rows_above_cutoff": above,
-            "key_type": K.KeyType(key_type).value,
-            "files": files,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        fs.write_atomic(workdir.snapshot_meta_path(staging), json.dumps(meta, indent=1, sort_keys=True).encode())
-        final = fs.join(snaps, digest)
-        created = workdir.commit_staged(staging, final, workdir.SNAPSHOT_META)
-        return SnapshotInfo(final, digest, rows, cutoff, above, created)
+        return parts.commit(snaps, key_type, cutoff, above)
+    except BaseException:
+        fs.rmtree(staging)
+        raise
+
+
+def _input_batches(rows, segment_size: int, key_type, what: str):
+    """Record batches of at most ``segment_size`` rows (columns ``key``, ``shard_id`` and,
+    if given, ``version``) from an Arrow table, a record batch reader, or an iterable of
+    ``(key, shard_id)`` / ``(key, shard_id, version)`` tuples."""
+    if isinstance(rows, (pa.Table, pa.RecordBatchReader, pa.RecordBatch)):
+        schema = rows.schema
+        if "key" not in schema.names or "shard_id" not in schema.names:
+            raise BadInput(f"{what}: the table lacks the key and shard_id columns")
+        why = _column_types_ok(schema, key_type)
+        if why:
+            raise BadInput(f"{what}: {why}")
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        source = rows.to_batches() if isinstance(rows, pa.Table) else rows
+        for batch in source:
+            for off in range(0, batch.num_rows, segment_size):
+                yield batch.slice(off, segment_size)
+        return
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise BadInput(f"{what}: expected a Parquet path, an Arrow table, a record batch reader or an iterable "
+                       f"of (key, shard_id) pairs, got {type(rows).__name__}")
+    chunk: list = []
+    width = None
+    for n, row in enumerate(rows):
+        if not isinstance(row, (tuple, list)) or len(row) not in (2, 3) or (width is not None and len(row) != width):
+            raise BadInput(f"{what}: row {n + 1} is not a (key, shard_id) or (key, shard_id, version) tuple")
+        width = len(row)
+        chunk.append(row)
+        if len(chunk) >= segment_size:
+            yield _tuples_batch(chunk, key_type)
+            chunk = []
+    if chunk:
+        yield _tuples_batch(chunk, key_type)
+
+
+def _tuples_batch(chunk: list, key_type) -> pa.RecordBatch:
+    bad = 0
+    keys = []
+    for row in chunk:  # python values (str, int, bytes, uuid.UUID) to canonical bytes; invalid ones null
+        try:
+            keys.append(K.canonical_bytes(row[0], key_type))
+        except (K.InvalidKeyError, ValueError, TypeError, AttributeError):
+            keys.append(None)
+            bad += 1
+    shards = [r[1] if isinstance(r[1], str) else None for r in chunk]
+    cols = {"key": pa.array(keys, pa.binary()), "shard_id": pa.array(shards, pa.string())}
+    if len(chunk[0]) == 3:
+        cols["version"] = pa.array([r[2] for r in chunk], pa.int64())
+    return pa.RecordBatch.from_pydict(cols)
+
+
+def write_snapshot(rows, work_dir: str, segment_size: int, key_type: K.KeyType, *, what: str = "snapshot"
+                   ) -> SnapshotInfo:
+    """Stream in-memory assignments into ``<work>/snapshots/<digest>/`` (owner-only, as
+    :func:`take_snapshot` writes one), ``segment_size`` rows at a time.
+
+    ``rows``: an Arrow table, a record batch reader, or an iterable of ``(key, shard_id)``
+    (or ``(key, shard_id, version)``) tuples; keys in any form the planner reads from a
+    Parquet file (canonical bytes, text, or integers for int64 keys).  Rows the planner
+    would refuse (invalid or over-long keys, a missing shard id) are refused here with the
+    planner's own message (:func:`pipeline.plancore.input_error`), and nothing is written;
+    the rest (duplicates, unknown shards) the planner checks on the snapshot exactly as it
+    does on the equivalent Parquet file -- so the digest, and the plan id, are the same.
+    """
+    snaps = workdir.snapshots_dir(work_dir)
+    staging = workdir.new_staging(snaps)
+    try:
+        parts = _Parts(staging, segment_size)
+        stats = core.Stats()
+        for batch in _input_batches(rows, segment_size, key_type, what):
+            canon, shard_col, hashes = core.prepare_batch(batch, key_type, stats, None)
+            version = (batch.column(batch.schema.get_field_index("version")).cast(pa.int64())
+                       if "version" in batch.schema.names and len(canon) == batch.num_rows else None)
+            if version is None:
+                version = pa.nulls(len(canon), pa.int64())
+            parts.add(pa.RecordBatch.from_arrays([canon, shard_col, version], schema=core.SNAPSHOT_SCHEMA), hashes)
+        err = core.input_error(stats.invalid_keys, stats.oversize_keys, key_type, what=what)
+        if err:
+            raise BadInput(err)
+        return parts.commit(snaps, key_type, None, 0, source="in-memory")
     except BaseException:
         fs.rmtree(staging)
         raise

@@ -26,8 +26,8 @@ from transforms.runner import is_dry_run
 from shardmove import cli_common
 from shardmove.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
-from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, ShardmoveError,
-                             before_changes, redact)
+from pipeline.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, BadInput,
+                             ShardmoveError, before_changes, redact)
 
 __all__ = ["main", "build_parser"]
 
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="plan from an existing Parquet snapshot (file or directory)")
     p.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
     p.add_argument("--report-dir", metavar="DIR", help="also write the plan report (report.html + PNG charts) into DIR")
+    p.add_argument("--sample-hashes", metavar="N", type=int, default=0,
+                   help="with --dry-run: read N seeded moves at their sources; report missing or unreadable "
+                        "records and their bytes (seeded by the sample_seed option)")
     p.add_argument("--since", metavar="PLAN",
                    help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
@@ -184,7 +187,8 @@ def cmd_plan(args, beam_args) -> int:
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
-        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args)
+        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print,
+                    sample_hashes=args.sample_hashes)
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
@@ -202,11 +206,11 @@ def cmd_plan(args, beam_args) -> int:
         # deferred: reports load the checkpoint reader and the executor; start-up stays light
         from shardmove.report import write_plan_report
 
-        print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir))}")
+        print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir), dry_run=args.dry_run)}")
     if args.dry_run and not res.capacity_ok:
         print("capacity check: FAILED (a target shard would fall below the configured headroom)")
         cli_common.remove_created()  # refused: leave the work directory as it was found
-        return 4
+        return EXIT_REFUSED
     if not args.dry_run:
         print(f"plan dir: {res.plan_dir}")
     return EXIT_OK
@@ -227,10 +231,10 @@ def cmd_run(args, beam_args) -> int:
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
     if translate_only:  # Dataflow --dry_run: translate only, record nothing
-        return run(cfg, plan_dir, beam_args=beam_args).exit_code
+        return run(cfg, plan_dir, beam_args=beam_args, out=print).exit_code
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-                  beam_args=beam_args)
+                  beam_args=beam_args, out=print)
         irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
@@ -273,8 +277,8 @@ def _status_lines(s: dict) -> list[str]:
 
 
 def cmd_status(args, beam_args) -> int:
-    # deferred: the API and the executor load checkpoints (Arrow Parquet) and stores; start-up stays light
-    from shardmove.api import status
+    # deferred: the executor loads checkpoints (Arrow Parquet) and stores; start-up stays light
+    from shardmove.executor import plan_status as status
     from shardmove.executor import status_exit_code
 
     cfg = None

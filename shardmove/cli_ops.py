@@ -2,7 +2,8 @@
 
 Registered by :mod:`shardmove.cli` through ``register(subparsers, add_common,
 commands)``.  Each command parses, calls one function of :mod:`shardmove.ops`
-and maps its result to a CONTRACTS exit code; errors are raised as
+and maps its result to a CONTRACTS exit code (``catchup PLAN`` is ``plan
+--since PLAN``: it runs the plan command itself); errors are raised as
 :class:`~pipeline.errors.ShardmoveError` and printed by ``cli.main`` as one
 ``error: ...`` line.  No command prints a key: only counts and key hash
 prefixes.
@@ -14,7 +15,7 @@ import json
 from shardmove import cli_common
 from shardmove.cli_common import preflight as _preflight
 from pipeline.config import parse_duration
-from pipeline.errors import EXIT_OK, EXIT_REFUSED, BadInput
+from pipeline.errors import EXIT_OK, BadInput
 
 __all__ = ["register"]
 
@@ -55,11 +56,12 @@ def register(subparsers, add_common, commands) -> None:
     c.add_argument("--apply", action="store_true", help="delete (default: only print what would be deleted)")
     commands["cleanup"] = cmd_cleanup
 
-    k = subparsers.add_parser("catchup", help="plan the keys created or reassigned since PLAN's snapshot")
+    k = subparsers.add_parser("catchup", help="plan the keys created or reassigned since PLAN's snapshot "
+                                              "(the same as plan --since PLAN)")
     add_common(k)
     _plan_arg(k)
     k.add_argument("--dry-run", action="store_true", help="print counts and the capacity check; commit nothing")
-    commands["catchup"] = cmd_catchup
+    commands["catchup"] = _as_plan_since(subparsers.choices["plan"], commands)
 
 
 def _cfg_and_plan(args):
@@ -108,17 +110,15 @@ def cmd_cleanup(args, beam_args) -> int:
     return EXIT_OK
 
 
-def cmd_catchup(args, beam_args) -> int:
-    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
-    from shardmove.ops import plan_since
+def _as_plan_since(plan_parser, commands):
+    """``catchup PLAN`` runs ``plan --since PLAN``: the plan command's own code path
+    (preflight, history record, capacity check, printed lines, exit codes), with
+    the plan command's other flags at their defaults."""
 
-    cfg, plan_dir = _cfg_and_plan(args)
-    _preflight(cfg, beam_args)
-    res = plan_since(cfg, plan_dir, dry_run=args.dry_run, beam_args=beam_args)
-    if args.dry_run and not res.capacity_ok:
-        print("capacity check: FAILED (a target shard would fall below the configured headroom)")
-        cli_common.remove_created()  # refused: leave the work directory as it was found
-        return EXIT_REFUSED
-    if not args.dry_run:
-        print(f"plan dir: {res.plan_dir}")
-    return EXIT_OK
+    def cmd_catchup(args, beam_args) -> int:
+        plan_args = plan_parser.parse_args([])
+        vars(plan_args).update(vars(args))
+        plan_args.since = args.plan
+        return commands["plan"](plan_args, beam_args)
+
+    return cmd_catchup

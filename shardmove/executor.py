@@ -34,10 +34,11 @@ from pipeline import fs
 from pipeline import interrupts
 from pipeline import states as S
 from pipeline.config import OPTIONS, Config, parse_window
-from pipeline.errors import BadInput, Refused, before_changes
+from pipeline.errors import BadInput, Interrupted, Refused, before_changes
 from pipeline.faults import hold_point, validate_faults
 from pipeline.lease import LeaseLost, acquire, live_holder, read_lease
 from pipeline.stores import open_data_store, open_map_store
+from pipeline.stores.base import RunRegistry, ShardInventory
 from pipeline import workdir
 from pipeline.workdir import load_manifest
 from transforms.preflight import preflight
@@ -215,7 +216,7 @@ class _Progress:
     """Derives progress events from committed checkpoint parts (this epoch)."""
 
     def __init__(self, plan_dir: str, plan_id: str, epoch: int, base: dict, total: int, interval: float,
-                 tty: bool):
+                 tty: bool, on_event: Callable[[dict], object] | None = None):
         self.plan_dir, self.plan_id, self.epoch = plan_dir, plan_id, epoch
         self.total = total
         self.interval = interval
@@ -230,6 +231,7 @@ class _Progress:
         self._stop = threading.Event()
         self._thread = None
         self.events: list = []
+        self.on_event = on_event
 
     def _scan(self):
         root = workdir.checkpoints_dir(self.plan_dir)
@@ -298,6 +300,11 @@ class _Progress:
         self.events.append(ev)
         if self.tty:
             self._bar(ev)
+        if self.on_event is not None:
+            try:  # the API's progress callback: its failure never stops the run
+                self.on_event(dict(ev))
+            except Exception as e:  # noqa: BLE001
+                LOG.warning("progress callback failed (%s); the run goes on", type(e).__name__)
         return ev
 
     def _bar(self, ev):
@@ -378,7 +385,7 @@ def check_shards(cfg: Config, manifest: dict, data_store) -> None:
     otherwise).  Target shards are looked at too: one that cannot be reached
     or read raises here, before anything is modified, and a missing one is
     refused where the store does not create shards (``creates_shards``)."""
-    if data_store is None or not hasattr(data_store, "shard_exists"):
+    if not isinstance(data_store, ShardInventory):
         return
     missing = sorted({p["source"] for p in manifest["pairs"] if not data_store.shard_exists(p["source"])})
     if missing:
@@ -461,19 +468,32 @@ def _stderr_line(line: str) -> None:
 
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
-             allow_drift: bool = False) -> RunResult:
+             allow_drift: bool = False, progress: Callable[[dict], object] | None = None,
+             cancel: threading.Event | None = None) -> RunResult:
     """Run (or resume, or finish) a plan; see the module docstring.  SIGINT/SIGTERM are
-    handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130."""
+    handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130.
+    ``cancel`` (set from any thread) stops the run the same way; ``progress`` is called with
+    each progress event."""
     irq = interrupts.install(install_signals)
+    finished = threading.Event()
+    if cancel is not None:
+        def watch():
+            while not finished.is_set():
+                if cancel.wait(0.1):
+                    irq.request_stop()
+                    return
+
+        threading.Thread(target=watch, name="cancel", daemon=True).start()
     try:
         return _run_plan(cfg, plan_dir, irq, retry_failed=retry_failed, beam_args=beam_args, out=out,
-                         allow_drift=allow_drift)
+                         allow_drift=allow_drift, on_event=progress)
     finally:
+        finished.set()
         irq.restore()
 
 
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
-              out: Callable[[str], None], allow_drift: bool) -> RunResult:
+              out: Callable[[str], None], allow_drift: bool, on_event=None) -> RunResult:
     # deferred, with the graph: building it loads Beam (seconds); status and reports import this module
     from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
@@ -507,7 +527,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
             key_type=cfg.key_type,
             map_store=dict(cfg.map_store),
             data_store=dict(cfg.data_store),
-            options=dict(cfg.options),
+            options=cfg.run_options,
             groups=tuple((f["group"], f["rows"]) for f in manifest["files"]),
             retry_failed=retry_failed,
             faults=validate_faults(cfg.faults),
@@ -525,6 +545,8 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         return RunResult(plan_id, before, 0)
 
     stop_path = workdir.stop_path(plan_dir)
+    if irq.interrupted:  # a cancel before the lease (a signal raises on its own): nothing was modified
+        raise Interrupted("interrupted before the run took its lease; nothing was modified")
     # from here on a signal never raises: the run gives back what it holds, then exits 130
     irq.deferred = True
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
@@ -533,7 +555,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     renew_claim = None
     progress = None
     try:
-        if hasattr(map_store, "claim_run"):
+        if isinstance(map_store, RunRegistry):
             window = _window_range(manifest)
             map_store.claim_run(plan_id, lease.epoch, window, f"{socket.gethostname()}:{os.getpid()}",
                                 cfg.opt("lease_ttl"), time.time())
@@ -552,7 +574,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         lease.start_renewing(also=renew_claim)
         hold_point("lease", lambda: irq.interrupted)
         progress = _Progress(plan_dir, plan_id, lease.epoch, _base_counts(before), before["planned"],
-                             cfg.opt("progress_interval"), sys.stderr.isatty())
+                             cfg.opt("progress_interval"), sys.stderr.isatty(), on_event=on_event)
         t0 = time.time()
         metrics = {}
         if not irq.interrupted:  # stopped before the pipeline started: nothing to stop
@@ -609,7 +631,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
 def _release(map_store, plan_id: str, lease) -> None:
     """Give back the map-store claim (if taken) and the lease; each is tried even if the
     other fails, and a failure to release never hides the run's outcome."""
-    if map_store is not None and hasattr(map_store, "release_run"):
+    if isinstance(map_store, RunRegistry):
         try:
             map_store.release_run(plan_id, lease.epoch)
         except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
@@ -661,7 +683,7 @@ def _supersede_claim(cfg: Config, manifest: dict, lease):
     (to release it with), or None when there is no registry or another plan holds it."""
     try:
         map_store = open_map_store(cfg)
-        if not hasattr(map_store, "claim_run"):
+        if not isinstance(map_store, RunRegistry):
             return None
         map_store.claim_run(manifest["plan_id"], lease.epoch, _window_range(manifest),
                             f"{socket.gethostname()}:{os.getpid()}", cfg.opt("lease_ttl"), time.time())

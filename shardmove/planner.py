@@ -20,14 +20,15 @@ from typing import Callable, Sequence
 import pyarrow.parquet as pq
 
 from pipeline import fs
-from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
 from pipeline.ring import Ring
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
+from pipeline.stores.base import KeyNameLimits, ShardInventory
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
+from shardmove.sampling import sample_sources
 from transforms.preflight import preflight
 
 __all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
@@ -65,12 +66,9 @@ def _target_canonical(cfg: Config, ring, stats: dict) -> dict:
 
 
 def _validate(stats: dict, dups: int, cfg: Config) -> None:
-    kt = cfg.key_type.value
-    if stats["invalid_keys"]:
-        raise BadInput(f"plan: {stats['invalid_keys']} keys in the snapshot cannot be represented as key_type {kt} "
-                       "(or are empty)")
-    if stats["oversize_keys"]:
-        raise BadInput(f"plan: {stats['oversize_keys']} keys are longer than {K.MAX_KEY_BYTES} bytes")
+    err = core.input_error(stats["invalid_keys"], stats["oversize_keys"], cfg.key_type)
+    if err:
+        raise BadInput(err)
     if dups:
         raise BadInput(f"plan: {dups} duplicate keys in the snapshot")
     if stats["unknown_shard_rows"]:
@@ -78,12 +76,10 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
         shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
         raise BadInput(f"plan: {stats['unknown_shard_rows']} keys are on {len(ids)} shard ids the configuration "
                        f"does not know ({shown})")
-    if stats.get("target_invalid_keys"):
-        raise BadInput(f"plan: {stats['target_invalid_keys']} keys in the target snapshot cannot be represented "
-                       f"as key_type {kt}")
-    if stats.get("target_oversize_keys"):
-        raise BadInput(f"plan: {stats['target_oversize_keys']} keys in the target snapshot are longer than "
-                       f"{K.MAX_KEY_BYTES} bytes")
+    err = core.input_error(stats.get("target_invalid_keys", 0), stats.get("target_oversize_keys", 0), cfg.key_type,
+                           what="target snapshot")
+    if err:
+        raise BadInput(err)
     if stats.get("target_unknown_shard_rows"):
         raise BadInput(f"plan: {stats['target_unknown_shard_rows']} keys in the target snapshot are on shard ids "
                        "not listed in target.shards")
@@ -92,7 +88,7 @@ def _validate(stats: dict, dups: int, cfg: Config) -> None:
 def _check_key_limits(data_store, staging: str, files: list) -> None:
     """Keys the data store cannot name on their target shard (e.g. GCS's 1024-byte object
     names) are refused at plan time, not halfway through a run."""
-    if data_store is None or not hasattr(data_store, "check_keys"):
+    if not isinstance(data_store, KeyNameLimits):
         return
     too_long = 0
     limits: dict = {}
@@ -116,7 +112,7 @@ def _capacity(cfg: Config, stats: dict, data_store, staging: str, files: list) -
     shards = sorted(set(before) | set(after) | set(caps), key=lambda s: s.encode())
     min_head = cfg.opt("min_headroom_percent")
     need_bytes = data_store is not None and any(s.capacity_bytes for s in cfg.target_shards) \
-        and hasattr(data_store, "shard_bytes")
+        and isinstance(data_store, ShardInventory)
     moved_out: dict = {}
     moved_in: dict = {}
     if need_bytes:
@@ -198,7 +194,16 @@ def make_plan(
     dry_run: bool = False,
     beam_args: Sequence[str] = (),
     out: Callable[[str], None] = print,
+    sample_hashes: int = 0,
+    sample_seed: int = 0,
 ) -> PlanResult:
+    if sample_hashes and not dry_run:
+        raise BadInput("plan: --sample-hashes needs --dry-run (it only reads)")
+    if sample_hashes < 0:
+        raise BadInput("plan: --sample-hashes must be >= 0")
+    if sample_hashes and data_store is None:
+        raise BadInput("plan: --sample-hashes needs a data store (data_store in the config)")
+    sample = (sample_hashes, sample_seed)
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
         out(w)
@@ -214,7 +219,7 @@ def make_plan(
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
-                                data_store, dry_run, pf.args, out, snapshot_line=(
+                                data_store, dry_run, pf.args, out, sample=sample, snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
                                     f"rows_above_cutoff={info.rows_above_cutoff}"))
         except BaseException:
@@ -227,12 +232,12 @@ def make_plan(
             fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
-                      pf.args, out)
+                      pf.args, out, sample=sample)
 
 
 def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
-               pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None
-               ) -> PlanResult:
+               pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None,
+               sample: tuple = (0, 0)) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
     # deferred, with the graph: building it loads Beam (seconds); the API imports this module
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
@@ -334,6 +339,13 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         final = workdir.plan_dir(cfg.work_dir, plan_id)
         _note_reused_layout(final, manifest, out)
         if dry_run:
+            if sample[0]:  # read a seeded sample of the moves at their sources; nothing is copied
+                rep = sample_sources(data_store, staging, files, pair_rows, sample[0], seed=sample[1],
+                                     batch=cfg.opt("swap_batch_size"))
+                manifest["sample"] = rep.as_dict()
+                for line in rep.lines():
+                    out(line)
+                    lines.append(line)
             fs.rmtree(staging)
             new_dirs.remove_created()
             out("dry run: no plan committed")

@@ -1,9 +1,11 @@
 """Plan and run reports: one self-contained HTML file plus the PNG charts beside it.
 
-Never imports Beam.  Charts are drawn with matplotlib's Agg backend at fixed
-sizes (:data:`CHARTS`: name -> (width px, height px)), written next to the
-HTML and embedded in it as ``data:`` URIs, so ``report.html`` can be mailed or
-attached to a ticket on its own.  No scripts, no external resources.
+Never imports Beam.  Each chart is drawn once with matplotlib's Agg backend at a
+fixed size (:data:`CHARTS`: name -> (width px, height px)) and saved twice: as
+a PNG next to the HTML (to attach on its own), and as SVG inlined in the HTML,
+with its text kept as text, so the page is one file that can be mailed, and a
+browser (and the tests, through headless Chromium) reads the axis labels,
+legends and titles.  No scripts, no external resources.  Times are UTC.
 
 * :func:`write_plan_report` works from a manifest alone -- the committed
   ``manifest.json`` or the in-memory ``PlanResult.manifest`` of a dry run --
@@ -11,8 +13,9 @@ attached to a ticket on its own.  No scripts, no external resources.
   and after (with capacity lines), the moved fraction against the optimum,
   and the phased window.
 * :func:`write_report` adds, for a plan that has run, the progress timeline
-  (copied / verified / swapped / failed over time, from ``progress/*.json``),
-  throughput, per-stage latency distributions (``progress/timings-*.json``),
+  and the throughput, one panel per run on a wall-clock axis (from
+  ``progress/*.json``), the last run's latency per store call and per key
+  (``progress/timings-<epoch>.json``, the same records as the table beside),
   copy attempts per key (retries), failures by reason and Done keys by
   verification method (:func:`shardmove.executor.summarize`, exact from the
   checkpoints).
@@ -23,13 +26,14 @@ report is idempotent.
 """
 from __future__ import annotations
 
-import base64
 import calendar
 import datetime as _dt
 import html
 import io
 import logging
+import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.compute as pc
@@ -39,7 +43,8 @@ from pipeline import fs
 from pipeline import workdir
 from shardmove.executor import summarize
 
-__all__ = ["CHARTS", "write_plan_report", "write_report", "collect_run_data", "render_html"]
+__all__ = ["CHARTS", "Chart", "write_plan_report", "write_report", "collect_run_data", "render_html",
+           "runs_from_events", "timing_table", "capacity_banner"]
 
 LOG = logging.getLogger("shardmove.report")
 
@@ -79,16 +84,33 @@ def _figure(name: str):
     return plt, fig
 
 
-def _png(fig) -> bytes:
+class Chart(NamedTuple):
+    """One chart drawn once and saved twice: ``png`` (the file beside the page) and
+    ``svg`` (inlined in the page, its text kept as text so a browser -- and a test --
+    can read the axis labels, the legend and the titles)."""
+    png: bytes
+    svg: str
+
+
+def _render(fig, name: str) -> Chart:
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
+    import matplotlib
+
     plt = _plt()
-    buf = io.BytesIO()
     try:
         fig.tight_layout()
     except Exception:  # tight_layout gives up on odd layouts; the chart is still fine
         pass
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    png = buf.getvalue()
+    buf = io.BytesIO()
+    # the salt makes the ids of clip paths and markers unique per chart within one page
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": name}):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)
-    return buf.getvalue()
+    svg = buf.getvalue().decode("utf-8")
+    return Chart(png, svg[svg.index("<svg"):])
 
 
 def _rc():
@@ -109,7 +131,7 @@ def _shard_order(ids) -> list:
     return sorted(set(ids), key=lambda s: s.encode())
 
 
-def chart_move_matrix(manifest: dict) -> bytes:
+def chart_move_matrix(manifest: dict) -> Chart:
     with _rc():
         plt, fig = _figure("move_matrix")
         ax = fig.add_subplot(111)
@@ -141,44 +163,72 @@ def chart_move_matrix(manifest: dict) -> bytes:
             ax.set_xlabel("target shard")
             ax.set_ylabel("source shard")
         ax.set_title(f"Moves by source x target ({int(manifest.get('moves', 0)):,} keys)")
-        return _png(fig)
+        return _render(fig, "move_matrix")
 
 
-def chart_shard_counts(manifest: dict) -> bytes:
+def _capacity_rows(manifest: dict) -> dict:
+    return {r["shard"]: r for r in manifest.get("capacity") or []}
+
+
+def _drained(manifest: dict) -> set:
+    """Shards that hold keys before the plan and none after it (a removed shard)."""
+    before = manifest.get("shards_before") or {}
+    after = manifest.get("shards_after") or {}
+    return {s for s, n in before.items() if int(n) > 0 and not int(after.get(s, 0))}
+
+
+def chart_shard_counts(manifest: dict) -> Chart:
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     with _rc():
         plt, fig = _figure("shard_counts")
         ax = fig.add_subplot(111)
         before = manifest.get("shards_before") or {}
         after = manifest.get("shards_after") or {}
-        cap = {r["shard"]: r for r in manifest.get("capacity") or []}
+        cap = _capacity_rows(manifest)
+        drained = _drained(manifest)
         shards = _shard_order(list(before) + list(after) + list(cap))
         if not shards:
             _empty(ax, "empty keyspace")
         else:
             x = np.arange(len(shards))
             w = 0.4
-            ax.bar(x - w / 2, [before.get(s, 0) for s in shards], w, label="before", color="#9ecae1")
-            colors = ["#d62728" if cap.get(s, {}).get("over") else "#3182bd" for s in shards]
-            ax.bar(x + w / 2, [after.get(s, 0) for s in shards], w, label="after", color=colors)
-            drawn = False
+            over = [bool(cap.get(s, {}).get("over")) for s in shards]
+            ax.bar(x - w / 2, [before.get(s, 0) for s in shards], w, color="#9ecae1")
+            ax.bar(x + w / 2, [after.get(s, 0) for s in shards], w,
+                   color=["#d62728" if o else "#3182bd" for o in over])
+            with_cap = False
             for i, s in enumerate(shards):
                 c = cap.get(s, {}).get("capacity_keys")
                 if c:
-                    ax.hlines(c, i - 0.45, i + 0.45, colors="#e6550d", linestyles="--",
-                              label=None if drawn else "capacity_keys")
-                    drawn = True
-            ax.set_xticks(x, shards, rotation=45 if len(shards) > 12 else 0,
-                          ha="right" if len(shards) > 12 else "center")
+                    ax.hlines(c, i - 0.45, i + 0.45, colors="#e6550d", linestyles="--")
+                    with_cap = True
             top = max([before.get(s, 0) for s in shards] + [after.get(s, 0) for s in shards]
                       + [cap.get(s, {}).get("capacity_keys") or 0 for s in shards] + [1])
-            ax.set_ylim(0, top * 1.2)
+            for i, s in enumerate(shards):
+                if s in drained:
+                    ax.text(i + w / 2, top * 0.02, "drained", rotation=90, ha="center", va="bottom",
+                            fontsize=8, color="#444")
+            ax.set_xticks(x, shards, rotation=45 if len(shards) > 12 else 0,
+                          ha="right" if len(shards) > 12 else "center")
+            ax.set_ylim(0, top * 1.25)
             ax.set_ylabel("keys")
-            ax.legend(loc="upper left", ncol=3)
+            # every colour drawn has its legend entry (the red bar too)
+            handles = [Patch(color="#9ecae1", label="before")]
+            if any(not o and after.get(s, 0) for s, o in zip(shards, over)):  # a blue bar is drawn
+                handles.append(Patch(color="#3182bd", label="after"))
+            if any(over):
+                handles.append(Patch(color="#d62728", label="after: over capacity"))
+            if with_cap:
+                handles.append(Line2D([0], [0], color="#e6550d", linestyle="--", label="capacity_keys"))
+            ax.legend(handles=handles, loc="upper left", ncol=len(handles))
         ax.set_title("Keys per shard before and after the plan")
-        return _png(fig)
+        return _render(fig, "shard_counts")
 
 
-def chart_moved_fraction(manifest: dict) -> bytes:
+def chart_moved_fraction(manifest: dict) -> Chart:
     with _rc():
         plt, fig = _figure("moved_fraction")
         ax = fig.add_subplot(111)
@@ -191,7 +241,7 @@ def chart_moved_fraction(manifest: dict) -> bytes:
         ax.set_xlabel("% of keys examined that move")
         ratio = f" ({moved / opt:.3f}x optimum)" if opt > 0 else ""
         ax.set_title(f"Moved fraction against the optimum{ratio}")
-        return _png(fig)
+        return _render(fig, "moved_fraction")
 
 
 def _window_bounds(window) -> tuple[int, int] | None:
@@ -203,23 +253,28 @@ def _window_bounds(window) -> tuple[int, int] | None:
     return int(a, 16), int(b, 16)
 
 
-def chart_window(manifest: dict) -> bytes:
+#: the window chart's ticks: every 0x20, and the last byte value itself.
+WINDOW_TICKS = (0x00, 0x20, 0x40, 0x60, 0x80, 0xA0, 0xC0, 0xE0, 0xFF)
+
+
+def chart_window(manifest: dict) -> Chart:
     with _rc():
         plt, fig = _figure("window")
         ax = fig.add_subplot(111)
         w = _window_bounds(manifest.get("window"))
         lo, hi = (0, 255) if w is None else w
-        ax.axvspan(lo, hi + 1, color="#3182bd", alpha=0.7)
-        ax.set_xlim(0, 256)
+        # byte value b is the cell [b - 0.5, b + 0.5]: the axis runs from 00 to FF, both drawn
+        ax.axvspan(lo - 0.5, hi + 0.5, color="#3182bd", alpha=0.7)
+        ax.set_xlim(-0.5, 255.5)
         ax.set_yticks([])
-        ax.set_xticks([0, 32, 64, 96, 128, 160, 192, 224, 256], ["00", "20", "40", "60", "80", "A0", "C0", "E0", "100"])
-        ax.set_xlabel("top byte of the stable key hash")
+        ax.set_xticks(list(WINDOW_TICKS), [f"{t:02X}" for t in WINDOW_TICKS])
+        ax.set_xlabel("top byte of the stable key hash (hex)")
         examined = int(manifest.get("keys_examined") or 0)
         inw = int(manifest.get("keys_in_window") or 0)
         label = "all keys (no window)" if w is None else f"window {lo:02X}-{hi:02X}"
         share = f"{100.0 * inw / examined:.1f}%" if examined else "0%"
         ax.set_title(f"Phased window: {label}; {inw:,} of {examined:,} keys in window ({share})")
-        return _png(fig)
+        return _render(fig, "window")
 
 
 def _parse_time(text: str) -> float | None:
@@ -229,110 +284,201 @@ def _parse_time(text: str) -> float | None:
         return None
 
 
-def _timeline(events: list) -> tuple[list, list]:
-    """Events on one time axis (seconds since the first run started) and run start times."""
+class Run(NamedTuple):
+    """One run (epoch) of a plan as its progress events show it."""
+    epoch: int
+    start: float          # Unix seconds (events carry whole seconds: the start is to about 1 s)
+    events: list          # sorted by elapsed_s
+    base: int             # keys finished (swapped + failed) when the run started
+    end_elapsed_s: float
+    finished: int         # keys this run finished
+    keys_per_s: float | None
+
+
+def _finished_keys(e: dict) -> int:
+    return int(e.get("swapped", 0)) + int(e.get("failed", 0))
+
+
+def runs_from_events(events: list) -> list:
+    """Progress events grouped by run, oldest first, each with its start on the wall clock
+    and its own rate: the keys it finished (from the previous run's last count, 0 for the
+    first) over its elapsed time."""
     by_epoch: dict = {}
     for ev in events:
         by_epoch.setdefault(int(ev.get("epoch", 0)), []).append(ev)
-    starts = {}
-    for ep, evs in by_epoch.items():
-        cands = [t - float(e.get("elapsed_s", 0)) for e in evs if (t := _parse_time(e.get("time"))) is not None]
-        starts[ep] = min(cands) if cands else 0.0
-    t0 = min(starts.values()) if starts else 0.0
-    rows = []
+    out, base = [], 0
     for ep in sorted(by_epoch):
-        for e in sorted(by_epoch[ep], key=lambda e: float(e.get("elapsed_s", 0))):
-            rows.append((starts[ep] - t0 + float(e.get("elapsed_s", 0)), ep, e))
-    return rows, sorted((starts[ep] - t0, ep) for ep in starts)
+        evs = sorted(by_epoch[ep], key=lambda e: float(e.get("elapsed_s", 0)))
+        cands = [t - float(e.get("elapsed_s", 0)) for e in evs if (t := _parse_time(e.get("time"))) is not None]
+        start = min(cands) if cands else 0.0
+        end = float(evs[-1].get("elapsed_s", 0))
+        finished = max(0, _finished_keys(evs[-1]) - base)
+        out.append(Run(ep, start, evs, base, end, finished, finished / end if end > 0 else None))
+        base = max(base, _finished_keys(evs[-1]))
+    return out
 
 
-def chart_progress(events: list, planned: int) -> bytes:
+#: at most this many runs get a panel of their own (the latest ones).
+MAX_RUN_PANELS = 4
+
+
+#: tick steps (seconds) a run panel chooses from: 3 to 6 ticks per panel.
+_TICK_STEPS = (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 21600, 43200, 86400)
+
+
+def _run_panels(fig, runs: list, *, sharey: bool = True) -> list:
+    """One panel per run (the latest MAX_RUN_PANELS), each on its own wall-clock axis (UTC)
+    at least 2 s wide, so a 1-second run is as readable as an hour-long one and the hours
+    between resumed runs take no room."""
+    shown = runs[-MAX_RUN_PANELS:]
+    axes, first = [], None
+    for i, run in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), i + 1, sharey=first if sharey else None)
+        first = first or ax
+        t0 = _dt.datetime.fromtimestamp(run.start, tz=_dt.timezone.utc)
+        width = max(2.0, run.end_elapsed_s * 1.08)
+        pad = 0.04 * width
+        ax.set_xlim(_at(t0, -pad), _at(t0, width))
+        step = next((st for st in _TICK_STEPS if width / st <= 5), _TICK_STEPS[-1])
+        first_tick = math.ceil((run.start - pad) / step) * step
+        ticks = [first_tick + k * step for k in range(int((width + pad) / step) + 1)
+                 if first_tick + k * step <= run.start + width]
+        fmt = "%H:%M:%S.%f" if step < 1 else "%H:%M:%S"
+        ax.set_xticks([_dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc) for t in ticks],
+                      [_dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime(fmt)[:10 if step < 1 else 8]
+                       for t in ticks])
+        ax.set_xlabel(f"time (UTC, {t0:%Y-%m-%d})")
+        ax.set_title(f"run {run.epoch}: {run.end_elapsed_s:,.1f} s from {t0:%H:%M:%S}", fontsize=9)
+        axes.append((ax, run, t0))
+    return axes
+
+
+def _at(t0, seconds: float):
+    return t0 + _dt.timedelta(seconds=float(seconds))
+
+
+def _runs_title(base: str, runs: list) -> str:
+    if len(runs) > MAX_RUN_PANELS:
+        return f"{base} (the last {MAX_RUN_PANELS} of {len(runs)} runs)"
+    return f"{base} ({len(runs)} run{'s' if len(runs) != 1 else ''})"
+
+
+def chart_progress(events: list, planned: int) -> Chart:
     with _rc():
         plt, fig = _figure("progress_timeline")
-        ax = fig.add_subplot(111)
-        rows, starts = _timeline(events)
-        if not rows:
+        runs = runs_from_events(events)
+        if not runs:
+            ax = fig.add_subplot(111)
             _empty(ax, "no progress events")
-        else:
+            ax.set_title("Progress over time")
+            return _render(fig, "progress_timeline")
+        for i, (ax, run, t0) in enumerate(_run_panels(fig, runs)):
             for series in ("copied", "verified", "swapped", "failed"):
-                for ep in sorted({r[1] for r in rows}):
-                    pts = [(t, int(e.get(series, 0))) for t, e_ep, e in rows if e_ep == ep]
-                    # copied is drawn wide underneath: it often coincides with verified
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
-                            linewidth=4 if series == "copied" else 1.6, alpha=0.5 if series == "copied" else 1.0,
-                            color=_COLORS[series], label=series if ep == rows[0][1] else None)
-            for t, ep in starts:
-                ax.axvline(t, color="#999", linestyle=":", linewidth=1)
-                ax.text(t, planned * 1.02 if planned else 1, f" run {ep}", fontsize=8, color="#666")
-            ax.axhline(planned, color="#444", linestyle="--", linewidth=1, label="planned")
-            ax.set_ylim(0, max(1, planned) * 1.08)
-            ax.set_xlabel("seconds since the first run started")
-            ax.set_ylabel("keys")
-            ax.legend(loc="lower right")
-        ax.set_title("Progress over time")
-        return _png(fig)
+                xs = [_at(t0, e.get("elapsed_s", 0)) for e in run.events]
+                ys = [int(e.get(series, 0)) for e in run.events]
+                # copied is drawn wide underneath: it often coincides with verified
+                ax.plot(xs, ys, marker="o", markersize=3, linewidth=4 if series == "copied" else 1.6,
+                        alpha=0.5 if series == "copied" else 1.0, color=_COLORS[series],
+                        label=series if i == 0 else None)
+            ax.axhline(planned, color="#444", linestyle="--", linewidth=1, label="planned" if i == 0 else None)
+            if i == 0:
+                ax.set_ylabel("keys (all runs)")
+        ax0 = fig.axes[0]
+        ax0.set_ylim(0, max(1, planned) * 1.15)
+        ax0.legend(loc="upper left", ncol=5, fontsize=8)
+        fig.suptitle(_runs_title("Progress over time", runs))
+        return _render(fig, "progress_timeline")
 
 
-def chart_throughput(events: list, keys_per_s: float | None) -> bytes:
+def chart_throughput(events: list, keys_per_s: float | None = None) -> Chart:
+    """Keys finished per second, per run: the rate between progress events (steps) and the
+    run's own average (a dashed line over that run only).  ``keys_per_s``, the last run's
+    exact rate from summary.json, replaces the estimate for that run."""
     with _rc():
         plt, fig = _figure("throughput")
-        ax = fig.add_subplot(111)
-        rows, _starts = _timeline(events)
-        by_ep: dict = {}
-        for t, ep, e in rows:
-            by_ep.setdefault(ep, []).append((t, int(e.get("swapped", 0)) + int(e.get("failed", 0)),
-                                             float(e.get("elapsed_s", 0))))
-        runs = []  # one rate series per run: keys finished between consecutive events of that run
-        for ep in sorted(by_ep):
-            pts, prev_n, prev_el = [], None, 0.0
-            for t, n, el in by_ep[ep]:
-                if prev_n is not None and el > prev_el:
-                    pts.append((t, (n - prev_n) / (el - prev_el)))
+        runs = runs_from_events(events)
+        if not runs:
+            ax = fig.add_subplot(111)
+            _empty(ax, "no progress events")
+            ax.set_title("Throughput")
+            return _render(fig, "throughput")
+        top = 1.0
+        for i, (ax, run, t0) in enumerate(_run_panels(fig, runs)):
+            pts, prev_n, prev_el = [], run.base, 0.0
+            for e in run.events:
+                el, n = float(e.get("elapsed_s", 0)), _finished_keys(e)
+                if el > prev_el:
+                    pts.append((prev_el, el, (n - prev_n) / (el - prev_el)))
                 prev_n, prev_el = n, el
-            if pts:
-                runs.append(pts)
-        pts = [p for r in runs for p in r]
-        if not pts:
-            _empty(ax, "not enough progress events for a rate")
-        else:
-            for i, r in enumerate(runs):
-                ax.step([p[0] for p in r], [p[1] for p in r], where="pre", color="#3182bd",
-                        label="keys finished per second (between events)" if i == 0 else None)
-            if keys_per_s:
-                ax.axhline(keys_per_s, color="#e6550d", linestyle="--", label=f"last run average {keys_per_s:,.0f}/s")
-            ax.set_ylim(0, max([p[1] for p in pts] + [keys_per_s or 0, 1]) * 1.25)
-            ax.set_xlabel("seconds since the first run started")
-            ax.set_ylabel("keys / s")
-            ax.legend(loc="upper right")
-        ax.set_title("Throughput")
-        return _png(fig)
+            for k, (a, b, r) in enumerate(pts):
+                ax.plot([_at(t0, a), _at(t0, b)], [r, r], color="#3182bd", linewidth=2, marker="|",
+                        label="keys finished per second, between progress events" if i == 0 and k == 0 else None)
+                top = max(top, r)
+            avg = keys_per_s if (run is runs[-1] and keys_per_s) else run.keys_per_s
+            if avg:
+                ax.hlines(avg, _at(t0, 0), _at(t0, max(run.end_elapsed_s, 0.001)), colors="#e6550d",
+                          linestyles="--", label="run average" if i == 0 else None)
+                ax.annotate(f"{avg:,.0f}/s", (_at(t0, max(run.end_elapsed_s, 0.001)), avg), fontsize=8,
+                            xytext=(3, 3), textcoords="offset points", color="#e6550d")
+                top = max(top, avg)
+            if i == 0:
+                ax.set_ylabel("keys / s")
+        fig.axes[0].set_ylim(0, top * 1.35)
+        fig.axes[0].legend(loc="upper left", ncol=2, fontsize=8)
+        fig.suptitle(_runs_title("Throughput per run", runs))
+        return _render(fig, "throughput")
 
 
-def chart_latency(timings: list) -> bytes:
+def timing_table(timings: list) -> list:
+    """Per stage: calls, keys, ms per call (p50, p95, max) and ms per key (p50), from the
+    same ``[stage, ms, keys]`` records the latency chart draws."""
+    rows = []
+    for stage in ("copy", "verify", "swap", "fence"):
+        recs = [t for t in timings if t and t[0] == stage]
+        if not recs:
+            continue
+        ms = np.array([float(t[1]) for t in recs])
+        keys = np.array([max(1, int(t[2])) if len(t) > 2 else 1 for t in recs])
+        rows.append({"stage": stage, "calls": int(len(ms)), "keys": int(keys.sum()),
+                     "p50_ms_per_call": round(float(np.percentile(ms, 50)), 3),
+                     "p95_ms_per_call": round(float(np.percentile(ms, 95)), 3),
+                     "max_ms_per_call": round(float(ms.max()), 3),
+                     "p50_ms_per_key": round(float(np.percentile(ms / keys, 50)), 4)})
+    return rows
+
+
+def chart_latency(timings: list, run_label: str = "") -> Chart:
+    """Histograms of ms per store call (top) and ms per key (bottom) per stage; a call
+    handles a chunk of keys (``keys_per_call``, a swap batch), so both are drawn."""
     with _rc():
         plt, fig = _figure("latency")
         stages = [s for s in ("copy", "verify", "swap") if any(t and t[0] == s for t in timings)]
+        title = "Latency per stage" + (f" ({run_label})" if run_label else "")
         if not stages:
             ax = fig.add_subplot(111)
             _empty(ax, "no timings recorded")
-            ax.set_title("Latency per stage")
-            return _png(fig)
+            ax.set_title(title)
+            return _render(fig, "latency")
         for i, stage in enumerate(stages):
-            ax = fig.add_subplot(1, len(stages), i + 1)
-            ms = np.array([float(t[1]) for t in timings if t and t[0] == stage])
-            ax.hist(ms, bins=min(40, max(5, len(ms) // 3)), color="#3182bd")
-            p50, p95 = np.percentile(ms, 50), np.percentile(ms, 95)
-            ax.axvline(p50, color="#2ca02c", linestyle="--", label=f"p50 {p50:.1f} ms")
-            ax.axvline(p95, color="#d62728", linestyle="--", label=f"p95 {p95:.1f} ms")
-            ax.set_xlabel("ms per store call")
-            ax.set_ylabel("calls")
-            ax.set_title(f"{stage} ({len(ms):,} calls)")
-            ax.legend(loc="upper right", fontsize=8)
-        fig.suptitle("Latency per stage (all runs)")
-        return _png(fig)
+            recs = [t for t in timings if t and t[0] == stage]
+            ms = np.array([float(t[1]) for t in recs])
+            keys = np.array([max(1, int(t[2])) if len(t) > 2 else 1 for t in recs])
+            for row, (vals, unit) in enumerate(((ms, "ms per call"), (ms / keys, "ms per key"))):
+                ax = fig.add_subplot(2, len(stages), row * len(stages) + i + 1)
+                ax.hist(vals, bins=min(40, max(5, len(vals) // 3)), color="#3182bd" if row == 0 else "#6baed6")
+                p50, p95 = np.percentile(vals, 50), np.percentile(vals, 95)
+                ax.axvline(p50, color="#2ca02c", linestyle="--", label=f"p50 {p50:.3g} {unit}")
+                ax.axvline(p95, color="#d62728", linestyle="--", label=f"p95 {p95:.3g} {unit}")
+                ax.set_xlabel(unit if row else f"{unit} (median {int(np.median(keys))} keys per call)")
+                ax.set_ylabel("calls")
+                if row == 0:
+                    ax.set_title(f"{stage}: {len(ms):,} calls, {int(keys.sum()):,} keys", fontsize=9)
+                ax.legend(loc="upper right", fontsize=7)
+        fig.suptitle(title)
+        return _render(fig, "latency")
 
 
-def chart_outcomes(attempts: dict, reasons: dict, methods: dict) -> bytes:
+def chart_outcomes(attempts: dict, reasons: dict, methods: dict) -> Chart:
     with _rc():
         plt, fig = _figure("outcomes")
         ax1, ax2, ax3 = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
@@ -348,9 +494,10 @@ def chart_outcomes(attempts: dict, reasons: dict, methods: dict) -> bytes:
             r = sorted(reasons)
             ax2.barh(r, [reasons[k] for k in r], color="#d62728")
             ax2.set_xlabel("keys")
+            ax2.set_title(f"FAILED keys by reason ({sum(reasons.values()):,})", color="#d62728")
         else:
             _empty(ax2, "no failed keys")
-        ax2.set_title("Failed keys by reason")
+            ax2.set_title("Failed keys by reason")
         if methods:
             m = sorted(methods)
             ax3.barh(m, [methods[k] for k in m], color="#2ca02c")
@@ -358,7 +505,7 @@ def chart_outcomes(attempts: dict, reasons: dict, methods: dict) -> bytes:
         else:
             _empty(ax3, "no done keys")
         ax3.set_title("Done keys by verification method")
-        return _png(fig)
+        return _render(fig, "outcomes")
 
 
 # ---------------------------------------------------------------- data
@@ -369,14 +516,15 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
     ``summary``: exact totals from the checkpoints (``summarize``) with the
     last run's elapsed time, rate, retries and timings from ``summary.json``;
     ``events``: progress events; ``timings``: per-call ``[stage, ms, keys]``
-    lists of every run; ``attempts``: keys per number of copy attempts.
+    lists of every run, and ``last_timings`` those of the last run (``last_epoch``) alone;
+    ``attempts``: keys per number of copy attempts.
     """
     summary = summarize(plan_dir, manifest)
     prev = workdir.read_summary(plan_dir) or {}
     for k in ("elapsed_s", "total_elapsed_s", "keys_per_s", "runs", "retries_this_run", "timings"):
         if k in prev:
             summary[k] = prev[k]
-    events, timings = [], []
+    events, timings, by_epoch = [], [], {}
     pdir = workdir.progress_dir(plan_dir)
     for path in fs.walk_files(pdir) if fs.exists(pdir) else []:
         name = path.rsplit("/", 1)[-1]
@@ -385,9 +533,15 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
         doc = workdir.read_json(path)
         if name.startswith("timings-"):
             if isinstance(doc, list):
-                timings.extend(t for t in doc if isinstance(t, list) and len(t) >= 2)
+                recs = [t for t in doc if isinstance(t, list) and len(t) >= 2]
+                timings.extend(recs)
+                try:
+                    by_epoch.setdefault(int(name[len("timings-"):-len(".json")]), []).extend(recs)
+                except ValueError:
+                    pass
         elif isinstance(doc, dict) and "epoch" in doc:
             events.append(doc)
+    last_epoch = max(by_epoch) if by_epoch else None
     attempts: dict = {}
     plan_id = manifest["plan_id"]
     for f in manifest["files"]:
@@ -400,6 +554,7 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
     if not_started > 0 and attempts:
         attempts[0] = attempts.get(0, 0) + not_started
     return {"summary": summary, "events": events, "timings": timings, "attempts": attempts,
+            "last_epoch": last_epoch, "last_timings": by_epoch.get(last_epoch, []) if last_epoch else [],
             "has_run": bool(events or timings or attempts or prev)}
 
 
@@ -414,8 +569,10 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px soli
 th{background:#f3f3f3}td.l,th.l{text-align:left}.over{background:#fde0dd}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}.card{border:1px solid #ddd;border-radius:6px;padding:8px 14px;
 min-width:120px}.card b{display:block;font-size:20px}.card span{color:#666;font-size:12px}
-img{max-width:100%;height:auto;border:1px solid #eee;margin:6px 0}
-.ok{color:#2ca02c}.bad{color:#d62728}
+figure{margin:6px 0;border:1px solid #eee}figure svg{max-width:100%;height:auto;display:block}
+.ok{color:#2ca02c}.bad{color:#d62728}.card.bad{border-color:#d62728;background:#fde0dd}
+.banner{border:2px solid #d62728;background:#fde0dd;color:#a50f15;padding:10px 14px;margin:12px 0;border-radius:6px;
+font-weight:600}.banner.info{border-color:#3182bd;background:#deebf7;color:#08519c}
 """
 
 
@@ -434,18 +591,35 @@ def _table(header: list, rows: list, classes: list | None = None) -> str:
     return "".join(out)
 
 
-def _img(name: str, png: bytes, alt: str) -> str:
-    w, h = CHARTS[name]
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" width="{w}" height="{h}" alt="{_e(alt)}" id="{name}">'
+def _chart(name: str, chart: Chart, alt: str) -> str:
+    """The chart inlined as SVG (its labels stay text), in a ``<figure id=NAME>``."""
+    return f'<figure id="{name}" role="img" aria-label="{_e(alt)}">{chart.svg}</figure>'
 
 
-def _card(value, label) -> str:
-    return f"<div class=card><b>{_e(value)}</b><span>{_e(label)}</span></div>"
+def _card(value, label, cls: str = "") -> str:
+    return f"<div class=\"card{' ' + cls if cls else ''}\"><b>{_e(value)}</b><span>{_e(label)}</span></div>"
 
 
-def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title: str | None = None) -> str:
-    """The report page: ``charts`` maps chart names to PNG bytes."""
+def capacity_banner(manifest: dict, *, dry_run: bool = False) -> str | None:
+    """The banner text of a plan that fails the capacity check (None when it passes)."""
+    over = [r["shard"] for r in manifest.get("capacity") or [] if r.get("over")]
+    if not over:
+        return None
+    names = ", ".join(over[:8]) + (f" and {len(over) - 8} more" if len(over) > 8 else "")
+    verdict = "this dry run would be refused: nothing was committed" if dry_run else "plan refuses it (exit 4)"
+    return (f"capacity check FAILED: {len(over)} of {len(manifest.get('capacity') or [])} shards would end "
+            f"over capacity ({names}); {verdict}")
+
+
+def _capacity_word(r: dict, drained: set) -> str:
+    if r.get("over"):
+        return "OVER"
+    return "drained" if r["shard"] in drained else "ok"
+
+
+def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title: str | None = None,
+                dry_run: bool = False) -> str:
+    """The report page: ``charts`` maps chart names to :class:`Chart`."""
     m = manifest
     snap = m.get("snapshot") or {}
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -455,8 +629,13 @@ def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title:
         f"<title>{_e(title or 'shardmove report ' + m.get('plan_id', '')[:12])}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title or 'shardmove migration report')}</h1>",
         f"<div class=sub>plan id {_e(m.get('plan_id', ''))} &middot; planned {_e(m.get('created_at', '?'))} "
-        f"&middot; key type {_e(m.get('key_type', '?'))} &middot; report generated {generated}</div>",
+        f"&middot; key type {_e(m.get('key_type', '?'))} &middot; report generated {generated} (UTC)</div>",
     ]
+    if dry_run:
+        parts.append('<div class="banner info" id="dry-run-banner">dry run: this plan was not committed</div>')
+    banner = capacity_banner(m, dry_run=dry_run)
+    if banner:
+        parts.append(f'<div class="banner" id="capacity-banner">{_e(banner)}</div>')
     cards = [
         _card(f"{int(m.get('keys_examined', 0)):,}", "keys examined"),
         _card(f"{int(m.get('moves', 0)):,}", "keys to move"),
@@ -467,16 +646,19 @@ def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title:
     if run is not None:
         s = run["summary"]
         state = s.get("state") or ("complete" if s.get("complete") else "in progress")
-        cards += [_card(f"{int(s['done']):,}", "done"), _card(f"{int(s['failed']):,}", "failed"), _card(state, "state")]
+        failed = int(s["failed"])
+        cards += [_card(f"{int(s['done']):,}", "done"),
+                  _card(f"{failed:,}", "failed", "bad" if failed else ""), _card(state, "state")]
     parts.append("<div class=cards>" + "".join(cards) + "</div>")
     parts.append("<h2>Plan</h2>")
     parts.append(f"<p class=sub>snapshot digest {_e(snap.get('digest', ''))} &middot; version cutoff "
                  f"{_e(snap.get('cutoff'))} &middot; rows above cutoff {_e(snap.get('rows_above_cutoff', 0))}</p>")
-    parts.append(_img("move_matrix", charts["move_matrix"], "moves by source and target shard"))
+    parts.append(_chart("move_matrix", charts["move_matrix"], "moves by source and target shard"))
     parts.append(_table(["source", "target", "moves"], [[p["source"], p["target"], f"{int(p['moves']):,}"]
                                                         for p in m.get("pairs") or []]))
-    parts.append(_img("shard_counts", charts["shard_counts"], "keys per shard before and after"))
+    parts.append(_chart("shard_counts", charts["shard_counts"], "keys per shard before and after"))
     cap = m.get("capacity") or []
+    drained = _drained(m)
     if cap:
         rows, cls = [], []
         with_bytes = any("capacity_bytes" in r for r in cap)
@@ -488,45 +670,51 @@ def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title:
                 row += [f"{r['bytes_after']:,}" if "bytes_after" in r else "",
                         f"{r['capacity_bytes']:,}" if "capacity_bytes" in r else "",
                         f"{r['headroom_bytes_pct']:.1f}%" if "headroom_bytes_pct" in r else ""]
-            rows.append(row + ["OVER" if r.get("over") else "ok"])
+            rows.append(row + [_capacity_word(r, drained)])
             cls.append("over" if r.get("over") else "")
         header = ["shard", "before", "after", "capacity_keys", "headroom"]
         if with_bytes:
             header += ["bytes_after", "capacity_bytes", "headroom_bytes"]
         parts.append(_table(header + ["capacity check"], rows, cls))
     else:
-        parts.append(_table(["shard", "before", "after"],
-                            [[s, f"{(m.get('shards_before') or {}).get(s, 0):,}", f"{n:,}"]
-                             for s, n in (m.get("shards_after") or {}).items()]))
-    parts.append(_img("moved_fraction", charts["moved_fraction"], "moved fraction against the optimum"))
-    parts.append(_img("window", charts["window"], "phased window"))
+        before = m.get("shards_before") or {}
+        shards = _shard_order(list(before) + list(m.get("shards_after") or {}))
+        parts.append(_table(["shard", "before", "after", ""],
+                            [[s, f"{int(before.get(s, 0)):,}", f"{int((m.get('shards_after') or {}).get(s, 0)):,}",
+                              "drained" if s in drained else ""] for s in shards]))
+    parts.append(_chart("moved_fraction", charts["moved_fraction"], "moved fraction against the optimum"))
+    parts.append(_chart("window", charts["window"], "phased window"))
     if run is not None:
         s = run["summary"]
         parts.append("<h2>Execution</h2>")
         st = s.get("states", {})
-        parts.append(_table(["state", "keys"], [[k, f"{int(v):,}"] for k, v in st.items()]))
+        parts.append(_table(["state", "keys"], [[k, f"{int(v):,}"] for k, v in st.items()],
+                            ["over" if k == "failed" and int(v) else "" for k, v in st.items()]))
         facts = [["runs", s.get("runs", "")], ["last run elapsed (s)", s.get("elapsed_s", "")],
                  ["all runs elapsed (s)", s.get("total_elapsed_s", "")],
                  ["last run keys/s", s.get("keys_per_s", "")], ["copy attempts (all runs)", s.get("copy_attempts", "")],
                  ["retries (last run)", s.get("retries_this_run", "")],
                  ["skipped checkpoint files", s.get("skipped_checkpoint_files", 0)]]
         parts.append(_table(["measure", "value"], facts))
-        parts.append(_img("progress_timeline", charts["progress_timeline"], "progress over time"))
-        parts.append(_img("throughput", charts["throughput"], "throughput"))
-        parts.append(_img("latency", charts["latency"], "latency per stage"))
-        tm = s.get("timings") or {}
-        if tm:
-            parts.append(_table(["stage (last run)", "calls", "p50 ms", "p95 ms", "max ms"],
-                                [[k, v.get("calls"), v.get("p50_ms"), v.get("p95_ms"), v.get("max_ms")]
-                                 for k, v in sorted(tm.items())]))
-        parts.append(_img("outcomes", charts["outcomes"], "retries, failures and verification methods"))
+        parts.append(_chart("progress_timeline", charts["progress_timeline"], "progress over time, per run"))
+        parts.append(_chart("throughput", charts["throughput"], "throughput per run"))
+        parts.append(_chart("latency", charts["latency"], "latency per stage, last run"))
+        tt = timing_table(run.get("last_timings") or [])
+        if tt:
+            label = f"stage (run {run.get('last_epoch')}, the last)"
+            parts.append(_table([label, "calls", "keys", "p50 ms/call", "p95 ms/call", "max ms/call", "p50 ms/key"],
+                                [[r["stage"], f"{r['calls']:,}", f"{r['keys']:,}", r["p50_ms_per_call"],
+                                  r["p95_ms_per_call"], r["max_ms_per_call"], r["p50_ms_per_key"]] for r in tt]))
+        parts.append(_chart("outcomes", charts["outcomes"], "retries, failures and verification methods"))
         fr = s.get("failures_by_reason") or {}
         dv = s.get("done_by_verification") or {}
         parts.append(_table(["outcome", "keys"], [[f"failed: {k}", f"{v:,}"] for k, v in fr.items()]
-                            + [[f"done by {k} verification", f"{v:,}"] for k, v in dv.items()]))
+                            + [[f"done by {k} verification", f"{v:,}"] for k, v in dv.items()],
+                            ["over"] * len(fr) + [""] * len(dv)))
     else:
         parts.append("<h2>Execution</h2><p class=sub>This plan has not run yet.</p>")
-    parts.append("<p class=sub>Counts, shard ids and timings only: this report holds no key values.</p>")
+    parts.append("<p class=sub>Counts, shard ids and timings only: this report holds no key values. "
+                 "Times are UTC.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -548,17 +736,17 @@ def _plan_charts(manifest: dict) -> dict:
     }
 
 
-def write_plan_report(manifest_like: dict, out_dir: str) -> str:
+def write_plan_report(manifest_like: dict, out_dir: str, *, dry_run: bool = False) -> str:
     """Write ``report.html`` and the plan charts into ``out_dir``; returns the HTML path.
 
     ``manifest_like``: a committed manifest or a dry run's ``PlanResult.manifest``
-    (nothing needs to be committed).
+    (nothing needs to be committed; ``dry_run`` says so on the page).
     """
     fs.makedirs(out_dir, mode=0o755)
     charts = _plan_charts(manifest_like)
-    for name, png in charts.items():
-        _write(out_dir, f"{name}.png", png)
-    return _write(out_dir, "report.html", render_html(manifest_like, charts).encode("utf-8"))
+    for name, chart in charts.items():
+        _write(out_dir, f"{name}.png", chart.png)
+    return _write(out_dir, "report.html", render_html(manifest_like, charts, dry_run=dry_run).encode("utf-8"))
 
 
 def write_report(plan_dir: str, *, out_dir: str | None = None) -> str:
@@ -572,11 +760,12 @@ def write_report(plan_dir: str, *, out_dir: str | None = None) -> str:
     if run["has_run"]:
         charts["progress_timeline"] = chart_progress(run["events"], int(s["planned"]))
         charts["throughput"] = chart_throughput(run["events"], s.get("keys_per_s"))
-        charts["latency"] = chart_latency(run["timings"])
+        charts["latency"] = chart_latency(run["last_timings"], f"run {run['last_epoch']}, the last"
+                                          if run["last_epoch"] is not None else "")
         charts["outcomes"] = chart_outcomes(run["attempts"], s.get("failures_by_reason") or {},
                                             s.get("done_by_verification") or {})
-    for name, png in charts.items():
-        _write(out_dir, f"{name}.png", png)
+    for name, chart in charts.items():
+        _write(out_dir, f"{name}.png", chart.png)
     page = render_html(manifest, charts, run if run["has_run"] else None)
     path = _write(out_dir, "report.html", page.encode("utf-8"))
     LOG.info("report of plan %s written (%d charts)", manifest["plan_id"][:12], len(charts))

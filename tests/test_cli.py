@@ -203,3 +203,44 @@ def test_a_run_with_failed_keys_prints_the_next_two_commands_and_they_work(tmp_p
     plan_id = PLAN_RE.findall(run_cli("plan", "--config", clean).stdout)[0]
     r = run_cli("run", plan_id, "--config", clean)
     assert r.returncode == 0 and "next: " not in r.stdout
+
+
+def test_catchup_is_plan_since_same_lines_same_exit_code(tmp_path):
+    """``catchup PLAN`` and ``plan --since PLAN`` are one command: for the same case they print the
+    same lines and exit with the same code (CONTRACTS: 4 for a capacity refusal), and both record
+    the plan in the history."""
+    from pipeline.keys import KeyType
+    from pipeline.stores.sqlite import SqliteMapStore
+
+    d = tmp_path / "ks"
+    assert run_cli("demo", str(d), "--keys", "400", "--shards", "2").returncode == 0
+    cfg = str(d / "shardmove.yaml")
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    (plan_id,) = PLAN_RE.findall(r.stdout)
+    SqliteMapStore(str(d / "keyspace" / "map.sqlite"), KeyType.STRING).put_many(
+        [(f"late-{i:03d}".encode(), "s0") for i in range(60)])
+
+    def files():
+        return sorted(os.path.relpath(os.path.join(p, f), d / "work") for p, _, fs in os.walk(d / "work") for f in fs)
+
+    def both(*extra):
+        since = run_cli("plan", "--since", plan_id, "--config", cfg, *extra)
+        catchup = run_cli("catchup", plan_id, "--config", cfg, *extra)
+        assert (catchup.returncode, catchup.stdout, catchup.stderr) == (since.returncode, since.stdout, since.stderr)
+        return since
+
+    before = files()
+    for extra in (["--dry-run", "--min-headroom-percent", "99"], ["--min-headroom-percent", "99"]):
+        r = both(*extra)
+        assert r.returncode == 4, (extra, r.stdout, r.stderr)
+        assert "catch-up: 60 of 460 keys written since cutoff" in r.stdout
+        assert files() == before, extra  # refused: the work directory as it was found
+    r = both("--dry-run")
+    assert r.returncode == 0 and "dry run: no plan committed" in r.stdout, r.stderr
+    r = both()
+    assert r.returncode == 0 and "plan dir: " in r.stdout, r.stderr
+    catchup_id = PLAN_RE.findall(r.stdout)
+    assert catchup_id and catchup_id != [plan_id]
+    h = run_cli("history", "--config", cfg)
+    assert h.returncode == 0 and h.stdout.count(f"since={plan_id}") == 2, h.stdout

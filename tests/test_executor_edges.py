@@ -203,7 +203,7 @@ def test_checkpoints_flushed_by_the_interval_while_the_run_goes(tmp_path):
     t.start()
     mid_run = []
     while t.is_alive():
-        s = api.status(plan_dir)
+        s = api.status(plan_dir).details
         if 0 < s["done"] < n:
             mid_run.append(s["done"])
             # a live executor holds the lease: running (status exit 5), never stopped

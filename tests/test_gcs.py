@@ -395,3 +395,54 @@ def test_parse_locations():
         gcs.parse("gs:///x")
     with pytest.raises(ValueError):
         gcs.parse("/local")
+
+
+class _ReplacedHandler(http.server.BaseHTTPRequestHandler):
+    """An object whose first ``replaced`` downloads find it replaced since its stat (412)."""
+
+    replaced = 0
+    downloads = 0
+
+    def _send(self, code, body=b"", ctype="application/octet-stream"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        if self.path.startswith("/download/"):
+            type(self).downloads += 1
+            if type(self).downloads <= type(self).replaced:
+                return self._send(412)
+            return self._send(200, b"hello")
+        if self.path.startswith("/storage/v1/b/bkt/o/obj"):
+            meta = {"kind": "storage#object", "bucket": "bkt", "name": "obj", "generation": "7", "size": "5",
+                    "updated": "2026-01-01T00:00:00.000Z"}
+            return self._send(200, json.dumps(meta).encode(), "application/json")
+        return self._send(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("replaced,attempts,found", [(2, 5, True), (10, 3, False)])
+def test_read_object_rereads_a_replaced_object_on_the_retry_schedule(monkeypatch, replaced, attempts, found):
+    handler = type("H", (_ReplacedHandler,), {"replaced": replaced, "downloads": 0})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{srv.server_address[1]}")
+        monkeypatch.setattr(gcs, "_READ_RETRY_BASE_S", 0.1)
+        t0 = time.monotonic()
+        if found:
+            data, st = gcs.read_object("gs://bkt/obj", attempts=attempts)
+            assert data == b"hello" and st.generation == 7
+            assert handler.downloads == replaced + 1
+            assert time.monotonic() - t0 >= 0.05 + 0.1  # waited between re-reads: equal jitter of 0.1, 0.2
+        else:
+            with pytest.raises(gcs.StorageUnavailable, match="keeps changing"):
+                gcs.read_object("gs://bkt/obj", attempts=attempts)
+            assert handler.downloads == attempts
+    finally:
+        srv.shutdown()

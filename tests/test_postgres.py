@@ -1,4 +1,5 @@
-"""Behaviour of the PostgreSQL map and data stores, against a real server.
+"""Behaviour of the PostgreSQL map and data stores that is theirs alone (the store contract is
+test_store_contract.py), against a real server.
 
 Every test gets a fresh database (tests/services.py), dropped afterwards;
 other connections play the applications.  Unreachable server: skipped with
@@ -10,7 +11,6 @@ import datetime as dt
 import decimal
 import os
 import pickle
-import time
 import uuid
 
 import psycopg
@@ -23,7 +23,7 @@ from pipeline import states as S
 from pipeline.stores import data_store_from_spec, map_store_from_spec
 from pipeline.config import load_config
 from shardmove.demo import demo_keys
-from pipeline.keys import KeyType, stable_hashes, text_form
+from pipeline.keys import KeyType, stable_hashes
 from shardmove.planner import load_manifest
 from pipeline.ring import Ring
 from pipeline.stores.base import SNAPSHOT_SCHEMA, DataStore, MapStore, SwapItem
@@ -46,7 +46,6 @@ from services import (
     run_killed_then_resumed,
 )
 
-ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
 SECRET = "sekret-pw-123"
 TABLES = [{"name": "accounts", "key_column": "tenant_id"}, {"name": "orders", "key_column": "tenant_id"}]
 
@@ -257,46 +256,6 @@ def test_configs_in_the_repository_parse_and_build_stores():
 # ------------------------------------------------------------------- snapshot
 
 
-@pytest.mark.parametrize("segment_size", [1, 7, 250, 5000])
-def test_snapshot_streams_every_row_in_bounded_segments(db, segment_size):
-    keys = demo_keys(250, KeyType.STRING)
-    store = make_map(db, rows=[(k, f"s{i % 3}") for i, k in enumerate(keys)])
-    rows, stats, batches = snapshot_rows(store, segment_size)
-    assert sorted((k, s) for k, s, _ in rows) == sorted((k, f"s{i % 3}") for i, k in enumerate(keys))
-    assert len(batches) == -(-250 // segment_size)
-    assert stats.rows == 250 and stats.invalid_keys == 0 and stats.rows_above_cutoff == 0
-    assert stats.cutoff == store.max_version() == max(v for _, _, v in rows)
-    empty = PostgresMapStore.create(db.dsn(), table=f"{db.schema('other')}.empty_map")
-    rows, stats, batches = snapshot_rows(empty)
-    assert rows == [] and batches == [] and tuple(stats.__dict__.values()) == (0, 0, 0, 0)
-
-
-def test_rows_written_after_the_cutoff_are_not_exported_but_counted(db):
-    keys = demo_keys(100, KeyType.STRING)
-    store = make_map(db, rows=[(k, "a") for k in keys])
-    before = [r[:3] for r in map_table(db)]
-    other = PostgresMapStore(db.dsn())  # another client: the applications
-    with store.snapshot(10) as snap:
-        it = iter(snap)
-        first = next(it)
-        other.put_many([(f"new-{i}".encode(), "b") for i in range(5)])
-        assert other.swap_batch([(keys[0], "a", "b"), (keys[99], "a", "b")]).committed
-        rest = list(it)
-        stats = snap.stats()
-    exported = [r for b in [first] + rest for r in zip(*(c.to_pylist() for c in b.columns))]
-    assert sorted((k.decode(), s, v) for k, s, v in exported) == before  # the map as it was at the cutoff
-    assert stats.rows == 100 and all(v <= snap.cutoff for _, _, v in exported)
-    assert stats.rows_above_cutoff == 7 == store.count_above(snap.cutoff)
-    with store.snapshot(10) as snap:
-        next(iter(snap))
-        with pytest.raises(RuntimeError, match="not read to the end"):
-            snap.stats()
-        with pytest.raises(RuntimeError, match="only once"):
-            iter(snap)
-    with pytest.raises(ValueError, match="segment_size must be a positive integer, got 0"):
-        store.snapshot(0)
-
-
 def test_snapshot_skips_and_counts_keys_the_key_type_cannot_represent(db):
     good = demo_keys(20, KeyType.INT64)
     store = make_map(db, KeyType.INT64, rows=[(k, "s1") for k in good])
@@ -308,65 +267,7 @@ def test_snapshot_skips_and_counts_keys_the_key_type_cannot_represent(db):
     assert stats.rows == 20 and stats.invalid_keys == len(bad)
 
 
-@pytest.mark.parametrize("kt", ALL_TYPES)
-def test_all_key_types_round_trip_through_the_map_store(db, kt):
-    keys = demo_keys(200, kt, seed=3)
-    if kt is KeyType.INT64:
-        keys += [(-1).to_bytes(8, "big", signed=True), (2**63 - 1).to_bytes(8, "big")]
-    if kt is KeyType.STRING:
-        keys += ["ключ-é-🙂".encode(), b"with\ttab"]
-    store = make_map(db, kt, rows=[(k, "s1") for k in keys])
-    assert sorted(r[0] for r in map_table(db)) == sorted(text_form(k, kt) for k in keys)
-    rows, stats, _ = snapshot_rows(store, 64)
-    assert sorted(k for k, _, _ in rows) == sorted(keys) and stats.invalid_keys == 0
-    found = store.lookup(keys)
-    assert set(found) == set(keys) and all(s == "s1" for s, _ in found.values())
-
-
 # ----------------------------------------------------------------------- swap
-
-
-def test_swap_applies_a_batch_and_stamps_one_new_higher_version(db):
-    keys = demo_keys(10, KeyType.STRING)
-    store = make_map(db, rows=[(k, "a") for k in keys])
-    top = store.max_version()
-    res = store.swap_batch([SwapItem(k, "a", "b") for k in keys[:4]])
-    assert res.committed and res.applied == (0, 1, 2, 3) and res.already == () and res.version == top + 1
-    rows = {k: (s, v) for k, s, v, _ in map_table(db)}
-    assert all(rows[k.decode()] == ("b", top + 1) for k in keys[:4])
-    assert all(rows[k.decode()] == ("a", top) for k in keys[4:])
-    assert store.swap_batch([(k, "a", "c") for k in keys[4:6]]).version == top + 2
-    assert store.lookup([keys[0], b"nope"]) == {keys[0]: ("b", top + 1)}
-    assert store.count() == 10 and store.count_above(top) == 6
-
-
-def test_swap_rerun_writes_nothing_and_mixes_applied_with_already(db):
-    keys = demo_keys(10, KeyType.STRING)
-    store = make_map(db, rows=[(k, "a") for k in keys])
-    items = [(k, "a", "b") for k in keys[:5]]
-    store.swap_batch(items)
-    before = map_table(db)  # with xmin: any rewrite of a row would change it
-    res = store.swap_batch(items)
-    assert res.committed and res.applied == () and res.already == (0, 1, 2, 3, 4) and res.version is None
-    assert map_table(db) == before
-    res = store.swap_batch([(keys[0], "a", "b"), (keys[6], "a", "b"), (keys[1], "a", "b")])
-    assert res.applied == (1,) and res.already == (0, 2)
-    assert store.swap_batch([]).committed
-
-
-def test_a_conflict_rolls_back_the_whole_batch(db):
-    keys = demo_keys(10, KeyType.STRING)
-    store = make_map(db, rows=[(k, "a") for k in keys])
-    store.swap_batch([(keys[3], "a", "b")])
-    before = map_table(db)
-    top = store.max_version()
-    items = [(keys[0], "a", "c"), (keys[1], "a", "c"), (keys[3], "a", "c"), (b"absent", "a", "c"), (keys[2], "x", "c")]
-    res = store.swap_batch(items)
-    assert not res.committed and res.conflicts == (2, 3, 4) and res.applied == () and res.version is None
-    assert map_table(db) == before and store.max_version() == top  # nothing applied, no version consumed
-    res = store.swap_batch([(keys[5], "a", "b"), (keys[5], "a", "b"), (keys[6], "a", "b")])
-    assert res.applied == (0, 1, 2)
-    assert store.swap_batch([(keys[7], "a", "b"), (keys[7], "a", "c")]).conflicts == (0, 1)
 
 
 def test_swap_of_a_locked_map_is_transient(db):
@@ -382,39 +283,6 @@ def test_swap_of_a_locked_map_is_transient(db):
 
 
 # ------------------------------------------------------------- run registry
-
-
-def test_run_registry_refuses_overlaps_and_fences_stale_epochs(db):
-    from pipeline.errors import Refused
-    from pipeline.lease import LeaseLost
-
-    keys = demo_keys(6, KeyType.STRING)
-    store = make_map(db, rows=[(k, "a") for k in keys])
-    now = time.time()
-    a, b = "a" * 64, "b" * 64
-    store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now)
-    with pytest.raises(Refused, match=r"plan aaaaaaaaaaaa \(held by host-a:1\) may move the same keys"):
-        store.claim_run(b, 1, (0x70, 0xFF), "host-b:2", 60, now)
-    store.claim_run(b, 1, (0x80, 0xFF), "host-b:2", 60, now)  # a disjoint window runs beside it
-    store.renew_run(a, 1, 60, now + 1)
-    assert store.swap_batch([(keys[0], "a", "b")], token=(a, 1)).applied == (0,)
-    store.claim_run(a, 2, (0x00, 0x7F), "host-c:3", 60, now + 2)  # a newer executor of plan a
-    with pytest.raises(LeaseLost, match="claimed by a newer executor"):
-        store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now + 3)
-    with pytest.raises(LeaseLost, match="was taken over"):
-        store.renew_run(a, 1, 60, now + 3)
-    before = store.lookup(keys)
-    with pytest.raises(LeaseLost, match="epoch 1 no longer holds the map store"):
-        store.swap_batch([(keys[1], "a", "b")], token=(a, 1))
-    with pytest.raises(LeaseLost, match=r"now none"):
-        store.swap_batch([(keys[1], "a", "b")], token=("c" * 64, 1))
-    assert store.lookup(keys) == before  # nothing applied
-    store.release_run(a, 2)
-    with pytest.raises(Refused, match="bbbbbbbbbbbb"):  # b still holds 80-FF
-        store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
-    store.release_run(b, 1)
-    store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
-    assert store.swap_batch([(keys[1], "a", "b")], token=("d" * 64, 1)).applied == (0,)
 
 
 # ----------------------------------------------------------------------- data
@@ -548,17 +416,13 @@ def test_canonical_encoding_is_pinned(db):
     assert xxhash.xxh3_128_hexdigest(record) == "e7603a6bea75b948a55a1bec716e0df0"
 
 
-def test_delete_read_and_put_many(db):
+def test_put_many_writes_a_single_table_layout(db):
+    """The data store contract (deletes, counts, reads) is in test_store_contract.py."""
     data = data_store(schema_shards(db, ["t"]), tables=[{"name": "records", "key_column": "key"}])
     keys = demo_keys(10, KeyType.STRING)
     assert data.put_many("t", [(k, b"x" * (50 + i)) for i, k in enumerate(keys)]) == 10
     assert data.shard_exists("t") and data.count("t") == 10
     assert db.sql(f"SELECT value FROM {q(db, 't', 'records')} WHERE key = %s", (keys[3].decode(),)) == [(b"x" * 53,)]
-    versions = {k: v for k, (_, v) in data.read(keys, "t").items()}
-    stale = [versions[k] + (1 if i < 2 else 0) for i, k in enumerate(keys[:4])]
-    assert data.delete(keys[:4], "t", versions=stale) == 2  # only where the version still matches
-    assert data.delete(keys, "t") == 8 and data.delete(keys, "t") == 0
-    assert data.read(keys, "t") == {} and data.count("t") == 0 and data.shard_bytes("t") == 0
 
 
 # ---------------------------------------------------------------------- fence

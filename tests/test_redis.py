@@ -1,4 +1,5 @@
-"""Behaviour of the Redis map store, against a real server.
+"""Behaviour of the Redis map store that is its own (the store contract is test_store_contract.py),
+against a real server.
 
 Every test gets a unique key prefix (tests/services.py) whose keys are deleted
 afterwards; other clients play the applications.  Unreachable server:
@@ -23,16 +24,15 @@ from pipeline import states as S
 from pipeline.stores import map_store_from_spec
 from pipeline.config import load_config
 from shardmove.demo import demo_keys
-from pipeline.keys import KeyType, text_form
+from pipeline.keys import KeyType
 from shardmove.planner import load_manifest
-from pipeline.stores.base import SNAPSHOT_SCHEMA, MapStore, SwapItem
+from pipeline.stores.base import SNAPSHOT_SCHEMA, MapStore
 from pipeline.stores.redis_store import RedisMapSnapshot, RedisMapStore
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
 from services import (assert_no_secret, fresh_prefix, plan_moves, redis_url_as, require_redis,
                       run_killed_then_resumed)
 
-ALL_TYPES = [KeyType.STRING, KeyType.INT64, KeyType.UUID, KeyType.BYTES]
 SECRET = "sekret-pw-123"
 
 
@@ -54,12 +54,6 @@ def make_map(prefix, kt=KeyType.STRING, rows=None, **kw) -> RedisMapStore:
     if rows:
         store.put_many(rows)
     return store
-
-
-def state(store) -> tuple:
-    """Everything the layout holds: (shard hash, version hash, clock)."""
-    c = client()
-    return c.hgetall(store.shard_key), c.hgetall(store.version_key), c.get(store.clock_key)
 
 
 def snapshot_rows(snap_or_store, segment_size=1000):
@@ -117,32 +111,6 @@ def test_errors_are_classified_and_redacted(prefix):
 
 
 # ------------------------------------------------------------------- snapshot
-
-
-@pytest.mark.parametrize("segment_size", [1, 7, 250, 5000])
-def test_snapshot_streams_every_row_in_bounded_segments(prefix, segment_size):
-    keys = demo_keys(250, KeyType.STRING)
-    store = make_map(prefix, rows=[(k, f"s{i % 3}") for i, k in enumerate(keys)])
-    rows, stats, batches = snapshot_rows(store, segment_size)
-    assert sorted((k, s) for k, s, _ in rows) == sorted((k, f"s{i % 3}") for i, k in enumerate(keys))
-    assert len(batches) == -(-250 // segment_size)
-    assert stats.rows == 250 and stats.invalid_keys == 0 and stats.rows_above_cutoff == 0
-    assert stats.cutoff == store.max_version() == max(v for _, _, v in rows) == 1
-
-
-def test_snapshot_of_an_empty_map_and_statistics_need_a_complete_read(prefix):
-    store = make_map(prefix)
-    rows, stats, batches = snapshot_rows(store)
-    assert rows == [] and batches == [] and tuple(stats.__dict__.values()) == (0, 0, 0, 0)
-    store.put_many([(k, "a") for k in demo_keys(30, KeyType.STRING)])
-    with store.snapshot(10) as snap:
-        next(iter(snap))
-        with pytest.raises(RuntimeError, match="not read to the end"):
-            snap.stats()
-        with pytest.raises(RuntimeError, match="only once"):
-            iter(snap)
-    with pytest.raises(ValueError, match="segment_size must be a positive integer, got 0"):
-        store.snapshot(0)
 
 
 def test_rows_written_after_the_cutoff_are_not_exported_but_counted(prefix):
@@ -226,64 +194,14 @@ def test_snapshot_skips_and_counts_rows_the_key_type_cannot_represent(prefix):
     assert stats.rows == 20 and stats.invalid_keys == len(bad) + 2
 
 
-@pytest.mark.parametrize("kt", ALL_TYPES)
-def test_all_key_types_round_trip_through_the_map_store(prefix, kt):
-    keys = demo_keys(200, kt, seed=3)
-    if kt is KeyType.STRING:
-        keys += ["ключ-é-🙂".encode(), b"with\x00nul", b"new\nline"]
-    store = make_map(prefix, kt, rows=[(k, "s1") for k in keys])
-    assert sorted(state(store)[0]) == sorted(text_form(k, kt).encode() for k in keys)
-    rows, stats, _ = snapshot_rows(store, 64)
-    assert sorted(k for k, _, _ in rows) == sorted(keys) and stats.invalid_keys == 0
-    found = store.lookup(keys + [keys[0]])
-    assert set(found) == set(keys) and all(s == "s1" for s, _ in found.values())
-
-
 # ----------------------------------------------------------------------- swap
 
 
-def test_swap_applies_a_batch_and_stamps_one_new_higher_version(prefix):
-    keys = demo_keys(10, KeyType.STRING)
-    store = make_map(prefix, rows=[(k, "a") for k in keys])
-    top = store.max_version()
-    res = store.swap_batch([SwapItem(k, "a", "b") for k in keys[:4]])
-    assert res.committed and res.applied == (0, 1, 2, 3) and res.already == () and res.version == top + 1
-    found = store.lookup(keys)
-    assert all(found[k] == ("b", top + 1) for k in keys[:4]) and all(found[k] == ("a", top) for k in keys[4:])
-    assert store.swap_batch([(k, "a", "c") for k in keys[4:6]]).version == top + 2
-    assert store.count() == 10 and store.count_above(top) == 6 and store.max_version() == top + 2
-
-
-def test_swap_rerun_writes_nothing_and_mixes_applied_with_already(prefix):
-    keys = demo_keys(10, KeyType.STRING)
-    store = make_map(prefix, rows=[(k, "a") for k in keys])
-    items = [(k, "a", "b") for k in keys[:5]]
-    store.swap_batch(items)
-    before = state(store)
-    res = store.swap_batch(items)
-    assert res.committed and res.applied == () and res.already == (0, 1, 2, 3, 4) and res.version is None
-    assert state(store) == before  # not even the clock moved
-    res = store.swap_batch([(keys[0], "a", "b"), (keys[6], "a", "b"), (keys[1], "a", "b")])
-    assert res.applied == (1,) and res.already == (0, 2)
-    assert store.swap_batch([]).committed
-
-
-def test_a_conflict_rolls_back_the_whole_batch(prefix):
-    keys = demo_keys(10, KeyType.STRING)
-    store = make_map(prefix, rows=[(k, "a") for k in keys])
-    store.swap_batch([(keys[3], "a", "b")])
-    before = state(store)
-    items = [(keys[0], "a", "c"), (keys[1], "a", "c"), (keys[3], "a", "c"), (b"absent", "a", "c"), (keys[2], "x", "c")]
-    res = store.swap_batch(items)
-    assert not res.committed and res.conflicts == (2, 3, 4) and res.applied == () and res.version is None
-    assert state(store) == before  # nothing applied, no version consumed
-    res = store.swap_batch([(keys[5], "a", "b"), (keys[5], "a", "b"), (keys[6], "a", "b")])
-    assert res.applied == (0, 1, 2)
-    before = state(store)
-    res = store.swap_batch([(keys[7], "a", "b"), (keys[7], "a", "c"), (keys[8], "a", "b")])
-    assert res.conflicts == (0, 1) and res.applied == () and state(store) == before
+def test_a_fence_is_refused(prefix):
+    """The swap contract (apply, rerun, conflict) is in test_store_contract.py."""
+    store = make_map(prefix, rows=[(b"k", "a")])
     with pytest.raises(TypeError, match="cannot fence"):
-        store.swap_batch([(keys[0], "a", "b", 1)], fence=object())
+        store.swap_batch([(b"k", "a", "b", 1)], fence=object())
 
 
 def test_swaps_from_many_threads_stay_consistent(prefix):
@@ -309,39 +227,6 @@ def test_swaps_from_many_threads_stay_consistent(prefix):
 
 
 # ------------------------------------------------------------- run registry
-
-
-def test_run_registry_refuses_overlaps_and_fences_stale_epochs(prefix):
-    from pipeline.errors import Refused
-    from pipeline.lease import LeaseLost
-
-    keys = demo_keys(6, KeyType.STRING)
-    store = make_map(prefix, rows=[(k, "a") for k in keys])
-    now = time.time()
-    a, b = "a" * 64, "b" * 64
-    store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now)
-    with pytest.raises(Refused, match=r"plan aaaaaaaaaaaa \(held by host-a:1\) may move the same keys"):
-        store.claim_run(b, 1, (0x70, 0xFF), "host-b:2", 60, now)
-    store.claim_run(b, 1, (0x80, 0xFF), "host-b:2", 60, now)  # a disjoint window runs beside it
-    store.renew_run(a, 1, 60, now + 1)
-    assert store.swap_batch([(keys[0], "a", "b")], token=(a, 1)).applied == (0,)
-    store.claim_run(a, 2, (0x00, 0x7F), "host-c:3", 60, now + 2)  # a newer executor of plan a
-    with pytest.raises(LeaseLost, match="claimed by a newer executor"):
-        store.claim_run(a, 1, (0x00, 0x7F), "host-a:1", 60, now + 3)
-    with pytest.raises(LeaseLost, match="was taken over"):
-        store.renew_run(a, 1, 60, now + 3)
-    before = store.lookup(keys)
-    with pytest.raises(LeaseLost, match="epoch 1 no longer holds the map store"):
-        store.swap_batch([(keys[1], "a", "b")], token=(a, 1))
-    with pytest.raises(LeaseLost, match=r"now none"):
-        store.swap_batch([(keys[1], "a", "b")], token=("c" * 64, 1))
-    assert store.lookup(keys) == before  # nothing applied
-    store.release_run(a, 2)
-    with pytest.raises(Refused, match="bbbbbbbbbbbb"):  # b still holds 80-FF
-        store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
-    store.release_run(b, 1)
-    store.claim_run("d" * 64, 1, (0x00, 0xFF), "host-d:4", 60, now + 4)
-    assert store.swap_batch([(keys[1], "a", "b")], token=("d" * 64, 1)).applied == (0,)
 
 
 # ------------------------------------------------------ through the executor

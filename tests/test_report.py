@@ -6,9 +6,11 @@ reason -- unless CI=true, where it fails (``./run_local.sh test`` installs it).
 """
 import glob
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def test_plan_report_from_dry_run_manifest_commits_nothing(ran_plan, tmp_path):
         w, h = R.CHARTS[name]
         assert _imread(str(out / f"{name}.png")).shape[:2] == (h, w)
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(R.PLAN_CHARTS)
+    assert page.count("<figure id=") == len(R.PLAN_CHARTS) and page.count("<svg") == len(R.PLAN_CHARTS)
     assert "This plan has not run yet" in page and res.plan_id in page and "00-7F" in page
     assert sorted(glob.glob(os.path.join(cfg.work_dir, "plans", "*", "manifest.json"))) == committed  # no new plan
 
@@ -94,8 +96,8 @@ def test_report_cli_writes_html_and_pngs_of_expected_size(ran_plan, cli_report):
         assert img.shape[:2] == (h, w), name
         assert float(np.var(img[..., :3])) > 1e-4, f"{name}.png is blank"
         assert f'id="{name}"' in page
-    assert page.count("data:image/png;base64,") == len(R.CHARTS)
-    assert "src=\"http" not in page and "<script" not in page  # self-contained, no scripts
+    assert page.count("<svg") == len(R.CHARTS)
+    assert "src=\"http" not in page and "href=\"http" not in page.replace('"http://www.w3.org', "") and "<script" not in page  # self-contained, no scripts
     assert f"{res.manifest['moves']:,}" in page and "complete" in page
     _no_keys_in(page, keys)
 
@@ -135,12 +137,13 @@ def test_report_charts_from_synthetic_data_two_runs_and_odd_shard_ids(tmp_path):
     for name, png in (("progress_timeline", R.chart_progress(ev, 30)), ("throughput", R.chart_throughput(ev, 9.5)),
                       ("latency", R.chart_latency([["copy", 3.0, 10], ["swap", 5.0, 10], ["copy", 4.0, 10]])),
                       ("outcomes", R.chart_outcomes({1: 28, 2: 2}, {"verify_mismatch": 2}, {"hash": 28}))):
-        (tmp_path / f"{name}.png").write_bytes(png)
+        (tmp_path / f"{name}.png").write_bytes(png.png)
         w, h = R.CHARTS[name]
         img = _imread(str(tmp_path / f"{name}.png"))
         assert img.shape[:2] == (h, w) and float(np.var(img[..., :3])) > 1e-4, name
-    rows, starts = R._timeline(ev)
-    assert [round(t, 3) for t, _ep, _e in rows] == [1.0, 2.0, 61.0, 62.0] and [ep for _t, ep in starts] == [1, 2]
+    runs = R.runs_from_events(ev)
+    assert [(r.epoch, r.start, r.base, r.finished) for r in runs] == [(1, 1767225600.0, 0, 10), (2, 1767225660.5, 10, 20)]
+    assert runs[0].keys_per_s == 5.0 and round(runs[1].keys_per_s, 3) == round(20 / 1.5, 3)
 
 
 def _chromium():
@@ -151,28 +154,59 @@ def _chromium():
     return None
 
 
-def test_report_renders_in_headless_chromium(cli_report, tmp_path):
-    _r, html_path = cli_report
+def _in_chromium(tmp_path, html_path, *args):
+    """Run headless Chromium on the page; its CompletedProcess (skip, or fail under CI,
+    when Chromium is missing or cannot render)."""
     browser = _chromium()
     if browser is None:
         msg = "chromium is not installed (apt-get install -y chromium); report rendering not checked"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    shot = tmp_path / "shot.png"
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
-           "file://" + os.path.abspath(html_path)]
+           f"--user-data-dir={tmp_path / 'profile'}", *args, "file://" + os.path.abspath(html_path)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
         p = None
-    if p is None or p.returncode != 0 or not shot.exists():
+    if p is None or p.returncode != 0:
         msg = f"chromium could not render the report (rc={getattr(p, 'returncode', 'timeout')})"
         if os.environ.get("CI") == "true":
             pytest.fail(msg + "\n" + (p.stderr[-2000:] if p else ""))
         pytest.skip(msg)
+    return p
+
+
+_SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _figure_svg(dom: str, name: str):
+    """The inline SVG of chart ``name`` as the browser holds it (its DOM, dumped)."""
+    m = re.search(rf'<figure id="{name}"[^>]*>(.*?)</figure>', dom, re.S)
+    assert m, f"chart {name} is not on the page"
+    return ET.fromstring(m.group(1))
+
+
+def _texts(el) -> list:
+    return [t.text or "" for t in el.iter(_SVG + "text")]
+
+
+def _groups(svg, prefix: str) -> list:
+    return [g for g in svg.iter(_SVG + "g") if (g.get("id") or "").startswith(prefix)]
+
+
+def _x_tick_labels(svg) -> list:
+    """Per axes, the labels of its x ticks, in order."""
+    return [[t for tick in _groups(axis, "xtick_") for t in _texts(tick)]
+            for axis in _groups(svg, "matplotlib.axis_") if _groups(axis, "xtick_")]
+
+
+def test_report_renders_in_headless_chromium(cli_report, tmp_path):
+    _r, html_path = cli_report
+    shot = tmp_path / "shot.png"
+    _in_chromium(tmp_path, html_path, f"--screenshot={shot}", "--window-size=1200,900")
+    assert shot.exists()
     img = _imread(str(shot))
     assert img.shape[:2] == (900, 1200)
     rgb = img[..., :3]
@@ -180,6 +214,103 @@ def test_report_renders_in_headless_chromium(cli_report, tmp_path):
     # the first chart is on screen: a good share of non-white, non-grey (coloured) pixels
     coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 0.15
     assert coloured.mean() > 0.02, "no chart visible in the screenshot"
+
+
+def test_run_report_in_chromium_reads_per_run_wall_clock_and_labelled_latency(cli_report, tmp_path):
+    """What an operator reads: each run on its own wall-clock axis (UTC times as tick labels),
+    the last run's latency per call and per key, with the table beside built from the same
+    records, and the window axis in hex up to FF."""
+    _r, html_path = cli_report
+    dom = _in_chromium(tmp_path, html_path, "--dump-dom").stdout
+    tp = _figure_svg(dom, "throughput")
+    ticks = _x_tick_labels(tp)
+    assert len(ticks) == 1 and len(ticks[0]) >= 2, ticks  # one run: one panel, readable ticks
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d(\.\d)?", t) for t in ticks[0]), ticks
+    assert any(t.startswith("run 1: ") for t in _texts(tp))
+    legend = [t for g in _groups(tp, "legend_") for t in _texts(g)]
+    assert "run average" in legend and any("between progress events" in t for t in legend)
+    lat = _figure_svg(dom, "latency")
+    texts = " ".join(_texts(lat))
+    assert "run 1, the last" in texts and "ms per call" in texts and "ms per key" in texts
+    assert "Latency per stage (all runs)" not in texts
+    assert "p50 ms/call" in dom and "p50 ms/key" in dom and "stage (run 1, the last)" in dom
+    assert _x_tick_labels(_figure_svg(dom, "window"))[0][-1] == "FF"
+
+
+def test_dry_run_report_over_capacity_in_chromium(ran_plan, tmp_path):
+    """A dry run that fails the capacity check: a banner says so, the red bar has its legend
+    entry, a drained shard says drained (not ok), and the window axis ends at FF."""
+    import yaml
+
+    path, cfg, _res, keys = ran_plan
+    doc = yaml.safe_load(open(path))
+    shards = [t["id"] for t in doc["target"]["shards"]]  # where the run left the keys
+    doc["current_shards"] = shards
+    kept = shards[1:]  # the first shard is drained
+    doc["target"] = {"profile": "native", "shards": [{"id": s, "weight": 1, "capacity_keys": 100} for s in kept]}
+    conf = tmp_path / "tight.yaml"
+    for k in ("work_dir",):  # relative paths are relative to the config file: make them absolute
+        doc[k] = os.path.join(os.path.dirname(path), doc[k])
+    doc["map_store"]["path"] = os.path.join(os.path.dirname(path), doc["map_store"]["path"])
+    doc["data_store"]["directory"] = os.path.join(os.path.dirname(path), doc["data_store"]["directory"])
+    conf.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "dry"
+    r = run_cli("plan", "--config", str(conf), "--dry-run", "--report-dir", str(out))
+    assert r.returncode == 4, r.stderr  # refused by the capacity check
+    assert "capacity check: FAILED" in r.stdout
+    html_path = out / "report.html"
+    dom = _in_chromium(tmp_path, html_path, "--dump-dom").stdout
+    banner = re.search(r'<div class="banner" id="capacity-banner">(.*?)</div>', dom, re.S)
+    assert banner and banner.group(1).startswith(f"capacity check FAILED: {len(kept)} of {len(kept) + 1} shards")
+    assert "nothing was committed" in banner.group(1) and 'id="dry-run-banner"' in dom
+    sc = _figure_svg(dom, "shard_counts")
+    legend = [t for g in _groups(sc, "legend_") for t in _texts(g)]
+    assert legend == ["before", "after: over capacity", "capacity_keys"], legend  # every shard kept is over
+    assert "drained" in _texts(sc)
+    rows = re.findall(r"<tr[^>]*><td class=\"l\">([^<]*)</td>(?:<td>[^<]*</td>)*?<td>(OVER|ok|drained)</td></tr>", dom)
+    assert (shards[0], "drained") in rows and all(w == "OVER" for s, w in rows if s in kept), rows
+    win = _figure_svg(dom, "window")
+    labels = _x_tick_labels(win)[0]
+    assert labels[0] == "00" and labels[-1] == "FF" and "100" not in labels
+    assert any("all keys (no window)" in t for t in _texts(win))
+    _no_keys_in(dom, keys)
+
+
+def test_throughput_of_a_resumed_plan_gives_each_short_run_its_own_axis(tmp_path):
+    """Two 1-second runs an hour apart: two panels, each spanning about its own run (not one
+    axis where both are spikes), each with the run's own average (not the last run's)."""
+    ev = []
+    for ep, hour, done in ((1, 10, (100, 400)), (2, 11, (500, 1000))):
+        ev += [{"epoch": ep, "time": f"2026-01-01T{hour}:00:01Z", "elapsed_s": 0.5, "swapped": done[0], "failed": 0},
+               {"epoch": ep, "time": f"2026-01-01T{hour}:00:01Z", "elapsed_s": 1.0, "swapped": done[1], "failed": 0,
+                "final": True}]
+    chart = R.chart_throughput(ev, 600.0)
+    svg = ET.fromstring(chart.svg)
+    ticks = _x_tick_labels(svg)
+    assert len(ticks) == 2, ticks
+    for labels, hour in zip(ticks, ("10", "11")):
+        assert labels and all(t.startswith(f"{hour}:00:0") for t in labels), labels  # seconds, not hours
+    texts = _texts(svg)
+    assert "400/s" in texts and "600/s" in texts  # run 1 from its events, run 2 from summary.json
+    assert any(t.startswith("Throughput per run (2 runs)") for t in texts)
+    runs = R.runs_from_events(ev)
+    assert [r.keys_per_s for r in runs] == [400.0, 600.0]
+
+
+def test_failed_counts_are_highlighted(tmp_path):
+    manifest = {"plan_id": "e" * 64, "moves": 10, "keys_examined": 40, "pairs": [{"source": "a", "target": "b",
+                                                                                  "moves": 10}],
+                "shards_before": {"a": 40}, "shards_after": {"a": 30, "b": 10}}
+    charts = {n: R.chart_window(manifest) for n in R.CHARTS}
+    run = {"summary": {"done": 7, "failed": 3, "states": {"done": 7, "failed": 3}, "complete": True,
+                       "failures_by_reason": {"verify_mismatch": 3}}, "last_timings": [], "last_epoch": 1}
+    page = R.render_html(manifest, charts, run)
+    assert '<div class="card bad"><b>3</b><span>failed</span>' in page
+    assert '<tr class="over"><td class="l">failed</td>' in page
+    assert '<tr class="over"><td class="l">failed: verify_mismatch</td>' in page
+    ok = R.render_html(manifest, charts, {**run, "summary": {**run["summary"], "failed": 0, "states": {"done": 10},
+                                                              "failures_by_reason": {}}})
+    assert "card bad" not in ok and 'class="over"' not in ok and "capacity-banner" not in ok
 
 
 # ----------------------------------------------------------------- history

@@ -72,7 +72,7 @@ def outcome(cfgpath, plan_id):
     cfg = load_config(cfgpath)
     plan_dir = os.path.join(cfg.work_dir, "plans", plan_id)
     m = load_manifest(plan_dir)
-    s = api.status(plan_dir)
+    s = api.status(plan_dir).details
     writes = write_counts(cfg)
     return {
         "plan_id": plan_id,
@@ -349,7 +349,7 @@ def test_prism_sigkill_then_rerun_loses_nothing(template, reference, tmp_path, p
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == -signal.SIGKILL
-    before = api.status(plan_dir)
+    before = api.status(plan_dir).details
     assert not before["complete"]  # killed mid-run ...
     assert before["states"].get("Planned", 0) < before["planned"]  # ... after checkpointed progress
     with open(cfgpath, "a") as f:
@@ -378,7 +378,7 @@ def test_prism_sigterm_exits_130_then_rerun_completes(template, reference, tmp_p
     assert p.returncode == 130, err[-3000:]
     assert "interrupted: checkpoints flushed; rerun to resume" in out
     assert "Traceback" not in err
-    assert not api.status(plan_dir)["complete"]
+    assert not api.status(plan_dir).details["complete"]
     with open(cfgpath, "a") as f:
         f.write("faults: {}\n")
     r = run_cli("run", plan_id, "--config", cfgpath, "--", *args)

@@ -35,6 +35,10 @@ from shardmove.planner import load_manifest
 from pipeline.stores.sqlite import SqliteMapStore
 from transforms.throttle import ShardThrottles, ThrottleConfig
 from transforms import execute as tx
+from transforms.stages.copy import _CopyFn
+from transforms.stages.load import _LoadWorkFn
+from transforms.stages.swap import _SwapFn
+from transforms.stages.verify import _VerifyFn
 from transforms.plan import SPILL_PARTITION_BITS
 
 from test_executor import install_write_witness, map_rows, quiet, records, write_counts
@@ -50,7 +54,7 @@ def exec_spec(cfg, plan_dir, epoch=1, **kw):
 
 
 def load_chunks(spec):
-    fn = tx._LoadWorkFn(spec)
+    fn = _LoadWorkFn(spec)
     return [ch for g in spec.groups for ch in fn.process(g)]
 
 
@@ -260,7 +264,7 @@ def test_copy_guard_fails_closed_when_the_map_cannot_be_read(twice_template, tmp
     plan_dir = api.plan(cfg, out=quiet).plan_dir
     spec = exec_spec(cfg, plan_dir)
     chunks = load_chunks(spec)
-    fn = tx._CopyFn(spec)
+    fn = _CopyFn(spec)
     fn.setup()
     lookups, copies = [], []
 
@@ -276,7 +280,7 @@ def test_copy_guard_fails_closed_when_the_map_cannot_be_read(twice_template, tmp
             copies.append(len(keys))
             return []
 
-    fn._map, fn._data = MapDown(), Recorder()
+    fn.ctx.map, fn.ctx.data = MapDown(), Recorder()
     fn.start_bundle()
     with pytest.raises(TransientError):
         _process(fn, chunks[0])
@@ -298,10 +302,10 @@ def test_twice_every_stage_retried_and_duplicated_changes_nothing(twice_template
                                                                    time.time())
     chunks = load_chunks(spec)
     assert sum(len(c) for c in chunks) == reference["summary"]["planned"]
-    for fn_cls in (tx._CopyFn, tx._VerifyFn, tx._SwapFn):
+    for fn_cls in (_CopyFn, _VerifyFn, _SwapFn):
         out = _retried(fn_cls, spec, chunks)
         out2 = _side_by_side(fn_cls, spec, chunks)
-        if fn_cls is not tx._SwapFn:
+        if fn_cls is not _SwapFn:
             assert [(c.batch_id, c.states) for c in out] == [(c.batch_id, c.states) for c in out2]
             chunks = out
     got = _observed(cfg, plan_dir)
@@ -441,18 +445,18 @@ def test_throttle_in_the_copy_stage_backs_off_a_slow_shard(tmp_path):
     plan_dir = api.plan(cfg, out=quiet).plan_dir
     spec = exec_spec(cfg, plan_dir)
     [chunk] = load_chunks(spec)
-    fn = tx._CopyFn(spec)
+    fn = _CopyFn(spec)
     fn.setup()
-    fn._data = LoadSensitive(fn._data, base_s=0.008, knee=2)  # every call waits, more so under load
-    fn._throttled_ms = _Counter()  # read back what _drain() reports (no runner, no metrics context)
+    fn.ctx.data = LoadSensitive(fn.ctx.data, base_s=0.008, knee=2)  # every call waits, more so under load
+    fn.ctx.metrics.throttled_ms = _Counter()  # read back what drain() reports (no runner, no metrics context)
     fn.start_bundle()
     [out] = _process(fn, chunk) + _emitted(fn.finish_bundle())  # emitted once its calls finished
-    snap = fn._throttles.snapshot()
+    snap = fn.ctx.throttles.snapshot()
     fn.teardown()
     assert set(out.states) == {2}, (sorted(set(out.states)), set(out.reason))  # Copied
-    assert snap["s1"]["backoffs"] >= 1 and snap["s1"]["min_limit"] < 16, (snap, fn._throttles.shard("s1").history)
-    assert fn._data.peak <= 16
-    assert fn._throttled_ms.total > 0  # callers waited for the backed-off shard
+    assert snap["s1"]["backoffs"] >= 1 and snap["s1"]["min_limit"] < 16, (snap, fn.ctx.throttles.shard("s1").history)
+    assert fn.ctx.data.peak <= 16
+    assert fn.ctx.metrics.throttled_ms.total > 0  # callers waited for the backed-off shard
 
 
 def test_throttle_keys_per_s_cap_reports_throttled_time_in_summary(twice_template, tmp_path):

@@ -70,7 +70,7 @@ def map_store_from_spec(spec: Mapping[str, Any], key_type: KeyType, *, must_exis
     kind = spec.get("kind")
     if kind == "postgres":
         # deferred: psycopg is loaded only by configurations that use PostgreSQL
-        from pipeline.stores.postgres import PostgresMapStore
+        from pipeline.stores.postgres_map import PostgresMapStore
 
         return PostgresMapStore.from_spec(spec, key_type)
     if kind == "redis":
@@ -95,7 +95,7 @@ def data_store_from_spec(spec: Mapping[str, Any], key_type: KeyType) -> DataStor
         return None
     if kind == "postgres":
         # deferred: psycopg is loaded only by configurations that use PostgreSQL
-        from pipeline.stores.postgres import PostgresDataStore
+        from pipeline.stores.postgres_data import PostgresDataStore
 
         return PostgresDataStore.from_spec(spec, key_type)
     if kind == "objects":

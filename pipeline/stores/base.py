@@ -44,6 +44,11 @@ __all__ = [
     "CopyOutcome",
     "MapStore",
     "DataStore",
+    "ChangeCounter",
+    "RunRegistry",
+    "ShardInventory",
+    "WriteFencing",
+    "KeyNameLimits",
 ]
 
 #: Schema of every RecordBatch a map snapshot yields.
@@ -157,7 +162,41 @@ class SwapResult:
 
 
 @runtime_checkable
-class MapStore(Protocol):
+class ChangeCounter(Protocol):
+    """A map that numbers its changes (every map store here): drift is counted against it."""
+
+    def max_version(self) -> int:
+        """Highest change number in the map (0 when empty)."""
+        ...
+
+    def count_above(self, version: int) -> int:
+        """Rows whose version is above ``version`` (written since that point)."""
+        ...
+
+
+@runtime_checkable
+class RunRegistry(Protocol):
+    """Optional map-store capability: a registry of running executors (fencing).
+
+    ``claim_run`` registers (plan, epoch) atomically under the one claim rule,
+    :func:`pipeline.stores.claims.decide_claim`; the epoch is then the fencing
+    token a swap checks inside its transaction (``swap_batch(..., token=(plan_id,
+    epoch))`` raises :class:`~pipeline.lease.LeaseLost` and applies nothing once
+    that epoch no longer holds the claim).  ``renew_run`` raises
+    :class:`~pipeline.lease.LeaseLost` once another epoch holds the claim;
+    ``release_run`` expires the claim but keeps it, so the epoch never goes back.
+    """
+
+    def claim_run(self, plan_id: str, epoch: int, window: tuple[int, int], holder: str, ttl: float,
+                  now: float) -> None: ...
+
+    def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None: ...
+
+    def release_run(self, plan_id: str, epoch: int) -> None: ...
+
+
+@runtime_checkable
+class MapStore(ChangeCounter, Protocol):
     """The authoritative key -> shard map of one keyspace."""
 
     key_type: KeyType
@@ -181,14 +220,6 @@ class MapStore(Protocol):
 
     def supports_fence(self, data_store: object) -> bool:
         """Whether ``swap_batch(..., fence=data_store)`` works with this data store."""
-        ...
-
-    def max_version(self) -> int:
-        """Highest change number in the map (0 when empty)."""
-        ...
-
-    def count_above(self, version: int) -> int:
-        """Rows whose version is above ``version`` (written since that point)."""
         ...
 
     def close(self) -> None: ...
@@ -222,7 +253,41 @@ class CopyOutcome:
 
 
 @runtime_checkable
-class DataStore(Protocol):
+class ShardInventory(Protocol):
+    """What a data store can say about a shard as a whole (every data store here)."""
+
+    def shard_exists(self, shard: str) -> bool: ...
+
+    def shard_bytes(self, shard: str) -> int: ...
+
+    def count(self, shard: str) -> int: ...
+
+
+@runtime_checkable
+class WriteFencing(Protocol):
+    """Optional data-store capability: hold writers of a shard off around a swap.
+
+    ``write_fence(shard)`` is a context manager yielding ``versions(keys) ->
+    {key: (content hash, version)}`` read under the fence; used when the map
+    store cannot check the data store inside its own swap transaction.
+    """
+
+    def write_fence(self, shard: str): ...
+
+
+@runtime_checkable
+class KeyNameLimits(Protocol):
+    """Optional data-store capability: some keys cannot be named on a shard (object names)."""
+
+    def check_keys(self, keys, shard: str | None = None) -> int:
+        """How many of ``keys`` are too long for ``shard``."""
+        ...
+
+    def max_key_bytes(self, shard: str | None = None) -> int: ...
+
+
+@runtime_checkable
+class DataStore(ShardInventory, Protocol):
     """Records of a keyspace, one shard at a time."""
 
     key_type: KeyType
@@ -254,12 +319,6 @@ class DataStore(Protocol):
     def put_many(self, shard: str, rows: Iterable[tuple[bytes, bytes]]) -> int:
         """Write records (demo and tests), stamping fresh versions."""
         ...
-
-    def shard_exists(self, shard: str) -> bool: ...
-
-    def shard_bytes(self, shard: str) -> int: ...
-
-    def count(self, shard: str) -> int: ...
 
     def close(self) -> None: ...
 

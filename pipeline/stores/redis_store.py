@@ -43,11 +43,12 @@ import pyarrow as pa
 import redis
 import xxhash
 
-from pipeline.errors import BadInput, PermanentError, Refused, StoreError, TransientError
+from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
 from pipeline.lease import LeaseLost
 from pipeline.keys import KeyType, text_forms
 from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
-from pipeline.stores.postgres import _dsn_secrets, _scrub, redact_dsn
+from pipeline.stores.claims import ClaimDecision, ClaimRow, raise_for
+from pipeline.stores.postgres_common import _dsn_secrets, _scrub, redact_dsn
 
 __all__ = ["RedisMapStore", "RedisMapSnapshot", "DEFAULT_URL", "DEFAULT_PREFIX"]
 
@@ -101,18 +102,39 @@ return status
 """
 
 # KEYS: runs hash.  ARGV: plan id, epoch, window lo, window hi, holder, expires at, now.
+# The claim rule of pipeline.stores.claims.decide_claim, in one atomic script:
+# the same plan with a newer epoch first, then the live overlapping claim of
+# another plan with the bytewise-smallest plan id.  Returns {'ok'} or {'newer'
+# | 'overlap', plan id, epoch, lo, hi, holder, expires at} (the deciding row).
 _CLAIM_LUA = """#!lua
 local pid, epoch = ARGV[1], tonumber(ARGV[2])
 local lo, hi, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
+local function row(kind, id, r)
+  return {kind, id, tostring(r.epoch), tostring(r.lo), tostring(r.hi), r.holder, tostring(r.expires_at)}
+end
+local mine = redis.call('HGET', KEYS[1], pid)
+if mine then
+  local r = cjson.decode(mine)
+  if r.epoch > epoch then return row('newer', pid, r) end
+end
+local function before(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local best, br = nil, nil
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  local r = cjson.decode(all[i + 1])
-  if all[i] == pid then
-    if r.epoch > epoch then return {'newer', tostring(r.epoch)} end
-  elseif r.expires_at > now and r.lo <= hi and lo <= r.hi then
-    return {'overlap', all[i], r.holder, tostring(r.expires_at)}
+  if all[i] ~= pid then
+    local r = cjson.decode(all[i + 1])
+    if r.expires_at > now and r.lo <= hi and lo <= r.hi and (best == nil or before(all[i], best)) then
+      best, br = all[i], r
+    end
   end
 end
+if best then return row('overlap', best, br) end
 redis.call('HSET', KEYS[1], pid, cjson.encode({epoch = epoch, lo = lo, hi = hi, holder = ARGV[5],
                                                expires_at = tonumber(ARGV[6])}))
 return {'ok'}
@@ -565,9 +587,11 @@ class RedisMapStore:
         """Register this executor (plan, epoch) in ``<prefix>:runs``, atomically (one script).
 
         ``<prefix>:runs`` is a hash: plan id -> JSON ``{epoch, lo, hi, holder,
-        expires_at}``.  Refuses (``Refused``) while another plan whose window
-        overlaps this one holds a live claim; an older epoch of the same plan
-        is refused (``LeaseLost``), a newer one supersedes the claim.  The
+        expires_at}``.  The one claim rule,
+        :func:`pipeline.stores.claims.decide_claim`, written in Lua: a live plan
+        whose window overlaps this one refuses it (``Refused``); an older epoch
+        of the same plan is refused (``LeaseLost``), a newer one supersedes
+        the claim.  The
         epoch is the fencing token that :meth:`swap_batch` checks inside its
         script.
         """
@@ -576,15 +600,11 @@ class RedisMapStore:
                 plan_id, int(epoch), int(window[0]), int(window[1]), holder, repr(float(now + ttl)), repr(float(now))])
         except redis.RedisError as e:
             _raise(e, f"map store {redact_dsn(self.url)}: run claim", self._secrets)
-        what = reply[0].decode()
-        if what == "newer":
-            raise LeaseLost(f"plan {plan_id[:12]} is already claimed by a newer executor (epoch {reply[1].decode()})")
-        if what == "overlap":
-            import time as _time
-
-            until = _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(float(reply[3])))
-            raise Refused(f"plan {reply[1].decode()[:12]} (held by {reply[2].decode()}) may move the same keys "
-                          f"and is running on this map store until {until}; refusing to run plan {plan_id[:12]}")
+        kind = reply[0].decode()
+        if kind != "ok":
+            pid, ep, lo, hi, who, exp = (v.decode() for v in reply[1:7])
+            row = ClaimRow(pid, int(float(ep)), int(float(lo)), int(float(hi)), who, float(exp))
+            raise_for(ClaimDecision(kind, row), plan_id)
 
     def _renew(self, plan_id: str, epoch: int, expires_at: float, what: str) -> bool:
         try:

@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import pyarrow as pa
 import xxhash
 
-from pipeline.errors import PermanentError, Refused, SourceMissing, StoreError, TransientError
+from pipeline.errors import PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
 from pipeline.lease import LeaseLost
 from pipeline.names import safe_name
@@ -65,6 +65,7 @@ from pipeline.stores.base import (
     SwapResult,
     swap_item,
 )
+from pipeline.stores.claims import ClaimRow, decide_claim, raise_for
 
 __all__ = [
     "SqliteMapStore",
@@ -580,11 +581,12 @@ class SqliteMapStore(_SqliteBase):
                   now: float) -> None:
         """Register this executor (plan, epoch) on the map store, atomically.
 
-        Refuses (``Refused``) when another plan whose window overlaps this one
-        holds a live claim: two plans whose key sets may overlap never run at
-        once on one map.  A newer epoch of the same plan supersedes an older
-        one; an older epoch is refused (``LeaseLost``).  The epoch is then the
-        fencing token that :meth:`swap_batch` checks inside its transaction.
+        The one claim rule, :func:`pipeline.stores.claims.decide_claim`, decided
+        inside the write transaction: an overlapping live plan is refused
+        (``Refused``), two plans whose key sets may overlap never run at once on
+        one map; a newer epoch of the same plan supersedes an older one, an
+        older epoch is refused (``LeaseLost``).  The epoch is then the fencing
+        token that :meth:`swap_batch` checks inside its transaction.
         """
         conn = self._open(self.path)
         try:
@@ -594,16 +596,7 @@ class SqliteMapStore(_SqliteBase):
                 try:
                     rows = conn.execute("SELECT plan_id, epoch, window_lo, window_hi, holder, expires_at "
                                         "FROM shardmove_runs").fetchall()
-                    for pid, ep, lo, hi, who, exp in rows:
-                        if pid == plan_id:
-                            if ep > epoch:
-                                raise LeaseLost(f"plan {plan_id[:12]} is already claimed by a newer executor "
-                                                f"(epoch {ep})")
-                            continue
-                        if exp > now and lo <= window[1] and window[0] <= hi:
-                            raise Refused(f"plan {pid[:12]} (held by {who}) may move the same keys and is "
-                                          f"running on this map store until "
-                                          f"{_iso(exp)}; refusing to run plan {plan_id[:12]}")
+                    raise_for(decide_claim(plan_id, epoch, window, now, [ClaimRow(*r) for r in rows]), plan_id)
                     conn.execute("INSERT OR REPLACE INTO shardmove_runs VALUES (?, ?, ?, ?, ?, ?)",
                                  (plan_id, int(epoch), int(window[0]), int(window[1]), holder, now + ttl))
                     conn.execute("COMMIT")
@@ -904,12 +897,6 @@ def _cas_update(conn: sqlite3.Connection, norm, first, keys, version: int) -> in
 
 class _NotAllApplied(Exception):
     """The fast swap path's compare-and-set missed a row (internal)."""
-
-
-def _iso(t: float) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # ----------------------------------------------------------------- data store

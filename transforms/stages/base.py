@@ -1,0 +1,52 @@
+"""The lifecycle every stage DoFn shares (setup, bundles, teardown); a stage
+adds its own collaborators in ``compose()`` -- stages compose, they do not
+inherit one another."""
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.utils.shared import Shared
+
+from transforms.stages.common import ExecSpec, StageContext
+from transforms.stages.window import Window
+
+__all__ = ["StageDoFn"]
+
+
+class StageDoFn(beam.DoFn):
+    """The lifecycle every stage DoFn shares: a :class:`StageContext` and a
+    :class:`~transforms.stages.window.Window` opened in ``setup()``, the stage's
+    own collaborators from :meth:`compose`, bundles flushed at their end, and
+    everything closed in ``teardown()`` (collaborators last-built first)."""
+
+    STAGE = "stage"
+    MAX_WINDOW_CHUNKS = 0
+
+    def __init__(self, spec: ExecSpec, shared: Shared | None = None):
+        self._spec = spec
+        # one handle for every stage of a run: the throttles are per process
+        self._shared = shared if shared is not None else Shared()
+
+    def compose(self) -> list:
+        """Build this stage's collaborators on ``self.ctx`` and ``self.window``; return
+        those to close at teardown."""
+        return []
+
+    def setup(self):
+        self.ctx = StageContext(self._spec, self.STAGE, self._shared)
+        self.window = Window(self.STAGE, self.MAX_WINDOW_CHUNKS, self.ctx.metrics)
+        self._parts = self.compose()
+
+    def start_bundle(self):
+        self.ctx.start_bundle()
+        self.window.start_bundle()
+
+    def finish_bundle(self):
+        yield from self.window.retire_all()
+        self.ctx.finish_bundle()
+
+    def teardown(self):
+        for part in reversed(getattr(self, "_parts", [])):
+            part.close()
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.close()
