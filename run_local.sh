@@ -111,11 +111,16 @@ case "$cmd" in
     if [ -f demo/PLAN ]; then
       PLAN_ID=$(cat demo/PLAN)
     else
-      "$SM" plan --config demo/shardmove.yaml --dry-run
-      "$SM" plan --config demo/shardmove.yaml | tee demo/.plan.out
+      # the plan block once; its `plan id:` line is the run's (printed next), not repeated here
+      "$SM" plan --config demo/shardmove.yaml --name demo > demo/.plan.out
+      grep -v '^plan id: ' demo/.plan.out || true
       PLAN_ID=$(sed -n 's/^plan id: //p' demo/.plan.out | head -n1)
       echo "$PLAN_ID" > demo/PLAN
     fi
+    echo "look at it (from another terminal while it runs, or afterwards):"
+    echo "  $SM status ${PLAN_ID:0:12} --config demo/shardmove.yaml"
+    echo "  $SM report ${PLAN_ID:0:12} --config demo/shardmove.yaml"
+    echo "  $SM verify ${PLAN_ID:0:12} --config demo/shardmove.yaml"
     # exec: the executor takes this process's place, so SIGINT/SIGTERM to the script (or its
     # process group) reach the executor alone, which stops gracefully (exit 130, lease released)
     exec "$SM" run "$PLAN_ID" --config demo/shardmove.yaml

@@ -104,9 +104,41 @@ def build_snapshot(n: int, root: str) -> str:
     return d
 
 
+def build_target(n: int, root: str, snapshot: str) -> str:
+    """An explicit target holding every key of the snapshot (cached by n): the ring of
+    TARGET_SHARDS's own assignment, so about 5.9% of keys differ and the explicit plan
+    must equal the ring plan move for move."""
+    d = os.path.join(root, f"target-{n}")
+    if os.path.exists(os.path.join(d, "done")):
+        return d
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import xxhash
+
+    from pipeline.ring import Ring
+
+    tmp = d + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, mode=0o700)
+    ring = Ring.build("native", [(s, 1.0) for s in TARGET_SHARDS])
+    shard_arr = pa.array(list(ring.shard_ids), pa.string())
+    for name in sorted(f for f in os.listdir(snapshot) if f.endswith(".parquet")):
+        keys = pq.read_table(os.path.join(snapshot, name), columns=["key"]).column("key").combine_chunks()
+        hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, keys.to_pylist()), np.uint64, count=len(keys))
+        idx = ring.assign(None, hashes)
+        shards = pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), shard_arr).cast(pa.string())
+        pq.write_table(pa.table({"key": keys, "shard_id": shards}), os.path.join(tmp, name),
+                       row_group_size=ROW_GROUP, compression="zstd")
+    open(os.path.join(tmp, "done"), "w").close()
+    shutil.rmtree(d, ignore_errors=True)
+    os.rename(tmp, d)
+    return d
+
+
 # ------------------------------------------------------------------ children
 
-def child_planner(snapshot: str, out: str, profile: str | None) -> None:
+def child_planner(snapshot: str, out: str, profile: str | None, target: str | None = None) -> None:
     import apache_beam  # noqa: F401  (import cost is not planning time)
 
     import transforms.plan  # noqa: F401
@@ -120,6 +152,8 @@ def child_planner(snapshot: str, out: str, profile: str | None) -> None:
         "target": {"profile": "native", "shards": [{"id": s} for s in TARGET_SHARDS]},
         "hash_buckets": HASH_BUCKETS,
     }
+    if target:
+        raw["target"]["snapshot"] = target
     prof = None
     if profile:
         import cProfile
@@ -289,11 +323,18 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-dir", default=None, help="cache/work directory (default $SHARDMOVE_BENCH_DIR or /tmp)")
     ap.add_argument("--profile", default=None, help="write a cProfile of the first planner run to this file")
     ap.add_argument("--only", choices=("planner", "baseline"), default=None, help="run one side only")
-    ap.add_argument("--child", choices=("planner", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--explicit-target", action="store_true",
+                    help="also plan with an explicit target holding every key (the ring's own assignment): "
+                         "explicit_* figures, with the ring planner as the baseline")
+    ap.add_argument("--child", choices=("planner", "baseline", "explicit"), help=argparse.SUPPRESS)
+    ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--snapshot", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.child == "explicit":
+        child_planner(args.snapshot, args.out, args.profile, target=args.target)
+        return 0
     if args.child:
         fn = child_planner if args.child == "planner" else child_baseline
         fn(args.snapshot, args.out, args.profile)
@@ -305,13 +346,22 @@ def main(argv=None) -> int:
     snap = build_snapshot(args.keys, root)
     print(f"# snapshot {snap} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     log = os.path.join(root, "plan_bench.log")
-    runs = {"planner": [], "baseline": []}
+    runs = {"planner": [], "baseline": [], "explicit": []}
     sides = [args.only] if args.only else ["planner", "baseline"]
+    target = None
+    if args.explicit_target:
+        target = build_target(args.keys, root, snap)
+        sides = [s for s in sides if s != "baseline"] if args.only is None else sides
+        if "planner" not in sides:
+            sides.insert(0, "planner")
+        sides.append("explicit")
     last_dirs = {}
     for r in range(args.repeat):
         for side in sides:
             out = tempfile.mkdtemp(prefix=f"plan-{side}-", dir=root)
             argv_child = [os.path.abspath(__file__), "--child", side, "--snapshot", snap, "--out", out]
+            if side == "explicit":
+                argv_child += ["--target", target]
             if args.profile and side == "planner" and r == 0:
                 argv_child += ["--profile", args.profile]
             res = run_child(argv_child, log=log)
@@ -359,6 +409,20 @@ def main(argv=None) -> int:
         emit("moves_digest", d1[:16])
         emit("same_moves", n1 == n2 and d1 == d2 and all(r["moves"] == n1 for r in pl + bl))
         emit("same_file_bytes", f1 == f2)
+    ex = runs["explicit"]
+    if ex and pl:
+        for i, res in enumerate(ex, 1):
+            emit(f"explicit_keys_per_s_run{i}", res["keys_per_s"])
+            emit(f"explicit_peak_rss_mb_run{i}", res["peak_rss_mb"])
+        emit("explicit_keys_per_s", max(r["keys_per_s"] for r in ex))
+        emit("explicit_peak_rss_mb", max(r["peak_rss_mb"] for r in ex))
+        emit("explicit_ratio_to_ring", max(r["keys_per_s"] for r in ex) / max(r["keys_per_s"] for r in pl))
+        emit("explicit_ratio_to_ring_median", median([a["keys_per_s"] / b["keys_per_s"] for a, b in zip(ex, pl)]))
+        n1, d1, f1 = moves_digest(last_dirs["planner"][1])
+        n3, d3, f3 = moves_digest(last_dirs["explicit"][1])
+        emit("explicit_moves", n3)
+        emit("explicit_same_moves_as_ring", n1 == n3 and d1 == d3)
+        emit("explicit_same_file_bytes_as_ring", f1 == f3)
     for side, (out, _m) in last_dirs.items():
         shutil.rmtree(out, ignore_errors=True)
     return 0

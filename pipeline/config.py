@@ -179,6 +179,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("write_fence", "auto", "choice", "auto: check source versions inside the swap transaction where the stores allow it, else re-check them under the source's write lock just before the swap; recheck: always the latter.", choices=("auto", "recheck")),
     OptionSpec("lease_ttl", 60.0, "duration", "Executor lease expiry; renewed every third of it while running.", 5.0, 86400.0),
     OptionSpec("progress_interval", 1.0, "duration", "Minimum time between progress events.", 0.1, 3600.0),
+    OptionSpec("progress_log_interval", 10.0, "duration", "Time between progress lines on stderr when it is not a terminal (--progress text or json).", 0.1, 86400.0),
     OptionSpec("shard_max_in_flight", 0, "int", "Per-shard cap on copy calls in flight, per worker process (0 = no cap).", 0, 100000),
     OptionSpec("shard_max_keys_per_s", 0.0, "float", "Per-shard cap on keys copied per second, per worker process (0 = no cap).", 0.0, 1e9),
     OptionSpec("adaptive_throttling", True, "bool", "Back off a shard's copy concurrency when its latency or error rate rises; ramp up when it recovers."),
@@ -220,6 +221,7 @@ class RunOptions:
     write_fence: str
     lease_ttl: float
     progress_interval: float
+    progress_log_interval: float
     shard_max_in_flight: int
     shard_max_keys_per_s: float
     adaptive_throttling: bool

@@ -50,7 +50,8 @@ class Interrupts:
             raise Interrupted("interrupted before the run took its lease; nothing was modified")
         if self.count == 2:
             try:
-                os.write(2, b"stopping: already interrupted; flushing checkpoints and releasing the lease "
+                # on a terminal, start from a clean line: a progress bar may be drawn there
+                os.write(2, (b"\r\x1b[K" if os.isatty(2) else b"") + b"stopping: already interrupted; flushing checkpoints and releasing the lease "
                             b"(SIGKILL abandons the run)\n")
             except OSError:
                 pass

@@ -42,6 +42,7 @@ __all__ = [
     "prepare_batch",
     "plan_batch",
     "join_batch",
+    "join_sorted",
     "bucket_of",
     "digest_lanes",
     "digest_hex",
@@ -502,6 +503,53 @@ def join_batch(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[pa
         st.in_window = len(hashes)
     st.after = _count_by(pc.if_else(pa.array(changed), tgt, src))
     moves, st, _ = _finish(canon, src, tgt, hashes, changed, st, ctx)
+    return moves, st
+
+
+def join_sorted(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[pa.Table, Stats]:
+    """:func:`join_batch` as a merge join on the stable hash: both sides sorted by hash
+    (numpy), the source's hashes looked up in the target's, equal hashes confirmed by key
+    bytes.  Falls back to :func:`join_batch` when a hash repeats on either side (a
+    duplicate key, or a 64-bit hash collision), so the result is the same in every case."""
+    if source.num_rows == 0:
+        return join_batch(source, target, ctx)
+    sh = source["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
+    th = target["key_hash"].combine_chunks().to_numpy(zero_copy_only=False) if target.num_rows else \
+        np.zeros(0, np.uint64)
+    sorder = np.argsort(sh, kind="stable")
+    shs = sh[sorder]
+    torder = np.argsort(th, kind="stable")
+    ths = th[torder]
+    if (len(shs) > 1 and np.any(shs[1:] == shs[:-1])) or (len(ths) > 1 and np.any(ths[1:] == ths[:-1])):
+        return join_batch(source, target, ctx)
+    st = Stats()
+    src_all = source["shard_id"].combine_chunks().cast(pa.string())
+    st.before = _count_by(src_all)
+    take = pa.array(sorder)
+    canon = source["key"].combine_chunks().take(take)
+    src = src_all.take(take)
+    if len(ths):
+        pos = np.minimum(np.searchsorted(ths, shs), len(ths) - 1)
+        hit = ths[pos] == shs
+        tidx = torder[pos]
+        hits = np.flatnonzero(hit)
+        if len(hits):  # equal hashes: confirm by key bytes (a collision is not a match)
+            tkeys = target["key"].combine_chunks()
+            same = pc.equal(canon.take(pa.array(hits)), tkeys.take(pa.array(tidx[hits])))
+            hit[hits[~same.to_numpy(zero_copy_only=False)]] = False
+        tshard = target["shard_id"].combine_chunks().cast(pa.string()).take(pa.array(tidx))
+        tgt = pc.if_else(pa.array(hit), tshard, src)
+    else:
+        tgt = src
+    wmask = _window_mask(shs, ctx.window)
+    changed = pc.not_equal(src, tgt).to_numpy(zero_copy_only=False)
+    if wmask is not None:
+        changed &= wmask
+        st.in_window = int(wmask.sum())
+    else:
+        st.in_window = len(shs)
+    st.after = _count_by(pc.if_else(pa.array(changed), tgt, src))
+    moves, st, _ = _finish(canon, src, tgt, shs, changed, st, ctx)
     return moves, st
 
 

@@ -116,6 +116,10 @@ def take_snapshot(map_store, work_dir: str, segment_size: int, key_type: K.KeyTy
             raise BadInput(
                 f"snapshot: {invalid} keys in the map store cannot be represented as key_type {K.KeyType(key_type).value}"
             )
+        if not parts.rows:  # a wrong table, prefix or path, or a Redis map seeded without its clock
+            raise BadInput("snapshot: the map store holds no rows to export" + (
+                f" ({above} rows have a version above the cutoff {cutoff}; `shardmove validate` says more)"
+                if above else " (is the map store's table, prefix or path the right one?)"))
         return parts.commit(snaps, key_type, cutoff, above)
     except BaseException:
         fs.rmtree(staging)

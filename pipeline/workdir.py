@@ -12,6 +12,7 @@
     <work>/plans/<plan id>/stop              graceful-stop marker
     <work>/plans/<plan id>/reports/
     <work>/history/                          one record per command
+    <work>/names/<name>.json                 a plan name -> its plan id (``plan --name``)
 
 Callers ask this module for paths instead of joining strings, read and write
 manifests and summaries through it, and commit a finished staging directory
@@ -22,10 +23,11 @@ Never imports Beam.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from pipeline import fs
-from pipeline.errors import BadInput, StoreError
+from pipeline.errors import BadInput, CommitConflict, StoreError
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
@@ -61,6 +63,13 @@ __all__ = [
     "has_manifest",
     "load_manifest",
     "resolve_plan_dir",
+    "work_dir_of_plan",
+    "list_plan_ids",
+    "check_plan_name",
+    "validate_plan_name",
+    "claim_plan_name",
+    "plan_names",
+    "plan_name",
 ]
 
 #: ``format_version`` of ``manifest.json``.
@@ -86,12 +95,17 @@ _HISTORY = "history"
 _MOVES = "moves"
 CHECKPOINTS = "checkpoints"
 _PROGRESS = "progress"
+_PLANNING_PROGRESS = "planning-progress"
 _SUMMARY = "summary.json"
 _LEASE = "lease.json"
 _STOP = "stop"
 _REPORTS = "reports"
+_NAMES = "names"
 
 _PLAN_ID = re.compile(r"[0-9a-f]{64}")
+_PLAN_PREFIX = re.compile(r"[0-9a-f]{8,63}")
+#: a plan name: letters, digits, ``.``, ``_``, ``-``; starts with a letter or digit; at most 64 characters
+_PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 # ------------------------------------------------------------------ paths
@@ -140,6 +154,36 @@ def progress_dir(plan: str) -> str:
 
 def progress_path(plan: str, name: str) -> str:
     return fs.join(plan, _PROGRESS, name)
+
+
+def planning_progress_dir(staging: str) -> str:
+    """Planning progress marks in a plan's staging directory (removed before it is committed)."""
+    return fs.join(staging, _PLANNING_PROGRESS)
+
+
+def planning_progress_mark(staging: str, chunk: int, segments: int, keys: int) -> str:
+    """One mark: chunk ``chunk`` has examined ``segments`` segments holding ``keys`` keys.
+    The name is the record (the file is empty), so a retried bundle recreates the same names."""
+    return fs.join(staging, _PLANNING_PROGRESS, f"c{chunk:06d}-s{segments:09d}-k{keys:013d}")
+
+
+def read_planning_progress(staging: str) -> tuple[int, int]:
+    """(segments, keys examined) over every chunk: per chunk its highest mark."""
+    best: dict = {}
+    try:
+        names = fs.listdir(planning_progress_dir(staging))
+    except OSError:
+        return 0, 0
+    for name in names:
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            c, sg, k = name.split("-")
+            chunk, segs, keys = int(c[1:]), int(sg[1:]), int(k[1:])
+        except ValueError:
+            continue
+        if chunk not in best or (segs, keys) > best[chunk]:
+            best[chunk] = (segs, keys)
+    return sum(v[0] for v in best.values()), sum(v[1] for v in best.values())
 
 
 def summary_path(plan: str) -> str:
@@ -228,17 +272,132 @@ def has_manifest(plan: str) -> bool:
     return fs.exists(manifest_path(plan))
 
 
+def _base(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def list_plan_ids(work_dir: str) -> list[str]:
+    """The ids of the work directory's committed plans (a manifest), sorted."""
+    plans = plans_dir(work_dir)
+    return sorted(n for n in (_base(p) for p in fs.listdir(plans))
+                  if _PLAN_ID.fullmatch(n) and has_manifest(plan_dir(work_dir, n)))
+
+
+def work_dir_of_plan(plan: str) -> str:
+    """The work directory holding the plan directory ``<work>/plans/<plan id>``."""
+    parts = plan.rstrip("/").rsplit("/", 2)
+    return parts[0] if len(parts) == 3 else "."
+
+
 def resolve_plan_dir(plan: str, work_dir: str | None) -> str:
-    """PLAN is a plan directory or a plan id under the work directory."""
-    if _PLAN_ID.fullmatch(plan or ""):
-        if work_dir is None:
-            raise BadInput("plan id given without a work directory (--work-dir or config)")
+    """The committed plan directory PLAN names, tried in this order:
+
+    1. an existing directory (a path to a plan directory);
+    2. a 64-hex plan id under the work directory;
+    3. a unique prefix of at least 8 hex digits of a plan id (ambiguous: BadInput with the match count);
+    4. a plan name (``plan --name``).
+
+    Everything but a directory needs ``work_dir``; BadInput (exit 2) when nothing matches.
+    """
+    plan = (plan or "").strip()
+    if not plan:
+        raise BadInput("PLAN is empty: give a plan directory, a plan id (or 8+ hex digits of one) or a plan name")
+    as_dir = plan.rstrip("/")
+    if fs.is_gcs(as_dir) or "/" in plan:
+        if not has_manifest(as_dir):
+            raise BadInput(f"no committed plan at {as_dir} (manifest.json missing)")
+        return as_dir
+    if _is_local_dir(as_dir) and has_manifest(as_dir):
+        return as_dir  # a bare word that is some other directory (``demo``) may still be a name
+    if work_dir is None:
+        raise BadInput(f"PLAN {plan!r} is not a plan directory and is given without a work directory: "
+                       "pass --config FILE, set SHARDMOVE_CONFIG, or pass --work-dir DIR")
+    if _PLAN_ID.fullmatch(plan):
         d = plan_dir(work_dir, plan)
-    else:
-        d = plan.rstrip("/")
-    if not has_manifest(d):
-        raise BadInput(f"no committed plan at {d} (manifest.json missing)")
-    return d
+        if not has_manifest(d):
+            raise BadInput(f"no committed plan {plan[:12]} in {plans_dir(work_dir)} (manifest.json missing)")
+        return d
+    if _PLAN_PREFIX.fullmatch(plan):
+        matches = [i for i in list_plan_ids(work_dir) if i.startswith(plan)]
+        if len(matches) > 1:
+            raise BadInput(f"plan id prefix {plan} is ambiguous: it matches {len(matches)} plans; give more digits")
+        if matches:
+            return plan_dir(work_dir, matches[0])
+    if _PLAN_NAME.fullmatch(plan):
+        doc = read_json(_name_path(work_dir, plan))
+        if isinstance(doc, dict) and isinstance(doc.get("plan_id"), str) and _PLAN_ID.fullmatch(doc["plan_id"]):
+            d = plan_dir(work_dir, doc["plan_id"])
+            if has_manifest(d):
+                return d
+            raise BadInput(f"plan name {plan!r} names plan {doc['plan_id'][:12]}, which is not committed")
+    raise BadInput(f"no plan {plan!r} in {plans_dir(work_dir)}: not a plan directory, plan id, "
+                   "8+ hex digit id prefix or plan name")
+
+
+def _is_local_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+# ------------------------------------------------------------- plan names
+
+def _names_dir(work_dir: str) -> str:
+    return fs.join(work_dir, _NAMES)
+
+
+def _name_path(work_dir: str, name: str) -> str:
+    return fs.join(work_dir, _NAMES, name + ".json")
+
+
+def validate_plan_name(name: str) -> str:
+    """``name`` when it is a valid plan name, else BadInput naming the rule."""
+    if not isinstance(name, str) or not _PLAN_NAME.fullmatch(name):
+        raise BadInput(f"plan --name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                       "digit")
+    if _PLAN_PREFIX.fullmatch(name) or _PLAN_ID.fullmatch(name):
+        raise BadInput(f"plan --name {name!r}: 8 or more hex digits read as a plan id prefix; choose another name")
+    return name
+
+
+def plan_names(work_dir: str) -> dict[str, str]:
+    """plan id -> its name, for every named plan of the work directory."""
+    out: dict[str, str] = {}
+    for n in (_base(p) for p in fs.listdir(_names_dir(work_dir))):
+        if not n.endswith(".json") or n.startswith("."):
+            continue
+        doc = read_json(fs.join(_names_dir(work_dir), n))
+        if isinstance(doc, dict) and isinstance(doc.get("plan_id"), str) and doc.get("name") == n[:-5]:
+            out.setdefault(doc["plan_id"], doc["name"])
+    return out
+
+
+def plan_name(plan: str) -> str | None:
+    """The name of the plan directory ``plan`` (``<work>/plans/<id>``), or None."""
+    return plan_names(work_dir_of_plan(plan)).get(_base(plan))
+
+
+def check_plan_name(work_dir: str, name: str, plan_id: str) -> None:
+    """BadInput (before anything is committed) when ``name`` belongs to another plan, or this
+    plan already has another name.  Re-planning a plan under its own name is fine."""
+    validate_plan_name(name)
+    doc = read_json(_name_path(work_dir, name))
+    if isinstance(doc, dict) and doc.get("plan_id") != plan_id:
+        other = str(doc.get("plan_id") or "?")[:12]
+        raise BadInput(f"plan name {name!r} is already used by plan {other} in this work directory")
+    current = plan_names(work_dir).get(plan_id)
+    if current is not None and current != name:
+        raise BadInput(f"plan {plan_id[:12]} already exists with the name {current!r} (a name is not part of "
+                       "the plan id); use that name")
+
+
+def claim_plan_name(work_dir: str, name: str, plan_id: str) -> None:
+    """Record ``name`` -> ``plan_id`` (create-if-absent: two plans racing for one name, one wins;
+    the same claim again is a no-op)."""
+    fs.makedirs(_names_dir(work_dir))
+    data = json.dumps({"format_version": 1, "name": name, "plan_id": plan_id}, sort_keys=True).encode()
+    try:
+        fs.create_if_absent(_name_path(work_dir, name), data)
+    except CommitConflict as e:
+        raise BadInput(f"plan name {name!r} is already used by another plan in this work directory") from e
 
 
 def load_manifest(plan: str) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "load_config", "create_demo_keyspace", "snapshot", "plan", "run", "status", "validate", "verify",
-    "rollback", "cleanup", "export_failures", "Plan", "Pair", "RunSummary", "Status",
+    "rollback", "cleanup", "export_failures", "plans", "Plan", "Pair", "RunSummary", "Status",
     "ShardmoveError", "BadInput", "Refused",
 ]
 

@@ -43,11 +43,11 @@ from shardmove.ops import export_failures as _export
 from shardmove.ops import rollback as _rollback
 from shardmove.ops import verify_plan
 from shardmove.planner import make_plan
-from shardmove.validate import validate as _validate
+from shardmove.validation import validate as _validate
 
 __all__ = [
     "load_config", "create_demo_keyspace", "snapshot", "plan", "run", "status", "validate", "verify",
-    "rollback", "cleanup", "export_failures", "Plan", "Pair", "RunSummary", "Status",
+    "rollback", "cleanup", "export_failures", "plans", "Plan", "Pair", "RunSummary", "Status",
     "ShardmoveError", "BadInput", "Refused",
 ]
 
@@ -151,6 +151,7 @@ class Plan:
     dry_run: bool
     created: bool = True
     lines: list = field(default_factory=list)
+    name: str | None = None
 
     @property
     def id(self) -> str:
@@ -191,8 +192,9 @@ def _in_memory(x) -> bool:
 
 
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
-         target: str | os.PathLike | Rows | None = None, dry_run: bool = False, sample_hashes: int = 0,
-         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> Plan:
+         target: str | os.PathLike | Rows | None = None, dry_run: bool = False, name: str | None = None,
+         sample_hashes: int = 0, beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard,
+         progress_output: str = "none") -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -204,7 +206,9 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     input, capacity) removes the snapshots this call wrote.  ``sample_hashes`` (dry runs only):
     read that many moves at their sources (seeded by the ``sample_seed`` option) and report
     missing or unreadable records and their bytes, as ``manifest["sample"]``
-    (:mod:`shardmove.sampling`)."""
+    (:mod:`shardmove.sampling`).  ``name``: the plan's name (``plan --name``: metadata, never
+    part of the plan id; a name another plan holds is :class:`BadInput`).  ``progress_output``: planning progress on stderr, as the
+    CLI's ``--progress`` (auto, bar, text, json; none by default: the API prints nothing)."""
     cfg = _config(config)
     written = []
     try:
@@ -231,7 +235,7 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
-                            sample_seed=cfg.opt("sample_seed"))
+                            sample_seed=cfg.opt("sample_seed"), progress=progress_output, name=name)
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:
@@ -296,7 +300,8 @@ def _plan_dir(plan, cfg: Config | None = None, work_dir: str | None = None) -> s
 
 def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callable[[dict], Any] | None = None,
         cancel: threading.Event | None = None, retry_failed: bool = False, allow_drift: bool = False,
-        beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard) -> RunSummary:
+        beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard, progress_output: str = "none"
+        ) -> RunSummary:
     """Execute (or resume, or finish) a plan; returns a :class:`RunSummary`.
 
     ``progress`` is called with each progress event (a dict of counts: ``copied``,
@@ -304,12 +309,13 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     background thread; an exception it raises is logged and ignored.  ``cancel``: setting the
     event stops the run as SIGINT does -- checkpoints flushed, claim and lease released,
     ``interrupted`` and ``cancelled`` set, exit code 130 -- and a later ``run`` resumes it.
-    Signal handlers are installed only when called from the main thread."""
+    Signal handlers are installed only when called from the main thread.  ``progress_output``:
+    progress on stderr as the CLI's ``--progress`` (none by default)."""
     cfg = _config(config)
     plan_dir = _plan_dir(plan, cfg)
     try:
         res = run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
-                       out=out, progress=progress, cancel=cancel)
+                       out=out, progress=progress_output, on_progress=progress, cancel=cancel)
     except Interrupted:
         if cancel is None or not cancel.is_set():
             raise  # a signal: the caller's to handle (the CLI exits 130)
@@ -337,6 +343,7 @@ class Status:
     done: int
     failed: int
     details: dict
+    name: str | None = None
 
 
 def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, work_dir: str | None = None
@@ -344,9 +351,11 @@ def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, 
     """The plan's state and counts (``plan``: a :class:`Plan`, a plan directory, or a plan id
     with ``config`` or ``work_dir``)."""
     cfg = _config(config) if config is not None else None
-    s = plan_status(_plan_dir(plan, cfg, work_dir))
+    d = _plan_dir(plan, cfg, work_dir)
+    s = plan_status(d)
+    s["name"] = workdir.plan_name(d)
     return Status(s["plan_id"], s["state"], status_exit_code(s), int(s["planned"]), int(s["done"]),
-                  int(s["failed"]), s)
+                  int(s["failed"]), s, s["name"])
 
 
 # --------------------------------------------------------------- operator
@@ -354,7 +363,7 @@ def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, 
 def validate(config: ConfigLike, *, compare: Plan | str | None = None):
     """Check the live map (duplicates, unknown shards, digest); with ``compare``, count the
     plan's keys at source, target, elsewhere and missing.  Returns
-    :class:`shardmove.validate.ValidationResult`."""
+    :class:`shardmove.validation.ValidationResult`."""
     cfg = _config(config)
     return _validate(cfg, compare_plan_dir=_plan_dir(compare, cfg) if compare is not None else None)
 
@@ -367,12 +376,13 @@ def verify(config: ConfigLike, plan: Plan | str, *, sample: int = 1000, seed: in
     return verify_plan(cfg, _plan_dir(plan, cfg), sample=sample, seed=seed, out=out)
 
 
-def rollback(config: ConfigLike, plan: Plan | str, *, beam_args: Sequence[str] = (),
+def rollback(config: ConfigLike, plan: Plan | str, *, apply: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = _discard):
-    """Plan and run the reverse of a plan's Done keys (``shardmove rollback``); returns
+    """Plan and run the reverse of a plan's Done keys (``shardmove rollback``); without
+    ``apply`` only count what it would do (nothing written).  Returns
     :class:`shardmove.ops.RollbackResult`."""
     cfg = _config(config)
-    return _rollback(cfg, _plan_dir(plan, cfg), beam_args=beam_args, out=out)
+    return _rollback(cfg, _plan_dir(plan, cfg), apply=apply, beam_args=beam_args, out=out)
 
 
 def cleanup(config: ConfigLike, plan: Plan | str, *, older_than: float, apply: bool = False,
@@ -388,3 +398,22 @@ def export_failures(config: ConfigLike, plan: Plan | str, path: str, *, out: Cal
     :class:`shardmove.ops.FailuresResult`."""
     cfg = _config(config)
     return _export(cfg, _plan_dir(plan, cfg), path, out=out)
+
+
+def plans(work_dir: str) -> list[dict]:
+    """The work directory's committed plans, newest first: ``plan_id``, ``name``, ``state``
+    (as ``status`` derives it), ``planned``/``done``/``failed``, ``created_at``."""
+    names = workdir.plan_names(work_dir)
+    out = []
+    for plan_id in workdir.list_plan_ids(work_dir):
+        d = workdir.plan_dir(work_dir, plan_id)
+        m = workdir.read_json(workdir.manifest_path(d)) or {}
+        try:
+            s = plan_status(d)
+        except ShardmoveError:  # a damaged plan is listed, not fatal to the list
+            s = {"state": "unreadable", "planned": None, "done": None, "failed": None}
+        out.append({"plan_id": plan_id, "name": names.get(plan_id), "state": s["state"], "planned": s["planned"],
+                    "done": s["done"], "failed": s["failed"], "created_at": m.get("created_at"),
+                    "plan_dir": d})
+    out.sort(key=lambda r: (r["created_at"] or "", r["plan_id"]), reverse=True)
+    return out

@@ -21,6 +21,7 @@ from pipeline import logsafe
 from pipeline import workdir
 from pipeline.fs import NewDirs
 from shardmove.history import recorded
+from shardmove.progress import MODES, status_progress_lines
 from shardmove.prom import summary_to_prometheus, write_textfile
 from transforms.runner import is_dry_run
 from shardmove import cli_common
@@ -73,6 +74,12 @@ def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
             g.add_argument(o.flag, dest=o.name, default=None, metavar=o.kind.upper(), help=f"{o.doc} Default {o.default_text()}.".replace("%", "%%"))
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help="progress on stderr: a bar, one text or JSON line per progress_log_interval, or none; "
+                        "auto (default): a bar on a terminal, text otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardmove", description="Plan and execute key migrations of sharded keyspaces on Apache Beam.")
     parser.add_argument("--version", action="version", version=version_line())
@@ -97,20 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-hashes", metavar="N", type=int, default=0,
                    help="with --dry-run: read N seeded moves at their sources; report missing or unreadable "
                         "records and their bytes (seeded by the sample_seed option)")
+    _add_progress(p)
     p.add_argument("--since", metavar="PLAN",
                    help="catch-up: plan only the keys created or reassigned after PLAN's snapshot cutoff")
+    p.add_argument("--name", metavar="NAME",
+                   help="name the plan (1-64 letters, digits, . _ -): PLAN arguments accept it; never part of the id")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (plan_id, name, counts); the plan block goes to stderr")
     r = sub.add_parser("run", help="execute a plan (copy, verify, swap), resumable")
     _add_common(r)
-    r.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    r.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
     r.add_argument("--retry-failed", action="store_true", help="retry keys that are Failed")
+    _add_progress(r)
     r.add_argument("--prometheus", metavar="FILE", help="write the final summary as a Prometheus textfile")
     r.add_argument("--allow-drift", action="store_true",
                    help="skip keys whose map entry drifted since the snapshot, as Failed(drifted)")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (plan_id, summary counts); the run's lines go to stderr")
 
     st = sub.add_parser("status", help="per-state counts of a plan; exit 0 complete, 3 complete with failed keys, "
                                                "5 running, 6 planned or stopped (rerun run)")
     _add_common(st, options=False)
-    st.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    st.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.add_argument("--prometheus", metavar="FILE", help="also write the status as a Prometheus textfile")
     st.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
@@ -124,7 +139,7 @@ def _extensions():
     """Operator subcommands live in their own modules; each has
     ``register(subparsers, add_common, commands)``."""
     mods = []
-    for name in ("shardmove.cli_reports", "shardmove.cli_ops"):
+    for name in ("shardmove.cli_reports", "shardmove.cli_ops", "shardmove.cli_init"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as e:
@@ -172,11 +187,37 @@ def cmd_snapshot(args, beam_args) -> int:
     return EXIT_OK
 
 
+def _stderr_line(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def _say(args):
+    """Where a command's human lines go: stdout, or stderr under ``--json`` (stdout then holds
+    exactly one JSON object)."""
+    return _stderr_line if getattr(args, "json", False) else print
+
+
+def _print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _plan_json(res, args, code: int) -> dict:
+    m = res.manifest or {}
+    return {"plan_id": res.plan_id, "name": res.name, "plan_dir": res.plan_dir, "dry_run": bool(args.dry_run),
+            "created": bool(res.created) and not args.dry_run, "capacity_ok": bool(res.capacity_ok),
+            "keys_examined": m.get("keys_examined"), "keys_in_window": m.get("keys_in_window"),
+            "moves": m.get("moves"), "planned": m.get("moves"), "moved_fraction": m.get("moved_fraction"),
+            "optimum_moved_fraction": m.get("optimum_moved_fraction"), "window": m.get("window"),
+            "pairs": m.get("pairs", []), "capacity": m.get("capacity", []), "exit_code": code}
+
+
 def cmd_plan(args, beam_args) -> int:
     # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import plan
 
     cfg = _load(args)
+    say = _say(args)
 
     def make():
         if args.since:
@@ -186,14 +227,17 @@ def cmd_plan(args, beam_args) -> int:
             from shardmove.ops import plan_since
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
-            return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run, beam_args=beam_args)
-        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=print,
-                    sample_hashes=args.sample_hashes)
+            return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run,
+                              beam_args=beam_args, out=say, name=args.name)
+        return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=say, name=args.name,
+                    sample_hashes=args.sample_hashes, progress_output=args.progress)
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
         res = make()
         if translate_only:
+            if args.json:  # a translated job: no plan id, nothing committed
+                _print_json({**_plan_json(res, args, EXIT_OK), "plan_id": res.plan_id or None, "dry_run": True})
             return EXIT_OK
     else:
         with recorded(cfg.work_dir, "plan") as h:
@@ -201,19 +245,25 @@ def cmd_plan(args, beam_args) -> int:
             m = res.manifest
             h["plan_id"] = res.plan_id
             h["details"] = {"moves": m["moves"], "keys_examined": m["keys_examined"], "window": m["window"],
-                            "created": res.created, "since": args.since}
+                            "created": res.created, "since": args.since, "name": res.name}
+    report = None
     if args.report_dir:
         # deferred: reports load the checkpoint reader and the executor; start-up stays light
         from shardmove.report import write_plan_report
 
-        print(f"report: {write_plan_report(res.manifest, os.path.abspath(args.report_dir), dry_run=args.dry_run)}")
+        report = write_plan_report(res.manifest, os.path.abspath(args.report_dir), dry_run=args.dry_run,
+                                   plan_name=res.name)
+        say(f"report: {report}")
+    code = EXIT_OK
     if args.dry_run and not res.capacity_ok:
-        print("capacity check: FAILED (a target shard would fall below the configured headroom)")
+        say("capacity check: FAILED (a target shard would fall below the configured headroom)")
         cli_common.remove_created()  # refused: leave the work directory as it was found
-        return EXIT_REFUSED
-    if not args.dry_run:
-        print(f"plan dir: {res.plan_dir}")
-    return EXIT_OK
+        code = EXIT_REFUSED
+    elif not args.dry_run:
+        say(f"plan dir: {res.plan_dir}")
+    if args.json:
+        _print_json({**_plan_json(res, args, code), "report": report})
+    return code
 
 
 def cmd_run(args, beam_args) -> int:
@@ -228,27 +278,40 @@ def cmd_run(args, beam_args) -> int:
     from shardmove.api import run
 
     cfg = _load(args)
+    say = _say(args)
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
     if translate_only:  # Dataflow --dry_run: translate only, record nothing
-        return run(cfg, plan_dir, beam_args=beam_args, out=print).exit_code
+        res = run(cfg, plan_dir, beam_args=beam_args, out=say)
+        if args.json:
+            _print_json({"plan_id": res.plan_id, "dry_run": True, "exit_code": res.exit_code})
+        return res.exit_code
+    name = workdir.plan_name(plan_dir)
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-                  beam_args=beam_args, out=print)
+                  beam_args=beam_args, out=say, progress_output=args.progress)
         irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
         h["details"] = {"planned": s["planned"], "done": s["done"], "failed": s["failed"],
                         "elapsed_s": s.get("elapsed_s"), "nothing_to_do": res.nothing_to_do,
-                        "retry_failed": args.retry_failed, "allow_drift": args.allow_drift}
+                        "retry_failed": args.retry_failed, "allow_drift": args.allow_drift, "name": name}
     if args.prometheus:
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
     if res.summary.get("failed") and not irq.interrupted:
         # what to do about Failed keys: look at them, then retry them (the key values go to the file only)
         cfg_arg = f" --config {args.config}" if args.config else ""
-        print(f"next: shardmove failures {res.plan_id}{cfg_arg} --out failed.parquet   # which keys, and why")
-        print(f"next: shardmove run {res.plan_id}{cfg_arg} --retry-failed             # retry them")
-    return EXIT_INTERRUPTED if irq.interrupted else res.exit_code
+        say(f"next: shardmove failures {res.plan_id}{cfg_arg} --out failed.parquet   # which keys, and why")
+        say(f"next: shardmove run {res.plan_id}{cfg_arg} --retry-failed             # retry them")
+    code = EXIT_INTERRUPTED if irq.interrupted else res.exit_code
+    if args.json:
+        s = res.summary
+        _print_json({"plan_id": res.plan_id, "name": name, "exit_code": code, "nothing_to_do": res.nothing_to_do,
+                     "interrupted": bool(irq.interrupted), "complete": bool(s.get("complete")),
+                     **{k: s.get(k) for k in ("planned", "done", "failed", "states", "failures_by_reason",
+                                              "done_by_verification", "elapsed_s", "keys_per_s",
+                                              "retries_this_run")}})
+    return code
 
 
 def _status_lines(s: dict) -> list[str]:
@@ -256,8 +319,9 @@ def _status_lines(s: dict) -> list[str]:
     from shardmove.executor import summary_line
 
     lines = [f"plan id: {s['plan_id']}"]
-    for name, n in s["states"].items():
-        lines.append(f"{name}: {n}")
+    if s.get("name"):
+        lines.append(f"name: {s['name']}")
+    lines += status_progress_lines(s)  # cumulative counts, current states, per pair and per shard
     for reason, n in s["failures_by_reason"].items():
         lines.append(f"failed[{reason}]: {n}")
     for method, n in s["done_by_verification"].items():
@@ -287,6 +351,7 @@ def cmd_status(args, beam_args) -> int:
     plan_dir = _plan_dir(args, cfg)
     while True:
         s = status(plan_dir)
+        s["name"] = workdir.plan_name(plan_dir)
         if args.prometheus:
             write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
         if args.json:
@@ -306,7 +371,7 @@ def cmd_status(args, beam_args) -> int:
 #: Commands that never write to a store (their work-directory files are theirs
 #: alone): every store error they meet is met before anything is modified.
 _READ_ONLY = frozenset({"snapshot", "plan", "catchup", "validate", "status", "report", "metrics", "history",
-                        "failures", "verify"})
+                        "failures", "verify", "plans"})
 
 COMMANDS = {"demo": cmd_demo, "snapshot": cmd_snapshot, "plan": cmd_plan, "run": cmd_run, "status": cmd_status}
 _EXTENSIONS = _extensions()
@@ -351,23 +416,42 @@ def _dispatch(args, beam_args) -> int:
             LOG.exception("failed")
         if e.nothing_modified:
             cli_common.remove_created()
-        sys.stderr.write(f"error: {_one_line(e)}\n")
+        line = _one_line(e)
+        sys.stderr.write(f"error: {line}\n")
+        _json_error(args, line, e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
+        _json_error(args, "interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except OSError as e:  # the environment (a file, a disk, a socket), not a bug: say what and where
         if args.debug:
             LOG.exception("environment error")
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         what = e.strerror or (str(e).strip().splitlines() or [""])[0][:200] or "environment error"
-        sys.stderr.write(_no_object_names(redact(f"error: {what}{where} ({type(e).__name__})")) + "\n")
+        line = _no_object_names(redact(f"{what}{where} ({type(e).__name__})"))
+        sys.stderr.write(f"error: {line}\n")
+        _json_error(args, line, EXIT_INTERNAL)
         return EXIT_INTERNAL
     except Exception as e:  # a bug: never echo messages (they may hold values)
         if args.debug:
             LOG.exception("internal failure")
-        sys.stderr.write(f"error: internal failure ({type(e).__name__}); rerun with --debug for details\n")
+        line = f"internal failure ({type(e).__name__}); rerun with --debug for details"
+        sys.stderr.write(f"error: {line}\n")
+        _json_error(args, line, EXIT_INTERNAL)
         return EXIT_INTERNAL
+
+
+def _json_error(args, line: str, code: int) -> None:
+    """Under ``--json`` a failed command still prints one JSON object on stdout: ``error``
+    (the same line as on stderr, without ``error: ``) and ``exit_code``."""
+    if getattr(args, "json", False):
+        try:
+            # one line: also a valid record for the JSON-lines readers of ``history --json``
+            sys.stdout.write(json.dumps({"error": line, "exit_code": code, "plan_id": None}, sort_keys=True) + "\n")
+            sys.stdout.flush()
+        except OSError:  # stdout gone: the stderr line and the exit code remain
+            pass
 
 
 _OBJECT_NAME = re.compile(r"/k/[0-9a-f]{2}/[0-9a-v_/]+")

@@ -15,8 +15,13 @@ import sys
 from pipeline import fs
 from pipeline import workdir
 from pipeline.config import OPTIONS, load_config
+from pipeline.errors import BadInput
 
-__all__ = ["load", "plan_dir", "preflight", "track_new_dirs", "remove_created", "with_last_run"]
+__all__ = ["load", "plan_dir", "work_dir", "preflight", "track_new_dirs", "remove_created", "with_last_run",
+           "NO_WORK_DIR"]
+
+#: The one line of a command that needs a work directory and was given none.
+NO_WORK_DIR = "no work directory: pass --config FILE, set SHARDMOVE_CONFIG, or pass --work-dir DIR"
 
 #: Work-directory folders the current command may create (a ``fs.NewDirs``), or None.
 _NEW_DIRS = None
@@ -49,10 +54,27 @@ def load(args):
     return cfg
 
 
+def work_dir(args, cfg=None) -> str | None:
+    """The work directory, the same way for every command: ``--work-dir``, else the work_dir of
+    the configuration (``cfg``, else ``--config`` / ``$SHARDMOVE_CONFIG``); None when neither is given."""
+    if getattr(args, "work_dir", None):
+        return os.path.abspath(args.work_dir)
+    if cfg is not None:
+        return cfg.work_dir
+    if getattr(args, "config", None):
+        return load_config(args.config).work_dir
+    return None
+
+
 def plan_dir(args, cfg=None) -> str:
-    """The plan directory of ``args.plan``: a directory, or a plan id under the work directory."""
-    work = os.path.abspath(args.work_dir) if getattr(args, "work_dir", None) else (cfg.work_dir if cfg else None)
-    return workdir.resolve_plan_dir(args.plan, work)
+    """The plan directory of ``args.plan`` (:func:`pipeline.workdir.resolve_plan_dir`: a directory,
+    a plan id, a unique id prefix of 8+ hex digits, or a plan name) under :func:`work_dir`."""
+    if not getattr(args, "plan", None):
+        raise BadInput("PLAN is empty: give a plan directory, a plan id (or 8+ hex digits of one) or a plan name")
+    as_dir = args.plan.rstrip("/")
+    if fs.is_gcs(as_dir) or "/" in args.plan or workdir.has_manifest(as_dir):  # needs no work directory
+        return workdir.resolve_plan_dir(args.plan, None)
+    return workdir.resolve_plan_dir(args.plan, work_dir(args, cfg))
 
 
 def preflight(cfg, beam_args) -> list[str]:

@@ -21,7 +21,7 @@ __all__ = ["register"]
 
 
 def _plan_arg(p) -> None:
-    p.add_argument("plan", metavar="PLAN", help="plan directory, or plan id under the work directory")
+    p.add_argument("plan", metavar="PLAN", help="plan directory, plan id, 8+ hex digits of one, or plan name")
 
 
 def register(subparsers, add_common, commands) -> None:
@@ -42,9 +42,10 @@ def register(subparsers, add_common, commands) -> None:
     commands["verify"] = cmd_verify
 
     r = subparsers.add_parser("rollback", help="reverse migration of the plan's Done keys (copy back, verify, "
-                                               "swap back), resumable")
+                                               "swap back), resumable (dry run unless --apply)")
     add_common(r)
     _plan_arg(r)
+    r.add_argument("--apply", action="store_true", help="roll back (without it: print what would be rolled back)")
     commands["rollback"] = cmd_rollback
 
     c = subparsers.add_parser("cleanup", help="delete source copies of Done keys and target copies of Failed keys "
@@ -97,7 +98,7 @@ def cmd_rollback(args, beam_args) -> int:
 
     cfg, plan_dir = _cfg_and_plan(args)
     _preflight(cfg, beam_args)  # bad Beam flags etc.: exit 2 before the rollback plan is written
-    return rollback(cfg, plan_dir, beam_args=beam_args).exit_code
+    return rollback(cfg, plan_dir, apply=args.apply, beam_args=beam_args).exit_code
 
 
 def cmd_cleanup(args, beam_args) -> int:

@@ -9,7 +9,9 @@ interrupted.  SIGINT/SIGTERM stop every phase with exit 130, the claim and
 the lease released (:mod:`pipeline.interrupts`; during the pipeline through
 a stop marker the DoFns honour).  A complete plan whose last run was killed
 before its final phase gets that phase (compaction, summary) from the rerun.  Progress events are derived from committed
-checkpoint parts, at most one per ``progress_interval`` plus a final one.
+checkpoint parts, at most one per ``progress_interval`` plus a final one, and shown on stderr as a bar or
+as lines (:mod:`shardmove.progress`).  ``plan_status`` counts cumulatively (every run) and per
+(source, target) pair and per shard.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from pipeline.stores import open_data_store, open_map_store
 from pipeline.stores.base import RunRegistry, ShardInventory
 from pipeline import workdir
 from pipeline.workdir import load_manifest
+from shardmove.progress import ProgressDisplay, run_fields
 from transforms.preflight import preflight
 
 __all__ = ["RunResult", "run_plan", "plan_status", "summarize", "SUMMARY_FORMAT_VERSION"]
@@ -78,11 +81,13 @@ def verify_plan_files(plan_dir: str, manifest: dict) -> None:
         raise BadInput(f"plan: {bad} of {len(manifest['files'])} move files are missing or damaged")
 
 
-def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_stop=None) -> dict:
+def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_stop=None,
+              by_group: dict | None = None) -> dict:
     """Totals from the merged checkpoints (exact, however many runs it took).
 
     ``compact``: fold each group's parts into its compacted file first; once
-    ``should_stop()`` holds (a signal), the remaining groups are only read."""
+    ``should_stop()`` holds (a signal), the remaining groups are only read.
+    ``by_group``: when given, filled with each group's per-state counts."""
     plan_id = manifest["plan_id"]
     counts = {st.name.lower(): 0 for st in S.State}
     reasons: dict = {}
@@ -110,6 +115,10 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_st
         st = t.column("state").to_numpy(zero_copy_only=False)
         for rank, n in zip(*_unique(st)):
             counts[S.State(int(rank)).name.lower()] += int(n)
+            if by_group is not None:
+                g_counts = by_group.setdefault(gid, {})
+                name = S.State(int(rank)).name.lower()
+                g_counts[name] = g_counts.get(name, 0) + int(n)
         failed = pc.equal(t.column("state"), int(S.State.FAILED))
         if pc.any(failed).as_py():
             for r, n in _value_counts(t.column("reason").filter(failed)):
@@ -169,9 +178,56 @@ def status_exit_code(status: dict) -> int:
     return STATUS_EXIT[status["state"]]
 
 
+def cumulative_counts(states: dict) -> dict:
+    """Keys that have been copied, verified, swapped or failed, in any run (what the bar shows),
+    from the keys' current states."""
+    return {
+        "copied": sum(states.get(n, 0) for n in ("copied", "verifying", "verified", "swapping", "done")),
+        "verified": sum(states.get(n, 0) for n in ("verified", "swapping", "done")),
+        "swapped": states.get("done", 0),
+        "failed": states.get("failed", 0),
+    }
+
+
+def pair_progress(manifest: dict, by_group: dict) -> tuple[list, list]:
+    """Progress per (source, target) pair and per shard, like Citus' ``get_rebalance_progress()``:
+    ``pairs`` rows (source, target, planned, copied, done, failed, remaining, progress: not started |
+    moving | done) and ``shards`` rows (keys out of and into each shard: planned, done, failed,
+    remaining)."""
+    pairs: dict = {}
+    for f in manifest["files"]:
+        p = pairs.setdefault((f.get("source", "?"), f.get("target", "?")), {"planned": 0, "states": {}})
+        p["planned"] += int(f["rows"])
+        for name, n in by_group.get(f["group"], {}).items():
+            p["states"][name] = p["states"].get(name, 0) + n
+    rows = []
+    shards: dict = {}
+    for (src, tgt), p in sorted(pairs.items(), key=lambda kv: (kv[0][0].encode(), kv[0][1].encode())):
+        c = cumulative_counts(p["states"])
+        done, failed = c["swapped"], c["failed"]
+        remaining = p["planned"] - done - failed
+        touched = sum(p["states"].values()) - p["states"].get("planned", 0)
+        rows.append({"source": src, "target": tgt, "planned": p["planned"], "copied": c["copied"], "done": done,
+                     "failed": failed, "remaining": remaining,
+                     "progress": "done" if remaining == 0 else ("moving" if touched else "not started")})
+        for shard, way in ((src, "out"), (tgt, "in")):
+            sh = shards.setdefault(shard, {"shard": shard, **{f"{w}_{k}": 0 for w in ("out", "in")
+                                                              for k in ("planned", "done", "failed", "remaining")}})
+            sh[f"{way}_planned"] += p["planned"]
+            sh[f"{way}_done"] += done
+            sh[f"{way}_failed"] += failed
+            sh[f"{way}_remaining"] += remaining
+    return rows, [shards[k] for k in sorted(shards, key=lambda x: x.encode())]
+
+
 def plan_status(plan_dir: str) -> dict:
     manifest = load_manifest(plan_dir)
-    s = summarize(plan_dir, manifest)
+    by_group: dict = {}
+    s = summarize(plan_dir, manifest, by_group=by_group)
+    c = cumulative_counts(s["states"])
+    s["progress"] = {"total": s["planned"], "done": s["done"] + s["failed"], **c,
+                     "remaining": s["planned"] - s["done"] - s["failed"]}
+    s["pairs"], s["shards"] = pair_progress(manifest, by_group)
     prev = workdir.read_summary(plan_dir)
     if prev:
         for k in ("elapsed_s", "keys_per_s", "runs"):
@@ -216,11 +272,11 @@ class _Progress:
     """Derives progress events from committed checkpoint parts (this epoch)."""
 
     def __init__(self, plan_dir: str, plan_id: str, epoch: int, base: dict, total: int, interval: float,
-                 tty: bool, on_event: Callable[[dict], object] | None = None):
+                 display=None, on_event: Callable[[dict], object] | None = None):
         self.plan_dir, self.plan_id, self.epoch = plan_dir, plan_id, epoch
         self.total = total
         self.interval = interval
-        self.tty = tty
+        self.display = display  # shardmove.progress.ProgressDisplay: bar, lines or nothing
         self.seen: set = set()
         self.base = base
         self.delta = {"copied": 0, "verified": 0, "swapped": 0, "failed": 0}
@@ -268,17 +324,21 @@ class _Progress:
             except ValueError:
                 pass
 
+    def _counts(self) -> dict:
+        """Cumulative counts (every epoch): the counts before this run plus this epoch's parts."""
+        b = self.base
+        return {name: min(self.total, b[name] + self.delta[name])
+                for name in ("copied", "verified", "swapped", "failed")}
+
+    def _show(self, counts: dict, final: bool = False) -> None:
+        if self.display is None:
+            return
+        done_this_run = counts["swapped"] + counts["failed"] - self.base["swapped"] - self.base["failed"]
+        self.display.show(run_fields(plan_id=self.plan_id, total=self.total, done_this_run=max(0, done_this_run),
+                                     elapsed_s=time.time() - self.t0, **counts), final=final)
+
     def event(self, exact: dict | None = None) -> dict:
-        if exact is not None:
-            counts = exact
-        else:
-            b = self.base
-            counts = {
-                "copied": min(self.total, b["copied"] + self.delta["copied"]),
-                "verified": min(self.total, b["verified"] + self.delta["verified"]),
-                "swapped": min(self.total, b["swapped"] + self.delta["swapped"]),
-                "failed": min(self.total, b["failed"] + self.delta["failed"]),
-            }
+        counts = exact if exact is not None else self._counts()
         ev = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "elapsed_s": round(time.time() - self.t0, 3),
@@ -298,8 +358,7 @@ class _Progress:
         except Exception as e:  # progress is best effort
             LOG.debug("progress event not written: %s", type(e).__name__)
         self.events.append(ev)
-        if self.tty:
-            self._bar(ev)
+        self._show(counts, final=exact is not None)
         if self.on_event is not None:
             try:  # the API's progress callback: its failure never stops the run
                 self.on_event(dict(ev))
@@ -307,27 +366,22 @@ class _Progress:
                 LOG.warning("progress callback failed (%s); the run goes on", type(e).__name__)
         return ev
 
-    def _bar(self, ev):
-        done = ev["swapped"] + ev["failed"]
-        el = max(1e-6, ev["elapsed_s"])
-        rate = (done - self.base["swapped"] - self.base["failed"]) / el
-        left = self.total - done
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        width = 30
-        frac = done / self.total if self.total else 1.0
-        bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-        sys.stderr.write(f"\r[{bar}] {done}/{self.total} copied={ev['copied']} verified={ev['verified']} "
-                         f"failed={ev['failed']} {rate:.0f} keys/s ETA {eta}   ")
-        if ev["final"]:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
     def start(self):
+        # events at most one per progress_interval; progress lines (text, json) keep their own
+        # interval, so the loop ticks at the shorter of the two
+        line_tick = self.display.tick if self.display is not None else None
+        tick = min(self.interval, line_tick) if line_tick else self.interval
+
         def loop():
-            while not self._stop.wait(self.interval):
+            last_event = time.monotonic()
+            while not self._stop.wait(tick):
                 try:
                     self._scan()
-                    self.event()
+                    if time.monotonic() - last_event >= self.interval - 1e-3:
+                        last_event = time.monotonic()
+                        self.event()
+                    else:
+                        self._show(self._counts())
                 except Exception as e:  # never kill the run for progress
                     LOG.debug("progress scan failed: %s", type(e).__name__)
 
@@ -347,13 +401,7 @@ class _Progress:
 
 
 def _base_counts(summary: dict) -> dict:
-    st = summary["states"]
-    return {
-        "copied": st["copied"] + st["verifying"] + st["verified"] + st["swapping"] + st["done"],
-        "verified": st["verified"] + st["swapping"] + st["done"],
-        "swapped": st["done"],
-        "failed": st["failed"],
-    }
+    return cumulative_counts(summary["states"])
 
 
 # ---------------------------------------------------------------- run
@@ -468,12 +516,13 @@ def _stderr_line(line: str) -> None:
 
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
-             allow_drift: bool = False, progress: Callable[[dict], object] | None = None,
+             allow_drift: bool = False, progress: str = "auto", on_progress: Callable[[dict], object] | None = None,
              cancel: threading.Event | None = None) -> RunResult:
     """Run (or resume, or finish) a plan; see the module docstring.  SIGINT/SIGTERM are
     handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130.
-    ``cancel`` (set from any thread) stops the run the same way; ``progress`` is called with
-    each progress event."""
+    ``progress``: how progress shows on stderr (:mod:`shardmove.progress`; auto, bar, text, json, none).
+    ``on_progress`` is called with each progress event; ``cancel`` (set from any thread) stops
+    the run as a signal does."""
     irq = interrupts.install(install_signals)
     finished = threading.Event()
     if cancel is not None:
@@ -486,19 +535,21 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         threading.Thread(target=watch, name="cancel", daemon=True).start()
     try:
         return _run_plan(cfg, plan_dir, irq, retry_failed=retry_failed, beam_args=beam_args, out=out,
-                         allow_drift=allow_drift, on_event=progress)
+                         allow_drift=allow_drift, progress_mode=progress, on_event=on_progress)
     finally:
         finished.set()
         irq.restore()
 
 
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
-              out: Callable[[str], None], allow_drift: bool, on_event=None) -> RunResult:
+              out: Callable[[str], None], allow_drift: bool, progress_mode: str = "auto",
+              on_event=None) -> RunResult:
     # deferred, with the graph: building it loads Beam (seconds); status and reports import this module
     from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
     pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now
+    display = ProgressDisplay(progress_mode, cfg.opt("progress_log_interval"))  # a bad mode: exit 2 now
     manifest = load_manifest(plan_dir)
     plan_id = manifest["plan_id"]
     out(f"plan id: {plan_id}")
@@ -555,6 +606,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     renew_claim = None
     progress = None
     try:
+        display.__enter__()  # in bar mode, other writes to the terminal clear and redraw the bar
         if isinstance(map_store, RunRegistry):
             window = _window_range(manifest)
             map_store.claim_run(plan_id, lease.epoch, window, f"{socket.gethostname()}:{os.getpid()}",
@@ -574,7 +626,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         lease.start_renewing(also=renew_claim)
         hold_point("lease", lambda: irq.interrupted)
         progress = _Progress(plan_dir, plan_id, lease.epoch, _base_counts(before), before["planned"],
-                             cfg.opt("progress_interval"), sys.stderr.isatty(), on_event=on_event)
+                             cfg.opt("progress_interval"), display, on_event=on_event)
         t0 = time.time()
         metrics = {}
         if not irq.interrupted:  # stopped before the pipeline started: nothing to stop
@@ -608,6 +660,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     finally:
         # whatever happened (success, failure, a signal in any phase): give back the claim and
         # the lease; every committed checkpoint stays
+        display.close()
         _release(map_store if claimed else None, plan_id, lease)
         fs.remove(stop_path)
     for reason, n in summary["failures_by_reason"].items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,6 +29,7 @@ from pipeline.ring import Ring
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
 from pipeline.stores.base import KeyNameLimits, ShardInventory
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
+from shardmove.progress import ProgressDisplay
 from shardmove.sampling import sample_sources
 from transforms.preflight import preflight
 
@@ -45,6 +47,7 @@ class PlanResult:
     dry_run: bool
     created: bool = True
     lines: list = field(default_factory=list)
+    name: str | None = None  # ``plan --name``: metadata, never part of the plan id
 
 
 def build_ring(cfg: Config):
@@ -196,7 +199,11 @@ def make_plan(
     out: Callable[[str], None] = print,
     sample_hashes: int = 0,
     sample_seed: int = 0,
+    progress: str = "auto",
+    name: str | None = None,
 ) -> PlanResult:
+    """``name``: the plan's name (``plan --name``), checked before anything is committed and
+    recorded after the commit; never part of the plan id."""
     if sample_hashes and not dry_run:
         raise BadInput("plan: --sample-hashes needs --dry-run (it only reads)")
     if sample_hashes < 0:
@@ -204,6 +211,8 @@ def make_plan(
     if sample_hashes and data_store is None:
         raise BadInput("plan: --sample-hashes needs a data store (data_store in the config)")
     sample = (sample_hashes, sample_seed)
+    if name is not None:
+        workdir.validate_plan_name(name)
     pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
     for w in pf.warnings:
         out(w)
@@ -219,7 +228,8 @@ def make_plan(
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type)
         try:
             result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
-                                data_store, dry_run, pf.args, out, sample=sample, snapshot_line=(
+                                data_store, dry_run, pf.args, out, sample=sample, progress=progress, name=name,
+                                snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "
                                     f"rows_above_cutoff={info.rows_above_cutoff}"))
         except BaseException:
@@ -232,12 +242,66 @@ def make_plan(
             fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
-                      pf.args, out, sample=sample)
+                      pf.args, out, sample=sample, progress=progress, name=name)
+
+
+class _PlanProgress:
+    """Planning progress while the plan pipeline runs: polls the marks the planning DoFns
+    leave in the staging directory (:func:`pipeline.workdir.read_planning_progress`) every
+    ``progress_interval`` and shows segments and keys examined (:mod:`shardmove.progress`)."""
+
+    def __init__(self, staging: str, keys_total, mode: str, cfg: Config):
+        self.staging = staging
+        self.keys_total = int(keys_total) if keys_total is not None else None
+        self.display = ProgressDisplay(mode, cfg.opt("progress_log_interval"))
+        tick = self.display.tick
+        self.interval = min(cfg.opt("progress_interval"), tick) if tick else cfg.opt("progress_interval")
+        self._stop = threading.Event()
+        self._thread = None
+        self.t0 = time.time()
+
+    def fields(self) -> dict:
+        segments, keys = workdir.read_planning_progress(self.staging)
+        elapsed = time.time() - self.t0
+        rate = keys / elapsed if elapsed > 0 else 0.0
+        left = None if self.keys_total is None else max(0, self.keys_total - keys)
+        return {"phase": "plan", "segments": segments, "keys_examined": keys, "keys_total": self.keys_total,
+                "rate_keys_per_s": round(rate, 1),
+                "eta_s": round(left / rate, 1) if left is not None and rate > 0 else None,
+                "elapsed_s": round(elapsed, 1)}
+
+    def __enter__(self):
+        if self.display.mode == "none":
+            return self
+        self.display.__enter__()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                try:
+                    self.display.show(self.fields())
+                except Exception as e:  # noqa: BLE001 - never fail a plan for its progress
+                    LOG.debug("planning progress failed: %s", type(e).__name__)
+
+        self._thread = threading.Thread(target=loop, name="plan-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self._thread is None:
+            return False
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            if exc_type is None:
+                self.display.show(self.fields(), final=True)
+        finally:
+            self.display.close()
+        return False
 
 
 def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_store, dry_run: bool,
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None,
-               sample: tuple = (0, 0)) -> PlanResult:
+               sample: tuple = (0, 0), progress: str = "auto", name: str | None = None) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
     # deferred, with the graph: building it loads Beam (seconds); the API imports this module
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
@@ -263,7 +327,9 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         t0 = time.time()
         p = make_pipeline(pipeline_argv)
         build_plan_graph(p, spec)
-        stages = dry_run_stages(run_pipeline(p))
+        with _PlanProgress(staging, (snap_meta or {}).get("rows"), progress, cfg):
+            stages = dry_run_stages(run_pipeline(p))
+        fs.rmtree(workdir.planning_progress_dir(staging))  # progress marks are not part of the plan
         if stages is not None:  # a translated (dry-run) Dataflow job: nothing ran, nothing to commit
             fs.rmtree(staging)
             new_dirs.remove_created()
@@ -280,10 +346,12 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         digest = core.digest_hex(*stats["digest"])
         if snap_meta and snap_meta.get("digest") and snap_meta["digest"] != digest:
             raise BadInput("snapshot: content does not match its snapshot.json digest (files changed or damaged)")
-        if snapshot_line:  # only now: a refused plan prints its one error line and nothing else
-            out(snapshot_line)
         target_canon = _target_canonical(cfg, ring, stats)
         plan_id = core.plan_id_for(digest, target_canon, cfg.key_type, cfg.window)
+        if name is not None:  # a name of another plan: refused before anything is printed or committed
+            workdir.check_plan_name(cfg.work_dir, name, plan_id)
+        if snapshot_line:  # only now: a refused plan prints its one error line and nothing else
+            out(snapshot_line)
         files.sort(key=lambda f: (f["source"].encode(), f["target"].encode(), f["bucket"]))
         pairs: dict = {}
         for key, n in stats["pairs"].items():
@@ -325,6 +393,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         capacity, cap_ok = _capacity(cfg, stats, data_store, staging, files)
         manifest["capacity"] = capacity
         lines = [f"plan id: {plan_id}"]
+        if name is not None:
+            lines.append(f"name: {name}")
         if manifest["moves"] == 0:
             lines.append("nothing to move")  # still committed: a run then says the plan is complete
         lines += report_lines(manifest, capacity, cfg.opt("min_headroom_percent"))
@@ -335,7 +405,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
             lines.append(warning)
         for line in lines:
             out(line)
-        result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines)
+        result = PlanResult(plan_id, None, manifest, cap_ok, dry_run, lines=lines, name=name)
         final = workdir.plan_dir(cfg.work_dir, plan_id)
         _note_reused_layout(final, manifest, out)
         if dry_run:
@@ -353,11 +423,15 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         if not cap_ok:
             fs.rmtree(staging)
             raise Refused("plan: a target shard would fall below the configured headroom; no plan committed")
-        for name in workdir.PLAN_OUTPUTS:
-            fs.remove(workdir.plan_output_path(staging, name))
+        for leftover in workdir.PLAN_OUTPUTS:
+            fs.remove(workdir.plan_output_path(staging, leftover))
         workdir.write_manifest(staging, manifest)
         result.created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         result.plan_dir = final
+        if name is not None:
+            workdir.claim_plan_name(cfg.work_dir, name, plan_id)
+        else:
+            result.name = workdir.plan_names(cfg.work_dir).get(plan_id)
         LOG.info("plan %s committed: %d moves in %d files", plan_id[:12], stats["moved"], len(files))
         return result
     except BaseException:

@@ -618,17 +618,18 @@ def _capacity_word(r: dict, drained: set) -> str:
 
 
 def render_html(manifest: dict, charts: dict, run: dict | None = None, *, title: str | None = None,
-                dry_run: bool = False) -> str:
-    """The report page: ``charts`` maps chart names to :class:`Chart`."""
+                dry_run: bool = False, name: str | None = None) -> str:
+    """The report page: ``charts`` maps chart names to :class:`Chart`; ``name`` is the plan's name."""
     m = manifest
     snap = m.get("snapshot") or {}
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'">',
-        f"<title>{_e(title or 'shardmove report ' + m.get('plan_id', '')[:12])}</title><style>{_CSS}</style></head><body>",
+        f"<title>{_e(title or 'shardmove report ' + (name or m.get('plan_id', '')[:12]))}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title or 'shardmove migration report')}</h1>",
-        f"<div class=sub>plan id {_e(m.get('plan_id', ''))} &middot; planned {_e(m.get('created_at', '?'))} "
+        f"<div class=sub>{'plan <b id=plan-name>' + _e(name) + '</b> &middot; ' if name else ''}"
+        f"plan id {_e(m.get('plan_id', ''))} &middot; planned {_e(m.get('created_at', '?'))} "
         f"&middot; key type {_e(m.get('key_type', '?'))} &middot; report generated {generated} (UTC)</div>",
     ]
     if dry_run:
@@ -736,7 +737,8 @@ def _plan_charts(manifest: dict) -> dict:
     }
 
 
-def write_plan_report(manifest_like: dict, out_dir: str, *, dry_run: bool = False) -> str:
+def write_plan_report(manifest_like: dict, out_dir: str, *, dry_run: bool = False,
+                      plan_name: str | None = None) -> str:
     """Write ``report.html`` and the plan charts into ``out_dir``; returns the HTML path.
 
     ``manifest_like``: a committed manifest or a dry run's ``PlanResult.manifest``
@@ -746,7 +748,7 @@ def write_plan_report(manifest_like: dict, out_dir: str, *, dry_run: bool = Fals
     charts = _plan_charts(manifest_like)
     for name, chart in charts.items():
         _write(out_dir, f"{name}.png", chart.png)
-    return _write(out_dir, "report.html", render_html(manifest_like, charts, dry_run=dry_run).encode("utf-8"))
+    return _write(out_dir, "report.html", render_html(manifest_like, charts, dry_run=dry_run, name=plan_name).encode("utf-8"))
 
 
 def write_report(plan_dir: str, *, out_dir: str | None = None) -> str:
@@ -766,7 +768,7 @@ def write_report(plan_dir: str, *, out_dir: str | None = None) -> str:
                                             s.get("done_by_verification") or {})
     for name, chart in charts.items():
         _write(out_dir, f"{name}.png", chart.png)
-    page = render_html(manifest, charts, run if run["has_run"] else None)
+    page = render_html(manifest, charts, run if run["has_run"] else None, name=workdir.plan_name(plan_dir))
     path = _write(out_dir, "report.html", page.encode("utf-8"))
     LOG.info("report of plan %s written (%d charts)", manifest["plan_id"][:12], len(charts))
     return path

@@ -33,7 +33,8 @@ from typing import Any, Iterable, Sequence
 from pipeline.errors import Refused, SourceMissing
 from pipeline.keys import KeyType, text_form
 from pipeline.lease import LeaseLost
-from pipeline.stores.base import SNAPSHOT_SCHEMA, DataStore, MapStore, RunRegistry, SwapItem, content_hash
+from pipeline.stores.base import (SNAPSHOT_SCHEMA, DataStore, ExternalClock, MapStore, RunRegistry, SchemaSetup,
+                                  SwapItem, content_hash)
 from pipeline.stores.claims import ClaimRow, decide_claim
 from shardmove.demo import demo_keys
 
@@ -197,6 +198,24 @@ class MapStoreContract:
         assert clone.key_type is KeyType.INT64 and clone.lookup(keys) == found
         assert not store.supports_fence(object())
         clone.close()
+
+    def test_initialize_of_a_set_up_map_creates_nothing_and_keeps_its_rows(self):
+        """Stores with ``initialize`` (``shardmove init``): on a map already in use it
+        only reports what exists, and every row stays as it was."""
+        store = self._map([(k, "s1") for k in sample_keys(20)])
+        if not isinstance(store, SchemaSetup):
+            _pytest().skip("this map store has no initialize()")
+        before = self.raw_state(store)
+        steps = store.initialize()
+        assert all(status == "exists" for status, _what in steps), steps
+        assert store.initialize() == steps and self.raw_state(store) == before
+
+    def test_a_map_written_by_the_store_has_no_rows_above_its_clock(self):
+        store = self._map([(k, "s1") for k in sample_keys(20)])
+        if not isinstance(store, ExternalClock):
+            _pytest().skip("this map store's change counter is max(version)")
+        store.swap_batch([(k, "s1", "s2") for k in sample_keys(5)])
+        assert store.rows_above_clock() == (0, 0)
 
     # -- snapshot
 

@@ -221,3 +221,16 @@ def assert_no_secret(outs: list, work_dir: str, secret: str) -> None:
         for name in files:
             with open(os.path.join(d, name), "rb") as f:
                 assert secret.encode() not in f.read(), os.path.join(d, name)
+
+
+def tree(root) -> dict:
+    """Every path under ``root`` with its bytes (directories as None)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            out[os.path.relpath(os.path.join(d, n), root)] = None
+        for n in files:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out

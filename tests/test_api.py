@@ -202,3 +202,18 @@ def run_cli_plan(config, *args):
     from conftest import run_cli
 
     return run_cli("plan", "--config", config, *args)
+
+
+def test_the_public_names_are_the_api_whatever_was_imported_before():
+    """``shardmove.validate`` (and every public name) is the API's function even after the
+    application's own modules were imported: no submodule shadows a public name."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(shardmove.__path__):
+        importlib.import_module(f"shardmove.{mod.name}")
+    from shardmove import api
+
+    for name in shardmove.__all__:
+        assert getattr(shardmove, name) is getattr(api, name), name
+    assert callable(shardmove.validate) and shardmove.validate is api.validate

@@ -29,3 +29,12 @@ def test_readme_shows_the_two_commands():
     readme = _readme()
     assert "./run_local.sh\n" in readme or "./run_local.sh " in readme
     assert "./run_local.sh test" in readme
+
+
+def test_readme_shows_the_postgres_map_ddl_that_init_runs():
+    from pipeline.stores.postgres_map import ddl_text
+
+    m = re.search(r"<!-- postgres-ddl:start -->\n\s*```sql\n(.*?)\n\s*```\n\s*<!-- postgres-ddl:end -->", _readme(), re.S)
+    assert m, "README lacks the PostgreSQL DDL markers"
+    shown = [line.strip() for line in m.group(1).splitlines()]
+    assert shown == ddl_text().replace('"', "").splitlines(), "README DDL is stale: shardmove init --print-sql"

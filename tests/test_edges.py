@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from services import tree
 
 SECRET = "sekret-pw-987"
 PLAN_RE = re.compile(r"^plan id: ([0-9a-f]{64})$", re.M)
@@ -26,19 +27,6 @@ def one_error_line(r, code):
     assert "Traceback" not in r.stderr and "internal failure" not in r.stderr, r.stderr
     assert SECRET not in r.stdout + r.stderr
     return lines[0]
-
-
-def tree(root) -> dict:
-    """Every path under ``root`` with its bytes (directories as None)."""
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for n in dirs:
-            out[os.path.relpath(os.path.join(d, n), root)] = None
-        for n in files:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -441,6 +429,7 @@ def test_operator_commands_with_an_unusable_map_store_are_bad_configuration(demo
     bad = write_cfg(tmp_path / "bad.yaml", {**doc, "map_store": _sqlite_not_a_db(tmp_path)})
     before = tree(tmp_path / "work")
     for args in (["run", plan_id], ["verify", plan_id], ["rollback", plan_id],
+                 ["rollback", plan_id, "--apply"],
                  ["cleanup", plan_id, "--older-than", "0s"], ["cleanup", plan_id, "--older-than", "0s", "--apply"],
                  ["validate", "--compare", plan_id], ["catchup", plan_id], ["snapshot"]):
         line = one_error_line(run_cli(*args, "--config", bad, timeout=FAST), 2)

@@ -114,7 +114,8 @@ def test_every_subcommand_at_debug_prints_no_key_bytes(tmp_path):
     cli("metrics", "metrics", plan_id, "--config", cfg, "--out", str(tmp_path / "m.prom"))
     cli("history", "history", "--config", cfg)
     cli("catchup", "catchup", plan_id, "--config", cfg, "--dry-run")
-    cli("rollback", "rollback", plan_id, "--config", faulty, codes=(0, 3))
+    cli("rollback dry run", "rollback", plan_id, "--config", faulty)
+    cli("rollback", "rollback", plan_id, "--config", faulty, "--apply", codes=(0, 3))
     cli("cleanup", "cleanup", plan_id, "--config", cfg, "--older-than", "0s", codes=(0, 4))
     cli("cleanup apply", "cleanup", plan_id, "--config", cfg, "--older-than", "0s", "--apply", codes=(0, 4))
     assert " INFO shardmove." in outs["plan"]  # the level was below WARNING

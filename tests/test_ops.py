@@ -27,6 +27,7 @@ from shardmove.planner import build_ring, load_manifest
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapStore
 
 from conftest import run_cli
+from services import tree
 
 
 def quiet(_line):
@@ -276,8 +277,16 @@ def test_rollback_preserves_target_writes_and_resumes_after_crashes(tmp_path):
                                  f"faults: {{crash_after_transitions: {after}}}\n")
         return p
 
+    # without --apply: a dry run -- the reverse plan's counts, nothing written, exit 0
+    work_before, map_before = tree(cfg.work_dir), map_rows(cfg)
+    r = run_cli("rollback", plan_dir, "--config", path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert f"rollback (dry run): moves={n} already_at_source=0 refused=2" in r.stdout
+    assert sum(int(l.rsplit(": ", 1)[1]) for l in r.stdout.splitlines() if l.startswith("pair ")) == n
+    assert "refused[not_at_target]: 1" in r.stdout and "rerun with --apply" in r.stdout
+    assert tree(cfg.work_dir) == work_before and map_rows(cfg) == map_before  # nothing changed, no lease
     # 1st crash: mid-copy (copy, verify and swap are fused, so earlier chunks got further)
-    r = run_cli("rollback", plan_dir, "--config", crash_config("crash1.yaml", n))
+    r = run_cli("rollback", plan_dir, "--apply", "--config", crash_config("crash1.yaml", n))
     assert r.returncode == 137, (r.stdout, r.stderr)
     rids = json.load(open(os.path.join(plan_dir, "rollbacks.json")))["rollback_plans"]
     assert len(rids) == 1
@@ -294,17 +303,21 @@ def test_rollback_preserves_target_writes_and_resumes_after_crashes(tmp_path):
     assert 0 < to_copy < n and to_verify <= to_swap
     with pytest.raises(Refused, match="rollback .* is unfinished"):  # its copies must not be cleaned up
         ops.cleanup(cfg, plan_dir, older_than=0, out=quiet)
+    lines = []
+    dry = ops.rollback(cfg, plan_dir, out=lines.append)  # the dry run names the rollback it would resume
+    assert dry.exit_code == 0 and dry.dry_run and dry.plan_id == rids[0]
+    assert any(l.startswith(f"rollback (dry run): would resume rollback {rids[0][:12]}: moves={n}") for l in lines)
     # 2nd crash: mid-swap. Every unfinished key records at least two more transitions (one
     # before its swap, Done after it), in windows of a few chunks, so after `to_swap` of them
     # later chunks are still unswapped. (to_verify + to_swap used to be the point: under load
     # it sometimes landed after the last swap, since in-progress markers are not all counted.)
-    r = run_cli("rollback", plan_dir, "--config", crash_config("crash2.yaml", to_swap))
+    r = run_cli("rollback", plan_dir, "--apply", "--config", crash_config("crash2.yaml", to_swap))
     assert r.returncode == 137, (r.stdout, r.stderr)
     mp = map_rows(cfg)
     back = sum(1 for k in done if mp[k.decode()] == src_of[k])
     assert 0 < back < n  # the map is half swapped back
     # resume to the end: same rollback plan, every eligible key back on its source
-    r = run_cli("rollback", plan_dir, "--config", path)
+    r = run_cli("rollback", plan_dir, "--apply", "--config", path)
     assert r.returncode == 3, (r.stdout, r.stderr)  # complete, but two keys were refused
     assert f"plan id: {rids[0]}" in r.stdout
     assert f"summary: planned={n} done={n} failed=0" in r.stdout
@@ -325,7 +338,7 @@ def test_rollback_preserves_target_writes_and_resumes_after_crashes(tmp_path):
     no_key_in(r.stdout + r.stderr, cfg)
     # a rerun finds nothing more to roll back
     lines = []
-    again = ops.rollback(cfg, plan_dir, out=lines.append)
+    again = ops.rollback(cfg, plan_dir, apply=True, out=lines.append)
     assert again.plan_id == rids[0] and "nothing to do: plan already complete" in lines
 
 

@@ -77,3 +77,42 @@ def test_plan_id_golden():
     assert pid == core.plan_id_for("ab" * 32, {"profile": "native"}, "string", (0, 0x7F))
     assert pid != core.plan_id_for("ab" * 32, {"profile": "native"}, KeyType.STRING, None)
     assert len(pid) == 64 and int(pid, 16) >= 0
+
+
+def _side(rows, hashes=None):
+    keys = [k for k, _ in rows]
+    h = stable_hashes(keys, len(keys)) if hashes is None else np.array(hashes, dtype=np.uint64)
+    return pa.table({"key": pa.array(keys, pa.binary()), "shard_id": pa.array([s for _, s in rows], pa.string()),
+                     "key_hash": pa.array(h, pa.uint64())})
+
+
+@settings(max_examples=80, deadline=None)
+@given(key_sets, key_sets, shard_sets, st.booleans(),
+       st.one_of(st.none(), st.tuples(st.integers(0, 255), st.integers(0, 255))), st.data())
+def test_join_sorted_equals_join_batch(keys, extra, shards, collide, window, data):
+    """The explicit-target merge join on stable hashes gives join_batch's moves and stats:
+    keys missing from the target, target-only keys, a forced 64-bit hash collision (two
+    different keys, one hash) and duplicated target keys included."""
+    if window is not None and window[0] > window[1]:
+        window = (window[1], window[0])
+    pick = st.sampled_from(shards)
+    src_rows = [(k, data.draw(pick)) for k in keys]
+    tgt_keys = [k for k in keys if data.draw(st.booleans())] + [k for k in extra if k not in set(keys)]
+    tgt_rows = [(k, data.draw(pick)) for k in tgt_keys]
+    src_h = list(stable_hashes(keys, len(keys)))
+    tgt_h = list(stable_hashes(tgt_keys, len(tgt_keys)))
+    only_t = [i for i, k in enumerate(tgt_keys) if k not in set(keys)]
+    if keys and only_t and not collide and src_h[-1] not in tgt_h:
+        tgt_h[only_t[0]] = src_h[-1]  # a target-only key with a source key's hash: not a match
+    if collide and len(keys) >= 2:
+        src_h[1] = src_h[0]  # a collision on the source side
+    if collide and tgt_rows and data.draw(st.booleans()):
+        tgt_rows.append(tgt_rows[0])  # a duplicated target key
+        tgt_h.append(tgt_h[0])
+    src, tgt = _side(src_rows, src_h), _side(tgt_rows, tgt_h)
+    ctx = _ctx(None, window)
+    a_moves, a_stats = core.join_batch(src, tgt, ctx)
+    b_moves, b_stats = core.join_sorted(src, tgt, ctx)
+    assert core.sort_moves(b_moves).equals(core.sort_moves(a_moves))
+    assert (b_stats.before, b_stats.after, b_stats.moved, b_stats.in_window) == \
+        (a_stats.before, a_stats.after, a_stats.moved, a_stats.in_window)

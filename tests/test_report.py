@@ -357,6 +357,9 @@ def test_history_cli(tmp_path):
     assert " plan " + "ef" * 6 + " ok moves=7" in lines[0]
     j = run_cli("history", "--work-dir", str(work), "--json")
     assert j.returncode == 0 and '"command": "plan"' in j.stdout
+    # a full id filters even when its plan directory is gone (a deleted plan keeps its records)
+    f = run_cli("history", "--work-dir", str(work), "--plan", "ef" * 32)
+    assert f.returncode == 0 and f.stdout.splitlines()[-1] == "history: 1 records", f.stderr
 
 
 def test_history_recorded_context_records_success_and_failure(tmp_path):

@@ -129,6 +129,20 @@ class TestPostgresMapStore(_Tracked, MapStoreContract):
         return [r[0] for r in self._table(store)]
 
 
+class TestPostgresMappedMapStore(TestPostgresMapStore):
+    """The same contract on a map whose columns have other names (``map_store.columns``),
+    one of them needing quotes."""
+
+    COLUMNS = {"key": "Tenant", "shard_id": "placement", "version": "rev"}
+
+    def make_map_store(self, key_type=KeyType.STRING):
+        return self._keep(PostgresMapStore.create(dsn_for(self.db), key_type, table=f"{self.ns}.map{next(_n)}",
+                                                  columns=self.COLUMNS))
+
+    def _table(self, store):
+        return pg_execute(self.db, f'SELECT "Tenant", placement, rev, xmin::text FROM {store.table} ORDER BY 1')
+
+
 class TestPostgresDataStore(_Tracked, DataStoreContract):
     keeps_newer_target = False  # no version column configured: see test_postgres.py for one
     reads_back_values = False  # a record reads back as the canonical encoding of its rows

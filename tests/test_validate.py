@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from shardmove import api
-from shardmove import validate as V
+from shardmove import validation as V
 from pipeline.config import load_config
 from shardmove.planner import load_manifest
 from pipeline.snapshot import take_snapshot
@@ -107,6 +107,21 @@ def test_validate_cli_unknown_shard_exit_2(keyspace):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "unknown shard rows: 1 on 1 ids (s99)" in r.stdout
     assert r.stderr.startswith("error: validate: bad topology") and "planted-unknown" not in r.stdout + r.stderr
+
+
+def test_validate_refuses_a_map_that_holds_no_rows(keyspace):
+    path, cfg = keyspace
+    con = sqlite3.connect(cfg.map_store["path"])
+    with con:
+        con.execute("DELETE FROM shard_map")
+    con.close()
+    r = run_cli("validate", "--config", path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "map rows: 0 " in r.stdout
+    assert r.stderr == (f"error: validate: sqlite file {cfg.map_store['path']} holds no rows "
+                        "(is the map store's table, prefix or path the right one?)\n")
+    r = run_cli("validate", "--config", path, "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["topology"]["empty"] is True
 
 
 def test_validate_compare_own_swaps_are_not_drift_but_planted_drift_is(keyspace):

@@ -72,3 +72,56 @@ def test_summary_round_trip(tmp_path):
     assert workdir.read_summary(str(tmp_path)) is None
     workdir.write_summary(str(tmp_path), {"done": 3})
     assert workdir.read_summary(str(tmp_path)) == {"done": 3}
+
+
+def _committed(work, pid):
+    d = workdir.plan_dir(str(work), pid)
+    os.makedirs(d)
+    fs.write_atomic(workdir.manifest_path(d), b"{}")
+    return d
+
+
+def test_resolve_plan_dir_by_prefix_and_name(tmp_path):
+    a = _committed(tmp_path, "ab12cd34" + "0" * 56)
+    b = _committed(tmp_path, "ab12cd34" + "1" * 56)
+    c = _committed(tmp_path, "ffee" + "2" * 60)
+    w = str(tmp_path)
+    assert workdir.resolve_plan_dir("ab12cd340", w) == a
+    assert workdir.resolve_plan_dir("ab12cd341", w) == b
+    assert workdir.resolve_plan_dir("ffee2222", w) == c
+    with pytest.raises(BadInput, match="ambiguous: it matches 2 plans"):
+        workdir.resolve_plan_dir("ab12cd34", w)
+    with pytest.raises(BadInput, match="no plan"):
+        workdir.resolve_plan_dir("ab12cd3", w)  # fewer than 8 digits: never a prefix
+    with pytest.raises(BadInput, match="no plan"):
+        workdir.resolve_plan_dir("99999999", w)
+    workdir.claim_plan_name(w, "add-s4", os.path.basename(c))
+    workdir.claim_plan_name(w, "add-s4", os.path.basename(c))  # the same claim again: a no-op
+    assert workdir.resolve_plan_dir("add-s4", w) == c
+    assert workdir.plan_name(c) == "add-s4" and workdir.plan_name(a) is None
+    with pytest.raises(BadInput, match="already used by plan ffee22222222"):
+        workdir.check_plan_name(w, "add-s4", os.path.basename(a))
+    with pytest.raises(BadInput, match="already exists with the name 'add-s4'"):
+        workdir.check_plan_name(w, "other", os.path.basename(c))
+    workdir.check_plan_name(w, "add-s4", os.path.basename(c))  # its own name: fine
+    with pytest.raises(BadInput, match="already used"):
+        workdir.claim_plan_name(w, "add-s4", os.path.basename(a))
+    with pytest.raises(BadInput, match="without a work directory"):
+        workdir.resolve_plan_dir("add-s4", None)
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a b", "a/b", "x" * 65, "deadbeef", "é", "a\nb"])
+def test_plan_names_are_validated(bad):
+    with pytest.raises(BadInput, match="plan --name"):
+        workdir.validate_plan_name(bad)
+
+
+def test_a_bare_word_that_is_another_directory_is_still_a_name(tmp_path, monkeypatch):
+    c = _committed(tmp_path / "work", "ce" * 32)
+    w = str(tmp_path / "work")
+    workdir.claim_plan_name(w, "demo", "ce" * 32)
+    (tmp_path / "demo").mkdir()  # ./run_local.sh's folder, in the current directory
+    monkeypatch.chdir(tmp_path)
+    assert workdir.resolve_plan_dir("demo", w) == c
+    with pytest.raises(BadInput, match="no committed plan at demo"):
+        workdir.resolve_plan_dir("demo/", w)

@@ -21,6 +21,20 @@ Flow (read top to bottom in :func:`build_plan_graph`)::
     Finalize         stats.json / files.json / duplicates.json in the staging
                      dir; the spill directory is removed
 
+With an explicit target (``target.snapshot``), PlanChunks and DetectDuplicates
+are replaced by::
+
+    PrepareSides     (side, chunk) of the snapshot and of the target -> canonical
+                     keys, shard ids and hashes, spilled as one file per chunk
+                     with one Arrow stream per hash partition (by the top
+                     bits: 2**bits partitions of about JOIN_PARTITION_ROWS
+                     rows, at most 2**SPILL_PARTITION_BITS); pointers only
+    JoinTarget       per hash partition: both sides read back and joined
+                     (a key and its duplicates always share a partition, so
+                     duplicates are counted exactly there); its moves are
+                     spilled again by (source, target, bucket) and go to
+                     WriteMoveFiles as pointers
+
 Why spill files: the in-memory runner (FnApiRunner) holds every GroupByKey
 input in memory, and pickles each element; shuffling the hashes and moves
 themselves made the planner's memory grow with the keyspace (and pickling a
@@ -37,8 +51,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Tuple
@@ -73,23 +89,38 @@ __all__ = [
     "WriteMoveFiles",
     "build_plan_graph",
     "write_moves_bytes",
-    "DUP_PARTITIONS",
     "SPILL_ROWS",
     "SPILL_PARTITION_BITS",
 ]
 
-#: Hash partitions for explicit-target joins (top bits).
-DUP_PARTITIONS = 16
 #: Fixed Parquet row-group size of move files (not segment_size: file bytes
 #: must not depend on tuning options).
 MOVES_ROW_GROUP = 65536
 #: Rows of snapshot planned per chunk before its hashes and moves are
 #: spilled (bounds the planner's memory, with segment_size).
 SPILL_ROWS = 1 << 20
+
+#: A chunk marks its planning progress at most this often (and once at its end).
+_MARK_EVERY_S = 0.5
 #: Hash partitions of the duplicate check: 2**bits, by the top bits of the
 #: stable hash.  One partition's hashes are held at once.
 SPILL_PARTITION_BITS = 8
+#: Rows per side an explicit-target join partition aims at: the join partitions are
+#: 2**bits, bits = log2(rows / JOIN_PARTITION_ROWS) rounded up, at most
+#: SPILL_PARTITION_BITS -- few partitions for small plans (each costs a join and
+#: a spill of its moves per group), enough for bounded memory on big ones.
+JOIN_PARTITION_ROWS = 1 << 17
 SPILL_DIR = "spill"
+
+
+def join_partition_bits(units: tuple, segment_size: int) -> int:
+    """Partition bits of an explicit-target join, from the snapshot's estimated rows
+    (row groups of about ``segment_size`` rows).  A pure function of the inputs."""
+    rows = len(units) * max(1, segment_size)
+    bits = 0
+    while bits < SPILL_PARTITION_BITS and (rows >> bits) > JOIN_PARTITION_ROWS:
+        bits += 1
+    return bits
 
 
 @dataclass(frozen=True)
@@ -239,13 +270,13 @@ def _group_bounds(moves: pa.Table):
     return starts, ends
 
 
-def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list):
+def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, path: str | None = None):
     """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
 
     Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
     per (source, target, bucket) group of its moves sorted in CONTRACTS order.
     A pointer is (path, byte offset, byte length)."""
-    path = _spill_path(staging, chunk, k)
+    path = path or _spill_path(staging, chunk, k)
     h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
     blobs = [h.astype("<u8", copy=False).tobytes()]
     out = []
@@ -297,6 +328,15 @@ def _split_moves(moves: pa.Table):
         yield group_id(src, tgt, int(b)), body.take(pa.array(order[s:e]))
 
 
+def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
+    """Planning progress for the driver (shardmove.planner polls it): an empty file whose
+    name holds this chunk's cumulative counts; a retry recreates the same names."""
+    try:
+        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
+    except Exception as e:  # noqa: BLE001 - progress is best effort
+        logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
+
+
 class _PlanChunkFn(beam.DoFn):
     """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""
 
@@ -316,11 +356,16 @@ class _PlanChunkFn(beam.DoFn):
         chunk, units = element
         total = core.Stats()
         hashes, moves, buffered, k = [], [], 0, 0
+        segments, marked = 0, time.monotonic()
         for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
             mv, st, h = core.plan_batch(table, self._ctx)
             self._examined.inc(st.rows)
             self._moved.inc(st.moved)
             total.merge(st)
+            segments += 1
+            if time.monotonic() - marked >= _MARK_EVERY_S:
+                marked = time.monotonic()
+                self._mark(chunk, segments, total.rows)
             hashes.append(h)
             if mv.num_rows:
                 moves.append(mv)
@@ -330,7 +375,11 @@ class _PlanChunkFn(beam.DoFn):
                 hashes, moves, buffered, k = [], [], 0, k + 1
         if buffered or moves:
             yield from self._spill(chunk, k, hashes, moves)
+        self._mark(chunk, segments, total.rows)
         yield total
+
+    def _mark(self, chunk: int, segments: int, keys: int) -> None:
+        mark_progress(self._staging, chunk, segments, keys)
 
     def _spill(self, chunk, k, hashes, moves):
         self._spills.inc()
@@ -353,56 +402,126 @@ class PlanChunks(beam.PTransform):
         ).with_output_types(Any).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
 
 
-class _PrepareSideFn(beam.DoFn):
-    """Explicit target: canonical keys + hashes, keyed by hash partition."""
+_SIDE_SCHEMA = pa.schema([("key", pa.binary()), ("shard_id", pa.string()), ("key_hash", pa.uint64())])
 
-    def __init__(self, ctx: core.PlanContext, side: str):
+
+def spill_side(staging: str, side: str, chunk: int, k: int, tables: list, bits: int) -> list:
+    """Write one spill file of prepared rows of one side ("s" snapshot, "t" explicit target):
+    one Arrow IPC stream per hash partition (the top ``bits`` bits of the stable hash);
+    return the pointers (partition, (side, path, offset, length))."""
+    path = fs.join(staging, SPILL_DIR, f"{side}-chunk-{chunk:06d}-{k:04d}.bin")
+    t = pa.concat_tables(tables).combine_chunks() if tables else pa.table(
+        {n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
+    if t.num_rows == 0:
+        return []
+    nparts = 1 << bits
+    if nparts > 1:  # one stable radix pass on the partition number, one take
+        part = (t["key_hash"].to_numpy() >> np.uint64(64 - bits)).astype(np.uint16)
+        t = t.take(pa.array(np.argsort(part, kind="stable")))
+        edges = np.searchsorted(np.sort(part), np.arange(nparts + 1), side="left")
+    else:
+        edges = np.array([0, t.num_rows])
+    blobs, out, offset = [], [], 0
+    for p in range(nparts):
+        s, e = int(edges[p]), int(edges[p + 1])
+        if e > s:
+            blob = _ipc_bytes(t.slice(s, e - s))
+            out.append((p, (side, path, offset, len(blob))))
+            blobs.append(blob)
+            offset += len(blob)
+    _write_spill(path, blobs)
+    return out
+
+
+class _PrepareChunkFn(beam.DoFn):
+    """Explicit target: (side, chunk index, units) -> canonical keys, shard ids and hashes,
+    spilled by hash partition (:func:`spill_side`); main output: (partition, pointer);
+    tagged ``stats``.  Memory: one chunk (SPILL_ROWS rows)."""
+
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, bits: int):
         self._ctx = ctx
-        self._side = side
+        self._staging = staging
+        self._segment_size = segment_size
+        self._bits = bits
+        self._rows = Metrics.counter("plan", "rows_read")
+        self._spills = Metrics.counter("plan", "spill_files")
 
-    def process(self, table: pa.Table):
-        st = core.Stats()
-        is_target = self._side == "t"
+    def process(self, element):
+        side, chunk, units = element
+        is_target = side == "t"
         known = self._ctx.target_shards if is_target else self._ctx.known_shards
-        canon, shard, hashes = core.prepare_batch(table, self._ctx.key_type, st, known, target_side=is_target)
-        lanes = core.digest_lanes(hashes, core._shard_hash_array(shard))
-        if is_target:
-            st.target_rows = table.num_rows
-            st.target_digest = lanes
-        else:
-            st.rows = table.num_rows
-            st.digest = lanes
+        st = core.Stats()
+        tables, buffered, k = [], 0, 0
+        segments, marked = 0, time.monotonic()
+        for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+            segments += 1
+            canon, shard, hashes = core.prepare_batch(table, self._ctx.key_type, st, known, target_side=is_target)
+            lanes = core.digest_lanes(hashes, core._shard_hash_array(shard))
+            if is_target:
+                st.target_rows += table.num_rows
+                st.target_digest = core._add_digest(st.target_digest, lanes)
+            else:
+                st.rows += table.num_rows
+                st.digest = core._add_digest(st.digest, lanes)
+            tables.append(pa.table([canon, shard, pa.array(hashes, pa.uint64())], schema=_SIDE_SCHEMA))
+            buffered += len(hashes)
+            if not is_target and time.monotonic() - marked >= _MARK_EVERY_S:  # the snapshot's keys examined
+                marked = time.monotonic()
+                mark_progress(self._staging, chunk, segments, st.rows)
+            if buffered >= SPILL_ROWS:
+                self._spills.inc()
+                yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
+                tables, buffered, k = [], 0, k + 1
+        if tables:
+            self._spills.inc()
+            yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
+        if not is_target:
+            mark_progress(self._staging, chunk, segments, st.rows)
         yield beam.pvalue.TaggedOutput("stats", st)
-        prepared = pa.table({"key": canon, "shard_id": shard, "key_hash": pa.array(hashes, pa.uint64())})
-        part = (hashes >> np.uint64(60)).astype(np.int32)
-        for p in np.unique(part):
-            yield (int(p), (self._side, prepared.filter(pa.array(part == p))))
+
+
+def _side_table(pointers: list) -> pa.Table:
+    tables = [_moves_table(ptr) for ptr in pointers]
+    if not tables:
+        return pa.table({n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
+    return pa.concat_tables(tables)
 
 
 class _JoinPartitionFn(beam.DoFn):
+    """One hash partition: the snapshot's and the target's rows read back from their spill
+    files, joined (:func:`pipeline.plancore.join_batch`), and the moves spilled again by
+    (source, target, bucket) group; outputs: tagged ``moves`` (gid, pointer), ``dups``,
+    main Stats.  Memory: one partition (rows / 2**SPILL_PARTITION_BITS of each side)."""
+
     MOVES = "moves"
 
-    def __init__(self, ctx: core.PlanContext):
+    def __init__(self, ctx: core.PlanContext, staging: str):
         self._ctx = ctx
+        self._staging = staging
 
     def process(self, element):
-        _p, items = element
-        src = [t for side, t in items if side == "s"]
-        tgt = [t for side, t in items if side == "t"]
-        source = pa.concat_tables(src) if src else pa.table(
-            {"key": pa.array([], pa.binary()), "shard_id": pa.array([], pa.string()), "key_hash": pa.array([], pa.uint64())})
-        target = pa.concat_tables(tgt) if tgt else pa.table(
-            {"key": pa.array([], pa.binary()), "shard_id": pa.array([], pa.string()), "key_hash": pa.array([], pa.uint64())})
+        part, items = element
+        items = list(items)
+        source = _side_table([(path, off, n) for side, path, off, n in items if side == "s"])
+        target = _side_table([(path, off, n) for side, path, off, n in items if side == "t"])
         dups = _exact_duplicates(source) + _exact_duplicates(target)
-        moves, stats = core.join_batch(source, target, self._ctx)
-        for gid, t in _split_moves(moves):
-            yield beam.pvalue.TaggedOutput(self.MOVES, (gid, t))
+        moves, stats = core.join_sorted(source, target, self._ctx)
+        if moves.num_rows:
+            path = fs.join(self._staging, SPILL_DIR, f"join-{int(part):04d}.bin")
+            for tag, gid, ptr in spill_chunk(self._staging, 0, 0, [], [moves], path=path):
+                if tag == "moves":
+                    yield beam.pvalue.TaggedOutput(self.MOVES, (gid, ptr))
         yield beam.pvalue.TaggedOutput("dups", dups)
         yield stats
 
 
 def _exact_duplicates(t: pa.Table) -> int:
+    """Rows whose key appears earlier in ``t`` (key, key_hash columns): equal keys have equal
+    hashes, so the key bytes are compared only when some hash repeats (rarely)."""
     if t.num_rows < 2:
+        return 0
+    h = np.sort(t["key_hash"].combine_chunks().to_numpy(zero_copy_only=False))
+    if not np.any(h[1:] == h[:-1]):
         return 0
     return t.num_rows - len(pc.unique(t["key"].combine_chunks()))
 
@@ -670,17 +789,24 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
         dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type)
     else:
-        segments = p | "ReadAssignments" >> ReadAssignments(spec.sources, spec.segment_size)
-        src = segments | "PrepareSource" >> beam.ParDo(_PrepareSideFn(spec.ctx, "s")).with_outputs("stats", main="rows")
-        tgt_segments = p | "ReadTarget" >> ReadAssignments(spec.targets, spec.segment_size)
-        tgt = tgt_segments | "PrepareTarget" >> beam.ParDo(_PrepareSideFn(spec.ctx, "t")).with_outputs("stats", main="rows")
-        joined = (
-            (src.rows, tgt.rows)
-            | "FlattenSides" >> beam.Flatten()
-            | "GroupByPartition" >> beam.GroupByKey()
-            | "JoinTarget" >> beam.ParDo(_JoinPartitionFn(spec.ctx)).with_outputs("moves", "dups", main="stats")
+        # explicit target: both sides spilled by hash partition, then one sort-merge join per
+        # partition; only pointers travel through Beam (bounded memory, as on the ring path)
+        side_chunks = ([("s", i, units) for i, units in make_chunks(spec.sources, spec.segment_size)]
+                       + [("t", i, units) for i, units in make_chunks(spec.targets, spec.segment_size)])
+        prepared = (
+            p
+            | "ListSideChunks" >> beam.Create(side_chunks)
+            | "PrepareSides" >> beam.ParDo(_PrepareChunkFn(spec.ctx, spec.staging, spec.segment_size,
+                                                           join_partition_bits(spec.sources, spec.segment_size)))
+            .with_output_types(Any).with_outputs("stats", main="pointers")
         )
-        stats = (src.stats, tgt.stats, joined.stats) | "FlattenStats" >> beam.Flatten()
+        joined = (
+            prepared.pointers
+            | "GroupByPartition" >> beam.GroupByKey()
+            | "JoinTarget" >> beam.ParDo(_JoinPartitionFn(spec.ctx, spec.staging))
+            .with_output_types(Any).with_outputs("moves", "dups", main="stats")
+        )
+        stats = (prepared.stats, joined.stats) | "FlattenStats" >> beam.Flatten()
         moves = joined.moves
         dups = joined.dups
     files = moves | "WriteMoveFiles" >> WriteMoveFiles(spec.staging)

@@ -79,6 +79,9 @@ def map_store_from_spec(spec: Mapping[str, Any], key_type: KeyType, *, must_exis
 
         return RedisMapStore.from_spec(spec, key_type)
     if kind == "sqlite":
+        if "columns" in spec:
+            raise BadInput("config map_store.columns: kind sqlite keeps the fixed shard_map(key, shard_id, version) "
+                           "schema; columns can be mapped for kind postgres only")
         path = spec.get("path")
         if not path:
             raise BadInput("config map_store.path: required for kind sqlite")

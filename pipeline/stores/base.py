@@ -46,6 +46,8 @@ __all__ = [
     "DataStore",
     "ChangeCounter",
     "RunRegistry",
+    "SchemaSetup",
+    "ExternalClock",
     "ShardInventory",
     "WriteFencing",
     "KeyNameLimits",
@@ -193,6 +195,31 @@ class RunRegistry(Protocol):
     def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None: ...
 
     def release_run(self, plan_id: str, epoch: int) -> None: ...
+
+
+@runtime_checkable
+class SchemaSetup(Protocol):
+    """Optional map-store capability: create what the store needs (``shardmove init``).
+
+    ``initialize`` creates the missing objects and checks the ones that exist; it
+    never drops or alters anything, and raises :class:`~pipeline.errors.BadInput`
+    (having created nothing) when an existing object has a shape the store cannot
+    use.  Returns ``(status, "kind name")`` pairs, status ``created`` or ``exists``.
+    """
+
+    def initialize(self) -> list[tuple[str, str]]: ...
+
+
+@runtime_checkable
+class ExternalClock(Protocol):
+    """Optional map-store capability: a change counter kept apart from the rows
+    (Redis's ``<prefix>:clock``), so a hand-seeded row can carry a version the
+    counter never issued.  Such rows are above every snapshot's cutoff; validate
+    refuses them.  (A map whose counter is ``max(version)`` has none.)"""
+
+    def rows_above_clock(self) -> tuple[int, int]:
+        """(rows whose version is above the counter, the highest such version)."""
+        ...
 
 
 @runtime_checkable

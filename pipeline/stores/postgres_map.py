@@ -4,15 +4,19 @@ Never imports Beam.  Connections, DSN redaction and error classification are
 shared with the other PostgreSQL store: :mod:`pipeline.stores.postgres_common`.
 
 Map store (``kind: postgres``, ``dsn``, ``table`` -- default ``shard_map``,
-optionally ``schema.table``)::
+optionally ``schema.table``; ``columns`` -- ``{key, shard_id, version}`` mapped
+onto other column names, each a strict identifier, quoted)::
 
     <table>(key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version BIGINT NOT NULL)
     + index <table>_version_idx(version)
     <table>_runs(plan_id TEXT PRIMARY KEY, epoch BIGINT, window_lo INTEGER, window_hi INTEGER,
                  holder TEXT, expires_at DOUBLE PRECISION)   -- the executors' run registry
 
-``create()`` / ``ensure_schema()`` create the table and index (and the schema
-if named); ``claim_run`` creates the registry table.  Nothing else is created.
+:func:`map_ddl` is the one definition of these objects: ``create()`` /
+``ensure_schema()`` run it, ``claim_run`` runs its registry statement,
+``initialize()`` (``shardmove init``) runs what is missing of it after checking
+the shape of what exists, ``shardmove init --print-sql`` prints it, and the
+README shows it (tests/test_docs.py compares).  Nothing else is created.
 
 ``version`` is the keyspace-wide change number of the SQLite map: every write
 transaction (a ``put_many`` chunk, a swap batch) stamps its rows with
@@ -28,14 +32,14 @@ queues behind the lock).
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import psycopg
 import pyarrow as pa
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from pipeline.errors import PermanentError, StoreError, TransientError
+from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType, text_forms
 from pipeline.lease import LeaseLost
 from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_item
@@ -47,6 +51,7 @@ from pipeline.stores.postgres_common import (
     _IN_CHUNK,
     _WRITE_CHUNK,
     _check_fields,
+    _check_ident,
     _Configured,
     _count,
     _dsn_of,
@@ -63,7 +68,78 @@ from pipeline.stores.postgres_common import (
 )
 from pipeline.stores.postgres_data import PostgresDataStore
 
-__all__ = ["PostgresMapStore", "PostgresMapSnapshot"]
+__all__ = ["PostgresMapStore", "PostgresMapSnapshot", "MapColumns", "map_columns", "map_ddl", "ddl_text", "DdlStep",
+           "RUNS_COLUMNS"]
+
+
+class MapColumns(NamedTuple):
+    """The map table's column names (``map_store.columns``): the store's three
+    logical columns onto the names of an existing table."""
+
+    key: str = "key"
+    shard_id: str = "shard_id"
+    version: str = "version"
+
+
+def map_columns(spec: Any, what: str = "map_store.columns") -> MapColumns:
+    """``{key?, shard_id?, version?}`` -> :class:`MapColumns` (BadInput if invalid).
+
+    Each name is a strict identifier (quoted in every statement, so its case
+    matters); an unknown logical column or two columns of one name are refused.
+    """
+    if spec is None or isinstance(spec, MapColumns):
+        return spec or MapColumns()
+    if not isinstance(spec, Mapping):
+        raise BadInput(f"config {what}: expected a mapping of key, shard_id, version to column names")
+    unknown = sorted(str(k) for k in spec if k not in MapColumns._fields)
+    if unknown:
+        raise BadInput(f"config {what}: unknown column {unknown[0]!r} (expected key, shard_id, version)")
+    cols = MapColumns(*(_check_ident(spec.get(f, f), f"{what}.{f}") for f in MapColumns._fields))
+    if len(set(cols)) != len(cols):
+        raise BadInput(f"config {what}: key, shard_id and version need three different columns")
+    return cols
+
+
+class DdlStep(NamedTuple):
+    """One object of the map's DDL: what it is, its name, and the statement that creates it if absent."""
+
+    kind: str  # schema | table | index | registry
+    name: str
+    statement: sql.Composed
+
+
+#: The run registry's columns, in the order ``claim_run`` inserts them.
+RUNS_COLUMNS = ("plan_id", "epoch", "window_lo", "window_hi", "holder", "expires_at")
+
+
+def map_ddl(table: str = "shard_map", columns: MapColumns = MapColumns()) -> list[DdlStep]:
+    """The map store's DDL, the one definition (see the module docstring): the
+    schema (if ``table`` names one), the map table, its version index and the run
+    registry, each ``IF NOT EXISTS``.  Never a DROP or an ALTER."""
+    schema, name = _split_table(table, "map_store.table")
+    t = _ident(schema, name)
+    k, s, v = (sql.Identifier(c) for c in columns)
+    idx, runs = name[:50] + "_version_idx", name[:50] + "_runs"
+    qual = (schema + ".") if schema else ""
+    steps = []
+    if schema:
+        steps.append(DdlStep("schema", schema, sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))))
+    steps += [
+        DdlStep("table", qual + name, sql.SQL("CREATE TABLE IF NOT EXISTS {t} ({k} TEXT PRIMARY KEY, "
+                                              "{s} TEXT NOT NULL, {v} BIGINT NOT NULL)").format(t=t, k=k, s=s, v=v)),
+        DdlStep("index", qual + idx, sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})")
+                .format(sql.Identifier(idx), t, v)),
+        DdlStep("registry", qual + runs, sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (plan_id TEXT PRIMARY KEY, epoch BIGINT NOT NULL, "
+            "window_lo INTEGER NOT NULL, window_hi INTEGER NOT NULL, holder TEXT NOT NULL, "
+            "expires_at DOUBLE PRECISION NOT NULL)").format(_ident(schema, runs))),
+    ]
+    return steps
+
+
+def ddl_text(table: str = "shard_map", columns: MapColumns = MapColumns()) -> str:
+    """:func:`map_ddl` as SQL text, one statement a line (identifiers quoted)."""
+    return "\n".join(step.statement.as_string(None) + ";" for step in map_ddl(table, columns))
 
 
 class PostgresMapSnapshot(CountingSnapshot):
@@ -95,7 +171,7 @@ class PostgresMapSnapshot(CountingSnapshot):
         self._conn = store._pool().connect()
         try:
             self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            top = self._conn.execute(sql.SQL("SELECT max(version) FROM {}").format(store._table)).fetchone()[0]
+            top = self._conn.execute(sql.SQL("SELECT max({v}) FROM {t}").format(**store._q)).fetchone()[0]
             self.cutoff = int(top or 0)
         except psycopg.Error as e:
             self._conn.close()
@@ -109,8 +185,8 @@ class PostgresMapSnapshot(CountingSnapshot):
         try:
             cur = self._conn.cursor(name="shardmove_snapshot")
             cur.adapters.register_loader("text", _RawText)
-            cur.execute(sql.SQL("SELECT key::text, shard_id::text, version::bigint FROM {} WHERE version <= %s")
-                        .format(store._table), (self.cutoff,))
+            cur.execute(sql.SQL("SELECT {k}::text, {s}::text, {v}::bigint FROM {t} WHERE {v} <= %s")
+                        .format(**store._q), (self.cutoff,))
             while True:
                 rows = cur.fetchmany(self.segment_size)
                 if not rows:
@@ -121,7 +197,7 @@ class PostgresMapSnapshot(CountingSnapshot):
             cur.close()
             self._conn.execute("COMMIT")
             self._above = int(self._conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE version > %s").format(store._table),
+                sql.SQL("SELECT count(*) FROM {t} WHERE {v} > %s").format(**store._q),
                 (self.cutoff,)).fetchone()[0])
         except psycopg.Error as e:
             raise store._error(e, "map snapshot") from None
@@ -152,39 +228,45 @@ class PostgresMapStore(_Configured):
 
     def __init__(self, dsn: str = "", key_type: KeyType = KeyType.STRING, *, table: str = "shard_map",
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-                 pool_size: int = 4):
+                 pool_size: int = 4, columns: "MapColumns | Mapping | None" = None):
         self.key_type = KeyType(key_type)
         self.dsn = dsn
         self.table = table
         self.schema, self._name = _split_table(table, "map_store.table")
         self._table = _ident(self.schema, self._name)
+        self.columns = map_columns(columns)
+        #: the identifiers every statement is formatted with: {t} table, {k} {s} {v} its columns
+        self._q = dict(t=self._table, **{n: sql.Identifier(c) for n, c in zip("ksv", self.columns)})
         self.connect_timeout = float(connect_timeout)
         self.lock_timeout = float(lock_timeout)
         self.pool_size = int(pool_size)
         self._secrets = _dsn_secrets(dsn)
-        self._idents = frozenset(filter(None, (self.schema, self._name, "key", "shard_id", "version")))
+        self._idents = frozenset(filter(None, (self.schema, self._name, *self.columns)))
         self._pool_obj: _Pool | None = None
         self._pool_guard = threading.Lock()
         self._identity: tuple | None = None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], key_type: KeyType) -> "PostgresMapStore":
-        """``{kind: postgres, dsn, table?, connect_timeout?, lock_timeout?, pool_size?}`` (BadInput if invalid)."""
+        """``{kind: postgres, dsn, table?, columns?, connect_timeout?, lock_timeout?, pool_size?}``
+        (BadInput if invalid)."""
         what = "map_store"
-        _check_fields(spec, {"kind", "dsn", "table", "connect_timeout", "lock_timeout", "pool_size"}, what)
+        _check_fields(spec, {"kind", "dsn", "table", "columns", "connect_timeout", "lock_timeout", "pool_size"},
+                      what)
         table = spec.get("table", "shard_map")
         _split_table(table, f"{what}.table")
-        return cls(_dsn_of(spec, what), key_type, table=table,
+        return cls(_dsn_of(spec, what), key_type, table=table, columns=map_columns(spec.get("columns")),
                    connect_timeout=_seconds(spec, "connect_timeout", what, DEFAULT_CONNECT_TIMEOUT, 0.5, 300),
                    lock_timeout=_seconds(spec, "lock_timeout", what, DEFAULT_LOCK_TIMEOUT, 0, 3600),
                    pool_size=_count(spec, "pool_size", what, 4, 1, 256))
 
     def _config(self) -> dict:
         return dict(dsn=self.dsn, key_type=self.key_type, table=self.table, connect_timeout=self.connect_timeout,
-                    lock_timeout=self.lock_timeout, pool_size=self.pool_size)
+                    lock_timeout=self.lock_timeout, pool_size=self.pool_size, columns=self.columns)
 
     def __repr__(self) -> str:
-        return f"PostgresMapStore({redact_dsn(self.dsn)!r}, {self.key_type.value!r}, table={self.table!r})"
+        cols = "" if self.columns == MapColumns() else f", columns={tuple(self.columns)!r}"
+        return f"PostgresMapStore({redact_dsn(self.dsn)!r}, {self.key_type.value!r}, table={self.table!r}{cols})"
 
     def _pool(self) -> _Pool:
         with self._pool_guard:
@@ -216,17 +298,108 @@ class PostgresMapStore(_Configured):
         return store
 
     def ensure_schema(self) -> None:
-        """``CREATE SCHEMA / TABLE / INDEX IF NOT EXISTS`` (the only objects this store creates)."""
-        idx = sql.Identifier(self._name[:50] + "_version_idx")
+        """Run :func:`map_ddl` (every statement ``IF NOT EXISTS``; the only objects this store
+        creates), in one transaction, checking nothing.  ``initialize()`` also checks."""
         try:
             with self._pool().borrow() as conn, _txn(conn):
-                if self.schema:
-                    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (key TEXT PRIMARY KEY, "
-                                     "shard_id TEXT NOT NULL, version BIGINT NOT NULL)").format(self._table))
-                conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (version)").format(idx, self._table))
+                for step in map_ddl(self.table, self.columns):
+                    conn.execute(step.statement)
         except psycopg.Error as e:
             raise self._error(e, "map schema") from None
+
+    def initialize(self) -> list[tuple[str, str]]:
+        """Create what is missing of :func:`map_ddl`; check what exists (``shardmove init``).
+
+        First reads the catalog in one transaction: an existing map table must be
+        a table with the (mapped) key column text-typed and unique on its own
+        (primary key or a plain unique index), shard_id text and version bigint
+        or integer, both NOT NULL; an existing registry must have the columns of
+        :data:`RUNS_COLUMNS`, in order.  Anything else raises BadInput and
+        nothing is created.  An existing index whose first column is the version
+        column stands for the version index.  Then one transaction runs the
+        statements of the missing objects.  Never drops or alters anything.
+
+        Returns ``(status, "kind name")`` pairs, status ``created`` or ``exists``.
+        """
+        steps = map_ddl(self.table, self.columns)
+        try:
+            with self._pool().borrow() as conn:
+                with _txn(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"):
+                    present = {st.kind: self._present(conn, st) for st in steps}
+                todo = [st for st in steps if not present[st.kind]]
+                if todo:
+                    with _txn(conn):
+                        for st in todo:
+                            conn.execute(st.statement)
+        except psycopg.Error as e:
+            raise self._error(e, "map init") from None
+        return [("exists" if present[st.kind] else "created",
+                 f"{st.kind} " + (present[st.kind] if isinstance(present[st.kind], str) else st.name))
+                for st in steps]
+
+    def _present(self, conn: psycopg.Connection, step: DdlStep) -> "bool | str":
+        """Whether ``step``'s object exists (for the version index: another index on the
+        version column stands for it, and its name is returned); BadInput when it exists
+        with a shape this store cannot use."""
+        if step.kind == "schema":
+            return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone() is not None
+        table = self._table if step.kind != "registry" else self._runs_table()
+        oid = self._oid(conn, table) if self.schema is None or self._schema_exists(conn) else None
+        if oid is None:
+            return False
+        if step.kind == "index":
+            vnum = self._columns_of(conn, oid)[self.columns.version][0]
+            row = conn.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                               "WHERE i.indrelid = %s AND i.indkey[0] = %s AND i.indpred IS NULL AND i.indisvalid "
+                               "ORDER BY c.relname = %s DESC, c.relname LIMIT 1",
+                               (oid, vnum, step.name.rsplit(".", 1)[-1])).fetchone()
+            if row is None:
+                return False
+            return True if row[0] == step.name.rsplit(".", 1)[-1] else (self.schema + "." if self.schema else "") + row[0]
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s", (oid,)).fetchone()[0]
+        what = "map store table" if step.kind == "table" else "run registry table"
+        if kind not in ("r", "p"):
+            raise BadInput(f"init: {what} {step.name} exists but is not a table (relkind {kind})")
+        cols = self._columns_of(conn, oid)
+        if step.kind == "registry":
+            names = tuple(sorted(cols, key=lambda c: cols[c][0]))
+            if names != RUNS_COLUMNS:
+                raise BadInput(f"init: {what} {step.name} has columns ({', '.join(names)}), "
+                               f"expected ({', '.join(RUNS_COLUMNS)})")
+            return True
+        for field, col in zip(MapColumns._fields, self.columns):
+            if col not in cols:
+                raise BadInput(f"init: {what} {step.name} has no column {col!r} for {field} "
+                               f"(map other names with map_store.columns)")
+            _num, typ, notnull = cols[col]
+            base = typ.split("(", 1)[0]
+            ok = ("bigint", "integer") if field == "version" else ("text", "character varying")
+            if base not in ok:
+                raise BadInput(f"init: {what} {step.name}: column {col} is {typ}, expected {' or '.join(ok)}")
+            if field != "key" and not notnull:
+                raise BadInput(f"init: {what} {step.name}: column {col} allows NULL, expected NOT NULL")
+        unique = conn.execute("SELECT 1 FROM pg_index WHERE indrelid = %s AND indisunique AND indnatts = 1 "
+                              "AND indkey[0] = %s AND indpred IS NULL AND indexprs IS NULL AND indisvalid",
+                              (oid, cols[self.columns.key][0])).fetchone()
+        if unique is None:
+            raise BadInput(f"init: {what} {step.name}: column {self.columns.key} is not unique on its own "
+                           "(expected a primary key or unique index on it)")
+        return True
+
+    def _schema_exists(self, conn: psycopg.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone() is not None
+
+    @staticmethod
+    def _oid(conn: psycopg.Connection, table: sql.Identifier) -> int | None:
+        return conn.execute("SELECT to_regclass(%s)::oid", (table.as_string(conn),)).fetchone()[0]
+
+    @staticmethod
+    def _columns_of(conn: psycopg.Connection, oid: int) -> dict[str, tuple[int, str, bool]]:
+        """name -> (attnum, format_type, NOT NULL) of a relation's live columns."""
+        rows = conn.execute("SELECT attname, attnum, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute "
+                            "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                            (oid,)).fetchall()
+        return {r[0]: (int(r[1]), r[2], bool(r[3])) for r in rows}
 
     # ---------------------------------------------------------------- reads
 
@@ -242,7 +415,7 @@ class PostgresMapStore(_Configured):
         by_text = dict(zip(texts, keys))
         uniq = list(by_text)
         out: dict[bytes, tuple[str, int]] = {}
-        q = sql.SQL("SELECT key, shard_id, version FROM {} WHERE key = ANY(%s::text[])").format(self._table)
+        q = sql.SQL("SELECT {k}, {s}, {v} FROM {t} WHERE {k} = ANY(%s::text[])").format(**self._q)
         try:
             with self._pool().borrow() as conn, _txn(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"):
                 for a in range(0, len(uniq), _IN_CHUNK):
@@ -260,11 +433,11 @@ class PostgresMapStore(_Configured):
             raise self._error(e, what) from None
 
     def max_version(self) -> int:
-        return self._scalar(sql.SQL("SELECT max(version) FROM {}").format(self._table), (), "map max version")
+        return self._scalar(sql.SQL("SELECT max({v}) FROM {t}").format(**self._q), (), "map max version")
 
     def count_above(self, version: int) -> int:
         """Rows whose version is above ``version`` (uses the version index)."""
-        return self._scalar(sql.SQL("SELECT count(*) FROM {} WHERE version > %s").format(self._table),
+        return self._scalar(sql.SQL("SELECT count(*) FROM {t} WHERE {v} > %s").format(**self._q),
                             (int(version),), "map count")
 
     def count(self) -> int:
@@ -275,8 +448,8 @@ class PostgresMapStore(_Configured):
     def _lock_and_next_version(self, conn: psycopg.Connection) -> int:
         """Serialize map writers, then the next change number (commit order == version order)."""
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(self._table))
-        return int(conn.execute(sql.SQL("SELECT coalesce(max(version), 0) + 1 FROM {}")
-                                .format(self._table)).fetchone()[0])
+        return int(conn.execute(sql.SQL("SELECT coalesce(max({v}), 0) + 1 FROM {t}")
+                                .format(**self._q)).fetchone()[0])
 
     def put_many(self, rows: Iterable[tuple[bytes, str]], *, chunk_size: int = _WRITE_CHUNK) -> int:
         """Upsert ``(key, shard_id)`` rows (demo and tests).
@@ -284,9 +457,9 @@ class PostgresMapStore(_Configured):
         One write transaction per chunk, stamped with one new change number.
         Returns the rows written.
         """
-        q = sql.SQL("INSERT INTO {} (key, shard_id, version) SELECT k, s, %s FROM unnest(%s::text[], %s::text[]) "
-                    "AS u(k, s) ON CONFLICT (key) DO UPDATE SET shard_id = EXCLUDED.shard_id, "
-                    "version = EXCLUDED.version").format(self._table)
+        q = sql.SQL("INSERT INTO {t} ({k}, {s}, {v}) SELECT u.k, u.s, %s FROM unnest(%s::text[], %s::text[]) "
+                    "AS u(k, s) ON CONFLICT ({k}) DO UPDATE SET {s} = EXCLUDED.{s}, "
+                    "{v} = EXCLUDED.{v}").format(**self._q)
         total = 0
         buf: list[tuple[bytes, str]] = []
 
@@ -355,9 +528,7 @@ class PostgresMapStore(_Configured):
         runs = self._runs_table()
         try:
             with self._pool().borrow() as conn:
-                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (plan_id TEXT PRIMARY KEY, "
-                                     "epoch BIGINT NOT NULL, window_lo INTEGER NOT NULL, window_hi INTEGER NOT NULL, "
-                                     "holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL)").format(runs))
+                conn.execute(next(st for st in map_ddl(self.table, self.columns) if st.kind == "registry").statement)
                 with _txn(conn):
                     conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(runs))
                     rows = conn.execute(sql.SQL("SELECT plan_id, epoch, window_lo, window_hi, holder, expires_at "
@@ -445,10 +616,10 @@ class PostgresMapStore(_Configured):
             if j != i and norm[j] != it:
                 dup_conflict.add(t)
 
-        sel = sql.SQL("SELECT key, shard_id FROM {} WHERE key = ANY(%s::text[])").format(self._table)
-        upd = sql.SQL("UPDATE {t} AS m SET shard_id = u.tgt, version = %s "
+        sel = sql.SQL("SELECT {k}, {s} FROM {t} WHERE {k} = ANY(%s::text[])").format(**self._q)
+        upd = sql.SQL("UPDATE {t} AS m SET {s} = u.tgt, {v} = %s "
                       "FROM unnest(%s::text[], %s::text[], %s::text[]) AS u(k, src, tgt) "
-                      "WHERE m.key = u.k AND m.shard_id = u.src").format(t=self._table)
+                      "WHERE m.{k} = u.k AND m.{s} = u.src").format(**self._q)
         try:
             with self._pool().borrow() as conn:
                 conn.execute("BEGIN")
@@ -497,8 +668,8 @@ class PostgresMapStore(_Configured):
                                           source_changed=tuple(by["source_changed"]))
                     version = None
                     if applied:
-                        version = int(conn.execute(sql.SQL("SELECT coalesce(max(version), 0) + 1 FROM {}")
-                                                   .format(self._table)).fetchone()[0])
+                        version = int(conn.execute(sql.SQL("SELECT coalesce(max({v}), 0) + 1 FROM {t}")
+                                                   .format(**self._q)).fetchone()[0])
                         applied.sort()
                         srcs = [norm[first[t]].source for t in applied]
                         tgts = [norm[first[t]].target for t in applied]

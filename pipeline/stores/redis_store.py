@@ -18,7 +18,11 @@ batch (a ``put_many`` chunk, a swap batch) runs as ONE Lua script that does
 value, so versions grow in commit order and ``max_version()`` is the clock.
 A conflicted swap writes nothing and consumes no version.  Applications that
 write the map must follow the same rule (INCR the clock, HSET both hashes, in
-one script or MULTI).
+one script or MULTI).  A map seeded by hand must set the clock to at least its
+highest version (:func:`seeding_rule`): rows above the clock are left out of
+every snapshot, and ``rows_above_clock`` (:class:`~pipeline.stores.base.ExternalClock`)
+counts them for ``validate``.  There is nothing to create: ``initialize`` only
+checks the layout's key types.
 
 The scripts carry a ``#!lua`` shebang (Redis >= 7.0): Redis then refuses them
 up front when it is out of memory instead of failing half-way, so a batch is
@@ -50,11 +54,23 @@ from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, swap_it
 from pipeline.stores.claims import ClaimDecision, ClaimRow, raise_for
 from pipeline.stores.postgres_common import _dsn_secrets, _scrub, redact_dsn
 
-__all__ = ["RedisMapStore", "RedisMapSnapshot", "DEFAULT_URL", "DEFAULT_PREFIX"]
+__all__ = ["RedisMapStore", "RedisMapSnapshot", "DEFAULT_URL", "DEFAULT_PREFIX", "seeding_rule"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "shardmap"
 _WRITE_CHUNK = 10_000  # rows per put_many script call
+
+
+def seeding_rule(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """How to seed a map under ``prefix`` by hand, one instruction a line (``shardmove init``
+    prints them; the README says the same)."""
+    return [
+        f"HSET {prefix}:shard <key text> <shard id>    (every key; key text as in CONTRACTS: string as is, "
+        "int64 decimal, uuid lowercase hyphenated, bytes lowercase hex)",
+        f"HSET {prefix}:version <key text> <version>   (the same keys; a positive integer, 1 will do)",
+        f"SET {prefix}:clock <n>                       (n >= the highest version seeded; rows above the clock "
+        "are left out of every snapshot, and validate refuses them)",
+    ]
 _LOOKUP_CHUNK = 10_000
 
 # KEYS: shard hash, version hash, clock, runs hash.  ARGV[1] = "1" to decide
@@ -471,6 +487,54 @@ class RedisMapStore:
                                          reason="schema")
         except redis.RedisError as e:
             _raise(e, f"map store {redact_dsn(self.url)}: schema", self._secrets)
+
+    def initialize(self) -> list[tuple[str, str]]:
+        """Nothing to create (``shardmove init``): checks the layout's key types
+        (BadInput if one holds another type) and returns ``("exists", "hash <key>")``
+        for each layout key already present.  See :func:`seeding_rule`."""
+        try:
+            self.ensure_schema()
+        except PermanentError as e:
+            if e.reason == "schema":
+                raise BadInput(f"init: {e}") from None
+            raise
+        try:
+            c = self._client()
+            found = [(k, c.type(k).decode()) for k in (self.shard_key, self.version_key, self.clock_key, self.runs_key)]
+        except redis.RedisError as e:
+            _raise(e, f"map store {redact_dsn(self.url)}: init", self._secrets)
+        return [("exists", f"{typ} {key}") for key, typ in found if typ != "none"]
+
+    def rows_above_clock(self) -> tuple[int, int]:
+        """(rows whose version is above the clock, the highest such version).
+
+        A row's version is the clock value of the write that stamped it, and the
+        clock only grows, so every version is at most the clock read *after* it:
+        a row above the clock read after the scan was seeded without setting the
+        clock.  One HSCAN of ``<prefix>:version``; rows above the clock read
+        before the scan are kept (by key) until the clock is read again.
+        """
+        try:
+            c = self._client()
+            before = self.max_version()
+            above: dict[bytes, int] = {}
+            cursor = 0
+            while True:
+                cursor, page = c.hscan(self.version_key, cursor, count=10_000)
+                for f, v in page.items():
+                    try:
+                        iv = int(v)
+                    except ValueError:
+                        continue
+                    if iv > before:
+                        above[f] = iv
+                if int(cursor) == 0:
+                    break
+            after = self.max_version()
+        except redis.RedisError as e:
+            _raise(e, f"map store {redact_dsn(self.url)}: clock check", self._secrets)
+        high = [v for v in above.values() if v > after]
+        return len(high), max(high, default=0)
 
     # ---------------------------------------------------------------- reads
 

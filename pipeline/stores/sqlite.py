@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Sequence
 import pyarrow as pa
 import xxhash
 
-from pipeline.errors import PermanentError, SourceMissing, StoreError, TransientError
+from pipeline.errors import BadInput, PermanentError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
 from pipeline.lease import LeaseLost
 from pipeline.names import safe_name
@@ -71,6 +71,7 @@ __all__ = [
     "SqliteMapStore",
     "SqliteMapSnapshot",
     "SqliteDataStore",
+    "map_ddl",
     "DEFAULT_BUSY_TIMEOUT",
 ]
 
@@ -85,6 +86,13 @@ _MAP_SCHEMA = (
     "key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS shard_map_version ON shard_map(version)",
 )
+
+
+def map_ddl() -> tuple[str, ...]:
+    """The map file's DDL (CONTRACTS' ``shard_map`` and its version index), each ``IF NOT EXISTS``."""
+    return _MAP_SCHEMA
+
+
 _RECORDS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS records("
     "key TEXT PRIMARY KEY, value BLOB NOT NULL, version INTEGER NOT NULL)",
@@ -471,6 +479,62 @@ class SqliteMapStore(_SqliteBase):
         """Create the file (if absent), the ``shard_map`` table and its version index."""
         with _locked([self.path], self.busy_timeout, "map schema"):
             self._init_file(self.path, _MAP_SCHEMA, "map schema")
+
+    def initialize(self) -> list[tuple[str, str]]:
+        """Create what is missing of the map (``shardmove init``); check what exists.
+
+        The file (0600, WAL), ``shard_map`` and its version index, by the same
+        statements as :meth:`ensure_schema`.  An existing ``shard_map`` must
+        have the CONTRACTS shape (``key TEXT PRIMARY KEY``, ``shard_id TEXT NOT
+        NULL``, ``version INTEGER NOT NULL``); otherwise BadInput and nothing is
+        created.  Any plain index whose first column is ``version`` stands for
+        the version index.  Never drops or alters anything.  Returns
+        ``(status, "kind name")`` pairs, status ``created`` or ``exists``.
+        """
+        what = f"map store {self.path}: init"
+        with _locked([self.path], self.busy_timeout, what):
+            have_file = os.path.exists(self.path)
+            have_table, index = False, None
+            if have_file:
+                try:
+                    have_table, index = self._map_shape(self._conn(self.path))
+                except sqlite3.Error as e:
+                    raise _store_error(e, what) from e
+            todo = [stmt for stmt, have in zip(_MAP_SCHEMA, (have_table, index)) if not have]
+            if todo:
+                self._init_file(self.path, todo, what)
+        return [("exists" if have_file else "created", f"file {self.path}"),
+                ("exists" if have_table else "created", "table shard_map"),
+                ("exists" if index else "created", f"index {index or 'shard_map_version'}")]
+
+    @staticmethod
+    def _map_shape(conn: sqlite3.Connection) -> tuple[bool, str | None]:
+        """(shard_map exists, the name of an index on its version column); BadInput
+        when ``shard_map`` exists with another shape than CONTRACTS'."""
+        row = conn.execute("SELECT type FROM sqlite_master WHERE name = 'shard_map'").fetchone()
+        if row is None:
+            return False, None
+        if row[0] != "table":
+            raise BadInput(f"init: shard_map exists but is a {row[0]}, not a table")
+        cols = {r[1]: (str(r[2]).upper(), bool(r[3]), int(r[5]))
+                for r in conn.execute("SELECT cid, name, type, \"notnull\", dflt_value, pk "
+                                      "FROM pragma_table_info('shard_map')")}
+        want = {"key": ("TEXT", False, 1), "shard_id": ("TEXT", True, 0), "version": ("INTEGER", True, 0)}
+        for name, (typ, notnull, pk) in want.items():
+            if name not in cols:
+                raise BadInput(f"init: shard_map has no column {name} (expected the CONTRACTS schema "
+                               "key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)")
+            got_typ, got_notnull, got_pk = cols[name]
+            if got_typ != typ or (notnull and not got_notnull) or bool(got_pk) != bool(pk):
+                raise BadInput(f"init: shard_map column {name} is {got_typ or 'untyped'}"
+                               f"{' NOT NULL' if got_notnull else ''}{' PRIMARY KEY' if got_pk else ''}, expected "
+                               f"{typ}{' NOT NULL' if notnull else ''}{' PRIMARY KEY' if pk else ''}")
+        if sum(1 for c in cols.values() if c[2]) != 1:
+            raise BadInput("init: shard_map's primary key is not key alone")
+        idx = conn.execute("SELECT il.name FROM pragma_index_list('shard_map') AS il WHERE il.partial = 0 AND "
+                           "(SELECT ii.name FROM pragma_index_info(il.name) AS ii WHERE ii.seqno = 0) = 'version' "
+                           "ORDER BY il.name != 'shard_map_version', il.name LIMIT 1").fetchone()
+        return True, (idx[0] if idx else None)
 
     def _require_file(self) -> None:
         if not os.path.exists(self.path):

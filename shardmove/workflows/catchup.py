@@ -118,7 +118,7 @@ def _catchup_from(cfg: Config, info, base_cutoff: int, earlier: dict, out):
 
 
 def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, beam_args: Sequence[str] = (),
-               out: Callable[[str], None] = print) -> PlanResult:
+               out: Callable[[str], None] = print, name: str | None = None) -> PlanResult:
     """A catch-up plan: the keys created or reassigned after an earlier plan's snapshot.
 
     Takes a fresh snapshot of the map store, keeps the rows whose version is
@@ -137,7 +137,7 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
         try:
             data_store = open_data_store(cfg) if any(s.capacity_bytes for s in cfg.target_shards) else None
             res = make_plan(cfg, data_store=data_store, snapshot=snap, dry_run=dry_run, beam_args=beam_args,
-                            out=out)
+                            out=out, name=name)
             if res.dry_run and not res.capacity_ok:  # refused by the capacity check (exit 4): keep nothing
                 for d in created:
                     fs.rmtree(d)

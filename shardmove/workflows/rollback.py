@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -58,6 +58,7 @@ class RollbackPlan:
     already_at_source: int         # Done keys whose map already points at the original source
     refused: dict                  # reason -> keys never moved back
     created: bool = False
+    pairs: list = field(default_factory=list)   # a dry run's reverse moves per (source, target)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class RollbackResult:
     resumed: bool
     run: object | None             # shardmove.executor.RunResult
     exit_code: int
+    dry_run: bool = False
 
     @property
     def plan_id(self) -> str | None:
@@ -86,7 +88,8 @@ def _plan_from_manifest(d: str, m: dict) -> RollbackPlan:
                         int(m.get("already_at_source", 0)), dict(m.get("refused", {})))
 
 
-def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None] = print) -> RollbackPlan:
+def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None] = print,
+                        dry_run: bool = False) -> RollbackPlan:
     """Commit ``<work>/plans/<rollback id>/``: the reverse moves of the plan's Done keys.
 
     Eligible: Done keys whose map still points at the plan's target and whose
@@ -102,7 +105,9 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
     :func:`transforms.plan.write_moves_bytes`, one file per (source, target,
     bucket) with the plan's ``hash_buckets``; the manifest has the planner's
     format plus ``rollback_of``, ``refused`` and ``already_at_source``.
-    Idempotent: the same key set gives the same plan id and files.
+    Idempotent: the same key set gives the same plan id and files.  ``dry_run``: the same
+    scan and counts (and plan id), with nothing written: ``plan_dir`` stays None and
+    ``pairs`` holds the reverse moves per (source, target).
     """
     from transforms.plan import write_moves_bytes  # deferred: transforms.plan loads Apache Beam
 
@@ -115,8 +120,9 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
     B = batch_size(cfg)
     t0 = time.time()
     cutoff = ms.max_version() if isinstance(ms, ChangeCounter) else None
-    staging = workdir.new_staging(workdir.plans_dir(cfg.work_dir))
-    fs.makedirs(workdir.moves_dir(staging))
+    staging = None if dry_run else workdir.new_staging(workdir.plans_dir(cfg.work_dir))
+    if staging is not None:
+        fs.makedirs(workdir.moves_dir(staging))
     refused: dict = {}
     at_source = 0
     examined = 0
@@ -169,6 +175,11 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
             for bucket in np.unique(bk).tolist():
                 gid_r = group_id(target, source, int(bucket))
                 part = moves.filter(pa.array(bk == bucket))
+                if staging is None:  # a dry run counts only
+                    prev = files.get(gid_r, {}).get("rows", 0)
+                    files[gid_r] = {"group": gid_r, "source": target, "target": source, "bucket": int(bucket),
+                                    "rows": prev + part.num_rows}
+                    continue
                 path = workdir.move_file(staging, gid_r)
                 if gid_r in files:  # the same group from two source groups (not with one bucket count)
                     with fs.open_input(path) as fh:
@@ -181,7 +192,8 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
         n = sum(f["rows"] for f in files.values())
         refused = dict(sorted(refused.items()))
         if n == 0:
-            fs.rmtree(staging)
+            if staging is not None:
+                fs.rmtree(staging)
             return RollbackPlan(None, None, orig, 0, examined, at_source, refused)
         digest = core.digest_hex(*lanes)
         rid = rollback_plan_id(orig, digest)
@@ -193,6 +205,10 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
             bump(pairs, (f["source"], f["target"]), f["rows"])
             bump(before, f["source"], f["rows"])
             bump(after, f["target"], f["rows"])
+        if staging is None:
+            return RollbackPlan(rid, None, orig, n, examined, at_source, refused, pairs=[
+                {"source": s, "target": t, "moves": c}
+                for (s, t), c in sorted(pairs.items(), key=lambda kv: (kv[0][0].encode(), kv[0][1].encode()))])
         new_manifest = {
             "format_version": MANIFEST_FORMAT_VERSION,
             "plan_id": rid,
@@ -225,13 +241,18 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
         LOG.info("rollback plan %s of %s: %d moves in %d files", rid[:12], orig[:12], n, len(flist))
         return RollbackPlan(rid, final, orig, n, examined, at_source, refused, created)
     except BaseException:
-        fs.rmtree(staging)
+        if staging is not None:
+            fs.rmtree(staging)
         raise
 
 
-def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
+def rollback(cfg: Config, plan_dir: str, *, apply: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print) -> RollbackResult:
     """Reverse migration of the plan's Done keys, resumable.
+
+    Without ``apply`` it is a dry run, as ``cleanup``: it prints what ``--apply`` would do
+    (the reverse plan's counts per pair, or the unfinished rollback it would resume),
+    takes no lease, writes nothing, and exits 0.
 
     Holds the original plan's lease throughout (no run or cleanup of it
     meanwhile; exit 4 if one is running).  An unfinished rollback plan of
@@ -251,6 +272,8 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
     check_key_type(cfg, manifest)
     orig = manifest["plan_id"]
     probe_stores(cfg, manifest)
+    if not apply:
+        return _dry_run(cfg, plan_dir, orig, out)
     lease = plan_lease(cfg, plan_dir, manifest)
     try:
         plan = None
@@ -286,3 +309,30 @@ def rollback(cfg: Config, plan_dir: str, *, beam_args: Sequence[str] = (),
         return RollbackResult(orig, plan, resumed, run, code)
     finally:
         lease.release()
+
+
+def _dry_run(cfg: Config, plan_dir: str, orig: str, out: Callable[[str], None]) -> RollbackResult:
+    """What ``rollback --apply`` would do, with nothing written and no lease taken."""
+    out(f"rollback of: {orig}")
+    for rid in reversed(rollback_ids(plan_dir)):
+        d = workdir.plan_dir(cfg.work_dir, rid)
+        if workdir.has_manifest(d):
+            m = load_manifest(d)
+            s = summarize(d, m)
+            if not s["complete"]:
+                plan = _plan_from_manifest(d, m)
+                left = s["planned"] - s["done"] - s["failed"]
+                out(f"rollback (dry run): would resume rollback {rid[:12]}: moves={plan.moves} "
+                    f"done={s['done']} failed={s['failed']} left={left}")
+                out("dry run: nothing changed; rerun with --apply to roll back")
+                return RollbackResult(orig, plan, True, None, EXIT_OK, dry_run=True)
+            break
+    plan = build_rollback_plan(cfg, plan_dir, out=out, dry_run=True)
+    out(f"rollback (dry run): moves={plan.moves} already_at_source={plan.already_at_source} "
+        f"refused={sum(plan.refused.values())}")
+    for p in plan.pairs:
+        out(f"pair {p['source']} -> {p['target']}: {p['moves']}")
+    for reason, n in plan.refused.items():
+        out(f"refused[{reason}]: {n}")
+    out("nothing to roll back" if not plan.moves else "dry run: nothing changed; rerun with --apply to roll back")
+    return RollbackResult(orig, plan, False, None, EXIT_OK, dry_run=True)

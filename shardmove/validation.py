@@ -16,7 +16,12 @@ it validates every map store the same way.
 * the topology digest: the same order-independent digest as the snapshot
   digest (:func:`pipeline.plancore.digest_lanes` / ``digest_hex``), so it equals
   ``shardmove snapshot``'s digest of the same content and, before a plan has
-  run, the plan's ``snapshot.digest``.
+  run, the plan's ``snapshot.digest``;
+* a map that holds no rows at all (a wrong table, prefix or path): bad;
+* on a store whose change counter is kept apart from the rows
+  (:class:`~pipeline.stores.base.ExternalClock`, Redis), rows whose version is
+  above the counter (seeded without setting it): bad, as every snapshot would
+  leave them out.
 
 :func:`compare_plan` reads a committed plan's move files one group at a time
 in batches and looks their keys up (``map_store.lookup``): each plan key is at
@@ -49,6 +54,7 @@ from pipeline import workdir
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, BadInput
 from pipeline.snapshot import list_parts
 from pipeline.stores import open_map_store
+from pipeline.stores.base import ExternalClock
 
 __all__ = [
     "TopologyReport",
@@ -58,9 +64,10 @@ __all__ = [
     "compare_plan",
     "validate",
     "format_lines",
+    "error_lines",
 ]
 
-LOG = logging.getLogger("shardmove.validate")
+LOG = logging.getLogger("shardmove.validation")
 
 #: Rows held in memory for duplicate detection before spilling to disk.
 DEFAULT_MEMORY_ROWS = 2_000_000
@@ -91,12 +98,20 @@ class TopologyReport:
     unknown_shards: list = dataclasses.field(default_factory=list)
     digest: str = ""
     spilled: bool = False
+    rows_above_clock: int = 0  # rows whose version the change counter never issued (ExternalClock stores)
+    highest_above_clock: int = 0  # ... the highest such version
+    clock: int | None = None  # the change counter after the pass
+
+    @property
+    def empty(self) -> bool:
+        """The map holds no rows at all (a wrong table, prefix or path is the usual cause)."""
+        return not (self.rows or self.invalid_keys or self.rows_above_cutoff or self.rows_above_clock)
 
     @property
     def bad(self) -> bool:
         return bool(self.duplicate_keys or self.unknown_shard_rows or self.invalid_keys or self.empty_keys
                     or self.oversize_keys or self.target_invalid_keys or self.target_oversize_keys
-                    or self.target_unknown_shard_rows)
+                    or self.target_unknown_shard_rows or self.rows_above_clock or self.empty)
 
 
 @dataclasses.dataclass
@@ -142,6 +157,7 @@ class ValidationResult:
 
     def to_dict(self) -> dict:
         out = {"topology": dataclasses.asdict(self.topology), "exit_code": self.exit_code, "verdict": self.verdict}
+        out["topology"]["empty"] = self.topology.empty
         if self.drift is not None:
             out["drift"] = dataclasses.asdict(self.drift)
             out["drift"]["drift"] = self.drift.drift
@@ -288,6 +304,9 @@ def validate_topology(map_store, known_shards, segment_size: int = 20000, *,
             stats = snap.stats()
         rep.cutoff = stats.cutoff
         rep.rows_above_cutoff = stats.rows_above_cutoff
+        if isinstance(map_store, ExternalClock):
+            rep.rows_above_clock, rep.highest_above_clock = map_store.rows_above_clock()
+            rep.clock = map_store.max_version()
         rep.invalid_keys = int(stats.invalid_keys or 0)
         rep.duplicate_keys, rep.duplicate_rows = finder.finish()
         rep.spilled = finder.spilled
@@ -418,6 +437,8 @@ def format_lines(res: ValidationResult) -> list[str]:
     if t.target_checked:
         lines.append(f"target snapshot: invalid keys: {t.target_invalid_keys} over-long keys: "
                      f"{t.target_oversize_keys} rows on shards not in target.shards: {t.target_unknown_shard_rows}")
+    if t.clock is not None:
+        lines.append(f"rows above the clock: {t.rows_above_clock} (clock: {t.clock})")
     lines.append(f"topology digest: {t.digest}")
     d = res.drift
     if d is not None:
@@ -439,3 +460,39 @@ def format_lines(res: ValidationResult) -> list[str]:
         lines.append("drift: " + ("DETECTED" if d.drift else "none"))
     lines.append(f"validate: {res.verdict}")
     return lines
+
+
+def describe_map(spec) -> str:
+    """Which map a ``map_store`` section names, for a message: kind and table, prefix or path."""
+    kind = spec.get("kind")
+    if kind == "redis":
+        return f"redis prefix {spec.get('prefix', 'shardmap')!r}"
+    if kind == "postgres":
+        return f"postgres table {spec.get('table', 'shard_map')!r}"
+    return f"{kind} file {spec.get('path')}"
+
+
+def error_lines(res: ValidationResult, map_spec=None) -> list[str]:
+    """One ``validate: ...`` line per kind of problem that makes the exit code non-zero
+    (counts only); ``map_spec`` (the ``map_store`` section) names the map."""
+    t, d = res.topology, res.drift
+    where = describe_map(map_spec) if map_spec else "the map store"
+    out = []
+    if t.empty:
+        out.append(f"validate: {where} holds no rows (is the map store's table, prefix or path the right one?)")
+    if t.rows_above_clock:
+        fix = (f"SET {map_spec.get('prefix', 'shardmap')}:clock {t.highest_above_clock}"
+               if map_spec and map_spec.get("kind") == "redis" else f"raise it to {t.highest_above_clock}")
+        out.append(f"validate: {t.rows_above_clock} rows of {where} have a version above its clock ({t.clock}), "
+                   f"up to {t.highest_above_clock}; snapshots leave them out: {fix}")
+    if (t.duplicate_keys or t.unknown_shard_rows or t.invalid_keys or t.empty_keys or t.oversize_keys
+            or t.target_invalid_keys or t.target_oversize_keys or t.target_unknown_shard_rows):
+        out.append(f"validate: bad topology: {t.duplicate_keys} duplicate keys, "
+                   f"{t.unknown_shard_rows} rows on {len(t.unknown_shards)} unknown shard ids, "
+                   f"{t.invalid_keys} invalid keys")
+    if not t.bad and d is not None and d.drift:
+        out.append(f"validate: drift detected against plan {d.plan_id[:12]}: "
+                   f"{d.elsewhere} plan keys on another shard, {d.missing} deleted, "
+                   f"{d.rewritten_at_source} rewritten at source, {d.other_changed or 0} other keys changed "
+                   "since the snapshot")
+    return out
