@@ -83,7 +83,6 @@ from transforms.coders import Uint64
 
 __all__ = [
     "PlanGraphSpec",
-    "ReadAssignments",
     "PlanChunks",
     "DetectDuplicates",
     "WriteMoveFiles",
@@ -167,33 +166,6 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
                 for b in table.to_batches(max_chunksize=segment_size):
                     yield pa.Table.from_batches([b])
         i = j
-
-
-class _ReadSegmentsFn(beam.DoFn):
-    """(path, row group) -> Arrow tables of at most ``segment_size`` rows."""
-
-    def __init__(self, segment_size: int, columns: tuple):
-        self._segment_size = segment_size
-        self._columns = columns
-        self._rows = Metrics.counter("plan", "rows_read")
-
-    def process(self, element):
-        yield from _read_units([element], self._segment_size, self._columns, self._rows)
-
-
-class ReadAssignments(beam.PTransform):
-    def __init__(self, parts: tuple, segment_size: int, columns=("key", "shard_id")):
-        super().__init__()
-        self._parts = parts
-        self._segment_size = segment_size
-        self._columns = tuple(columns)
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "ListParts" >> beam.Create(list(self._parts))
-            | "ReadSegments" >> beam.ParDo(_ReadSegmentsFn(self._segment_size, self._columns))
-        )
 
 
 def make_chunks(units: tuple, segment_size: int) -> list:
@@ -388,7 +360,17 @@ class _PlanChunkFn(beam.DoFn):
 
 
 class PlanChunks(beam.PTransform):
-    """Chunks -> tagged outputs ``moves`` (gid, ptr), ``hashes`` (partition, ptr), main: Stats."""
+    """Plan the snapshot against the ring, one chunk at a time.
+
+    Input: ``(chunk index, ((path, row group), ...))`` elements (:func:`make_chunks`).
+    Outputs: main, one :class:`pipeline.plancore.Stats` per chunk; tagged ``moves``,
+    ``(group id, (path, offset, length))`` pointers to the chunk's sorted moves of one
+    (source, target, bucket) group; tagged ``hashes``, ``(partition, pointer)`` to the
+    chunk's sorted stable hashes of one hash partition.
+    Side effects: one spill file per chunk (and per SPILL_ROWS rows) under
+    ``<staging>/spill/`` (0600: it holds keys), and planning-progress marks.
+    Idempotent: spill and mark names are functions of the chunk, so a retried bundle
+    rewrites the same bytes under the same names; only committed pointers are read."""
 
     def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
         super().__init__()
@@ -582,7 +564,8 @@ class DetectDuplicates(beam.PTransform):
     Input: hashes keyed by partition, each value an ndarray or a spill
     pointer.  ``chunks``: the planner's (chunk, units) PCollection, re-read
     only when candidates exist.  Output: duplicate counts (to be summed;
-    usually empty)."""
+    usually empty).  Side effects: none (it only reads).  Idempotent: a pure
+    function of its inputs."""
 
     def __init__(self, chunks, segment_size: int, key_type: KeyType):
         super().__init__()
@@ -717,6 +700,16 @@ class _WriteGroupFn(beam.DoFn):
 
 
 class WriteMoveFiles(beam.PTransform):
+    """One Parquet file per (source, target, bucket) group of moves.
+
+    Input: ``(group id, moves)`` where moves is an Arrow table or a spill pointer; a group's
+    values may come from many chunks or partitions.  Output: one record per file
+    (``group``, ``source``, ``target``, ``bucket``, ``rows``, ``bytes``, ``sha256``).
+    Side effects: ``<staging>/moves/<group>.parquet``, written atomically
+    (:func:`pipeline.fs.write_atomic`).  Idempotent: the moves are sorted in CONTRACTS order
+    and encoded with fixed options (:func:`write_moves_bytes`), so a retried bundle writes
+    the same bytes under the same name."""
+
     def __init__(self, staging: str):
         super().__init__()
         self._staging = staging
