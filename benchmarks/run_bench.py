@@ -227,7 +227,9 @@ _BREAKDOWN = (
     ("pipeline.stores.sqlite", "SqliteMapStore.swap_batch", "map_swap_batch", False),
     ("pipeline.stores.sqlite", "SqliteDataStore.copy", "data_copy", False),
     ("pipeline.stores.sqlite", "SqliteDataStore.hashes", "data_hashes", False),
-    ("pipeline.checkpoint", "serialize_table", "checkpoint_serialize", False),
+    # the writer and compaction each call their own binding of serialize_table
+    ("pipeline.checkpoint.writer", "serialize_table", "checkpoint_serialize", False),
+    ("pipeline.checkpoint.compaction", "serialize_table", "checkpoint_serialize", False),
 )
 
 

@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pipeline import workdir  # noqa: E402  (after the path is set; paths only, the checks read files directly)
+
 
 def sh(*args, cwd=None):
     return subprocess.run(args, capture_output=True, text=True, cwd=cwd)
@@ -62,7 +64,7 @@ def map_rows(path):
 def merged_states(plan_dir):
     """Per key: the checkpoint record with the highest (epoch, attempts, state)."""
     best = {}
-    for f in glob.glob(os.path.join(plan_dir, "checkpoints", "*", "*.parquet")):
+    for f in glob.glob(os.path.join(workdir.checkpoints_dir(plan_dir), "*", "*.parquet")):
         try:
             t = pq.read_table(f)
         except Exception:
@@ -110,7 +112,7 @@ def main(argv=None):
     if r.returncode:
         sys.exit(f"plan failed: {r.stderr}")
     plan_id = next(l.split(": ", 1)[1] for l in r.stdout.splitlines() if l.startswith("plan id: "))
-    plan_dir = os.path.join(c.work_dir, "plans", plan_id)
+    plan_dir = workdir.plan_dir(c.work_dir, plan_id)
     t0 = time.time()
     kills = runs = 0
     while True:
@@ -134,10 +136,10 @@ def main(argv=None):
     elapsed = time.time() - t0
 
     # ---- independent checks
-    manifest = json.load(open(os.path.join(plan_dir, "manifest.json")))
+    manifest = json.load(open(workdir.manifest_path(plan_dir)))
     moves = []
     for f in manifest["files"]:
-        t = pq.read_table(os.path.join(plan_dir, "moves", f["group"] + ".parquet"))
+        t = pq.read_table(workdir.move_file(plan_dir, f["group"]))
         moves += zip(t["key"].to_pylist(), t["source"].to_pylist(), t["target"].to_pylist())
     states = merged_states(plan_dir)
     now_map = map_rows(c.map_store["path"])

@@ -9,9 +9,9 @@ CONTRACTS "Atomic commit":
   with the same content counts as committed.
 
 Files that hold key values are created owner-only (0600, directories 0700).
-Never imports Beam at module level; the GCS client (:mod:`pipeline.gcs`) is
-imported lazily, and Beam's filesystem layer only by :func:`open_bulk` /
-:func:`write_bulk` for ``gs://`` paths.
+Never imports Beam; ``gs://`` paths go through :mod:`pipeline.gcs`, which
+loads the GCS client library on first use.  Bulk Parquet files through Beam's
+GCS IO are :mod:`transforms.bulkio`'s.
 
 Versions (compare-and-swap)
 ---------------------------
@@ -23,25 +23,20 @@ object generation and the check is the server's generation precondition
 and checked just before the rename -- not atomic against another process, so
 local callers also hold a lock (``lease.py`` holds an ``flock``).
 
-Bulk files
-----------
-:func:`write_bulk` / :func:`open_bulk` move large, deterministic Parquet
-files (snapshot parts, move files, spill data).  Local: :func:`write_atomic`
-/ ``open``.  ``gs://``: Beam's GCS IO, the layer under ``FileSystems``, with
-one cached client per process (upload finalised on close -- atomic, but an
-overwrite, not create-if-absent; ranged reads on open, so a footer read does
-not download the file).  Use them only for files whose rewrite with the same
-bytes is harmless.  :func:`read_range` reads a byte range (one ranged GET).
+:func:`read_range` reads a byte range (``gs://``: one ranged GET).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
 
+from pipeline import gcs
 from pipeline.errors import CommitConflict
 
 __all__ = [
@@ -58,8 +53,6 @@ __all__ = [
     "write_atomic",
     "create_if_absent",
     "read_versioned",
-    "write_bulk",
-    "open_bulk",
     "read_range",
     "remove",
     "rmtree",
@@ -83,17 +76,9 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *[str(p) for p in parts])
 
 
-# ------------------------------------------------------------------ GCS side
-
-def _gcs():
-    from pipeline import gcs  # lazy: only gs:// users pay for the client
-
-    return gcs
-
-
 def exists(path: str) -> bool:
     if is_gcs(path):
-        return _gcs().exists(path)
+        return gcs.exists(path)
     return os.path.exists(path)
 
 
@@ -105,7 +90,7 @@ def isfile(path: str) -> bool:
     list the prefix when the object is absent.
     """
     if is_gcs(path):
-        return _gcs().stat(path) is not None
+        return gcs.stat(path) is not None
     return os.path.isfile(path)
 
 
@@ -140,7 +125,7 @@ class NewDirs:
 def listdir(path: str) -> list[str]:
     """Names directly below ``path`` (files and sub-directories), sorted."""
     if is_gcs(path):
-        return _gcs().listdir(path)
+        return gcs.listdir(path)
     try:
         return sorted(os.listdir(path))
     except FileNotFoundError:
@@ -150,7 +135,7 @@ def listdir(path: str) -> list[str]:
 def walk_files(path: str) -> list[str]:
     """Every file below ``path``, as full locations, sorted."""
     if is_gcs(path):
-        return _gcs().walk_files(path)
+        return gcs.walk_files(path)
     out = []
     for root, _dirs, files in os.walk(path):
         for f in files:
@@ -160,13 +145,13 @@ def walk_files(path: str) -> list[str]:
 
 def size(path: str) -> int:
     if is_gcs(path):
-        return _gcs().size(path)
+        return gcs.size(path)
     return os.path.getsize(path)
 
 
 def read_bytes(path: str) -> bytes:
     if is_gcs(path):
-        return _gcs().read_bytes(path)
+        return gcs.read_bytes(path)
     with open(path, "rb") as f:
         return f.read()
 
@@ -174,7 +159,7 @@ def read_bytes(path: str) -> bytes:
 def open_input(path: str):
     """A seekable binary file object (pyarrow reads Parquet from it)."""
     if is_gcs(path):
-        return io.BytesIO(_gcs().read_bytes(path))
+        return io.BytesIO(gcs.read_bytes(path))
     return open(path, "rb")
 
 
@@ -215,15 +200,13 @@ def _local_version(path: str) -> int:
     except FileNotFoundError:
         return 0
     token = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_size}".encode()
-    import hashlib
-
     return int.from_bytes(hashlib.blake2b(token, digest_size=7).digest(), "big") | 1
 
 
 def read_versioned(path: str) -> tuple[bytes | None, int]:
     """``(bytes, version)``, or ``(None, 0)`` if absent; the version feeds ``write_atomic(if_version=)``."""
     if is_gcs(path):
-        return _gcs().read_with_generation(path)
+        return gcs.read_with_generation(path)
     while True:
         before = _local_version(path)
         if not before:
@@ -246,7 +229,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int |
     without ``if_version`` against the generation read just before.
     """
     if is_gcs(path):
-        _gcs().replace(path, data, generation=if_version)
+        gcs.replace(path, data, generation=if_version)
         return
     directory = os.path.dirname(path) or "."
     tmp = _tmp_write(directory, data, mode)
@@ -257,44 +240,10 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int |
     _fsync_dir(directory)
 
 
-def write_bulk(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write a bulk file (Parquet, spill data) in one piece.
-
-    Local: :func:`write_atomic`.  ``gs://``: Beam's GCS IO (``GcsIO.open(path,
-    "wb")`` -- what ``FileSystems.create`` uses -- then close: one upload,
-    finalised atomically on close; overwrites an existing object).
-    Idempotent for deterministic bytes.
-    """
-    if not is_gcs(path):
-        write_atomic(path, data, mode)
-        return
-    f = _gcs().beam_gcsio().open(path, "wb", mime_type="application/octet-stream")
-    f.write(bytes(data))
-    f.close()  # never reached after a failed write: an unclosed upload is never finalised
-
-
-def open_bulk(path: str):
-    """A seekable binary file object for reading a bulk file (Parquet).
-
-    Local: ``open(path, "rb")``.  ``gs://``: Beam's GCS IO (``GcsIO.open(path,
-    "rb")`` -- what ``FileSystems.open`` uses, with one cached client): ranged
-    reads, so pyarrow reads footers and row groups without downloading the
-    whole object.  A missing file raises FileNotFoundError.
-    """
-    if not is_gcs(path):
-        return open(path, "rb")
-    from google.api_core.exceptions import NotFound
-
-    try:
-        return _gcs().beam_gcsio().open(path, "rb")
-    except NotFound as e:
-        raise FileNotFoundError(f"no such object: {path}") from e
-
-
 def read_range(path: str, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset`` (``gs://``: one ranged GET); short at end of file."""
     if is_gcs(path):
-        return _gcs().read_range(path, offset, length)
+        return gcs.read_range(path, offset, length)
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
@@ -308,7 +257,7 @@ def create_if_absent(path: str, data: bytes, mode: int = 0o600) -> bool:
     different bytes.
     """
     if is_gcs(path):
-        return _gcs().create_if_absent(path, data)
+        return gcs.create_if_absent(path, data)
     directory = os.path.dirname(path) or "."
     tmp = _tmp_write(directory, data, mode)
     try:
@@ -330,7 +279,7 @@ def create_if_absent(path: str, data: bytes, mode: int = 0o600) -> bool:
 
 def remove(path: str) -> None:
     if is_gcs(path):
-        _gcs().remove(path)
+        gcs.remove(path)
         return
     try:
         os.unlink(path)
@@ -340,17 +289,23 @@ def remove(path: str) -> None:
 
 def rmtree(path: str) -> None:
     if is_gcs(path):
-        _gcs().rmtree(path)
+        gcs.rmtree(path)
         return
     shutil.rmtree(path, ignore_errors=True)
 
 
-def rename_dir(src: str, dst: str) -> bool:
-    """Move a finished directory into place; False if ``dst`` already exists."""
+def rename_dir(src: str, dst: str, *, markers: Sequence[str]) -> bool:
+    """Move a finished directory into place; False if ``dst`` already exists.
+
+    ``markers``: the file names whose presence means a directory is complete
+    (the work directory's commit markers, :data:`pipeline.workdir.COMMIT_MARKERS`).
+    ``gs://`` has no rename: ``dst`` holding one of them counts as already
+    there, and the copy writes them last (:func:`copy_tree`).
+    """
     if is_gcs(src) or is_gcs(dst):
-        if any(exists(join(dst, m)) for m in COMMIT_MARKERS):
+        if any(exists(join(dst, m)) for m in markers):
             return False
-        copy_tree(src, dst)
+        copy_tree(src, dst, markers=markers)
         rmtree(src)
         return True
     try:
@@ -363,46 +318,41 @@ def rename_dir(src: str, dst: str) -> bool:
     return True
 
 
-#: Files whose presence means "this directory is complete": copied last.
-COMMIT_MARKERS = ("manifest.json", "snapshot.json")
-
-
-def _copy_order(rel: str) -> tuple:
+def _copy_order(rel: str, markers: Sequence[str]) -> tuple:
     top = "/" not in rel
-    return (top, top and rel in COMMIT_MARKERS, rel)
+    return (top, top and rel in markers, rel)
 
 
-def copy_tree(src: str, dst: str, *, workers: int = 16) -> None:
+def copy_tree(src: str, dst: str, *, markers: Sequence[str] = (), workers: int = 16) -> None:
     """Copy every file below ``src`` to ``dst`` (gs:// -> gs:// copies server-side).
 
-    Files in sub-directories first, then top-level files, and the commit
-    markers (:data:`COMMIT_MARKERS`) only after every other file is in place,
-    so a crash mid-copy never leaves a destination that looks complete.
+    Files in sub-directories first, then top-level files, and the top-level
+    ``markers`` (file names that mean "this directory is complete") only
+    after every other file is in place, so a crash mid-copy never leaves a
+    destination that looks complete.
     """
     root = src.rstrip("/")
-    rels = sorted((f[len(root) + 1:] for f in walk_files(src)), key=_copy_order)
-    markers = [r for r in rels if r in COMMIT_MARKERS]
-    rest = [r for r in rels if r not in COMMIT_MARKERS]
+    rels = sorted((f[len(root) + 1:] for f in walk_files(src)), key=lambda rel: _copy_order(rel, markers))
+    last = [r for r in rels if r in markers]
+    rest = [r for r in rels if r not in markers]
 
     def one(rel: str) -> None:
         source, target = join(src, rel), join(dst, rel)
         if is_gcs(source) and is_gcs(target):
-            _gcs().copy_object(source, target)
+            gcs.copy_object(source, target)
             return
         if not is_gcs(target):
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         write_atomic(target, read_bytes(source))
 
     if len(rest) > 1 and workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=min(workers, len(rest)), thread_name_prefix="copy-tree") as pool:
             for _ in pool.map(one, rest):
                 pass
     else:
         for rel in rest:
             one(rel)
-    for rel in markers:
+    for rel in last:
         one(rel)
 
 

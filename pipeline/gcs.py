@@ -1,11 +1,11 @@
 """``gs://`` locations through google-cloud-storage, with atomic commits.
 
-:mod:`pipeline.fs` imports this module lazily for every ``gs://`` path; the
+:mod:`pipeline.fs` uses this module for every ``gs://`` path; the
 object-store data mover (:mod:`pipeline.stores.objects`) uses its
-object-level calls.  Never imports Beam at module level: only
-:func:`beam_gcsio` (bulk IO) and :func:`short_circuit_beam_credentials`
-import it, and :func:`configure_for_emulator` patches Beam's credential cache
-without importing Beam.
+object-level calls.  Never imports Beam: Beam's GCS IO (bulk files) and its
+credential short-circuit for emulators live in :mod:`transforms.bulkio`.
+The client library itself is imported on first use, so a process that never
+touches ``gs://`` never loads it.
 
 Commits (CONTRACTS "Atomic commit")
 -----------------------------------
@@ -40,13 +40,11 @@ Client and emulators
 One ``storage.Client`` per process (and per emulator endpoint), created on
 first use and never pickled: picklable users (DoFns, stores) keep paths only
 and call these functions.  ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT``
-(scheme required) points the client -- and Beam's ``gs://`` IO -- at a local
-emulator; the client then uses anonymous credentials, ``NO_GCE_CHECK=true`` is
-set when absent (google-auth never probes the metadata server) and
-:func:`configure_for_emulator` stops Beam from spending ~20 s on credential
-discovery.  Without the variable the client uses Application Default
-Credentials.  ``GOOGLE_CLOUD_PROJECT`` names the project (optional: object
-access does not need one).
+(scheme required) points the client at a local emulator; the client then
+uses anonymous credentials and ``NO_GCE_CHECK=true`` is set when absent
+(google-auth never probes the metadata server).  Without the variable the
+client uses Application Default Credentials.  ``GOOGLE_CLOUD_PROJECT`` names
+the project (optional: object access does not need one).
 """
 from __future__ import annotations
 
@@ -54,7 +52,6 @@ import concurrent.futures
 import dataclasses
 import datetime as _dt
 import os
-import sys
 import threading
 from typing import Mapping
 
@@ -69,7 +66,6 @@ __all__ = [
     "client",
     "emulator_host",
     "configure_for_emulator",
-    "short_circuit_beam_credentials",
     "is_transient",
     "exists",
     "listdir",
@@ -80,7 +76,6 @@ __all__ = [
     "read_bytes",
     "read_range",
     "read_object",
-    "beam_gcsio",
     "read_with_generation",
     "upload",
     "create_if_absent",
@@ -135,7 +130,6 @@ def _dir_prefix(name: str) -> str:
 
 _CLIENTS: dict = {}
 _CLIENTS_LOCK = threading.Lock()
-_BEAM_DONE = False
 
 
 def emulator_host() -> str | None:
@@ -143,118 +137,35 @@ def emulator_host() -> str | None:
     return os.environ.get(EMULATOR_ENV) or None
 
 
-_BEAM_AUTH = "apache_beam.internal.gcp.auth"
-
-
-def _patch_beam_auth(auth) -> bool:
-    creds = getattr(auth, "_Credentials", None)
-    lock = getattr(creds, "_credentials_lock", None)
-    if creds is None or lock is None or not hasattr(creds, "_credentials_init"):
-        return False
-    with lock:
-        creds._credentials = None
-        creds._credentials_init = True
-    return True
-
-
-def short_circuit_beam_credentials() -> bool:
-    """Make Beam's GCS IO use an anonymous client without credential discovery.
-
-    Beam (``apache_beam/internal/gcp/auth.py``) caches the result of its
-    credential lookup in ``_Credentials``; its first lookup retries
-    ``google.auth.default()`` with exponential backoff (about 20 s when no
-    credentials exist).  Marking the cache as initialised with no credentials
-    makes ``gcsio.create_storage_client`` return
-    ``storage.Client.create_anonymous_client()`` at once, which honours
-    ``STORAGE_EMULATOR_HOST``.  Process-wide.  Imports Beam; False if this
-    Beam has no such cache (then nothing is changed).
-    """
-    try:
-        import importlib
-
-        auth = importlib.import_module(_BEAM_AUTH)
-    except ImportError:  # Beam without the gcp extra: nothing to short-circuit
-        return False
-    return _patch_beam_auth(auth)
-
-
-class _BeamAuthImportHook:
-    """Patch Beam's credential cache right after its module is first imported.
-
-    Lets :func:`configure_for_emulator` run before Beam is imported without
-    importing it (1-3 s) in processes that never use Beam.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _BEAM_AUTH:
-            return None
-        import importlib.util
-
-        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]  # one shot
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        spec.loader = _PatchingLoader(spec.loader)
-        return spec
-
-
-class _PatchingLoader:
-    def __init__(self, inner):
-        self._inner = inner
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module):
-        self._inner.exec_module(module)
-        _patch_beam_auth(module)
-
-
-_HOOK = _BeamAuthImportHook()
-
-
 def configure_for_emulator() -> bool:
     """Prepare this process for a GCS emulator; a no-op without ``STORAGE_EMULATOR_HOST``.
 
     Sets ``NO_GCE_CHECK=true`` when absent (google-auth must never probe the
-    metadata server) and short-circuits Beam's credential lookup
-    (:func:`short_circuit_beam_credentials`) -- at once if Beam's auth module
-    is loaded, else right after it gets imported (an import hook), so a
-    process that never uses Beam never imports it.  Idempotent and cheap.
-    Called on first client use and by :func:`pipeline.fs.open_bulk` /
-    :func:`pipeline.fs.write_bulk`, so it also runs inside Beam workers: the
-    in-process FnApiRunner shares the launcher's state, and multi-process
-    workers inherit the environment variable and call it on their first
-    ``gs://`` access.  Returns True when an emulator is configured.
+    metadata server).  Idempotent and cheap; called on first client use.
+    Beam's side (its own credential lookup) is
+    :func:`transforms.bulkio.configure_for_emulator`.  Returns True when an
+    emulator is configured.
     """
-    global _BEAM_DONE
     if not emulator_host():
         return False
     os.environ.setdefault("NO_GCE_CHECK", "true")
-    if not _BEAM_DONE:
-        with _CLIENTS_LOCK:
-            if not _BEAM_DONE:
-                auth = sys.modules.get(_BEAM_AUTH)
-                if auth is not None:
-                    _patch_beam_auth(auth)
-                elif _HOOK not in sys.meta_path:
-                    sys.meta_path.insert(0, _HOOK)
-                _BEAM_DONE = True
     return True
 
 
 def _make_client():
+    # deferred, as every google.* import here: google-cloud-storage loads in about half a
+    # second, and only processes that touch gs:// need it
     from google.cloud import storage
 
     project = os.environ.get("GOOGLE_CLOUD_PROJECT") or None
     if emulator_host():
-        from google.auth.credentials import AnonymousCredentials
+        from google.auth.credentials import AnonymousCredentials  # deferred: gs:// only (see above)
 
         c = storage.Client(project=project or "shardmove-emulator", credentials=AnonymousCredentials())
     else:
         c = storage.Client(project=project)
     try:  # room for concurrent movers: one connection per in-flight request
-        import requests.adapters
+        import requests.adapters  # deferred: google-cloud-storage's HTTP layer, gs:// only
 
         adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=_POOL, max_retries=0)
         c._http.mount("https://", adapter)
@@ -286,37 +197,8 @@ def client():
     return c
 
 
-_GCSIO: dict = {}
-
-
-def beam_gcsio():
-    """Beam's ``GcsIO`` for this process (one per emulator endpoint), created on first use.
-
-    Beam's ``FileSystems.open/create`` build a new ``GcsIO`` -- a new storage
-    client and HTTP session -- on every call (~45 ms each against an
-    emulator); :func:`pipeline.fs.open_bulk` / :func:`pipeline.fs.write_bulk`
-    reuse this one.  Built with the pipeline options Beam's
-    ``FileSystems`` was given (on workers: the job's options), so
-    credentials, impersonation and bucket metrics behave as in Beam's own IO.
-    """
-    configure_for_emulator()
-    ident = (os.getpid(), emulator_host())
-    io_ = _GCSIO.get(ident)
-    if io_ is None:
-        # deferred: Beam's GCS IO (seconds to import) only for bulk gs:// files
-        from apache_beam.io.filesystems import FileSystems
-        from apache_beam.io.gcp import gcsio
-
-        with _CLIENTS_LOCK:
-            io_ = _GCSIO.get(ident)
-            if io_ is None:
-                io_ = _GCSIO[ident] = gcsio.GcsIO(
-                    pipeline_options=getattr(FileSystems, "_pipeline_options", None))
-    return io_
-
-
 def _retry():
-    from google.cloud.storage.retry import DEFAULT_RETRY
+    from google.cloud.storage.retry import DEFAULT_RETRY  # deferred: gs:// only (see _make_client)
 
     try:
         timeout = float(os.environ.get("SHARDMOVE_GCS_RETRY_TIMEOUT", "120"))
@@ -330,14 +212,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, StorageUnavailable):
         return True
     try:
-        from google.api_core.exceptions import RetryError
+        from google.api_core.exceptions import RetryError  # deferred: gs:// only (see _make_client)
 
         if isinstance(exc, RetryError):  # the client's retries on transient errors ran out
             return True
     except ImportError:  # pragma: no cover
         pass
     try:
-        from google.cloud.storage.retry import _should_retry
+        from google.cloud.storage.retry import _should_retry  # deferred: gs:// only
     except ImportError:  # pragma: no cover
         return False
     try:
@@ -347,13 +229,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _not_found():
-    from google.api_core import exceptions
+    from google.api_core import exceptions  # deferred: gs:// only (see _make_client)
 
     return exceptions.NotFound
 
 
 def _precondition():
-    from google.api_core import exceptions
+    from google.api_core import exceptions  # deferred: gs:// only (see _make_client)
 
     return exceptions.PreconditionFailed
 

@@ -16,6 +16,7 @@ win.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -91,8 +92,6 @@ def _local_lock(plan_dir: str):
     if fs.is_gcs(plan_dir):
         yield
         return
-    import fcntl
-
     fd = os.open(os.path.join(plan_dir, ".lease.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

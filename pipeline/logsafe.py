@@ -29,6 +29,7 @@ Never imports Beam.  Where key bytes could reach a log, and what stops them:
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -45,8 +46,6 @@ _WITHHELD = "<message withheld: it may hold key values>"
 
 def _beam_dir() -> str | None:
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("apache_beam")
     except (ImportError, ValueError):
         return None

@@ -14,6 +14,7 @@ as integers; ``version`` is optional there.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -241,8 +242,6 @@ def read_snapshot_info(location: str) -> dict | None:
 
 
 def _isdir(path):
-    import os
-
     return os.path.isdir(path)
 
 

@@ -24,15 +24,21 @@ Never imports Beam.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from pipeline import fs
-from pipeline.errors import BadInput, StoreError
+from pipeline.errors import BadInput, CommitConflict, StoreError
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST",
     "SNAPSHOT_META",
+    "COMMIT_MARKERS",
+    "PLAN_STATS",
+    "PLAN_FILES",
+    "PLAN_DUPLICATES",
+    "PLAN_OUTPUTS",
     "snapshots_dir",
     "snapshot_meta_path",
     "plans_dir",
@@ -50,6 +56,7 @@ __all__ = [
     "halt_path",
     "reports_dir",
     "new_staging",
+    "plan_output_path",
     "commit_staged",
     "read_json",
     "read_summary",
@@ -73,6 +80,16 @@ MANIFEST_FORMAT_VERSION = 1
 #: The commit markers: a plan / snapshot directory is complete once these exist.
 MANIFEST = "manifest.json"
 SNAPSHOT_META = "snapshot.json"
+COMMIT_MARKERS = (MANIFEST, SNAPSHOT_META)
+
+#: What the planning graph (``transforms/plan.py``) leaves in a plan's staging
+#: directory for the planner (``shardmove/planner.py``), which reads them and
+#: removes them before it writes the manifest: the merged statistics, one
+#: record per move file, and the count of duplicate keys.
+PLAN_STATS = "stats.json"
+PLAN_FILES = "files.json"
+PLAN_DUPLICATES = "duplicates.json"
+PLAN_OUTPUTS = (PLAN_STATS, PLAN_FILES, PLAN_DUPLICATES)
 
 _SNAPSHOTS = "snapshots"
 _PLANS = "plans"
@@ -204,6 +221,13 @@ def new_staging(parent: str) -> str:
     return staging
 
 
+def plan_output_path(staging: str, name: str) -> str:
+    """One of the planning graph's outputs (:data:`PLAN_OUTPUTS`) in a plan's staging directory."""
+    if name not in PLAN_OUTPUTS:
+        raise ValueError(f"not a planning output: {name!r}")
+    return fs.join(staging, name)
+
+
 def commit_staged(staging: str, final: str, marker: str) -> bool:
     """Move a finished staging directory to ``final``; its ``marker`` file is already in it.
 
@@ -220,7 +244,7 @@ def commit_staged(staging: str, final: str, marker: str) -> bool:
         return False
     if fs.exists(final):
         fs.rmtree(final)  # a half-copied directory from a crash (gs://)
-    created = fs.rename_dir(staging, final)
+    created = fs.rename_dir(staging, final, markers=COMMIT_MARKERS)
     if not created:  # another process committed the same directory first
         fs.rmtree(staging)
     if not fs.exists(marker_path):
@@ -320,8 +344,6 @@ def resolve_plan_dir(plan: str, work_dir: str | None) -> str:
 
 
 def _is_local_dir(path: str) -> bool:
-    import os
-
     return os.path.isdir(path)
 
 
@@ -379,8 +401,6 @@ def check_plan_name(work_dir: str, name: str, plan_id: str) -> None:
 def claim_plan_name(work_dir: str, name: str, plan_id: str) -> None:
     """Record ``name`` -> ``plan_id`` (create-if-absent: two plans racing for one name, one wins;
     the same claim again is a no-op)."""
-    from pipeline.errors import CommitConflict
-
     fs.makedirs(_names_dir(work_dir))
     data = json.dumps({"format_version": 1, "name": name, "plan_id": plan_id}, sort_keys=True).encode()
     try:

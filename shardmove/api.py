@@ -32,9 +32,19 @@ import yaml
 from pipeline import fs
 from pipeline import workdir
 from pipeline.config import Config, load_config
-from pipeline.errors import BadInput, Refused, ShardmoveError
-from pipeline.keys import KeyType
+from pipeline.errors import BadInput, Interrupted, Refused, ShardmoveError, before_changes
+from pipeline.keys import KeyType, stable_hashes
+from pipeline.ring import Ring
+from pipeline.snapshot import take_snapshot, write_snapshot
 from pipeline.stores import open_data_store, open_map_store
+from shardmove.demo import create_demo
+from shardmove.executor import RunResult, plan_state, plan_status, run_plan, status_exit_code
+from shardmove.ops import cleanup as _cleanup
+from shardmove.ops import export_failures as _export
+from shardmove.ops import rollback as _rollback
+from shardmove.ops import verify_plan
+from shardmove.planner import make_plan
+from shardmove.validation import validate as _validate
 
 __all__ = [
     "load_config", "create_demo_keyspace", "snapshot", "plan", "run", "status", "validate", "verify",
@@ -100,9 +110,6 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
                          seed: int = 0) -> dict:
     """An embedded keyspace (SQLite map + one SQLite file per shard) and a
     config whose target adds one shard.  Creates nothing that exists."""
-    from shardmove.demo import create_demo
-    from pipeline.ring import Ring
-
     kt = KeyType(key_type)
     directory = os.path.abspath(directory)
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -115,8 +122,6 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
         ring = Ring.build("native", [(s, 1.0) for s in current], key_type=kt)
 
         def assign(batch: list[bytes]) -> list[str]:
-            from pipeline.keys import stable_hashes
-
             idx = ring.assign(batch, stable_hashes(batch, len(batch)))
             return [ring.shard_ids[i] for i in idx]
 
@@ -155,9 +160,6 @@ def snapshot(config: ConfigLike, rows: Rows | None = None, *, cutoff: int | None
     ``cutoff``: export the map at that version (rows with ``version <= cutoff``) instead
     of the current one; above the current version: :class:`BadInput`.  ``map_store``: a
     store object (the ``MapStore`` protocol) to export instead of the configured one."""
-    from pipeline.errors import before_changes
-    from pipeline.snapshot import take_snapshot, write_snapshot
-
     cfg = _config(config)
     if map_store is not None:
         _check_store(map_store, "map_store", cfg)
@@ -262,10 +264,6 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
 
 def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args, out, progress_output,
           cutoff) -> Plan:
-    from pipeline.errors import before_changes
-    from pipeline.snapshot import write_snapshot
-    from shardmove.planner import make_plan
-
     written = []
     try:
         if _in_memory(target):
@@ -372,9 +370,6 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     A store found unusable before the run starts raises ``BadInput`` (the preflight, exit 2);
     a configuration error met while it runs (a table dropped, a permission revoked) stops it
     with no key Failed and raises ``RunHalted`` (exit 1); a later ``run`` resumes it."""
-    from pipeline.errors import Interrupted
-    from shardmove.executor import RunResult, plan_state, plan_status, run_plan
-
     cfg = _config(config)
     plan_dir = _plan_dir(plan, cfg)
     try:
@@ -415,8 +410,6 @@ def status(plan: Plan | str | os.PathLike, *, config: ConfigLike | None = None, 
            ) -> Status:
     """The plan's state and counts (``plan``: a :class:`Plan`, a plan directory, or a plan id
     with ``config`` or ``work_dir``)."""
-    from shardmove.executor import plan_status, status_exit_code
-
     cfg = _config(config) if config is not None else None
     d = _plan_dir(plan, cfg, work_dir)
     s = plan_status(d)
@@ -431,8 +424,6 @@ def validate(config: ConfigLike, *, compare: Plan | str | None = None):
     """Check the live map (duplicates, unknown shards, digest); with ``compare``, count the
     plan's keys at source, target, elsewhere and missing.  Returns
     :class:`shardmove.validation.ValidationResult`."""
-    from shardmove.validation import validate as _validate
-
     cfg = _config(config)
     return _validate(cfg, compare_plan_dir=_plan_dir(compare, cfg) if compare is not None else None)
 
@@ -441,8 +432,6 @@ def verify(config: ConfigLike, plan: Plan | str, *, sample: int = 1000, seed: in
            out: Callable[[str], None] = _discard):
     """Re-verify a sample of Done keys at their target (``shardmove verify``); returns
     :class:`shardmove.ops.VerifyResult`."""
-    from shardmove.ops import verify_plan
-
     cfg = _config(config)
     return verify_plan(cfg, _plan_dir(plan, cfg), sample=sample, seed=seed, out=out)
 
@@ -452,8 +441,6 @@ def rollback(config: ConfigLike, plan: Plan | str, *, apply: bool = False, beam_
     """Plan and run the reverse of a plan's Done keys (``shardmove rollback``); without
     ``apply`` only count what it would do (nothing written).  Returns
     :class:`shardmove.ops.RollbackResult`."""
-    from shardmove.ops import rollback as _rollback
-
     cfg = _config(config)
     return _rollback(cfg, _plan_dir(plan, cfg), apply=apply, beam_args=beam_args, out=out)
 
@@ -462,8 +449,6 @@ def cleanup(config: ConfigLike, plan: Plan | str, *, older_than: float, apply: b
             out: Callable[[str], None] = _discard):
     """Delete source copies of moved keys older than ``older_than`` seconds (a dry run unless
     ``apply``); returns :class:`shardmove.ops.CleanupResult`."""
-    from shardmove.ops import cleanup as _cleanup
-
     cfg = _config(config)
     return _cleanup(cfg, _plan_dir(plan, cfg), older_than=older_than, apply=apply, out=out)
 
@@ -471,8 +456,6 @@ def cleanup(config: ConfigLike, plan: Plan | str, *, older_than: float, apply: b
 def export_failures(config: ConfigLike, plan: Plan | str, path: str, *, out: Callable[[str], None] = _discard):
     """Write every Failed key (with its reason) to a 0600 Parquet file; returns
     :class:`shardmove.ops.FailuresResult`."""
-    from shardmove.ops import export_failures as _export
-
     cfg = _config(config)
     return _export(cfg, _plan_dir(plan, cfg), path, out=out)
 
@@ -480,9 +463,6 @@ def export_failures(config: ConfigLike, plan: Plan | str, path: str, *, out: Cal
 def plans(work_dir: str) -> list[dict]:
     """The work directory's committed plans, newest first: ``plan_id``, ``name``, ``state``
     (as ``status`` derives it), ``planned``/``done``/``failed``, ``created_at``."""
-    from pipeline.errors import ShardmoveError
-    from shardmove.executor import plan_status
-
     names = workdir.plan_names(work_dir)
     out = []
     for plan_id in workdir.list_plan_ids(work_dir):

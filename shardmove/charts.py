@@ -9,10 +9,13 @@ matplotlib is imported on first use.
 from __future__ import annotations
 
 import calendar
+import datetime as _dt
 import io
 import math
 import time
 from typing import NamedTuple
+
+import numpy as np
 
 __all__ = ["CHARTS", "PLAN_CHARTS", "RUN_CHARTS", "Chart", "Run", "chart_move_matrix", "chart_shard_counts",
            "chart_moved_fraction", "chart_window", "chart_progress", "chart_throughput", "chart_latency",
@@ -38,6 +41,7 @@ _COLORS = {"copied": "#1f77b4", "verified": "#2ca02c", "swapped": "#9467bd", "fa
 # ------------------------------------------------------------- plotting
 
 def _plt():
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -62,6 +66,7 @@ class Chart(NamedTuple):
 
 
 def _render(fig, name: str) -> Chart:
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
     import matplotlib
 
     plt = _plt()
@@ -82,6 +87,7 @@ def _render(fig, name: str) -> Chart:
 
 
 def _rc():
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
     import matplotlib
 
     # shard ids are data: never let "$" start mathtext
@@ -99,8 +105,6 @@ def shard_order(ids) -> list:
 
 
 def chart_move_matrix(manifest: dict) -> Chart:
-    import numpy as np
-
     with _rc():
         plt, fig = _figure("move_matrix")
         ax = fig.add_subplot(111)
@@ -147,7 +151,7 @@ def drained_shards(manifest: dict) -> set:
 
 
 def chart_shard_counts(manifest: dict) -> Chart:
-    import numpy as np
+    # deferred: matplotlib takes ~0.5 s to load, and only charts need it
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -299,14 +303,12 @@ def _run_panels(fig, runs: list, *, sharey: bool = True) -> list:
     """One panel per run (the latest MAX_RUN_PANELS), each on its own wall-clock axis (UTC)
     at least 2 s wide, so a 1-second run is as readable as an hour-long one and the hours
     between resumed runs take no room."""
-    import datetime as dt
-
     shown = runs[-MAX_RUN_PANELS:]
     axes, first = [], None
     for i, run in enumerate(shown):
         ax = fig.add_subplot(1, len(shown), i + 1, sharey=first if sharey else None)
         first = first or ax
-        t0 = dt.datetime.fromtimestamp(run.start, tz=dt.timezone.utc)
+        t0 = _dt.datetime.fromtimestamp(run.start, tz=_dt.timezone.utc)
         width = max(2.0, run.end_elapsed_s * 1.08)
         pad = 0.04 * width
         ax.set_xlim(_at(t0, -pad), _at(t0, width))
@@ -315,8 +317,8 @@ def _run_panels(fig, runs: list, *, sharey: bool = True) -> list:
         ticks = [first_tick + k * step for k in range(int((width + pad) / step) + 1)
                  if first_tick + k * step <= run.start + width]
         fmt = "%H:%M:%S.%f" if step < 1 else "%H:%M:%S"
-        ax.set_xticks([dt.datetime.fromtimestamp(t, tz=dt.timezone.utc) for t in ticks],
-                      [dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime(fmt)[:10 if step < 1 else 8]
+        ax.set_xticks([_dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc) for t in ticks],
+                      [_dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime(fmt)[:10 if step < 1 else 8]
                        for t in ticks])
         ax.set_xlabel(f"time (UTC, {t0:%Y-%m-%d})")
         ax.set_title(f"run {run.epoch}: {run.end_elapsed_s:,.1f} s from {t0:%H:%M:%S}", fontsize=9)
@@ -325,9 +327,7 @@ def _run_panels(fig, runs: list, *, sharey: bool = True) -> list:
 
 
 def _at(t0, seconds: float):
-    import datetime as dt
-
-    return t0 + dt.timedelta(seconds=float(seconds))
+    return t0 + _dt.timedelta(seconds=float(seconds))
 
 
 def _runs_title(base: str, runs: list) -> str:
@@ -405,8 +405,6 @@ def chart_throughput(events: list, keys_per_s: float | None = None) -> Chart:
 def timing_table(timings: list) -> list:
     """Per stage: calls, keys, ms per call (p50, p95, max) and ms per key (p50), from the
     same ``[stage, ms, keys]`` records the latency chart draws."""
-    import numpy as np
-
     rows = []
     for stage in ("copy", "verify", "swap", "fence"):
         recs = [t for t in timings if t and t[0] == stage]
@@ -425,8 +423,6 @@ def timing_table(timings: list) -> list:
 def chart_latency(timings: list, run_label: str = "") -> Chart:
     """Histograms of ms per store call (top) and ms per key (bottom) per stage; a call
     handles a chunk of keys (``keys_per_call``, a swap batch), so both are drawn."""
-    import numpy as np
-
     with _rc():
         plt, fig = _figure("latency")
         stages = [s for s in ("copy", "verify", "swap") if any(t and t[0] == s for t in timings)]

@@ -7,14 +7,23 @@ Every subcommand exits with a CONTRACTS code; errors are one line on stderr
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import re
 import sys
+import time
 from typing import Sequence
 
+from pipeline import interrupts
+from pipeline import logsafe
 from pipeline import workdir
+from pipeline.fs import NewDirs
+from shardmove.history import recorded
+from shardmove.progress import MODES, status_progress_lines
+from shardmove.prom import summary_to_prometheus, write_textfile
+from transforms.runner import is_dry_run
 from shardmove import cli_common
 from shardmove.cli_common import load as _load, plan_dir as _plan_dir, preflight as _preflight, with_last_run
 from pipeline.config import OPTIONS, load_config
@@ -41,6 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 def version_line() -> str:
     """``shardmove X (apache-beam Y, pyarrow Z)``: the installed distributions' own versions."""
+    # deferred: importlib.metadata loads ~30 modules (email, zipfile); only --version needs it
     from importlib.metadata import PackageNotFoundError, version
 
     def v(dist: str) -> str:
@@ -65,8 +75,6 @@ def _add_common(p: argparse.ArgumentParser, *, options: bool = True) -> None:
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
-    from shardmove.progress import MODES
-
     p.add_argument("--progress", default="auto", choices=MODES,
                    help="progress on stderr: a bar, one text or JSON line per progress_log_interval, or none; "
                         "auto (default): a bar on a terminal, text otherwise")
@@ -134,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions():
     """Operator subcommands live in their own modules; each has
     ``register(subparsers, add_common, commands)``."""
-    import importlib
-
     mods = []
     for name in ("shardmove.cli_reports", "shardmove.cli_ops", "shardmove.cli_init"):
         try:
@@ -150,8 +156,6 @@ def _configure_logging(args) -> None:
     """No key bytes at any level (pipeline/logsafe.py): Beam's loggers never
     below INFO (they print elements at DEBUG), third-party records show only
     plain arguments, and tracebacks only shardmove's own messages."""
-    from pipeline import logsafe
-
     level = args.log_level or ("DEBUG" if getattr(args, "debug", False) else "WARNING")
     logsafe.configure(getattr(logging, level), sys.stderr)
     if level != "DEBUG":
@@ -164,6 +168,7 @@ def _configure_logging(args) -> None:
 
 
 def cmd_demo(args, beam_args) -> int:
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import create_demo_keyspace
 
     if args.keys < 0 or args.shards < 1:
@@ -175,6 +180,7 @@ def cmd_demo(args, beam_args) -> int:
 
 
 def cmd_snapshot(args, beam_args) -> int:
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import snapshot
 
     cfg = _load(args)
@@ -211,9 +217,8 @@ def _plan_json(res, args, code: int) -> dict:
 
 
 def cmd_plan(args, beam_args) -> int:
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import plan
-
-    from shardmove.history import recorded
 
     cfg = _load(args)
     say = _say(args)
@@ -222,6 +227,7 @@ def cmd_plan(args, beam_args) -> int:
         if args.since:
             if args.snapshot or args.cutoff is not None:
                 raise BadInput(f"plan: --since and {'--snapshot' if args.snapshot else '--cutoff'} cannot be combined")
+            # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
             from shardmove.ops import plan_since
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
@@ -229,8 +235,6 @@ def cmd_plan(args, beam_args) -> int:
                               beam_args=beam_args, out=say, name=args.name)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=say, name=args.name,
                     sample_hashes=args.sample_hashes, progress_output=args.progress, cutoff=args.cutoff)
-
-    from transforms.runner import is_dry_run
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
@@ -248,6 +252,7 @@ def cmd_plan(args, beam_args) -> int:
                             "created": res.created, "since": args.since, "name": res.name}
     report = None
     if args.report_dir:
+        # deferred: reports load the checkpoint reader and the executor; start-up stays light
         from shardmove.report import write_plan_report
 
         report = write_plan_report(res.manifest, os.path.abspath(args.report_dir), dry_run=args.dry_run,
@@ -266,21 +271,18 @@ def cmd_plan(args, beam_args) -> int:
 
 
 def cmd_run(args, beam_args) -> int:
-    from pipeline import interrupts
+    # deferred: pipeline.faults loads the stores; start-up stays light
     from pipeline.faults import hold_point
 
     # a signal before the run holds anything exits 130 (pipeline.interrupts); the console
     # script (shardmove.console) installed the same handler before importing the CLI
     irq = interrupts.install()
     hold_point("startup")
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import run
-
-    from shardmove.history import recorded
 
     cfg = _load(args)
     say = _say(args)
-    from transforms.runner import is_dry_run
-
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
     if translate_only:  # Dataflow --dry_run: translate only, record nothing
@@ -299,8 +301,6 @@ def cmd_run(args, beam_args) -> int:
                         "elapsed_s": s.get("elapsed_s"), "nothing_to_do": res.nothing_to_do,
                         "retry_failed": args.retry_failed, "allow_drift": args.allow_drift, "name": name}
     if args.prometheus:
-        from shardmove.prom import summary_to_prometheus, write_textfile
-
         write_textfile(args.prometheus, summary_to_prometheus(res.summary, res.plan_id))
     if res.summary.get("failed") and not irq.interrupted:
         # what to do about Failed keys: look at them, then retry them (the key values go to the file only)
@@ -319,8 +319,8 @@ def cmd_run(args, beam_args) -> int:
 
 
 def _status_lines(s: dict) -> list[str]:
+    # deferred: the executor loads checkpoints (Arrow Parquet) and stores; start-up stays light
     from shardmove.executor import summary_line
-    from shardmove.progress import status_progress_lines
 
     lines = [f"plan id: {s['plan_id']}"]
     if s.get("name"):
@@ -345,9 +345,7 @@ def _status_lines(s: dict) -> list[str]:
 
 
 def cmd_status(args, beam_args) -> int:
-    import json
-    import time
-
+    # deferred: the executor loads checkpoints (Arrow Parquet) and stores; start-up stays light
     from shardmove.executor import plan_status as status
     from shardmove.executor import status_exit_code
 
@@ -359,8 +357,6 @@ def cmd_status(args, beam_args) -> int:
         s = status(plan_dir)
         s["name"] = workdir.plan_name(plan_dir)
         if args.prometheus:
-            from shardmove.prom import summary_to_prometheus, write_textfile
-
             write_textfile(args.prometheus, summary_to_prometheus(with_last_run(plan_dir, dict(s)), s["plan_id"]))
         if args.json:
             text = json.dumps(s, indent=1, sort_keys=True)
@@ -406,8 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     _configure_logging(args)
-    from pipeline.fs import NewDirs
-
     cli_common.track_new_dirs(NewDirs())
     try:
         return _dispatch(args, beam_args)

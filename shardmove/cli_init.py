@@ -28,6 +28,7 @@ def register(subparsers, add_common, commands) -> None:
 
 
 def _describe(spec) -> str:
+    # deferred: validation loads Arrow Parquet and the stores; start-up stays light (the CLI imports this module for every command)
     from shardmove.validation import describe_map
 
     cols = spec.get("columns")
@@ -37,10 +38,12 @@ def _describe(spec) -> str:
 
 def _ddl_lines(store, kind: str) -> list[str]:
     if kind == "postgres":
+        # deferred: psycopg, only for a PostgreSQL map
         from pipeline.stores.postgres_map import ddl_text
 
         return ddl_text(store.table, store.columns).splitlines()
     if kind == "sqlite":
+        # deferred: the stores; start-up stays light (the CLI imports this module for every command)
         from pipeline.stores.sqlite import map_ddl
 
         return [stmt + ";" for stmt in map_ddl()]
@@ -48,6 +51,7 @@ def _ddl_lines(store, kind: str) -> list[str]:
 
 
 def cmd_init(args, beam_args) -> int:
+    # deferred: the stores; start-up stays light (the CLI imports this module for every command)
     from pipeline.stores import map_store_from_spec
     from pipeline.stores.base import SchemaSetup
 
@@ -85,6 +89,7 @@ def cmd_init(args, beam_args) -> int:
 
 
 def _print_seeding(prefix: str) -> None:
+    # deferred: redis-py, only for a Redis map
     from pipeline.stores.redis_store import seeding_rule
 
     for line in seeding_rule(prefix):

@@ -14,6 +14,7 @@ import json
 
 from shardmove import cli_common
 from shardmove.cli_common import preflight as _preflight
+from pipeline.config import parse_duration
 from pipeline.errors import EXIT_OK, BadInput
 
 __all__ = ["register"]
@@ -70,6 +71,7 @@ def _cfg_and_plan(args):
 
 
 def cmd_failures(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import export_failures
 
     cfg, plan_dir = _cfg_and_plan(args)
@@ -78,6 +80,7 @@ def cmd_failures(args, beam_args) -> int:
 
 
 def cmd_verify(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import verify_plan
 
     if args.sample < 0:
@@ -90,6 +93,7 @@ def cmd_verify(args, beam_args) -> int:
 
 
 def cmd_rollback(args, beam_args) -> int:
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import rollback
 
     cfg, plan_dir = _cfg_and_plan(args)
@@ -98,7 +102,7 @@ def cmd_rollback(args, beam_args) -> int:
 
 
 def cmd_cleanup(args, beam_args) -> int:
-    from pipeline.config import parse_duration
+    # deferred: the workflows load Arrow Parquet and the stores; start-up stays light
     from shardmove.ops import cleanup
 
     older = parse_duration(args.older_than, "--older-than")

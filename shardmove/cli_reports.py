@@ -7,14 +7,18 @@ stdout as ``name: value`` lines, and a non-zero verdict also writes one
 """
 from __future__ import annotations
 
+import calendar
 import json
 import re
 import sys
+import time
 
 from pipeline import workdir
 from shardmove.cli_common import NO_WORK_DIR, load as _load, plan_dir as _plan_dir, with_last_run, \
     work_dir as _work_dir
 from pipeline.errors import EXIT_OK, BadInput
+from shardmove.history import read_history
+from shardmove.prom import summary_to_prometheus, write_textfile
 
 __all__ = ["register", "cmd_validate", "cmd_report", "cmd_metrics", "cmd_history", "cmd_plans", "export_summary",
            "with_last_run"]
@@ -72,6 +76,7 @@ def _cfg_or_none(args):
 
 
 def cmd_validate(args, beam_args) -> int:
+    # deferred: validation loads Arrow Parquet and the stores; start-up stays light
     from shardmove.validation import error_lines, format_lines, validate
 
     if not args.config:
@@ -93,6 +98,7 @@ def cmd_validate(args, beam_args) -> int:
 
 
 def cmd_report(args, beam_args) -> int:
+    # deferred: reports load the checkpoint reader and the executor; start-up stays light
     from shardmove.report import write_report
 
     path = write_report(_plan_dir(args, _cfg_or_none(args)), out_dir=args.out_dir)
@@ -102,14 +108,13 @@ def cmd_report(args, beam_args) -> int:
 
 def export_summary(plan_dir: str) -> dict:
     """The plan's current status (exact, from the checkpoints) with the last run's figures."""
+    # deferred: the executor loads checkpoints (Arrow Parquet) and stores; start-up stays light
     from shardmove.executor import plan_status
 
     return with_last_run(plan_dir, plan_status(plan_dir))
 
 
 def cmd_metrics(args, beam_args) -> int:
-    from shardmove.prom import summary_to_prometheus, write_textfile
-
     s = export_summary(_plan_dir(args, _cfg_or_none(args)))
     write_textfile(args.out, summary_to_prometheus(s, s["plan_id"]))
     print(f"plan id: {s['plan_id']}")
@@ -122,8 +127,6 @@ def _details_text(details: dict) -> str:
 
 
 def cmd_history(args, beam_args) -> int:
-    from shardmove.history import read_history
-
     _cfg, work = _cfg_and_work(args)
     if args.limit is not None and args.limit < 0:
         raise BadInput("history: --limit must be >= 0")
@@ -146,9 +149,6 @@ def cmd_history(args, beam_args) -> int:
 
 
 def _age(created_at: str | None, now: float) -> str:
-    import calendar
-    import time
-
     try:
         t = calendar.timegm(time.strptime(created_at or "", "%Y-%m-%dT%H:%M:%SZ"))
     except ValueError:
@@ -165,8 +165,7 @@ def _n(v) -> str:
 
 
 def cmd_plans(args, beam_args) -> int:
-    import time
-
+    # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import plans
 
     _cfg, work = _cfg_and_work(args)

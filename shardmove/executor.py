@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -32,16 +33,22 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import checkpoint as ckpt
 from pipeline import fs
+from pipeline import interrupts
 from pipeline import states as S
-from pipeline.config import Config
-from pipeline.errors import BadInput, Interrupted, Refused, RunHalted
-from pipeline.faults import hold_point
+from pipeline.config import OPTIONS, Config, parse_window
+from pipeline.errors import BadInput, Interrupted, Refused, RunHalted, before_changes
+from pipeline.faults import hold_point, validate_faults
+from pipeline.lease import LeaseLost, acquire, live_holder, read_lease
+from pipeline.stores import open_data_store, open_map_store
 from pipeline.stores.base import RunRegistry
 from pipeline import workdir
 from pipeline.workdir import load_manifest
+from shardmove.progress import ProgressDisplay, run_fields
+from transforms.preflight import check_stores, preflight
 
 __all__ = ["RunResult", "run_plan", "plan_status", "summarize", "SUMMARY_FORMAT_VERSION"]
 
@@ -157,8 +164,6 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_st
 
 
 def _unique(a):
-    import numpy as np
-
     return np.unique(a, return_counts=True)
 
 
@@ -242,8 +247,6 @@ def plan_status(plan_dir: str) -> dict:
         for k in ("elapsed_s", "keys_per_s", "runs"):
             if k in prev:
                 s[k] = prev[k]
-    from pipeline.lease import live_holder, read_lease
-
     lease = read_lease(plan_dir)
     # a live executor: an unreleased, unexpired lease whose holder is not proven dead
     running = not s["complete"] and live_holder(plan_dir) is not None
@@ -344,8 +347,6 @@ class _Progress:
     def _show(self, counts: dict, final: bool = False) -> None:
         if self.display is None:
             return
-        from shardmove.progress import run_fields
-
         done_this_run = counts["swapped"] + counts["failed"] - self.base["swapped"] - self.base["failed"]
         self.display.show(run_fields(plan_id=self.plan_id, total=self.total, done_this_run=max(0, done_this_run),
                                      elapsed_s=time.time() - self.t0, **counts), final=final)
@@ -422,6 +423,7 @@ def _base_counts(summary: dict) -> dict:
 def _metrics(result) -> dict:
     out = {}
     try:
+        # deferred: Beam takes seconds to load; status and reports import this module without running anything
         from apache_beam.metrics.metric import MetricsFilter
 
         m = result.metrics().query(MetricsFilter())
@@ -452,8 +454,6 @@ def find_drift(plan_dir: str, manifest: dict, map_store, chunk: int = 5000) -> d
     after deleting the top rows) defeats the fast path, as it defeats
     snapshots and catch-up plans; the swap's compare-and-set still guards
     every key (such keys end Failed(map_changed))."""
-    import pyarrow.parquet as pq
-
     drift: dict = {}
     if _unchanged_since_snapshot(manifest, map_store):
         return drift
@@ -491,8 +491,6 @@ def _unchanged_since_snapshot(manifest: dict, map_store) -> bool:
 
 
 def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
-    import numpy as np
-
     for gid, items in drift.items():
         w = ckpt.CheckpointWriter(plan_dir, plan_id, gid, epoch)
         w.record_many([k for k, _ in items], np.array([h for _, h in items], dtype=np.uint64),
@@ -502,8 +500,6 @@ def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
 
 def warn_unsafe_options(cfg: Config, stream=None) -> list[str]:
     """One ``warning:`` line on stderr per unsafe option that is on, as a run starts."""
-    from pipeline.config import OPTIONS
-
     lines = [f"warning: {o.name} is on: {o.doc}" for o in OPTIONS if o.unsafe and cfg.options.get(o.name)]
     for line in lines:
         (stream or sys.stderr).write(line + "\n")
@@ -524,8 +520,6 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
     ``progress``: how progress shows on stderr (:mod:`shardmove.progress`; auto, bar, text, json, none).
     ``on_progress`` is called with each progress event; ``cancel`` (set from any thread) stops
     the run as a signal does."""
-    from pipeline import interrupts
-
     irq = interrupts.install(install_signals)
     finished = threading.Event()
     if cancel is not None:
@@ -547,14 +541,11 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
               out: Callable[[str], None], allow_drift: bool, progress_mode: str = "auto",
               on_event=None) -> RunResult:
-    from pipeline.lease import acquire
-    from transforms.preflight import check_stores, preflight
+    # deferred, with the graph: building it loads Beam (seconds); status and reports import this module
     from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
     pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now
-    from shardmove.progress import ProgressDisplay
-
     display = ProgressDisplay(progress_mode, cfg.opt("progress_log_interval"))  # a bad mode: exit 2 now
     manifest = load_manifest(plan_dir)
     plan_id = manifest["plan_id"]
@@ -565,9 +556,6 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     before = summarize(plan_dir, manifest)
     if before["complete"] and not (retry_failed and before["failed"]):
         return _already_complete(cfg, plan_dir, manifest, before, irq, out)
-
-    from pipeline.stores import open_data_store, open_map_store
-    from pipeline.errors import before_changes
 
     with before_changes():  # nothing modified yet: a store we cannot use is bad configuration
         map_store = open_map_store(cfg)
@@ -584,8 +572,6 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
                       "Failed(drifted)")
 
     def exec_spec(epoch: int, stop_path: str, lease_path: str) -> ExecSpec:
-        from pipeline.faults import validate_faults
-
         return ExecSpec(
             plan_dir=plan_dir,
             plan_id=plan_id,
@@ -624,8 +610,6 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     try:
         display.__enter__()  # in bar mode, other writes to the terminal clear and redraw the bar
         if isinstance(map_store, RunRegistry):
-            import socket
-
             window = _window_range(manifest)
             map_store.claim_run(plan_id, lease.epoch, window, f"{socket.gethostname()}:{os.getpid()}",
                                 cfg.opt("lease_ttl"), time.time())
@@ -657,8 +641,6 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
                 result = run_pipeline(p)
             except BaseException as e:
                 # the run failed (or lost its lease): keep every checkpoint; the claims go below
-                from pipeline.lease import LeaseLost
-
                 if isinstance(e, LeaseLost) or lease.lost:
                     raise LeaseLost(f"plan {plan_id[:12]}: this executor's lease (epoch {lease.epoch}) was "
                                     "taken over; it stopped without applying anything more") from e
@@ -765,10 +747,6 @@ def _supersede_claim(cfg: Config, manifest: dict, lease):
     """Claim the run on the map store with this lease's (newer) epoch, which supersedes the
     claim a killed run left live, so that releasing it frees the map at once; the map store
     (to release it with), or None when there is no registry or another plan holds it."""
-    import socket
-
-    from pipeline.stores import open_map_store
-
     try:
         map_store = open_map_store(cfg)
         if not isinstance(map_store, RunRegistry):
@@ -785,8 +763,6 @@ def _already_complete(cfg: Config, plan_dir: str, manifest: dict, before: dict, 
                       out: Callable[[str], None]) -> RunResult:
     """A complete plan: nothing to run.  If the run that completed it was killed before
     its final phase, finish that phase now (compaction, summary.json) under the lease."""
-    from pipeline.lease import acquire
-
     plan_id = manifest["plan_id"]
     summary = before
     if not _finished(plan_dir, before):
@@ -815,14 +791,10 @@ def _already_complete(cfg: Config, plan_dir: str, manifest: dict, before: dict, 
 
 
 def _window_range(manifest: dict) -> tuple[int, int]:
-    from pipeline.config import parse_window
-
     return parse_window(manifest.get("window")) or (0, 255)
 
 
 def _timing_stats(timings: list) -> dict:
-    import numpy as np
-
     out = {}
     for stage in ("copy", "verify", "swap", "fence"):
         ms = np.array([t[1] for t in timings if t and t[0] == stage], dtype=float)

@@ -25,6 +25,7 @@ import uuid
 
 from pipeline import fs
 from pipeline import workdir
+from pipeline.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ShardmoveError
 
 __all__ = ["HISTORY_FORMAT_VERSION", "record", "recorded", "read_history", "outcome_for_exit", "who"]
 
@@ -102,8 +103,6 @@ def recorded(work_dir: str, command: str, plan_id: str | None = None):
     130, anything else as 1 with the exception type only; the exception is
     re-raised unchanged.
     """
-    from pipeline.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, ShardmoveError
-
     h: dict = {"plan_id": plan_id, "code": None, "details": {}}
     try:
         yield h

@@ -21,15 +21,17 @@ from typing import Callable, Sequence
 import pyarrow.parquet as pq
 
 from pipeline import fs
-from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
+from pipeline.ring import Ring
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
 from pipeline.stores.base import KeyNameLimits, ShardInventory
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
+from shardmove.progress import ProgressDisplay
 from shardmove.sampling import sample_sources
+from transforms.preflight import preflight
 
 __all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
 
@@ -49,8 +51,6 @@ class PlanResult:
 
 
 def build_ring(cfg: Config):
-    from pipeline.ring import Ring
-
     try:
         return Ring.build(
             cfg.target_profile,
@@ -207,9 +207,6 @@ def make_plan(
     taken now -- at ``cutoff`` when given (:func:`pipeline.snapshot.take_snapshot`).
     ``name``: the plan's name (``plan --name``), checked before anything is committed and
     recorded after the commit; never part of the plan id."""
-    from pipeline.ring import Ring  # noqa: F401  (fail early if missing)
-    from transforms.preflight import preflight
-
     if sample_hashes and not dry_run:
         raise BadInput("plan: --sample-hashes needs --dry-run (it only reads)")
     if sample_hashes < 0:
@@ -259,8 +256,6 @@ class _PlanProgress:
     ``progress_interval`` and shows segments and keys examined (:mod:`shardmove.progress`)."""
 
     def __init__(self, staging: str, keys_total, mode: str, cfg: Config):
-        from shardmove.progress import ProgressDisplay
-
         self.staging = staging
         self.keys_total = int(keys_total) if keys_total is not None else None
         self.display = ProgressDisplay(mode, cfg.opt("progress_log_interval"))
@@ -313,6 +308,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
                pipeline_argv: Sequence[str], out: Callable[[str], None], snapshot_line: str | None = None,
                sample: tuple = (0, 0), progress: str = "auto", name: str | None = None) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
+    # deferred, with the graph: building it loads Beam (seconds); the API imports this module
     from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
@@ -347,9 +343,9 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
             out(dry_run_line(stages))
             return PlanResult("", None, {}, True, True, created=False, lines=[dry_run_line(stages)])
         elapsed = time.time() - t0
-        stats = json.loads(fs.read_bytes(fs.join(staging, "stats.json")))
-        files = json.loads(fs.read_bytes(fs.join(staging, "files.json")))
-        dups = json.loads(fs.read_bytes(fs.join(staging, "duplicates.json")))
+        stats = json.loads(fs.read_bytes(workdir.plan_output_path(staging, workdir.PLAN_STATS)))
+        files = json.loads(fs.read_bytes(workdir.plan_output_path(staging, workdir.PLAN_FILES)))
+        dups = json.loads(fs.read_bytes(workdir.plan_output_path(staging, workdir.PLAN_DUPLICATES)))
         _validate(stats, dups, cfg)
         _check_key_limits(data_store, staging, files)
         digest = core.digest_hex(*stats["digest"])
@@ -432,8 +428,8 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
         if not cap_ok:
             fs.rmtree(staging)
             raise Refused("plan: a target shard would fall below the configured headroom; no plan committed")
-        for leftover in ("stats.json", "files.json", "duplicates.json"):
-            fs.remove(fs.join(staging, leftover))
+        for leftover in workdir.PLAN_OUTPUTS:
+            fs.remove(workdir.plan_output_path(staging, leftover))
         workdir.write_manifest(staging, manifest)
         result.created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         result.plan_dir = final

@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from pipeline.errors import BadInput
+
 __all__ = ["MODES", "ProgressDisplay", "resolve_mode", "run_counts_text", "run_fields", "status_progress_lines"]
 
 MODES = ("auto", "bar", "text", "json", "none")
@@ -33,8 +35,6 @@ _CLEAR = "\r\x1b[K"
 
 def resolve_mode(mode: str | None, stream) -> str:
     """``auto`` (or None) -> ``bar`` on a terminal, ``text`` otherwise."""
-    from pipeline.errors import BadInput
-
     mode = mode or "auto"
     if mode not in MODES:
         raise BadInput(f"progress: expected one of {', '.join(MODES)}, got {mode!r}")

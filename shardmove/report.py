@@ -29,12 +29,16 @@ import datetime as _dt
 import html
 import logging
 
+import pyarrow.compute as pc
+
+from pipeline import checkpoint as ckpt
 from pipeline import fs
 from pipeline import workdir
 from shardmove.charts import (CHARTS, PLAN_CHARTS, RUN_CHARTS, Chart, chart_latency, chart_move_matrix,
                               chart_moved_fraction, chart_outcomes, chart_progress, chart_shard_counts,
                               chart_throughput, chart_window, drained_shards, runs_from_events, shard_order,
                               timing_table)
+from shardmove.executor import summarize
 
 __all__ = ["CHARTS", "PLAN_CHARTS", "RUN_CHARTS", "Chart", "write_plan_report", "write_report", "collect_run_data",
            "render_html", "runs_from_events", "timing_table", "capacity_banner"]
@@ -52,11 +56,6 @@ def collect_run_data(plan_dir: str, manifest: dict) -> dict:
     lists of every run, and ``last_timings`` those of the last run (``last_epoch``) alone;
     ``attempts``: keys per number of copy attempts.
     """
-    import pyarrow.compute as pc
-
-    from pipeline import checkpoint as ckpt
-    from shardmove.executor import summarize
-
     summary = summarize(plan_dir, manifest)
     prev = workdir.read_summary(plan_dir) or {}
     for k in ("elapsed_s", "total_elapsed_s", "keys_per_s", "runs", "retries_this_run", "timings"):

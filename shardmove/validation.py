@@ -52,6 +52,8 @@ from pipeline import keys as K
 from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, BadInput
+from pipeline.snapshot import list_parts
+from pipeline.stores import open_map_store
 from pipeline.stores.base import ExternalClock
 
 __all__ = [
@@ -376,8 +378,6 @@ def compare_plan(map_store, plan_dir: str, manifest: dict, *, lookup_batch: int 
 def _check_target_snapshot(cfg, rep: TopologyReport) -> None:
     """Count what the planner refuses in an explicit target snapshot (same rules:
     :func:`pipeline.plancore.prepare_batch` on the target side)."""
-    from pipeline.snapshot import list_parts
-
     targets = frozenset(s.id for s in cfg.target_shards) if cfg.target_shards else None
     st = core.Stats()
     units = list_parts(cfg.target_snapshot, "target snapshot", cfg.key_type)
@@ -400,8 +400,6 @@ def _check_target_snapshot(cfg, rep: TopologyReport) -> None:
 def validate(cfg, *, compare_plan_dir: str | None = None, map_store=None,
              memory_rows: int = DEFAULT_MEMORY_ROWS) -> ValidationResult:
     """Validate the configured map store; optionally compare a plan with it."""
-    from pipeline.stores import open_map_store
-
     manifest = None
     if compare_plan_dir is not None:
         manifest = workdir.load_manifest(compare_plan_dir)

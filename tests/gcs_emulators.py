@@ -212,9 +212,9 @@ def gcs_emulator(gcs_emulator_session) -> Emulator:
 def _use(monkeypatch, emu: Emulator) -> Emulator:
     for k, v in emu.env.items():
         monkeypatch.setenv(k, v)
-    from pipeline import gcs
+    from transforms import bulkio
 
-    gcs.configure_for_emulator()
+    bulkio.configure_for_emulator()  # the client's side and Beam's
     return emu
 
 

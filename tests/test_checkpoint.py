@@ -1,4 +1,4 @@
-"""Checkpoints (pipeline/checkpoint.py) and the state machine (pipeline/states.py)."""
+"""Checkpoints (pipeline/checkpoint/) and the state machine (pipeline/states.py)."""
 from __future__ import annotations
 
 import logging

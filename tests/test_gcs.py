@@ -20,9 +20,10 @@ import pytest
 
 from gcs_emulators import *  # noqa: F401,F403 -- fixtures
 from pipeline import checkpoint as ckpt
-from pipeline import fs, gcs
+from pipeline import fs, gcs, workdir
 from pipeline import lease as lease_mod
 from pipeline.errors import Refused, TransientError
+from transforms import bulkio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,11 +155,11 @@ def test_listing_reading_and_removal(use_fake_gcs):
     fs.remove(fs.join(base, "a.json"))  # idempotent
     # rename_dir: everything moves, and the commit marker is there at the end
     fs.write_atomic(fs.join(base, "d", "manifest.json"), b"{}")
-    assert fs.rename_dir(fs.join(base, "d"), fs.join(base, "final")) is True
+    assert fs.rename_dir(fs.join(base, "d"), fs.join(base, "final"), markers=workdir.COMMIT_MARKERS) is True
     assert [p.rsplit("/w/", 1)[1] for p in fs.walk_files(fs.join(base, "final"))] == [
         "final/e/y.parquet", "final/manifest.json", "final/x.parquet"]
     assert not fs.exists(fs.join(base, "d"))
-    assert fs.rename_dir(fs.join(base, "d2"), fs.join(base, "final")) is False  # already committed
+    assert fs.rename_dir(fs.join(base, "d2"), fs.join(base, "final"), markers=workdir.COMMIT_MARKERS) is False  # already committed
     fs.rmtree(base)
     assert fs.walk_files(base) == [] and not fs.exists(base)
     nob = "gs://no-such-bucket-" + bucket[-12:]  # a missing bucket looks like a missing directory
@@ -169,14 +170,14 @@ def test_listing_reading_and_removal(use_fake_gcs):
 
 def test_copy_tree_copies_commit_markers_last(tmp_path):
     """Local and gs:// share the order: sub-directories, top-level files, markers."""
-    order = sorted(["manifest.json", "moves/a.parquet", "z.json", "snapshot.json", "a/b/c"], key=fs._copy_order)
+    order = sorted(["manifest.json", "moves/a.parquet", "z.json", "snapshot.json", "a/b/c"], key=lambda r: fs._copy_order(r, workdir.COMMIT_MARKERS))
     assert order[:2] == ["a/b/c", "moves/a.parquet"]
     assert set(order[-2:]) == {"manifest.json", "snapshot.json"}
     src = tmp_path / "src"
     (src / "moves").mkdir(parents=True)
     (src / "moves" / "g.parquet").write_bytes(b"m")
     (src / "manifest.json").write_bytes(b"{}")
-    fs.copy_tree(str(src), str(tmp_path / "dst"))
+    fs.copy_tree(str(src), str(tmp_path / "dst"), markers=workdir.COMMIT_MARKERS)
     assert (tmp_path / "dst" / "manifest.json").read_bytes() == b"{}"
     assert (tmp_path / "dst" / "moves" / "g.parquet").read_bytes() == b"m"
 
@@ -206,24 +207,24 @@ def test_bulk_parquet_through_beam_filesystems(emulator, request):
     data = parquet_bytes()
     path = f"gs://{bucket}/work/plans/x/moves/s0~s1~00000.parquet"
     t0 = time.monotonic()
-    fs.write_bulk(path, data)
-    fs.write_bulk(path, data)  # idempotent for deterministic bytes
+    bulkio.write_bulk(path, data)
+    bulkio.write_bulk(path, data)  # idempotent for deterministic bytes
     assert fs.read_bytes(path) == data
     assert fs.read_range(path, 0, 4) == b"PAR1" and fs.read_range(path, len(data) - 4, 100) == b"PAR1"
-    with fs.open_bulk(path) as f:
+    with bulkio.open_bulk(path) as f:
         pf = pq.ParquetFile(f)
         assert pf.metadata.num_rows == 50_000 and pf.num_row_groups == 10
         assert pf.read_row_group(7, columns=["v"]).column(0).to_pylist()[:2] == [35_000, 35_001]
     assert time.monotonic() - t0 < 10, "Beam waited for credentials"
     with pytest.raises(FileNotFoundError):
-        fs.open_bulk(f"gs://{bucket}/work/none.parquet")
+        bulkio.open_bulk(f"gs://{bucket}/work/none.parquet")
 
 
 def test_bulk_local_is_atomic_write(tmp_path):
     path = str(tmp_path / "m" / "g.parquet")
     os.makedirs(os.path.dirname(path))
-    fs.write_bulk(path, b"PAR1")
-    with fs.open_bulk(path) as f:
+    bulkio.write_bulk(path, b"PAR1")
+    with bulkio.open_bulk(path) as f:
         assert f.read() == b"PAR1"
     assert fs.read_range(path, 1, 2) == b"AR" and fs.isfile(path) and not fs.isfile(str(tmp_path))
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
@@ -234,11 +235,11 @@ import os, sys, time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from pipeline import fs
+from transforms import bulkio
 path = sys.argv[1]
 t1 = time.monotonic()
-fs.write_bulk(path + "/in.bin", b"payload")  # Beam's first gs:// call: where the ~20 s wait would be
-with fs.open_bulk(path + "/in.bin") as f:
+bulkio.write_bulk(path + "/in.bin", b"payload")  # Beam's first gs:// call: where the ~20 s wait would be
+with bulkio.open_bulk(path + "/in.bin") as f:
     assert f.read() == b"payload"
 from apache_beam.io.filesystems import FileSystems  # Beam's own entry point, short-circuited too
 assert FileSystems.open(path + "/in.bin").read() == b"payload"
@@ -246,13 +247,13 @@ print("gcs_seconds", round(time.monotonic() - t1, 3))
 
 def read(p):
     import os, time
-    from pipeline import fs
+    from transforms import bulkio
     t = time.monotonic()
-    with fs.open_bulk(p) as f:
+    with bulkio.open_bulk(p) as f:
         return os.getpid(), time.monotonic() - t, f.read()
 
 def write(r, name):
-    fs.write_bulk(path + "/" + name, repr((r[0], r[1] < 10, r[2])).encode())
+    bulkio.write_bulk(path + "/" + name, repr((r[0], r[1] < 10, r[2])).encode())
 
 with beam.Pipeline(runner=FnApiRunner()) as p:  # in-process worker
     p | beam.Create([path + "/in.bin"]) | beam.Map(read) | beam.Map(write, "in_process")
@@ -285,17 +286,33 @@ def test_beam_credential_lookup_short_circuited_in_fresh_process(fake_gcs):
     assert pid != launcher and fast and data == b"payload"  # the worker inherited the emulator
 
 
-def test_configure_for_emulator_is_idempotent_and_noop_without_emulator(monkeypatch):
+@pytest.mark.parametrize("configure", [gcs.configure_for_emulator, bulkio.configure_for_emulator])
+def test_configure_for_emulator_is_idempotent_and_noop_without_emulator(monkeypatch, configure):
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
-    assert gcs.configure_for_emulator() is False
+    assert configure() is False
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
     monkeypatch.delenv("NO_GCE_CHECK", raising=False)
-    assert gcs.configure_for_emulator() is True
-    assert gcs.configure_for_emulator() is True
+    assert configure() is True
+    assert configure() is True
     assert os.environ["NO_GCE_CHECK"] == "true"
+
+
+def test_beam_side_of_configure_for_emulator_short_circuits_beam_credentials(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    assert bulkio.configure_for_emulator() is True
     from apache_beam.internal.gcp import auth
 
     assert auth._Credentials._credentials_init is True and auth._Credentials._credentials is None
+
+
+def test_the_core_side_never_imports_beam():
+    code = ("import os, sys\n"
+            "os.environ['STORAGE_EMULATOR_HOST'] = 'http://127.0.0.1:9'\n"
+            "from pipeline import fs, gcs\n"
+            "assert gcs.configure_for_emulator() is True\n"
+            "sys.exit(3 if any(m.startswith('apache_beam') for m in sys.modules) else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------- retries

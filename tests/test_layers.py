@@ -46,6 +46,12 @@ def test_each_floor_imports_only_from_the_floors_below(floor):
     assert not bad, f"{floor} imports from a floor above it: {bad}"
 
 
+def test_no_core_module_names_beam_in_an_import_even_inside_a_function():
+    """Beam's GCS IO lives in transforms/bulkio.py: the core does not defer Beam, it never uses it."""
+    bad = [m for m in _modules("pipeline") if "apache_beam" in _imported(m)]
+    assert not bad, f"these core modules import apache_beam: {bad}"
+
+
 def test_every_core_module_imports_without_loading_beam():
     """One fresh interpreter per module, so no module hides behind another's imports."""
     modules = _modules("pipeline")

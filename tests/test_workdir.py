@@ -50,7 +50,7 @@ def test_commit_staged_replaces_a_half_copied_directory(tmp_path):
 
 def test_commit_staged_checks_its_result(tmp_path, monkeypatch):
     staging = _staged(tmp_path / "plans")
-    monkeypatch.setattr(fs, "rename_dir", lambda src, dst: True)  # claims success, moved nothing
+    monkeypatch.setattr(fs, "rename_dir", lambda src, dst, **_: True)  # claims success, moved nothing
     with pytest.raises(StoreError, match="manifest.json is missing after the commit"):
         workdir.commit_staged(staging, str(tmp_path / "plans" / "p"), workdir.MANIFEST)
 

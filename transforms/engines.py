@@ -40,6 +40,7 @@ PRISM_PACKAGE = "github.com/apache/beam/sdks/v2/go/cmd/prism"
 
 
 def beam_version() -> str:
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.version import __version__
 
     return __version__
@@ -129,6 +130,7 @@ def require_java(runner: str) -> str:
 
 def job_server_coordinates(runner: str, opts) -> str:
     """Maven coordinates ``G:A:V`` of the job-server jar Beam would use for ``runner``."""
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import FlinkRunnerOptions
 
     v = beam_version()

@@ -52,7 +52,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Tuple
 
@@ -66,6 +69,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import fs
 from pipeline import plancore as core
@@ -73,6 +78,7 @@ from pipeline import workdir
 from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
+from transforms import bulkio
 from transforms.coders import Uint64
 
 __all__ = [
@@ -130,9 +136,7 @@ class PlanGraphSpec:
 # ---------------------------------------------------------------- reading
 
 def _open(path: str):
-    if fs.is_gcs(path):
-        return fs.open_bulk(path)  # ranged reads: footers and row groups only
-    return open(path, "rb")
+    return bulkio.open_bulk(path)  # gs://: ranged reads, footers and row groups only
 
 
 def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
@@ -183,11 +187,8 @@ def _write_spill(path: str, blobs: list) -> None:
     """Write the concatenated blobs.  Scratch data: atomic (rename) but not
     fsynced -- a crash discards the whole staging directory anyway."""
     if fs.is_gcs(path):
-        fs.write_bulk(path, b"".join(blobs))  # one upload, finalised on close
+        bulkio.write_bulk(path, b"".join(blobs))  # one upload, finalised on close
         return
-    import os
-    import tempfile
-
     d = os.path.dirname(path)
     os.makedirs(d, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
@@ -629,8 +630,6 @@ class _WriteGroupFn(beam.DoFn):
         self._files = Metrics.counter("plan", "move_files")
 
     def setup(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._made = False
         self._pool = ThreadPoolExecutor(self.WRITE_THREADS, thread_name_prefix="plan-write")
 
@@ -691,9 +690,6 @@ class _WriteGroupFn(beam.DoFn):
         return record
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
         try:
             while self._pending:
                 record = self._settle(self._pending.pop(0))
@@ -750,7 +746,7 @@ class _StatsCombineFn(beam.CombineFn):
 def _write_json(staging: str, name: str):
     def write(value):
         fs.makedirs(staging)
-        fs.write_atomic(fs.join(staging, name), json.dumps(value, sort_keys=True).encode())
+        fs.write_atomic(workdir.plan_output_path(staging, name), json.dumps(value, sort_keys=True).encode())
         return name
 
     return write
@@ -769,9 +765,9 @@ def _finalize(staging: str):
         acc = fn.create_accumulator()
         for s in stats:
             acc = fn.add_input(acc, s)
-        _write_json(staging, "stats.json")(fn.extract_output(acc))
-        _write_json(staging, "files.json")(list(files))
-        _write_json(staging, "duplicates.json")(int(sum(dups)))
+        _write_json(staging, workdir.PLAN_STATS)(fn.extract_output(acc))
+        _write_json(staging, workdir.PLAN_FILES)(list(files))
+        _write_json(staging, workdir.PLAN_DUPLICATES)(int(sum(dups)))
         fs.rmtree(fs.join(staging, SPILL_DIR))
         return None
 

@@ -39,6 +39,7 @@ public.records does not exist``.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -61,8 +62,7 @@ class Preflight:
 
 def unknown_flags(args: Sequence[str]) -> list[str]:
     """The flags of ``args`` that no registered ``PipelineOptions`` class knows, as the user spelled them."""
-    import logging
-
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import PipelineOptions
 
     log = logging.getLogger("apache_beam.options.pipeline_options")
@@ -102,6 +102,7 @@ def _is_local(host: str | None) -> bool:
 
 def remote_reason(runner: str, opts) -> str | None:
     """Why this runner's workers may run on other machines, or None when they are local."""
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import (
         FlinkRunnerOptions, PortableOptions, SparkRunnerOptions)
 
@@ -164,6 +165,7 @@ def _check_in_process_stores(cfg, runner: str, opts) -> None:
 
 def preflight(cfg, beam_args: Sequence[str] = (), log: Callable[[str], None] | None = None) -> Preflight:
     """Validate the Beam flags for ``cfg`` and fill in what the runner needs; see the module doc."""
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import (
         PipelineOptions, PrismRunnerOptions, TestOptions, FlinkRunnerOptions, SparkRunnerOptions)
 

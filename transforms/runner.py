@@ -24,6 +24,7 @@ The same graphs run unchanged on:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Mapping, Sequence
 
 from pipeline.errors import BadInput
@@ -61,6 +62,7 @@ def pipeline_args(beam_cfg: Mapping | None, extra: Sequence[str] = ()) -> list[s
 
 def canonical_runner(name: str) -> str:
     """Beam's class name for a runner name as Beam accepts it (``flink`` → ``FlinkRunner``)."""
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import StandardOptions
 
     known = {p.rsplit(".", 1)[-1].lower(): p.rsplit(".", 1)[-1] for p in StandardOptions.ALL_KNOWN_RUNNERS}
@@ -71,8 +73,6 @@ def canonical_runner(name: str) -> str:
     if key + "runner" in known:
         return known[key + "runner"]
     if "." in name:
-        import importlib
-
         module, cls = name.rsplit(".", 1)
         try:
             getattr(importlib.import_module(module), cls)
@@ -84,6 +84,7 @@ def canonical_runner(name: str) -> str:
 
 
 def _options(args: Sequence[str]):
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import PipelineOptions
 
     return PipelineOptions(list(args))
@@ -98,6 +99,7 @@ def is_dry_run(args: Sequence[str]) -> bool:
 
     Only Dataflow honours ``--dry_run``; any other runner would execute the
     pipeline, so the flag is not a dry run there."""
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.options.pipeline_options import TestOptions
 
     opts = _options(args)
@@ -106,6 +108,7 @@ def is_dry_run(args: Sequence[str]) -> bool:
 
 
 def make_pipeline(args: Sequence[str]):
+    # deferred: Beam takes seconds to load; importing this module must not
     import apache_beam as beam
 
     cap_beam_loggers()  # Beam prints elements (keys) at DEBUG: never below INFO
@@ -129,6 +132,7 @@ def _fn_api_runner():
     the graceful stop: the launcher writes the stop marker, the DoFns flush
     their checkpoints and return, and the run exits 130.  Shielded workers
     still end when the launcher's control channel closes, or on SIGKILL."""
+    # deferred: Beam takes seconds to load; importing this module must not
     from apache_beam.portability import python_urns
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
