@@ -213,7 +213,7 @@ _BREAKDOWN = (
     ("shardmove.executor", "verify_plan_files", "verify_plan_files", False),
     ("shardmove.executor", "find_drift", "find_drift", False),
     ("shardmove.executor", "summarize", "summarize_and_compact", False),
-    ("shardmove.executor", "_Progress._scan", "progress_scan_thread", False),
+    ("shardmove.run_progress", "_Progress._scan", "progress_scan_thread", False),
     ("transforms.stages.load", "_LoadWorkFn.process", "stage_load_work", True),
     ("transforms.stages.copy", "_CopyFn.process", "stage_copy", True),
     ("transforms.stages.verify", "_VerifyFn.process", "stage_verify", True),
