@@ -14,8 +14,8 @@ and the cost of checkpoints.
     a hash check (xxh3-128 of the value read back from the target vs the value
     copied) and one map transaction (``UPDATE shard_map SET shard_id=?,
     version=? WHERE key=? AND shard_id=?``, version = max + 1), with the same
-    PRAGMAs as ``pipeline/stores/sqlite.py`` (read from that module).  Both end
-    states are compared (``same_result``).
+    PRAGMAs as the SQLite stores (read from ``pipeline/stores/sqlite_common.py``
+    and ``sqlite_map.py``).  Both end states are compared (``same_result``).
 (c) measured in the same executor run: ``checkpoint_bytes_per_key`` (bytes
     under ``<plan>/checkpoints`` / moved keys, after the run before
     compaction, and after compaction) and ``checkpoint_time_share`` (time the
@@ -213,7 +213,7 @@ _BREAKDOWN = (
     ("shardmove.executor", "verify_plan_files", "verify_plan_files", False),
     ("shardmove.executor", "find_drift", "find_drift", False),
     ("shardmove.executor", "summarize", "summarize_and_compact", False),
-    ("shardmove.executor", "_Progress._scan", "progress_scan_thread", False),
+    ("shardmove.run_progress", "_Progress._scan", "progress_scan_thread", False),
     ("transforms.stages.load", "_LoadWorkFn.process", "stage_load_work", True),
     ("transforms.stages.copy", "_CopyFn.process", "stage_copy", True),
     ("transforms.stages.verify", "_VerifyFn.process", "stage_verify", True),
@@ -223,10 +223,10 @@ _BREAKDOWN = (
     ("transforms.stages.copy", "Copier.finish_copies", "copy_finish", False),
     ("transforms.stages.swap", "Swapper.swap_once", "swap_once", False),
     ("transforms.stages.common", "CheckpointRecorder.record", "record_transitions", False),
-    ("pipeline.stores.sqlite", "SqliteMapStore.lookup", "map_lookup", False),
-    ("pipeline.stores.sqlite", "SqliteMapStore.swap_batch", "map_swap_batch", False),
-    ("pipeline.stores.sqlite", "SqliteDataStore.copy", "data_copy", False),
-    ("pipeline.stores.sqlite", "SqliteDataStore.hashes", "data_hashes", False),
+    ("pipeline.stores.sqlite_map", "SqliteMapStore.lookup", "map_lookup", False),
+    ("pipeline.stores.sqlite_map", "SqliteMapStore.swap_batch", "map_swap_batch", False),
+    ("pipeline.stores.sqlite_data", "SqliteDataStore.copy", "data_copy", False),
+    ("pipeline.stores.sqlite_data", "SqliteDataStore.hashes", "data_hashes", False),
     # the writer and compaction each call their own binding of serialize_table
     ("pipeline.checkpoint.writer", "serialize_table", "checkpoint_serialize", False),
     ("pipeline.checkpoint.compaction", "serialize_table", "checkpoint_serialize", False),
@@ -297,15 +297,15 @@ def child_baseline(run_dir: str) -> None:
     import xxhash
 
     from pipeline.names import safe_name
-    from pipeline.stores import sqlite as store_mod
+    from pipeline.stores import sqlite_common, sqlite_map
 
     plan_dir = plan_dir_of(run_dir)
     manifest = json.load(open(os.path.join(plan_dir, "manifest.json")))
     ks = os.path.join(run_dir, "keyspace")
     batch = 500  # swap_batch_size (the demo config's and the default)
-    base_pragmas = store_mod._SqliteBase._PRAGMAS
-    map_pragmas = store_mod.SqliteMapStore._PRAGMAS
-    busy = store_mod.DEFAULT_BUSY_TIMEOUT
+    base_pragmas = sqlite_common._SqliteBase._PRAGMAS
+    map_pragmas = sqlite_map.SqliteMapStore._PRAGMAS
+    busy = sqlite_common.DEFAULT_BUSY_TIMEOUT
 
     def connect(path, pragmas):
         c = sqlite3.connect(path, timeout=busy, isolation_level=None, check_same_thread=False,

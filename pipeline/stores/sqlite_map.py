@@ -1,0 +1,668 @@
+"""The embedded SQLite map store (CONTRACTS "Embedded SQLite stores").
+
+Never imports Beam.  Connections, per-file locks and error classification are
+shared with the SQLite data store: :mod:`pipeline.stores.sqlite_common`.
+
+Map store file::
+
+    shard_map(key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)
+    + index shard_map_version(version)
+
+``version`` is a keyspace-wide change number: every transaction that writes
+rows (a ``put_many`` chunk, a swap batch) stamps them with ``max(version) + 1``
+taken inside that write transaction.
+
+The fenced swap attaches the source shards' files of a
+:class:`~pipeline.stores.sqlite_data.SqliteDataStore` (and, read-only, the
+targets') to the map's connection: besides the version, it compares the source
+record's bytes with its copy on the target, so a rewrite that kept the version
+is re-copied, never swapped stale.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from typing import Iterable, Iterator, Sequence
+
+import pyarrow as pa
+
+from pipeline.errors import BadInput, ConfigurationError, PermanentError
+from pipeline.keys import KeyType, text_forms
+from pipeline.lease import LeaseLost
+from pipeline.names import safe_name
+from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, check_cutoff, swap_item
+from pipeline.stores.claims import ClaimRow, decide_claim, raise_for
+from pipeline.stores.sqlite_common import (
+    _WRITE_CHUNK,
+    DEFAULT_BUSY_TIMEOUT,
+    _chunks,
+    _first,
+    _in_sql,
+    _limit,
+    _locked,
+    _rollback,
+    _rows_json,
+    _SqliteBase,
+    _store_error,
+    _uri,
+)
+from pipeline.stores.sqlite_data import SqliteDataStore
+
+__all__ = ["SqliteMapStore", "SqliteMapSnapshot", "map_ddl"]
+
+_MAP_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS shard_map("
+    "key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS shard_map_version ON shard_map(version)",
+)
+
+
+def map_ddl() -> tuple[str, ...]:
+    """The map file's DDL (CONTRACTS' ``shard_map`` and its version index), each ``IF NOT EXISTS``."""
+    return _MAP_SCHEMA
+
+
+
+class SqliteMapSnapshot(CountingSnapshot):
+    """A point-in-time export of a SQLite shard map (see :class:`base.MapSnapshot`).
+
+    Opening it starts ONE read transaction and reads the cutoff (the highest
+    change number, or the caller's ``cutoff``: at most that, else BadInput).  Iterating streams the rows with ``version <= cutoff``
+    from a single cursor (``fetchmany``: memory bounded by ``segment_size``) as
+    RecordBatches of :data:`SNAPSHOT_SCHEMA`.  Rows whose key is not a
+    canonical text form of the key type -- or whose key, shard id or version
+    has the wrong SQLite type -- are counted in ``invalid_keys`` and skipped.
+
+    When the iteration ends the read transaction is closed and the rows above
+    the cutoff are counted (rows written or swapped while the export ran).
+    Inside the read transaction that count is always 0 -- SQLite readers see a
+    fixed snapshot -- so it is taken just after it.
+    """
+
+    _SELECT = (
+        "SELECT key, shard_id, version FROM shard_map WHERE version <= ? "
+        "AND typeof(key) = 'text' AND typeof(shard_id) = 'text' AND typeof(version) = 'integer'"
+    )
+    _BAD_TYPED = (
+        "SELECT count(*) FROM shard_map WHERE NOT "
+        "(typeof(key) = 'text' AND typeof(shard_id) = 'text' AND typeof(version) = 'integer')"
+    )
+
+    def __init__(self, store: "SqliteMapStore", segment_size: int, cutoff: int | None = None):
+        if isinstance(segment_size, bool) or not isinstance(segment_size, int) or segment_size < 1:
+            raise ValueError(f"segment_size must be a positive integer, got {segment_size!r}")
+        self.segment_size = segment_size
+        self.key_type = store.key_type
+        self._path = store.path
+        store._require_file()
+        self._conn = store._open(store.path, text_factory=bytes)
+        self._rows = 0
+        self._invalid = 0
+        self._above: int | None = None
+        self._started = False
+        try:
+            self._conn.execute("BEGIN")
+            top = self._conn.execute("SELECT max(version) FROM shard_map").fetchone()[0]
+            if top is not None and not isinstance(top, int):
+                raise PermanentError("map snapshot: a version is not an integer", reason="schema")
+            self.cutoff = check_cutoff(cutoff, int(top or 0))
+            self._invalid = int(self._conn.execute(self._BAD_TYPED).fetchone()[0])
+        except sqlite3.Error as e:
+            self._conn.close()
+            raise _store_error(e, f"map store {self._path}: snapshot") from e
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        try:
+            cur = self._conn.execute(self._SELECT, (self.cutoff,))
+            while True:
+                rows = cur.fetchmany(self.segment_size)
+                if not rows:
+                    break
+                batch = self._to_batch(rows)
+                if batch.num_rows:
+                    yield batch
+            self._conn.execute("COMMIT")
+            self._above = int(self._conn.execute(
+                "SELECT count(*) FROM shard_map WHERE version > ?", (self.cutoff,)).fetchone()[0])
+        except sqlite3.Error as e:
+            raise _store_error(e, f"map store {self._path}: snapshot") from e
+        finally:
+            self.close()
+
+    def _to_batch(self, rows: list) -> pa.RecordBatch:
+        return self._columns_to_batch(*zip(*rows))
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _rollback(conn)
+            conn.close()
+
+
+class SqliteMapStore(_SqliteBase):
+    """The shard map in one SQLite file (see the module docstring).
+
+    Thread-safe: each thread uses its own connection; writes of one process
+    queue on a per-file lock.  Picklable (configuration only).
+    """
+
+    # The map is hot (every swap batch reads and writes random pages of it):
+    # a 64 MiB page cache per connection; few connections exist.
+    _PRAGMAS = _SqliteBase._PRAGMAS + ("PRAGMA cache_size=-65536",)
+    _WHAT = "map store"
+
+    #: count() and count_above() are index scans: the executor's drift check may use them
+    cheap_counts = True
+
+    def __init__(self, path: str, key_type: KeyType = KeyType.STRING, *,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT, synchronous: str = "FULL"):
+        super().__init__(key_type, busy_timeout, synchronous)
+        self.path = os.fspath(path)
+
+    def _config(self) -> dict:
+        return dict(path=self.path, key_type=self.key_type, busy_timeout=self.busy_timeout,
+                    synchronous=self.synchronous)
+
+    def __repr__(self) -> str:
+        return f"SqliteMapStore({self.path!r}, {self.key_type.value!r})"
+
+    # --------------------------------------------------------------- set-up
+
+    @classmethod
+    def create(cls, path: str, key_type: KeyType = KeyType.STRING, **kwargs) -> "SqliteMapStore":
+        """Create the map file (0600, WAL) if absent, with its schema; return the store."""
+        store = cls(path, key_type, **kwargs)
+        store.ensure_schema()
+        return store
+
+    def ensure_schema(self) -> None:
+        """Create the file (if absent), the ``shard_map`` table and its version index."""
+        with _locked([self.path], self.busy_timeout, "map schema"):
+            self._init_file(self.path, _MAP_SCHEMA, "map schema")
+
+    def initialize(self) -> list[tuple[str, str]]:
+        """Create what is missing of the map (``shardmove init``); check what exists.
+
+        The file (0600, WAL), ``shard_map`` and its version index, by the same
+        statements as :meth:`ensure_schema`.  An existing ``shard_map`` must
+        have the CONTRACTS shape (``key TEXT PRIMARY KEY``, ``shard_id TEXT NOT
+        NULL``, ``version INTEGER NOT NULL``); otherwise BadInput and nothing is
+        created.  Any plain index whose first column is ``version`` stands for
+        the version index.  Never drops or alters anything.  Returns
+        ``(status, "kind name")`` pairs, status ``created`` or ``exists``.
+        """
+        what = f"map store {self.path}: init"
+        with _locked([self.path], self.busy_timeout, what):
+            have_file = os.path.exists(self.path)
+            have_table, index = False, None
+            if have_file:
+                try:
+                    have_table, index = self._map_shape(self._conn(self.path))
+                except sqlite3.Error as e:
+                    raise _store_error(e, what) from e
+            todo = [stmt for stmt, have in zip(_MAP_SCHEMA, (have_table, index)) if not have]
+            if todo:
+                self._init_file(self.path, todo, what)
+        return [("exists" if have_file else "created", f"file {self.path}"),
+                ("exists" if have_table else "created", "table shard_map"),
+                ("exists" if index else "created", f"index {index or 'shard_map_version'}")]
+
+    @staticmethod
+    def _map_shape(conn: sqlite3.Connection) -> tuple[bool, str | None]:
+        """(shard_map exists, the name of an index on its version column); BadInput
+        when ``shard_map`` exists with another shape than CONTRACTS'."""
+        row = conn.execute("SELECT type FROM sqlite_master WHERE name = 'shard_map'").fetchone()
+        if row is None:
+            return False, None
+        if row[0] != "table":
+            raise BadInput(f"init: shard_map exists but is a {row[0]}, not a table")
+        cols = {r[1]: (str(r[2]).upper(), bool(r[3]), int(r[5]))
+                for r in conn.execute("SELECT cid, name, type, \"notnull\", dflt_value, pk "
+                                      "FROM pragma_table_info('shard_map')")}
+        want = {"key": ("TEXT", False, 1), "shard_id": ("TEXT", True, 0), "version": ("INTEGER", True, 0)}
+        for name, (typ, notnull, pk) in want.items():
+            if name not in cols:
+                raise BadInput(f"init: shard_map has no column {name} (expected the CONTRACTS schema "
+                               "key TEXT PRIMARY KEY, shard_id TEXT NOT NULL, version INTEGER NOT NULL)")
+            got_typ, got_notnull, got_pk = cols[name]
+            if got_typ != typ or (notnull and not got_notnull) or bool(got_pk) != bool(pk):
+                raise BadInput(f"init: shard_map column {name} is {got_typ or 'untyped'}"
+                               f"{' NOT NULL' if got_notnull else ''}{' PRIMARY KEY' if got_pk else ''}, expected "
+                               f"{typ}{' NOT NULL' if notnull else ''}{' PRIMARY KEY' if pk else ''}")
+        if sum(1 for c in cols.values() if c[2]) != 1:
+            raise BadInput("init: shard_map's primary key is not key alone")
+        idx = conn.execute("SELECT il.name FROM pragma_index_list('shard_map') AS il WHERE il.partial = 0 AND "
+                           "(SELECT ii.name FROM pragma_index_info(il.name) AS ii WHERE ii.seqno = 0) = 'version' "
+                           "ORDER BY il.name != 'shard_map_version', il.name LIMIT 1").fetchone()
+        return True, (idx[0] if idx else None)
+
+    def _require_file(self) -> None:
+        if not os.path.exists(self.path):
+            raise ConfigurationError(f"map store file not found: {self.path}", reason="map_missing")
+
+    def _map_conn(self) -> sqlite3.Connection:
+        self._require_file()
+        return self._conn(self.path)
+
+    # ---------------------------------------------------------------- reads
+
+    def snapshot(self, segment_size: int = 20000, cutoff: int | None = None) -> SqliteMapSnapshot:
+        """Open a point-in-time export (at ``cutoff``, default the current version);
+        see :class:`SqliteMapSnapshot`."""
+        return SqliteMapSnapshot(self, segment_size, cutoff)
+
+    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, tuple[str, int]]:
+        """Current ``(shard_id, version)`` of those keys that exist (one read transaction)."""
+        if not keys:
+            return {}
+        texts = text_forms(keys, self.key_type)
+        by_text = dict(zip(texts, keys))
+        uniq = list(by_text)
+        conn = self._map_conn()
+        out: dict[bytes, tuple[str, int]] = {}
+        try:
+            conn.execute("BEGIN")
+            for k, s, v in _rows_json(conn, "shard_id, version", "shard_map", uniq):
+                out[by_text[k]] = (s, int(v))
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, f"map store {self.path}: lookup") from e
+        return out
+
+    def max_version(self) -> int:
+        conn = self._map_conn()
+        try:
+            return int(conn.execute("SELECT max(version) FROM shard_map").fetchone()[0] or 0)
+        except sqlite3.Error as e:
+            raise _store_error(e, f"map store {self.path}: max version") from e
+
+    def count_above(self, version: int) -> int:
+        """Rows whose version is above ``version`` (uses the version index)."""
+        conn = self._map_conn()
+        try:
+            return int(conn.execute("SELECT count(*) FROM shard_map WHERE version > ?",
+                                    (int(version),)).fetchone()[0])
+        except sqlite3.Error as e:
+            raise _store_error(e, f"map store {self.path}: count") from e
+
+    def count(self) -> int:
+        conn = self._map_conn()
+        try:
+            return int(conn.execute("SELECT count(*) FROM shard_map").fetchone()[0])
+        except sqlite3.Error as e:
+            raise _store_error(e, f"map store {self.path}: count") from e
+
+    # --------------------------------------------------------------- writes
+
+    def put_many(self, rows: Iterable[tuple[bytes, str]], *, chunk_size: int = _WRITE_CHUNK) -> int:
+        """Upsert ``(key, shard_id)`` rows (demo and tests).
+
+        One write transaction per chunk; each chunk's rows are stamped with a
+        new change number ``max(version) + 1``.  Returns the rows written.
+        """
+        conn = self._map_conn()
+        total = 0
+        buf: list[tuple[bytes, str]] = []
+
+        def flush():
+            nonlocal total
+            texts = text_forms([k for k, _ in buf], self.key_type)
+            with _locked([self.path], self.busy_timeout, "map put"):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    v = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
+                    conn.executemany(
+                        "INSERT INTO shard_map(key, shard_id, version) VALUES (?, ?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET shard_id = excluded.shard_id, version = excluded.version",
+                        # key order: sequential index inserts (a stable sort keeps the last duplicate last)
+                        sorted(((t, s, v) for t, (_, s) in zip(texts, buf)), key=_first),
+                    )
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    _rollback(conn)
+                    raise _store_error(e, f"map store {self.path}: put") from e
+            total += len(buf)
+            buf.clear()
+
+        for row in rows:
+            buf.append((row[0], row[1]))
+            if len(buf) >= chunk_size:
+                flush()
+        if buf:
+            flush()
+        return total
+
+    def supports_fence(self, data_store: object) -> bool:
+        """A fenced swap needs the source shards in SQLite files (:class:`SqliteDataStore`)."""
+        return isinstance(data_store, SqliteDataStore)
+
+    # ------------------------------------------------ run registry (fencing)
+    _RUNS_DDL = ("CREATE TABLE IF NOT EXISTS shardmove_runs(plan_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
+                 "window_lo INTEGER NOT NULL, window_hi INTEGER NOT NULL, holder TEXT NOT NULL, "
+                 "expires_at REAL NOT NULL)")
+
+    def claim_run(self, plan_id: str, epoch: int, window: tuple[int, int], holder: str, ttl: float,
+                  now: float) -> None:
+        """Register this executor (plan, epoch) on the map store, atomically.
+
+        The one claim rule, :func:`pipeline.stores.claims.decide_claim`, decided
+        inside the write transaction: an overlapping live plan is refused
+        (``Refused``), two plans whose key sets may overlap never run at once on
+        one map; a newer epoch of the same plan supersedes an older one, an
+        older epoch is refused (``LeaseLost``).  The epoch is then the fencing
+        token that :meth:`swap_batch` checks inside its transaction.
+        """
+        conn = self._open(self.path)
+        try:
+            with _locked([self.path], self.busy_timeout, "run claim"):
+                conn.execute(self._RUNS_DDL)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = conn.execute("SELECT plan_id, epoch, window_lo, window_hi, holder, expires_at "
+                                        "FROM shardmove_runs").fetchall()
+                    raise_for(decide_claim(plan_id, epoch, window, now, [ClaimRow(*r) for r in rows]), plan_id)
+                    conn.execute("INSERT OR REPLACE INTO shardmove_runs VALUES (?, ?, ?, ?, ?, ?)",
+                                 (plan_id, int(epoch), int(window[0]), int(window[1]), holder, now + ttl))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+        except sqlite3.Error as e:
+            raise _store_error(e, f"map store {self.path}: run claim") from e
+        finally:
+            conn.close()
+
+    def renew_run(self, plan_id: str, epoch: int, ttl: float, now: float) -> None:
+        conn = self._map_conn()
+        try:
+            cur = conn.execute("UPDATE shardmove_runs SET expires_at = ? WHERE plan_id = ? AND epoch = ?",
+                               (now + ttl, plan_id, int(epoch)))
+            conn.commit()
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, f"map store {self.path}: run renew") from e
+        if cur.rowcount != 1:
+            raise LeaseLost(f"plan {plan_id[:12]}: this executor's claim on the map store was taken over")
+
+    def release_run(self, plan_id: str, epoch: int) -> None:
+        conn = self._map_conn()
+        try:
+            conn.execute("UPDATE shardmove_runs SET expires_at = 0 WHERE plan_id = ? AND epoch = ?",
+                         (plan_id, int(epoch)))
+            conn.commit()
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise _store_error(e, f"map store {self.path}: run release") from e
+
+    def swap_batch(self, items: Sequence[SwapItem | tuple], *,
+                   fence: "SqliteDataStore | None" = None,
+                   token: "tuple[str, int] | None" = None) -> SwapResult:
+        """Move a batch of keys to their targets: compare-and-set, all or nothing.
+
+        ONE write transaction (``BEGIN IMMEDIATE``).  For each item
+        ``(key, expected_source, target[, source_version])``:
+
+        * key at ``target``: counted in ``already``; its row is not written
+          again (so a rerun of a committed batch writes nothing);
+        * key at ``expected_source``: set to ``target`` and stamped with the
+          batch's new change number ``max(version) + 1`` (``applied``);
+        * otherwise (another shard, or absent): ``conflicts``.
+
+        With ``fence`` (the :class:`SqliteDataStore` holding the source
+        shards), each source shard file is ATTACHed and locked by the same
+        transaction (each target shard file ATTACHed read-only), and every
+        key to apply must still have a source record whose version equals
+        ``source_version`` and whose bytes equal its record's on the target
+        (a rewrite that kept the version); the others are
+        ``source_changed``.  While the transaction runs, writers to those
+        source shards wait: the swap is a short write fence.
+
+        With ``token`` = (plan id, epoch), the transaction first checks the
+        run registry (:meth:`claim_run`): an executor whose claim was taken
+        over raises ``LeaseLost`` and applies nothing.
+
+        Any conflict or changed source rolls the whole batch back and applies
+        nothing.  Idempotent: compare-and-set on the expected source.
+        Raises TransientError when the map (or a fenced shard) stays locked
+        beyond the busy timeout.  The same key twice in one batch with
+        different moves is a conflict.
+        """
+        res = self._swap_batch(items, fence=fence, token=token, fast_path=True)
+        if res is None:  # not every key was at its source: decide key by key
+            res = self._swap_batch(items, fence=fence, token=token, fast_path=False)
+        return res
+
+    def _swap_batch(self, items, *, fence, token, fast_path: bool) -> "SwapResult | None":
+        norm = [swap_item(it) for it in items]
+        if not norm:
+            return SwapResult()
+        if fence is not None:
+            if not self.supports_fence(fence):
+                raise TypeError("swap_batch: fence must be a SqliteDataStore")
+            # an item without source_version can only be confirmed "already" at its
+            # target; were it to be applied, it counts as source_changed (re-copy first)
+        texts = text_forms([it.key for it in norm], self.key_type)
+
+        # One decision per distinct key; an inconsistent duplicate is a conflict.
+        first: dict[str, int] = {}
+        dup_conflict: set[str] = set()
+        for i, (t, it) in enumerate(zip(texts, norm)):
+            j = first.setdefault(t, i)
+            if j != i and norm[j] != it:
+                dup_conflict.add(t)
+
+        conn = self._map_conn()
+        attached: dict[str, str] = {}  # source shard -> schema name
+        targets: dict[str, str | None] = {}  # target shard -> schema name (None: no file)
+        lock_paths = [self.path]
+        if fence is not None:
+            sources = sorted({it.source for it in norm})
+            # targets are attached read-only: BEGIN IMMEDIATE takes no write lock on them,
+            # so copies to them go on during the swap
+            readonly = sorted({it.target for it in norm} - set(sources))
+            readonly = [s for s in readonly if os.path.exists(fence.shard_path(s))]
+            limit = _limit(conn, "SQLITE_LIMIT_ATTACHED", 10)
+            if len(sources) + len(readonly) > limit:
+                raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source and {len(readonly)} "
+                                 f"target shards; at most {limit} can be attached")
+            for n, s in enumerate(sources):
+                path = fence.shard_path(s)
+                if not os.path.exists(path):
+                    raise PermanentError(f"fenced swap: source shard file not found ({safe_name(s)})",
+                                         reason="shard_missing")
+                attached[s] = f"fence{n}"
+            targets = {it.target: attached.get(it.target) for it in norm}
+            for n, s in enumerate(readonly):
+                targets[s] = f"copy{n}"
+            lock_paths += sorted(fence.shard_path(s) for s in sources)
+            conn = self._fenced_conn(tuple(fence.shard_path(s) for s in sources),
+                                     tuple(fence.shard_path(s) for s in readonly))
+
+        with _locked(lock_paths, self.busy_timeout, "map swap"):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if token is not None:
+                    row = conn.execute("SELECT epoch FROM shardmove_runs WHERE plan_id = ?",
+                                       (token[0],)).fetchone()
+                    if row is None or row[0] != token[1]:
+                        conn.execute("ROLLBACK")
+
+                        raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
+                                        f"(now {row[0] if row else 'none'}); nothing applied")
+                uniq = list(first)
+                if not dup_conflict and fast_path:
+                    # Fast path (a first run: every key still at its source): fence check and
+                    # compare-and-set straight away; if every row was written, that is the answer.
+                    try:
+                        fast = self._swap_all_applied(conn, norm, first, uniq, attached, targets)
+                    except _NotAllApplied:
+                        conn.execute("ROLLBACK")
+                        return None  # swap_batch decides key by key in a new transaction
+                    if fast is not None:
+                        conn.execute("COMMIT")
+                        return SwapResult(applied=tuple(range(len(texts))), already=(), version=fast)
+                current: dict[str, str] = dict(_rows_json(conn, "shard_id", "shard_map", uniq))
+
+                applied_keys: list[str] = []
+                status: dict[str, str] = {}
+                for t, i in first.items():
+                    it = norm[i]
+                    cur = current.get(t)
+                    if t in dup_conflict:
+                        status[t] = "conflict"
+                    elif cur is not None and cur == it.target:
+                        status[t] = "already"
+                    elif cur is not None and cur == it.source:
+                        status[t] = "apply"
+                        applied_keys.append(t)
+                    else:
+                        status[t] = "conflict"
+
+                if attached:
+                    for t in _sources_changed(conn, norm, first, applied_keys, attached, targets):
+                        status[t] = "source_changed"
+
+                by_status: dict[str, list[int]] = {"apply": [], "already": [], "conflict": [], "source_changed": []}
+                for i, t in enumerate(texts):
+                    by_status[status[t]].append(i)
+                if by_status["conflict"] or by_status["source_changed"]:
+                    conn.execute("ROLLBACK")
+                    return SwapResult(applied=(), already=tuple(by_status["already"]),
+                                      conflicts=tuple(by_status["conflict"]),
+                                      source_changed=tuple(by_status["source_changed"]))
+                version = None
+                if applied_keys:
+                    version = int(conn.execute(
+                        "SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
+                    if _cas_update(conn, norm, first, applied_keys, version) != len(applied_keys):
+                        conn.execute("ROLLBACK")
+                        raise PermanentError("map swap: compare-and-set wrote an unexpected number of rows",
+                                             reason="swap_inconsistent")
+                conn.execute("COMMIT")
+                return SwapResult(applied=tuple(by_status["apply"]), already=tuple(by_status["already"]),
+                                  version=version)
+            except sqlite3.Error as e:
+                _rollback(conn)
+                if fence is not None:  # a broken attached connection is not reused
+                    self._drop_fenced_conn(tuple(fence.shard_path(s) for s in attached))
+                raise _store_error(e, f"map store {self.path}: swap") from e
+
+    def _swap_all_applied(self, conn, norm, first, uniq, attached, targets) -> int | None:
+        """Inside the swap transaction: if every key is at its expected source (and,
+        fenced, has the source version its copy read), apply them all and return the
+        new version.  Returns None (nothing written) when the fence check fails and
+        raises _NotAllApplied (rows written: roll back) when the CAS missed a row."""
+        if attached and _sources_changed(conn, norm, first, uniq, attached, targets):
+            return None
+        version = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
+        if _cas_update(conn, norm, first, uniq, version) == len(uniq):
+            return version
+        raise _NotAllApplied  # the caller rolls back and decides key by key
+
+    def _fenced_conn(self, shard_paths: tuple, readonly_paths: tuple = ()) -> sqlite3.Connection:
+        """This thread's fencing connection to the map with exactly these source
+        shards ATTACHed (as fence0, fence1, ... in this order), and these target
+        shards ATTACHed read-only (as copy0, copy1, ...).
+
+        ONE connection per thread, re-attached when a batch needs other shards:
+        every map connection's page cache is invalidated by another connection's
+        write, so several fencing connections taking turns would each read the map
+        cold (measured: swaps ~25% slower).  Attaching happens outside any
+        transaction; ``BEGIN IMMEDIATE`` then takes the write lock of every
+        attached file but the read-only ones (SQLite re-prepares cached
+        statements after the change)."""
+        state = getattr(self._local, "fenced", None)
+        if state is None or state[0] is None:
+            conn = self._open(self.path)
+            with self._all_guard:
+                self._all.append(conn)
+            state = self._local.fenced = [conn, ((), ())]
+        conn, current = state
+        wanted = (shard_paths, readonly_paths)
+        if current != wanted:
+            try:
+                for n in range(len(current[0])):
+                    conn.execute(f"DETACH DATABASE fence{n}")
+                for n in range(len(current[1])):
+                    conn.execute(f"DETACH DATABASE copy{n}")
+                for n, path in enumerate(shard_paths):
+                    conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
+                for n, path in enumerate(readonly_paths):
+                    conn.execute(f"ATTACH DATABASE ? AS copy{n}", (_uri(path, readonly=True),))
+            except sqlite3.Error as e:  # half attached: never reuse it; the next batch opens anew
+                self._drop_fenced_conn(shard_paths)
+                raise _store_error(e, f"map store {self.path}: swap (attach shards)") from e
+            state[1] = wanted
+        return conn
+
+    def _drop_fenced_conn(self, shard_paths: tuple) -> None:
+        """Forget this thread's fencing connection (after an error): the next batch opens a new one."""
+        state = getattr(self._local, "fenced", None)
+        if state is not None and state[0] is not None:
+            try:
+                state[0].close()
+            except sqlite3.Error:
+                pass
+            self._local.fenced = None
+
+
+def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict, targets: dict) -> list[str]:
+    """The write fence's check, inside the swap transaction: the ``keys`` whose record
+    on their (attached) source shard is gone, no longer has the version the copy read,
+    or no longer holds the same bytes as the key's record on its target shard.
+
+    The last condition catches an application that rewrote a record and kept its
+    version (the version is the application's to stamp here): the swap then needs
+    a fresh copy.  SQLite compares the bytes itself, the target attached read-only
+    (``targets``: target shard -> schema, or None when its file is absent); one JSON
+    document per chunk comes back (see :func:`_rows_json`)."""
+    by_pair: dict[tuple, list[str]] = {}
+    for t in keys:
+        it = norm[first[t]]
+        by_pair.setdefault((it.source, it.target), []).append(t)
+    changed = []
+    for (source, target), ts in by_pair.items():
+        tgt = targets.get(target)
+        if tgt is None:  # no target file: nothing was copied there
+            changed += [t for t in ts if norm[first[t]].check_content]
+            ts = [t for t in ts if not norm[first[t]].check_content]
+            if not ts:
+                continue
+        found: dict[str, tuple] = {}
+        checked = [t for t in ts if norm[first[t]].check_content]
+        for chunk in _chunks(checked):
+            sql = _in_sql("SELECT json_group_array(json_array(s.key, s.version, "
+                          "CAST(s.value AS BLOB) IS CAST(t.value AS BLOB))) "
+                          f"FROM {attached[source]}.records s LEFT JOIN {tgt}.records t ON t.key = s.key "
+                          "WHERE s.key IN ({in})", len(chunk))
+            for k, ver, same in json.loads(conn.execute(sql, chunk).fetchone()[0]):
+                found[k] = (ver, same)
+        if len(checked) < len(ts):  # forced swaps: the version only
+            forced = [t for t in ts if not norm[first[t]].check_content]
+            for k, ver in _rows_json(conn, "version", f"{attached[source]}.records", forced):
+                found[k] = (ver, True)
+        for t in ts:
+            cur = found.get(t)
+            if cur is None or cur[0] != norm[first[t]].source_version or not cur[1]:
+                changed.append(t)
+    return changed
+
+
+def _cas_update(conn: sqlite3.Connection, norm, first, keys, version: int) -> int:
+    """Compare-and-set ``keys`` to their targets, stamping ``version``; returns the
+    rows written.  One step per row (``executemany``): a set-based UPDATE (``key
+    IN (...)`` or ``UPDATE ... FROM (VALUES ...)``) measured twice as slow here,
+    as SQLite then collects the rows first and seeks each one again."""
+    return conn.executemany(
+        "UPDATE shard_map SET shard_id = ?, version = ? WHERE key = ? AND shard_id = ?",
+        [(norm[first[t]].target, version, t, norm[first[t]].source) for t in sorted(keys)],
+    ).rowcount
+
+
+class _NotAllApplied(Exception):
+    """The fast swap path's compare-and-set missed a row (internal)."""
