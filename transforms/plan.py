@@ -46,14 +46,13 @@ bundle rewrites the same bytes; only pointers that Beam committed are read.
 
 Bulk data travels as Arrow tables, never per-key elements.  The launcher
 (``shardmove/planner.py``) validates the stats and commits the manifest.
+Reading units, spill files and progress marks are :mod:`transforms.planio`; the
+explicit-target join is :mod:`transforms.plan_explicit`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,11 +74,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import fs
 from pipeline import plancore as core
 from pipeline import workdir
-from pipeline.errors import BadInput
 from pipeline.keys import KeyType
 from pipeline.names import group_id
-from transforms import bulkio
 from transforms.coders import Uint64
+from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
+from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
+                               _read_units, make_chunks, mark_progress, spill_chunk)
 
 __all__ = [
     "PlanGraphSpec",
@@ -95,32 +95,6 @@ __all__ = [
 #: Fixed Parquet row-group size of move files (not segment_size: file bytes
 #: must not depend on tuning options).
 MOVES_ROW_GROUP = 65536
-#: Rows of snapshot planned per chunk before its hashes and moves are
-#: spilled (bounds the planner's memory, with segment_size).
-SPILL_ROWS = 1 << 20
-
-#: A chunk marks its planning progress at most this often (and once at its end).
-_MARK_EVERY_S = 0.5
-#: Hash partitions of the duplicate check: 2**bits, by the top bits of the
-#: stable hash.  One partition's hashes are held at once.
-SPILL_PARTITION_BITS = 8
-#: Rows per side an explicit-target join partition aims at: the join partitions are
-#: 2**bits, bits = log2(rows / JOIN_PARTITION_ROWS) rounded up, at most
-#: SPILL_PARTITION_BITS -- few partitions for small plans (each costs a join and
-#: a spill of its moves per group), enough for bounded memory on big ones.
-JOIN_PARTITION_ROWS = 1 << 17
-SPILL_DIR = "spill"
-
-
-def join_partition_bits(units: tuple, segment_size: int) -> int:
-    """Partition bits of an explicit-target join, from the snapshot's estimated rows
-    (row groups of about ``segment_size`` rows).  A pure function of the inputs."""
-    rows = len(units) * max(1, segment_size)
-    bits = 0
-    while bits < SPILL_PARTITION_BITS and (rows >> bits) > JOIN_PARTITION_ROWS:
-        bits += 1
-    return bits
-
 
 @dataclass(frozen=True)
 class PlanGraphSpec:
@@ -131,150 +105,6 @@ class PlanGraphSpec:
     ctx: core.PlanContext
     staging: str
     segment_size: int
-
-
-# ---------------------------------------------------------------- reading
-
-def _open(path: str):
-    return bulkio.open_bulk(path)  # gs://: ranged reads, footers and row groups only
-
-
-def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
-    """Arrow tables of at most ``segment_size`` rows from (path, row group)
-    units; each file is opened once for a run of its row groups."""
-    i = 0
-    units = list(units)
-    while i < len(units):
-        path = units[i][0]
-        j = i
-        while j < len(units) and units[j][0] == path:
-            j += 1
-        with _open(path) as f:
-            # shard ids come back dictionary-encoded (as Parquet stores them):
-            # the planner works on their codes, and no string column is built
-            pf = pq.ParquetFile(f, read_dictionary=["shard_id"])
-            names = pf.schema_arrow.names
-            cols = [c for c in columns if c in names]
-            for _p, rg in units[i:j]:
-                try:
-                    table = pf.read_row_group(rg, columns=cols)
-                except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
-                    raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
-                                   f"truncated ({type(e).__name__})") from None
-                if rows_counter is not None:
-                    rows_counter.inc(table.num_rows)
-                for b in table.to_batches(max_chunksize=segment_size):
-                    yield pa.Table.from_batches([b])
-        i = j
-
-
-def make_chunks(units: tuple, segment_size: int) -> list:
-    """(chunk index, units) with about SPILL_ROWS rows each (row groups are
-    assumed to hold about ``segment_size`` rows; bigger ones spill inside the
-    chunk).  A pure function of the unit list: chunk names are stable."""
-    per = max(1, SPILL_ROWS // max(1, segment_size))
-    units = list(units)
-    return [(i // per, tuple(units[i:i + per])) for i in range(0, len(units), per)]
-
-
-# ---------------------------------------------------------------- spill files
-
-def _spill_path(staging: str, chunk: int, k: int) -> str:
-    return fs.join(staging, SPILL_DIR, f"chunk-{chunk:06d}-{k:04d}.bin")
-
-
-def _write_spill(path: str, blobs: list) -> None:
-    """Write the concatenated blobs.  Scratch data: atomic (rename) but not
-    fsynced -- a crash discards the whole staging directory anyway."""
-    if fs.is_gcs(path):
-        bulkio.write_bulk(path, b"".join(blobs))  # one upload, finalised on close
-        return
-    d = os.path.dirname(path)
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        os.fchmod(fd, 0o600)  # holds key values
-        with os.fdopen(fd, "wb") as f:
-            for b in blobs:
-                f.write(b)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    if fs.is_gcs(path):
-        data = fs.read_range(path, offset, length)  # one ranged GET
-    else:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-    if len(data) != length:
-        raise IOError(f"spill file {path.rsplit('/', 1)[-1]} is short ({len(data)} of {length} bytes)")
-    return data
-
-
-def _ipc_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _group_bounds(moves: pa.Table):
-    """Start/end rows of each (source, target, bucket) run of sorted moves."""
-    n = moves.num_rows
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    change = np.zeros(n, dtype=bool)
-    change[0] = True
-    for col in ("source", "target"):
-        codes = pc.dictionary_encode(moves[col].combine_chunks()).indices.to_numpy(zero_copy_only=False)
-        change[1:] |= codes[1:] != codes[:-1]
-    b = moves["bucket"].combine_chunks().to_numpy(zero_copy_only=False)
-    change[1:] |= b[1:] != b[:-1]
-    starts = np.flatnonzero(change)
-    ends = np.append(starts[1:], n)
-    return starts, ends
-
-
-def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, path: str | None = None):
-    """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
-
-    Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
-    per (source, target, bucket) group of its moves sorted in CONTRACTS order.
-    A pointer is (path, byte offset, byte length)."""
-    path = path or _spill_path(staging, chunk, k)
-    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
-    blobs = [h.astype("<u8", copy=False).tobytes()]
-    out = []
-    nparts = 1 << SPILL_PARTITION_BITS
-    shift = np.uint64(64 - SPILL_PARTITION_BITS)
-    if len(h):
-        edges = np.searchsorted(h >> shift, np.arange(nparts + 1, dtype=np.uint64), side="left")
-        for p in range(nparts):
-            s, e = int(edges[p]), int(edges[p + 1])
-            if e > s:
-                out.append(("hashes", p, (path, s * 8, (e - s) * 8)))
-    offset = len(blobs[0])
-    table = pa.concat_tables(moves) if moves else None
-    if table is not None and table.num_rows:
-        table = core.sort_moves(table.combine_chunks())
-        starts, ends = _group_bounds(table)
-        body = table.select(core.MOVES_SCHEMA.names)
-        src_col, tgt_col, b_col = table["source"], table["target"], table["bucket"]
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            blob = _ipc_bytes(body.slice(s, e - s))
-            gid = group_id(src_col[s].as_py(), tgt_col[s].as_py(), int(b_col[s].as_py()))
-            out.append(("moves", gid, (path, offset, len(blob))))
-            blobs.append(blob)
-            offset += len(blob)
-    _write_spill(path, blobs)
-    return out
 
 
 # ---------------------------------------------------------------- planning
@@ -298,15 +128,6 @@ def _split_moves(moves: pa.Table):
         src, tgt, b = enc.dictionary[int(sorted_idx[s])].as_py().split("\x1f")
         # take(), not slice(): a pickled slice carries its parent's whole buffers
         yield group_id(src, tgt, int(b)), body.take(pa.array(order[s:e]))
-
-
-def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
-    """Planning progress for the driver (shardmove.planner polls it): an empty file whose
-    name holds this chunk's cumulative counts; a retry recreates the same names."""
-    try:
-        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
-    except Exception as e:  # noqa: BLE001 - progress is best effort
-        logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
 
 
 class _PlanChunkFn(beam.DoFn):
@@ -382,130 +203,6 @@ class PlanChunks(beam.PTransform):
         return chunks | "PlanChunk" >> beam.ParDo(
             _PlanChunkFn(self._ctx, self._staging, self._segment_size)
         ).with_output_types(Any).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
-
-
-_SIDE_SCHEMA = pa.schema([("key", pa.binary()), ("shard_id", pa.string()), ("key_hash", pa.uint64())])
-
-
-def spill_side(staging: str, side: str, chunk: int, k: int, tables: list, bits: int) -> list:
-    """Write one spill file of prepared rows of one side ("s" snapshot, "t" explicit target):
-    one Arrow IPC stream per hash partition (the top ``bits`` bits of the stable hash);
-    return the pointers (partition, (side, path, offset, length))."""
-    path = fs.join(staging, SPILL_DIR, f"{side}-chunk-{chunk:06d}-{k:04d}.bin")
-    t = pa.concat_tables(tables).combine_chunks() if tables else pa.table(
-        {n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
-    if t.num_rows == 0:
-        return []
-    nparts = 1 << bits
-    if nparts > 1:  # one stable radix pass on the partition number, one take
-        part = (t["key_hash"].to_numpy() >> np.uint64(64 - bits)).astype(np.uint16)
-        t = t.take(pa.array(np.argsort(part, kind="stable")))
-        edges = np.searchsorted(np.sort(part), np.arange(nparts + 1), side="left")
-    else:
-        edges = np.array([0, t.num_rows])
-    blobs, out, offset = [], [], 0
-    for p in range(nparts):
-        s, e = int(edges[p]), int(edges[p + 1])
-        if e > s:
-            blob = _ipc_bytes(t.slice(s, e - s))
-            out.append((p, (side, path, offset, len(blob))))
-            blobs.append(blob)
-            offset += len(blob)
-    _write_spill(path, blobs)
-    return out
-
-
-class _PrepareChunkFn(beam.DoFn):
-    """Explicit target: (side, chunk index, units) -> canonical keys, shard ids and hashes,
-    spilled by hash partition (:func:`spill_side`); main output: (partition, pointer);
-    tagged ``stats``.  Memory: one chunk (SPILL_ROWS rows)."""
-
-    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, bits: int):
-        self._ctx = ctx
-        self._staging = staging
-        self._segment_size = segment_size
-        self._bits = bits
-        self._rows = Metrics.counter("plan", "rows_read")
-        self._spills = Metrics.counter("plan", "spill_files")
-
-    def process(self, element):
-        side, chunk, units = element
-        is_target = side == "t"
-        known = self._ctx.target_shards if is_target else self._ctx.known_shards
-        st = core.Stats()
-        tables, buffered, k = [], 0, 0
-        segments, marked = 0, time.monotonic()
-        for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
-            segments += 1
-            canon, shard, hashes = core.prepare_batch(table, self._ctx.key_type, st, known, target_side=is_target)
-            lanes = core.digest_lanes(hashes, core._shard_hash_array(shard))
-            if is_target:
-                st.target_rows += table.num_rows
-                st.target_digest = core._add_digest(st.target_digest, lanes)
-            else:
-                st.rows += table.num_rows
-                st.digest = core._add_digest(st.digest, lanes)
-            tables.append(pa.table([canon, shard, pa.array(hashes, pa.uint64())], schema=_SIDE_SCHEMA))
-            buffered += len(hashes)
-            if not is_target and time.monotonic() - marked >= _MARK_EVERY_S:  # the snapshot's keys examined
-                marked = time.monotonic()
-                mark_progress(self._staging, chunk, segments, st.rows)
-            if buffered >= SPILL_ROWS:
-                self._spills.inc()
-                yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
-                tables, buffered, k = [], 0, k + 1
-        if tables:
-            self._spills.inc()
-            yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
-        if not is_target:
-            mark_progress(self._staging, chunk, segments, st.rows)
-        yield beam.pvalue.TaggedOutput("stats", st)
-
-
-def _side_table(pointers: list) -> pa.Table:
-    tables = [_moves_table(ptr) for ptr in pointers]
-    if not tables:
-        return pa.table({n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
-    return pa.concat_tables(tables)
-
-
-class _JoinPartitionFn(beam.DoFn):
-    """One hash partition: the snapshot's and the target's rows read back from their spill
-    files, joined (:func:`pipeline.plancore.join_batch`), and the moves spilled again by
-    (source, target, bucket) group; outputs: tagged ``moves`` (gid, pointer), ``dups``,
-    main Stats.  Memory: one partition (rows / 2**SPILL_PARTITION_BITS of each side)."""
-
-    MOVES = "moves"
-
-    def __init__(self, ctx: core.PlanContext, staging: str):
-        self._ctx = ctx
-        self._staging = staging
-
-    def process(self, element):
-        part, items = element
-        items = list(items)
-        source = _side_table([(path, off, n) for side, path, off, n in items if side == "s"])
-        target = _side_table([(path, off, n) for side, path, off, n in items if side == "t"])
-        dups = _exact_duplicates(source) + _exact_duplicates(target)
-        moves, stats = core.join_sorted(source, target, self._ctx)
-        if moves.num_rows:
-            path = fs.join(self._staging, SPILL_DIR, f"join-{int(part):04d}.bin")
-            for tag, gid, ptr in spill_chunk(self._staging, 0, 0, [], [moves], path=path):
-                if tag == "moves":
-                    yield beam.pvalue.TaggedOutput(self.MOVES, (gid, ptr))
-        yield beam.pvalue.TaggedOutput("dups", dups)
-        yield stats
-
-
-def _exact_duplicates(t: pa.Table) -> int:
-    """Rows whose key appears earlier in ``t`` (key, key_hash columns): equal keys have equal
-    hashes, so the key bytes are compared only when some hash repeats (rarely)."""
-    if t.num_rows < 2:
-        return 0
-    h = np.sort(t["key_hash"].combine_chunks().to_numpy(zero_copy_only=False))
-    if not np.any(h[1:] == h[:-1]):
-        return 0
-    return t.num_rows - len(pc.unique(t["key"].combine_chunks()))
 
 
 # ---------------------------------------------------------------- duplicates
@@ -604,13 +301,6 @@ def write_moves_bytes(table: pa.Table) -> bytes:
         write_statistics=True,
     )
     return sink.getvalue().to_pybytes()
-
-
-def _moves_table(value) -> pa.Table:
-    if isinstance(value, pa.Table):
-        return value
-    path, offset, length = value
-    return pa.ipc.open_stream(pa.py_buffer(_read_range(path, offset, length))).read_all()
 
 
 class _WriteGroupFn(beam.DoFn):
@@ -789,14 +479,14 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
         prepared = (
             p
             | "ListSideChunks" >> beam.Create(side_chunks)
-            | "PrepareSides" >> beam.ParDo(_PrepareChunkFn(spec.ctx, spec.staging, spec.segment_size,
+            | "PrepareSides" >> beam.ParDo(PrepareChunkFn(spec.ctx, spec.staging, spec.segment_size,
                                                            join_partition_bits(spec.sources, spec.segment_size)))
             .with_output_types(Any).with_outputs("stats", main="pointers")
         )
         joined = (
             prepared.pointers
             | "GroupByPartition" >> beam.GroupByKey()
-            | "JoinTarget" >> beam.ParDo(_JoinPartitionFn(spec.ctx, spec.staging))
+            | "JoinTarget" >> beam.ParDo(JoinPartitionFn(spec.ctx, spec.staging))
             .with_output_types(Any).with_outputs("moves", "dups", main="stats")
         )
         stats = (prepared.stats, joined.stats) | "FlattenStats" >> beam.Flatten()

@@ -1,0 +1,203 @@
+"""The planner's scratch IO: reading the snapshot in (path, row group) units, spill files
+(written once, read back by pointer), and planning-progress marks.
+
+Spill files hold key values: they are 0600 and live under the plan's staging directory,
+which is removed after the commit.  Spill and mark names are functions of the chunk and
+spill index, so a retried bundle rewrites the same bytes under the same names; only
+pointers ``(path, offset, length)`` that Beam committed are read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import fs
+from pipeline import plancore as core
+from pipeline import workdir
+from pipeline.errors import BadInput
+from pipeline.names import group_id
+from transforms import bulkio
+
+__all__ = ["SPILL_ROWS", "SPILL_PARTITION_BITS", "SPILL_DIR", "make_chunks", "read_units", "spill_chunk",
+           "read_pointer", "mark_progress"]
+
+#: Rows of snapshot planned per chunk before its hashes and moves are
+#: spilled (bounds the planner's memory, with segment_size).
+SPILL_ROWS = 1 << 20
+
+#: A chunk marks its planning progress at most this often (and once at its end).
+_MARK_EVERY_S = 0.5
+#: Hash partitions of the duplicate check: 2**bits, by the top bits of the
+#: stable hash.  One partition's hashes are held at once.
+SPILL_PARTITION_BITS = 8
+SPILL_DIR = "spill"
+
+
+# ---------------------------------------------------------------- reading
+
+def _open(path: str):
+    return bulkio.open_bulk(path)  # gs://: ranged reads, footers and row groups only
+
+
+def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
+    """Arrow tables of at most ``segment_size`` rows from (path, row group)
+    units; each file is opened once for a run of its row groups."""
+    i = 0
+    units = list(units)
+    while i < len(units):
+        path = units[i][0]
+        j = i
+        while j < len(units) and units[j][0] == path:
+            j += 1
+        with _open(path) as f:
+            # shard ids come back dictionary-encoded (as Parquet stores them):
+            # the planner works on their codes, and no string column is built
+            pf = pq.ParquetFile(f, read_dictionary=["shard_id"])
+            names = pf.schema_arrow.names
+            cols = [c for c in columns if c in names]
+            for _p, rg in units[i:j]:
+                try:
+                    table = pf.read_row_group(rg, columns=cols)
+                except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
+                    raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
+                                   f"truncated ({type(e).__name__})") from None
+                if rows_counter is not None:
+                    rows_counter.inc(table.num_rows)
+                for b in table.to_batches(max_chunksize=segment_size):
+                    yield pa.Table.from_batches([b])
+        i = j
+
+
+def make_chunks(units: tuple, segment_size: int) -> list:
+    """(chunk index, units) with about SPILL_ROWS rows each (row groups are
+    assumed to hold about ``segment_size`` rows; bigger ones spill inside the
+    chunk).  A pure function of the unit list: chunk names are stable."""
+    per = max(1, SPILL_ROWS // max(1, segment_size))
+    units = list(units)
+    return [(i // per, tuple(units[i:i + per])) for i in range(0, len(units), per)]
+
+
+# ---------------------------------------------------------------- spill files
+
+def _spill_path(staging: str, chunk: int, k: int) -> str:
+    return fs.join(staging, SPILL_DIR, f"chunk-{chunk:06d}-{k:04d}.bin")
+
+
+def _write_spill(path: str, blobs: list) -> None:
+    """Write the concatenated blobs.  Scratch data: atomic (rename) but not
+    fsynced -- a crash discards the whole staging directory anyway."""
+    if fs.is_gcs(path):
+        bulkio.write_bulk(path, b"".join(blobs))  # one upload, finalised on close
+        return
+    d = os.path.dirname(path)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        os.fchmod(fd, 0o600)  # holds key values
+        with os.fdopen(fd, "wb") as f:
+            for b in blobs:
+                f.write(b)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    if fs.is_gcs(path):
+        data = fs.read_range(path, offset, length)  # one ranged GET
+    else:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    if len(data) != length:
+        raise IOError(f"spill file {path.rsplit('/', 1)[-1]} is short ({len(data)} of {length} bytes)")
+    return data
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _group_bounds(moves: pa.Table):
+    """Start/end rows of each (source, target, bucket) run of sorted moves."""
+    n = moves.num_rows
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for col in ("source", "target"):
+        codes = pc.dictionary_encode(moves[col].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+        change[1:] |= codes[1:] != codes[:-1]
+    b = moves["bucket"].combine_chunks().to_numpy(zero_copy_only=False)
+    change[1:] |= b[1:] != b[:-1]
+    starts = np.flatnonzero(change)
+    ends = np.append(starts[1:], n)
+    return starts, ends
+
+
+def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, path: str | None = None):
+    """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
+
+    Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
+    per (source, target, bucket) group of its moves sorted in CONTRACTS order.
+    A pointer is (path, byte offset, byte length)."""
+    path = path or _spill_path(staging, chunk, k)
+    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    blobs = [h.astype("<u8", copy=False).tobytes()]
+    out = []
+    nparts = 1 << SPILL_PARTITION_BITS
+    shift = np.uint64(64 - SPILL_PARTITION_BITS)
+    if len(h):
+        edges = np.searchsorted(h >> shift, np.arange(nparts + 1, dtype=np.uint64), side="left")
+        for p in range(nparts):
+            s, e = int(edges[p]), int(edges[p + 1])
+            if e > s:
+                out.append(("hashes", p, (path, s * 8, (e - s) * 8)))
+    offset = len(blobs[0])
+    table = pa.concat_tables(moves) if moves else None
+    if table is not None and table.num_rows:
+        table = core.sort_moves(table.combine_chunks())
+        starts, ends = _group_bounds(table)
+        body = table.select(core.MOVES_SCHEMA.names)
+        src_col, tgt_col, b_col = table["source"], table["target"], table["bucket"]
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            blob = _ipc_bytes(body.slice(s, e - s))
+            gid = group_id(src_col[s].as_py(), tgt_col[s].as_py(), int(b_col[s].as_py()))
+            out.append(("moves", gid, (path, offset, len(blob))))
+            blobs.append(blob)
+            offset += len(blob)
+    _write_spill(path, blobs)
+    return out
+
+
+def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
+    """Planning progress for the driver (shardmove.planner polls it): an empty file whose
+    name holds this chunk's cumulative counts; a retry recreates the same names."""
+    try:
+        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
+    except Exception as e:  # noqa: BLE001 - progress is best effort
+        logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
+
+
+def _moves_table(value) -> pa.Table:
+    if isinstance(value, pa.Table):
+        return value
+    path, offset, length = value
+    return pa.ipc.open_stream(pa.py_buffer(_read_range(path, offset, length))).read_all()
+
+
+read_units = _read_units
+read_pointer = _moves_table
