@@ -165,13 +165,13 @@ def _input_batches(rows, segment_size: int, key_type, what: str):
         width = len(row)
         chunk.append(row)
         if len(chunk) >= segment_size:
-            yield _tuples_batch(chunk, key_type)
+            yield _tuples_batch(chunk, key_type, what)
             chunk = []
     if chunk:
-        yield _tuples_batch(chunk, key_type)
+        yield _tuples_batch(chunk, key_type, what)
 
 
-def _tuples_batch(chunk: list, key_type) -> pa.RecordBatch:
+def _tuples_batch(chunk: list, key_type, what: str = "snapshot") -> pa.RecordBatch:
     bad = 0
     keys = []
     for row in chunk:  # python values (str, int, bytes, uuid.UUID) to canonical bytes; invalid ones null
@@ -180,9 +180,15 @@ def _tuples_batch(chunk: list, key_type) -> pa.RecordBatch:
         except (K.InvalidKeyError, ValueError, TypeError, AttributeError):
             keys.append(None)
             bad += 1
-    shards = [r[1] if isinstance(r[1], str) else None for r in chunk]
-    cols = {"key": pa.array(keys, pa.binary()), "shard_id": pa.array(shards, pa.string())}
+    not_text = sum(1 for r in chunk if not isinstance(r[1], str))
+    if not_text:
+        raise BadInput(f"{what}: {not_text} rows have a shard_id that is not text")
+    cols = {"key": pa.array(keys, pa.binary()), "shard_id": pa.array([r[1] for r in chunk], pa.string())}
     if len(chunk[0]) == 3:
+        not_int = sum(1 for r in chunk if isinstance(r[2], bool) or not isinstance(r[2], int)
+                      or not -(1 << 63) <= r[2] < (1 << 63))
+        if not_int:
+            raise BadInput(f"{what}: {not_int} rows have a version that is not a 64-bit integer")
         cols["version"] = pa.array([r[2] for r in chunk], pa.int64())
     return pa.RecordBatch.from_pydict(cols)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 __all__ = [
     "load_config", "create_demo_keyspace", "snapshot", "plan", "run", "status", "validate", "verify",
     "rollback", "cleanup", "export_failures", "plans", "Plan", "Pair", "RunSummary", "Status",
-    "ShardmoveError", "BadInput", "Refused",
+    "ShardmoveError", "BadInput", "Refused", "RunHalted", "Interrupted",
 ]
 
 

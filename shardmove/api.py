@@ -32,7 +32,7 @@ import yaml
 from pipeline import fs
 from pipeline import workdir
 from pipeline.config import Config, load_config
-from pipeline.errors import BadInput, Interrupted, Refused, ShardmoveError, before_changes
+from pipeline.errors import BadInput, Interrupted, Refused, RunHalted, ShardmoveError, before_changes
 from pipeline.keys import KeyType, stable_hashes
 from pipeline.ring import Ring
 from pipeline.snapshot import take_snapshot, write_snapshot
@@ -49,7 +49,7 @@ from shardmove.validation import validate as _validate
 __all__ = [
     "load_config", "create_demo_keyspace", "snapshot", "plan", "run", "status", "validate", "verify",
     "rollback", "cleanup", "export_failures", "plans", "Plan", "Pair", "RunSummary", "Status",
-    "ShardmoveError", "BadInput", "Refused",
+    "ShardmoveError", "BadInput", "Refused", "RunHalted", "Interrupted",
 ]
 
 #: A configuration: a loaded :class:`~pipeline.config.Config`, or the path of its YAML file.
@@ -290,7 +290,7 @@ def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
                             sample_seed=cfg.opt("sample_seed"), progress=progress_output, name=name,
-                            cutoff=cutoff)
+                            cutoff=cutoff, warn=out)
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:
@@ -375,7 +375,7 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     try:
         with _with_stores(cfg, map_store, data_store) as cfg:
             res = run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
-                           out=out, progress=progress_output, on_progress=progress, cancel=cancel)
+                           out=out, progress=progress_output, on_progress=progress, cancel=cancel, warn=out)
     except Interrupted:
         if cancel is None or not cancel.is_set():
             raise  # a signal: the caller's to handle (the CLI exits 130)
@@ -442,7 +442,8 @@ def rollback(config: ConfigLike, plan: Plan | str, *, apply: bool = False, beam_
     ``apply`` only count what it would do (nothing written).  Returns
     :class:`shardmove.ops.RollbackResult`."""
     cfg = _config(config)
-    return _rollback(cfg, _plan_dir(plan, cfg), apply=apply, beam_args=beam_args, out=out)
+    return _rollback(cfg, _plan_dir(plan, cfg), apply=apply, beam_args=beam_args, out=out, progress="none",
+                     warn=out)
 
 
 def cleanup(config: ConfigLike, plan: Plan | str, *, older_than: float, apply: bool = False,

@@ -232,7 +232,8 @@ def cmd_plan(args, beam_args) -> int:
 
             work = os.path.abspath(args.work_dir) if args.work_dir else cfg.work_dir
             return plan_since(cfg, workdir.resolve_plan_dir(args.since, work), dry_run=args.dry_run,
-                              beam_args=beam_args, out=say, name=args.name)
+                              beam_args=beam_args, out=say, name=args.name, sample_hashes=args.sample_hashes,
+                              progress=args.progress)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=say, name=args.name,
                     sample_hashes=args.sample_hashes, progress_output=args.progress, cutoff=args.cutoff)
 

@@ -302,9 +302,13 @@ def _mark_drifted(plan_dir: str, plan_id: str, epoch: int, drift: dict) -> None:
         w.flush()
 
 
+def _unsafe_lines(cfg: Config) -> list[str]:
+    return [f"warning: {o.name} is on: {o.doc}" for o in OPTIONS if o.unsafe and cfg.options.get(o.name)]
+
+
 def warn_unsafe_options(cfg: Config, stream=None) -> list[str]:
     """One ``warning:`` line on stderr per unsafe option that is on, as a run starts."""
-    lines = [f"warning: {o.name} is on: {o.doc}" for o in OPTIONS if o.unsafe and cfg.options.get(o.name)]
+    lines = _unsafe_lines(cfg)
     for line in lines:
         (stream or sys.stderr).write(line + "\n")
     (stream or sys.stderr).flush()
@@ -318,12 +322,13 @@ def _stderr_line(line: str) -> None:
 def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_args: Sequence[str] = (),
              out: Callable[[str], None] = print, install_signals: bool = True,
              allow_drift: bool = False, progress: str = "auto", on_progress: Callable[[dict], object] | None = None,
-             cancel: threading.Event | None = None) -> RunResult:
+             cancel: threading.Event | None = None, warn: Callable[[str], None] = _stderr_line) -> RunResult:
     """Run (or resume, or finish) a plan; see the module docstring.  SIGINT/SIGTERM are
     handled for the whole call (:mod:`pipeline.interrupts`): every phase stops with 130.
     ``progress``: how progress shows on stderr (:mod:`shardmove.progress`; auto, bar, text, json, none).
     ``on_progress`` is called with each progress event; ``cancel`` (set from any thread) stops
-    the run as a signal does."""
+    the run as a signal does.  ``warn`` gets the preflight's warnings and the unsafe-option
+    lines (stderr by default; the API passes its ``out``)."""
     irq = interrupts.install(install_signals)
     finished = threading.Event()
     if cancel is not None:
@@ -336,7 +341,7 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
         threading.Thread(target=watch, name="cancel", daemon=True).start()
     try:
         return _run_plan(cfg, plan_dir, irq, retry_failed=retry_failed, beam_args=beam_args, out=out,
-                         allow_drift=allow_drift, progress_mode=progress, on_event=on_progress)
+                         allow_drift=allow_drift, progress_mode=progress, on_event=on_progress, warn=warn)
     finally:
         finished.set()
         irq.restore()
@@ -344,12 +349,12 @@ def run_plan(cfg: Config, plan_dir: str, *, retry_failed: bool = False, beam_arg
 
 def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args: Sequence[str],
               out: Callable[[str], None], allow_drift: bool, progress_mode: str = "auto",
-              on_event=None) -> RunResult:
+              on_event=None, warn: Callable[[str], None] = _stderr_line) -> RunResult:
     # deferred, with the graph: building it loads Beam (seconds); status and reports import this module
     from transforms.runner import dry_run_line, dry_run_stages, is_dry_run, make_pipeline, run_pipeline
     from transforms.execute import ExecSpec, build_run_graph
 
-    pf = preflight(cfg, beam_args, log=_stderr_line)  # bad flags, unreachable stores, missing tools: exit 2 now
+    pf = preflight(cfg, beam_args, log=warn)  # bad flags, unreachable stores, missing tools: exit 2 now
     display = ProgressDisplay(progress_mode, cfg.opt("progress_log_interval"))  # a bad mode: exit 2 now
     manifest = load_manifest(plan_dir)
     plan_id = manifest["plan_id"]
@@ -408,8 +413,10 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     irq.deferred = True
     lease = acquire(plan_dir, plan_id, cfg.opt("lease_ttl"), min_epoch=before["max_epoch"])
     claimed = False
-    warn_unsafe_options(cfg)
+    for line in _unsafe_lines(cfg):
+        warn(line)
     renew_claim = None
+    claim_store = None
     progress = None
     try:
         display.__enter__()  # in bar mode, other writes to the terminal clear and redraw the bar
@@ -471,6 +478,11 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
         # the lease; every committed checkpoint stays
         display.close()
         _release(map_store if claimed else None, plan_id, lease)
+        if claim_store is not None:  # the renewal thread's own connection (the lease has stopped it)
+            try:
+                claim_store.close()
+            except Exception as e:  # noqa: BLE001 - closing is tidying up
+                LOG.debug("claim store not closed: %s", type(e).__name__)
         fs.remove(stop_path)
         fs.remove(halt_path)
     for reason, n in summary["failures_by_reason"].items():

@@ -29,7 +29,7 @@ from pipeline.ring import Ring
 from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
 from pipeline.stores.base import KeyNameLimits, ShardInventory
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
-from shardmove.progress import ProgressDisplay
+from shardmove.progress import ProgressDisplay, resolve_mode
 from shardmove.sampling import sample_sources
 from transforms.preflight import preflight
 
@@ -202,11 +202,14 @@ def make_plan(
     progress: str = "auto",
     name: str | None = None,
     cutoff: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> PlanResult:
     """Plan from ``snapshot`` (or ``cfg.snapshot``), else from a snapshot of ``map_store``
     taken now -- at ``cutoff`` when given (:func:`pipeline.snapshot.take_snapshot`).
     ``name``: the plan's name (``plan --name``), checked before anything is committed and
-    recorded after the commit; never part of the plan id."""
+    recorded after the commit; never part of the plan id.  ``warn`` gets the preflight's
+    lines (stderr by default)."""
+    resolve_mode(progress, sys.stderr)  # a bad progress mode is bad input before anything is read
     if sample_hashes and not dry_run:
         raise BadInput("plan: --sample-hashes needs --dry-run (it only reads)")
     if sample_hashes < 0:
@@ -216,7 +219,7 @@ def make_plan(
     sample = (sample_hashes, sample_seed)
     if name is not None:
         workdir.validate_plan_name(name)
-    pf = preflight(cfg, beam_args, log=lambda s: sys.stderr.write(s + "\n"))  # before anything is written
+    pf = preflight(cfg, beam_args, log=warn or (lambda s: sys.stderr.write(s + "\n")))  # before anything is written
     for w in pf.warnings:
         out(w)
 
@@ -232,7 +235,11 @@ def make_plan(
             raise BadInput("plan: no snapshot given and no map store configured")
         info = take_snapshot(map_store, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type, cutoff=cutoff)
         try:
-            result = _plan_from(cfg, ring, target_parts, info.location, read_snapshot_info(info.location),
+            # the cutoff is this snapshot's, even where the directory (same content) was written
+            # before by another snapshot with another cutoff, or from rows in memory (none)
+            meta = {**(read_snapshot_info(info.location) or {}), "cutoff": info.cutoff,
+                    "rows_above_cutoff": info.rows_above_cutoff}
+            result = _plan_from(cfg, ring, target_parts, info.location, meta,
                                 data_store, dry_run, pf.args, out, sample=sample, progress=progress, name=name,
                                 snapshot_line=(
                                     f"snapshot: {info.location} rows={info.rows} cutoff={info.cutoff} "

@@ -2,11 +2,12 @@
 of a plan's moves at their source shards before anything is copied.
 
 ``plan --dry-run --sample-hashes N`` picks N moves by a seeded hash of their stable key
-hash (the same N for the same plan and seed, spread over every pair), reads each
-record's content hash and size from its source shard, and reports how many were found,
-how many are missing (a run would fail them as ``source_missing``), how many could not
-be read, and the bytes found -- from which the bytes each target shard would receive
-are estimated for the capacity check.  Only reads: nothing is copied or written.  Keys
+hash (the same N for the same plan and seed; a uniform sample of all moves, so a small
+pair may get none), reads each record's content hash and size from its source shard,
+and reports how many were found, how many are missing (a run would fail them as
+``source_missing``), how many could not be read, and the bytes found -- from which the
+bytes each target shard would receive are estimated (shown beside the capacity check,
+not part of it).  Only reads: nothing is copied or written.  Keys
 never appear in what this returns; shards are named, errors by their type only.
 """
 from __future__ import annotations

@@ -65,7 +65,6 @@ from typing import Any, Tuple
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
@@ -75,7 +74,6 @@ from pipeline import fs
 from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.keys import KeyType
-from pipeline.names import group_id
 from transforms.coders import Uint64
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
 from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
@@ -108,27 +106,6 @@ class PlanGraphSpec:
 
 
 # ---------------------------------------------------------------- planning
-
-def _split_moves(moves: pa.Table):
-    """(group id, compact sub-table) per (source, target, bucket) present in ``moves``."""
-    if moves.num_rows == 0:
-        return
-    gid = pc.binary_join_element_wise(
-        moves["source"], moves["target"], pc.cast(moves["bucket"], pa.string()), "\x1f"
-    )
-    enc = pc.dictionary_encode(gid).combine_chunks()
-    idx = enc.indices.to_numpy(zero_copy_only=False)
-    order = np.argsort(idx, kind="stable")
-    sorted_idx = idx[order]
-    bounds = np.flatnonzero(np.diff(sorted_idx)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [len(idx)]])
-    body = moves.drop_columns(["bucket"])
-    for s, e in zip(starts, ends):
-        src, tgt, b = enc.dictionary[int(sorted_idx[s])].as_py().split("\x1f")
-        # take(), not slice(): a pickled slice carries its parent's whole buffers
-        yield group_id(src, tgt, int(b)), body.take(pa.array(order[s:e]))
-
 
 class _PlanChunkFn(beam.DoFn):
     """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""

@@ -39,7 +39,7 @@ import pyarrow as pa
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from pipeline.errors import BadInput, PermanentError, StoreError, TransientError
+from pipeline.errors import ConfigurationError, BadInput, PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType, text_forms
 from pipeline.lease import LeaseLost
 from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, check_cutoff, swap_item
@@ -280,7 +280,8 @@ class PostgresMapStore(_Configured):
         err = _store_error(e, what, self._secrets, self._idents)
         primary = getattr(getattr(e, "diag", None), "message_primary", None) or ""
         if getattr(e, "sqlstate", None) == "42P01" and f'"{self._name}"' in primary:
-            return PermanentError(f"{what}: map store table not found: {self.table}", reason="map_missing")
+            # a configuration error (the map table is gone): a run halts, it does not fail keys
+            return ConfigurationError(f"{what}: map store table not found: {self.table}", reason="map_missing")
         return err
 
     def close(self) -> None:

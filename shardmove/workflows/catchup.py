@@ -118,7 +118,8 @@ def _catchup_from(cfg: Config, info, base_cutoff: int, earlier: dict, out):
 
 
 def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, beam_args: Sequence[str] = (),
-               out: Callable[[str], None] = print, name: str | None = None) -> PlanResult:
+               out: Callable[[str], None] = print, name: str | None = None, sample_hashes: int = 0,
+               progress: str = "auto") -> PlanResult:
     """A catch-up plan: the keys created or reassigned after an earlier plan's snapshot.
 
     Takes a fresh snapshot of the map store, keeps the rows whose version is
@@ -128,16 +129,22 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
     there) and plans from it against the configured target.  Keys the
     earlier plan itself swapped are above the cutoff too, but already sit on
     their target, so the ring gives them no move.  Capacity figures of a
-    catch-up plan count only the catch-up keys.
+    catch-up plan count only the catch-up keys.  ``sample_hashes`` and ``progress`` are
+    ``plan``'s (``--sample-hashes`` needs ``dry_run``).
     """
+    if sample_hashes and not dry_run:  # refused before the catch-up snapshot is written
+        raise BadInput("plan: --sample-hashes needs --dry-run (it only reads)")
     earlier = load_manifest(earlier_plan_dir)
     check_key_type(cfg, earlier)
     with before_changes():  # planning only reads the stores
         snap, created = _catchup_snapshot(cfg, earlier, out)
         try:
-            data_store = open_data_store(cfg) if any(s.capacity_bytes for s in cfg.target_shards) else None
+            needs_data = (sample_hashes or any(s.capacity_bytes for s in cfg.target_shards)
+                          or cfg.data_store.get("kind") in ("objects", "instance"))
+            data_store = open_data_store(cfg) if needs_data else None  # as plan: sizes, name limits, samples
             res = make_plan(cfg, data_store=data_store, snapshot=snap, dry_run=dry_run, beam_args=beam_args,
-                            out=out, name=name)
+                            out=out, name=name, sample_hashes=sample_hashes, sample_seed=cfg.opt("sample_seed"),
+                            progress=progress)
             if res.dry_run and not res.capacity_ok:  # refused by the capacity check (exit 4): keep nothing
                 for d in created:
                     fs.rmtree(d)

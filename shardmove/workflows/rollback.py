@@ -247,7 +247,8 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
 
 
 def rollback(cfg: Config, plan_dir: str, *, apply: bool = False, beam_args: Sequence[str] = (),
-             out: Callable[[str], None] = print) -> RollbackResult:
+             out: Callable[[str], None] = print, progress: str = "auto",
+             warn: Callable[[str], None] | None = None) -> RollbackResult:
     """Reverse migration of the plan's Done keys, resumable.
 
     Without ``apply`` it is a dry run, as ``cleanup``: it prints what ``--apply`` would do
@@ -302,7 +303,8 @@ def rollback(cfg: Config, plan_dir: str, *, apply: bool = False, beam_args: Sequ
         if plan.plan_dir is None:
             out("nothing to roll back")
             return RollbackResult(orig, plan, False, None, EXIT_FAILED_KEYS if plan.refused else EXIT_OK)
-        run = run_plan(cfg, plan.plan_dir, beam_args=beam_args, out=out)
+        run = run_plan(cfg, plan.plan_dir, beam_args=beam_args, out=out, progress=progress,
+                       **({} if warn is None else {"warn": warn}))
         code = run.exit_code
         if code == EXIT_OK and plan.refused:
             code = EXIT_FAILED_KEYS
