@@ -72,6 +72,10 @@ def test_in_memory_bad_input_is_refused_like_the_parquet_file(demo, tmp_path):
         shardmove.plan(cfg, snapshot=pa.table({"k": ["a"], "shard_id": ["s0"]}))
     with pytest.raises(shardmove.BadInput, match=r"row 2 is not a \(key, shard_id\)"):
         shardmove.plan(cfg, snapshot=[("a", "s0"), ("b",)])
+    with pytest.raises(shardmove.BadInput, match=r"^snapshot: 1 rows have a shard_id that is not text$"):
+        shardmove.plan(cfg, snapshot=[("a", "s0"), ("b", 7)])
+    with pytest.raises(shardmove.BadInput, match=r"^snapshot: 1 rows have a version that is not a 64-bit integer$"):
+        shardmove.plan(cfg, snapshot=[("a", "s0", 1), ("b", "s1", "two")])
     assert _snapshot_dirs(cfg) == []  # refused: nothing left behind
     for e in (from_file.value, from_memory.value):
         assert not any(k in str(e) for k, _ in rows[:50])
@@ -196,6 +200,13 @@ def test_dry_run_hash_sampling_reports_missing_records_and_bytes(tmp_path):
     assert a == b and a["sampled"] == 20 and a["seed"] == 5
     with pytest.raises(shardmove.BadInput, match="needs --dry-run"):
         shardmove.plan(cfg, sample_hashes=5)
+    # the catch-up path takes the flag too: refused without --dry-run, nothing committed
+    before = sorted(os.listdir(os.path.join(cfg.work_dir, "plans")))
+    r = run_cli_plan(info["config"], "--since", committed.id, "--sample-hashes", "5")
+    assert r.returncode == 2 and "needs --dry-run" in r.stderr, r.stderr
+    assert sorted(os.listdir(os.path.join(cfg.work_dir, "plans"))) == before
+    r = run_cli_plan(info["config"], "--since", committed.id, "--dry-run", "--sample-hashes", "5")
+    assert r.returncode == 0 and "sample: " in r.stdout, r.stdout + r.stderr
 
 
 def run_cli_plan(config, *args):
@@ -217,3 +228,20 @@ def test_the_public_names_are_the_api_whatever_was_imported_before():
     for name in shardmove.__all__:
         assert getattr(shardmove, name) is getattr(api, name), name
     assert callable(shardmove.validate) and shardmove.validate is api.validate
+
+
+def test_the_api_prints_nothing_and_hands_its_warnings_to_out(tmp_path, capfd):
+    """An unsafe option's warning goes to the caller's ``out``, not to stderr; a bad progress
+    mode is refused before anything is read."""
+    info = shardmove.create_demo_keyspace(str(tmp_path / "ks"), keys=400, shards=2)
+    cfg = shardmove.load_config(info["config"]).with_options(force_swap_on_verification_failure=True)
+    with pytest.raises(shardmove.BadInput, match="progress: expected one of"):
+        shardmove.plan(cfg, progress_output="sometimes")
+    assert not os.path.exists(os.path.join(cfg.work_dir, "snapshots"))  # nothing was read or written
+    plan = shardmove.plan(cfg)
+    lines = []
+    res = shardmove.run(cfg, plan, out=lines.append)
+    assert res.exit_code == 0
+    assert any(l.startswith("warning: force_swap_on_verification_failure is on") for l in lines), lines
+    captured = capfd.readouterr()
+    assert "warning: force_swap" not in captured.err and captured.out == ""
