@@ -229,7 +229,8 @@ def test_permission_refused_at_the_swap_stops_the_run_and_a_rerun_swaps(tmp_path
     assert m, r.stdout
     st = run_cli("status", plan_id, "--config", cfgpath)
     assert st.returncode == 6 and re.search(r"^progress: .* failed=0$", st.stdout, re.M), st.stdout
-    assert int(re.search(r"^swapping: (\d+)$", st.stdout, re.M).group(1)) > 0, st.stdout  # kept, not Failed
+    m_sw = re.search(r"^states now: .*\bswapping=(\d+)\b", st.stdout, re.M)
+    assert m_sw and int(m_sw.group(1)) > 0, st.stdout  # kept, not Failed
     db.sql(f"DROP TRIGGER test_refuse ON {db.ns}.shard_map")
     again = run_cli("run", plan_id, "--config", cfgpath)
     assert again.returncode == 0, again.stderr[-2000:]
