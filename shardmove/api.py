@@ -238,7 +238,8 @@ def _in_memory(x) -> bool:
 def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None,
          target: str | os.PathLike | Rows | None = None, dry_run: bool = False, name: str | None = None,
          sample_hashes: int = 0, beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard,
-         progress_output: str = "none", cutoff: int | None = None, map_store=None, data_store=None) -> Plan:
+         progress_output: str = "none", cutoff: int | None = None, map_store=None, data_store=None,
+         warn: Callable[[str], None] | None = None) -> Plan:
     """Plan the migration to the configured target; returns a :class:`Plan`.
 
     ``snapshot``: where the current assignments come from -- None (a consistent snapshot of
@@ -256,14 +257,16 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
     ``cutoff``: snapshot the map store at that version instead of the current one (no
     ``snapshot`` given); above the current version: :class:`BadInput`.  ``map_store`` /
     ``data_store``: store objects implementing the protocols of :mod:`shardmove.stores`, used
-    instead of the configured ones (README "Bring your own store")."""
+    instead of the configured ones (README "Bring your own store").  ``warn``: where the
+    preflight's warnings go (``out`` by default; the CLI sends them to stderr)."""
     cfg = _config(config)
     with _with_stores(cfg, map_store, data_store) as cfg:
-        return _plan(cfg, snapshot, target, dry_run, name, sample_hashes, beam_args, out, progress_output, cutoff)
+        return _plan(cfg, snapshot, target, dry_run, name, sample_hashes, beam_args, out, progress_output, cutoff,
+                     warn or out)
 
 
 def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args, out, progress_output,
-          cutoff) -> Plan:
+          cutoff, warn) -> Plan:
     written = []
     try:
         if _in_memory(target):
@@ -290,7 +293,7 @@ def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
                             sample_seed=cfg.opt("sample_seed"), progress=progress_output, name=name,
-                            cutoff=cutoff, warn=out)
+                            cutoff=cutoff, warn=warn)
         if res.dry_run and not res.capacity_ok:
             raise _KeepNothing(res)
     except _KeepNothing as k:
@@ -356,7 +359,7 @@ def _plan_dir(plan, cfg: Config | None = None, work_dir: str | None = None) -> s
 def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callable[[dict], Any] | None = None,
         cancel: threading.Event | None = None, retry_failed: bool = False, allow_drift: bool = False,
         beam_args: Sequence[str] = (), out: Callable[[str], None] = _discard, progress_output: str = "none",
-        map_store=None, data_store=None) -> RunSummary:
+        map_store=None, data_store=None, warn: Callable[[str], None] | None = None) -> RunSummary:
     """Execute (or resume, or finish) a plan; returns a :class:`RunSummary`.
 
     ``progress`` is called with each progress event (a dict of counts: ``copied``,
@@ -375,7 +378,8 @@ def run(config: ConfigLike, plan: Plan | str | os.PathLike, *, progress: Callabl
     try:
         with _with_stores(cfg, map_store, data_store) as cfg:
             res = run_plan(cfg, plan_dir, retry_failed=retry_failed, allow_drift=allow_drift, beam_args=beam_args,
-                           out=out, progress=progress_output, on_progress=progress, cancel=cancel, warn=out)
+                           out=out, progress=progress_output, on_progress=progress, cancel=cancel,
+                           warn=warn or out)
     except Interrupted:
         if cancel is None or not cancel.is_set():
             raise  # a signal: the caller's to handle (the CLI exits 130)

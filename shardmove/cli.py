@@ -167,6 +167,12 @@ def _configure_logging(args) -> None:
         logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 
 
+def _to_stderr(line: str) -> None:
+    """Warnings of the preflight and of unsafe options: stderr, as they always were."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def cmd_demo(args, beam_args) -> int:
     # deferred: the API loads the planner and executor (Arrow Parquet, stores); start-up stays light
     from shardmove.api import create_demo_keyspace
@@ -235,7 +241,8 @@ def cmd_plan(args, beam_args) -> int:
                               beam_args=beam_args, out=say, name=args.name, sample_hashes=args.sample_hashes,
                               progress=args.progress)
         return plan(cfg, snapshot=args.snapshot, dry_run=args.dry_run, beam_args=beam_args, out=say, name=args.name,
-                    sample_hashes=args.sample_hashes, progress_output=args.progress, cutoff=args.cutoff)
+                    sample_hashes=args.sample_hashes, progress_output=args.progress, cutoff=args.cutoff,
+                    warn=_to_stderr)
 
     translate_only = is_dry_run(_preflight(cfg, beam_args))  # Dataflow --dry_run: nothing committed
     if args.dry_run or translate_only:
@@ -287,14 +294,14 @@ def cmd_run(args, beam_args) -> int:
     translate_only = is_dry_run(_preflight(cfg, beam_args))
     plan_dir = _plan_dir(args, cfg)
     if translate_only:  # Dataflow --dry_run: translate only, record nothing
-        res = run(cfg, plan_dir, beam_args=beam_args, out=say)
+        res = run(cfg, plan_dir, beam_args=beam_args, out=say, warn=_to_stderr)
         if args.json:
             _print_json({"plan_id": res.plan_id, "dry_run": True, "exit_code": res.exit_code})
         return res.exit_code
     name = workdir.plan_name(plan_dir)
     with recorded(cfg.work_dir, "run", os.path.basename(plan_dir.rstrip("/"))) as h:
         res = run(cfg, plan_dir, retry_failed=args.retry_failed, allow_drift=args.allow_drift,
-                  beam_args=beam_args, out=say, progress_output=args.progress)
+                  beam_args=beam_args, out=say, progress_output=args.progress, warn=_to_stderr)
         irq.deferred = True  # the run has given everything back: a signal now only sets the exit code
         s = res.summary
         h["plan_id"], h["code"] = res.plan_id, res.exit_code
