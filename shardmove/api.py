@@ -36,7 +36,7 @@ from pipeline.errors import BadInput, Interrupted, Refused, RunHalted, Shardmove
 from pipeline.keys import KeyType, stable_hashes
 from pipeline.ring import Ring
 from pipeline.snapshot import take_snapshot, write_snapshot
-from pipeline.stores import open_data_store, open_map_store
+from pipeline.stores import close_opened, open_data_store, open_map_store
 from shardmove.demo import create_demo
 from shardmove.executor import RunResult, plan_state, plan_status, run_plan, status_exit_code
 from shardmove.ops import cleanup as _cleanup
@@ -268,6 +268,7 @@ def plan(config: ConfigLike, *, snapshot: str | os.PathLike | Rows | None = None
 def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args, out, progress_output,
           cutoff, warn) -> Plan:
     written = []
+    opened = []  # stores this call opened (not the caller's instances): closed when it ends
     try:
         if _in_memory(target):
             info = write_snapshot(target, cfg.work_dir, cfg.opt("segment_size"), cfg.key_type,
@@ -286,10 +287,12 @@ def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args
             map_store = None
             if snapshot is None and cfg.snapshot is None:
                 map_store = open_map_store(cfg)
+                opened.append((cfg.map_store, map_store))
             data_store = None
             if (sample_hashes or any(s.capacity_bytes for s in cfg.target_shards)
                     or cfg.data_store.get("kind") in ("objects", "instance")):
                 data_store = open_data_store(cfg)  # record sizes, or object-name limits checked at plan time
+                opened.append((cfg.data_store, data_store))
             res = make_plan(cfg, map_store=map_store, data_store=data_store, snapshot=snapshot, dry_run=dry_run,
                             beam_args=beam_args, out=out, sample_hashes=sample_hashes,
                             sample_seed=cfg.opt("sample_seed"), progress=progress_output, name=name,
@@ -302,6 +305,8 @@ def _plan(cfg: Config, snapshot, target, dry_run, name, sample_hashes, beam_args
     except BaseException:
         _remove_created(written)
         raise
+    finally:
+        close_opened(opened)
     if res.dry_run:
         _remove_created(written)  # a dry run commits nothing
     return Plan(**dataclasses.asdict(res))

@@ -9,6 +9,7 @@ do so for a whole configuration.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -30,6 +31,7 @@ from pipeline.stores.registry import ENTRY_POINT_GROUP, INSTANCE_KIND, plugin_st
 from pipeline.stores.sqlite import SqliteDataStore, SqliteMapSnapshot, SqliteMapStore
 
 __all__ = [
+    "close_opened",
     "SNAPSHOT_SCHEMA",
     "content_hash",
     "CopyOutcome",
@@ -139,3 +141,16 @@ def open_map_store(cfg, *, must_exist: bool = True) -> MapStore:
 def open_data_store(cfg) -> DataStore | None:
     """The data store of a :class:`pipeline.config.Config` (None for ``kind: none``)."""
     return data_store_from_spec(cfg.data_store, cfg.key_type)
+
+
+def close_opened(opened) -> None:
+    """Close the stores a call opened from its configuration: ``[(config section, store)]``.
+    A caller's own instance (``kind: instance``) stays open: it is the caller's to close.
+    Closing is tidying up: a failure is logged, never raised."""
+    for section, store in opened:
+        if store is None or (section or {}).get("kind") == INSTANCE_KIND:
+            continue
+        try:
+            store.close()
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger(__name__).debug("store not closed: %s", type(e).__name__)

@@ -28,7 +28,7 @@ from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import EXIT_FAILED_KEYS, EXIT_OK
 from pipeline.names import group_id
-from pipeline.stores import open_map_store
+from pipeline.stores import close_opened, open_map_store
 from pipeline.stores.base import ChangeCounter
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest
 from shardmove.executor import run_plan, summarize
@@ -244,6 +244,8 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
         if staging is not None:
             fs.rmtree(staging)
         raise
+    finally:
+        close_opened([(cfg.map_store, ms), (cfg.data_store, ds)])
 
 
 def rollback(cfg: Config, plan_dir: str, *, apply: bool = False, beam_args: Sequence[str] = (),
