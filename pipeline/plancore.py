@@ -494,6 +494,12 @@ def join_batch(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[pa
     src = j["shard_id"].combine_chunks()
     tgt = pc.coalesce(j["target"], j["shard_id"]).combine_chunks()
     hashes = j["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
+    return _joined_moves(canon, src, tgt, hashes, st, ctx)
+
+
+def _joined_moves(canon, src, tgt, hashes: np.ndarray, st: Stats, ctx: PlanContext) -> tuple[pa.Table, Stats]:
+    """The moves and stats of joined rows (hash order): the keys whose target differs from
+    their source, within the window; shared by :func:`join_batch` and :func:`join_sorted`."""
     wmask = _window_mask(hashes, ctx.window)
     changed = pc.not_equal(src, tgt).to_numpy(zero_copy_only=False)
     if wmask is not None:
@@ -541,16 +547,7 @@ def join_sorted(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[p
         tgt = pc.if_else(pa.array(hit), tshard, src)
     else:
         tgt = src
-    wmask = _window_mask(shs, ctx.window)
-    changed = pc.not_equal(src, tgt).to_numpy(zero_copy_only=False)
-    if wmask is not None:
-        changed &= wmask
-        st.in_window = int(wmask.sum())
-    else:
-        st.in_window = len(shs)
-    st.after = _count_by(pc.if_else(pa.array(changed), tgt, src))
-    moves, st, _ = _finish(canon, src, tgt, shs, changed, st, ctx)
-    return moves, st
+    return _joined_moves(canon, src, tgt, shs, st, ctx)
 
 
 def sort_moves(table: pa.Table) -> pa.Table:
