@@ -484,4 +484,6 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shardmove.console import exit_process
+
+    exit_process(main())

@@ -5,12 +5,41 @@
 numpy) takes a few hundred milliseconds; a signal in that time would kill the
 process (-15).  So for ``run`` the handler is installed here, before the CLI
 is imported; until the run takes its lease it only exits 130, holding nothing.
+
+The process ends through :func:`exit_process`: Python's own shutdown (atexit
+handlers, non-daemon threads, buffered output) runs as usual, then the process
+exits without running C++ static destructors.  Arrow's (and gRPC's) native
+thread pools, torn down there while a worker thread is still alive, sometimes
+abort the process (``terminate called without an active exception``, exit -6)
+after the command has finished -- which turned a printed exit 2 or 4 into -6
+on a loaded machine.
 """
 from __future__ import annotations
 
+import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "exit_process"]
+
+
+def exit_process(code: int) -> "NoReturn":  # noqa: F821 - annotation only
+    """End the process with ``code``, after Python's shutdown work, before native teardown."""
+    import atexit
+    import threading
+
+    try:
+        # what Py_FinalizeEx does first: executors' exit hooks, then join non-daemon threads
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()  # logging.shutdown, weakref finalizers (temporary directories), ...
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe: nothing more can be said
+                pass
+        os._exit(code if isinstance(code, int) else 1)
 
 
 def main() -> int:
@@ -29,5 +58,14 @@ def main() -> int:
     return cli_main()
 
 
+def run() -> None:
+    """The console script: :func:`main`, then :func:`exit_process` with its code."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    exit_process(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

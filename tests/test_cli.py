@@ -244,3 +244,21 @@ def test_catchup_is_plan_since_same_lines_same_exit_code(tmp_path):
     assert catchup_id and catchup_id != [plan_id]
     h = run_cli("history", "--config", cfg)
     assert h.returncode == 0 and h.stdout.count(f"since={plan_id}") == 2, h.stdout
+
+
+def test_the_process_exits_with_the_commands_code_after_pythons_own_shutdown():
+    """The console script ends through ``exit_process``: atexit handlers run, buffered output is
+    flushed, non-daemon threads are joined, and the code is the command's -- native thread
+    pools (Arrow's) are never torn down at exit, where they sometimes abort (-6)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, threading, time\n"
+            "from shardmove.console import exit_process\n"
+            "atexit.register(lambda: print('atexit ran'))\n"
+            "threading.Thread(target=lambda: (time.sleep(0.2), print('thread joined'))).start()\n"
+            "print('buffered', end='')\n"
+            "exit_process(4)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4, r.stderr
+    assert r.stdout.splitlines() == ["bufferedthread joined", "atexit ran"], r.stdout
