@@ -307,6 +307,8 @@ class CheckpointRecorder:
         gathers), and the writer checks every ``prev -> state`` in one table look-up."""
         if not idx:
             return
+        if not isinstance(idx, (list, tuple)):
+            idx = list(idx)
         w = self.writer(ch.gid)
         s = int(state)
         prev = _gather(ch.states, idx)
