@@ -411,6 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--only", choices=("a", "b"), default=None, help="(c) is measured within (a)")
     ap.add_argument("--bench-dir", default=None)
+    ap.add_argument("--exec-overrides", default=None, metavar="JSON",
+                    help='(a): run options for the executor only, e.g. \'{"checkpoint_flush_every_transitions": 3000}\' '
+                         '(the baseline does not checkpoint)')
     ap.add_argument("--child", choices=("executor", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -439,7 +442,8 @@ def main(argv=None) -> int:
         for r in range(args.repeat):
             a = clone(pristine, os.path.join(root, "run-exec"))
             b = clone(pristine, os.path.join(root, "run-base"))
-            ex = run_child([me, "--child", "executor", "--run-dir", a], log=log)
+            ex = run_child([me, "--child", "executor", "--run-dir", a]
+                           + (["--overrides", args.exec_overrides] if args.exec_overrides else []), log=log)
             bl = run_child([me, "--child", "baseline", "--run-dir", b], log=log)
             if ex["exit_code"] != 0 or ex["done"] != ex["planned"]:
                 raise SystemExit(f"executor run did not complete: {ex}")
