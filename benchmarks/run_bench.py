@@ -138,7 +138,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
         install_sleep_mover()
     plan_dir = plan_dir_of(run_dir)
     ck_dir = os.path.join(plan_dir, "checkpoints")
-    m = {"flush_s": 0.0, "flush_calls": 0, "ckpt_work_s": 0.0, "commit_s": 0.0, "commit_calls": 0, "compact_s": 0.0,
+    m = {"flush_s": 0.0, "flush_calls": 0, "ckpt_work_s": 0.0, "ckpt_work_cpu_s": 0.0, "commit_s": 0.0, "commit_calls": 0, "compact_s": 0.0,
          "bytes_before_compaction": None, "copy_chunks": 0}
 
     orig_flush = ckpt.CheckpointWriter.flush
@@ -157,10 +157,12 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
 
     def serialize_and_commit(self, *a, **kw):  # on the stage's thread or the background committer
         t = time.perf_counter()
+        c = time.thread_time()
         try:
             return orig_sc(self, *a, **kw)
         finally:
             m["ckpt_work_s"] += time.perf_counter() - t
+            m["ckpt_work_cpu_s"] += time.thread_time() - c  # this thread's CPU: no I/O or GIL waits
 
     ckpt.CheckpointWriter._serialize_and_commit = serialize_and_commit
     orig_create = fs.create_if_absent
@@ -188,7 +190,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
             m["compact_s"] += time.perf_counter() - t
 
     ckpt.compact_group = compact_group
-    breakdown, breakdown_calls = _install_breakdown()
+    breakdown, breakdown_calls, breakdown_cpu = _install_breakdown()
     lines = []
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -201,7 +203,8 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
         "elapsed_s": elapsed, "cpu_s": cpu, "exit_code": res.exit_code, "planned": s["planned"],
         "done": s["done"], "failed": s["failed"], "bytes_after_compaction": dir_bytes(ck_dir),
         "copy_calls": copy_ms.get("count", 0), "copy_call_ms_sum": copy_ms.get("sum", 0),
-        "copied": res.metrics.get("copied", 0), "breakdown": dict(breakdown), **m,
+        "copied": res.metrics.get("copied", 0), "breakdown": dict(breakdown),
+        "breakdown_cpu": dict(breakdown_cpu), **m,
         "copy_chunks": breakdown_calls.get("copy_start", 0),
         # the copy stage's busy time (chunks in flight), the executor's own metric
         "copy_stage_s": res.metrics.get("copy_busy_ms", 0) / 1000.0, "copy_stage_keys": res.metrics.get("copied", 0),
@@ -241,28 +244,29 @@ def _timed(orig, label, gen, add):
         def wrapper(*a, **kw):
             it = orig(*a, **kw)
             while True:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 try:
                     v = next(it)
                 except StopIteration:
-                    add(label, time.perf_counter() - t)
+                    add(label, time.perf_counter() - t, time.thread_time() - c)
                     return
-                add(label, time.perf_counter() - t)
+                add(label, time.perf_counter() - t, time.thread_time() - c)
                 yield v
     else:
         @functools.wraps(orig)
         def wrapper(*a, **kw):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return orig(*a, **kw)
             finally:
-                add(label, time.perf_counter() - t)
+                add(label, time.perf_counter() - t, time.thread_time() - c)
     return wrapper
 
 
-def _install_breakdown() -> tuple[dict, dict]:
-    """Wrap the functions above to sum their wall time (seconds) and count their calls,
-    into two dicts by label.
+def _install_breakdown() -> tuple[dict, dict, dict]:
+    """Wrap the functions above to sum their wall time (seconds), count their calls and
+    sum the CPU time of the calling thread inside them (seconds; excludes waits for I/O
+    and for the GIL), into three dicts by label.
 
     Generators are timed inside each ``next()`` only, so a fused downstream
     stage's work is not counted twice.  Threads add to the same totals
@@ -272,12 +276,14 @@ def _install_breakdown() -> tuple[dict, dict]:
 
     acc: dict = {}
     calls: dict = {}
+    cpu: dict = {}
     lock = threading.Lock()
 
-    def add(label, dt):
+    def add(label, dt, dc):
         with lock:
             acc[label] = acc.get(label, 0.0) + dt
             calls[label] = calls.get(label, 0) + 1
+            cpu[label] = cpu.get(label, 0.0) + dc
 
     for modname, path, label, gen in _BREAKDOWN:
         mod = importlib.import_module(modname)
@@ -287,7 +293,7 @@ def _install_breakdown() -> tuple[dict, dict]:
             owner = getattr(owner, p)
         orig = getattr(owner, parts[-1])
         setattr(owner, parts[-1], _timed(orig, label, gen, add))
-    return acc, calls
+    return acc, calls, cpu
 
 
 def child_baseline(run_dir: str) -> None:
@@ -405,6 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--only", choices=("a", "b"), default=None, help="(c) is measured within (a)")
     ap.add_argument("--bench-dir", default=None)
+    ap.add_argument("--exec-overrides", default=None, metavar="JSON",
+                    help='(a): run options for the executor only, e.g. \'{"checkpoint_flush_every_transitions": 3000}\' '
+                         '(the baseline does not checkpoint)')
     ap.add_argument("--child", choices=("executor", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -433,7 +442,8 @@ def main(argv=None) -> int:
         for r in range(args.repeat):
             a = clone(pristine, os.path.join(root, "run-exec"))
             b = clone(pristine, os.path.join(root, "run-base"))
-            ex = run_child([me, "--child", "executor", "--run-dir", a], log=log)
+            ex = run_child([me, "--child", "executor", "--run-dir", a]
+                           + (["--overrides", args.exec_overrides] if args.exec_overrides else []), log=log)
             bl = run_child([me, "--child", "baseline", "--run-dir", b], log=log)
             if ex["exit_code"] != 0 or ex["done"] != ex["planned"]:
                 raise SystemExit(f"executor run did not complete: {ex}")
@@ -469,6 +479,8 @@ def main(argv=None) -> int:
         emit("checkpoint_time_share", ex["flush_s"] / ex["elapsed_s"])
         # ... and all checkpoint encoding + commit work, wherever it ran
         emit("checkpoint_work_share", ex["ckpt_work_s"] / ex["elapsed_s"])
+        # ... of which CPU (the committing thread's own CPU time: no fsync or GIL waits)
+        emit("checkpoint_work_cpu_share", ex["ckpt_work_cpu_s"] / ex["elapsed_s"])
         emit("checkpoint_commit_time_share", ex["commit_s"] / ex["elapsed_s"])
         emit("checkpoint_parts", ex["commit_calls"])
         emit("checkpoint_compaction_share", ex["compact_s"] / ex["elapsed_s"])
@@ -480,6 +492,9 @@ def main(argv=None) -> int:
             emit(f"exec_share_{label}", secs / ex["elapsed_s"])
         for label, secs in sorted(ex["breakdown"].items(), key=lambda kv: -kv[1]):
             emit(f"exec_ms_per_batch_{label}", 1000 * secs / max(1, ex["copy_chunks"]))
+        # the CPU of the calling threads inside them (wall time minus I/O and GIL waits)
+        for label, secs in sorted(ex["breakdown_cpu"].items(), key=lambda kv: -kv[1]):
+            emit(f"exec_cpu_ms_per_batch_{label}", 1000 * secs / max(1, ex["copy_chunks"]))
         shutil.rmtree(os.path.join(root, "run-exec"), ignore_errors=True)
 
     if args.only in (None, "b"):

@@ -215,20 +215,48 @@ def check_transition(a: "State | int", b: "State | int", *, retry_failed: bool =
         )
 
 
+def _allowed_matrix(retry_failed: bool):
+    """``m[a, b]``: whether ``a -> b`` is allowed (:func:`can_transition`), as a numpy table."""
+    import numpy as np
+
+    m = np.zeros((len(State), len(State)), dtype=bool)
+    for a in State:
+        for b in State:
+            m[int(a), int(b)] = can_transition(a, b, retry_failed=retry_failed)
+    m.setflags(write=False)
+    return m
+
+
+_ALLOWED: dict = {}
+
+
 def check_transitions(prev, state: "State | int", *, retry_failed: bool = False) -> None:
     """Raise :class:`TransitionError` unless every ``prev[i] -> state`` is allowed.
 
-    ``prev``: the states (ranks) the keys were in, one per transition recorded.  The
+    ``prev``: the states (ranks) the keys were in, one per transition recorded (a
+    sequence or an integer array; checked in one table look-up per call).  The
     message counts the offending transitions by kind; it never names a key."""
+    import numpy as np
+
     b = State(int(state))
-    bad: dict = {}
-    for a in prev:
-        a = int(a)
-        if not can_transition(a, b, retry_failed=retry_failed):
-            bad[a] = bad.get(a, 0) + 1
-    if bad:
-        kinds = ", ".join(f"{n} x {State(a)} -> {b}" for a, n in sorted(bad.items()))
-        raise TransitionError(f"state transitions not allowed by the state machine: {kinds}")
+    p = np.asarray(prev)
+    if p.size == 0:
+        return
+    if p.dtype.kind not in "iub":
+        p = np.array([int(a) for a in prev], dtype=np.int64)
+    p = p.astype(np.int64, copy=False).ravel()
+    lo, hi = int(p.min()), int(p.max())
+    if lo < 0 or hi >= len(State):
+        State(lo if lo < 0 else hi)  # raises ValueError: not a state rank
+    m = _ALLOWED.get(retry_failed)
+    if m is None:
+        m = _ALLOWED[retry_failed] = _allowed_matrix(retry_failed)
+    ok = m[p, int(b)]
+    if ok.all():
+        return
+    ranks, counts = np.unique(p[~ok], return_counts=True)
+    kinds = ", ".join(f"{int(n)} x {State(int(a))} -> {b}" for a, n in zip(ranks, counts))
+    raise TransitionError(f"state transitions not allowed by the state machine: {kinds}")
 
 
 def resume_entry(found: "State | int", *, retry_failed: bool = False) -> "State | None":

@@ -93,6 +93,25 @@ def test_transition_table():
     S.check_transition(State.FAILED, State.COPYING, retry_failed=True)
 
 
+def test_check_transitions_agrees_with_the_table_for_every_pair():
+    """The batch check (one table look-up per call) refuses exactly what can_transition refuses."""
+    for retry_failed in (False, True):
+        for b in State:
+            allowed = [a for a in State if S.can_transition(a, b, retry_failed=retry_failed)]
+            refused = [a for a in State if a not in allowed]
+            S.check_transitions(allowed, b, retry_failed=retry_failed)
+            S.check_transitions(np.array(allowed, dtype=np.int8), int(b), retry_failed=retry_failed)
+            S.check_transitions([], b)
+            for a in refused:
+                with pytest.raises(S.TransitionError, match=f"1 x {a} -> {b}"):
+                    S.check_transitions(allowed + [a], b, retry_failed=retry_failed)
+    with pytest.raises(S.TransitionError,
+                       match=r"not allowed by the state machine: 2 x copied -> done, 1 x verified -> done\Z"):
+        S.check_transitions([5, 4, 2, 5, 2], State.DONE)
+    with pytest.raises(ValueError):
+        S.check_transitions([1, 9], State.COPYING)
+
+
 def test_resume_entries_are_allowed_transitions():
     for found in State:
         nxt = S.resume_entry(found)

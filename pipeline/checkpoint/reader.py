@@ -17,6 +17,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
+import threading
 from typing import Iterator, Mapping, Sequence
 
 import pyarrow as pa
@@ -65,6 +67,33 @@ def _list(gdir: str) -> _Listing:
     return _Listing(sorted(parts), has_compacted, sorted(foreign))
 
 
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _read_pool(max_workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool of ``max_workers`` threads that read parts, made once: a pool
+    per call started its threads anew for every group (measured: most of the time
+    compacting a run's groups went to starting threads).  Its tasks never submit to
+    it, so concurrent callers cannot deadlock it."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(max_workers)
+        if pool is None:
+            pool = _POOLS[max_workers] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max_workers, thread_name_prefix="ckpt-read")
+        return pool
+
+
+def _forget_pools() -> None:  # a forked child has the pools but not their threads
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 _VANISHED = object()
 
 
@@ -100,8 +129,7 @@ def _load_group(gdir: str, plan_id: str, group_id: str, max_workers: int,
             loaded[name] = result
 
     if len(listing.parts) > 1 and max_workers > 1:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers) as pool:
-            results = list(pool.map(lambda n: _load(gdir, n, plan_id, group_id), listing.parts))
+        results = list(_read_pool(max_workers).map(lambda n: _load(gdir, n, plan_id, group_id), listing.parts))
         for name, result in zip(listing.parts, results):
             collect(name, result)
     else:

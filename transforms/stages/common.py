@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,20 @@ def throttle_config(options: RunOptions) -> ThrottleConfig:
 
 
 _IN_PROGRESS = frozenset({int(S.State.COPYING), int(S.State.VERIFYING), int(S.State.SWAPPING)})
+
+def _gather(values: list, idx) -> list:
+    """``[values[i] for i in idx]``, gathered in C."""
+    if len(idx) == 1:
+        return [values[idx[0]]]
+    return list(operator.itemgetter(*idx)(values))
+
+
+def _column_or_none(values: list, idx):
+    """The rows ``idx`` of a nullable chunk column, or None when they are all null
+    (the writer then writes a null column without converting a list of Nones)."""
+    out = _gather(values, idx)
+    return None if out.count(None) == len(out) else out
+
 
 # ------------------------------------------------------------------ metrics
 
@@ -284,27 +299,42 @@ class CheckpointRecorder:
             self._ctx.retry_io(w.flush)
 
     def record(self, ch: Chunk, idx, state, **cols) -> None:
-        """Record transitions of chunk rows ``idx`` to ``state``; update the chunk."""
+        """Record transitions of chunk rows ``idx`` to ``state``; update the chunk.
+
+        ``cols``: chunk columns to set with the transition (``reason``, ``chash``,
+        ``sver``, ``method``): one value for all rows, or ``{row: value}``.  The
+        columns are gathered once per call (no per-row Python work beyond the
+        gathers), and the writer checks every ``prev -> state`` in one table look-up."""
         if not idx:
             return
+        if not isinstance(idx, (list, tuple)):
+            idx = list(idx)
         w = self.writer(ch.gid)
-        prev = [ch.states[i] for i in idx]
+        s = int(state)
+        prev = _gather(ch.states, idx)
+        states = ch.states
         for i in idx:
-            ch.states[i] = int(state)
-            for name, values in cols.items():
-                getattr(ch, name)[i] = values[i] if isinstance(values, dict) else values
+            states[i] = s
+        for name, values in cols.items():
+            column = getattr(ch, name)
+            if isinstance(values, dict):
+                for i in idx:
+                    column[i] = values[i]
+            else:
+                for i in idx:
+                    column[i] = values
         w.record_many(
-            [ch.keys[i] for i in idx],
-            np.array([ch.hashes[i] for i in idx], dtype=np.uint64),
-            int(state),
-            [ch.attempts[i] for i in idx],
-            [ch.reason[i] for i in idx],
-            [ch.chash[i] for i in idx],
-            [ch.sver[i] for i in idx],
-            [ch.method[i] for i in idx],
+            _gather(ch.keys, idx),
+            np.fromiter(_gather(ch.hashes, idx), dtype=np.uint64, count=len(idx)),
+            s,
+            _gather(ch.attempts, idx),
+            _column_or_none(ch.reason, idx),
+            _column_or_none(ch.chash, idx),
+            _column_or_none(ch.sver, idx),
+            _column_or_none(ch.method, idx),
             # in-progress markers ride along with the next flush instead of forcing one:
             # losing one only makes a resume redo idempotent work
-            may_flush=int(state) not in _IN_PROGRESS,
+            may_flush=s not in _IN_PROGRESS,
             prev=prev,  # the writer refuses a transition the state machine does not allow
         )
         self._ctx.crasher.tick(len(idx))
