@@ -24,6 +24,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from itertools import chain
 from typing import Iterable, Sequence
 
 import xxhash
@@ -161,13 +162,17 @@ class SqliteDataStore(_SqliteBase):
         by_text = dict(zip(texts, keys))
         conn = self._conn(path)
         out: dict[bytes, tuple] = {}
+        uniq = list(by_text)
+        several = len(uniq) > _IN_CHUNK  # one statement is a read transaction of its own
         try:
-            conn.execute("BEGIN")
-            for chunk in _chunks(list(by_text)):
+            if several:
+                conn.execute("BEGIN")
+            for chunk in _chunks(uniq):
                 sql = _in_sql(f"SELECT key, {columns} FROM records WHERE key IN ({{in}})", len(chunk))
                 for row in conn.execute(sql, chunk):
                     out[by_text[row[0]]] = row[1:]
-            conn.execute("COMMIT")
+            if several:
+                conn.execute("COMMIT")
         except sqlite3.Error as e:
             _rollback(conn)
             raise _store_error(e, what) from e
@@ -275,13 +280,16 @@ class SqliteDataStore(_SqliteBase):
         # 1. one read of the source
         src = self._conn(src_path)
         found: dict[str, tuple[bytes, int]] = {}
+        several = len(uniq) > _IN_CHUNK  # one statement is a read transaction of its own
         try:
-            src.execute("BEGIN")
+            if several:
+                src.execute("BEGIN")
             for chunk in _chunks(uniq):
                 sql = _in_sql("SELECT key, CAST(value AS BLOB), version FROM records WHERE key IN ({in})", len(chunk))
                 for k, v, ver in src.execute(sql, chunk):
                     found[k] = (v, int(ver))
-            src.execute("COMMIT")
+            if several:
+                src.execute("COMMIT")
         except sqlite3.Error as e:
             _rollback(src)
             raise _store_error(e, "copy read") from e
@@ -308,7 +316,7 @@ class SqliteDataStore(_SqliteBase):
                         # one statement per chunk of rows, not one step per row (see _rows_json)
                         per = max(1, min(_IN_CHUNK, _limit(tgt, "SQLITE_LIMIT_VARIABLE_NUMBER", 999) // 3))
                         for chunk in _chunks(rows, per):
-                            tgt.execute(_upsert_sql(len(chunk)), [x for row in chunk for x in row])
+                            tgt.execute(_upsert_sql(len(chunk)), list(chain.from_iterable(chunk)))
                     tgt.execute("COMMIT")
                 except sqlite3.Error as e:
                     _rollback(tgt)

@@ -34,6 +34,7 @@ from pipeline.names import safe_name
 from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, check_cutoff, swap_item
 from pipeline.stores.claims import ClaimRow, decide_claim, raise_for
 from pipeline.stores.sqlite_common import (
+    _IN_CHUNK,
     _WRITE_CHUNK,
     DEFAULT_BUSY_TIMEOUT,
     _chunks,
@@ -264,11 +265,14 @@ class SqliteMapStore(_SqliteBase):
         uniq = list(by_text)
         conn = self._map_conn()
         out: dict[bytes, tuple[str, int]] = {}
+        several = len(uniq) > _IN_CHUNK  # one statement is a read transaction of its own
         try:
-            conn.execute("BEGIN")
+            if several:
+                conn.execute("BEGIN")
             for k, s, v in _rows_json(conn, "shard_id, version", "shard_map", uniq):
                 out[by_text[k]] = (s, int(v))
-            conn.execute("COMMIT")
+            if several:
+                conn.execute("COMMIT")
         except sqlite3.Error as e:
             _rollback(conn)
             raise _store_error(e, f"map store {self.path}: lookup") from e
@@ -486,20 +490,24 @@ class SqliteMapStore(_SqliteBase):
         with _locked(lock_paths, self.busy_timeout, "map swap"):
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                # the run registry's token and the batch's change number: one statement
                 if token is not None:
-                    row = conn.execute("SELECT epoch FROM shardmove_runs WHERE plan_id = ?",
-                                       (token[0],)).fetchone()
-                    if row is None or row[0] != token[1]:
+                    epoch, version = conn.execute(
+                        "SELECT (SELECT epoch FROM shardmove_runs WHERE plan_id = ?), "
+                        "(SELECT coalesce(max(version), 0) + 1 FROM shard_map)", (token[0],)).fetchone()
+                    if epoch is None or epoch != token[1]:
                         conn.execute("ROLLBACK")
-
                         raise LeaseLost(f"plan {token[0][:12]}: epoch {token[1]} no longer holds the map store "
-                                        f"(now {row[0] if row else 'none'}); nothing applied")
+                                        f"(now {epoch if epoch is not None else 'none'}); nothing applied")
+                else:
+                    version = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0]
+                version = int(version)
                 uniq = list(first)
                 if not dup_conflict and fast_path:
                     # Fast path (a first run: every key still at its source): fence check and
                     # compare-and-set straight away; if every row was written, that is the answer.
                     try:
-                        fast = self._swap_all_applied(conn, norm, first, uniq, attached, targets)
+                        fast = self._swap_all_applied(conn, norm, first, uniq, attached, targets, version)
                     except _NotAllApplied:
                         conn.execute("ROLLBACK")
                         return None  # swap_batch decides key by key in a new transaction
@@ -535,31 +543,26 @@ class SqliteMapStore(_SqliteBase):
                     return SwapResult(applied=(), already=tuple(by_status["already"]),
                                       conflicts=tuple(by_status["conflict"]),
                                       source_changed=tuple(by_status["source_changed"]))
-                version = None
-                if applied_keys:
-                    version = int(conn.execute(
-                        "SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
-                    if _cas_update(conn, norm, first, applied_keys, version) != len(applied_keys):
-                        conn.execute("ROLLBACK")
-                        raise PermanentError("map swap: compare-and-set wrote an unexpected number of rows",
-                                             reason="swap_inconsistent")
+                if applied_keys and _cas_update(conn, norm, first, applied_keys, version) != len(applied_keys):
+                    conn.execute("ROLLBACK")
+                    raise PermanentError("map swap: compare-and-set wrote an unexpected number of rows",
+                                         reason="swap_inconsistent")
                 conn.execute("COMMIT")
                 return SwapResult(applied=tuple(by_status["apply"]), already=tuple(by_status["already"]),
-                                  version=version)
+                                  version=version if applied_keys else None)
             except sqlite3.Error as e:
                 _rollback(conn)
                 if fence is not None:  # a broken attached connection is not reused
                     self._drop_fenced_conn(tuple(fence.shard_path(s) for s in attached))
                 raise _store_error(e, f"map store {self.path}: swap") from e
 
-    def _swap_all_applied(self, conn, norm, first, uniq, attached, targets) -> int | None:
+    def _swap_all_applied(self, conn, norm, first, uniq, attached, targets, version: int) -> int | None:
         """Inside the swap transaction: if every key is at its expected source (and,
-        fenced, has the source version its copy read), apply them all and return the
-        new version.  Returns None (nothing written) when the fence check fails and
+        fenced, has the source version its copy read), apply them all, stamped
+        ``version`` (the batch's change number), and return it.  Returns None (nothing written) when the fence check fails and
         raises _NotAllApplied (rows written: roll back) when the CAS missed a row."""
         if attached and _sources_changed(conn, norm, first, uniq, attached, targets):
             return None
-        version = int(conn.execute("SELECT coalesce(max(version), 0) + 1 FROM shard_map").fetchone()[0])
         if _cas_update(conn, norm, first, uniq, version) == len(uniq):
             return version
         raise _NotAllApplied  # the caller rolls back and decides key by key

@@ -31,6 +31,11 @@ __all__ = ["Copier", "CopyKeys"]
 
 LOG = logging.getLogger("shardmove.execute")
 
+# state sets as plain ints: a chunk's rows are tested against them one by one
+_NOT_VERIFIED = frozenset(int(s) for s in (S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING))
+_UNCOPIED = frozenset(int(s) for s in (S.State.PLANNED, S.State.COPYING))
+_COPIED = frozenset(int(s) for s in (S.State.COPIED, S.State.VERIFYING))
+
 
 class Copier:
     """Copies (and re-copies) rows of chunks for one stage DoFn."""
@@ -76,7 +81,7 @@ class Copier:
             rows = sorted(ok)
             self._ctx.record(ch, rows, S.State.COPIED,
                              chash={i: ok[i][0] for i in rows}, sver={i: ok[i][1] for i in rows},
-                             method={i: None for i in rows}, reason={i: None for i in rows})
+                             method=None, reason=None)
             # counted once per key: re-copies after a verify mismatch are counted apart
             (self._recopied if recopy else self._copied).inc(len(rows))
         if failed:
@@ -181,16 +186,15 @@ class _CopyFn(StageDoFn):
         # every key not yet verified is looked up first: one already at its target (an
         # earlier run swapped it) is confirmed by the swap, never copied or verified again
         # against a copy-time hash the application has since overwritten on the target
-        pending = [i for i, s in enumerate(ch.states)
-                   if s in (S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING)]
+        pending = [i for i, s in enumerate(ch.states) if s in _NOT_VERIFIED]
         if pending:
             self.guard.keep_at_source(ch, pending)
             if self.ctx.halted:  # the map could not be read: a configuration error stopped the run
                 return
         # copied keys without the hash their copy read (not written by this executor) cannot
         # be verified: they go through a failed verification to a re-copy
-        todo = [i for i in pending if ch.states[i] in (S.State.PLANNED, S.State.COPYING)
-                or (ch.states[i] in (S.State.COPIED, S.State.VERIFYING) and ch.chash[i] is None)]
+        states, chash = ch.states, ch.chash
+        todo = [i for i in pending if states[i] in _UNCOPIED or (states[i] in _COPIED and chash[i] is None)]
         self.ctx.record(ch, [i for i in todo if ch.states[i] == S.State.COPIED], S.State.VERIFYING)
         copier = self.copier
         futures = copier.start_copies(ch, todo) if todo else []

@@ -35,7 +35,10 @@ class MapGuard:
         except ConfigurationError as e:
             self._ctx.halt(e)
             return []
-        at_target = [i for i in todo if current.get(ch.keys[i], (None,))[0] == ch.target]
+        keys, target, none = ch.keys, ch.target, (None,)
+        at_target = [i for i in todo if current.get(keys[i], none)[0] == target]
+        if not at_target:
+            return todo
         self.confirm_at_target(ch, at_target)
         gone = set(at_target)
         return [i for i in todo if i not in gone]

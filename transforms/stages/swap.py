@@ -46,6 +46,8 @@ __all__ = ["Swapper", "SwapBatches"]
 
 LOG = logging.getLogger("shardmove.execute")
 
+_TO_SWAP = frozenset((int(S.State.VERIFIED), int(S.State.SWAPPING)))  # plain ints: tested row by row
+
 
 class Swapper:
     """Swaps chunks (on one swapper thread) for one stage DoFn."""
@@ -231,7 +233,7 @@ class _SwapFn(StageDoFn):
     def process(self, ch: Chunk, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         if self.ctx.should_stop():
             return
-        rows = [i for i, s in enumerate(ch.states) if s in (S.State.VERIFIED, S.State.SWAPPING)]
+        rows = [i for i, s in enumerate(ch.states) if s in _TO_SWAP]
         if not rows:
             return
         fut = self.swapper.submit(ch, rows)

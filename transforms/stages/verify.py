@@ -31,6 +31,8 @@ __all__ = ["Verifier", "VerifyCopies", "sample_mask"]
 
 LOG = logging.getLogger("shardmove.execute")
 
+_TO_VERIFY = frozenset((int(S.State.COPIED), int(S.State.VERIFYING)))  # plain ints: tested row by row
+
 
 def sample_mask(hashes: list, fraction: float, seed: int) -> list:
     """Seeded, deterministic sample of a batch: at least one key per batch."""
@@ -209,7 +211,7 @@ class _VerifyFn(StageDoFn):
         rounds, re-copies, transitions) when they have finished."""
         if self.ctx.should_stop():
             return
-        todo = [i for i, s in enumerate(ch.states) if s in (S.State.COPIED, S.State.VERIFYING)]
+        todo = [i for i, s in enumerate(ch.states) if s in _TO_VERIFY]
         futures, finish = [], (lambda results: None)
         verifier = self.verifier
         if todo:
