@@ -298,7 +298,7 @@ def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: St
                 stats.unknown_shard_rows += nbad
             stats.unknown_shard_ids |= set(pc.unique(shard_col.filter(pc.invert(ok))).to_pylist())
             stats.unknown_shards = len(stats.unknown_shard_ids)
-    hashes = K.stable_hashes(canon.to_pylist(), len(canon))
+    hashes = K.stable_hashes_array(canon)
     return canon, shard_col, hashes
 
 
@@ -375,7 +375,7 @@ def _plan_batch_coded(batch, ctx: PlanContext):
                 st.unknown_shard_rows += nbad
                 st.unknown_shard_ids |= {names[j] for j in unknown if per[j]}
                 st.unknown_shards = len(st.unknown_shard_ids)
-    hashes = K.stable_hashes(canon.to_pylist(), n)
+    hashes = K.stable_hashes_array(canon)
     name_hashes = np.fromiter((xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in names), np.uint64,
                               count=len(names))
     st.digest = digest_lanes_coded(hashes, name_hashes, codes)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Tuple
@@ -76,8 +77,8 @@ from pipeline import workdir
 from pipeline.keys import KeyType
 from transforms.coders import Uint64
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
-from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
-                               _read_units, make_chunks, mark_progress, spill_chunk)
+from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, UnitReader, _moves_table,
+                               _read_range, _read_units, _segments, make_chunks, mark_progress, spill_chunk)
 
 __all__ = [
     "PlanGraphSpec",
@@ -103,6 +104,9 @@ class PlanGraphSpec:
     ctx: core.PlanContext
     staging: str
     segment_size: int
+    #: planning threads per worker process (``plan_threads``, resolved by the launcher):
+    #: > 1 plans a chunk's units on that many threads; the plan's bytes are the same
+    threads: int = 1
 
 
 # ---------------------------------------------------------------- planning
@@ -113,22 +117,77 @@ class _PlanChunkFn(beam.DoFn):
     MOVES = "moves"
     HASHES = "hashes"
 
-    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, threads: int = 1):
         self._ctx = ctx
         self._staging = staging
         self._segment_size = segment_size
+        self._threads = max(1, int(threads))
         self._rows = Metrics.counter("plan", "rows_read")
         self._moved = Metrics.counter("plan", "moves")
         self._examined = Metrics.counter("plan", "keys_examined")
         self._spills = Metrics.counter("plan", "spill_files")
 
+    def setup(self):
+        self._pool = None
+        if self._threads > 1:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="plan-chunk")
+            self._reader = UnitReader(("key", "shard_id"))
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _plan_unit(self, path: str, rg: int) -> list:
+        table = self._reader.read(path, rg)
+        return [core.plan_batch(t, self._ctx) for t in _segments(table, self._segment_size)]
+
+    def _planned(self, units):
+        """``(moves, stats, hashes)`` of every segment of ``units``, in unit and segment
+        order whatever the thread count (so the chunk's spill files are the same bytes).
+
+        With threads, each (path, row group) unit is read and planned by a pool thread,
+        at most two units per thread ahead of the one consumed here: Parquet decoding,
+        hashing (:func:`pipeline.keys.stable_hashes_array`), the ring lookup and the Arrow
+        kernels release the GIL, so the threads overlap.  Metrics are counted here, on the
+        bundle's thread."""
+        if self._pool is None:
+            for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+                yield core.plan_batch(table, self._ctx)
+            return
+        window: deque = deque()
+        try:
+            for path, rg in units:
+                window.append(self._pool.submit(self._plan_unit, path, rg))
+                if len(window) > 2 * self._threads:
+                    yield from self._collect(window.popleft())
+            while window:
+                yield from self._collect(window.popleft())
+        finally:
+            for fut in window:  # after a failure: the units not yet started are dropped
+                fut.cancel()
+
+    def _collect(self, fut):
+        for res in fut.result():  # re-raises the unit's error (e.g. a corrupted row group)
+            self._rows.inc(res[1].rows)
+            yield res
+
+    def start_bundle(self):
+        self._spilling: deque = deque()
+
     def process(self, element):
+        try:
+            yield from self._process(element)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _process(self, element):
         chunk, units = element
         total = core.Stats()
         hashes, moves, buffered, k = [], [], 0, 0
         segments, marked = 0, time.monotonic()
-        for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
-            mv, st, h = core.plan_batch(table, self._ctx)
+        for mv, st, h in self._planned(units):
             self._examined.inc(st.rows)
             self._moved.inc(st.moved)
             total.merge(st)
@@ -152,9 +211,42 @@ class _PlanChunkFn(beam.DoFn):
         mark_progress(self._staging, chunk, segments, keys)
 
     def _spill(self, chunk, k, hashes, moves):
+        """Write a spill file and emit its pointers.  With threads, the spill (sorts,
+        encoding, the write) runs on the pool while the next units are planned, one spill
+        at a time; its pointers are emitted at the next spill or at the bundle's end."""
         self._spills.inc()
-        for tag, key, ptr in spill_chunk(self._staging, chunk, k, hashes, moves):
-            yield beam.pvalue.TaggedOutput(tag, (key, ptr))
+        if self._pool is None:
+            yield from self._tagged(spill_chunk(self._staging, chunk, k, hashes, moves))
+            return
+        self._spilling.append(self._pool.submit(spill_chunk, self._staging, chunk, k, hashes, moves))
+        while len(self._spilling) > 1:
+            yield from self._tagged(self._spilling.popleft().result())
+
+    @staticmethod
+    def _tagged(pointers, windowed: bool = False):
+        for tag, key, ptr in pointers:
+            value = (key, ptr)
+            if windowed:  # finish_bundle's outputs carry their window
+                value = WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+            yield beam.pvalue.TaggedOutput(tag, value)
+
+    def finish_bundle(self):
+        try:
+            while self._spilling:
+                yield from self._tagged(self._spilling.popleft().result(), windowed=True)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _drain(self):
+        """After a failure: let spills in flight end before the error propagates (the
+        launcher then removes the staging directory; nothing may write into it afterwards)."""
+        pending, self._spilling = self._spilling, deque()
+        for fut in pending:
+            try:
+                fut.result()
+            except BaseException:
+                pass
 
 
 class PlanChunks(beam.PTransform):
@@ -170,15 +262,16 @@ class PlanChunks(beam.PTransform):
     Idempotent: spill and mark names are functions of the chunk, so a retried bundle
     rewrites the same bytes under the same names; only committed pointers are read."""
 
-    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, threads: int = 1):
         super().__init__()
         self._ctx = ctx
         self._staging = staging
         self._segment_size = segment_size
+        self._threads = threads
 
     def expand(self, chunks):
         return chunks | "PlanChunk" >> beam.ParDo(
-            _PlanChunkFn(self._ctx, self._staging, self._segment_size)
+            _PlanChunkFn(self._ctx, self._staging, self._segment_size, self._threads)
         ).with_output_types(Any).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
 
 
@@ -283,11 +376,13 @@ def write_moves_bytes(table: pa.Table) -> bytes:
 class _WriteGroupFn(beam.DoFn):
     """Write one group's file.  Idempotent: same inputs -> same bytes -> same name.
 
-    Each file is committed with :func:`pipeline.fs.write_atomic` (write a
-    temporary, fsync, rename, fsync the directory).  Those commits run on a
-    few threads, up to ``WRITE_AHEAD`` in flight, so that the fsync latency of
-    one file overlaps the encoding of the next (256 files of a 16 -> 17 shard
-    plan spent more time in fsync than in encoding)."""
+    Each group is read back from its spill pointers, sorted, encoded and committed
+    with :func:`pipeline.fs.write_atomic` (write a temporary, fsync, rename, fsync the
+    directory) on a few threads, up to ``WRITE_AHEAD`` groups in flight: the fsync
+    latency of one file overlaps the encoding of the next (256 files of a 16 -> 17 shard
+    plan spent more time in fsync than in encoding), and the sorts and Parquet encoding
+    (Arrow, without the GIL) of several groups overlap.  Records are emitted in input
+    order."""
 
     WRITE_THREADS = 8
     WRITE_AHEAD = 16
@@ -323,20 +418,15 @@ class _WriteGroupFn(beam.DoFn):
         (the launcher then removes the staging directory; nothing may write
         into it afterwards)."""
         pending, self._pending = self._pending, []
-        for fut, _record in pending:
+        for fut in pending:
             try:
                 fut.result()
             except BaseException:
                 pass
 
-    def _process(self, element):
-        gid, values = element
+    def _write_group(self, gid: str, values: list) -> dict:
         table = pa.concat_tables([_moves_table(v) for v in values])
         data = write_moves_bytes(table)
-        path = workdir.move_file(self._staging, gid)
-        if not self._made:
-            fs.makedirs(workdir.moves_dir(self._staging))
-            self._made = True
         record = {
             "group": gid,
             "source": table["source"][0].as_py(),
@@ -346,13 +436,20 @@ class _WriteGroupFn(beam.DoFn):
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        self._pending.append((self._pool.submit(self._commit, path, data), record))
+        self._commit(workdir.move_file(self._staging, gid), data)
+        return record
+
+    def _process(self, element):
+        gid, values = element
+        if not self._made:
+            fs.makedirs(workdir.moves_dir(self._staging))
+            self._made = True
+        self._pending.append(self._pool.submit(self._write_group, gid, list(values)))
         while len(self._pending) >= self.WRITE_AHEAD:
             yield self._settle(self._pending.pop(0))
 
-    def _settle(self, item):
-        fut, record = item
-        fut.result()  # re-raises a failed commit: the bundle fails
+    def _settle(self, fut):
+        record = fut.result()  # re-raises a failed read, encoding or commit: the bundle fails
         self._files.inc()
         return record
 
@@ -445,7 +542,7 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
     """The planner's flowchart.  Results land as JSON files in ``spec.staging``."""
     if not spec.targets:
         chunks = p | "ListChunks" >> beam.Create(make_chunks(spec.sources, spec.segment_size))
-        planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size)
+        planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size, spec.threads)
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
         dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type)
     else:

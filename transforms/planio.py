@@ -24,7 +24,7 @@ from pipeline.errors import BadInput
 from pipeline.names import group_id
 from transforms import bulkio
 
-__all__ = ["SPILL_ROWS", "SPILL_PARTITION_BITS", "SPILL_DIR", "make_chunks", "read_units", "spill_chunk",
+__all__ = ["SPILL_ROWS", "SPILL_PARTITION_BITS", "SPILL_DIR", "make_chunks", "read_units", "UnitReader", "spill_chunk",
            "read_pointer", "mark_progress"]
 
 #: Rows of snapshot planned per chunk before its hashes and moves are
@@ -42,7 +42,24 @@ SPILL_DIR = "spill"
 # ---------------------------------------------------------------- reading
 
 def _open(path: str):
+    if not fs.is_gcs(path):
+        # a native file: Arrow reads it without the GIL (a Python file object would take
+        # the GIL for every read), so planning threads overlap their reads
+        return pa.OSFile(path, "rb")
     return bulkio.open_bulk(path)  # gs://: ranged reads, footers and row groups only
+
+
+def _read_row_group(pf, path: str, rg: int, cols: list, use_threads: bool = True) -> pa.Table:
+    try:
+        return pf.read_row_group(rg, columns=cols, use_threads=use_threads)
+    except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
+        raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
+                       f"truncated ({type(e).__name__})") from None
+
+
+def _segments(table: pa.Table, segment_size: int):
+    for b in table.to_batches(max_chunksize=segment_size):
+        yield pa.Table.from_batches([b])
 
 
 def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
@@ -62,16 +79,34 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
             names = pf.schema_arrow.names
             cols = [c for c in columns if c in names]
             for _p, rg in units[i:j]:
-                try:
-                    table = pf.read_row_group(rg, columns=cols)
-                except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
-                    raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
-                                   f"truncated ({type(e).__name__})") from None
+                table = _read_row_group(pf, path, rg, cols)
                 if rows_counter is not None:
                     rows_counter.inc(table.num_rows)
-                for b in table.to_batches(max_chunksize=segment_size):
-                    yield pa.Table.from_batches([b])
+                yield from _segments(table, segment_size)
         i = j
+
+
+class UnitReader:
+    """Reads single (path, row group) units, from any thread: each call opens its own
+    native file (no shared file position), and each file's footer is parsed once and
+    reused (``ParquetFile(metadata=...)``).  For :class:`transforms.plan._PlanChunkFn`'s
+    planning threads."""
+
+    def __init__(self, columns: tuple):
+        self._columns = columns
+        self._meta: dict = {}
+
+    def read(self, path: str, rg: int) -> pa.Table:
+        with _open(path) as f:
+            meta = self._meta.get(path)
+            pf = pq.ParquetFile(f, read_dictionary=["shard_id"], metadata=meta)
+            if meta is None:
+                if len(self._meta) >= 64:
+                    self._meta.clear()
+                self._meta[path] = pf.metadata
+            names = pf.schema_arrow.names
+            # one unit per planning thread: Arrow's own column threads would only compete
+            return _read_row_group(pf, path, rg, [c for c in self._columns if c in names], use_threads=False)
 
 
 def make_chunks(units: tuple, segment_size: int) -> list:
