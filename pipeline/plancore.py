@@ -550,8 +550,35 @@ def join_sorted(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[p
     return _joined_moves(canon, src, tgt, shs, st, ctx)
 
 
+def _byte_ranks(col) -> np.ndarray:
+    """Each row's rank of its value in byte order among the column's distinct values
+    (a string column of a few distinct shard ids)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+    names = [v.encode("utf-8") if isinstance(v, str) else v for v in enc.dictionary.to_pylist()]
+    rank = np.empty(len(names), np.int64)
+    rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+    return rank[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 def sort_moves(table: pa.Table) -> pa.Table:
-    """CONTRACTS order: (source, target, stable hash, canonical key bytes)."""
+    """CONTRACTS order: (source, target, stable hash, canonical key bytes).
+
+    Usually a numpy sort on (source rank, target rank, hash); only when two rows share
+    all three (a duplicate key or a 64-bit collision) does Arrow sort on the key bytes
+    too.  Either way the same rows in the same order."""
+    n = table.num_rows
+    if n > 1 and not any(table[c].null_count for c in ("source", "target", "key_hash")):
+        h = table["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
+        src, tgt = _byte_ranks(table["source"]), _byte_ranks(table["target"])
+        pair = src * (int(tgt.max()) + 1) + tgt
+        idx = np.argsort(h)
+        if pair.min() != pair.max():  # then by pair, stably (a radix sort for small codes)
+            small = np.uint16 if pair.max() < 1 << 16 else np.int64
+            idx = idx[np.argsort(pair[idx].astype(small), kind="stable")]
+        hs, ps = h[idx], pair[idx]
+        if not np.any((hs[1:] == hs[:-1]) & (ps[1:] == ps[:-1])):
+            return table.take(pa.array(idx))
     order = pc.sort_indices(
         table,
         sort_keys=[("source", "ascending"), ("target", "ascending"), ("key_hash", "ascending"), ("key", "ascending")],

@@ -296,6 +296,41 @@ def _candidate_hashes(element):
     return [int(x) for x in np.unique(dup)]
 
 
+class _CandidateHashesFn(beam.DoFn):
+    """(partition, hash pointers) -> the partition's candidate duplicate hashes.
+
+    With threads, partitions are read back and sorted on a pool (file reads and
+    ``np.sort`` release the GIL), at most two per thread in flight; without, one at a
+    time here.  Candidates are a set: their order does not matter."""
+
+    def __init__(self, threads: int = 1):
+        self._threads = max(1, int(threads))
+
+    def setup(self):
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="plan-dups") if self._threads > 1 else None
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def start_bundle(self):
+        self._pending: deque = deque()
+
+    def process(self, element):
+        if self._pool is None:
+            yield from _candidate_hashes(element)
+            return
+        self._pending.append(self._pool.submit(_candidate_hashes, (element[0], list(element[1]))))
+        while len(self._pending) > 2 * self._threads:
+            yield from self._pending.popleft().result()
+
+    def finish_bundle(self):
+        while self._pending:
+            for h in self._pending.popleft().result():
+                yield WindowedValue(h, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+
 class _ConfirmDuplicatesFn(beam.DoFn):
     """Second pass, only when candidate hashes exist: emit (hash, key bytes).
 
@@ -334,17 +369,18 @@ class DetectDuplicates(beam.PTransform):
     usually empty).  Side effects: none (it only reads).  Idempotent: a pure
     function of its inputs."""
 
-    def __init__(self, chunks, segment_size: int, key_type: KeyType):
+    def __init__(self, chunks, segment_size: int, key_type: KeyType, threads: int = 1):
         super().__init__()
         self._chunks = chunks
         self._segment_size = segment_size
         self._key_type = key_type
+        self._threads = threads
 
     def expand(self, hashes):
         candidates = (
             hashes
             | "GroupByPartition" >> beam.GroupByKey()
-            | "CandidateHashes" >> beam.FlatMap(_candidate_hashes).with_output_types(Uint64)
+            | "CandidateHashes" >> beam.ParDo(_CandidateHashesFn(self._threads)).with_output_types(Uint64)
         )
         return (
             self._chunks
@@ -544,7 +580,8 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
         chunks = p | "ListChunks" >> beam.Create(make_chunks(spec.sources, spec.segment_size))
         planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size, spec.threads)
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
-        dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type)
+        dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type,
+                                                               spec.threads)
     else:
         # explicit target: both sides spilled by hash partition, then one sort-merge join per
         # partition; only pointers travel through Beam (bounded memory, as on the ring path)

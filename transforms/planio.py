@@ -222,7 +222,15 @@ def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
     """Planning progress for the driver (shardmove.planner polls it): an empty file whose
     name holds this chunk's cumulative counts; a retry recreates the same names."""
     try:
-        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
+        path = workdir.planning_progress_mark(staging, chunk, segments, keys)
+        if fs.is_gcs(path):
+            fs.create_if_absent(path, b"")
+        else:  # an empty local file, not synced: progress only (a commit's fsyncs took 14 ms a mark)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass  # a retried bundle's same mark
     except Exception as e:  # noqa: BLE001 - progress is best effort
         logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
 
