@@ -6,7 +6,7 @@ Flow (read top to bottom in :func:`build_plan_graph`)::
                      snapshot, ~SPILL_ROWS rows; each is read in segments of
                      <= segment_size rows and planned with
                      :func:`pipeline.plancore.plan_batch`.  The chunk's outputs
-                     (its sorted key hashes and its sorted moves) are written
+                     (its key hashes by hash partition and its sorted moves) are written
                      to ONE spill file in ``<staging>/spill/``; only small
                      *pointers* (file, byte offset, length) travel through
                      Beam: per hash partition and per (source, target, bucket)
@@ -256,7 +256,7 @@ class PlanChunks(beam.PTransform):
     Outputs: main, one :class:`pipeline.plancore.Stats` per chunk; tagged ``moves``,
     ``(group id, (path, offset, length))`` pointers to the chunk's sorted moves of one
     (source, target, bucket) group; tagged ``hashes``, ``(partition, pointer)`` to the
-    chunk's sorted stable hashes of one hash partition.
+    chunk's stable hashes of one hash partition (unsorted).
     Side effects: one spill file per chunk (and per SPILL_ROWS rows) under
     ``<staging>/spill/`` (0600: it holds keys), and planning-progress marks.
     Idempotent: spill and mark names are functions of the chunk, so a retried bundle

@@ -186,17 +186,24 @@ def _group_bounds(moves: pa.Table):
 def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, path: str | None = None):
     """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
 
-    Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
+    Layout: the chunk's hashes (uint64 LE) grouped by hash partition (in partition
+    order, unsorted within one), then one Arrow IPC stream
     per (source, target, bucket) group of its moves sorted in CONTRACTS order.
     A pointer is (path, byte offset, byte length)."""
     path = path or _spill_path(staging, chunk, k)
-    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
-    blobs = [h.astype("<u8", copy=False).tobytes()]
+    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     out = []
     nparts = 1 << SPILL_PARTITION_BITS
     shift = np.uint64(64 - SPILL_PARTITION_BITS)
     if len(h):
-        edges = np.searchsorted(h >> shift, np.arange(nparts + 1, dtype=np.uint64), side="left")
+        # grouped by partition (the top bits), not sorted: the duplicate check sorts each
+        # partition; a stable sort of 8-bit codes is a radix sort, O(n)
+        top = (h >> shift).astype(np.uint8 if SPILL_PARTITION_BITS <= 8 else np.uint16)
+        h = h[np.argsort(top, kind="stable")]
+        edges = np.zeros(nparts + 1, np.int64)
+        np.cumsum(np.bincount(top, minlength=nparts), out=edges[1:])
+    blobs = [h.astype("<u8", copy=False).tobytes()]
+    if len(h):
         for p in range(nparts):
             s, e = int(edges[p]), int(edges[p + 1])
             if e > s:
