@@ -289,7 +289,9 @@ def _candidate_hashes(element):
     arrays = [_hash_array(v) for v in values]
     if not arrays:
         return []
-    h = np.sort(np.concatenate(arrays))
+    h = np.concatenate(arrays)
+    del arrays
+    h.sort()  # in place: one copy of the partition, not two
     if len(h) < 2:
         return []
     dup = h[1:][h[1:] == h[:-1]]
@@ -300,8 +302,8 @@ class _CandidateHashesFn(beam.DoFn):
     """(partition, hash pointers) -> the partition's candidate duplicate hashes.
 
     With threads, partitions are read back and sorted on a pool (file reads and
-    ``np.sort`` release the GIL), at most two per thread in flight; without, one at a
-    time here.  Candidates are a set: their order does not matter."""
+    ``np.sort`` release the GIL), one per thread at a time; without, one at a time
+    here.  Candidates are a set: their order does not matter."""
 
     def __init__(self, threads: int = 1):
         self._threads = max(1, int(threads))
@@ -321,9 +323,9 @@ class _CandidateHashesFn(beam.DoFn):
         if self._pool is None:
             yield from _candidate_hashes(element)
             return
-        self._pending.append(self._pool.submit(_candidate_hashes, (element[0], list(element[1]))))
-        while len(self._pending) > 2 * self._threads:
+        while len(self._pending) >= self._threads:  # one partition per thread: memory stays flat
             yield from self._pending.popleft().result()
+        self._pending.append(self._pool.submit(_candidate_hashes, (element[0], list(element[1]))))
 
     def finish_bundle(self):
         while self._pending:
@@ -414,7 +416,8 @@ class _WriteGroupFn(beam.DoFn):
 
     Each group is read back from its spill pointers, sorted, encoded and committed
     with :func:`pipeline.fs.write_atomic` (write a temporary, fsync, rename, fsync the
-    directory) on a few threads, up to ``WRITE_AHEAD`` groups in flight: the fsync
+    directory) on a few threads, up to ``WRITE_AHEAD`` groups and ``WRITE_AHEAD_BYTES``
+    spilled bytes in flight: the fsync
     latency of one file overlaps the encoding of the next (256 files of a 16 -> 17 shard
     plan spent more time in fsync than in encoding), and the sorts and Parquet encoding
     (Arrow, without the GIL) of several groups overlap.  Records are emitted in input
@@ -422,6 +425,9 @@ class _WriteGroupFn(beam.DoFn):
 
     WRITE_THREADS = 8
     WRITE_AHEAD = 16
+    #: ... and at most this many spilled bytes of moves in flight (always at least one
+    #: group): a group grows with the keyspace, so the count alone would not bound memory
+    WRITE_AHEAD_BYTES = 4 << 20
 
     def __init__(self, staging: str):
         self._staging = staging
@@ -454,7 +460,7 @@ class _WriteGroupFn(beam.DoFn):
         (the launcher then removes the staging directory; nothing may write
         into it afterwards)."""
         pending, self._pending = self._pending, []
-        for fut in pending:
+        for fut, _size in pending:
             try:
                 fut.result()
             except BaseException:
@@ -480,12 +486,15 @@ class _WriteGroupFn(beam.DoFn):
         if not self._made:
             fs.makedirs(workdir.moves_dir(self._staging))
             self._made = True
-        self._pending.append(self._pool.submit(self._write_group, gid, list(values)))
-        while len(self._pending) >= self.WRITE_AHEAD:
+        values = list(values)
+        size = sum(v[2] if isinstance(v, tuple) else v.nbytes for v in values)
+        while self._pending and (len(self._pending) >= self.WRITE_AHEAD
+                                 or sum(b for _f, b in self._pending) + size > self.WRITE_AHEAD_BYTES):
             yield self._settle(self._pending.pop(0))
+        self._pending.append((self._pool.submit(self._write_group, gid, values), size))
 
-    def _settle(self, fut):
-        record = fut.result()  # re-raises a failed read, encoding or commit: the bundle fails
+    def _settle(self, item):
+        record = item[0].result()  # re-raises a failed read, encoding or commit: the bundle fails
         self._files.inc()
         return record
 
