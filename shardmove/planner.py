@@ -260,16 +260,18 @@ def make_plan(
 
 #: ``plan_threads: 0`` plans snapshots of at least this many keys on several threads
 AUTO_THREADS_MIN_ROWS = 1_000_000
-#: ... one per core, at most this many
-AUTO_THREADS_MAX = 4
+#: ... two per core, at most this many
+AUTO_THREADS_MAX = 8
 
 
 def plan_threads(option: int, rows: int, in_process: bool) -> int:
     """Planning threads per worker process: the ``plan_threads`` option when set; else
-    (automatic) one per core, at most AUTO_THREADS_MAX, when the engine runs the plan in
+    (automatic) two per core, at most AUTO_THREADS_MAX, when the engine runs the plan in
     this one process (in-memory FnApiRunner) and the snapshot has at least
     AUTO_THREADS_MIN_ROWS rows; else 1 (a small snapshot is one chunk of little work;
-    other engines' workers already use every core)."""
+    other engines' workers already use every core).  Two per core, so that one thread's
+    waits (file reads and writes, the GIL) are filled by another's GIL-free work: on 2
+    shared cores 4 threads planned 10M keys 20-25% faster than 2."""
     if option:
         return int(option)
     if not in_process or rows < AUTO_THREADS_MIN_ROWS:
@@ -278,7 +280,7 @@ def plan_threads(option: int, rows: int, in_process: bool) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(cores, AUTO_THREADS_MAX))
+    return max(1, min(2 * cores, AUTO_THREADS_MAX))
 
 
 class _PlanProgress:
