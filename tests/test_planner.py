@@ -249,8 +249,9 @@ def test_dry_run_capacity_in_bytes(tmp_path):
 def test_plan_threads_give_the_same_plan_bytes(tmp_path, monkeypatch):
     """plan_threads forced to 3 (each chunk's row groups planned on a pool, spills written
     on it) and to 1 give byte-identical move files and the same manifest figures;
-    variable-length keys, several spills per chunk, the writer's byte budget binding."""
+    variable-length keys, several chunks and spills per chunk, the writer's byte budget binding."""
     monkeypatch.setattr("transforms.plan.SPILL_ROWS", 600)
+    monkeypatch.setattr("transforms.planio.SPILL_ROWS", 1000)  # chunks of 10 row groups: several chunks
     monkeypatch.setattr("transforms.plan._WriteGroupFn.WRITE_AHEAD_BYTES", 1)  # one group in flight at a time
     rows = _assignments(1500, KeyType.BYTES)
     snap = _write_snapshot(tmp_path / "snap.parquet", rows, row_group=200)

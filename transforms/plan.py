@@ -40,7 +40,9 @@ input in memory, and pickles each element; shuffling the hashes and moves
 themselves made the planner's memory grow with the keyspace (and pickling a
 sliced Arrow table pickles its whole parent buffers).  Through spill files
 the planner's memory is bounded by one chunk (``SPILL_ROWS`` rows) and one
-hash partition (rows / ``2**SPILL_PARTITION_BITS``), whatever the runner.
+hash partition (rows / ``2**SPILL_PARTITION_BITS``), whatever the runner; with
+``threads`` (``plan_threads``), by a few row groups and one partition per thread,
+one chunk being planned and one being spilled, and ``_WriteGroupFn.WRITE_AHEAD_BYTES``.
 Spill names are deterministic (chunk index, spill index), so a retried
 bundle rewrites the same bytes; only pointers that Beam committed are read.
 
@@ -137,6 +139,7 @@ class _PlanChunkFn(beam.DoFn):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
+            self._reader.close()
 
     def _plan_unit(self, path: str, rg: int) -> list:
         table = self._reader.read(path, rg)
@@ -166,6 +169,12 @@ class _PlanChunkFn(beam.DoFn):
         finally:
             for fut in window:  # after a failure: the units not yet started are dropped
                 fut.cancel()
+            for fut in window:
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+            self._reader.close()  # no read is running now: the chunk's files are closed
 
     def _collect(self, fut):
         for res in fut.result():  # re-raises the unit's error (e.g. a corrupted row group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -87,26 +88,60 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
 
 
 class UnitReader:
-    """Reads single (path, row group) units, from any thread: each call opens its own
-    native file (no shared file position), and each file's footer is parsed once and
-    reused (``ParquetFile(metadata=...)``).  For :class:`transforms.plan._PlanChunkFn`'s
-    planning threads."""
+    """Reads single (path, row group) units, from any thread.  Each thread keeps its own
+    file open for its next unit of the same file (no shared file position; a ``gs://``
+    object is not reopened for every row group), and each file's footer is parsed once
+    and reused (``ParquetFile(metadata=...)``).  :meth:`close` closes every thread's
+    file (a thread then reopens on its next unit).  For
+    :class:`transforms.plan._PlanChunkFn`'s planning threads."""
 
     def __init__(self, columns: tuple):
         self._columns = columns
         self._meta: dict = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._files: list = []
+        self._generation = 0
 
     def read(self, path: str, rg: int) -> pa.Table:
-        with _open(path) as f:
-            meta = self._meta.get(path)
-            pf = pq.ParquetFile(f, read_dictionary=["shard_id"], metadata=meta)
-            if meta is None:
+        held = getattr(self._local, "held", None)
+        if held is None or held[0] != path or held[1] != self._generation:
+            if held is not None and held[1] == self._generation:
+                self._forget(held[2])
+            f = _open(path)
+            try:
+                pf = pq.ParquetFile(f, read_dictionary=["shard_id"], metadata=self._meta.get(path))
+            except BaseException:
+                f.close()
+                raise
+            if path not in self._meta:
                 if len(self._meta) >= 64:
                     self._meta.clear()
                 self._meta[path] = pf.metadata
-            names = pf.schema_arrow.names
-            # one unit per planning thread: Arrow's own column threads would only compete
-            return _read_row_group(pf, path, rg, [c for c in self._columns if c in names], use_threads=False)
+            with self._lock:
+                self._files.append(f)
+                held = self._local.held = (path, self._generation, f, pf)
+        pf = held[3]
+        names = pf.schema_arrow.names
+        # one unit per planning thread: Arrow's own column threads would only compete
+        return _read_row_group(pf, path, rg, [c for c in self._columns if c in names], use_threads=False)
+
+    def _forget(self, f) -> None:
+        with self._lock:
+            if f in self._files:
+                self._files.remove(f)
+        f.close()
+
+    def close(self) -> None:
+        """Close every thread's file; call when no read is running (between chunks)."""
+        with self._lock:
+            files, self._files = self._files, []
+            self._generation += 1
+        for f in files:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def make_chunks(units: tuple, segment_size: int) -> list:
