@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["peak_rss_mb", "emit", "run_child", "child_result", "bench_root", "fmt", "median"]
+__all__ = ["peak_rss_mb", "tree_memory_mb", "emit", "run_child", "child_result", "bench_root", "fmt", "median"]
 
 RESULT_PREFIX = "RESULT "
 
@@ -64,28 +64,97 @@ def child_result(payload: dict) -> None:
     print(RESULT_PREFIX + json.dumps(payload), flush=True)
 
 
-def run_child(argv: list, *, timeout: float = 1800, env: dict | None = None, log: str | None = None) -> dict:
+def _tree_pids(root: int) -> list[int]:
+    """``root`` and every process descended from it (read from /proc)."""
+    parents: dict = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, ()))
+    return out
+
+
+def tree_memory_mb(root: int) -> tuple[float, float]:
+    """(PSS, RSS) summed over ``root``'s process tree, MB, from ``/proc/<pid>/smaps_rollup``.
+
+    PSS (proportional set size) divides each shared page among the processes that map
+    it, so pages shared after a fork (or a shared library) count once in the sum; RSS
+    counts them in every process."""
+    pss = rss = 0
+    for pid in _tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return pss / 1024.0, rss / 1024.0
+
+
+def run_child(argv: list, *, timeout: float = 1800, env: dict | None = None, log: str | None = None,
+              sample_memory: bool = False, sample_interval: float = 0.1) -> dict:
     """Run ``python argv...`` and return its RESULT payload plus ``process_wall_s``.
 
     The child's other output goes to ``log`` (or is dropped) so that only the
-    parent's figure lines reach stdout.
+    parent's figure lines reach stdout.  ``sample_memory``: every ``sample_interval``
+    seconds, sum PSS and RSS over the child's process tree (:func:`tree_memory_mb`; the
+    child and any worker processes it starts) and add the peaks of those sums,
+    ``peak_pss_tree_mb`` and ``peak_rss_tree_mb``, to the payload.
     """
+    import threading
+
     cmd = [sys.executable] + [str(a) for a in argv]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
-                          env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peaks = [0.0, 0.0]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(sample_interval):
+            pss, rss = tree_memory_mb(proc.pid)
+            peaks[0], peaks[1] = max(peaks[0], pss), max(peaks[1], rss)
+
+    sampler = threading.Thread(target=sample, daemon=True) if sample_memory else None
+    if sampler:
+        sampler.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        done.set()
+        if sampler:
+            sampler.join()
     wall = time.perf_counter() - t0
     if log:
         with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+            f.write(f"$ {' '.join(cmd)}\n{stdout}\n{stderr}\n")
     result = None
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
     if proc.returncode != 0 or result is None:
-        tail = "\n".join((proc.stderr or "").splitlines()[-25:])
+        tail = "\n".join((stderr or "").splitlines()[-25:])
         raise RuntimeError(f"child {' '.join(cmd[1:3])} failed (exit {proc.returncode}):\n{tail}")
     result["process_wall_s"] = wall
+    if sample_memory:
+        result["peak_pss_tree_mb"], result["peak_rss_tree_mb"] = peaks
     return result
 
 

@@ -138,7 +138,8 @@ def build_target(n: int, root: str, snapshot: str) -> str:
 
 # ------------------------------------------------------------------ children
 
-def child_planner(snapshot: str, out: str, profile: str | None, target: str | None = None) -> None:
+def child_planner(snapshot: str, out: str, profile: str | None, target: str | None = None,
+                  beam_args: tuple = (), plan_threads: int = 0) -> None:
     import apache_beam  # noqa: F401  (import cost is not planning time)
 
     import transforms.plan  # noqa: F401
@@ -151,6 +152,7 @@ def child_planner(snapshot: str, out: str, profile: str | None, target: str | No
         "current_shards": SOURCE_SHARDS,
         "target": {"profile": "native", "shards": [{"id": s} for s in TARGET_SHARDS]},
         "hash_buckets": HASH_BUCKETS,
+        "plan_threads": plan_threads,
     }
     if target:
         raw["target"]["snapshot"] = target
@@ -164,7 +166,7 @@ def child_planner(snapshot: str, out: str, profile: str | None, target: str | No
     if prof:
         prof.enable()
     cfg = load_config(None, raw=raw)
-    res = make_plan(cfg, snapshot=snapshot, out=lambda _line: None)
+    res = make_plan(cfg, snapshot=snapshot, out=lambda _line: None, beam_args=list(beam_args))
     if prof:
         prof.disable()
     elapsed = time.perf_counter() - t0
@@ -326,6 +328,11 @@ def main(argv=None) -> int:
     ap.add_argument("--explicit-target", action="store_true",
                     help="also plan with an explicit target holding every key (the ring's own assignment): "
                          "explicit_* figures, with the ring planner as the baseline")
+    ap.add_argument("--beam-args", default="",
+                    help="Beam flags for the planner sides, one string (e.g. \"--direct_running_mode=in_memory\"): "
+                         "forces an engine mode instead of the planner's automatic choice")
+    ap.add_argument("--plan-threads", type=int, default=0,
+                    help="the planner's plan_threads option (default 0: its automatic choice)")
     ap.add_argument("--child", choices=("planner", "baseline", "explicit"), help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--snapshot", help=argparse.SUPPRESS)
@@ -333,11 +340,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.child == "explicit":
-        child_planner(args.snapshot, args.out, args.profile, target=args.target)
+        child_planner(args.snapshot, args.out, args.profile, target=args.target, beam_args=args.beam_args.split(),
+                      plan_threads=args.plan_threads)
         return 0
     if args.child:
-        fn = child_planner if args.child == "planner" else child_baseline
-        fn(args.snapshot, args.out, args.profile)
+        if args.child == "planner":
+            child_planner(args.snapshot, args.out, args.profile, beam_args=args.beam_args.split(),
+                          plan_threads=args.plan_threads)
+        else:
+            child_baseline(args.snapshot, args.out, args.profile)
         return 0
 
     root = args.bench_dir or bench_root()
@@ -362,9 +373,13 @@ def main(argv=None) -> int:
             argv_child = [os.path.abspath(__file__), "--child", side, "--snapshot", snap, "--out", out]
             if side == "explicit":
                 argv_child += ["--target", target]
+            if side != "baseline" and args.beam_args:
+                argv_child += ["--beam-args=" + args.beam_args]
+            if side != "baseline" and args.plan_threads:
+                argv_child += ["--plan-threads", str(args.plan_threads)]
             if args.profile and side == "planner" and r == 0:
                 argv_child += ["--profile", args.profile]
-            res = run_child(argv_child, log=log)
+            res = run_child(argv_child, log=log, sample_memory=True)
             res["keys_per_s"] = res["rows"] / res["elapsed_s"]
             runs[side].append(res)
             if side in last_dirs:
@@ -372,19 +387,24 @@ def main(argv=None) -> int:
             last_dirs[side] = (out, res["moves_dir"])
             print(f"# run {r + 1} {side}: {res['elapsed_s']:.2f}s in-process ({res['cpu_s']:.2f}s CPU), "
                   f"{res['process_wall_s']:.2f}s "
-                  f"process, peak {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
+                  f"process, peak {res['peak_rss_mb']:.0f} MB RSS, {res['peak_pss_tree_mb']:.0f} MB PSS (tree)",
+                  file=sys.stderr)
 
     emit("keys", args.keys)
     pl, bl = runs["planner"], runs["baseline"]
     for i, res in enumerate(pl, 1):
         emit(f"keys_per_s_run{i}", res["keys_per_s"])
         emit(f"peak_rss_mb_run{i}", res["peak_rss_mb"])
+        emit(f"peak_pss_tree_mb_run{i}", res["peak_pss_tree_mb"])
+        emit(f"peak_rss_tree_mb_run{i}", res["peak_rss_tree_mb"])
         emit(f"process_wall_s_run{i}", res["process_wall_s"])
         emit(f"cpu_s_run{i}", res["cpu_s"])
         emit(f"import_s_run{i}", res["import_s"])
     for i, res in enumerate(bl, 1):
         emit(f"baseline_keys_per_s_run{i}", res["keys_per_s"])
         emit(f"baseline_peak_rss_mb_run{i}", res["peak_rss_mb"])
+        emit(f"baseline_peak_pss_tree_mb_run{i}", res["peak_pss_tree_mb"])
+        emit(f"baseline_peak_rss_tree_mb_run{i}", res["peak_rss_tree_mb"])
         emit(f"baseline_process_wall_s_run{i}", res["process_wall_s"])
         emit(f"baseline_cpu_s_run{i}", res["cpu_s"])
     if pl:
@@ -393,11 +413,15 @@ def main(argv=None) -> int:
         emit("plan_seconds", min(r["elapsed_s"] for r in pl))
         emit("process_wall_s", min(r["process_wall_s"] for r in pl))
         emit("peak_rss_mb", max(r["peak_rss_mb"] for r in pl))
+        emit("peak_pss_tree_mb", max(r["peak_pss_tree_mb"] for r in pl))
+        emit("peak_rss_tree_mb", max(r["peak_rss_tree_mb"] for r in pl))
     if bl:
         emit("baseline_keys_per_s", max(r["keys_per_s"] for r in bl))
         emit("baseline_plan_seconds", min(r["elapsed_s"] for r in bl))
         emit("baseline_process_wall_s", min(r["process_wall_s"] for r in bl))
         emit("baseline_peak_rss_mb", max(r["peak_rss_mb"] for r in bl))
+        emit("baseline_peak_pss_tree_mb", max(r["peak_pss_tree_mb"] for r in bl))
+        emit("baseline_peak_rss_tree_mb", max(r["peak_rss_tree_mb"] for r in bl))
     if pl and bl:
         emit("ratio", max(r["keys_per_s"] for r in pl) / max(r["keys_per_s"] for r in bl))
         emit("ratio_median", median([a["keys_per_s"] / b["keys_per_s"] for a, b in zip(pl, bl)]))

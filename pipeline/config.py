@@ -170,6 +170,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("checkpoint_flush_interval", 2.0, "duration", "Flush checkpoint transitions at least this often.", 0.0, 3600.0),
     OptionSpec("checkpoint_flush_every_transitions", 1000, "int", "Flush checkpoint transitions after this many.", 1, 10_000_000),
     OptionSpec("segment_size", 20000, "int", "Rows per Arrow segment when reading snapshots and plans (bounds memory).", 100, 10_000_000),
+    OptionSpec("plan_threads", 0, "int", "Planning threads per worker process; 0 = automatic: two per core (at most 8) on the in-memory engine for snapshots of 1M keys or more, else 1 (other engines' workers already use every core).", 0, 64),
     OptionSpec("verification", "hash", "choice", "full: byte equality; hash: content hash vs hash read at copy; sampled: seeded sample verified fully, escalating on mismatch.", choices=("full", "hash", "sampled")),
     OptionSpec("sample_fraction", 0.05, "float", "Fraction of keys per batch verified fully in sampled mode.", 0.0001, 1.0),
     OptionSpec("sample_seed", 0, "int", "Seed of the sampled verification (deterministic sample).", 0, 2**63 - 1),
@@ -212,6 +213,7 @@ class RunOptions:
     checkpoint_flush_interval: float
     checkpoint_flush_every_transitions: int
     segment_size: int
+    plan_threads: int
     verification: str
     sample_fraction: float
     sample_seed: int

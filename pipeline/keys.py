@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from pipeline.xxh3 import xxh3_64_array
+
 __all__ = [
     "KeyType",
     "KeyError_",
@@ -33,6 +35,7 @@ __all__ = [
     "parse_text",
     "stable_hash",
     "stable_hashes",
+    "stable_hashes_array",
     "short_hash",
     "short_hash_of_key",
     "canonical_array",
@@ -159,6 +162,15 @@ def stable_hash(data: bytes) -> int:
 def stable_hashes(keys: Iterable[bytes], count: int = -1) -> np.ndarray:
     """xxh3-64 of each canonical key, as a uint64 array (about 18M keys/s)."""
     return np.fromiter(map(xxhash.xxh3_64_intdigest, keys), dtype=np.uint64, count=count)
+
+
+def stable_hashes_array(keys) -> np.ndarray:
+    """:func:`stable_hashes` of a pyarrow binary array of canonical keys, computed from the
+    array's buffers (:mod:`pipeline.xxh3`): no Python object per key, and numpy releases
+    the GIL, so planning threads overlap.  Nulls fall back to :func:`stable_hashes`'s error."""
+    if keys.null_count:
+        return stable_hashes(keys.to_pylist(), len(keys))
+    return xxh3_64_array(keys)
 
 
 def short_hash(h: int) -> str:

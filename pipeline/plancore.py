@@ -199,11 +199,21 @@ class PlanContext:
         # per-process cache: Beam unpickles each DoFn (and so this context)
         # several times per pipeline, and a native ring build takes ~0.1 s.
         ring_args = self.ring.__reduce__() if self.ring is not None else None
+        if ring_args is not None:  # this process's own unpickles reuse this ring (a build is ~0.2 s)
+            _cache_ring((ring_args[0], ring_args[1]), self.ring)
         return (_rebuild_context, (self.key_type, ring_args, self.window, self.known_shards, self.hash_buckets,
                                    self.target_shards))
 
 
 _RING_CACHE: dict = {}
+
+
+def _cache_ring(key, ring) -> None:
+    if key in _RING_CACHE:
+        return
+    if len(_RING_CACHE) >= 8:
+        _RING_CACHE.clear()
+    _RING_CACHE[key] = ring
 
 
 def _rebuild_context(key_type, ring_args, window, known_shards, hash_buckets, target_shards):
@@ -214,9 +224,7 @@ def _rebuild_context(key_type, ring_args, window, known_shards, hash_buckets, ta
         ring = _RING_CACHE.get(key)
         if ring is None:
             ring = ctor(*args)
-            if len(_RING_CACHE) >= 8:
-                _RING_CACHE.clear()
-            _RING_CACHE[key] = ring
+            _cache_ring(key, ring)
     return PlanContext(key_type, ring, window, known_shards, hash_buckets, target_shards)
 
 
@@ -298,7 +306,7 @@ def prepare_batch(batch: pa.RecordBatch | pa.Table, key_type: KeyType, stats: St
                 stats.unknown_shard_rows += nbad
             stats.unknown_shard_ids |= set(pc.unique(shard_col.filter(pc.invert(ok))).to_pylist())
             stats.unknown_shards = len(stats.unknown_shard_ids)
-    hashes = K.stable_hashes(canon.to_pylist(), len(canon))
+    hashes = K.stable_hashes_array(canon)
     return canon, shard_col, hashes
 
 
@@ -375,7 +383,7 @@ def _plan_batch_coded(batch, ctx: PlanContext):
                 st.unknown_shard_rows += nbad
                 st.unknown_shard_ids |= {names[j] for j in unknown if per[j]}
                 st.unknown_shards = len(st.unknown_shard_ids)
-    hashes = K.stable_hashes(canon.to_pylist(), n)
+    hashes = K.stable_hashes_array(canon)
     name_hashes = np.fromiter((xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in names), np.uint64,
                               count=len(names))
     st.digest = digest_lanes_coded(hashes, name_hashes, codes)
@@ -550,8 +558,35 @@ def join_sorted(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[p
     return _joined_moves(canon, src, tgt, shs, st, ctx)
 
 
+def _byte_ranks(col) -> np.ndarray:
+    """Each row's rank of its value in byte order among the column's distinct values
+    (a string column of a few distinct shard ids)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+    names = [v.encode("utf-8") if isinstance(v, str) else v for v in enc.dictionary.to_pylist()]
+    rank = np.empty(len(names), np.int64)
+    rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names))
+    return rank[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 def sort_moves(table: pa.Table) -> pa.Table:
-    """CONTRACTS order: (source, target, stable hash, canonical key bytes)."""
+    """CONTRACTS order: (source, target, stable hash, canonical key bytes).
+
+    Usually a numpy sort on (source rank, target rank, hash); only when two rows share
+    all three (a duplicate key or a 64-bit collision) does Arrow sort on the key bytes
+    too.  Either way the same rows in the same order."""
+    n = table.num_rows
+    if n > 1 and not any(table[c].null_count for c in ("source", "target", "key_hash")):
+        h = table["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
+        src, tgt = _byte_ranks(table["source"]), _byte_ranks(table["target"])
+        pair = src * (int(tgt.max()) + 1) + tgt
+        idx = np.argsort(h)
+        if pair.min() != pair.max():  # then by pair, stably (a radix sort for small codes)
+            small = np.uint16 if pair.max() < 1 << 16 else np.int64
+            idx = idx[np.argsort(pair[idx].astype(small), kind="stable")]
+        hs, ps = h[idx], pair[idx]
+        if not np.any((hs[1:] == hs[:-1]) & (ps[1:] == ps[:-1])):
+            return table.take(pa.array(idx))
     order = pc.sort_indices(
         table,
         sort_keys=[("source", "ascending"), ("target", "ascending"), ("key_hash", "ascending"), ("key", "ascending")],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from shardmove.progress import ProgressDisplay, resolve_mode
 from shardmove.sampling import sample_sources
 from transforms.preflight import preflight
 
-__all__ = ["PlanResult", "make_plan", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
+__all__ = ["PlanResult", "make_plan", "plan_threads", "load_manifest", "resolve_plan_dir", "MANIFEST_FORMAT_VERSION"]
 
 LOG = logging.getLogger("shardmove.plan")
 
@@ -257,6 +258,31 @@ def make_plan(
                       pf.args, out, sample=sample, progress=progress, name=name)
 
 
+#: ``plan_threads: 0`` plans snapshots of at least this many keys on several threads
+AUTO_THREADS_MIN_ROWS = 1_000_000
+#: ... two per core, at most this many
+AUTO_THREADS_MAX = 8
+
+
+def plan_threads(option: int, rows: int, in_process: bool) -> int:
+    """Planning threads per worker process: the ``plan_threads`` option when set; else
+    (automatic) two per core, at most AUTO_THREADS_MAX, when the engine runs the plan in
+    this one process (in-memory FnApiRunner) and the snapshot has at least
+    AUTO_THREADS_MIN_ROWS rows; else 1 (a small snapshot is one chunk of little work;
+    other engines' workers already use every core).  Two per core, so that one thread's
+    waits (file reads and writes, the GIL) are filled by another's GIL-free work: on 2
+    shared cores 4 threads planned 10M keys 20-25% faster than 2."""
+    if option:
+        return int(option)
+    if not in_process or rows < AUTO_THREADS_MIN_ROWS:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(2 * cores, AUTO_THREADS_MAX))
+
+
 class _PlanProgress:
     """Planning progress while the plan pipeline runs: polls the marks the planning DoFns
     leave in the staging directory (:func:`pipeline.workdir.read_planning_progress`) every
@@ -316,7 +342,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
                sample: tuple = (0, 0), progress: str = "auto", name: str | None = None) -> PlanResult:
     """``pipeline_argv``: the Beam arguments the preflight checked (``Preflight.args``)."""
     # deferred, with the graph: building it loads Beam (seconds); the API imports this module
-    from transforms.runner import dry_run_line, dry_run_stages, make_pipeline, run_pipeline
+    from transforms.runner import dry_run_line, dry_run_stages, in_process, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
     parts = list_parts(snap_loc, "snapshot", cfg.key_type)
@@ -335,7 +361,10 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
     new_dirs.watch(plans)
     staging = workdir.new_staging(plans)
     try:
-        spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"))
+        rows = (snap_meta or {}).get("rows")
+        threads = plan_threads(cfg.opt("plan_threads"), len(parts) * cfg.opt("segment_size") if rows is None else rows,
+                               in_process(pipeline_argv))
+        spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"), threads)
         t0 = time.time()
         p = make_pipeline(pipeline_argv)
         build_plan_graph(p, spec)

@@ -77,3 +77,33 @@ def test_canonical_array_counts_invalid():
     assert bad == 0 and ints.to_pylist() == [K.canonical_bytes(1, KeyType.INT64), K.canonical_bytes(-2, KeyType.INT64)]
     u, bad = K.canonical_array(pa.array([b"x" * 16, b"short"], pa.binary()), KeyType.UUID)
     assert bad == 1
+
+
+def test_stable_hashes_array_is_xxh3_of_every_length_and_layout():
+    """The numpy xxh3 (pipeline.xxh3) against the xxhash package: every length 0-300 (each
+    of XXH3's length classes, and the per-key fallback above 240 bytes), mixed lengths
+    (gathered reads) and one length (strided reads), a sliced array, string and large
+    types, a chunked array, and nulls (the per-key path's error)."""
+    import random
+
+    import numpy as np
+    import xxhash
+
+    rng = random.Random(7)
+    vals = [rng.randbytes(n) for n in range(301) for _ in range(3)]
+    rng.shuffle(vals)
+    want = np.array([xxhash.xxh3_64_intdigest(v) for v in vals], np.uint64)
+    arr = pa.array(vals, pa.binary())
+    assert (K.stable_hashes_array(arr) == want).all()
+    assert (K.stable_hashes_array(arr.slice(11, 500)) == want[11:511]).all()
+    assert (K.stable_hashes_array(pa.chunked_array([arr.slice(0, 5), arr.slice(5)])) == want).all()
+    assert (K.stable_hashes_array(arr.cast(pa.large_binary())) == want).all()
+    for n in (0, 1, 3, 4, 8, 9, 16, 17, 33, 65, 97, 128, 129, 200, 240, 241):
+        same = [rng.randbytes(n) for _ in range(7)]
+        assert (K.stable_hashes_array(pa.array(same, pa.binary())) ==
+                np.array([xxhash.xxh3_64_intdigest(v) for v in same], np.uint64)).all(), n
+    texts = [f"user-{i:012d}" for i in range(50)] + ["é" * 9]
+    assert (K.stable_hashes_array(pa.array(texts)) == K.stable_hashes([t.encode() for t in texts])).all()
+    assert len(K.stable_hashes_array(pa.array([], pa.binary()))) == 0
+    with pytest.raises(TypeError):
+        K.stable_hashes_array(pa.array([b"a", None], pa.binary()))

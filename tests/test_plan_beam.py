@@ -10,6 +10,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
@@ -77,15 +78,16 @@ def test_plan_chunks_emit_stats_and_pointers_to_the_reference_moves(tmp_path):
     assert after == before
 
 
-def test_detect_duplicates_counts_each_repeated_key(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_detect_duplicates_counts_each_repeated_key(tmp_path, threads):
     rows, parts = _snapshot(tmp_path, n=2000, dup=3)
     ctx, _ring = _ctx()
     staging = str(tmp_path / "staging")
     chunks = make_chunks(parts, 500)
     with _pipeline() as p:
         chunk_pc = p | beam.Create(chunks)
-        planned = chunk_pc | PlanChunks(ctx, staging, 500)
-        dups = planned.hashes | DetectDuplicates(chunk_pc, 500, KeyType.STRING)
+        planned = chunk_pc | PlanChunks(ctx, staging, 500, threads)
+        dups = planned.hashes | DetectDuplicates(chunk_pc, 500, KeyType.STRING, threads)
         assert_that(dups | beam.CombineGlobally(sum), equal_to([3]))
 
 

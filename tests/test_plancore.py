@@ -116,3 +116,25 @@ def test_join_sorted_equals_join_batch(keys, extra, shards, collide, window, dat
     assert core.sort_moves(b_moves).equals(core.sort_moves(a_moves))
     assert (b_stats.before, b_stats.after, b_stats.moved, b_stats.in_window) == \
         (a_stats.before, a_stats.after, a_stats.moved, a_stats.in_window)
+
+
+def test_sort_moves_numpy_order_is_arrows_with_and_without_ties():
+    """sort_moves sorts on (source, target, hash) in numpy and falls back to Arrow's sort on
+    the key bytes as well when a (source, target, hash) repeats: the order is Arrow's
+    (CONTRACTS order) either way, with shard ids compared as bytes."""
+    import random
+
+    import pyarrow.compute as pc
+
+    rng = random.Random(5)
+    ids = ["s1", "s10", "s2", "é", "a", "B"]
+    for trial in range(60):
+        n = rng.randrange(0, 50)
+        t = pa.table({"key": pa.array([rng.randbytes(rng.randrange(1, 4)) for _ in range(n)], pa.binary()),
+                      "source": pa.array([rng.choice(ids[:1 + trial % 6]) for _ in range(n)]),
+                      "target": pa.array([rng.choice(ids) for _ in range(n)]),
+                      "key_hash": pa.array([rng.randrange(4) if trial % 2 else rng.randrange(2**64)
+                                            for _ in range(n)], pa.uint64())})
+        want = t.take(pc.sort_indices(t, sort_keys=[("source", "ascending"), ("target", "ascending"),
+                                                    ("key_hash", "ascending"), ("key", "ascending")]))
+        assert core.sort_moves(t).equals(want), trial

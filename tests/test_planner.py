@@ -244,3 +244,34 @@ def test_dry_run_capacity_in_bytes(tmp_path):
     s0 = next(r for r in res.manifest["capacity"] if r["shard"] == "s0")
     assert s0["bytes_after"] < s0["bytes_before"]
     assert any("s4" in l and "OVER" in l for l in lines)
+
+
+def test_plan_threads_give_the_same_plan_bytes(tmp_path, monkeypatch):
+    """plan_threads forced to 3 (each chunk's row groups planned on a pool, spills written
+    on it) and to 1 give byte-identical move files and the same manifest figures;
+    variable-length keys, several chunks and spills per chunk, the writer's byte budget binding."""
+    monkeypatch.setattr("transforms.plan.SPILL_ROWS", 600)
+    monkeypatch.setattr("transforms.planio.SPILL_ROWS", 1000)  # chunks of 10 row groups: several chunks
+    monkeypatch.setattr("transforms.plan._WriteGroupFn.WRITE_AHEAD_BYTES", 1)  # one group in flight at a time
+    rows = _assignments(1500, KeyType.BYTES)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, row_group=200)
+    plans = []
+    for threads in (1, 3):
+        cfg = _cfg(tmp_path / f"t{threads}", SHARDS4 + ["s4"], key_type="bytes", segment_size=100,
+                   plan_threads=threads, hash_buckets=3)
+        res = make_plan(cfg, snapshot=str(snap), out=lambda _l: None)
+        d = os.path.join(res.plan_dir, "moves")
+        m = {k: v for k, v in res.manifest.items() if k not in ("created_at", "planner_seconds")}
+        plans.append((m, {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}))
+    assert plans[0] == plans[1] and plans[0][1]
+    _m, got = _read_plan(res.plan_dir)
+    assert sorted(got) == sorted(core.reference_plan(rows, ring=_ring(SHARDS4 + ["s4"], KeyType.BYTES)))
+
+
+def test_plan_threads_automatic_choice():
+    from shardmove.planner import AUTO_THREADS_MIN_ROWS, plan_threads
+
+    assert plan_threads(3, 10, False) == 3  # the option wins
+    assert plan_threads(0, AUTO_THREADS_MIN_ROWS - 1, True) == 1  # small snapshot: one thread
+    assert plan_threads(0, 10 * AUTO_THREADS_MIN_ROWS, False) == 1  # another engine: its own workers
+    assert 2 <= plan_threads(0, 10 * AUTO_THREADS_MIN_ROWS, True) <= 8  # two per core

@@ -6,7 +6,7 @@ Flow (read top to bottom in :func:`build_plan_graph`)::
                      snapshot, ~SPILL_ROWS rows; each is read in segments of
                      <= segment_size rows and planned with
                      :func:`pipeline.plancore.plan_batch`.  The chunk's outputs
-                     (its sorted key hashes and its sorted moves) are written
+                     (its key hashes by hash partition and its sorted moves) are written
                      to ONE spill file in ``<staging>/spill/``; only small
                      *pointers* (file, byte offset, length) travel through
                      Beam: per hash partition and per (source, target, bucket)
@@ -40,7 +40,9 @@ input in memory, and pickles each element; shuffling the hashes and moves
 themselves made the planner's memory grow with the keyspace (and pickling a
 sliced Arrow table pickles its whole parent buffers).  Through spill files
 the planner's memory is bounded by one chunk (``SPILL_ROWS`` rows) and one
-hash partition (rows / ``2**SPILL_PARTITION_BITS``), whatever the runner.
+hash partition (rows / ``2**SPILL_PARTITION_BITS``), whatever the runner; with
+``threads`` (``plan_threads``), by a few row groups and one partition per thread,
+one chunk being planned and one being spilled, and ``_WriteGroupFn.WRITE_AHEAD_BYTES``.
 Spill names are deterministic (chunk index, spill index), so a retried
 bundle rewrites the same bytes; only pointers that Beam committed are read.
 
@@ -54,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Tuple
@@ -76,8 +79,8 @@ from pipeline import workdir
 from pipeline.keys import KeyType
 from transforms.coders import Uint64
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
-from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
-                               _read_units, make_chunks, mark_progress, spill_chunk)
+from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, UnitReader, _moves_table,
+                               _read_range, _read_units, _segments, make_chunks, mark_progress, spill_chunk)
 
 __all__ = [
     "PlanGraphSpec",
@@ -103,6 +106,9 @@ class PlanGraphSpec:
     ctx: core.PlanContext
     staging: str
     segment_size: int
+    #: planning threads per worker process (``plan_threads``, resolved by the launcher):
+    #: > 1 plans a chunk's units on that many threads; the plan's bytes are the same
+    threads: int = 1
 
 
 # ---------------------------------------------------------------- planning
@@ -113,22 +119,84 @@ class _PlanChunkFn(beam.DoFn):
     MOVES = "moves"
     HASHES = "hashes"
 
-    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, threads: int = 1):
         self._ctx = ctx
         self._staging = staging
         self._segment_size = segment_size
+        self._threads = max(1, int(threads))
         self._rows = Metrics.counter("plan", "rows_read")
         self._moved = Metrics.counter("plan", "moves")
         self._examined = Metrics.counter("plan", "keys_examined")
         self._spills = Metrics.counter("plan", "spill_files")
 
+    def setup(self):
+        self._pool = None
+        if self._threads > 1:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="plan-chunk")
+            self._reader = UnitReader(("key", "shard_id"))
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._reader.close()
+
+    def _plan_unit(self, path: str, rg: int) -> list:
+        table = self._reader.read(path, rg)
+        return [core.plan_batch(t, self._ctx) for t in _segments(table, self._segment_size)]
+
+    def _planned(self, units):
+        """``(moves, stats, hashes)`` of every segment of ``units``, in unit and segment
+        order whatever the thread count (so the chunk's spill files are the same bytes).
+
+        With threads, each (path, row group) unit is read and planned by a pool thread,
+        at most two units per thread ahead of the one consumed here: Parquet decoding,
+        hashing (:func:`pipeline.keys.stable_hashes_array`), the ring lookup and the Arrow
+        kernels release the GIL, so the threads overlap.  Metrics are counted here, on the
+        bundle's thread."""
+        if self._pool is None:
+            for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+                yield core.plan_batch(table, self._ctx)
+            return
+        window: deque = deque()
+        try:
+            for path, rg in units:
+                window.append(self._pool.submit(self._plan_unit, path, rg))
+                if len(window) > 2 * self._threads:
+                    yield from self._collect(window.popleft())
+            while window:
+                yield from self._collect(window.popleft())
+        finally:
+            for fut in window:  # after a failure: the units not yet started are dropped
+                fut.cancel()
+            for fut in window:
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+            self._reader.close()  # no read is running now: the chunk's files are closed
+
+    def _collect(self, fut):
+        for res in fut.result():  # re-raises the unit's error (e.g. a corrupted row group)
+            self._rows.inc(res[1].rows)
+            yield res
+
+    def start_bundle(self):
+        self._spilling: deque = deque()
+
     def process(self, element):
+        try:
+            yield from self._process(element)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _process(self, element):
         chunk, units = element
         total = core.Stats()
         hashes, moves, buffered, k = [], [], 0, 0
         segments, marked = 0, time.monotonic()
-        for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
-            mv, st, h = core.plan_batch(table, self._ctx)
+        for mv, st, h in self._planned(units):
             self._examined.inc(st.rows)
             self._moved.inc(st.moved)
             total.merge(st)
@@ -152,9 +220,42 @@ class _PlanChunkFn(beam.DoFn):
         mark_progress(self._staging, chunk, segments, keys)
 
     def _spill(self, chunk, k, hashes, moves):
+        """Write a spill file and emit its pointers.  With threads, the spill (sorts,
+        encoding, the write) runs on the pool while the next units are planned, one spill
+        at a time; its pointers are emitted at the next spill or at the bundle's end."""
         self._spills.inc()
-        for tag, key, ptr in spill_chunk(self._staging, chunk, k, hashes, moves):
-            yield beam.pvalue.TaggedOutput(tag, (key, ptr))
+        if self._pool is None:
+            yield from self._tagged(spill_chunk(self._staging, chunk, k, hashes, moves))
+            return
+        self._spilling.append(self._pool.submit(spill_chunk, self._staging, chunk, k, hashes, moves))
+        while len(self._spilling) > 1:
+            yield from self._tagged(self._spilling.popleft().result())
+
+    @staticmethod
+    def _tagged(pointers, windowed: bool = False):
+        for tag, key, ptr in pointers:
+            value = (key, ptr)
+            if windowed:  # finish_bundle's outputs carry their window
+                value = WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+            yield beam.pvalue.TaggedOutput(tag, value)
+
+    def finish_bundle(self):
+        try:
+            while self._spilling:
+                yield from self._tagged(self._spilling.popleft().result(), windowed=True)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _drain(self):
+        """After a failure: let spills in flight end before the error propagates (the
+        launcher then removes the staging directory; nothing may write into it afterwards)."""
+        pending, self._spilling = self._spilling, deque()
+        for fut in pending:
+            try:
+                fut.result()
+            except BaseException:
+                pass
 
 
 class PlanChunks(beam.PTransform):
@@ -164,21 +265,22 @@ class PlanChunks(beam.PTransform):
     Outputs: main, one :class:`pipeline.plancore.Stats` per chunk; tagged ``moves``,
     ``(group id, (path, offset, length))`` pointers to the chunk's sorted moves of one
     (source, target, bucket) group; tagged ``hashes``, ``(partition, pointer)`` to the
-    chunk's sorted stable hashes of one hash partition.
+    chunk's stable hashes of one hash partition (unsorted).
     Side effects: one spill file per chunk (and per SPILL_ROWS rows) under
     ``<staging>/spill/`` (0600: it holds keys), and planning-progress marks.
     Idempotent: spill and mark names are functions of the chunk, so a retried bundle
     rewrites the same bytes under the same names; only committed pointers are read."""
 
-    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int):
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, threads: int = 1):
         super().__init__()
         self._ctx = ctx
         self._staging = staging
         self._segment_size = segment_size
+        self._threads = threads
 
     def expand(self, chunks):
         return chunks | "PlanChunk" >> beam.ParDo(
-            _PlanChunkFn(self._ctx, self._staging, self._segment_size)
+            _PlanChunkFn(self._ctx, self._staging, self._segment_size, self._threads)
         ).with_output_types(Any).with_outputs(_PlanChunkFn.MOVES, _PlanChunkFn.HASHES, main="stats")
 
 
@@ -196,11 +298,48 @@ def _candidate_hashes(element):
     arrays = [_hash_array(v) for v in values]
     if not arrays:
         return []
-    h = np.sort(np.concatenate(arrays))
+    h = np.concatenate(arrays)
+    del arrays
+    h.sort()  # in place: one copy of the partition, not two
     if len(h) < 2:
         return []
     dup = h[1:][h[1:] == h[:-1]]
     return [int(x) for x in np.unique(dup)]
+
+
+class _CandidateHashesFn(beam.DoFn):
+    """(partition, hash pointers) -> the partition's candidate duplicate hashes.
+
+    With threads, partitions are read back and sorted on a pool (file reads and
+    ``np.sort`` release the GIL), one per thread at a time; without, one at a time
+    here.  Candidates are a set: their order does not matter."""
+
+    def __init__(self, threads: int = 1):
+        self._threads = max(1, int(threads))
+
+    def setup(self):
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="plan-dups") if self._threads > 1 else None
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def start_bundle(self):
+        self._pending: deque = deque()
+
+    def process(self, element):
+        if self._pool is None:
+            yield from _candidate_hashes(element)
+            return
+        while len(self._pending) >= self._threads:  # one partition per thread: memory stays flat
+            yield from self._pending.popleft().result()
+        self._pending.append(self._pool.submit(_candidate_hashes, (element[0], list(element[1]))))
+
+    def finish_bundle(self):
+        while self._pending:
+            for h in self._pending.popleft().result():
+                yield WindowedValue(h, GlobalWindow().max_timestamp(), [GlobalWindow()])
 
 
 class _ConfirmDuplicatesFn(beam.DoFn):
@@ -241,17 +380,18 @@ class DetectDuplicates(beam.PTransform):
     usually empty).  Side effects: none (it only reads).  Idempotent: a pure
     function of its inputs."""
 
-    def __init__(self, chunks, segment_size: int, key_type: KeyType):
+    def __init__(self, chunks, segment_size: int, key_type: KeyType, threads: int = 1):
         super().__init__()
         self._chunks = chunks
         self._segment_size = segment_size
         self._key_type = key_type
+        self._threads = threads
 
     def expand(self, hashes):
         candidates = (
             hashes
             | "GroupByPartition" >> beam.GroupByKey()
-            | "CandidateHashes" >> beam.FlatMap(_candidate_hashes).with_output_types(Uint64)
+            | "CandidateHashes" >> beam.ParDo(_CandidateHashesFn(self._threads)).with_output_types(Uint64)
         )
         return (
             self._chunks
@@ -283,14 +423,20 @@ def write_moves_bytes(table: pa.Table) -> bytes:
 class _WriteGroupFn(beam.DoFn):
     """Write one group's file.  Idempotent: same inputs -> same bytes -> same name.
 
-    Each file is committed with :func:`pipeline.fs.write_atomic` (write a
-    temporary, fsync, rename, fsync the directory).  Those commits run on a
-    few threads, up to ``WRITE_AHEAD`` in flight, so that the fsync latency of
-    one file overlaps the encoding of the next (256 files of a 16 -> 17 shard
-    plan spent more time in fsync than in encoding)."""
+    Each group is read back from its spill pointers, sorted, encoded and committed
+    with :func:`pipeline.fs.write_atomic` (write a temporary, fsync, rename, fsync the
+    directory) on a few threads, up to ``WRITE_AHEAD`` groups and ``WRITE_AHEAD_BYTES``
+    spilled bytes in flight: the fsync
+    latency of one file overlaps the encoding of the next (256 files of a 16 -> 17 shard
+    plan spent more time in fsync than in encoding), and the sorts and Parquet encoding
+    (Arrow, without the GIL) of several groups overlap.  Records are emitted in input
+    order."""
 
     WRITE_THREADS = 8
     WRITE_AHEAD = 16
+    #: ... and at most this many spilled bytes of moves in flight (always at least one
+    #: group): a group grows with the keyspace, so the count alone would not bound memory
+    WRITE_AHEAD_BYTES = 4 << 20
 
     def __init__(self, staging: str):
         self._staging = staging
@@ -323,20 +469,15 @@ class _WriteGroupFn(beam.DoFn):
         (the launcher then removes the staging directory; nothing may write
         into it afterwards)."""
         pending, self._pending = self._pending, []
-        for fut, _record in pending:
+        for fut, _size in pending:
             try:
                 fut.result()
             except BaseException:
                 pass
 
-    def _process(self, element):
-        gid, values = element
+    def _write_group(self, gid: str, values: list) -> dict:
         table = pa.concat_tables([_moves_table(v) for v in values])
         data = write_moves_bytes(table)
-        path = workdir.move_file(self._staging, gid)
-        if not self._made:
-            fs.makedirs(workdir.moves_dir(self._staging))
-            self._made = True
         record = {
             "group": gid,
             "source": table["source"][0].as_py(),
@@ -346,13 +487,23 @@ class _WriteGroupFn(beam.DoFn):
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        self._pending.append((self._pool.submit(self._commit, path, data), record))
-        while len(self._pending) >= self.WRITE_AHEAD:
+        self._commit(workdir.move_file(self._staging, gid), data)
+        return record
+
+    def _process(self, element):
+        gid, values = element
+        if not self._made:
+            fs.makedirs(workdir.moves_dir(self._staging))
+            self._made = True
+        values = list(values)
+        size = sum(v[2] if isinstance(v, tuple) else v.nbytes for v in values)
+        while self._pending and (len(self._pending) >= self.WRITE_AHEAD
+                                 or sum(b for _f, b in self._pending) + size > self.WRITE_AHEAD_BYTES):
             yield self._settle(self._pending.pop(0))
+        self._pending.append((self._pool.submit(self._write_group, gid, values), size))
 
     def _settle(self, item):
-        fut, record = item
-        fut.result()  # re-raises a failed commit: the bundle fails
+        record = item[0].result()  # re-raises a failed read, encoding or commit: the bundle fails
         self._files.inc()
         return record
 
@@ -445,9 +596,10 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
     """The planner's flowchart.  Results land as JSON files in ``spec.staging``."""
     if not spec.targets:
         chunks = p | "ListChunks" >> beam.Create(make_chunks(spec.sources, spec.segment_size))
-        planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size)
+        planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size, spec.threads)
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
-        dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type)
+        dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type,
+                                                               spec.threads)
     else:
         # explicit target: both sides spilled by hash partition, then one sort-merge join per
         # partition; only pointers travel through Beam (bounded memory, as on the ring path)

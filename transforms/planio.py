@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ from pipeline.errors import BadInput
 from pipeline.names import group_id
 from transforms import bulkio
 
-__all__ = ["SPILL_ROWS", "SPILL_PARTITION_BITS", "SPILL_DIR", "make_chunks", "read_units", "spill_chunk",
+__all__ = ["SPILL_ROWS", "SPILL_PARTITION_BITS", "SPILL_DIR", "make_chunks", "read_units", "UnitReader", "spill_chunk",
            "read_pointer", "mark_progress"]
 
 #: Rows of snapshot planned per chunk before its hashes and moves are
@@ -42,7 +43,24 @@ SPILL_DIR = "spill"
 # ---------------------------------------------------------------- reading
 
 def _open(path: str):
+    if not fs.is_gcs(path):
+        # a native file: Arrow reads it without the GIL (a Python file object would take
+        # the GIL for every read), so planning threads overlap their reads
+        return pa.OSFile(path, "rb")
     return bulkio.open_bulk(path)  # gs://: ranged reads, footers and row groups only
+
+
+def _read_row_group(pf, path: str, rg: int, cols: list, use_threads: bool = True) -> pa.Table:
+    try:
+        return pf.read_row_group(rg, columns=cols, use_threads=use_threads)
+    except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
+        raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
+                       f"truncated ({type(e).__name__})") from None
+
+
+def _segments(table: pa.Table, segment_size: int):
+    for b in table.to_batches(max_chunksize=segment_size):
+        yield pa.Table.from_batches([b])
 
 
 def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
@@ -62,16 +80,68 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
             names = pf.schema_arrow.names
             cols = [c for c in columns if c in names]
             for _p, rg in units[i:j]:
-                try:
-                    table = pf.read_row_group(rg, columns=cols)
-                except (OSError, pa.ArrowException) as e:  # damaged data pages: bad input, not a bug
-                    raise BadInput(f"snapshot: {path.rsplit('/', 1)[-1]}: row group {rg} is corrupted or "
-                                   f"truncated ({type(e).__name__})") from None
+                table = _read_row_group(pf, path, rg, cols)
                 if rows_counter is not None:
                     rows_counter.inc(table.num_rows)
-                for b in table.to_batches(max_chunksize=segment_size):
-                    yield pa.Table.from_batches([b])
+                yield from _segments(table, segment_size)
         i = j
+
+
+class UnitReader:
+    """Reads single (path, row group) units, from any thread.  Each thread keeps its own
+    file open for its next unit of the same file (no shared file position; a ``gs://``
+    object is not reopened for every row group), and each file's footer is parsed once
+    and reused (``ParquetFile(metadata=...)``).  :meth:`close` closes every thread's
+    file (a thread then reopens on its next unit).  For
+    :class:`transforms.plan._PlanChunkFn`'s planning threads."""
+
+    def __init__(self, columns: tuple):
+        self._columns = columns
+        self._meta: dict = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._files: list = []
+        self._generation = 0
+
+    def read(self, path: str, rg: int) -> pa.Table:
+        held = getattr(self._local, "held", None)
+        if held is None or held[0] != path or held[1] != self._generation:
+            if held is not None and held[1] == self._generation:
+                self._forget(held[2])
+            f = _open(path)
+            try:
+                pf = pq.ParquetFile(f, read_dictionary=["shard_id"], metadata=self._meta.get(path))
+            except BaseException:
+                f.close()
+                raise
+            if path not in self._meta:
+                if len(self._meta) >= 64:
+                    self._meta.clear()
+                self._meta[path] = pf.metadata
+            with self._lock:
+                self._files.append(f)
+                held = self._local.held = (path, self._generation, f, pf)
+        pf = held[3]
+        names = pf.schema_arrow.names
+        # one unit per planning thread: Arrow's own column threads would only compete
+        return _read_row_group(pf, path, rg, [c for c in self._columns if c in names], use_threads=False)
+
+    def _forget(self, f) -> None:
+        with self._lock:
+            if f in self._files:
+                self._files.remove(f)
+        f.close()
+
+    def close(self) -> None:
+        """Close every thread's file; call when no read is running (between chunks)."""
+        with self._lock:
+            files, self._files = self._files, []
+            self._generation += 1
+        for f in files:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def make_chunks(units: tuple, segment_size: int) -> list:
@@ -151,17 +221,24 @@ def _group_bounds(moves: pa.Table):
 def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, path: str | None = None):
     """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
 
-    Layout: the chunk's sorted hashes (uint64 LE), then one Arrow IPC stream
+    Layout: the chunk's hashes (uint64 LE) grouped by hash partition (in partition
+    order, unsorted within one), then one Arrow IPC stream
     per (source, target, bucket) group of its moves sorted in CONTRACTS order.
     A pointer is (path, byte offset, byte length)."""
     path = path or _spill_path(staging, chunk, k)
-    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
-    blobs = [h.astype("<u8", copy=False).tobytes()]
+    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     out = []
     nparts = 1 << SPILL_PARTITION_BITS
     shift = np.uint64(64 - SPILL_PARTITION_BITS)
     if len(h):
-        edges = np.searchsorted(h >> shift, np.arange(nparts + 1, dtype=np.uint64), side="left")
+        # grouped by partition (the top bits), not sorted: the duplicate check sorts each
+        # partition; a stable sort of 8-bit codes is a radix sort, O(n)
+        top = (h >> shift).astype(np.uint8 if SPILL_PARTITION_BITS <= 8 else np.uint16)
+        h = h[np.argsort(top, kind="stable")]
+        edges = np.zeros(nparts + 1, np.int64)
+        np.cumsum(np.bincount(top, minlength=nparts), out=edges[1:])
+    blobs = [h.astype("<u8", copy=False).tobytes()]
+    if len(h):
         for p in range(nparts):
             s, e = int(edges[p]), int(edges[p + 1])
             if e > s:
@@ -187,7 +264,15 @@ def mark_progress(staging: str, chunk: int, segments: int, keys: int) -> None:
     """Planning progress for the driver (shardmove.planner polls it): an empty file whose
     name holds this chunk's cumulative counts; a retry recreates the same names."""
     try:
-        fs.create_if_absent(workdir.planning_progress_mark(staging, chunk, segments, keys), b"")
+        path = workdir.planning_progress_mark(staging, chunk, segments, keys)
+        if fs.is_gcs(path):
+            fs.create_if_absent(path, b"")
+        else:  # an empty local file, not synced: progress only (a commit's fsyncs took 14 ms a mark)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass  # a retried bundle's same mark
     except Exception as e:  # noqa: BLE001 - progress is best effort
         logging.getLogger(__name__).debug("planning progress mark not written: %s", type(e).__name__)
 

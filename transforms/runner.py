@@ -38,6 +38,7 @@ __all__ = [
     "run_pipeline",
     "runner_name",
     "is_dry_run",
+    "in_process",
     "dry_run_stages",
     "dry_run_line",
 ]
@@ -105,6 +106,20 @@ def is_dry_run(args: Sequence[str]) -> bool:
     opts = _options(args)
     name = opts.get_all_options().get("runner") or DEFAULT_RUNNER
     return name in _DATAFLOW and bool(opts.view_as(TestOptions).dry_run)
+
+
+def in_process(args: Sequence[str]) -> bool:
+    """True when the pipeline runs in this one process on one bundle at a time: the
+    in-memory ``FnApiRunner`` in its ``in_memory`` mode (the default).  The launchers
+    then add threads of their own (``plan_threads``); every other engine or mode
+    (SDK worker processes or threads, Prism, Flink, Dataflow) has its own parallelism."""
+    # deferred: Beam takes seconds to load; importing this module must not
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    opts = _options(args)
+    name = canonical_runner(opts.get_all_options().get("runner") or DEFAULT_RUNNER)
+    mode = opts.view_as(DirectOptions).direct_running_mode or "in_memory"
+    return name in _IN_MEMORY and mode == "in_memory"
 
 
 def make_pipeline(args: Sequence[str]):
