@@ -92,7 +92,9 @@ case "$cmd" in
     ensure_packages
     ensure_prism
     echo "set-up: ${SECONDS}s (venv, packages, Prism); the suite starts its servers itself" >&2
-    exec .venv/bin/python -m pytest -q "$@"
+    # two pytest worker processes (pytest-xdist), one test file each at a time: the suite's
+    # tests mostly wait on subprocesses and servers; SHARDMOVE_TEST_WORKERS=0 runs it in one process
+    exec .venv/bin/python -m pytest -q -n "${SHARDMOVE_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   prism)
     ensure_venv ""

@@ -486,4 +486,9 @@ def _one_line(e: BaseException) -> str:
 if __name__ == "__main__":
     from shardmove.console import exit_process
 
-    exit_process(main())
+    try:
+        _code = main()
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        _code = EXIT_INTERRUPTED
+    exit_process(_code)

@@ -18,28 +18,36 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 __all__ = ["main", "exit_process"]
 
 
-def exit_process(code: int) -> "NoReturn":  # noqa: F821 - annotation only
+def exit_process(code: int) -> NoReturn:
     """End the process with ``code``, after Python's shutdown work, before native teardown."""
     import atexit
     import threading
 
-    try:
-        # what Py_FinalizeEx does first: executors' exit hooks, then join non-daemon threads
-        shutdown = getattr(threading, "_shutdown", None)
-        if shutdown is not None:
-            shutdown()
-        atexit._run_exitfuncs()  # logging.shutdown, weakref finalizers (temporary directories), ...
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - a closed pipe: nothing more can be said
-                pass
-        os._exit(code if isinstance(code, int) else 1)
+    from pipeline.errors import EXIT_INTERRUPTED
+
+    code = code if isinstance(code, int) else 1
+    # what Py_FinalizeEx does first: executors' exit hooks, then join non-daemon threads;
+    # then the atexit handlers (logging.shutdown, weakref finalizers: temporary directories)
+    for step in (getattr(threading, "_shutdown", None), atexit._run_exitfuncs):
+        if step is None:
+            continue
+        try:
+            step()
+        except KeyboardInterrupt:  # Ctrl-C while shutting down: the code says so, the rest still runs
+            code = EXIT_INTERRUPTED
+        except BaseException:  # noqa: BLE001 - each step on its own: one failing never skips the next
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def main() -> int:
@@ -60,10 +68,15 @@ def main() -> int:
 
 def run() -> None:
     """The console script: :func:`main`, then :func:`exit_process` with its code."""
+    from pipeline.errors import EXIT_INTERRUPTED
+
     try:
         code = main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (imports, start-up)
+        sys.stderr.write("error: interrupted\n")
+        code = EXIT_INTERRUPTED
     exit_process(int(code or 0))
 
 

@@ -130,9 +130,14 @@ def test_beam_element_logs_and_third_party_tracebacks_are_withheld(capsys):
     table = pa.table({"key": pa.array([key], pa.binary())})
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
+    # Beam's loggers as a fresh process has them (an in-process CLI call of an earlier test
+    # in this worker may have quieted "apache_beam")
+    beam_levels = {n: logging.getLogger(n).level for n in ("apache_beam", "apache_beam.runners.worker.operations")}
     for h in saved[1]:
         root.removeHandler(h)
     try:
+        for n in beam_levels:
+            logging.getLogger(n).setLevel(logging.NOTSET)
         logsafe.configure(logging.DEBUG, sys.stderr)
         beam_ops = logging.getLogger("apache_beam.runners.worker.operations")
         beam_ops.debug("Processing [%s] in %s", table, "op")
@@ -166,6 +171,8 @@ def test_beam_element_logs_and_third_party_tracebacks_are_withheld(capsys):
         root.setLevel(saved[0])
         for h in saved[1]:
             root.addHandler(h)
+        for n, level in beam_levels.items():
+            logging.getLogger(n).setLevel(level)
     err = capsys.readouterr().err
     assert leaks(err, [key]) == [], err
     assert name.split("/", 2)[2] not in err and name.split("/", 2)[2][:20] not in err

@@ -305,10 +305,10 @@ class CheckpointRecorder:
         ``sver``, ``method``): one value for all rows, or ``{row: value}``.  The
         columns are gathered once per call (no per-row Python work beyond the
         gathers), and the writer checks every ``prev -> state`` in one table look-up."""
-        if not idx:
-            return
         if not isinstance(idx, (list, tuple)):
             idx = list(idx)
+        if len(idx) == 0:
+            return
         w = self.writer(ch.gid)
         s = int(state)
         prev = _gather(ch.states, idx)
