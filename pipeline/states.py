@@ -76,6 +76,7 @@ __all__ = [
     "RESUME_ENTRY",
     "RETRY_FAILED_ENTRY",
     "TERMINAL",
+    "ranks",
     "TransitionError",
     "check_transition",
     "check_transitions",
@@ -165,6 +166,13 @@ TRANSITIONS: Mapping[State, frozenset[State]] = types.MappingProxyType({
 })
 
 TERMINAL: frozenset[State] = frozenset({D, F})
+
+
+def ranks(*states: State) -> frozenset[int]:
+    """The plain int ranks of ``states``: a chunk holds its rows' states as ints, and
+    testing an int against a set of ints is cheaper than against a set of enum members."""
+    return frozenset(int(s) for s in states)
+
 
 #: First state a resumed run records for a key found in the given state
 #: (``None``: the key is not worked on).

@@ -481,14 +481,3 @@ def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return _no_object_names(redact(re.sub(r"\s*\[while running '[^\]]*'\]\s*$", "", line)))
-
-
-if __name__ == "__main__":
-    from shardmove.console import exit_process
-
-    try:
-        _code = main()
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        _code = EXIT_INTERRUPTED
-    exit_process(_code)

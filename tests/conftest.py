@@ -38,7 +38,7 @@ def run_cli(*args, env=None, timeout=600, cwd=None):
     e.setdefault("PYTHONHASHSEED", "0")
     if env:
         e.update(env)
-    cmd = [SHARDMOVE, *args] if os.path.exists(SHARDMOVE) else [sys.executable, "-m", "shardmove.cli", *args]
+    cmd = [SHARDMOVE, *args] if os.path.exists(SHARDMOVE) else [sys.executable, "-m", "shardmove.console", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
 
 

@@ -113,6 +113,22 @@ class PlanGraphSpec:
 
 # ---------------------------------------------------------------- planning
 
+def _in_global_window(value) -> WindowedValue:
+    """An output of ``finish_bundle``, which has no input element's window to inherit."""
+    return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+
+def _wait_quietly(futures) -> None:
+    """After a failure: let work in flight end (its own errors dropped) before the first
+    error propagates -- the launcher then removes the staging directory, and nothing may
+    write into it afterwards."""
+    for fut in futures:
+        try:
+            fut.result()
+        except BaseException:
+            pass
+
+
 class _PlanChunkFn(beam.DoFn):
     """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""
 
@@ -169,11 +185,7 @@ class _PlanChunkFn(beam.DoFn):
         finally:
             for fut in window:  # after a failure: the units not yet started are dropped
                 fut.cancel()
-            for fut in window:
-                try:
-                    fut.result()
-                except BaseException:
-                    pass
+            _wait_quietly(window)
             self._reader.close()  # no read is running now: the chunk's files are closed
 
     def _collect(self, fut):
@@ -235,9 +247,7 @@ class _PlanChunkFn(beam.DoFn):
     def _tagged(pointers, windowed: bool = False):
         for tag, key, ptr in pointers:
             value = (key, ptr)
-            if windowed:  # finish_bundle's outputs carry their window
-                value = WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
-            yield beam.pvalue.TaggedOutput(tag, value)
+            yield beam.pvalue.TaggedOutput(tag, _in_global_window(value) if windowed else value)
 
     def finish_bundle(self):
         try:
@@ -248,14 +258,9 @@ class _PlanChunkFn(beam.DoFn):
             raise
 
     def _drain(self):
-        """After a failure: let spills in flight end before the error propagates (the
-        launcher then removes the staging directory; nothing may write into it afterwards)."""
+        """After a failure: spills in flight end first (:func:`_wait_quietly`)."""
         pending, self._spilling = self._spilling, deque()
-        for fut in pending:
-            try:
-                fut.result()
-            except BaseException:
-                pass
+        _wait_quietly(pending)
 
 
 class PlanChunks(beam.PTransform):
@@ -339,7 +344,7 @@ class _CandidateHashesFn(beam.DoFn):
     def finish_bundle(self):
         while self._pending:
             for h in self._pending.popleft().result():
-                yield WindowedValue(h, GlobalWindow().max_timestamp(), [GlobalWindow()])
+                yield _in_global_window(h)
 
 
 class _ConfirmDuplicatesFn(beam.DoFn):
@@ -465,15 +470,9 @@ class _WriteGroupFn(beam.DoFn):
             raise
 
     def _drain(self):
-        """After a failure: let in-flight commits end before the error propagates
-        (the launcher then removes the staging directory; nothing may write
-        into it afterwards)."""
+        """After a failure: commits in flight end first (:func:`_wait_quietly`)."""
         pending, self._pending = self._pending, []
-        for fut, _size in pending:
-            try:
-                fut.result()
-            except BaseException:
-                pass
+        _wait_quietly(fut for fut, _size in pending)
 
     def _write_group(self, gid: str, values: list) -> dict:
         table = pa.concat_tables([_moves_table(v) for v in values])
@@ -511,7 +510,7 @@ class _WriteGroupFn(beam.DoFn):
         try:
             while self._pending:
                 record = self._settle(self._pending.pop(0))
-                yield WindowedValue(record, GlobalWindow().max_timestamp(), [GlobalWindow()])
+                yield _in_global_window(record)
         except BaseException:
             self._drain()
             raise

@@ -50,6 +50,15 @@ def _open(path: str):
     return bulkio.open_bulk(path)  # gs://: ranged reads, footers and row groups only
 
 
+def _parquet(f, columns: tuple, metadata=None):
+    """``(ParquetFile, the columns of `columns` it has)``.  Shard ids come back
+    dictionary-encoded (as Parquet stores them): the planner works on their codes, and
+    no string column is built."""
+    pf = pq.ParquetFile(f, read_dictionary=["shard_id"], metadata=metadata)
+    names = pf.schema_arrow.names
+    return pf, [c for c in columns if c in names]
+
+
 def _read_row_group(pf, path: str, rg: int, cols: list, use_threads: bool = True) -> pa.Table:
     try:
         return pf.read_row_group(rg, columns=cols, use_threads=use_threads)
@@ -74,11 +83,7 @@ def _read_units(units, segment_size: int, columns: tuple, rows_counter=None):
         while j < len(units) and units[j][0] == path:
             j += 1
         with _open(path) as f:
-            # shard ids come back dictionary-encoded (as Parquet stores them):
-            # the planner works on their codes, and no string column is built
-            pf = pq.ParquetFile(f, read_dictionary=["shard_id"])
-            names = pf.schema_arrow.names
-            cols = [c for c in columns if c in names]
+            pf, cols = _parquet(f, columns)
             for _p, rg in units[i:j]:
                 table = _read_row_group(pf, path, rg, cols)
                 if rows_counter is not None:
@@ -110,7 +115,7 @@ class UnitReader:
                 self._forget(held[2])
             f = _open(path)
             try:
-                pf = pq.ParquetFile(f, read_dictionary=["shard_id"], metadata=self._meta.get(path))
+                pf, cols = _parquet(f, self._columns, metadata=self._meta.get(path))
             except BaseException:
                 f.close()
                 raise
@@ -120,11 +125,9 @@ class UnitReader:
                 self._meta[path] = pf.metadata
             with self._lock:
                 self._files.append(f)
-                held = self._local.held = (path, self._generation, f, pf)
-        pf = held[3]
-        names = pf.schema_arrow.names
+                held = self._local.held = (path, self._generation, f, pf, cols)
         # one unit per planning thread: Arrow's own column threads would only compete
-        return _read_row_group(pf, path, rg, [c for c in self._columns if c in names], use_threads=False)
+        return _read_row_group(held[3], path, rg, held[4], use_threads=False)
 
     def _forget(self, f) -> None:
         with self._lock:

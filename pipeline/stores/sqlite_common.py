@@ -194,6 +194,20 @@ def _create_file(path: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _read_transaction(conn: sqlite3.Connection, keys: int):
+    """One read transaction around a read of ``keys`` keys in ``IN (...)`` chunks of
+    :data:`_IN_CHUNK`, so that every chunk sees the same state.  A read of one chunk is
+    one statement, a read transaction of its own: no BEGIN/COMMIT (two fewer sqlite3
+    steps).  On an error nothing is committed; the caller rolls back (:func:`_rollback`)."""
+    several = keys > _IN_CHUNK
+    if several:
+        conn.execute("BEGIN")
+    yield
+    if several:
+        conn.execute("COMMIT")
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         try:

@@ -42,6 +42,7 @@ from pipeline.stores.sqlite_common import (
     _in_sql,
     _limit,
     _locked,
+    _read_transaction,
     _rollback,
     _rows_json,
     _SqliteBase,
@@ -163,16 +164,12 @@ class SqliteDataStore(_SqliteBase):
         conn = self._conn(path)
         out: dict[bytes, tuple] = {}
         uniq = list(by_text)
-        several = len(uniq) > _IN_CHUNK  # one statement is a read transaction of its own
         try:
-            if several:
-                conn.execute("BEGIN")
-            for chunk in _chunks(uniq):
-                sql = _in_sql(f"SELECT key, {columns} FROM records WHERE key IN ({{in}})", len(chunk))
-                for row in conn.execute(sql, chunk):
-                    out[by_text[row[0]]] = row[1:]
-            if several:
-                conn.execute("COMMIT")
+            with _read_transaction(conn, len(uniq)):
+                for chunk in _chunks(uniq):
+                    sql = _in_sql(f"SELECT key, {columns} FROM records WHERE key IN ({{in}})", len(chunk))
+                    for row in conn.execute(sql, chunk):
+                        out[by_text[row[0]]] = row[1:]
         except sqlite3.Error as e:
             _rollback(conn)
             raise _store_error(e, what) from e
@@ -280,16 +277,13 @@ class SqliteDataStore(_SqliteBase):
         # 1. one read of the source
         src = self._conn(src_path)
         found: dict[str, tuple[bytes, int]] = {}
-        several = len(uniq) > _IN_CHUNK  # one statement is a read transaction of its own
         try:
-            if several:
-                src.execute("BEGIN")
-            for chunk in _chunks(uniq):
-                sql = _in_sql("SELECT key, CAST(value AS BLOB), version FROM records WHERE key IN ({in})", len(chunk))
-                for k, v, ver in src.execute(sql, chunk):
-                    found[k] = (v, int(ver))
-            if several:
-                src.execute("COMMIT")
+            with _read_transaction(src, len(uniq)):
+                for chunk in _chunks(uniq):
+                    sql = _in_sql("SELECT key, CAST(value AS BLOB), version FROM records WHERE key IN ({in})",
+                                  len(chunk))
+                    for k, v, ver in src.execute(sql, chunk):
+                        found[k] = (v, int(ver))
         except sqlite3.Error as e:
             _rollback(src)
             raise _store_error(e, "copy read") from e

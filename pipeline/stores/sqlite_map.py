@@ -34,7 +34,6 @@ from pipeline.names import safe_name
 from pipeline.stores.base import CountingSnapshot, SwapItem, SwapResult, check_cutoff, swap_item
 from pipeline.stores.claims import ClaimRow, decide_claim, raise_for
 from pipeline.stores.sqlite_common import (
-    _IN_CHUNK,
     _WRITE_CHUNK,
     DEFAULT_BUSY_TIMEOUT,
     _chunks,
@@ -42,6 +41,7 @@ from pipeline.stores.sqlite_common import (
     _in_sql,
     _limit,
     _locked,
+    _read_transaction,
     _rollback,
     _rows_json,
     _SqliteBase,
@@ -265,14 +265,10 @@ class SqliteMapStore(_SqliteBase):
         uniq = list(by_text)
         conn = self._map_conn()
         out: dict[bytes, tuple[str, int]] = {}
-        several = len(uniq) > _IN_CHUNK  # one statement is a read transaction of its own
         try:
-            if several:
-                conn.execute("BEGIN")
-            for k, s, v in _rows_json(conn, "shard_id, version", "shard_map", uniq):
-                out[by_text[k]] = (s, int(v))
-            if several:
-                conn.execute("COMMIT")
+            with _read_transaction(conn, len(uniq)):
+                for k, s, v in _rows_json(conn, "shard_id, version", "shard_map", uniq):
+                    out[by_text[k]] = (s, int(v))
         except sqlite3.Error as e:
             _rollback(conn)
             raise _store_error(e, f"map store {self.path}: lookup") from e

@@ -119,7 +119,7 @@ def throttle_config(options: RunOptions) -> ThrottleConfig:
     )
 
 
-_IN_PROGRESS = frozenset({int(S.State.COPYING), int(S.State.VERIFYING), int(S.State.SWAPPING)})
+_IN_PROGRESS = S.ranks(S.State.COPYING, S.State.VERIFYING, S.State.SWAPPING)
 
 def _gather(values: list, idx) -> list:
     """``[values[i] for i in idx]``, gathered in C."""

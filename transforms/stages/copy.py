@@ -31,10 +31,10 @@ __all__ = ["Copier", "CopyKeys"]
 
 LOG = logging.getLogger("shardmove.execute")
 
-# state sets as plain ints: a chunk's rows are tested against them one by one
-_NOT_VERIFIED = frozenset(int(s) for s in (S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING))
-_UNCOPIED = frozenset(int(s) for s in (S.State.PLANNED, S.State.COPYING))
-_COPIED = frozenset(int(s) for s in (S.State.COPIED, S.State.VERIFYING))
+# states as plain int ranks (:func:`pipeline.states.ranks`): a chunk's rows are tested one by one
+_NOT_VERIFIED = S.ranks(S.State.PLANNED, S.State.COPYING, S.State.COPIED, S.State.VERIFYING)
+_UNCOPIED = S.ranks(S.State.PLANNED, S.State.COPYING)
+_COPIED = S.ranks(S.State.COPIED, S.State.VERIFYING)
 
 
 class Copier:

@@ -46,7 +46,7 @@ __all__ = ["Swapper", "SwapBatches"]
 
 LOG = logging.getLogger("shardmove.execute")
 
-_TO_SWAP = frozenset((int(S.State.VERIFIED), int(S.State.SWAPPING)))  # plain ints: tested row by row
+_TO_SWAP = S.ranks(S.State.VERIFIED, S.State.SWAPPING)  # tested row by row
 
 
 class Swapper:

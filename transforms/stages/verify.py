@@ -31,7 +31,7 @@ __all__ = ["Verifier", "VerifyCopies", "sample_mask"]
 
 LOG = logging.getLogger("shardmove.execute")
 
-_TO_VERIFY = frozenset((int(S.State.COPIED), int(S.State.VERIFYING)))  # plain ints: tested row by row
+_TO_VERIFY = S.ranks(S.State.COPIED, S.State.VERIFYING)  # tested row by row
 
 
 def sample_mask(hashes: list, fraction: float, seed: int) -> list:
