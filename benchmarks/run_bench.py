@@ -119,7 +119,7 @@ def end_state(run_dir: str) -> dict:
 # ------------------------------------------------------------------ children
 
 def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mover: bool,
-                   options: dict | None = None) -> None:
+                   options: dict | None = None, beam_args: list | None = None) -> None:
     import apache_beam  # noqa: F401  (imports are not run time)
 
     from shardmove import api
@@ -194,7 +194,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
     lines = []
     t0 = time.perf_counter()
     c0 = time.process_time()
-    res = api.run(cfg, plan_dir, out=lines.append)
+    res = api.run(cfg, plan_dir, out=lines.append, beam_args=beam_args or ())
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
     s = res.summary
@@ -203,6 +203,8 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
         "elapsed_s": elapsed, "cpu_s": cpu, "exit_code": res.exit_code, "planned": s["planned"],
         "done": s["done"], "failed": s["failed"], "bytes_after_compaction": dir_bytes(ck_dir),
         "copy_calls": copy_ms.get("count", 0), "copy_call_ms_sum": copy_ms.get("sum", 0),
+        "swap_calls": (res.metrics.get("swap_batch_ms") or {}).get("count", 0),
+        "swap_ms_sum": (res.metrics.get("swap_batch_ms") or {}).get("sum", 0),
         "copied": res.metrics.get("copied", 0), "breakdown": dict(breakdown),
         "breakdown_cpu": dict(breakdown_cpu), **m,
         "copy_chunks": breakdown_calls.get("copy_start", 0),
@@ -414,7 +416,11 @@ def main(argv=None) -> int:
     ap.add_argument("--exec-overrides", default=None, metavar="JSON",
                     help='(a): run options for the executor only, e.g. \'{"checkpoint_flush_every_transitions": 3000}\' '
                          '(the baseline does not checkpoint)')
+    ap.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="(a): also run the executor with N SDK worker processes (--direct_running_mode="
+                         "multi_processing --direct_num_workers=N) on a third copy: workers_* figures")
     ap.add_argument("--child", choices=("executor", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--beam-args", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
     ap.add_argument("--faults", help=argparse.SUPPRESS)
@@ -424,7 +430,8 @@ def main(argv=None) -> int:
 
     if args.child == "executor":
         child_executor(args.run_dir, _overrides(args.overrides), json.loads(args.faults) if args.faults else None,
-                       args.sleep_mover, _overrides(args.options))
+                       args.sleep_mover, _overrides(args.options),
+                       json.loads(args.beam_args) if args.beam_args else None)
         return 0
     if args.child == "baseline":
         child_baseline(args.run_dir)
@@ -439,6 +446,8 @@ def main(argv=None) -> int:
         pristine = prepare(root, args.keys)
         print(f"# keyspace {pristine} ready in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         ex_runs, bl_runs, same = [], [], []
+        mp_runs, mp_same = [], []
+        mp_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"]
         for r in range(args.repeat):
             a = clone(pristine, os.path.join(root, "run-exec"))
             b = clone(pristine, os.path.join(root, "run-base"))
@@ -452,6 +461,17 @@ def main(argv=None) -> int:
             bl_runs.append(bl)
             print(f"# run {r + 1}: executor {ex['elapsed_s']:.2f}s ({ex['cpu_s']:.2f}s CPU), baseline "
                   f"{bl['elapsed_s']:.2f}s ({bl['cpu_s']:.2f}s CPU)", file=sys.stderr)
+            if args.workers:
+                c = clone(pristine, os.path.join(root, "run-workers"))
+                mp = run_child([me, "--child", "executor", "--run-dir", c, "--beam-args", json.dumps(mp_args)]
+                               + (["--overrides", args.exec_overrides] if args.exec_overrides else []), log=log)
+                if mp["exit_code"] != 0 or mp["done"] != mp["planned"]:
+                    raise SystemExit(f"executor run with {args.workers} workers did not complete: {mp}")
+                mp_same.append(end_state(c) == end_state(b) and mp["done"] == ex["done"])
+                mp_runs.append(mp)
+                print(f"# run {r + 1}: executor with {args.workers} worker processes {mp['elapsed_s']:.2f}s "
+                      f"({mp['cpu_s']:.2f}s CPU in the launcher)", file=sys.stderr)
+                shutil.rmtree(c, ignore_errors=True)
             shutil.rmtree(b, ignore_errors=True)
             if r + 1 < args.repeat:
                 shutil.rmtree(a, ignore_errors=True)
@@ -470,6 +490,20 @@ def main(argv=None) -> int:
         emit("ratio_median", median([b["elapsed_s"] / e["elapsed_s"] for e, b in zip(ex_runs, bl_runs)]))
         emit("cpu_ratio", min(r["cpu_s"] for r in bl_runs) / min(r["cpu_s"] for r in ex_runs))
         emit("same_result", all(same))
+        if mp_runs:  # item 4: N worker processes against the single process, run for run
+            w = args.workers
+            for i, mp in enumerate(mp_runs, 1):
+                emit(f"workers{w}_keys_per_s_run{i}", keys / mp["elapsed_s"])
+            emit(f"workers{w}_keys_per_s", keys / min(r["elapsed_s"] for r in mp_runs))
+            emit(f"workers{w}_ratio_to_single", best_ex / min(r["elapsed_s"] for r in mp_runs))
+            emit(f"workers{w}_ratio_to_single_median",
+                 median([e["elapsed_s"] / m["elapsed_s"] for e, m in zip(ex_runs, mp_runs)]))
+            emit(f"workers{w}_same_result", all(mp_same))
+            # where scaling stops: a swap batch's wall time (map and fenced-shard locks included)
+            for tag, runs in (("single", ex_runs), (f"workers{w}", mp_runs)):
+                calls = sum(r["swap_calls"] for r in runs)
+                if calls:
+                    emit(f"{tag}_swap_batch_ms_mean", sum(r["swap_ms_sum"] for r in runs) / calls)
         # (c) from the executor runs
         ex = min(ex_runs, key=lambda r: r["elapsed_s"])
         emit("checkpoint_bytes_per_key", ex["bytes_before_compaction"] / keys)

@@ -374,3 +374,59 @@ def test_demo_rejects_an_assignment_outside_the_shards(tmp_path):
     with pytest.raises(errors.BadInput, match="not in shards"):
         create_demo(str(tmp_path / "d"), keys=10, shards=["s1"], key_type=KeyType.STRING,
                     assign=lambda ks: ["s9"] * len(ks))
+
+
+def test_writers_in_other_processes_wait_on_the_sidecar_lock_not_on_sqlite(tmp_path):
+    """A write in another process holds ``<file>-shardmove-lock``: this process's writes of that
+    file wait for it (TransientError "busy" after the busy timeout), and go on at once after."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.stores import sqlite_common
+
+    data = _data(tmp_path, busy_timeout=0.2)
+    keys = demo_keys(5, KeyType.STRING)
+    data.put_many("src", [(k, b"x" * 80) for k in keys])
+    target = data.ensure_shard("dst")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pipeline.stores.sqlite_common import _locked\n"
+         "with _locked([sys.argv[1]], 5, 'test'):\n"
+         "    print('held', flush=True); sys.stdin.readline()\n", target],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t = time.monotonic()
+        with pytest.raises(errors.TransientError, match="copy write: file busy in another process") as e:
+            data.copy(keys, "src", "dst")
+        assert e.value.reason == "busy" and time.monotonic() - t >= 0.2
+        assert data.count("dst") == 0
+    finally:
+        holder.communicate("go\n", timeout=30)
+    assert holder.returncode == 0
+    assert all(o.ok for o in data.copy(keys, "src", "dst"))
+    assert os.path.exists(target + sqlite_common.LOCK_SUFFIX)
+    assert stat.S_IMODE(os.stat(target + sqlite_common.LOCK_SUFFIX).st_mode) == 0o600
+    data.close()
+
+
+def test_a_directory_without_room_for_the_sidecar_leaves_locking_to_sqlite(tmp_path, monkeypatch):
+    from pipeline.stores import sqlite_common
+
+    data = _data(tmp_path)
+    keys = demo_keys(5, KeyType.STRING)
+    data.put_many("src", [(k, b"x" * 80) for k in keys])
+    real_open = os.open
+
+    def refuse(path, *a, **kw):
+        if str(path).endswith(sqlite_common.LOCK_SUFFIX):
+            raise PermissionError(13, "read-only directory")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(sqlite_common, "_LOCK_FDS", {})
+    monkeypatch.setattr(sqlite_common.os, "open", refuse)
+    assert all(o.ok for o in data.copy(keys, "src", "dst"))
+    assert data.count("dst") == 5
+    data.close()

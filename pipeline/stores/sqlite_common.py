@@ -22,10 +22,12 @@ The map store lives in :mod:`pipeline.stores.sqlite_map`, the data store in
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from typing import Iterable, Iterator, Sequence
 
@@ -77,9 +79,21 @@ def _store_error(e: sqlite3.Error, what: str) -> StoreError:
 #
 # Process-wide by design: the lock guards a file on this machine, whichever
 # store object (or DoFn instance) writes it.  Holds no data.
+#
+# Between processes (Beam's multi_processing SDK workers, several executors
+# of different plans), each file's writers also take an exclusive flock(2) on
+# a sidecar file, ``<file>-shardmove-lock``, polled every 0.2-2 ms: SQLite's
+# own busy handler sleeps 1, 2, 5, 10 ... 100 ms between its tries, so a
+# writer waiting on another process's transaction woke up to tens of ms after
+# it ended.  The sidecar, never the database file itself: closing any other
+# descriptor of a database file drops the process's POSIX locks on it (SQLite's),
+# and on NFS flock is emulated with those very locks.  A directory where the
+# sidecar cannot be created (read-only) leaves it to SQLite's locking alone.
 
 _FILE_LOCKS: dict[str, threading.Lock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
+_LOCK_FDS: dict[str, int] = {}
+LOCK_SUFFIX = "-shardmove-lock"
 
 
 def _file_lock(path: str) -> threading.Lock:
@@ -91,20 +105,74 @@ def _file_lock(path: str) -> threading.Lock:
         return lock
 
 
+def _lock_fd(path: str) -> int | None:
+    """This process's descriptor of ``path``'s sidecar lock file, opened once (owner-only);
+    None when it cannot be created."""
+    real = os.path.realpath(path)
+    with _FILE_LOCKS_GUARD:
+        fd = _LOCK_FDS.get(real)
+        if fd is None:
+            try:
+                fd = os.open(real + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                fd = -1
+            _LOCK_FDS[real] = fd
+        return None if fd < 0 else fd
+
+
+def _flock(fd: int, deadline: float) -> bool:
+    """Take the exclusive flock of ``fd`` by the ``deadline`` (time.monotonic); False if not."""
+    delay = 0.0002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 0.002)
+
+
 @contextlib.contextmanager
 def _locked(paths: Iterable[str], timeout: float, what: str):
-    """Hold the process-wide locks of ``paths`` (in the given order)."""
-    held = []
+    """Hold the locks of ``paths`` (in the given order): each file's lock in this process,
+    then its sidecar flock between processes.  TransientError("busy") if not held within
+    ``timeout`` seconds."""
+    held: list = []
+    flocked: list = []
     try:
+        deadline = time.monotonic() + max(timeout, 0.001)
         for p in paths:
             lock = _file_lock(p)
             if not lock.acquire(timeout=max(timeout, 0.001)):
                 raise TransientError(f"{what}: file busy in this process", reason="busy")
             held.append(lock)
+            fd = _lock_fd(p)
+            if fd is not None:
+                if not _flock(fd, deadline):
+                    raise TransientError(f"{what}: file busy in another process", reason="busy")
+                flocked.append(fd)
         yield
     finally:
+        for fd in reversed(flocked):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         for lock in reversed(held):
             lock.release()
+
+
+def _forget_lock_fds() -> None:  # a forked child opens its own: a flock belongs to an open file
+    for fd in _LOCK_FDS.values():
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_lock_fds)
 
 
 # --------------------------------------------------------------- connections
