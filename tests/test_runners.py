@@ -553,3 +553,51 @@ def test_one_beam_version_everywhere():
     seen = {(name, m) for name, t in texts.items() for p in patterns for m in re.findall(p, t)}
     assert seen and {m for _n, m in seen} == {v}, sorted(seen)
     assert any(n == "README.md" for n, _m in seen) and any(n.startswith("configs") for n, _m in seen)
+
+
+_SEEN_THRESHOLDS: list = []
+
+
+def _note_threshold(x):
+    import gc
+
+    _SEEN_THRESHOLDS.append(gc.get_threshold())
+    return x
+
+
+def test_pipelines_run_with_fewer_young_collections_and_restore_the_thresholds():
+    """While a pipeline runs, the collector's young threshold is at least GC_YOUNG_THRESHOLD
+    (never lowered); the caller's thresholds come back after it, also when it fails."""
+    import gc
+
+    import apache_beam as beam
+
+    from transforms import runner
+
+    def pipeline(fn):
+        p = beam.Pipeline(runner=runner._fn_api_runner(), options=beam.options.pipeline_options.PipelineOptions())
+        _ = p | beam.Create([1]) | beam.Map(fn)
+        return p
+
+    _SEEN_THRESHOLDS.clear()
+    old = gc.get_threshold()
+    try:
+        gc.set_threshold(500, 7, 9)
+        runner.run_pipeline(pipeline(_note_threshold))
+        assert _SEEN_THRESHOLDS == [(runner.GC_YOUNG_THRESHOLD, 7, 9)]
+        assert gc.get_threshold() == (500, 7, 9)
+
+        def boom(_x):
+            raise RuntimeError("boom")
+
+        with pytest.raises(Exception, match="boom"):
+            runner.run_pipeline(pipeline(boom))
+        assert gc.get_threshold() == (500, 7, 9)
+
+        gc.set_threshold(50000, 3, 4)  # a caller's higher threshold is kept
+        with runner.fewer_collections():
+            with runner.fewer_collections():
+                assert gc.get_threshold() == (50000, 3, 4)
+        assert gc.get_threshold() == (50000, 3, 4)
+    finally:
+        gc.set_threshold(*old)

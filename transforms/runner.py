@@ -24,7 +24,10 @@ The same graphs run unchanged on:
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
+import threading
 from typing import Mapping, Sequence
 
 from pipeline.errors import BadInput
@@ -164,13 +167,43 @@ def _fn_api_runner():
 _SHIELD = b"trap '' INT TERM; exec "
 
 
+#: the young-generation threshold of Python's cyclic garbage collector while a pipeline
+#: runs here (CPython's default is 700 allocations): an executor run of 101k moves
+#: collected 270 times, 0.3-0.45 s with the GIL held; at 20000, twice, 0.04 s
+GC_YOUNG_THRESHOLD = 20000
+_GC_GUARD = threading.Lock()
+_GC_DEPTH = [0, None]  # runs in progress, thresholds to restore
+
+
+@contextlib.contextmanager
+def fewer_collections():
+    """Raise the collector's young threshold to :data:`GC_YOUNG_THRESHOLD` (never lower it)
+    while any pipeline of this process runs; the thresholds found are restored after the
+    last one.  Chunks, futures and row lists are short-lived, so the collections that
+    allocation triggers find little but take the GIL from the stages."""
+    with _GC_GUARD:
+        if _GC_DEPTH[0] == 0:
+            _GC_DEPTH[1] = gc.get_threshold()
+            young, *older = _GC_DEPTH[1]
+            gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), *older)
+        _GC_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        with _GC_GUARD:
+            _GC_DEPTH[0] -= 1
+            if _GC_DEPTH[0] == 0:
+                gc.set_threshold(*_GC_DEPTH[1])
+
+
 def run_pipeline(p) -> object:
     """Run and block until the job finishes (a remote job: the launcher stays
     attached, and its lease keeps being renewed by its own thread)."""
-    result = p.run()
-    wait = getattr(result, "wait_until_finish", None)
-    if wait is not None:
-        wait()
+    with fewer_collections():
+        result = p.run()
+        wait = getattr(result, "wait_until_finish", None)
+        if wait is not None:
+            wait()
     return result
 
 
