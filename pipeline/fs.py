@@ -52,6 +52,7 @@ __all__ = [
     "open_input",
     "write_atomic",
     "create_if_absent",
+    "sync_dir",
     "read_versioned",
     "read_range",
     "remove",
@@ -249,12 +250,14 @@ def read_range(path: str, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
-def create_if_absent(path: str, data: bytes, mode: int = 0o600) -> bool:
+def create_if_absent(path: str, data: bytes, mode: int = 0o600, *, sync_dir: bool = True) -> bool:
     """Create ``path`` only if it does not exist.
 
     Returns True when this call created it, False when it already held the
     same bytes (already committed).  Raises CommitConflict when it holds
-    different bytes.
+    different bytes.  The bytes are always fsynced before the name appears, so
+    a file present is whole; ``sync_dir=False`` leaves the directory's fsync (the
+    name's durability across a power loss) to a later :func:`sync_dir`.
     """
     if is_gcs(path):
         return gcs.create_if_absent(path, data)
@@ -268,13 +271,20 @@ def create_if_absent(path: str, data: bytes, mode: int = 0o600) -> bool:
     finally:
         os.unlink(tmp)
     if created:
-        _fsync_dir(directory)
+        if sync_dir:
+            _fsync_dir(directory)
         return True
     with open(path, "rb") as f:
         existing = f.read()
     if existing == data:
         return False
     raise CommitConflict(f"{os.path.basename(path)} already exists with different content")
+
+
+def sync_dir(directory: str) -> None:
+    """Make the names created in a local ``directory`` durable (fsync); nothing on ``gs://``."""
+    if not is_gcs(directory):
+        _fsync_dir(directory)
 
 
 def remove(path: str) -> None:

@@ -754,11 +754,11 @@ def test_writer_background_commits_lose_nothing_and_raise_at_the_waiting_flush(t
     real = fs.create_if_absent
     failing = {"n": 2}
 
-    def flaky(path, data, mode=0o600):
+    def flaky(path, data, mode=0o600, **kw):
         if failing["n"]:
             failing["n"] -= 1
             raise TransientError("store busy")
-        return real(path, data, mode)
+        return real(path, data, mode, **kw)
 
     monkeypatch.setattr(cp.fs, "create_if_absent", flaky)
     with ThreadPoolExecutor(1) as committer:
@@ -770,6 +770,43 @@ def test_writer_background_commits_lose_nothing_and_raise_at_the_waiting_flush(t
         w.flush()  # ... the waiting flush retries them under their names
         assert len(_files(plan)) == 3 and w.stats.parts == 3
         assert sorted(cp.read_group(plan, PLAN, GID).table.column("key").to_pylist()) == [b"k%d" % i for i in range(6)]
+
+
+@pytest.mark.parametrize("interval", [3600, 0])
+def test_writer_background_parts_share_one_directory_fsync_before_the_waiting_flush_returns(
+        tmp_path, monkeypatch, interval):
+    """Background parts are whole when they appear (their bytes fsynced first); their names
+    are made durable by one directory fsync at the next waiting flush -- or each at once
+    when the flush interval (the longest a transition waits in memory) has passed."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    plan = str(tmp_path)
+    synced = []
+    real = fs._fsync_dir
+
+    def counting(directory):
+        synced.append((directory, sorted(_files(plan))))
+        return real(directory)
+
+    monkeypatch.setattr(fs, "_fsync_dir", counting)
+    with ThreadPoolExecutor(1) as committer:
+        w = cp.CheckpointWriter(plan, PLAN, GID, 1, flush_every=2, flush_interval_s=interval, committer=committer)
+        for i in range(6):  # three parts due by count, committed in the background
+            w.record(b"k%d" % i, None, State.COPIED, 1)
+            wait(w._inflight)
+        parts = _files(plan)
+        assert len(parts) == (3 if interval else 6)  # interval 0: every record is due
+        assert len(synced) == (0 if interval else len(parts))
+        w.flush()
+        gdir = cp.group_dir(plan, GID)
+        assert synced[-1] == (gdir, sorted(parts))  # every name durable when the waiting flush returns
+        before = len(synced)
+        assert before == (1 if interval else len(parts))
+    w = cp.CheckpointWriter(plan, PLAN, GID, 1, flush_every=2, flush_interval_s=interval)
+    w.record(b"x", None, State.COPIED, 1)
+    w.flush()  # a part committed by a waiting flush: its own directory fsync
+    assert len(synced) == before + 1 and synced[-1][0] == gdir
+    assert len(cp.read_group(plan, PLAN, GID).table) == 7
 
 
 def test_writer_background_commit_refused_by_the_fence_stops_the_caller_at_once(tmp_path):
