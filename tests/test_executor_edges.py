@@ -241,10 +241,10 @@ def test_writer_keeps_its_buffer_when_settling_an_earlier_commit_raises(tmp_path
     real = fs.create_if_absent
     refuse = {"on": False}
 
-    def flaky(path, data, mode=0o600):
+    def flaky(path, data, mode=0o600, **kw):
         if refuse["on"]:
             raise PermissionError("refused")
-        return real(path, data, mode)
+        return real(path, data, mode, **kw)
 
     monkeypatch.setattr(ckpt.fs, "create_if_absent", flaky)
     with ThreadPoolExecutor(1) as committer:
