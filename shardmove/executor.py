@@ -19,6 +19,7 @@ on stderr as a bar or as lines (:mod:`shardmove.progress`).  ``plan_status`` cou
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -106,6 +107,7 @@ def summarize(plan_dir: str, manifest: dict, *, compact: bool = False, should_st
     seen = 0
     skipped = 0
     finished = 0
+
     def group(gid: str):
         if compact and not (should_stop is not None and should_stop()):
             try:
@@ -175,17 +177,25 @@ SUMMARY_GROUP_THREADS = 4
 def _in_order(fn, items: list):
     """``fn(item)`` for every item, up to SUMMARY_GROUP_THREADS at a time, results in
     ``items``' order (so the totals are summed in the same order whatever the timing).
-    The first exception raised is re-raised; the groups already started finish first."""
+    At most 2 x SUMMARY_GROUP_THREADS results wait to be taken (a group's merged table
+    each: memory stays bounded whatever the number of groups).  The first exception
+    raised is re-raised once the calls already running have finished."""
     if len(items) <= 1:
         for i in items:
             yield fn(i)
         return
+    ahead = 2 * SUMMARY_GROUP_THREADS
     with ThreadPoolExecutor(max_workers=min(SUMMARY_GROUP_THREADS, len(items)),
                             thread_name_prefix="summary") as pool:
-        futures = [pool.submit(fn, i) for i in items]
+        futures = collections.deque(pool.submit(fn, i) for i in items[:ahead])
+        rest = iter(items[ahead:])
         try:
-            for fut in futures:
-                yield fut.result()
+            while futures:
+                result = futures.popleft().result()
+                for i in rest:
+                    futures.append(pool.submit(fn, i))
+                    break
+                yield result
         finally:
             for fut in futures:
                 fut.cancel()

@@ -540,3 +540,32 @@ def test_redaction_debug_run_prints_no_key(tmp_path):
     assert "summary: planned=" in blob
     leaked = [k for k in keys if k in blob]
     assert leaked == []
+
+
+def test_summary_groups_are_read_in_parallel_in_order_and_a_bounded_way_ahead():
+    import threading as _t
+
+    from shardmove import executor as ex
+
+    started = []
+    lock = _t.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (i % 3))
+        return i * 10
+
+    gen = ex._in_order(work, list(range(40)))
+    assert next(gen) == 0
+    time.sleep(0.05)
+    assert len(started) <= 2 * ex.SUMMARY_GROUP_THREADS + 1  # never far ahead of the consumer
+    assert [0] + list(gen) == [i * 10 for i in range(40)]
+
+    def bad(i):
+        if i == 5:
+            raise ValueError("group 5")
+        return i
+
+    with pytest.raises(ValueError, match="group 5"):
+        list(ex._in_order(bad, list(range(20))))
