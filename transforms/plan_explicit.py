@@ -102,7 +102,8 @@ class _PrepareChunkFn(ChunkPoolFn):
     """Explicit target: (side, chunk index, units) -> canonical keys, shard ids and hashes
     (:func:`pipeline.plancore.prepare_side`), spilled by hash partition (:func:`spill_side`);
     main output: (partition, pointer); tagged ``stats``.  With threads, row groups are
-    prepared and spills written on a pool (:class:`transforms.planpool.ChunkPoolFn`).
+    prepared on a pool and spills written on a thread of their own
+    (:class:`transforms.planpool.ChunkPoolFn`).
     Memory: SIDE_SPILL_ROWS prepared rows, and (with threads) as many being spilled."""
 
     THREAD_NAME = "plan-prepare"

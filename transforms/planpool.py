@@ -50,7 +50,7 @@ def release_thread_memory() -> None:
     """Return the calling thread's freed Arrow memory to the system.  Arrow's default
     allocator (mimalloc) keeps freed pages in per-thread heaps, so each pool thread's own
     peak would stay resident (an explicit-target plan of 10M keys, 4 threads: about 60 MB
-    more peak RSS); called on a pool thread after each spill or partition (a few ms)."""
+    more peak RSS); called after each spill or partition, on the thread that did it."""
     pa.default_memory_pool().release_unused()
 
 
