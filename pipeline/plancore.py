@@ -43,6 +43,8 @@ __all__ = [
     "plan_batch",
     "join_batch",
     "join_sorted",
+    "join_counted",
+    "prepare_side",
     "bucket_of",
     "digest_lanes",
     "digest_hex",
@@ -345,6 +347,111 @@ def _counts(uni: list, codes: np.ndarray) -> dict:
     return {uni[i]: int(c[i]) for i in np.flatnonzero(c)}
 
 
+def _coded_rows(batch, key_type: KeyType):
+    """``(canonical keys, shard names, shard codes)`` of a batch with no invalid row (no
+    invalid, over-long or empty key, no null shard id), shard ids dictionary-encoded once
+    (row ``i``'s id is ``names[codes[i]]``); None when some row is invalid (then
+    :func:`prepare_batch`'s general path gives the same results)."""
+    keys_col = batch.column(batch.schema.get_field_index("key"))
+    shard_col = batch.column(batch.schema.get_field_index("shard_id"))
+    if isinstance(shard_col, pa.ChunkedArray):
+        shard_col = shard_col.combine_chunks()
+    if shard_col.null_count:
+        return None
+    canon, bad = _canonical_keys(keys_col, key_type)
+    if bad or canon.null_count:
+        return None
+    if len(canon):
+        lengths = pc.binary_length(canon).to_numpy(zero_copy_only=False)
+        if int(lengths.max()) > K.MAX_KEY_BYTES:
+            return None
+        if key_type in (KeyType.STRING, KeyType.BYTES) and int(lengths.min()) == 0:
+            return None
+    enc = shard_col if pa.types.is_dictionary(shard_col.type) else pc.dictionary_encode(shard_col)
+    names = enc.dictionary.cast(pa.string()).to_pylist()
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.intp, copy=False)
+    return canon, names, codes
+
+
+def _count_unknown(st: Stats, names: list, codes: np.ndarray, known: frozenset | None, target_side: bool) -> None:
+    """Rows (and ids) of coded shard ids not in ``known``, counted as :func:`prepare_batch` does."""
+    if known is None or not len(codes):
+        return
+    unknown = [j for j, s in enumerate(names) if s not in known]
+    if unknown:
+        per = np.bincount(codes, minlength=len(names))
+        nbad = int(per[unknown].sum())
+        if nbad:
+            if target_side:
+                st.target_unknown_shard_rows += nbad
+            else:
+                st.unknown_shard_rows += nbad
+            st.unknown_shard_ids |= {names[j] for j in unknown if per[j]}
+            st.unknown_shards = len(st.unknown_shard_ids)
+
+
+def _name_hashes(names: list) -> np.ndarray:
+    return np.fromiter((xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in names), np.uint64, count=len(names))
+
+
+def prepare_side(batch, key_type: KeyType, st: Stats, known: frozenset | None, *, target_side: bool = False):
+    """One side of an explicit-target plan (the snapshot, or the target with
+    ``target_side``): ``(canonical keys, shard names, shard codes, stable hashes)`` of the
+    batch's valid rows (row ``i``'s shard id is ``names[codes[i]]``), with its rows,
+    validation counts and digest lanes added to ``st`` (``rows``/``digest`` or
+    ``target_rows``/``target_digest``).  The same figures as :func:`prepare_batch` and
+    :func:`digest_lanes`; invalid rows take prepare_batch's general path."""
+    coded = _coded_rows(batch, key_type)
+    if coded is None:
+        canon, shard, hashes = prepare_batch(batch, key_type, st, known, target_side=target_side)
+        enc = pc.dictionary_encode(shard)
+        names = enc.dictionary.to_pylist()
+        codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.intp, copy=False)
+    else:
+        canon, names, codes = coded
+        _count_unknown(st, names, codes, known, target_side)
+        hashes = K.stable_hashes_array(canon)
+    lanes = digest_lanes_coded(hashes, _name_hashes(names), codes)
+    if target_side:
+        st.target_rows += batch.num_rows
+        st.target_digest = _add_digest(st.target_digest, lanes)
+    else:
+        st.rows += batch.num_rows
+        st.digest = _add_digest(st.digest, lanes)
+    return canon, names, codes, hashes
+
+
+def _coded_moves(canon, uni: list, src_u: np.ndarray, tgt_u: np.ndarray, hashes: np.ndarray, changed: np.ndarray,
+                 st: Stats, ctx: PlanContext, key_rows: np.ndarray | None = None) -> pa.Table:
+    """The moves (rows where ``changed``) and the before/after/pair counts of rows whose
+    source and target shard ids are codes into ``uni``: numpy on codes, strings built only
+    for the moved rows.  Row ``i``'s key is ``canon[i]``, or ``canon[key_rows[i]]``."""
+    st.before = _counts(uni, src_u)
+    st.after = _counts(uni, np.where(changed, tgt_u, src_u))
+    moved = np.flatnonzero(changed)
+    st.moved = len(moved)
+    if not len(moved):
+        return _no_moves(ctx)
+    uni_arr = pa.array(uni, pa.string())
+    ms, mt, mh = src_u[moved], tgt_u[moved], hashes[moved]
+    pc_ = np.bincount(ms.astype(np.intp) * len(uni) + mt, minlength=len(uni) * len(uni))
+    st.pairs = {f"{uni[i // len(uni)]}\x1f{uni[i % len(uni)]}": int(pc_[i]) for i in np.flatnonzero(pc_)}
+    return pa.table(
+        {
+            "key": canon.take(pa.array(moved if key_rows is None else key_rows[moved])),
+            "source": uni_arr.take(pa.array(ms)),
+            "target": uni_arr.take(pa.array(mt)),
+            "key_hash": pa.array(mh, pa.uint64()),
+            "bucket": pa.array(bucket_of(mh, ctx.hash_buckets), pa.int32()),
+        }
+    )
+
+
+def _no_moves(ctx: PlanContext) -> pa.Table:
+    return _finish(pa.array([], pa.binary()), pa.array([], pa.string()), pa.array([], pa.string()),
+                   np.zeros(0, np.uint64), np.zeros(0, bool), Stats(), ctx)[0]
+
+
 def _plan_batch_coded(batch, ctx: PlanContext):
     """:func:`plan_batch` on integer shard codes: the common case, no invalid
     rows.  Shard ids are dictionary-encoded once per batch; comparisons and
@@ -353,40 +460,16 @@ def _plan_batch_coded(batch, ctx: PlanContext):
     over-long or empty key, null shard id): results are identical."""
     if ctx.ring is None:
         return None
-    keys_col = batch.column(batch.schema.get_field_index("key"))
-    shard_col = batch.column(batch.schema.get_field_index("shard_id"))
-    if isinstance(shard_col, pa.ChunkedArray):
-        shard_col = shard_col.combine_chunks()
-    if shard_col.null_count:
+    coded = _coded_rows(batch, ctx.key_type)
+    if coded is None:
         return None
-    canon, bad = _canonical_keys(keys_col, ctx.key_type)
-    if bad or canon.null_count:
-        return None
+    canon, names, codes = coded
     n = len(canon)
-    if n:
-        lengths = pc.binary_length(canon).to_numpy(zero_copy_only=False)
-        if int(lengths.max()) > K.MAX_KEY_BYTES:
-            return None
-        if ctx.key_type in (KeyType.STRING, KeyType.BYTES) and int(lengths.min()) == 0:
-            return None
-    enc = shard_col if pa.types.is_dictionary(shard_col.type) else pc.dictionary_encode(shard_col)
-    names = enc.dictionary.cast(pa.string()).to_pylist()
-    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.intp, copy=False)
     st = Stats()
     st.rows = batch.num_rows
-    if ctx.known_shards is not None and n:
-        unknown = [j for j, s in enumerate(names) if s not in ctx.known_shards]
-        if unknown:
-            per = np.bincount(codes, minlength=len(names))
-            nbad = int(per[unknown].sum())
-            if nbad:
-                st.unknown_shard_rows += nbad
-                st.unknown_shard_ids |= {names[j] for j in unknown if per[j]}
-                st.unknown_shards = len(st.unknown_shard_ids)
+    _count_unknown(st, names, codes, ctx.known_shards, False)
     hashes = K.stable_hashes_array(canon)
-    name_hashes = np.fromiter((xxhash.xxh3_64_intdigest(s.encode("utf-8")) for s in names), np.uint64,
-                              count=len(names))
-    st.digest = digest_lanes_coded(hashes, name_hashes, codes)
+    st.digest = digest_lanes_coded(hashes, _name_hashes(names), codes)
     ring = ctx.ring
     uni, name_uni = _universe(ring, names)
     src_u = name_uni[codes] if n else np.zeros(0, np.int32)
@@ -398,29 +481,7 @@ def _plan_batch_coded(batch, ctx: PlanContext):
         st.in_window = int(wmask.sum())
     else:
         st.in_window = n
-    st.before = _counts(uni, src_u)
-    st.after = _counts(uni, np.where(changed, tgt_u, src_u))
-    moved = np.flatnonzero(changed)
-    st.moved = len(moved)
-    uni_arr = pa.array(uni, pa.string())
-    if len(moved):
-        ms, mt, mh = src_u[moved], tgt_u[moved], hashes[moved]
-        take = pa.array(moved)
-        moves = pa.table(
-            {
-                "key": canon.take(take),
-                "source": uni_arr.take(pa.array(ms)),
-                "target": uni_arr.take(pa.array(mt)),
-                "key_hash": pa.array(mh, pa.uint64()),
-                "bucket": pa.array(bucket_of(mh, ctx.hash_buckets), pa.int32()),
-            }
-        )
-        pc_ = np.bincount(ms.astype(np.intp) * len(uni) + mt, minlength=len(uni) * len(uni))
-        st.pairs = {f"{uni[i // len(uni)]}\x1f{uni[i % len(uni)]}": int(pc_[i]) for i in np.flatnonzero(pc_)}
-    else:
-        moves = _finish(pa.array([], pa.binary()), pa.array([], pa.string()), pa.array([], pa.string()),
-                        np.zeros(0, np.uint64), np.zeros(0, bool), Stats(), ctx)[0]
-    return moves, st, hashes
+    return _coded_moves(canon, uni, src_u, tgt_u, hashes, changed, st, ctx), st, hashes
 
 
 def plan_batch(batch, ctx: PlanContext) -> tuple[pa.Table, Stats, np.ndarray]:
@@ -521,41 +582,90 @@ def _joined_moves(canon, src, tgt, hashes: np.ndarray, st: Stats, ctx: PlanConte
 
 
 def join_sorted(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[pa.Table, Stats]:
-    """:func:`join_batch` as a merge join on the stable hash: both sides sorted by hash
-    (numpy), the source's hashes looked up in the target's, equal hashes confirmed by key
-    bytes.  Falls back to :func:`join_batch` when a hash repeats on either side (a
-    duplicate key, or a 64-bit hash collision), so the result is the same in every case."""
-    if source.num_rows == 0:
-        return join_batch(source, target, ctx)
-    sh = source["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
-    th = target["key_hash"].combine_chunks().to_numpy(zero_copy_only=False) if target.num_rows else \
-        np.zeros(0, np.uint64)
-    sorder = np.argsort(sh, kind="stable")
-    shs = sh[sorder]
-    torder = np.argsort(th, kind="stable")
-    ths = th[torder]
-    if (len(shs) > 1 and np.any(shs[1:] == shs[:-1])) or (len(ths) > 1 and np.any(ths[1:] == ths[:-1])):
-        return join_batch(source, target, ctx)
+    """:func:`join_batch` by stable hash (:func:`join_counted`, without its duplicate count)."""
+    moves, st, _dups = join_counted(source, target, ctx)
+    return moves, st
+
+
+def join_counted(source: pa.Table, target: pa.Table, ctx: PlanContext) -> tuple[pa.Table, Stats, int]:
+    """:func:`join_batch` on the stable hash, and the rows of either side whose key appears
+    earlier on that side (duplicates).  ``source``/``target``: prepared rows of one hash
+    partition (key, shard_id as strings or dictionary-encoded, key_hash; chunked as read).
+
+    Both sides are sorted by hash (numpy) and the source's hashes looked up in the
+    target's (a merge: sorted queries); shard ids are compared as integer codes.  Only
+    rows whose target shard differs from their source shard (within the window) are
+    confirmed by key bytes: an equal hash of a different key (a 64-bit collision) with the
+    same shard id changes nothing, so it need not be told from a match.  Moves come in
+    hash order.  Duplicates are counted from the sorted hashes, by key bytes only when a
+    hash repeats; then (a duplicate key, or a collision on one side) the join is
+    :func:`join_batch`'s, so the result is the same in every case."""
+    sh, th = _hash_column(source), _hash_column(target)
+    sorder, torder = np.argsort(sh), np.argsort(th)
+    shs, ths = sh[sorder], th[torder]
+    srep, trep = _repeats(shs), _repeats(ths)
+    dups = (_key_duplicates(source) if srep else 0) + (_key_duplicates(target) if trep else 0)
+    if srep or trep or not len(sh) or source["shard_id"].null_count or target["shard_id"].null_count:
+        moves, st = join_batch(_string_shards(source), _string_shards(target), ctx)
+        return moves, st, dups
+    pos: dict = {}
+    src_u = _shard_codes(source["shard_id"], pos)[sorder]
+    tgt_all = _shard_codes(target["shard_id"], pos)
+    uni = list(pos)
     st = Stats()
-    src_all = source["shard_id"].combine_chunks().cast(pa.string())
-    st.before = _count_by(src_all)
-    take = pa.array(sorder)
-    canon = source["key"].combine_chunks().take(take)
-    src = src_all.take(take)
+    changed = np.zeros(len(shs), bool)
+    tgt_u = src_u
     if len(ths):
-        pos = np.minimum(np.searchsorted(ths, shs), len(ths) - 1)
-        hit = ths[pos] == shs
-        tidx = torder[pos]
-        hits = np.flatnonzero(hit)
-        if len(hits):  # equal hashes: confirm by key bytes (a collision is not a match)
-            tkeys = target["key"].combine_chunks()
-            same = pc.equal(canon.take(pa.array(hits)), tkeys.take(pa.array(tidx[hits])))
-            hit[hits[~same.to_numpy(zero_copy_only=False)]] = False
-        tshard = target["shard_id"].combine_chunks().cast(pa.string()).take(pa.array(tidx))
-        tgt = pc.if_else(pa.array(hit), tshard, src)
+        at = np.searchsorted(ths, shs)
+        np.minimum(at, len(ths) - 1, out=at)
+        hit = ths[at] == shs
+        tidx = torder[at]
+        tgt_u = np.where(hit, tgt_all[tidx], src_u)
+        changed = tgt_u != src_u
+    wmask = _window_mask(shs, ctx.window)
+    if wmask is not None:
+        changed &= wmask
+        st.in_window = int(wmask.sum())
     else:
-        tgt = src
-    return _joined_moves(canon, src, tgt, shs, st, ctx)
+        st.in_window = len(shs)
+    skeys = source["key"]
+    cand = np.flatnonzero(changed)
+    if len(cand):  # equal hashes: confirmed by key bytes (a collision is not a match)
+        same = pc.equal(skeys.take(pa.array(sorder[cand])), target["key"].take(pa.array(tidx[cand])))
+        changed[cand[~same.to_numpy(zero_copy_only=False)]] = False
+    return _coded_moves(skeys, uni, src_u, tgt_u, shs, changed, st, ctx, key_rows=sorder), st, dups
+
+
+def _hash_column(t: pa.Table) -> np.ndarray:
+    col = t["key_hash"]
+    if col.num_chunks == 0:
+        return np.zeros(0, np.uint64)
+    return col.combine_chunks().to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
+
+
+def _repeats(sorted_hashes: np.ndarray) -> bool:
+    return len(sorted_hashes) > 1 and bool(np.any(sorted_hashes[1:] == sorted_hashes[:-1]))
+
+
+def _key_duplicates(t: pa.Table) -> int:
+    """Rows of ``t`` whose key appears earlier in ``t``."""
+    return t.num_rows - len(pc.unique(t["key"].combine_chunks()))
+
+
+def _string_shards(t: pa.Table) -> pa.Table:
+    i = t.schema.get_field_index("shard_id")
+    return t.set_column(i, "shard_id", t["shard_id"].cast(pa.string()))
+
+
+def _shard_codes(col: pa.ChunkedArray, pos: dict) -> np.ndarray:
+    """Each row's code in ``pos`` (shard id -> code; ids not yet in it are added in the
+    order met), from a chunked string or dictionary column without nulls (the chunks'
+    dictionaries are unified by Arrow: one mapping per column)."""
+    col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
+    enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
+    code_of = np.array([pos.setdefault(s, len(pos)) for s in enc.dictionary.cast(pa.string()).to_pylist()], np.intp)
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    return code_of[idx] if len(code_of) else np.zeros(len(idx), np.intp)
 
 
 def _byte_ranks(col) -> np.ndarray:

@@ -116,6 +116,23 @@ def test_join_sorted_equals_join_batch(keys, extra, shards, collide, window, dat
     assert core.sort_moves(b_moves).equals(core.sort_moves(a_moves))
     assert (b_stats.before, b_stats.after, b_stats.moved, b_stats.in_window) == \
         (a_stats.before, a_stats.after, a_stats.moved, a_stats.in_window)
+    # as the planner reads them back: chunks with their own shard-id dictionaries
+    c_moves, c_stats, dups = core.join_counted(_dictionary_chunks(src), _dictionary_chunks(tgt), ctx)
+    assert core.sort_moves(c_moves).equals(core.sort_moves(a_moves))
+    assert (c_stats.before, c_stats.after, c_stats.moved, c_stats.in_window, c_stats.pairs) == \
+        (a_stats.before, a_stats.after, a_stats.moved, a_stats.in_window, a_stats.pairs)
+    assert dups == sum(len(rows) - len({k for k, _ in rows}) for rows in (src_rows, tgt_rows))
+
+
+def _dictionary_chunks(t):
+    """``t`` in two chunks, each with its own shard-id dictionary (in reverse order for the second)."""
+    half = t.num_rows // 2
+    parts = []
+    for piece, flip in ((t.slice(0, half), False), (t.slice(half), True)):
+        ids = sorted(set(piece["shard_id"].to_pylist()), reverse=flip)
+        codes = pa.array([ids.index(s) for s in piece["shard_id"].to_pylist()], pa.int32())
+        parts.append(piece.set_column(1, "shard_id", pa.DictionaryArray.from_arrays(codes, pa.array(ids, pa.string()))))
+    return pa.concat_tables(parts)
 
 
 def test_sort_moves_numpy_order_is_arrows_with_and_without_ties():

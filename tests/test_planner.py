@@ -268,6 +268,36 @@ def test_plan_threads_give_the_same_plan_bytes(tmp_path, monkeypatch):
     assert sorted(got) == sorted(core.reference_plan(rows, ring=_ring(SHARDS4 + ["s4"], KeyType.BYTES)))
 
 
+def test_explicit_target_plan_threads_give_the_same_plan_bytes(tmp_path, monkeypatch):
+    """An explicit-target plan with plan_threads 3 (row groups prepared, spills written and
+    partitions joined on pools) and 1: byte-identical move files and the same manifest
+    figures; variable-length keys, target-only and snapshot-only keys, several chunks and
+    spills per chunk of each side, several join partitions."""
+    monkeypatch.setattr("transforms.plan_explicit.SIDE_SPILL_ROWS", 150)  # spills of 2 segments
+    monkeypatch.setattr("transforms.planio.SPILL_ROWS", 400)  # chunks of 4 row groups: 2 chunks a side
+    monkeypatch.setattr("transforms.plan_explicit.JOIN_PARTITION_ROWS", 100)  # 8 join partitions
+    rows = _assignments(1500, KeyType.BYTES)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, row_group=200)
+    rng = random.Random(7)
+    explicit = {k: rng.choice(SHARDS4 + ["s4"]) for k, _ in rows if rng.random() < 0.8}
+    explicit.update({bytes([1, i % 256, i // 256]) + b"only-in-target": "s4" for i in range(300)})
+    tpath = tmp_path / "target.parquet"
+    pq.write_table(pa.table({"key": pa.array(list(explicit), pa.binary()),
+                             "shard_id": pa.array(list(explicit.values()))}), tpath, row_group_size=200)
+    target = {"snapshot": str(tpath), "shards": [{"id": s} for s in SHARDS4 + ["s4"]]}
+    plans = []
+    for threads in (1, 3):
+        cfg = _cfg(tmp_path / f"t{threads}", [], target=target, key_type="bytes", segment_size=100,
+                   plan_threads=threads, hash_buckets=3)
+        res = make_plan(cfg, snapshot=str(snap), out=lambda _l: None)
+        d = os.path.join(res.plan_dir, "moves")
+        m = {k: v for k, v in res.manifest.items() if k not in ("created_at", "planner_seconds")}
+        plans.append((m, {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}))
+    assert plans[0] == plans[1] and len(plans[0][1]) > 3
+    _m, got = _read_plan(res.plan_dir)
+    assert sorted(got) == sorted(core.reference_plan(rows, target=explicit))
+
+
 def test_plan_threads_automatic_choice():
     from shardmove.planner import AUTO_THREADS_MIN_ROWS, plan_threads
 

@@ -25,10 +25,11 @@ With an explicit target (``target.snapshot``), PlanChunks and DetectDuplicates
 are replaced by::
 
     PrepareSides     (side, chunk) of the snapshot and of the target -> canonical
-                     keys, shard ids and hashes, spilled as one file per chunk
-                     with one Arrow stream per hash partition (by the top
-                     bits: 2**bits partitions of about JOIN_PARTITION_ROWS
-                     rows, at most 2**SPILL_PARTITION_BITS); pointers only
+                     keys, shard ids and hashes, spilled as files of about
+                     SIDE_SPILL_ROWS rows with one Arrow stream per hash
+                     partition (by the top bits: 2**bits partitions of about
+                     JOIN_PARTITION_ROWS rows, at most 2**SPILL_PARTITION_BITS);
+                     pointers only
     JoinTarget       per hash partition: both sides read back and joined
                      (a key and its duplicates always share a partition, so
                      duplicates are counted exactly there); its moves are
@@ -56,7 +57,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Tuple
@@ -70,8 +70,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import fs
 from pipeline import plancore as core
@@ -79,8 +77,9 @@ from pipeline import workdir
 from pipeline.keys import KeyType
 from transforms.coders import Uint64
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
-from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, UnitReader, _moves_table,
-                               _read_range, _read_units, _segments, make_chunks, mark_progress, spill_chunk)
+from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
+                               _read_units, make_chunks, mark_progress, spill_chunk)
+from transforms.planpool import ChunkPoolFn, GroupPoolFn, _in_global_window, _wait_quietly
 
 __all__ = [
     "PlanGraphSpec",
@@ -107,108 +106,40 @@ class PlanGraphSpec:
     staging: str
     segment_size: int
     #: planning threads per worker process (``plan_threads``, resolved by the launcher):
-    #: > 1 plans a chunk's units on that many threads; the plan's bytes are the same
+    #: > 1 plans (or, with an explicit target, prepares) a chunk's units and joins partitions
+    #: on that many threads; the plan's bytes are the same
     threads: int = 1
 
 
 # ---------------------------------------------------------------- planning
 
-def _in_global_window(value) -> WindowedValue:
-    """An output of ``finish_bundle``, which has no input element's window to inherit."""
-    return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+class _PlanChunkFn(ChunkPoolFn):
+    """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats.
 
-
-def _wait_quietly(futures) -> None:
-    """After a failure: let work in flight end (its own errors dropped) before the first
-    error propagates -- the launcher then removes the staging directory, and nothing may
-    write into it afterwards."""
-    for fut in futures:
-        try:
-            fut.result()
-        except BaseException:
-            pass
-
-
-class _PlanChunkFn(beam.DoFn):
-    """(chunk index, units) -> tagged ``moves`` (gid, ptr), ``hashes`` (partition, ptr); main: Stats."""
+    With threads, each (path, row group) unit is read and planned by a pool thread
+    (:class:`transforms.planpool.ChunkPoolFn`): Parquet decoding, hashing
+    (:func:`pipeline.keys.stable_hashes_array`), the ring lookup and the Arrow kernels
+    release the GIL, so the threads overlap; spills are written on the pool too."""
 
     MOVES = "moves"
     HASHES = "hashes"
 
     def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, threads: int = 1):
+        super().__init__(segment_size, threads)
         self._ctx = ctx
         self._staging = staging
-        self._segment_size = segment_size
-        self._threads = max(1, int(threads))
-        self._rows = Metrics.counter("plan", "rows_read")
         self._moved = Metrics.counter("plan", "moves")
         self._examined = Metrics.counter("plan", "keys_examined")
-        self._spills = Metrics.counter("plan", "spill_files")
 
-    def setup(self):
-        self._pool = None
-        if self._threads > 1:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="plan-chunk")
-            self._reader = UnitReader(("key", "shard_id"))
-
-    def teardown(self):
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
-            self._reader.close()
-
-    def _plan_unit(self, path: str, rg: int) -> list:
-        table = self._reader.read(path, rg)
-        return [core.plan_batch(t, self._ctx) for t in _segments(table, self._segment_size)]
-
-    def _planned(self, units):
-        """``(moves, stats, hashes)`` of every segment of ``units``, in unit and segment
-        order whatever the thread count (so the chunk's spill files are the same bytes).
-
-        With threads, each (path, row group) unit is read and planned by a pool thread,
-        at most two units per thread ahead of the one consumed here: Parquet decoding,
-        hashing (:func:`pipeline.keys.stable_hashes_array`), the ring lookup and the Arrow
-        kernels release the GIL, so the threads overlap.  Metrics are counted here, on the
-        bundle's thread."""
-        if self._pool is None:
-            for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
-                yield core.plan_batch(table, self._ctx)
-            return
-        window: deque = deque()
-        try:
-            for path, rg in units:
-                window.append(self._pool.submit(self._plan_unit, path, rg))
-                if len(window) > 2 * self._threads:
-                    yield from self._collect(window.popleft())
-            while window:
-                yield from self._collect(window.popleft())
-        finally:
-            for fut in window:  # after a failure: the units not yet started are dropped
-                fut.cancel()
-            _wait_quietly(window)
-            self._reader.close()  # no read is running now: the chunk's files are closed
-
-    def _collect(self, fut):
-        for res in fut.result():  # re-raises the unit's error (e.g. a corrupted row group)
-            self._rows.inc(res[1].rows)
-            yield res
-
-    def start_bundle(self):
-        self._spilling: deque = deque()
-
-    def process(self, element):
-        try:
-            yield from self._process(element)
-        except BaseException:
-            self._drain()
-            raise
+    def _plan(self, table):
+        return core.plan_batch(table, self._ctx)
 
     def _process(self, element):
         chunk, units = element
         total = core.Stats()
         hashes, moves, buffered, k = [], [], 0, 0
         segments, marked = 0, time.monotonic()
-        for mv, st, h in self._planned(units):
+        for mv, st, h in self._worked(units, self._plan):
             self._examined.inc(st.rows)
             self._moved.inc(st.moved)
             total.merge(st)
@@ -221,46 +152,21 @@ class _PlanChunkFn(beam.DoFn):
                 moves.append(mv)
             buffered += len(h)
             if buffered >= SPILL_ROWS:
-                yield from self._spill(chunk, k, hashes, moves)
+                yield from self._spill(spill_chunk, self._staging, chunk, k, hashes, moves)
                 hashes, moves, buffered, k = [], [], 0, k + 1
         if buffered or moves:
-            yield from self._spill(chunk, k, hashes, moves)
+            yield from self._spill(spill_chunk, self._staging, chunk, k, hashes, moves)
         self._mark(chunk, segments, total.rows)
         yield total
 
     def _mark(self, chunk: int, segments: int, keys: int) -> None:
         mark_progress(self._staging, chunk, segments, keys)
 
-    def _spill(self, chunk, k, hashes, moves):
-        """Write a spill file and emit its pointers.  With threads, the spill (sorts,
-        encoding, the write) runs on the pool while the next units are planned, one spill
-        at a time; its pointers are emitted at the next spill or at the bundle's end."""
-        self._spills.inc()
-        if self._pool is None:
-            yield from self._tagged(spill_chunk(self._staging, chunk, k, hashes, moves))
-            return
-        self._spilling.append(self._pool.submit(spill_chunk, self._staging, chunk, k, hashes, moves))
-        while len(self._spilling) > 1:
-            yield from self._tagged(self._spilling.popleft().result())
-
     @staticmethod
-    def _tagged(pointers, windowed: bool = False):
+    def _outputs(pointers, windowed: bool):
         for tag, key, ptr in pointers:
             value = (key, ptr)
             yield beam.pvalue.TaggedOutput(tag, _in_global_window(value) if windowed else value)
-
-    def finish_bundle(self):
-        try:
-            while self._spilling:
-                yield from self._tagged(self._spilling.popleft().result(), windowed=True)
-        except BaseException:
-            self._drain()
-            raise
-
-    def _drain(self):
-        """After a failure: spills in flight end first (:func:`_wait_quietly`)."""
-        pending, self._spilling = self._spilling, deque()
-        _wait_quietly(pending)
 
 
 class PlanChunks(beam.PTransform):
@@ -312,39 +218,24 @@ def _candidate_hashes(element):
     return [int(x) for x in np.unique(dup)]
 
 
-class _CandidateHashesFn(beam.DoFn):
+class _CandidateHashesFn(GroupPoolFn):
     """(partition, hash pointers) -> the partition's candidate duplicate hashes.
 
     With threads, partitions are read back and sorted on a pool (file reads and
-    ``np.sort`` release the GIL), one per thread at a time; without, one at a time
-    here.  Candidates are a set: their order does not matter."""
+    ``np.sort`` release the GIL), one per thread at a time
+    (:class:`transforms.planpool.GroupPoolFn`); without, one at a time here.
+    Candidates are a set: their order does not matter."""
 
-    def __init__(self, threads: int = 1):
-        self._threads = max(1, int(threads))
+    THREAD_NAME = "plan-dups"
 
-    def setup(self):
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="plan-dups") if self._threads > 1 else None
+    @staticmethod
+    def _work(part, values):
+        return _candidate_hashes((part, values))
 
-    def teardown(self):
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-    def start_bundle(self):
-        self._pending: deque = deque()
-
-    def process(self, element):
-        if self._pool is None:
-            yield from _candidate_hashes(element)
-            return
-        while len(self._pending) >= self._threads:  # one partition per thread: memory stays flat
-            yield from self._pending.popleft().result()
-        self._pending.append(self._pool.submit(_candidate_hashes, (element[0], list(element[1]))))
-
-    def finish_bundle(self):
-        while self._pending:
-            for h in self._pending.popleft().result():
-                yield _in_global_window(h)
+    @staticmethod
+    def _outputs(hashes, windowed: bool):
+        for h in hashes:
+            yield _in_global_window(h) if windowed else h
 
 
 class _ConfirmDuplicatesFn(beam.DoFn):
@@ -608,13 +499,14 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
             p
             | "ListSideChunks" >> beam.Create(side_chunks)
             | "PrepareSides" >> beam.ParDo(PrepareChunkFn(spec.ctx, spec.staging, spec.segment_size,
-                                                           join_partition_bits(spec.sources, spec.segment_size)))
+                                                           join_partition_bits(spec.sources, spec.segment_size),
+                                                           spec.threads))
             .with_output_types(Any).with_outputs("stats", main="pointers")
         )
         joined = (
             prepared.pointers
             | "GroupByPartition" >> beam.GroupByKey()
-            | "JoinTarget" >> beam.ParDo(JoinPartitionFn(spec.ctx, spec.staging))
+            | "JoinTarget" >> beam.ParDo(JoinPartitionFn(spec.ctx, spec.staging, spec.threads))
             .with_output_types(Any).with_outputs("moves", "dups", main="stats")
         )
         stats = (prepared.stats, joined.stats) | "FlattenStats" >> beam.Flatten()

@@ -1,9 +1,11 @@
 """The explicit-target planner (``target.snapshot``): both sides spilled by hash partition,
-then one merge join per partition (:func:`pipeline.plancore.join_sorted`), its moves spilled
+then one join per partition (:func:`pipeline.plancore.join_counted`), its moves spilled
 again by (source, target, bucket) group for :class:`transforms.plan.WriteMoveFiles`.
 
-Memory: one chunk of one side (``SPILL_ROWS`` rows) while preparing, one partition of both
+Memory: ``SIDE_SPILL_ROWS`` rows of one side while preparing, one partition of both
 sides (about ``JOIN_PARTITION_ROWS`` rows each) while joining -- flat in the keyspace size.
+With ``threads`` (``plan_threads``, :mod:`transforms.planpool`): a few row groups per
+thread, one chunk being prepared and one being spilled, and one partition per thread.
 Idempotent as the ring path: spill names are functions of (side, chunk, spill) and partition.
 """
 from __future__ import annotations
@@ -13,13 +15,12 @@ import time
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from apache_beam.metrics import Metrics
 
 from pipeline import fs
 from pipeline import plancore as core
 from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _ipc_bytes,
-                               _moves_table, _read_units, _write_spill, mark_progress, spill_chunk)
+                               _moves_table, _write_spill, mark_progress, partition_order, spill_chunk)
+from transforms.planpool import ChunkPoolFn, GroupPoolFn, _in_global_window, release_thread_memory
 
 __all__ = ["JOIN_PARTITION_ROWS", "join_partition_bits", "spill_side", "PrepareChunkFn", "JoinPartitionFn"]
 
@@ -28,6 +29,11 @@ __all__ = ["JOIN_PARTITION_ROWS", "join_partition_bits", "spill_side", "PrepareC
 #: SPILL_PARTITION_BITS -- few partitions for small plans (each costs a join and
 #: a spill of its moves per group), enough for bounded memory on big ones.
 JOIN_PARTITION_ROWS = 1 << 17
+
+#: Prepared rows of one side spilled at once: the keys are spilled too (the ring path
+#: spills hashes and moves only), so half ``SPILL_ROWS``; with threads one spill
+#: is being written while the next is prepared.
+SIDE_SPILL_ROWS = SPILL_ROWS // 2
 
 
 def join_partition_bits(units: tuple, segment_size: int) -> int:
@@ -40,128 +46,152 @@ def join_partition_bits(units: tuple, segment_size: int) -> int:
     return bits
 
 
-_SIDE_SCHEMA = pa.schema([("key", pa.binary()), ("shard_id", pa.string()), ("key_hash", pa.uint64())])
+_SIDE_SCHEMA = pa.schema([("key", pa.binary()), ("shard_id", pa.dictionary(pa.int32(), pa.string())),
+                          ("key_hash", pa.uint64())])
 
 
-def spill_side(staging: str, side: str, chunk: int, k: int, tables: list, bits: int) -> list:
+def spill_side(staging: str, side: str, chunk: int, k: int, segments: list, bits: int) -> list:
     """Write one spill file of prepared rows of one side ("s" snapshot, "t" explicit target):
-    one Arrow IPC stream per hash partition (the top ``bits`` bits of the stable hash);
-    return the pointers (partition, (side, path, offset, length))."""
+    ``segments`` are :func:`pipeline.plancore.prepare_side`'s (keys, shard names, shard codes,
+    hashes), in order, and are consumed (the list is emptied: memory is freed as soon as
+    possible); the file holds one Arrow IPC stream per hash partition (the top ``bits``
+    bits of the stable hash; key, shard id dictionary-encoded, hash), rows in input order
+    within one; return the pointers (partition, (side, path, offset, length))."""
     path = fs.join(staging, SPILL_DIR, f"{side}-chunk-{chunk:06d}-{k:04d}.bin")
-    t = pa.concat_tables(tables).combine_chunks() if tables else pa.table(
-        {n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
-    if t.num_rows == 0:
+    if not sum(len(seg[3]) for seg in segments):
+        segments.clear()
         return []
-    nparts = 1 << bits
-    if nparts > 1:  # one stable radix pass on the partition number, one take
-        part = (t["key_hash"].to_numpy() >> np.uint64(64 - bits)).astype(np.uint16)
-        t = t.take(pa.array(np.argsort(part, kind="stable")))
-        edges = np.searchsorted(np.sort(part), np.arange(nparts + 1), side="left")
-    else:
-        edges = np.array([0, t.num_rows])
-    blobs, out, offset = [], [], 0
-    for p in range(nparts):
-        s, e = int(edges[p]), int(edges[p + 1])
-        if e > s:
-            blob = _ipc_bytes(t.slice(s, e - s))
-            out.append((p, (side, path, offset, len(blob))))
-            blobs.append(blob)
-            offset += len(blob)
-    _write_spill(path, blobs)
+    code_of: dict = {}  # the spill's shard ids in the order met: one dictionary
+    codes = []
+    for _keys, names, c, _h in segments:
+        remap = np.array([code_of.setdefault(name, len(code_of)) for name in names], np.int32)
+        codes.append(remap[c] if len(remap) else np.zeros(len(c), np.int32))
+    code = np.concatenate(codes)
+    h = np.concatenate([seg[3] for seg in segments])
+    keys = pa.concat_arrays([seg[0] for seg in segments])
+    del codes
+    segments.clear()
+    order, edges = partition_order(h, bits)
+    if bits:  # one radix pass on the partition number, one take
+        keys, code, h = keys.take(pa.array(order)), code[order], h[order]
+    del order
+    shard = pa.DictionaryArray.from_arrays(pa.array(code, pa.int32()), pa.array(list(code_of), pa.string()))
+    out: list = []
+    _write_spill(path, _partition_blobs(pa.table([keys, shard, pa.array(h, pa.uint64())], schema=_SIDE_SCHEMA),
+                                        edges, (side, path), out))
+    del keys, shard, code, h
+    release_thread_memory()
     return out
 
 
-class _PrepareChunkFn(beam.DoFn):
-    """Explicit target: (side, chunk index, units) -> canonical keys, shard ids and hashes,
-    spilled by hash partition (:func:`spill_side`); main output: (partition, pointer);
-    tagged ``stats``.  Memory: one chunk (SPILL_ROWS rows)."""
+def _partition_blobs(t: pa.Table, edges: np.ndarray, where: tuple, out: list):
+    """One Arrow IPC stream per non-empty partition of ``t`` (rows ``edges[p]:edges[p + 1]``),
+    each encoded when the writer takes it; its pointer (partition, where + (offset, length))
+    appended to ``out``."""
+    offset = 0
+    for p in range(len(edges) - 1):
+        s, e = int(edges[p]), int(edges[p + 1])
+        if e > s:
+            blob = _ipc_bytes(t.slice(s, e - s))
+            out.append((p, where + (offset, len(blob))))
+            offset += len(blob)
+            yield blob
 
-    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, bits: int):
+
+class _PrepareChunkFn(ChunkPoolFn):
+    """Explicit target: (side, chunk index, units) -> canonical keys, shard ids and hashes
+    (:func:`pipeline.plancore.prepare_side`), spilled by hash partition (:func:`spill_side`);
+    main output: (partition, pointer); tagged ``stats``.  With threads, row groups are
+    prepared on a pool and spills written on a thread of their own
+    (:class:`transforms.planpool.ChunkPoolFn`).
+    Memory: SIDE_SPILL_ROWS prepared rows, and (with threads) as many being spilled."""
+
+    THREAD_NAME = "plan-prepare"
+
+    def __init__(self, ctx: core.PlanContext, staging: str, segment_size: int, bits: int, threads: int = 1):
+        super().__init__(segment_size, threads)
         self._ctx = ctx
         self._staging = staging
-        self._segment_size = segment_size
         self._bits = bits
-        self._rows = Metrics.counter("plan", "rows_read")
-        self._spills = Metrics.counter("plan", "spill_files")
 
-    def process(self, element):
+    def _prepare_target(self, table):
+        st = core.Stats()
+        return core.prepare_side(table, self._ctx.key_type, st, self._ctx.target_shards, target_side=True), st
+
+    def _prepare_source(self, table):
+        st = core.Stats()
+        return core.prepare_side(table, self._ctx.key_type, st, self._ctx.known_shards), st
+
+    def _process(self, element):
         side, chunk, units = element
         is_target = side == "t"
-        known = self._ctx.target_shards if is_target else self._ctx.known_shards
-        st = core.Stats()
-        tables, buffered, k = [], 0, 0
+        total = core.Stats()
+        prepared, buffered, k = [], 0, 0
         segments, marked = 0, time.monotonic()
-        for table in _read_units(units, self._segment_size, ("key", "shard_id"), self._rows):
+        for seg, st in self._worked(units, self._prepare_target if is_target else self._prepare_source):
             segments += 1
-            canon, shard, hashes = core.prepare_batch(table, self._ctx.key_type, st, known, target_side=is_target)
-            lanes = core.digest_lanes(hashes, core._shard_hash_array(shard))
-            if is_target:
-                st.target_rows += table.num_rows
-                st.target_digest = core._add_digest(st.target_digest, lanes)
-            else:
-                st.rows += table.num_rows
-                st.digest = core._add_digest(st.digest, lanes)
-            tables.append(pa.table([canon, shard, pa.array(hashes, pa.uint64())], schema=_SIDE_SCHEMA))
-            buffered += len(hashes)
+            total.merge(st)
+            prepared.append(seg)
+            buffered += len(seg[3])
             if not is_target and time.monotonic() - marked >= _MARK_EVERY_S:  # the snapshot's keys examined
                 marked = time.monotonic()
-                mark_progress(self._staging, chunk, segments, st.rows)
-            if buffered >= SPILL_ROWS:
-                self._spills.inc()
-                yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
-                tables, buffered, k = [], 0, k + 1
-        if tables:
-            self._spills.inc()
-            yield from spill_side(self._staging, side, chunk, k, tables, self._bits)
+                mark_progress(self._staging, chunk, segments, total.rows)
+            if buffered >= SIDE_SPILL_ROWS:
+                yield from self._spill(spill_side, self._staging, side, chunk, k, prepared, self._bits)
+                prepared, buffered, k = [], 0, k + 1
+        if prepared:
+            yield from self._spill(spill_side, self._staging, side, chunk, k, prepared, self._bits)
         if not is_target:
-            mark_progress(self._staging, chunk, segments, st.rows)
-        yield beam.pvalue.TaggedOutput("stats", st)
+            mark_progress(self._staging, chunk, segments, total.rows)
+        yield beam.pvalue.TaggedOutput("stats", total)
+
+    @staticmethod
+    def _outputs(pointers, windowed: bool):
+        for value in pointers:
+            yield _in_global_window(value) if windowed else value
 
 
 def _side_table(pointers: list) -> pa.Table:
     tables = [_moves_table(ptr) for ptr in pointers]
-    if not tables:
-        return pa.table({n: pa.array([], f.type) for n, f in zip(_SIDE_SCHEMA.names, _SIDE_SCHEMA)})
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables) if tables else _SIDE_SCHEMA.empty_table()
 
 
-class _JoinPartitionFn(beam.DoFn):
+class _JoinPartitionFn(GroupPoolFn):
     """One hash partition: the snapshot's and the target's rows read back from their spill
-    files, joined (:func:`pipeline.plancore.join_batch`), and the moves spilled again by
-    (source, target, bucket) group; outputs: tagged ``moves`` (gid, pointer), ``dups``,
-    main Stats.  Memory: one partition (rows / 2**SPILL_PARTITION_BITS of each side)."""
+    files, joined and their duplicates counted (:func:`pipeline.plancore.join_counted`), and
+    the moves spilled again by (source, target, bucket) group; outputs: tagged ``moves``
+    (gid, pointer), ``dups``, main Stats.  With threads, partitions are joined on a pool,
+    one per thread at a time, outputs in input order (:class:`transforms.planpool.GroupPoolFn`).
+    Memory: one partition (about JOIN_PARTITION_ROWS rows of each side) per thread."""
 
     MOVES = "moves"
+    THREAD_NAME = "plan-join"
 
-    def __init__(self, ctx: core.PlanContext, staging: str):
+    def __init__(self, ctx: core.PlanContext, staging: str, threads: int = 1):
+        super().__init__(threads)
         self._ctx = ctx
         self._staging = staging
 
-    def process(self, element):
-        part, items = element
-        items = list(items)
+    def _work(self, part, items):
+        items = sorted(items)  # the pieces in (side, file, offset) order, whatever the shuffle's
         source = _side_table([(path, off, n) for side, path, off, n in items if side == "s"])
         target = _side_table([(path, off, n) for side, path, off, n in items if side == "t"])
-        dups = _exact_duplicates(source) + _exact_duplicates(target)
-        moves, stats = core.join_sorted(source, target, self._ctx)
+        moves, stats, dups = core.join_counted(source, target, self._ctx)
+        pointers = []
         if moves.num_rows:
             path = fs.join(self._staging, SPILL_DIR, f"join-{int(part):04d}.bin")
-            for tag, gid, ptr in spill_chunk(self._staging, 0, 0, [], [moves], path=path):
-                if tag == "moves":
-                    yield beam.pvalue.TaggedOutput(self.MOVES, (gid, ptr))
-        yield beam.pvalue.TaggedOutput("dups", dups)
-        yield stats
+            pointers = [(gid, ptr) for tag, gid, ptr in spill_chunk(self._staging, 0, 0, [], [moves], path=path)
+                        if tag == "moves"]
+        release_thread_memory()
+        return pointers, dups, stats
 
-
-def _exact_duplicates(t: pa.Table) -> int:
-    """Rows whose key appears earlier in ``t`` (key, key_hash columns): equal keys have equal
-    hashes, so the key bytes are compared only when some hash repeats (rarely)."""
-    if t.num_rows < 2:
-        return 0
-    h = np.sort(t["key_hash"].combine_chunks().to_numpy(zero_copy_only=False))
-    if not np.any(h[1:] == h[:-1]):
-        return 0
-    return t.num_rows - len(pc.unique(t["key"].combine_chunks()))
+    def _outputs(self, result, windowed: bool):
+        pointers, dups, stats = result
+        wrap = _in_global_window if windowed else (lambda v: v)
+        for value in pointers:
+            yield beam.pvalue.TaggedOutput(self.MOVES, wrap(value))
+        yield beam.pvalue.TaggedOutput("dups", wrap(dups))
+        yield wrap(stats)
 
 
 PrepareChunkFn = _PrepareChunkFn

@@ -26,7 +26,7 @@ from pipeline.names import group_id
 from transforms import bulkio
 
 __all__ = ["SPILL_ROWS", "SPILL_PARTITION_BITS", "SPILL_DIR", "make_chunks", "read_units", "UnitReader", "spill_chunk",
-           "read_pointer", "mark_progress"]
+           "partition_order", "read_pointer", "mark_progress"]
 
 #: Rows of snapshot planned per chunk before its hashes and moves are
 #: spilled (bounds the planner's memory, with segment_size).
@@ -97,8 +97,8 @@ class UnitReader:
     file open for its next unit of the same file (no shared file position; a ``gs://``
     object is not reopened for every row group), and each file's footer is parsed once
     and reused (``ParquetFile(metadata=...)``).  :meth:`close` closes every thread's
-    file (a thread then reopens on its next unit).  For
-    :class:`transforms.plan._PlanChunkFn`'s planning threads."""
+    file (a thread then reopens on its next unit).  For the planning threads of
+    :class:`transforms.planpool.ChunkPoolFn`."""
 
     def __init__(self, columns: tuple):
         self._columns = columns
@@ -162,9 +162,10 @@ def _spill_path(staging: str, chunk: int, k: int) -> str:
     return fs.join(staging, SPILL_DIR, f"chunk-{chunk:06d}-{k:04d}.bin")
 
 
-def _write_spill(path: str, blobs: list) -> None:
-    """Write the concatenated blobs.  Scratch data: atomic (rename) but not
-    fsynced -- a crash discards the whole staging directory anyway."""
+def _write_spill(path: str, blobs) -> None:
+    """Write the concatenated blobs (any iterable: a local file takes each as it comes).
+    Scratch data: atomic (rename) but not fsynced -- a crash discards the whole staging
+    directory anyway."""
     if fs.is_gcs(path):
         bulkio.write_bulk(path, b"".join(blobs))  # one upload, finalised on close
         return
@@ -221,6 +222,20 @@ def _group_bounds(moves: pa.Table):
     return starts, ends
 
 
+def partition_order(hashes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, edges)``: the rows' order grouped by hash partition (the top ``bits`` bits
+    of the stable hash; rows of one partition in their input order) and where partition
+    ``p`` starts and ends in it (``edges[p]:edges[p + 1]``).  A stable sort of 8- or
+    16-bit codes: numpy's radix sort, O(n)."""
+    nparts = 1 << bits
+    if bits == 0:
+        return np.arange(len(hashes)), np.array([0, len(hashes)], np.int64)
+    top = (hashes >> np.uint64(64 - bits)).astype(np.uint8 if bits <= 8 else np.uint16)
+    edges = np.zeros(nparts + 1, np.int64)
+    np.cumsum(np.bincount(top, minlength=nparts), out=edges[1:])
+    return np.argsort(top, kind="stable"), edges
+
+
 def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, path: str | None = None):
     """Write one spill file; return its pointers: ("hashes", partition, ptr) and ("moves", gid, ptr).
 
@@ -231,18 +246,13 @@ def spill_chunk(staging: str, chunk: int, k: int, hashes: list, moves: list, *, 
     path = path or _spill_path(staging, chunk, k)
     h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     out = []
-    nparts = 1 << SPILL_PARTITION_BITS
-    shift = np.uint64(64 - SPILL_PARTITION_BITS)
     if len(h):
-        # grouped by partition (the top bits), not sorted: the duplicate check sorts each
-        # partition; a stable sort of 8-bit codes is a radix sort, O(n)
-        top = (h >> shift).astype(np.uint8 if SPILL_PARTITION_BITS <= 8 else np.uint16)
-        h = h[np.argsort(top, kind="stable")]
-        edges = np.zeros(nparts + 1, np.int64)
-        np.cumsum(np.bincount(top, minlength=nparts), out=edges[1:])
+        # grouped by partition (the top bits), not sorted: the duplicate check sorts each partition
+        order, edges = partition_order(h, SPILL_PARTITION_BITS)
+        h = h[order]
     blobs = [h.astype("<u8", copy=False).tobytes()]
     if len(h):
-        for p in range(nparts):
+        for p in range(1 << SPILL_PARTITION_BITS):
             s, e = int(edges[p]), int(edges[p + 1])
             if e > s:
                 out.append(("hashes", p, (path, s * 8, (e - s) * 8)))
