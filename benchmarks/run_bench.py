@@ -3,6 +3,7 @@
 and the cost of checkpoints.
 
     .venv/bin/python benchmarks/run_bench.py [--keys 500000] [--repeat 1] [--only a|b|c]
+        [--beam-args '--direct_num_workers=2 --direct_running_mode=multi_processing']
 
 (a) ``keys_per_s`` / ``baseline_keys_per_s`` / ``ratio``: a demo keyspace of
     K keys on 4 SQLite shards whose target adds a 5th (~K/5 keys move) is
@@ -44,6 +45,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -119,7 +121,7 @@ def end_state(run_dir: str) -> dict:
 # ------------------------------------------------------------------ children
 
 def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mover: bool,
-                   options: dict | None = None) -> None:
+                   options: dict | None = None, beam_args: list | None = None) -> None:
     import apache_beam  # noqa: F401  (imports are not run time)
 
     from shardmove import api
@@ -194,7 +196,7 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
     lines = []
     t0 = time.perf_counter()
     c0 = time.process_time()
-    res = api.run(cfg, plan_dir, out=lines.append)
+    res = api.run(cfg, plan_dir, out=lines.append, beam_args=beam_args or ())
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
     s = res.summary
@@ -414,6 +416,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exec-overrides", default=None, metavar="JSON",
                     help='(a): run options for the executor only, e.g. \'{"checkpoint_flush_every_transitions": 3000}\' '
                          '(the baseline does not checkpoint)')
+    ap.add_argument("--beam-args", default=None, metavar="ARGS",
+                    help="(a): Beam pipeline arguments for the executor run, one string, e.g. "
+                         "'--direct_num_workers=2 --direct_running_mode=multi_processing'")
     ap.add_argument("--child", choices=("executor", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -424,7 +429,7 @@ def main(argv=None) -> int:
 
     if args.child == "executor":
         child_executor(args.run_dir, _overrides(args.overrides), json.loads(args.faults) if args.faults else None,
-                       args.sleep_mover, _overrides(args.options))
+                       args.sleep_mover, _overrides(args.options), shlex.split(args.beam_args or ""))
         return 0
     if args.child == "baseline":
         child_baseline(args.run_dir)
@@ -443,7 +448,8 @@ def main(argv=None) -> int:
             a = clone(pristine, os.path.join(root, "run-exec"))
             b = clone(pristine, os.path.join(root, "run-base"))
             ex = run_child([me, "--child", "executor", "--run-dir", a]
-                           + (["--overrides", args.exec_overrides] if args.exec_overrides else []), log=log)
+                           + (["--overrides", args.exec_overrides] if args.exec_overrides else [])
+                           + (["--beam-args=" + args.beam_args] if args.beam_args else []), log=log)
             bl = run_child([me, "--child", "baseline", "--run-dir", b], log=log)
             if ex["exit_code"] != 0 or ex["done"] != ex["planned"]:
                 raise SystemExit(f"executor run did not complete: {ex}")
