@@ -129,7 +129,9 @@ class FaultyDataStore:
     def copy(self, keys: Sequence[bytes], source: str, target: str) -> list:
         p = self._plan
         c = p.op("copy")
-        p.sleep("copy")
+        ms = c.get("latency_ms", 0)
+        if ms:
+            time.sleep(ms / 1000.0)  # releases the GIL; no lock taken
         if c.get("transient_rate") and p.u("copy-batch", tuple(keys[:1]),
                                            p.call_no("copy-batch", tuple(keys[:1]), len(keys))) < c["transient_rate"]:
             p.count("transient")

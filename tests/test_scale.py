@@ -11,6 +11,8 @@
 - ``test_throttle_*``: per-shard caps and the adaptive controller, against a
   mover whose latency grows with the calls in flight (a fake for fault
   injection: it wraps the real store).
+- ``test_window_*``: a chunk's calls run by a few pool tasks pulling from one
+  queue, each call counted while it runs; a failing call stops the chunk's rest.
 """
 import copy
 import dataclasses
@@ -428,6 +430,56 @@ def test_throttle_caps_in_flight_and_keys_per_second():
     elapsed = time.monotonic() - t0
     assert n <= rate * elapsed + 20 + 1  # one call's burst at most
     assert waited > 0.3
+
+
+def test_window_runs_a_chunks_calls_on_a_few_pool_tasks_counting_each_call():
+    from transforms.stages.common import StageMetrics
+    from transforms.stages.window import Window
+
+    window = Window("copy", 2, StageMetrics("copy"))
+    pool = ThreadPoolExecutor(max_workers=4)
+    seen, lock = [], threading.Lock()
+    outstanding = []
+
+    def call(x):
+        with lock:
+            seen.append(x)
+            outstanding.append(window._outstanding_calls)
+        time.sleep(0.001)
+        return x * 2
+
+    batch = window.submit_calls(pool, call, [(i,) for i in range(50)], workers=4)
+    assert len(batch.futures) == 4  # O(workers) futures, not one per call
+    for f in batch.futures:
+        f.result()
+    assert batch.results == [2 * i for i in range(50)]  # in call order
+    assert sorted(seen) == list(range(50)) and window._outstanding_calls == 0
+    assert max(outstanding) <= 50 and min(outstanding) >= 1  # each call counted until it ends
+
+    # a failing call: its task's future raises, no further call of the chunk starts,
+    # and the calls never started are no longer outstanding
+    started = []
+
+    def failing(x):
+        started.append(x)
+        if x == 3:
+            raise RuntimeError("boom")
+        time.sleep(0.002)
+        return x
+
+    batch = window.submit_calls(pool, failing, [(i,) for i in range(200)], workers=2)
+    errors = []
+    for f in batch.futures:
+        try:
+            f.result()
+        except RuntimeError as e:
+            errors.append(e)
+    assert len(errors) == 1 and len(started) < 200
+    deadline = time.monotonic() + 5
+    while window._outstanding_calls and time.monotonic() < deadline:
+        time.sleep(0.01)  # the last task's done-callback settles the count
+    assert window._outstanding_calls == 0
+    pool.shutdown(wait=True)
 
 
 class _Counter:

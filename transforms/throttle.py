@@ -97,7 +97,12 @@ class ShardLimiter:
     def __init__(self, cfg: ThrottleConfig, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self._clock = clock
-        self._cond = threading.Condition()
+        # a plain lock (entered in C, not through Condition.__enter__), its condition for the
+        # callers waiting for a slot, and their number: a call that frees a slot notifies
+        # only when someone waits
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
         self.in_flight = 0
         self.ceiling = cfg.max_in_flight or math.inf
         if cfg.adaptive:
@@ -113,6 +118,7 @@ class ShardLimiter:
         self._throttler = AdaptiveThrottler(window_ms=ms, bucket_ms=max(1, ms // 10),
                                             overload_ratio=cfg.overload_ratio)
         self._last_error_ms = -math.inf
+        self._throttler_window_ms = cfg.throttler_window_s * 1000
         self._gen = 0  # bumped whenever the limit changes
         self._reset_interval(self._clock())
         self.baseline = None  # ms per key at no load
@@ -127,9 +133,10 @@ class ShardLimiter:
         # the current limit; a window spans several intervals (and several
         # calls when calls are slow), in 16 buckets
         w = max(16, int(1000 * max(4 * self.cfg.interval_s, 8 * call_s)))
+        # calls are _lat's samples (its count); _keys holds the keys beyond one per call and
+        # _errors only the failed calls, so a healthy single-key call adds to one moving sum
         self._lat = MovingSum(w, w // 16)
         self._keys = MovingSum(w, w // 16)
-        self._calls = MovingSum(w, w // 16)
         self._errors = MovingSum(w, w // 16)
         self._interval_start = now
         self._peak = self.in_flight
@@ -142,9 +149,13 @@ class ShardLimiter:
         """Block until a slot is free (under the adaptive limit too, if ``adaptive``);
         returns the controller's generation the call starts in."""
         adaptive = adaptive and self.cfg.adaptive
-        with self._cond:
+        with self._lock:
             while not self._can_enter(adaptive):
-                self._cond.wait(0.05)
+                self._waiting += 1
+                try:
+                    self._cond.wait(0.05)
+                finally:
+                    self._waiting -= 1
             self.in_flight += 1
             self._peak = max(self._peak, self.in_flight)
             return self._gen
@@ -154,7 +165,7 @@ class ShardLimiter:
         rate = self.cfg.max_keys_per_s
         if not rate:
             return 0.0
-        with self._cond:
+        with self._lock:
             now = self._clock()
             start = max(now, self._next_free)
             self._next_free = start + keys / rate
@@ -169,39 +180,47 @@ class ShardLimiter:
         not (yet) successful, so a burst of concurrent calls to a healthy
         shard would otherwise look like failures, and skipping it on healthy
         shards saves its moving sums on every call."""
-        with self._cond:
-            if now_ms - self._last_error_ms >= self.cfg.throttler_window_s * 1000:
-                return False  # no failed call in the window: nothing to decide, nothing to feed
+        if now_ms - self._last_error_ms >= self._throttler_window_ms:
+            return False  # no failed call in the window: nothing to decide, nothing to feed (read unlocked: a float)
+        with self._lock:
+            if now_ms - self._last_error_ms >= self._throttler_window_ms:
+                return False
             return self._throttler.throttle_request(now_ms)
 
     def cancel(self) -> None:
         """Give a slot back without a sample (the call never ran)."""
-        with self._cond:
+        with self._lock:
             self.in_flight -= 1
-            self._cond.notify()  # one slot freed: wake one waiter (not a herd)
+            if self._waiting:
+                self._cond.notify()  # one slot freed: wake one waiter (not a herd)
 
-    def leave(self, ok: bool, elapsed_s: float, keys: int, learn: bool = True, gen: int | None = None) -> None:
+    def leave(self, ok: bool, elapsed_s: float, keys: int, learn: bool = True, gen: int | None = None,
+              now: float | None = None) -> None:
         """A call ended; with ``learn``, its outcome and latency feed the controller --
         unless it started before the controller's last decision (``gen``): such a
         call ran at the old limit, and counting it again would repeat the decision."""
-        now = self._clock()
-        with self._cond:
+        if now is None:
+            now = self._clock()
+        with self._lock:
             self.in_flight -= 1
             if not ok:
                 self._last_error_ms = now * 1000
             if not learn or (gen is not None and gen != self._gen):
-                self._cond.notify()
+                if self._waiting:
+                    self._cond.notify()
                 return
             now_ms = now * 1000
-            if ok and now_ms - self._last_error_ms < self.cfg.throttler_window_s * 1000:
+            if ok and now_ms - self._last_error_ms < self._throttler_window_ms:
                 self._throttler.successful_request(now_ms)  # fed during error episodes only
-            self._calls.add(now_ms, 1)
-            self._errors.add(now_ms, 0 if ok else 1)
+            if not ok:
+                self._errors.add(now_ms, 1)
             self._lat.add(now_ms, elapsed_s * 1000)
-            self._keys.add(now_ms, max(1, keys))
+            if keys > 1:
+                self._keys.add(now_ms, keys - 1)
             if self.cfg.adaptive:
                 self._maybe_adjust(now)
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
 
     # -- the controller (called with the lock held)
     def _maybe_adjust(self, now: float) -> None:
@@ -209,7 +228,7 @@ class ShardLimiter:
         if not self._slow_start and now - self._interval_start < cfg.interval_s:
             return  # no decision due (checked before the moving sums: this runs after every call)
         now_ms = now * 1000
-        calls = self._calls.sum(now_ms)
+        calls = self._lat.count(now_ms)
         if calls < cfg.min_samples:
             return
         lat = self._lat.sum(now_ms)
@@ -218,7 +237,7 @@ class ShardLimiter:
         span = min(cfg.interval_s, 2 * lat / calls / 1000) if self._slow_start else cfg.interval_s
         if now - self._interval_start < span:
             return
-        per_key = lat / max(1, self._keys.sum(now_ms))
+        per_key = lat / max(1, calls + self._keys.sum(now_ms))
         err = self._errors.sum(now_ms) / calls
         if self._warming:  # the first calls open connections, create tables: not the no-load latency
             self._warming = False
@@ -266,7 +285,7 @@ class ShardLimiter:
             self.baseline *= 1.0 + cfg.baseline_drift
         if self.limit != before:
             self._gen += 1
-            if self.limit > before:
+            if self.limit > before and self._waiting:
                 self._cond.notify_all()  # room for more than one waiter
         self.min_limit_seen = min(self.min_limit_seen, self.limit)
         self.history.append((round(now, 3), before, self._peak, round(per_key, 3)))
@@ -283,6 +302,8 @@ class Permit:
     keys: int
     waited_s: float
     t0: float
+    lims: tuple = ()   # the limiters entered, in ``shards`` order
+    learn: tuple = ()  # per shard: is it judged (its adaptive limit learns from the call)
 
 
 class ShardThrottles:
@@ -295,6 +316,7 @@ class ShardThrottles:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._shards: dict = {}
+        self._routes: dict = {}  # (shard_ids, judged) as given -> _route(...)
 
     def shard(self, shard_id: str) -> ShardLimiter:
         with self._lock:
@@ -307,6 +329,29 @@ class ShardThrottles:
         with self._lock:
             return dict(self._shards)
 
+    def _route(self, shard_ids, judged) -> tuple:
+        """(ids in lock order, judged ids, their limiters, judged flags, judged limiters);
+        memoized per (shard_ids, judged) when both are hashable (a copy names the
+        same pair for every call of a chunk)."""
+        try:
+            key = (shard_ids, judged)
+            route = self._routes.get(key)
+        except TypeError:  # a list: not memoized
+            key = route = None
+        if route is None:
+            ids = tuple(sorted(set(shard_ids), key=lambda s: s.encode()))
+            judged_set = set(ids if judged is None else judged)
+            jids = tuple(s for s in ids if s in judged_set)
+            lims = tuple(self.shard(s) for s in ids)
+            route = (ids, jids, lims, tuple(s in judged_set for s in ids),
+                     tuple(lim for s, lim in zip(ids, lims) if s in judged_set))
+            if key is not None:
+                with self._lock:
+                    if len(self._routes) > 4096:
+                        self._routes.clear()
+                    self._routes[key] = route
+        return route
+
     def acquire(self, shard_ids: Iterable[str], keys: int, judged: Iterable[str] | None = None) -> Permit:
         """Take a slot on every shard (fixed order) and wait out the rate caps.
 
@@ -314,37 +359,41 @@ class ShardThrottles:
         learns from its latency and outcome (default: all of ``shard_ids``).
         Returns a :class:`Permit` whose ``waited_s`` is the time this call was
         held back (slots, keys per second, adaptive delays)."""
-        ids = tuple(sorted(set(shard_ids), key=lambda s: s.encode()))
-        judged = ids if judged is None else tuple(s for s in ids if s in set(judged))
-        if not self.cfg.active:
-            return Permit(ids, judged, (), keys, 0.0, self._clock())
-        t0 = self._clock()
-        lims = [self.shard(s) for s in ids]
-        if self.cfg.adaptive:  # Beam's client-side throttling on the error rate
-            for s in judged:
-                if self.shard(s).should_delay(self._clock() * 1000):
-                    self._sleep(self.cfg.throttle_delay_s)
+        ids, jids, lims, learn, jlims = self._route(shard_ids, judged)
+        cfg = self.cfg
+        if not cfg.active:
+            return Permit(ids, jids, (), keys, 0.0, self._clock())
+        clock = self._clock
+        t0 = clock()
+        if cfg.adaptive:  # Beam's client-side throttling on the error rate
+            for lim in jlims:
+                if lim.should_delay(clock() * 1000):
+                    self._sleep(cfg.throttle_delay_s)
         entered, gens = [], []
         try:
-            for s, lim in zip(ids, lims):
-                gens.append(lim.enter(keys, adaptive=s in judged))
+            for lim, adaptive in zip(lims, learn):
+                gens.append(lim.enter(keys, adaptive=adaptive))
                 entered.append(lim)
-            delay = max((lim.rate_delay(keys) for lim in lims), default=0.0)
-            if delay > 0:
-                self._sleep(delay)
+            if cfg.max_keys_per_s:
+                delay = max((lim.rate_delay(keys) for lim in lims), default=0.0)
+                if delay > 0:
+                    self._sleep(delay)
         except BaseException:
             for lim in entered:
                 lim.cancel()
             raise
-        now = self._clock()
-        return Permit(ids, judged, tuple(gens), keys, now - t0, now)
+        now = clock()
+        return Permit(ids, jids, tuple(gens), keys, now - t0, now, lims, learn)
 
     def release(self, permit: Permit, ok: bool) -> None:
         if not self.cfg.active:
             return
-        elapsed = self._clock() - permit.t0
-        for s, gen in zip(permit.shards, permit.gens):
-            self.shard(s).leave(ok, elapsed, permit.keys, learn=s in permit.judged, gen=gen)
+        now = self._clock()
+        elapsed = now - permit.t0
+        lims = permit.lims or tuple(self.shard(s) for s in permit.shards)
+        learn = permit.learn or tuple(s in permit.judged for s in permit.shards)
+        for lim, gen, judged in zip(lims, permit.gens, learn):
+            lim.leave(ok, elapsed, permit.keys, learn=judged, gen=gen, now=now)
 
     def snapshot(self) -> dict:
         """{shard: {limit, in_flight, backoffs, rampups, min_limit, baseline_ms_per_key}}."""

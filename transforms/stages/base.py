@@ -45,6 +45,9 @@ class StageDoFn(beam.DoFn):
         self.ctx.finish_bundle()
 
     def teardown(self):
+        window = getattr(self, "window", None)
+        if window is not None:
+            window.close()  # queued calls of unfinished chunks never start
         for part in reversed(getattr(self, "_parts", [])):
             part.close()
         ctx = getattr(self, "ctx", None)

@@ -161,6 +161,9 @@ class _DeferredCounter:
             self._counter.inc(n)
 
 
+_SAMPLE_KINDS: dict = {}  # sample name -> its kind in the checkpoints' timings ("copy_ms" -> "copy")
+
+
 class StageMetrics:
     """One stage's metrics: counters, the calls-in-flight gauge, timing samples,
     retries and throttled time.  Thread-safe; pool threads have no Beam metrics
@@ -179,7 +182,7 @@ class StageMetrics:
         self._gauge_lock = threading.Lock()
         self._in_flight = 0
         self._peak = 0
-        self._tally_lock = threading.Lock()
+        self._tally_lock = self._gauge_lock  # one lock: a call's start and end take it once each
         self._tally = {"retries": 0, "throttled_s": 0.0}
         self._timings: list = []
         self._samples: dict = {}
@@ -195,6 +198,27 @@ class StageMetrics:
             self._in_flight += delta
             if self._in_flight > self._peak:
                 self._peak = self._in_flight
+
+    def call_started(self, throttled_s: float) -> None:
+        """A store call starts after ``throttled_s`` waiting for its permit: ``gauge(+1)``
+        and ``count_throttled`` under one lock."""
+        with self._gauge_lock:
+            self._in_flight += 1
+            if self._in_flight > self._peak:
+                self._peak = self._in_flight
+            if throttled_s > 0:
+                self._tally["throttled_s"] += throttled_s
+
+    def call_ended(self, name: str, ms: float, keys: int) -> None:
+        """A store call ended after ``ms``: ``gauge(-1)`` and ``sample`` under one lock."""
+        kind = _SAMPLE_KINDS.get(name) or _SAMPLE_KINDS.setdefault(name, name.split("_")[0])
+        with self._gauge_lock:
+            self._in_flight -= 1
+            values = self._samples.get(name)
+            if values is None:
+                values = self._samples[name] = []
+            values.append(int(ms))
+            self._timings.append([kind, round(ms, 3), keys])
 
     def count_retry(self, n: int = 1) -> None:
         with self._tally_lock:

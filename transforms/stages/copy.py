@@ -25,7 +25,7 @@ from pipeline.retry import is_transient
 from transforms.stages.base import StageDoFn
 from transforms.stages.common import Chunk, ExecSpec, StageContext
 from transforms.stages.guard import MapGuard
-from transforms.stages.window import InFlight, Window, windowed
+from transforms.stages.window import Calls, InFlight, Window, windowed
 
 __all__ = ["Copier", "CopyKeys"]
 
@@ -56,18 +56,20 @@ class Copier:
         """Copy rows ``todo`` of ``ch`` now (re-copies): concurrent calls, retries, transitions."""
         if not todo:
             return
-        futures = self.start_copies(ch, todo)
-        results = [f.result() for f in futures]
-        self.finish_copies(ch, todo, results, recopy)
+        calls = self.start_copies(ch, todo)
+        for f in calls.futures:
+            f.result()
+        self.finish_copies(ch, todo, calls.results, recopy)
 
-    def start_copies(self, ch: Chunk, todo: list) -> list:
-        """Copying markers, then the mover calls submitted; returns their futures."""
+    def start_copies(self, ch: Chunk, todo: list) -> Calls:
+        """Copying markers, then the mover calls submitted (a few pool tasks pull them:
+        :meth:`Window.submit_calls`); returns them (their results once their futures are done)."""
         for i in todo:
             ch.attempts[i] += 1
         self._ctx.record(ch, todo, S.State.COPYING)
         per_call = int(getattr(self._ctx.data, "keys_per_call", 0) or len(todo))
-        calls = [todo[a:a + per_call] for a in range(0, len(todo), per_call)]
-        return [self._window.submit(self._pool, self._copy_call, ch, rows) for rows in calls]
+        calls = [(ch, todo[a:a + per_call]) for a in range(0, len(todo), per_call)]
+        return self._window.submit_calls(self._pool, self._copy_call, calls, self.pool_size)
 
     def finish_copies(self, ch: Chunk, todo: list, results: list, recopy: bool = False) -> None:
         """Record the calls' outcomes: Copied (hash and version read), or Failed."""
@@ -91,24 +93,26 @@ class Copier:
     def _copy_call(self, ch: Chunk, rows: list):
         """One mover call with retries; returns ({row: (hash, version)}, {row: reason})."""
         ctx = self._ctx
-        metrics = ctx.metrics
+        metrics, throttles, data = ctx.metrics, ctx.throttles, ctx.data
+        source, target, chunk_keys = ch.source, ch.target, ch.keys
+        shards, judged = (source, target), (target,)
+        perf_counter = time.perf_counter
         ok, failed = {}, {}
         pending = list(rows)
         attempt = 0
         while pending and not ctx.halted:  # halted: the rest keep their state (Copying)
-            keys = [ch.keys[i] for i in pending]
+            keys = [chunk_keys[i] for i in pending]
             # caps count on both shards; the adaptive limit judges the target (the writes)
-            permit = ctx.throttles.acquire((ch.source, ch.target), len(keys), judged=(ch.target,))
-            metrics.count_throttled(permit.waited_s)
+            permit = throttles.acquire(shards, len(keys), judged=judged)
             healthy = False
-            metrics.gauge(+1)
-            t0 = time.perf_counter()
+            metrics.call_started(permit.waited_s)  # the gauge, the time throttled
+            t0 = perf_counter()
             try:
-                outcomes = ctx.data.copy(keys, ch.source, ch.target)
+                outcomes = data.copy(keys, source, target)
                 err = None
                 # a load signal for the throttles: most keys of the call failed transiently
-                transient = sum(1 for o in outcomes if o.error is not None and is_transient(o.error))
-                healthy = 2 * transient <= len(outcomes)
+                errors = [o.error for o in outcomes if o.error is not None]
+                healthy = not errors or 2 * sum(1 for e in errors if is_transient(e)) <= len(outcomes)
             except PermanentError as e:
                 outcomes, err = None, e
                 healthy = True  # the store answered: not a load signal
@@ -117,9 +121,8 @@ class Copier:
                     raise
                 outcomes, err = None, e
             finally:
-                metrics.gauge(-1)
-                ctx.throttles.release(permit, healthy)
-                metrics.sample("copy_ms", (time.perf_counter() - t0) * 1000, len(keys))
+                throttles.release(permit, healthy)
+                metrics.call_ended("copy_ms", (perf_counter() - t0) * 1000, len(keys))  # the gauge, a sample
             if outcomes is None:
                 if isinstance(err, ConfigurationError):  # the store's, not the keys': stop the run
                     ctx.halt(err)
@@ -197,8 +200,8 @@ class _CopyFn(StageDoFn):
         todo = [i for i in pending if states[i] in _UNCOPIED or (states[i] in _COPIED and chash[i] is None)]
         self.ctx.record(ch, [i for i in todo if ch.states[i] == S.State.COPIED], S.State.VERIFYING)
         copier = self.copier
-        futures = copier.start_copies(ch, todo) if todo else []
-        yield from self.window.admit(InFlight(ch, futures, lambda results: copier.finish_copies(ch, todo, results),
+        calls = copier.start_copies(ch, todo) if todo else []
+        yield from self.window.admit(InFlight(ch, calls, lambda results: copier.finish_copies(ch, todo, results),
                                               windowed(ch, window, timestamp)), copier.pool_size)
 
 
