@@ -34,6 +34,14 @@ and the cost of checkpoints.
     Run with the SQLite mover under the injected latency (as configured),
     and -- to separate the executor from SQLite's one-transaction-per-key
     cost -- with a mover that only sleeps (``*_sleep_mover`` figures).
+    ``*_64_per_call``: a mover of 64 keys per call, against its own bound
+    (64 * 64 * 1000 / L keys/s).
+    ``--workers N`` adds to (a) a run of the executor with N SDK worker
+    processes (``--direct_running_mode=multi_processing``) on a third copy:
+    ``workersN_ratio_to_single`` (its speed / the single process's, same runs),
+    ``workersN_same_result``, and the mean wall time of a swap batch in each
+    (``single_swap_batch_ms_mean``, ``workersN_swap_batch_ms_mean``: the map
+    and the fenced source shards are locked by one process at a time).
 
 Each executor run is a child process, so instrumentation stays out of the
 parent.  Figures are ``name: value`` lines; see benchmarks/README.md.
@@ -532,21 +540,28 @@ def main(argv=None) -> int:
         shutil.rmtree(os.path.join(root, "run-exec"), ignore_errors=True)
 
     if args.only in (None, "b"):
-        # (b) the copy stage alone: (latency ms, mover, adaptive throttling, keyspace, figure suffix)
+        # (b) the copy stage alone: (latency ms, mover, adaptive throttling, keyspace, figure suffix,
+        # keys per mover call, swap_batch_size or None for the default)
         variants = [
-            (10, "sleep", True, args.latency_keys, ""),
-            (2, "sleep", True, args.latency_keys, "_2ms"),
-            (10, "sleep", False, args.latency_keys, "_no_adaptive"),
-            (2, "sleep", False, args.latency_keys, "_2ms_no_adaptive"),
-            (10, "sqlite", True, args.sqlite_latency_keys, "_sqlite_mover"),
-            (2, "sqlite", True, args.sqlite_latency_keys, "_2ms_sqlite_mover"),
+            (10, "sleep", True, args.latency_keys, "", 1, None),
+            (2, "sleep", True, args.latency_keys, "_2ms", 1, None),
+            (10, "sleep", False, args.latency_keys, "_no_adaptive", 1, None),
+            (2, "sleep", False, args.latency_keys, "_2ms_no_adaptive", 1, None),
+            (10, "sqlite", True, args.sqlite_latency_keys, "_sqlite_mover", 1, None),
+            (2, "sqlite", True, args.sqlite_latency_keys, "_2ms_sqlite_mover", 1, None),
+            # multi-key movers against their own bound (64 calls of 64 keys in flight): a 500-key
+            # chunk is 8 such calls and the window holds 2-3 chunks, so about 24 calls are in flight
+            (10, "sleep", True, args.latency_keys, "_64_per_call", 64, None),
         ]
-        for latency, mover, adaptive, nkeys, tag in variants:
+        for latency, mover, adaptive, nkeys, tag, per_call, batch in variants:
             pristine = prepare(root, nkeys)
             c = clone(pristine, os.path.join(root, "run-latency"))
-            faults = {"copy": {"latency_ms": latency, "keys_per_call": 1}}
+            faults = {"copy": {"latency_ms": latency, "keys_per_call": per_call}}
+            overrides = {"copy_concurrency": 64}
+            if batch:
+                overrides["swap_batch_size"] = batch
             child = [me, "--child", "executor", "--run-dir", c, "--faults", json.dumps(faults),
-                     "--overrides", json.dumps({"copy_concurrency": 64})]
+                     "--overrides", json.dumps(overrides)]
             if mover == "sleep":
                 child.append("--sleep-mover")
             if not adaptive:
@@ -554,7 +569,7 @@ def main(argv=None) -> int:
             res = run_child(child, log=log)
             if res["exit_code"] != 0:
                 raise SystemExit(f"latency run did not complete: {res}")
-            bound = 64 * 1000.0 / latency
+            bound = 64 * per_call * 1000.0 / latency
             rate = res["copy_stage_keys"] / res["copy_stage_s"]
             emit(f"copy_keys_per_s{tag}", rate)
             emit(f"bound_fraction{tag}", rate / bound)
