@@ -51,6 +51,7 @@ __all__ = [
     "read_bytes",
     "open_input",
     "write_atomic",
+    "sync_dir",
     "create_if_absent",
     "read_versioned",
     "read_range",
@@ -220,13 +221,18 @@ def read_versioned(path: str) -> tuple[bytes | None, int]:
             return data, before
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int | None = None) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int | None = None,
+                 sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (readers see old or new, never half).
 
     ``if_version`` (from :func:`read_versioned`; 0 = must be absent): replace
     only if the file is still that version, else :class:`CommitConflict`
     ("stale replace").  On ``gs://`` every replace is generation-matched:
     without ``if_version`` against the generation read just before.
+
+    ``sync_dir=False`` (local files): the data is fsynced before the rename, but the
+    rename itself is made durable only by a later :func:`sync_dir` of the directory --
+    for writers of many files into one directory, who sync it once after the last.
     """
     if is_gcs(path):
         gcs.replace(path, data, generation=if_version)
@@ -237,7 +243,15 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int |
         os.unlink(tmp)
         raise CommitConflict(f"stale replace: {os.path.basename(path)} changed since it was read")
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    if sync_dir:
+        _fsync_dir(directory)
+
+
+def sync_dir(path: str) -> None:
+    """Make the renames into directory ``path`` durable (after ``write_atomic(..., sync_dir=False)``).
+    Nothing to do on ``gs://``, where an object is durable once written."""
+    if not is_gcs(path):
+        _fsync_dir(path)
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:

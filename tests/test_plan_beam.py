@@ -122,3 +122,32 @@ def test_write_move_files_writes_one_sorted_file_per_group_the_same_bytes_twice(
     assert first == again and sha == sha2
     t = pq.read_table(os.path.join(staging, "moves", "s0~s1~00000.parquet"))
     assert t.num_rows == 200 and t["key_hash"].to_pylist() == sorted(h.tolist())
+
+
+@pytest.mark.parametrize("reshuffle", [False, True])
+def test_plan_graph_reshuffles_the_chunk_list_only_for_engines_that_share_it(tmp_path, monkeypatch, reshuffle):
+    """build_plan_graph: the chunk list is redistributed (beam.Create's reshuffle) for
+    engines whose workers share the chunks, not on the in-process engine (one bundle at a
+    time: the reshuffle cost it a stage); either graph writes the same plan outputs, and
+    Finalize runs once."""
+    import json
+
+    from pipeline import workdir
+    from transforms.plan import PlanGraphSpec, build_plan_graph
+
+    monkeypatch.setattr("transforms.planio.SPILL_ROWS", 1000)  # chunks of 5 row groups: several chunks
+    rows, parts = _snapshot(tmp_path, row_group=200)
+    ctx, _ring = _ctx()
+    assert len(make_chunks(parts, 200)) > 1  # Create reshuffles only lists of several elements
+    staging = str(tmp_path / "staging")
+    p = _pipeline()
+    build_plan_graph(p, PlanGraphSpec(parts, (), ctx, staging, 200, reshuffle=reshuffle))
+    names = [t.unique_name for t in p.to_runner_api().components.transforms.values()]
+    assert any("Reshuffle" in n for n in names) == reshuffle
+    p.run().wait_until_finish()
+    stats = json.loads(open(workdir.plan_output_path(staging, workdir.PLAN_STATS)).read())
+    files = json.loads(open(workdir.plan_output_path(staging, workdir.PLAN_FILES)).read())
+    assert stats["rows"] == len(rows) and sum(f["rows"] for f in files) == stats["moved"] > 0
+    assert sorted(f["group"] for f in files) == sorted(
+        f[: -len(".parquet")] for f in os.listdir(workdir.moves_dir(staging)))
+    assert not os.path.exists(os.path.join(staging, "spill"))  # Finalize ran

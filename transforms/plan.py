@@ -109,6 +109,10 @@ class PlanGraphSpec:
     #: planning threads per worker process (``plan_threads``, resolved by the launcher):
     #: > 1 plans a chunk's units on that many threads; the plan's bytes are the same
     threads: int = 1
+    #: redistribute the chunk list (``beam.Create``'s reshuffle) so that workers share the
+    #: chunks; False for the in-process engine, which runs one bundle at a time anyway (the
+    #: reshuffle only cost it a stage)
+    reshuffle: bool = True
 
 
 # ---------------------------------------------------------------- planning
@@ -410,9 +414,12 @@ class DetectDuplicates(beam.PTransform):
 
 # ---------------------------------------------------------------- writing
 
-def write_moves_bytes(table: pa.Table) -> bytes:
-    """Deterministic Parquet bytes of one group's moves (sorted, fixed options)."""
-    table = core.sort_moves(table.select(core.MOVES_SCHEMA.names).cast(core.MOVES_SCHEMA))
+def write_moves_bytes(table: pa.Table, one_pair: bool = False) -> bytes:
+    """Deterministic Parquet bytes of one group's moves (sorted, fixed options).
+    ``one_pair``: every row has the same source and target (a group of the planner), so
+    :func:`pipeline.plancore.sort_pair_moves` sorts them (the same order, less work)."""
+    table = table.select(core.MOVES_SCHEMA.names).cast(core.MOVES_SCHEMA)
+    table = core.sort_pair_moves(table) if one_pair else core.sort_moves(table)
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
@@ -460,7 +467,9 @@ class _WriteGroupFn(beam.DoFn):
         self._pending = []
 
     def _commit(self, path, data):
-        fs.write_atomic(path, data)
+        # atomic (temp + fsync + rename); the renames are made durable by one sync of the
+        # moves directory at the bundle's end (finish_bundle), before its records count
+        fs.write_atomic(path, data, sync_dir=False)
 
     def process(self, element):
         try:
@@ -476,11 +485,12 @@ class _WriteGroupFn(beam.DoFn):
 
     def _write_group(self, gid: str, values: list) -> dict:
         table = pa.concat_tables([_moves_table(v) for v in values])
-        data = write_moves_bytes(table)
+        source, target = table["source"][0].as_py(), table["target"][0].as_py()
+        data = write_moves_bytes(table, one_pair=True)
         record = {
             "group": gid,
-            "source": table["source"][0].as_py(),
-            "target": table["target"][0].as_py(),
+            "source": source,
+            "target": target,
             "bucket": int(gid.rsplit("~", 1)[1]),
             "rows": table.num_rows,
             "bytes": len(data),
@@ -508,12 +518,16 @@ class _WriteGroupFn(beam.DoFn):
 
     def finish_bundle(self):
         try:
+            records = []
             while self._pending:
-                record = self._settle(self._pending.pop(0))
-                yield _in_global_window(record)
+                records.append(self._settle(self._pending.pop(0)))
         except BaseException:
             self._drain()
             raise
+        if self._made:
+            fs.sync_dir(workdir.moves_dir(self._staging))  # every rename of this bundle, durable
+        for record in records:
+            yield _in_global_window(record)
 
 
 class WriteMoveFiles(beam.PTransform):
@@ -560,6 +574,32 @@ class _StatsCombineFn(beam.CombineFn):
         return d
 
 
+class _EmitFn(beam.DoFn):
+    """Impulse -> ``values``, in order."""
+
+    def __init__(self, values: list):
+        self._values = values
+
+    def process(self, _impulse):
+        yield from self._values
+
+
+class _Values(beam.PTransform):
+    """A PCollection of a few small values: ``beam.Create`` (with its reshuffle) when
+    ``reshuffle``, else one DoFn after an Impulse -- what Create is without its reshuffle,
+    in one transform instead of two (a FlatMap and a decoding Map)."""
+
+    def __init__(self, values, reshuffle: bool):
+        super().__init__()
+        self._values = list(values)
+        self._reshuffle = reshuffle
+
+    def expand(self, pbegin):
+        if self._reshuffle:
+            return pbegin | beam.Create(self._values)
+        return pbegin | beam.Impulse() | beam.ParDo(_EmitFn(self._values)).with_output_types(Any)
+
+
 def _write_json(staging: str, name: str):
     def write(value):
         fs.makedirs(staging)
@@ -569,15 +609,19 @@ def _write_json(staging: str, name: str):
     return write
 
 
-def _finalize(staging: str):
-    """Runs once, after everything else: merges the statistics, writes
-    stats.json / files.json / duplicates.json and removes the spill files.
+class _FinalizeFn(beam.DoFn):
+    """Runs once (on the Impulse), after everything else: merges the statistics, writes
+    stats.json / files.json / duplicates.json and removes the spill files.  No output.
 
     Side inputs instead of global combines: per-chunk statistics, one record
     per move file and the (usually empty) duplicate counts are few, and each
     CombineGlobally costs the in-memory runner several stages."""
 
-    def finalize(_none, stats, files, dups):
+    def __init__(self, staging: str):
+        self._staging = staging
+
+    def process(self, _impulse, stats, files, dups):
+        staging = self._staging
         fn = _StatsCombineFn()
         acc = fn.create_accumulator()
         for s in stats:
@@ -586,15 +630,13 @@ def _finalize(staging: str):
         _write_json(staging, workdir.PLAN_FILES)(list(files))
         _write_json(staging, workdir.PLAN_DUPLICATES)(int(sum(dups)))
         fs.rmtree(fs.join(staging, SPILL_DIR))
-        return None
-
-    return finalize
+        return ()
 
 
 def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
     """The planner's flowchart.  Results land as JSON files in ``spec.staging``."""
     if not spec.targets:
-        chunks = p | "ListChunks" >> beam.Create(make_chunks(spec.sources, spec.segment_size))
+        chunks = p | "ListChunks" >> _Values(make_chunks(spec.sources, spec.segment_size), spec.reshuffle)
         planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size, spec.threads)
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
         dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type,
@@ -621,6 +663,6 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
         moves = joined.moves
         dups = joined.dups
     files = moves | "WriteMoveFiles" >> WriteMoveFiles(spec.staging)
-    (p | "FinalizeStart" >> beam.Create([None])
-     | "Finalize" >> beam.Map(_finalize(spec.staging), beam.pvalue.AsList(stats), beam.pvalue.AsList(files),
-                              beam.pvalue.AsList(dups)).with_output_types(Any))
+    (p | "FinalizeStart" >> beam.Impulse()
+     | "Finalize" >> beam.ParDo(_FinalizeFn(spec.staging), beam.pvalue.AsList(stats), beam.pvalue.AsList(files),
+                                beam.pvalue.AsList(dups)).with_output_types(Any))
