@@ -117,9 +117,14 @@ class PlanGraphSpec:
 
 # ---------------------------------------------------------------- planning
 
+_GLOBAL_WINDOWS = (GlobalWindow(),)
+_GLOBAL_MAX_TIMESTAMP = _GLOBAL_WINDOWS[0].max_timestamp()
+
+
 def _in_global_window(value) -> WindowedValue:
-    """An output of ``finish_bundle``, which has no input element's window to inherit."""
-    return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+    """An output of ``finish_bundle``, which has no input element's window to inherit
+    (the window and timestamp are immutable: made once, not per output)."""
+    return WindowedValue(value, _GLOBAL_MAX_TIMESTAMP, _GLOBAL_WINDOWS)
 
 
 def _wait_quietly(futures) -> None:
@@ -603,7 +608,10 @@ class _Values(beam.PTransform):
 def _write_json(staging: str, name: str):
     def write(value):
         fs.makedirs(staging)
-        fs.write_atomic(workdir.plan_output_path(staging, name), json.dumps(value, sort_keys=True).encode())
+        # scratch for the launcher, removed before the plan is committed: atomic, not
+        # fsynced (a crash discards the staging directory; six fsyncs a plan saved)
+        fs.write_atomic(workdir.plan_output_path(staging, name), json.dumps(value, sort_keys=True).encode(),
+                        durable=False)
         return name
 
     return write
