@@ -59,7 +59,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any
 
 # Output types are declared on this module's transforms (mostly Any): without
 # them Beam infers each DoFn's output type by walking its bytecode, which cost
@@ -77,7 +77,6 @@ from pipeline import fs
 from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.keys import KeyType
-from transforms.coders import Uint64
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
 from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, UnitReader, _moves_table,
                                _read_range, _read_units, _segments, make_chunks, mark_progress, spill_chunk)
@@ -321,14 +320,22 @@ def _candidate_hashes(element):
     return [int(x) for x in np.unique(dup)]
 
 
-class _CandidateHashesFn(beam.DoFn):
-    """(partition, hash pointers) -> the partition's candidate duplicate hashes.
+class _DuplicatesFn(beam.DoFn):
+    """(partition, hash pointers) -> the number of duplicate keys among the bundle's
+    partitions; nothing when there are none (the usual case).
 
-    With threads, partitions are read back and sorted on a pool (file reads and
-    ``np.sort`` release the GIL), one per thread at a time; without, one at a time
-    here.  Candidates are a set: their order does not matter."""
+    Each partition's hashes are read back and sorted; equal neighbours are candidate
+    duplicates.  With threads, partitions are read and sorted on a pool (file reads and
+    ``np.sort`` release the GIL), one per thread at a time; without, one at a time here.
+    At the bundle's end, if there are candidates, the snapshot (``chunks``, a side input:
+    its (chunk, units) list) is read once and the candidates' key bytes confirm them: a
+    hash shared by different keys is a collision, not a duplicate.  A key and its
+    duplicates share a hash, hence a partition: bundles count disjoint duplicates, and the
+    counts add up."""
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, key_type: KeyType, segment_size: int, threads: int = 1):
+        self._key_type = key_type
+        self._segment_size = segment_size
         self._threads = max(1, int(threads))
 
     def setup(self):
@@ -341,58 +348,51 @@ class _CandidateHashesFn(beam.DoFn):
 
     def start_bundle(self):
         self._pending: deque = deque()
+        self._candidates: set = set()
+        self._chunks = None
 
-    def process(self, element):
+    def process(self, element, chunks):
+        self._chunks = chunks
         if self._pool is None:
-            yield from _candidate_hashes(element)
+            self._candidates.update(_candidate_hashes(element))
             return
         while len(self._pending) >= self._threads:  # one partition per thread: memory stays flat
-            yield from self._pending.popleft().result()
+            self._candidates.update(self._pending.popleft().result())
         self._pending.append(self._pool.submit(_candidate_hashes, (element[0], list(element[1]))))
 
     def finish_bundle(self):
-        while self._pending:
-            for h in self._pending.popleft().result():
-                yield _in_global_window(h)
+        try:
+            while self._pending:
+                self._candidates.update(self._pending.popleft().result())
+        except BaseException:
+            _wait_quietly(self._pending)
+            raise
+        if self._candidates:
+            n = self._confirm(sorted(self._candidates))
+            if n:
+                yield _in_global_window(n)
 
-
-class _ConfirmDuplicatesFn(beam.DoFn):
-    """Second pass, only when candidate hashes exist: emit (hash, key bytes).
-
-    Input: chunks of (path, row group) units, read only if there are
-    candidates (usually there are none, and nothing is read)."""
-
-    def __init__(self, key_type: KeyType, segment_size: int):
-        self._key_type = key_type
-        self._segment_size = segment_size
-
-    def process(self, element, candidates):
-        if not candidates:
-            return
-        _chunk, units = element
-        want_set = np.array(sorted(candidates), dtype=np.uint64)
-        for table in _read_units(units, self._segment_size, ("key", "shard_id")):
-            st = core.Stats()
-            canon, _shard, hashes = core.prepare_batch(table, self._key_type, st, None)
-            want = np.isin(hashes, want_set)
-            for i in np.flatnonzero(want):
-                yield int(hashes[i]), canon[int(i)].as_py()
-
-
-def _count_true_duplicates(element):
-    _h, keys = element
-    keys = list(keys)
-    return len(keys) - len(set(keys))
+    def _confirm(self, candidates: list) -> int:
+        """Duplicate keys among the candidate hashes, by key bytes (one read of the snapshot)."""
+        want = np.array(candidates, dtype=np.uint64)
+        keys: dict = {}
+        for _chunk, units in self._chunks:
+            for table in _read_units(units, self._segment_size, ("key", "shard_id")):
+                canon, _shard, hashes = core.prepare_batch(table, self._key_type, core.Stats(), None)
+                for i in np.flatnonzero(np.isin(hashes, want)):
+                    keys.setdefault(int(hashes[i]), []).append(canon[int(i)].as_py())
+        return sum(len(v) - len(set(v)) for v in keys.values())
 
 
 class DetectDuplicates(beam.PTransform):
     """Duplicate keys in the snapshot: hash collisions confirmed by key bytes.
 
     Input: hashes keyed by partition, each value an ndarray or a spill
-    pointer.  ``chunks``: the planner's (chunk, units) PCollection, re-read
+    pointer.  ``chunks``: the planner's (chunk, units) PCollection (a side input), re-read
     only when candidates exist.  Output: duplicate counts (to be summed;
     usually empty).  Side effects: none (it only reads).  Idempotent: a pure
-    function of its inputs."""
+    function of its inputs.  One ParDo after the grouping (the confirmation, usually
+    not needed, is its bundle's end): no stages of its own for the usual case."""
 
     def __init__(self, chunks, segment_size: int, key_type: KeyType, threads: int = 1):
         super().__init__()
@@ -402,18 +402,11 @@ class DetectDuplicates(beam.PTransform):
         self._threads = threads
 
     def expand(self, hashes):
-        candidates = (
+        return (
             hashes
             | "GroupByPartition" >> beam.GroupByKey()
-            | "CandidateHashes" >> beam.ParDo(_CandidateHashesFn(self._threads)).with_output_types(Uint64)
-        )
-        return (
-            self._chunks
-            | "ConfirmByKeyBytes" >> beam.ParDo(
-                _ConfirmDuplicatesFn(self._key_type, self._segment_size), beam.pvalue.AsList(candidates)
-            ).with_output_types(Tuple[Uint64, bytes])
-            | "GroupByHash" >> beam.GroupByKey()
-            | "CountDuplicates" >> beam.Map(_count_true_duplicates).with_output_types(int)
+            | "CountDuplicates" >> beam.ParDo(_DuplicatesFn(self._key_type, self._segment_size, self._threads),
+                                              beam.pvalue.AsList(self._chunks)).with_output_types(int)
         )
 
 
