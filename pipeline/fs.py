@@ -51,6 +51,7 @@ __all__ = [
     "read_bytes",
     "open_input",
     "write_atomic",
+    "sync_dir",
     "create_if_absent",
     "sync_dir",
     "read_versioned",
@@ -164,15 +165,16 @@ def open_input(path: str):
     return open(path, "rb")
 
 
-def _tmp_write(directory: str, data: bytes, mode: int) -> str:
+def _tmp_write(directory: str, data: bytes, mode: int, sync: bool = True) -> str:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         try:
             os.unlink(tmp)
@@ -221,24 +223,39 @@ def read_versioned(path: str) -> tuple[bytes | None, int]:
             return data, before
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int | None = None) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int | None = None,
+                 sync_dir: bool = True, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (readers see old or new, never half).
 
     ``if_version`` (from :func:`read_versioned`; 0 = must be absent): replace
     only if the file is still that version, else :class:`CommitConflict`
     ("stale replace").  On ``gs://`` every replace is generation-matched:
     without ``if_version`` against the generation read just before.
+
+    ``sync_dir=False`` (local files): the data is fsynced before the rename, but the
+    rename itself is made durable only by a later :func:`sync_dir` of the directory --
+    for writers of many files into one directory, who sync it once after the last.
+    ``durable=False`` (local files): nothing is fsynced -- still atomic, for scratch files
+    that a crash discards with their directory.
     """
     if is_gcs(path):
         gcs.replace(path, data, generation=if_version)
         return
     directory = os.path.dirname(path) or "."
-    tmp = _tmp_write(directory, data, mode)
+    tmp = _tmp_write(directory, data, mode, sync=durable)
     if if_version is not None and _local_version(path) != if_version:
         os.unlink(tmp)
         raise CommitConflict(f"stale replace: {os.path.basename(path)} changed since it was read")
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    if sync_dir and durable:
+        _fsync_dir(directory)
+
+
+def sync_dir(path: str) -> None:
+    """Make the renames into directory ``path`` durable (after ``write_atomic(..., sync_dir=False)``).
+    Nothing to do on ``gs://``, where an object is durable once written."""
+    if not is_gcs(path):
+        _fsync_dir(path)
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:

@@ -704,6 +704,26 @@ def sort_moves(table: pa.Table) -> pa.Table:
     return table.take(order)
 
 
+def sort_pair_moves(table: pa.Table) -> pa.Table:
+    """:func:`sort_moves` of moves that all share one (source, target) pair -- a move
+    file's group: the same rows in the same order, without ranking the shard ids.
+
+    Rows already in stable hash order (the usual group: one chunk's spilled run, or
+    runs that do not interleave) are not reordered, only combined into one chunk as a
+    sort's ``take`` would leave them; equal hashes take :func:`sort_moves` (key bytes)."""
+    n = table.num_rows
+    if n < 2 or table["key_hash"].null_count:
+        return sort_moves(table)
+    h = table["key_hash"].combine_chunks().to_numpy(zero_copy_only=False)
+    if bool(np.all(h[1:] > h[:-1])):
+        return table.combine_chunks()
+    idx = np.argsort(h)
+    hs = h[idx]
+    if np.any(hs[1:] == hs[:-1]):
+        return sort_moves(table)
+    return table.take(pa.array(idx))
+
+
 def plan_id_for(snapshot_digest: str, target_canonical: Mapping, key_type: KeyType, window) -> str:
     ident = {
         "format_version": PLAN_FORMAT_VERSION,

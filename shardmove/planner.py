@@ -27,7 +27,7 @@ from pipeline import workdir
 from pipeline.config import Config
 from pipeline.errors import BadInput, Refused
 from pipeline.ring import Ring
-from pipeline.snapshot import list_parts, read_snapshot_info, take_snapshot
+from pipeline.snapshot import list_parts, read_snapshot_info, snapshot_parts, take_snapshot
 from pipeline.stores.base import KeyNameLimits, ShardInventory
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest, resolve_plan_dir
 from shardmove.progress import ProgressDisplay, resolve_mode
@@ -345,7 +345,7 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
     from transforms.runner import dry_run_line, dry_run_stages, in_process, make_pipeline, run_pipeline
     from transforms.plan import PlanGraphSpec, build_plan_graph
 
-    parts = list_parts(snap_loc, "snapshot", cfg.key_type)
+    parts, footer_rows = snapshot_parts(snap_loc, "snapshot", cfg.key_type)
 
     known = frozenset(cfg.known_shards())
     ctx = core.PlanContext(
@@ -361,10 +361,11 @@ def _plan_from(cfg: Config, ring, target_parts, snap_loc: str, snap_meta, data_s
     new_dirs.watch(plans)
     staging = workdir.new_staging(plans)
     try:
-        rows = (snap_meta or {}).get("rows")
-        threads = plan_threads(cfg.opt("plan_threads"), len(parts) * cfg.opt("segment_size") if rows is None else rows,
-                               in_process(pipeline_argv))
-        spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"), threads)
+        # the footers' row count (exact, read with the units), not snapshot.json's: a plain
+        # Parquet file or directory has no snapshot.json
+        local = in_process(pipeline_argv)
+        threads = plan_threads(cfg.opt("plan_threads"), footer_rows, local)
+        spec = PlanGraphSpec(parts, target_parts, ctx, staging, cfg.opt("segment_size"), threads, reshuffle=not local)
         t0 = time.time()
         p = make_pipeline(pipeline_argv)
         build_plan_graph(p, spec)

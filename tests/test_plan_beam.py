@@ -122,3 +122,59 @@ def test_write_move_files_writes_one_sorted_file_per_group_the_same_bytes_twice(
     assert first == again and sha == sha2
     t = pq.read_table(os.path.join(staging, "moves", "s0~s1~00000.parquet"))
     assert t.num_rows == 200 and t["key_hash"].to_pylist() == sorted(h.tolist())
+
+
+@pytest.mark.parametrize("reshuffle", [False, True])
+def test_plan_graph_reshuffles_the_chunk_list_only_for_engines_that_share_it(tmp_path, monkeypatch, reshuffle):
+    """build_plan_graph: the chunk list is redistributed (beam.Create's reshuffle) for
+    engines whose workers share the chunks, not on the in-process engine (one bundle at a
+    time: the reshuffle cost it a stage); either graph writes the same plan outputs, and
+    Finalize runs once."""
+    import json
+
+    from pipeline import workdir
+    from transforms.plan import PlanGraphSpec, build_plan_graph
+
+    monkeypatch.setattr("transforms.planio.SPILL_ROWS", 1000)  # chunks of 5 row groups: several chunks
+    rows, parts = _snapshot(tmp_path, row_group=200)
+    ctx, _ring = _ctx()
+    assert len(make_chunks(parts, 200)) > 1  # Create reshuffles only lists of several elements
+    staging = str(tmp_path / "staging")
+    p = _pipeline()
+    build_plan_graph(p, PlanGraphSpec(parts, (), ctx, staging, 200, reshuffle=reshuffle))
+    names = [t.unique_name for t in p.to_runner_api().components.transforms.values()]
+    assert any("Reshuffle" in n for n in names) == reshuffle
+    p.run().wait_until_finish()
+    stats = json.loads(open(workdir.plan_output_path(staging, workdir.PLAN_STATS)).read())
+    files = json.loads(open(workdir.plan_output_path(staging, workdir.PLAN_FILES)).read())
+    assert stats["rows"] == len(rows) and sum(f["rows"] for f in files) == stats["moved"] > 0
+    assert sorted(f["group"] for f in files) == sorted(
+        f[: -len(".parquet")] for f in os.listdir(workdir.moves_dir(staging)))
+    assert not os.path.exists(os.path.join(staging, "spill"))  # Finalize ran
+
+
+def test_detect_duplicates_confirms_every_partition_in_one_read_and_drops_collisions(tmp_path, monkeypatch):
+    """Duplicates spread over many hash partitions are confirmed by ONE read of the snapshot
+    (at the bundle's end, not one per partition); a candidate hash that no two keys share by
+    bytes (a collision, here a made-up hash repeated) is not a duplicate: nothing is emitted."""
+    import transforms.plan as plan_mod
+
+    rows, parts = _snapshot(tmp_path, n=2000, dup=40)
+    ctx, _ring = _ctx()
+    chunks = make_chunks(parts, 500)
+    reads = []
+    real = plan_mod._read_units
+    monkeypatch.setattr(plan_mod, "_read_units", lambda units, *a, **k: reads.append(units) or real(units, *a, **k))
+    with _pipeline() as p:
+        chunk_pc = p | beam.Create(chunks)
+        planned = chunk_pc | PlanChunks(ctx, str(tmp_path / "staging"), 500, 2)  # planning threads read elsewhere
+        dups = planned.hashes | DetectDuplicates(chunk_pc, 500, KeyType.STRING, 2)
+        assert_that(dups | beam.CombineGlobally(sum), equal_to([40]))
+    assert sorted(reads) == sorted(units for _c, units in chunks)  # each chunk read once
+    reads.clear()
+    fake = np.array([5, 5, 7], dtype=np.uint64)  # 5 repeats, but no key hashes to 5
+    with _pipeline() as p:
+        chunk_pc = p | "Chunks" >> beam.Create(chunks)
+        dups = p | beam.Create([(0, fake)]) | DetectDuplicates(chunk_pc, 500, KeyType.STRING)
+        assert_that(dups, equal_to([]))
+    assert len(reads) == len(chunks)  # the candidate was checked against the key bytes

@@ -155,3 +155,31 @@ def test_sort_moves_numpy_order_is_arrows_with_and_without_ties():
         want = t.take(pc.sort_indices(t, sort_keys=[("source", "ascending"), ("target", "ascending"),
                                                     ("key_hash", "ascending"), ("key", "ascending")]))
         assert core.sort_moves(t).equals(want), trial
+
+
+def test_sort_pair_moves_is_sort_moves_for_one_pair():
+    """A move file's group (one source, one target): sort_pair_moves gives sort_moves's rows
+    in sort_moves's order -- already sorted runs, interleaved runs, several chunks, equal
+    hashes (then by key bytes) -- and write_moves_bytes(one_pair=True) the same bytes."""
+    import random
+
+    from transforms.plan import write_moves_bytes
+
+    rng = random.Random(7)
+    for trial in range(80):
+        n = rng.randrange(0, 60)
+        hashes = [rng.randrange(3) if trial % 4 == 3 else rng.randrange(2**64) for _ in range(n)]
+        if trial % 4 == 1:
+            hashes.sort()  # one spilled run: already in order
+        rows = {"key": pa.array([rng.randbytes(rng.randrange(1, 4)) for _ in range(n)], pa.binary()),
+                "source": pa.array(["s1"] * n), "target": pa.array(["s10"] * n),
+                "key_hash": pa.array(hashes, pa.uint64())}
+        t = pa.table(rows)
+        cut = rng.randrange(0, n + 1)
+        if trial % 4 == 2:  # two sorted runs, as two chunks' spills of one group
+            t = pa.concat_tables([core.sort_moves(t.slice(0, cut)), core.sort_moves(t.slice(cut))])
+        else:
+            t = pa.concat_tables([t.slice(0, cut), t.slice(cut)])
+        got = core.sort_pair_moves(t)
+        assert got.equals(core.sort_moves(t)), trial
+        assert write_moves_bytes(t, one_pair=True) == write_moves_bytes(t), trial

@@ -305,3 +305,50 @@ def test_plan_threads_automatic_choice():
     assert plan_threads(0, AUTO_THREADS_MIN_ROWS - 1, True) == 1  # small snapshot: one thread
     assert plan_threads(0, 10 * AUTO_THREADS_MIN_ROWS, False) == 1  # another engine: its own workers
     assert 2 <= plan_threads(0, 10 * AUTO_THREADS_MIN_ROWS, True) <= 8  # two per core
+
+
+def test_automatic_plan_threads_count_the_footers_rows(tmp_path, monkeypatch):
+    """A plain Parquet directory (no snapshot.json) of small row groups: the automatic
+    thread count is given the rows the footers count, not row groups x segment_size
+    (which took 1,500 rows in 8 row groups for 160,000)."""
+    import shardmove.planner as planner
+    from pipeline.snapshot import snapshot_parts
+
+    seen = []
+    real = planner.plan_threads
+    monkeypatch.setattr(planner, "plan_threads", lambda option, rows, in_process: seen.append(rows)
+                        or real(option, rows, in_process))
+    rows = _assignments(1500)
+    (tmp_path / "snap").mkdir()
+    _write_snapshot(tmp_path / "snap" / "a.parquet", rows[:1000], row_group=200)
+    _write_snapshot(tmp_path / "snap" / "b.parquet", rows[1000:], row_group=200)
+    units, counted = snapshot_parts(str(tmp_path / "snap"), "snapshot", KeyType.STRING)
+    assert len(units) == 8 and counted == len(rows)
+    res = make_plan(_cfg(tmp_path, SHARDS4 + ["s4"]), snapshot=str(tmp_path / "snap"), out=lambda _l: None)
+    assert seen == [len(rows)] and res.manifest["keys_examined"] == len(rows)
+
+
+def test_move_files_are_synced_once_per_directory_after_the_last(tmp_path, monkeypatch):
+    """Each move file is written to a temporary, fsynced and renamed; the moves directory
+    is fsynced once, when every file of the bundle is in place (not once per file), and
+    before the manifest is written."""
+    import pipeline.fs as fs_mod
+
+    syncs = []
+    real = fs_mod._fsync_dir
+
+    def record(directory):
+        listing = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        syncs.append((directory.rstrip("/"), listing))
+        real(directory)
+
+    monkeypatch.setattr(fs_mod, "_fsync_dir", record)
+    rows = _assignments(3000)
+    snap = _write_snapshot(tmp_path / "snap.parquet", rows, row_group=500)
+    res = make_plan(_cfg(tmp_path, SHARDS4 + ["s4"], hash_buckets=4), snapshot=str(snap), out=lambda _l: None)
+    files = sorted(f["group"] + ".parquet" for f in res.manifest["files"])
+    assert len(files) > 4
+    moves = [(d, listing) for d, listing in syncs if d.endswith("/moves")]
+    assert len(moves) == 1 and moves[0][1] == files  # once, after the last rename, no temporaries left
+    manifest_at = next(i for i, (_d, listing) in enumerate(syncs) if "manifest.json" in listing)
+    assert syncs.index(moves[0]) < manifest_at

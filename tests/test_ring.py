@@ -379,3 +379,25 @@ def test_canonical_describes_the_ring():
 def test_ring_module_never_imports_beam():
     code = "import sys, pipeline.ring; sys.exit(1 if 'apache_beam' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_rings_of_the_same_fields_share_their_points():
+    """A plan builds its ring twice in one process (the launcher, then the planning DoFn
+    unpickled): the second build reuses the first's read-only arrays; other fields build
+    their own; the cache holds a few rings only."""
+    from pipeline import ring as ring_mod
+
+    ring_mod._BUILT.clear()
+    a = Ring.build("native", [("a", 1.0), ("b", 1.0)])
+    b = pickle.loads(pickle.dumps(a))
+    assert b == a and b._points is a._points and b._lut is a._lut
+    assert not a._points.flags.writeable and not a._lut.flags.writeable
+    c = Ring.build("native", [("a", 1.0), ("b", 2.0)])
+    assert c._points is not a._points and len(c._points) > len(a._points)
+    keys = [b"k%d" % i for i in range(1000)]
+    fresh = ring_mod._build("native", a.shard_ids, a.weights, a.virtual_nodes)
+    assert np.array_equal(fresh[0], a._points) and np.array_equal(fresh[1], a._owners)
+    assert a.assign(keys).tolist() == b.assign(keys).tolist()
+    for i in range(ring_mod._BUILT_MAX + 2):
+        Ring.build("native", [("x%d" % i, 1.0)], virtual_nodes=10)
+    assert len(ring_mod._BUILT) == ring_mod._BUILT_MAX

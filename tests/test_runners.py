@@ -601,3 +601,30 @@ def test_pipelines_run_with_fewer_young_collections_and_restore_the_thresholds()
         assert gc.get_threshold() == (50000, 3, 4)
     finally:
         gc.set_threshold(*old)
+
+
+def test_pipeline_options_views_are_made_once_and_stay_shared():
+    """transforms.runner's options hand out one view per options class (Beam asks ~100
+    times per plan, and each new view re-parses the flags): values set through one view are
+    seen through the others and in get_all_options; a copy (Beam deep-copies a pipeline's
+    options) and a pickle round trip keep the values and have views of their own."""
+    import copy
+    import pickle
+
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TypeOptions
+
+    from transforms.runner import _options
+
+    opts = _options(["--runner=FnApiRunner", "--direct_num_workers=3"])
+    assert opts.view_as(StandardOptions) is opts.view_as(StandardOptions)
+    assert opts.view_as(DirectOptions).direct_num_workers == 3
+    opts.view_as(TypeOptions).pipeline_type_check = False
+    assert opts.view_as(TypeOptions).pipeline_type_check is False
+    assert opts.get_all_options()["pipeline_type_check"] is False
+    dup = copy.deepcopy(opts)
+    assert dup.view_as(StandardOptions) is not opts.view_as(StandardOptions)
+    dup.view_as(DirectOptions).direct_num_workers = 5
+    assert opts.view_as(DirectOptions).direct_num_workers == 3 and dup.get_all_options()["direct_num_workers"] == 5
+    back = pickle.loads(pickle.dumps(opts))
+    assert back.view_as(StandardOptions).runner == "FnApiRunner"
+    assert back.view_as(TypeOptions).pipeline_type_check is False

@@ -125,3 +125,31 @@ def test_a_bare_word_that_is_another_directory_is_still_a_name(tmp_path, monkeyp
     assert workdir.resolve_plan_dir("demo", w) == c
     with pytest.raises(BadInput, match="no committed plan at demo"):
         workdir.resolve_plan_dir("demo/", w)
+
+
+@pytest.mark.parametrize("how, want", [({}, ["file", "dir"]), ({"sync_dir": False}, ["file"]),
+                                        ({"durable": False}, [])])
+def test_write_atomic_fsyncs_what_it_is_asked_to(tmp_path, monkeypatch, how, want):
+    """write_atomic always replaces atomically (a temporary renamed over the name, none left
+    behind); by default it fsyncs the data and then the directory; ``sync_dir=False`` leaves
+    the directory to one later fs.sync_dir (many files into one directory); ``durable=False``
+    fsyncs nothing (scratch files a crash discards with their directory)."""
+    import stat
+
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = str(tmp_path / "out.json")
+    fs.write_atomic(path, b"old", **how)
+    fs.write_atomic(path, b"new", **how)
+    assert open(path, "rb").read() == b"new" and os.listdir(tmp_path) == ["out.json"]
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
+    assert synced == want * 2
+    synced.clear()
+    fs.sync_dir(str(tmp_path))
+    assert synced == ["dir"]

@@ -59,7 +59,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any
 
 # Output types are declared on this module's transforms (mostly Any): without
 # them Beam infers each DoFn's output type by walking its bytecode, which cost
@@ -75,7 +75,6 @@ from pipeline import fs
 from pipeline import plancore as core
 from pipeline import workdir
 from pipeline.keys import KeyType
-from transforms.coders import Uint64
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
 from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
                                _read_units, make_chunks, mark_progress, spill_chunk)
@@ -109,6 +108,10 @@ class PlanGraphSpec:
     #: > 1 plans (or, with an explicit target, prepares) a chunk's units and joins partitions
     #: on that many threads; the plan's bytes are the same
     threads: int = 1
+    #: redistribute the chunk list (``beam.Create``'s reshuffle) so that workers share the
+    #: chunks; False for the in-process engine, which runs one bundle at a time anyway (the
+    #: reshuffle only cost it a stage)
+    reshuffle: bool = True
 
 
 # ---------------------------------------------------------------- planning
@@ -218,63 +221,72 @@ def _candidate_hashes(element):
     return [int(x) for x in np.unique(dup)]
 
 
-class _CandidateHashesFn(GroupPoolFn):
-    """(partition, hash pointers) -> the partition's candidate duplicate hashes.
+class _DuplicatesFn(GroupPoolFn):
+    """(partition, hash pointers) -> the number of duplicate keys among the bundle's
+    partitions; nothing when there are none (the usual case).
 
-    With threads, partitions are read back and sorted on a pool (file reads and
+    Each partition's hashes are read back and sorted; equal neighbours are candidate
+    duplicates.  With threads, partitions are read and sorted on a pool (file reads and
     ``np.sort`` release the GIL), one per thread at a time
     (:class:`transforms.planpool.GroupPoolFn`); without, one at a time here.
-    Candidates are a set: their order does not matter."""
+    At the bundle's end, if there are candidates, the snapshot (``chunks``, a side input:
+    its (chunk, units) list) is read once and the candidates' key bytes confirm them: a
+    hash shared by different keys is a collision, not a duplicate.  A key and its
+    duplicates share a hash, hence a partition: bundles count disjoint duplicates, and the
+    counts add up."""
 
     THREAD_NAME = "plan-dups"
+
+    def __init__(self, key_type: KeyType, segment_size: int, threads: int = 1):
+        super().__init__(threads)
+        self._key_type = key_type
+        self._segment_size = segment_size
 
     @staticmethod
     def _work(part, values):
         return _candidate_hashes((part, values))
 
-    @staticmethod
-    def _outputs(hashes, windowed: bool):
-        for h in hashes:
-            yield _in_global_window(h) if windowed else h
+    def start_bundle(self):
+        super().start_bundle()
+        self._candidates: set = set()
+        self._chunks = None
 
+    def process(self, element, chunks):
+        self._chunks = chunks
+        yield from super().process(element)
 
-class _ConfirmDuplicatesFn(beam.DoFn):
-    """Second pass, only when candidate hashes exist: emit (hash, key bytes).
+    def _outputs(self, hashes, windowed: bool):
+        self._candidates.update(hashes)  # a set: the order partitions finish in does not matter
+        return ()
 
-    Input: chunks of (path, row group) units, read only if there are
-    candidates (usually there are none, and nothing is read)."""
+    def finish_bundle(self):
+        yield from super().finish_bundle()
+        if self._candidates:
+            n = self._confirm(sorted(self._candidates))
+            if n:
+                yield _in_global_window(n)
 
-    def __init__(self, key_type: KeyType, segment_size: int):
-        self._key_type = key_type
-        self._segment_size = segment_size
-
-    def process(self, element, candidates):
-        if not candidates:
-            return
-        _chunk, units = element
-        want_set = np.array(sorted(candidates), dtype=np.uint64)
-        for table in _read_units(units, self._segment_size, ("key", "shard_id")):
-            st = core.Stats()
-            canon, _shard, hashes = core.prepare_batch(table, self._key_type, st, None)
-            want = np.isin(hashes, want_set)
-            for i in np.flatnonzero(want):
-                yield int(hashes[i]), canon[int(i)].as_py()
-
-
-def _count_true_duplicates(element):
-    _h, keys = element
-    keys = list(keys)
-    return len(keys) - len(set(keys))
+    def _confirm(self, candidates: list) -> int:
+        """Duplicate keys among the candidate hashes, by key bytes (one read of the snapshot)."""
+        want = np.array(candidates, dtype=np.uint64)
+        keys: dict = {}
+        for _chunk, units in self._chunks:
+            for table in _read_units(units, self._segment_size, ("key", "shard_id")):
+                canon, _shard, hashes = core.prepare_batch(table, self._key_type, core.Stats(), None)
+                for i in np.flatnonzero(np.isin(hashes, want)):
+                    keys.setdefault(int(hashes[i]), []).append(canon[int(i)].as_py())
+        return sum(len(v) - len(set(v)) for v in keys.values())
 
 
 class DetectDuplicates(beam.PTransform):
     """Duplicate keys in the snapshot: hash collisions confirmed by key bytes.
 
     Input: hashes keyed by partition, each value an ndarray or a spill
-    pointer.  ``chunks``: the planner's (chunk, units) PCollection, re-read
+    pointer.  ``chunks``: the planner's (chunk, units) PCollection (a side input), re-read
     only when candidates exist.  Output: duplicate counts (to be summed;
     usually empty).  Side effects: none (it only reads).  Idempotent: a pure
-    function of its inputs."""
+    function of its inputs.  One ParDo after the grouping (the confirmation, usually
+    not needed, is its bundle's end): no stages of its own for the usual case."""
 
     def __init__(self, chunks, segment_size: int, key_type: KeyType, threads: int = 1):
         super().__init__()
@@ -284,26 +296,22 @@ class DetectDuplicates(beam.PTransform):
         self._threads = threads
 
     def expand(self, hashes):
-        candidates = (
+        return (
             hashes
             | "GroupByPartition" >> beam.GroupByKey()
-            | "CandidateHashes" >> beam.ParDo(_CandidateHashesFn(self._threads)).with_output_types(Uint64)
-        )
-        return (
-            self._chunks
-            | "ConfirmByKeyBytes" >> beam.ParDo(
-                _ConfirmDuplicatesFn(self._key_type, self._segment_size), beam.pvalue.AsList(candidates)
-            ).with_output_types(Tuple[Uint64, bytes])
-            | "GroupByHash" >> beam.GroupByKey()
-            | "CountDuplicates" >> beam.Map(_count_true_duplicates).with_output_types(int)
+            | "CountDuplicates" >> beam.ParDo(_DuplicatesFn(self._key_type, self._segment_size, self._threads),
+                                              beam.pvalue.AsList(self._chunks)).with_output_types(int)
         )
 
 
 # ---------------------------------------------------------------- writing
 
-def write_moves_bytes(table: pa.Table) -> bytes:
-    """Deterministic Parquet bytes of one group's moves (sorted, fixed options)."""
-    table = core.sort_moves(table.select(core.MOVES_SCHEMA.names).cast(core.MOVES_SCHEMA))
+def write_moves_bytes(table: pa.Table, one_pair: bool = False) -> bytes:
+    """Deterministic Parquet bytes of one group's moves (sorted, fixed options).
+    ``one_pair``: every row has the same source and target (a group of the planner), so
+    :func:`pipeline.plancore.sort_pair_moves` sorts them (the same order, less work)."""
+    table = table.select(core.MOVES_SCHEMA.names).cast(core.MOVES_SCHEMA)
+    table = core.sort_pair_moves(table) if one_pair else core.sort_moves(table)
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
@@ -351,7 +359,9 @@ class _WriteGroupFn(beam.DoFn):
         self._pending = []
 
     def _commit(self, path, data):
-        fs.write_atomic(path, data)
+        # atomic (temp + fsync + rename); the renames are made durable by one sync of the
+        # moves directory at the bundle's end (finish_bundle), before its records count
+        fs.write_atomic(path, data, sync_dir=False)
 
     def process(self, element):
         try:
@@ -367,11 +377,12 @@ class _WriteGroupFn(beam.DoFn):
 
     def _write_group(self, gid: str, values: list) -> dict:
         table = pa.concat_tables([_moves_table(v) for v in values])
-        data = write_moves_bytes(table)
+        source, target = table["source"][0].as_py(), table["target"][0].as_py()
+        data = write_moves_bytes(table, one_pair=True)
         record = {
             "group": gid,
-            "source": table["source"][0].as_py(),
-            "target": table["target"][0].as_py(),
+            "source": source,
+            "target": target,
             "bucket": int(gid.rsplit("~", 1)[1]),
             "rows": table.num_rows,
             "bytes": len(data),
@@ -399,12 +410,16 @@ class _WriteGroupFn(beam.DoFn):
 
     def finish_bundle(self):
         try:
+            records = []
             while self._pending:
-                record = self._settle(self._pending.pop(0))
-                yield _in_global_window(record)
+                records.append(self._settle(self._pending.pop(0)))
         except BaseException:
             self._drain()
             raise
+        if self._made:
+            fs.sync_dir(workdir.moves_dir(self._staging))  # every rename of this bundle, durable
+        for record in records:
+            yield _in_global_window(record)
 
 
 class WriteMoveFiles(beam.PTransform):
@@ -451,24 +466,57 @@ class _StatsCombineFn(beam.CombineFn):
         return d
 
 
+class _EmitFn(beam.DoFn):
+    """Impulse -> ``values``, in order."""
+
+    def __init__(self, values: list):
+        self._values = values
+
+    def process(self, _impulse):
+        yield from self._values
+
+
+class _Values(beam.PTransform):
+    """A PCollection of a few small values: ``beam.Create`` (with its reshuffle) when
+    ``reshuffle``, else one DoFn after an Impulse -- what Create is without its reshuffle,
+    in one transform instead of two (a FlatMap and a decoding Map)."""
+
+    def __init__(self, values, reshuffle: bool):
+        super().__init__()
+        self._values = list(values)
+        self._reshuffle = reshuffle
+
+    def expand(self, pbegin):
+        if self._reshuffle:
+            return pbegin | beam.Create(self._values)
+        return pbegin | beam.Impulse() | beam.ParDo(_EmitFn(self._values)).with_output_types(Any)
+
+
 def _write_json(staging: str, name: str):
     def write(value):
         fs.makedirs(staging)
-        fs.write_atomic(workdir.plan_output_path(staging, name), json.dumps(value, sort_keys=True).encode())
+        # scratch for the launcher, removed before the plan is committed: atomic, not
+        # fsynced (a crash discards the staging directory; six fsyncs a plan saved)
+        fs.write_atomic(workdir.plan_output_path(staging, name), json.dumps(value, sort_keys=True).encode(),
+                        durable=False)
         return name
 
     return write
 
 
-def _finalize(staging: str):
-    """Runs once, after everything else: merges the statistics, writes
-    stats.json / files.json / duplicates.json and removes the spill files.
+class _FinalizeFn(beam.DoFn):
+    """Runs once (on the Impulse), after everything else: merges the statistics, writes
+    stats.json / files.json / duplicates.json and removes the spill files.  No output.
 
     Side inputs instead of global combines: per-chunk statistics, one record
     per move file and the (usually empty) duplicate counts are few, and each
     CombineGlobally costs the in-memory runner several stages."""
 
-    def finalize(_none, stats, files, dups):
+    def __init__(self, staging: str):
+        self._staging = staging
+
+    def process(self, _impulse, stats, files, dups):
+        staging = self._staging
         fn = _StatsCombineFn()
         acc = fn.create_accumulator()
         for s in stats:
@@ -477,15 +525,13 @@ def _finalize(staging: str):
         _write_json(staging, workdir.PLAN_FILES)(list(files))
         _write_json(staging, workdir.PLAN_DUPLICATES)(int(sum(dups)))
         fs.rmtree(fs.join(staging, SPILL_DIR))
-        return None
-
-    return finalize
+        return ()
 
 
 def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
     """The planner's flowchart.  Results land as JSON files in ``spec.staging``."""
     if not spec.targets:
-        chunks = p | "ListChunks" >> beam.Create(make_chunks(spec.sources, spec.segment_size))
+        chunks = p | "ListChunks" >> _Values(make_chunks(spec.sources, spec.segment_size), spec.reshuffle)
         planned = chunks | "PlanChunks" >> PlanChunks(spec.ctx, spec.staging, spec.segment_size, spec.threads)
         stats, moves, hashes = planned.stats, planned.moves, planned.hashes
         dups = hashes | "DetectDuplicates" >> DetectDuplicates(chunks, spec.segment_size, spec.ctx.key_type,
@@ -513,6 +559,6 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
         moves = joined.moves
         dups = joined.dups
     files = moves | "WriteMoveFiles" >> WriteMoveFiles(spec.staging)
-    (p | "FinalizeStart" >> beam.Create([None])
-     | "Finalize" >> beam.Map(_finalize(spec.staging), beam.pvalue.AsList(stats), beam.pvalue.AsList(files),
-                              beam.pvalue.AsList(dups)).with_output_types(Any))
+    (p | "FinalizeStart" >> beam.Impulse()
+     | "Finalize" >> beam.ParDo(_FinalizeFn(spec.staging), beam.pvalue.AsList(stats), beam.pvalue.AsList(files),
+                                beam.pvalue.AsList(dups)).with_output_types(Any))

@@ -7,7 +7,7 @@
   ``_PlanChunkFn`` and the explicit target's ``_PrepareChunkFn``.
 * :class:`GroupPoolFn` -- the ``(key, values)`` groups of a GroupByKey, each worked on a
   pool thread, one group per thread in flight, results taken in input order.  The
-  duplicate check's ``_CandidateHashesFn`` and the explicit target's ``_JoinPartitionFn``.
+  duplicate check's ``_DuplicatesFn`` and the explicit target's ``_JoinPartitionFn``.
 
 Results are taken in order, so spill files and outputs are the same whatever the thread
 count.  With one thread there is no pool: everything runs on the bundle's thread.  The
@@ -30,9 +30,14 @@ from transforms.planio import UnitReader, _read_units, _segments
 __all__ = ["ChunkPoolFn", "GroupPoolFn", "release_thread_memory"]
 
 
+_GLOBAL_WINDOWS = (GlobalWindow(),)
+_GLOBAL_MAX_TIMESTAMP = _GLOBAL_WINDOWS[0].max_timestamp()
+
+
 def _in_global_window(value) -> WindowedValue:
-    """An output of ``finish_bundle``, which has no input element's window to inherit."""
-    return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
+    """An output of ``finish_bundle``, which has no input element's window to inherit
+    (the window and timestamp are immutable: made once, not per output)."""
+    return WindowedValue(value, _GLOBAL_MAX_TIMESTAMP, _GLOBAL_WINDOWS)
 
 
 def _wait_quietly(futures) -> None:

@@ -89,9 +89,9 @@ def canonical_runner(name: str) -> str:
 
 def _options(args: Sequence[str]):
     # deferred: Beam takes seconds to load; importing this module must not
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from transforms.beamopts import CachedViewOptions
 
-    return PipelineOptions(list(args))
+    return CachedViewOptions(list(args))
 
 
 def runner_name(args: Sequence[str]) -> str:
