@@ -543,7 +543,7 @@ def build_plan_graph(p: beam.Pipeline, spec: PlanGraphSpec) -> None:
                        + [("t", i, units) for i, units in make_chunks(spec.targets, spec.segment_size)])
         prepared = (
             p
-            | "ListSideChunks" >> beam.Create(side_chunks)
+            | "ListSideChunks" >> _Values(side_chunks, spec.reshuffle)
             | "PrepareSides" >> beam.ParDo(PrepareChunkFn(spec.ctx, spec.staging, spec.segment_size,
                                                            join_partition_bits(spec.sources, spec.segment_size),
                                                            spec.threads))
