@@ -53,7 +53,6 @@ __all__ = [
     "write_atomic",
     "sync_dir",
     "create_if_absent",
-    "sync_dir",
     "read_versioned",
     "read_range",
     "remove",
@@ -252,7 +251,8 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, *, if_version: int |
 
 
 def sync_dir(path: str) -> None:
-    """Make the renames into directory ``path`` durable (after ``write_atomic(..., sync_dir=False)``).
+    """Make the renames and links into directory ``path`` durable (after
+    ``write_atomic(..., sync_dir=False)`` or ``create_if_absent(..., sync_dir=False)``).
     Nothing to do on ``gs://``, where an object is durable once written."""
     if not is_gcs(path):
         _fsync_dir(path)
@@ -296,12 +296,6 @@ def create_if_absent(path: str, data: bytes, mode: int = 0o600, *, sync_dir: boo
     if existing == data:
         return False
     raise CommitConflict(f"{os.path.basename(path)} already exists with different content")
-
-
-def sync_dir(directory: str) -> None:
-    """Make the names created in a local ``directory`` durable (fsync); nothing on ``gs://``."""
-    if not is_gcs(directory):
-        _fsync_dir(directory)
 
 
 def remove(path: str) -> None:

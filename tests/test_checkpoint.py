@@ -809,6 +809,25 @@ def test_writer_background_parts_share_one_directory_fsync_before_the_waiting_fl
     assert len(cp.read_group(plan, PLAN, GID).table) == 7
 
 
+def test_the_flush_timer_makes_background_part_names_durable_once_the_interval_passed(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    plan = str(tmp_path)
+    synced = []
+    monkeypatch.setattr(fs, "_fsync_dir", lambda d: synced.append(d))
+    with ThreadPoolExecutor(1) as committer:
+        w = cp.CheckpointWriter(plan, PLAN, GID, 1, flush_every=1, flush_interval_s=0.2, committer=committer)
+        w.record(b"a", None, State.COPIED, 1)  # due by count: committed in the background, name unsynced
+        wait(w._inflight)
+        w.flush_if_due()
+        assert synced == []  # the interval has not passed
+        time.sleep(0.25)
+        w.flush_if_due()
+        assert synced == [cp.group_dir(plan, GID)]
+        w.flush_if_due()
+        assert len(synced) == 1  # once
+
+
 def test_writer_background_commit_refused_by_the_fence_stops_the_caller_at_once(tmp_path):
     from concurrent.futures import ThreadPoolExecutor, wait
 

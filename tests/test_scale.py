@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import concurrent.futures
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -479,6 +480,23 @@ def test_window_runs_a_chunks_calls_on_a_few_pool_tasks_counting_each_call():
     while window._outstanding_calls and time.monotonic() < deadline:
         time.sleep(0.01)  # the last task's done-callback settles the count
     assert window._outstanding_calls == 0
+
+    # the window closed (teardown) with calls left: the tasks stop, and their futures say the
+    # chunk's results are incomplete (CancelledError) instead of succeeding with holes in them
+    window2 = Window("copy", 2, StageMetrics("copy"))
+    window2.start_bundle()
+
+    def slow(x):
+        time.sleep(0.002)
+        if x == 5:
+            window2.close()
+        return x
+
+    batch = window2.submit_calls(pool, slow, [(i,) for i in range(100)], workers=2)
+    with pytest.raises(concurrent.futures.CancelledError):
+        for f in batch.futures:
+            f.result()
+    assert None in batch.results
     pool.shutdown(wait=True)
 
 

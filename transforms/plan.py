@@ -68,6 +68,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
@@ -269,13 +270,19 @@ class _DuplicatesFn(GroupPoolFn):
     def _confirm(self, candidates: list) -> int:
         """Duplicate keys among the candidate hashes, by key bytes (one read of the snapshot)."""
         want = np.array(candidates, dtype=np.uint64)
-        keys: dict = {}
+        found = []  # the candidates' key bytes, as Arrow arrays (no Python object per key)
         for _chunk, units in self._chunks:
             for table in _read_units(units, self._segment_size, ("key", "shard_id")):
                 canon, _shard, hashes = core.prepare_batch(table, self._key_type, core.Stats(), None)
-                for i in np.flatnonzero(np.isin(hashes, want)):
-                    keys.setdefault(int(hashes[i]), []).append(canon[int(i)].as_py())
-        return sum(len(v) - len(set(v)) for v in keys.values())
+                mask = np.isin(hashes, want)
+                if mask.any():
+                    hit = canon.filter(pa.array(mask))
+                    found.extend(hit.chunks if isinstance(hit, pa.ChunkedArray) else [hit])
+        if not found:
+            return 0
+        keys = pa.chunked_array(found)
+        # a key has one hash: the keys beyond the first of each distinct key are the duplicates
+        return len(keys) - pc.count_distinct(keys, mode="all").as_py()
 
 
 class DetectDuplicates(beam.PTransform):

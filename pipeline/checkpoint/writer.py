@@ -415,10 +415,15 @@ class CheckpointWriter:
         in-progress markers included -- in the background with a ``committer``.  Without
         it, a group whose transitions came in one burst (a group smaller than a chunk)
         would be committed only at bundle end.  A commit that fails here is retried, and
-        raised, by the next waiting flush."""
+        raised, by the next waiting flush.  With nothing buffered, once the interval has
+        passed and the background commits are done, it makes their names durable (one
+        directory fsync) instead of leaving that to the bundle's end."""
         with self._lock:
             if len(self._buffer) and self._clock() - self._last_flush >= self.flush_interval_s:
                 self.flush(wait=self._committer is None)
+            elif (self._dir_unsynced and time.monotonic() - self._dir_synced_at >= self.flush_interval_s
+                  and all(f.done() for f in self._inflight)):
+                self._sync_dir()  # nothing more came: the last background parts' names, durable
 
     def flush(self, wait: bool = True) -> str | None:
         """Commit the buffer as one new part; the part name, or None if nothing was

@@ -109,19 +109,25 @@ def _lock_fd(path: str) -> int | None:
     """This process's descriptor of ``path``'s sidecar lock file, opened once (owner-only);
     None when it cannot be created."""
     real = os.path.realpath(path)
-    with _FILE_LOCKS_GUARD:
-        fd = _LOCK_FDS.get(real)
-        if fd is None:
-            try:
-                fd = os.open(real + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError:
-                fd = -1
-            _LOCK_FDS[real] = fd
-        return None if fd < 0 else fd
+    fd = _LOCK_FDS.get(real)
+    if fd is None:
+        try:  # opened outside the guard: a fork meanwhile must not leave the guard held
+            fd = os.open(real + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            fd = -1
+        with _FILE_LOCKS_GUARD:
+            kept = _LOCK_FDS.setdefault(real, fd)
+        if kept != fd and fd >= 0:  # another thread opened it first
+            os.close(fd)
+        fd = kept
+    return None if fd < 0 else fd
 
 
-def _flock(fd: int, deadline: float) -> bool:
-    """Take the exclusive flock of ``fd`` by the ``deadline`` (time.monotonic); False if not."""
+def _flock(fd: int, timeout: float) -> bool | None:
+    """Take the exclusive flock of ``fd`` within ``timeout`` seconds: True, or False if
+    another process held it all along; None if this file system refuses flocks (SQLite's
+    locking alone then applies, as without a sidecar)."""
+    deadline = time.monotonic() + timeout
     delay = 0.0002
     while True:
         try:
@@ -133,27 +139,31 @@ def _flock(fd: int, deadline: float) -> bool:
                 return False
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.002)
+        except OSError:  # e.g. ENOLCK
+            return None
 
 
 @contextlib.contextmanager
 def _locked(paths: Iterable[str], timeout: float, what: str):
     """Hold the locks of ``paths`` (in the given order): each file's lock in this process,
-    then its sidecar flock between processes.  TransientError("busy") if not held within
-    ``timeout`` seconds."""
+    then its sidecar flock between processes, each waited for up to ``timeout`` seconds;
+    TransientError("busy") if one is not held by then."""
     held: list = []
     flocked: list = []
+    wait = max(timeout, 0.001)
     try:
-        deadline = time.monotonic() + max(timeout, 0.001)
         for p in paths:
             lock = _file_lock(p)
-            if not lock.acquire(timeout=max(timeout, 0.001)):
+            if not lock.acquire(timeout=wait):
                 raise TransientError(f"{what}: file busy in this process", reason="busy")
             held.append(lock)
             fd = _lock_fd(p)
             if fd is not None:
-                if not _flock(fd, deadline):
+                got = _flock(fd, wait)
+                if got is False:
                     raise TransientError(f"{what}: file busy in another process", reason="busy")
-                flocked.append(fd)
+                if got:
+                    flocked.append(fd)
         yield
     finally:
         for fd in reversed(flocked):
@@ -162,7 +172,10 @@ def _locked(paths: Iterable[str], timeout: float, what: str):
             lock.release()
 
 
-def _forget_lock_fds() -> None:  # a forked child opens its own: a flock belongs to an open file
+def _forget_lock_fds() -> None:
+    """After a fork, in the child: its own sidecar descriptors (a flock belongs to an open
+    file, shared with the parent's) and fresh guards (a parent thread may have held them)."""
+    global _FILE_LOCKS_GUARD, _FILE_LOCKS
     for fd in _LOCK_FDS.values():
         if fd >= 0:
             try:
@@ -170,6 +183,8 @@ def _forget_lock_fds() -> None:  # a forked child opens its own: a flock belongs
             except OSError:
                 pass
     _LOCK_FDS.clear()
+    _FILE_LOCKS_GUARD = threading.Lock()
+    _FILE_LOCKS = {}
 
 
 os.register_at_fork(after_in_child=_forget_lock_fds)

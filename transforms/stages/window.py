@@ -21,6 +21,7 @@ a throughput's denominator.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
@@ -134,7 +135,9 @@ class Window:
         return batch
 
     def _run_calls(self, batch: Calls) -> None:
-        """One pool task of a :class:`Calls`: pull and run calls until none is left."""
+        """One pool task of a :class:`Calls`: pull and run calls until none is left.  Stopped
+        by the window's close (teardown) with calls left, it raises CancelledError: the
+        chunk's results are incomplete and must never reach its ``finish``."""
         pop, fn, results, cond = batch.queue.popleft, batch.fn, batch.results, self._calls_done
         while not (batch.cancelled or self._closed):
             try:
@@ -151,6 +154,9 @@ class Window:
                     self._outstanding_calls -= 1
                     if self._outstanding_calls <= self._wake_below:
                         cond.notify()
+        if self._closed and batch.queue:  # the calls left never ran (counted off by _task_done)
+            raise concurrent.futures.CancelledError()
+        # stopped by a failing call of the chunk: that call's task raises its error
 
     def _task_done(self, batch: Calls) -> None:
         with self._calls_done:
