@@ -317,13 +317,41 @@ _BUILT_MAX = 4
 _BUILT_LOCK = threading.Lock()
 
 
+#: Bits of a native ring's owner table (:func:`_owner_table`): its bucket count is 8 times
+#: the LUT's, at most 2^22 entries (4 MB of int8 for rings of up to 127 shards).
+_TABLE_EXTRA_BITS = 3
+_TABLE_MAX_BITS = 22
+
+
+def _owner_table(pts: np.ndarray, own: np.ndarray, lut_bits: int, n_shards: int):
+    """``(table, shift)``: ``table[h >> shift]`` is the owner of every hash of that bucket
+    when one shard owns them all, else -1.  The owner of ``h`` is that of the first point
+    >= ``h`` (wrapping to point 0): for a hash of bucket ``t`` it is one of the points in
+    the bucket or the first point after it, so when those candidates share one owner
+    (most buckets, ~96%) the bucket's owner needs no search."""
+    bits = int(min(_TABLE_MAX_BITS, lut_bits + _TABLE_EXTRA_BITS))
+    shift = 64 - bits
+    per = np.bincount((pts >> np.uint64(shift)).astype(np.intp), minlength=1 << bits)
+    first = np.zeros((1 << bits) + 1, np.int64)  # first[t] = index of the first point >= t << shift
+    np.cumsum(per, out=first[1:])
+    own_w = np.append(own, own[:1])  # index len(pts) wraps to point 0
+    changes = np.zeros(len(own_w), np.int64)  # owner changes among points 0..i
+    np.cumsum(own_w[1:] != own_w[:-1], out=changes[1:])
+    # candidates of bucket t: points first[t] .. first[t + 1] (inclusive)
+    uniform = changes[first[1:]] == changes[first[:-1]]
+    dtype = np.int8 if n_shards < 2**7 else np.int16 if n_shards < 2**15 else np.int32
+    table = np.where(uniform, own_w[first[:-1]], -1).astype(dtype)
+    table.setflags(write=False)
+    return table, shift
+
+
 def _build(profile: str, ids, ws, vn):
-    """``(points, owners, order_matters, lut, lut_shift)``, read-only arrays."""
+    """``(points, owners, order_matters, lut, lut_shift, owner table, table shift)``, read-only arrays."""
     builder = {"native": _build_native, "shardis": _build_shardis, "ketama": _build_ketama}[profile]
     pts, own, order_matters = builder(ids, ws, vn)
     pts.setflags(write=False)
     own.setflags(write=False)
-    lut, shift = None, 0
+    lut, shift, table, tshift = None, 0, None, 0
     if profile == "native":
         bits = _lut_bits(len(pts))
         shift = 64 - bits
@@ -332,7 +360,9 @@ def _build(profile: str, ids, ws, vn):
         lut = np.zeros((1 << bits) + 1, dtype=np.int32 if len(pts) < 2**31 else np.int64)
         np.cumsum(per_bucket, out=lut[1:])
         lut.setflags(write=False)
-    return pts, own, order_matters, lut, shift
+        if len(pts):
+            table, tshift = _owner_table(pts, own, bits, len(ids))
+    return pts, own, order_matters, lut, shift, table, tshift
 
 
 def _built(profile: str, ids, ws, vn):
@@ -372,6 +402,8 @@ class Ring:
     _owners: np.ndarray = field(init=False, repr=False, compare=False)
     _lut: np.ndarray | None = field(init=False, repr=False, compare=False)
     _lut_shift: int = field(init=False, repr=False, compare=False)
+    _table: np.ndarray | None = field(init=False, repr=False, compare=False)
+    _table_shift: int = field(init=False, repr=False, compare=False)
     _order_matters: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -383,12 +415,14 @@ class Ring:
         s(self, "shard_ids", ids)
         s(self, "weights", ws)
         s(self, "virtual_nodes", vn)
-        pts, own, order_matters, lut, shift = _built(self.profile, ids, ws, vn)
+        pts, own, order_matters, lut, shift, table, tshift = _built(self.profile, ids, ws, vn)
         s(self, "_points", pts)
         s(self, "_owners", own)
         s(self, "_order_matters", order_matters)
         s(self, "_lut", lut)
         s(self, "_lut_shift", shift)
+        s(self, "_table", table)
+        s(self, "_table_shift", tshift)
 
     def __reduce__(self):
         return (Ring, (self.profile, self.shard_ids, self.weights, self.virtual_nodes, self.key_type.value))
@@ -468,6 +502,18 @@ class Ring:
         return self.shard_ids[int(self._lookup_u32(self.key_hashes([key]))[0])]
 
     def _lookup_native(self, h: np.ndarray) -> np.ndarray:
+        """Owner of each hash: the shard of the first point >= it (wrapping).  Most hashes
+        take their bucket's owner from the owner table (one gather); the others
+        (buckets where the owner changes) search the points, :meth:`_search_native`."""
+        if len(h) == 0 or self._table is None:
+            return self._search_native(h)
+        out = self._table[(h >> np.uint64(self._table_shift)).astype(np.intp)].astype(np.int32)
+        rest = np.flatnonzero(out < 0)
+        if len(rest):
+            out[rest] = self._search_native(h[rest])
+        return out
+
+    def _search_native(self, h: np.ndarray) -> np.ndarray:
         pts, lut = self._points, self._lut
         if len(h) == 0:
             return np.empty(0, dtype=np.int32)

@@ -237,6 +237,31 @@ def test_native_lookup_table_matches_binary_search():
     assert np.array_equal(ring.assign(None, probes), ring._owners[idx])
 
 
+@pytest.mark.parametrize("n,weights", [(1, None), (2, None), (17, None), (65, [1.0 + i % 3 for i in range(65)]),
+                                       (130, None)])
+def test_native_owner_table_matches_binary_search(n, weights):
+    """The owner table (one gather for buckets of a single owner) gives every hash the
+    owner of the first point >= it, as a binary search does, and so does the fallback
+    search on its own; int16 tables (>= 128 shards) too."""
+    ids = [f"s{i}" for i in range(n)]
+    ring = Ring.build("native", list(zip(ids, weights or [1.0] * n)))
+    pts = ring._points
+    rng = np.random.default_rng(n)
+    probes = np.concatenate([
+        rng.integers(0, 2**64, 300_000, dtype=np.uint64, endpoint=False),
+        pts, pts - np.uint64(1), pts + np.uint64(1),
+        np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
+    ])
+    idx = np.searchsorted(pts, probes, side="left")
+    idx[idx == len(pts)] = 0
+    want = ring._owners[idx]
+    got = ring.assign(None, probes)
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert np.array_equal(ring._search_native(probes), want)
+    assert ring._table.dtype == (np.int8 if n < 128 else np.int16)
+    assert (ring._table >= 0).mean() > 0.5  # most buckets resolved without a search
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_wraps_around_past_the_last_point(profile):
     ring = Ring.build(profile, shards(3), 10)
