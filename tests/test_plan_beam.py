@@ -178,3 +178,34 @@ def test_detect_duplicates_confirms_every_partition_in_one_read_and_drops_collis
         dups = p | beam.Create([(0, fake)]) | DetectDuplicates(chunk_pc, 500, KeyType.STRING)
         assert_that(dups, equal_to([]))
     assert len(reads) == len(chunks)  # the candidate was checked against the key bytes
+
+
+def test_spill_chunk_writes_each_hash_partition_as_one_sorted_run(tmp_path):
+    """A chunk's spilled hashes are sorted: pointer ``p`` covers exactly the hashes of
+    partition ``p`` (top bits), in ascending order; the partitions' contents are those of
+    :func:`transforms.planio.partition_order`'s grouping."""
+    from transforms.planio import SPILL_PARTITION_BITS, partition_order, sorted_partition_edges, spill_chunk
+
+    rng = np.random.default_rng(5)
+    parts = [rng.integers(0, 2**64, 3000, dtype=np.uint64, endpoint=False) for _ in range(3)]
+    parts.append(np.array([0, 2**64 - 1, 2**56, 2**56 - 1, 7, 7], dtype=np.uint64))
+    everything = np.concatenate(parts)
+    out = spill_chunk(str(tmp_path), 0, 0, [p.copy() for p in parts], [])
+    order, edges = partition_order(everything, SPILL_PARTITION_BITS)
+    grouped = everything[order]
+    seen = 0
+    for tag, p, (path, offset, length) in out:
+        assert tag == "hashes"
+        with open(path, "rb") as f:
+            f.seek(offset)
+            got = np.frombuffer(f.read(length), "<u8")
+        assert np.all(got[1:] >= got[:-1])
+        assert np.all(got >> np.uint64(64 - SPILL_PARTITION_BITS) == p)
+        assert np.array_equal(got, np.sort(grouped[edges[p]:edges[p + 1]]))
+        seen += len(got)
+    assert seen == len(everything)
+    h = everything.copy()
+    e = sorted_partition_edges(h, SPILL_PARTITION_BITS)
+    assert np.array_equal(e, edges) and np.array_equal(h, np.sort(everything))
+    h0 = everything.copy()
+    assert list(sorted_partition_edges(h0, 0)) == [0, len(everything)]
