@@ -342,11 +342,6 @@ def _universe(ring, names: list) -> tuple[list, np.ndarray]:
     return uni, idx
 
 
-def _counts(uni: list, codes: np.ndarray) -> dict:
-    c = np.bincount(codes, minlength=len(uni)) if len(codes) else np.zeros(len(uni), np.int64)
-    return {uni[i]: int(c[i]) for i in np.flatnonzero(c)}
-
-
 def _coded_rows(batch, key_type: KeyType):
     """``(canonical keys, shard names, shard codes)`` of a batch with no invalid row (no
     invalid, over-long or empty key, no null shard id), shard ids dictionary-encoded once
@@ -426,14 +421,19 @@ def _coded_moves(canon, uni: list, src_u: np.ndarray, tgt_u: np.ndarray, hashes:
     """The moves (rows where ``changed``) and the before/after/pair counts of rows whose
     source and target shard ids are codes into ``uni``: numpy on codes, strings built only
     for the moved rows.  Row ``i``'s key is ``canon[i]``, or ``canon[key_rows[i]]``."""
-    st.before = _counts(uni, src_u)
-    st.after = _counts(uni, np.where(changed, tgt_u, src_u))
+    u = len(uni)
+    before = np.bincount(src_u, minlength=u) if len(src_u) else np.zeros(u, np.int64)
+    st.before = {uni[i]: int(before[i]) for i in np.flatnonzero(before)}
     moved = np.flatnonzero(changed)
     st.moved = len(moved)
     if not len(moved):
+        st.after = dict(st.before)
         return _no_moves(ctx)
-    uni_arr = pa.array(uni, pa.string())
     ms, mt, mh = src_u[moved], tgt_u[moved], hashes[moved]
+    # after = before, less the moved rows at their source, plus them at their target
+    after = before - np.bincount(ms, minlength=u) + np.bincount(mt, minlength=u)
+    st.after = {uni[i]: int(after[i]) for i in np.flatnonzero(after)}
+    uni_arr = pa.array(uni, pa.string())
     pc_ = np.bincount(ms.astype(np.intp) * len(uni) + mt, minlength=len(uni) * len(uni))
     st.pairs = {f"{uni[i // len(uni)]}\x1f{uni[i % len(uni)]}": int(pc_[i]) for i in np.flatnonzero(pc_)}
     return pa.table(

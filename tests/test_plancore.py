@@ -38,6 +38,29 @@ def test_plan_batch_equals_reference_and_moves_only_changed_keys(keys, current, 
     assert again.equals(moves)
 
 
+@settings(max_examples=60, deadline=None)
+@given(key_sets, shard_sets, shard_sets, st.one_of(st.none(), st.tuples(st.integers(0, 255), st.integers(0, 255))))
+def test_plan_batch_counts_before_after_and_pairs(keys, current, target, window):
+    """Per-shard counts: ``before`` of the sources, ``after`` of each row's shard once the
+    moves are made (outside the window nothing moves), ``pairs`` of the moves; shards
+    with no row are absent (the coded path derives ``after`` from the moved rows)."""
+    from collections import Counter
+
+    if window is not None and window[0] > window[1]:
+        window = (window[1], window[0])
+    cur_ring = Ring.build("native", [(s, 1.0) for s in current], virtual_nodes=50)
+    tgt_ring = Ring.build("native", [(s, 1.0) for s in target], virtual_nodes=50)
+    rows = [(k, cur_ring.assign_one(k)) for k in keys]
+    batch = pa.table({"key": pa.array([k for k, _ in rows], pa.binary()),
+                      "shard_id": pa.array([s for _, s in rows], pa.string())})
+    _moves, stats, _h = core.plan_batch(batch, _ctx(tgt_ring, window))
+    moved = {k: t for k, _s, t, _h in core.reference_plan(rows, ring=tgt_ring, window=window)}
+    assert stats.before == dict(Counter(s for _k, s in rows))
+    assert stats.after == dict(Counter(moved.get(k, s) for k, s in rows))
+    assert stats.pairs == dict(Counter(f"{s}\x1f{moved[k]}" for k, s in rows if k in moved))
+    assert stats.moved == len(moved)
+
+
 @settings(max_examples=30, deadline=None)
 @given(key_sets, st.integers(2, 8))
 def test_adding_a_shard_moves_keys_only_onto_it(keys, n):
