@@ -209,3 +209,21 @@ def test_spill_chunk_writes_each_hash_partition_as_one_sorted_run(tmp_path):
     assert np.array_equal(e, edges) and np.array_equal(h, np.sort(everything))
     h0 = everything.copy()
     assert list(sorted_partition_edges(h0, 0)) == [0, len(everything)]
+
+
+def test_read_range_stitches_short_reads_and_refuses_a_short_file(tmp_path, monkeypatch):
+    """A spill range is read with pread: short reads are continued, and a file shorter
+    than the pointer says is an error (never a silently truncated range)."""
+    import os as _os
+
+    from transforms.planio import _read_range
+
+    path = tmp_path / "spill.bin"
+    payload = bytes(range(256)) * 40
+    path.write_bytes(payload)
+    assert _read_range(str(path), 100, 5000) == payload[100:5100]
+    real = _os.pread
+    monkeypatch.setattr(_os, "pread", lambda fd, n, off: real(fd, min(n, 7), off))
+    assert _read_range(str(path), 3, 1000) == payload[3:1003]
+    with pytest.raises(IOError, match="is short"):
+        _read_range(str(path), len(payload) - 10, 20)

@@ -190,9 +190,19 @@ def _read_range(path: str, offset: int, length: int) -> bytes:
     if fs.is_gcs(path):
         data = fs.read_range(path, offset, length)  # one ranged GET
     else:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
+        # a raw descriptor and pread (3 system calls, no buffered file object): a partition or
+        # a group reads one range from every chunk's spill file, and each call that releases
+        # the GIL may wait for it again
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+            while 0 < len(data) < length:  # a short read (signals, some file systems)
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(fd)
     if len(data) != length:
         raise IOError(f"spill file {path.rsplit('/', 1)[-1]} is short ({len(data)} of {length} bytes)")
     return data
