@@ -1,6 +1,7 @@
 """Safe, reversible file names for shard ids and work groups."""
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = ["safe_name", "unsafe_name", "group_id", "parse_group_id"]
@@ -8,6 +9,7 @@ __all__ = ["safe_name", "unsafe_name", "group_id", "parse_group_id"]
 _SAFE = re.compile(rb"[A-Za-z0-9_\-]")
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of a few shard ids, met once per group
 def safe_name(shard_id: str) -> str:
     """Escape a shard id to a file-name-safe string (reversible).
 

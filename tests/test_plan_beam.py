@@ -227,3 +227,19 @@ def test_read_range_stitches_short_reads_and_refuses_a_short_file(tmp_path, monk
     assert _read_range(str(path), 3, 1000) == payload[3:1003]
     with pytest.raises(IOError, match="is short"):
         _read_range(str(path), len(payload) - 10, 20)
+
+
+def test_ipc_spill_blob_is_the_default_stream_and_round_trips():
+    """A spilled group is the IPC stream pyarrow's default writer makes (explicit options,
+    same bytes), handed over as a buffer; it reads back as the same table."""
+    from transforms.planio import _ipc_bytes
+
+    t = pa.table({"key": pa.array([b"a", b"bc"], pa.binary()), "source": ["s0", "s0"], "target": ["s1", "s1"],
+                  "key_hash": pa.array([1, 2], pa.uint64())})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    blob = _ipc_bytes(t)
+    assert bytes(blob) == sink.getvalue().to_pybytes() and len(blob) == len(bytes(blob))
+    assert _moves_table(t).equals(t)
+    assert pa.ipc.open_stream(blob).read_all().equals(t)
