@@ -347,7 +347,7 @@ class _WriteGroupFn(beam.DoFn):
     WRITE_AHEAD = 16
     #: ... and at most this many spilled bytes of moves in flight (always at least one
     #: group): a group grows with the keyspace, so the count alone would not bound memory
-    WRITE_AHEAD_BYTES = 16 << 20
+    WRITE_AHEAD_BYTES = 8 << 20
 
     def __init__(self, staging: str):
         self._staging = staging
