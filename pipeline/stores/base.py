@@ -286,6 +286,21 @@ class CopyOutcome:
         return self.error is None
 
 
+def copied(key: bytes, content_hash: bytes, source_version: int, written: bool,
+           _new=object.__new__) -> CopyOutcome:
+    """``CopyOutcome(key, content_hash, source_version, written)`` -- a success -- for a
+    store's per-key hot path: the same frozen object, its fields set without the frozen
+    dataclass's per-field ``object.__setattr__`` (about 4x cheaper)."""
+    o = _new(CopyOutcome)
+    d = o.__dict__
+    d["key"] = key
+    d["content_hash"] = content_hash
+    d["source_version"] = source_version
+    d["written"] = written
+    d["error"] = None
+    return o
+
+
 @runtime_checkable
 class ShardInventory(Protocol):
     """What a data store can say about a shard as a whole (every data store here)."""
