@@ -211,6 +211,8 @@ class Transitions:
             raise ValueError(f"states must be ranks 0..{int(max(State))}")
         if len(key_hashes) != n or len(attempts) != n:
             raise ValueError("key_hashes and attempts must have one value per key")
+        if min(attempts) < 0:
+            raise ValueError("attempts must be non-negative")
         if verify_methods is not None:
             found = {verify_methods} if isinstance(verify_methods, str) else set(verify_methods)
             found.discard(None)
@@ -220,7 +222,7 @@ class Transitions:
             keys,
             pa.array(key_hashes, pa.uint64()),
             pa.array(np.full(n, state, dtype=np.int8)),
-            pa.array(attempts, pa.int32()),  # a negative or oversized count raises
+            pa.array(attempts, pa.int32()),  # an oversized count raises
             _trusted_column(reasons, n, pa.string()),
             _trusted_column(content_hashes, n, pa.binary(16)),  # a hash of another length raises
             _trusted_column(source_versions, n, pa.int64()),
