@@ -32,7 +32,7 @@ import xxhash
 from pipeline.errors import ConfigurationError, SourceMissing, StoreError, TransientError
 from pipeline.keys import KeyType, short_hash_of_key, text_forms
 from pipeline.names import safe_name
-from pipeline.stores.base import CopyOutcome, copied
+from pipeline.stores.base import CopyOutcome
 from pipeline.stores.sqlite_common import (
     _IN_CHUNK,
     _WRITE_CHUNK,
@@ -326,7 +326,7 @@ class SqliteDataStore(_SqliteBase):
                 append(CopyOutcome(k, error=SourceMissing(
                     f"source record missing for key {short_hash_of_key(k)}")))
             else:
-                append(copied(k, hashed[t], hit[1], t in written))
+                append(CopyOutcome(k, hashed[t], hit[1], t in written))
         return out
 
     def put_many(self, shard: str, rows: Iterable[tuple[bytes, bytes]], *, chunk_size: int = _WRITE_CHUNK) -> int:
