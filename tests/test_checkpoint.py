@@ -901,3 +901,98 @@ def test_bytes_per_row_of_a_10k_part():
                                               "group_id": GID, "epoch": 1, "kind": "part"})
     print(f"\nbytes_per_transition_row: {len(data) / n:.1f}")
     assert len(data) / n < 64
+
+
+def test_record_chunk_fast_path_checks_transitions_and_values_and_reads_back(tmp_path):
+    """The executor's fast path (CheckpointWriter.record_chunk): the same rows as
+    record_many, the state machine still checked, the values its types do not
+    guarantee still refused -- and nothing refused is buffered."""
+    from pipeline.states import TransitionError
+
+    plan = str(tmp_path)
+    w = cp.CheckpointWriter(plan, PLAN, GID, 3, flush_every=10**6, check_transitions=True)
+    keys = [b"k1", b"k2", b"k3"]
+    karr = pa.array(keys, pa.binary())
+    hashes = np.array([K.stable_hash(k) for k in keys], dtype=np.uint64)
+    w.record_chunk(karr, hashes, int(State.COPYING), [1, 1, 2], prev=[int(State.PLANNED)] * 3)
+    w.record_chunk(karr, hashes, int(State.COPIED), [1, 1, 2], None, [b"h" * 16] * 3, [7, 8, 9], None,
+                   prev=[int(State.COPYING)] * 3)
+    w.record_chunk(karr[:2], hashes[:2], int(State.VERIFYING), [1, 1], None, b"h" * 16, 5, None,
+                   prev=[int(State.COPIED)] * 2)
+    w.record_chunk(karr[:2], hashes[:2], int(State.VERIFIED), [1, 1], None, b"h" * 16, 5, "hash",
+                   prev=[int(State.VERIFYING)] * 2)
+    assert len(w) == 10
+    with pytest.raises(TransitionError):  # Copied -> Done skips verification and the swap
+        w.record_chunk(karr[2:], hashes[2:], int(State.DONE), [2], prev=[int(State.COPIED)])
+    with pytest.raises(TypeError):
+        w.record_chunk(karr, hashes, int(State.COPYING), [1, 1, 1], prev=None)
+    with pytest.raises(ValueError):  # a content hash is 16 bytes
+        w.record_chunk(karr, hashes, int(State.COPIED), [1, 1, 2], None, [b"short"] * 3, None, None,
+                       prev=[int(State.COPYING)] * 3)
+    with pytest.raises(ValueError):  # an unknown verify method
+        w.record_chunk(karr, hashes, int(State.VERIFIED), [1, 1, 2], None, None, None, "guessed",
+                       prev=[int(State.VERIFYING)] * 3)
+    with pytest.raises((ValueError, OverflowError, pa.ArrowInvalid)):  # attempts are non-negative int32
+        w.record_chunk(karr, hashes, int(State.COPYING), [1, -1, 2], prev=[int(State.PLANNED)] * 3)
+    with pytest.raises(ValueError):  # one attempt count per key
+        w.record_chunk(karr, hashes, int(State.COPYING), [1, 1], prev=[int(State.PLANNED)] * 3)
+    assert len(w) == 10
+    w.flush()
+    t = cp.read_group(plan, PLAN, GID).table.sort_by("key")
+    assert t.column("key").to_pylist() == keys
+    assert t.column("state").to_pylist() == [int(State.VERIFIED)] * 2 + [int(State.COPIED)]
+    assert t.column("verify_method").to_pylist() == ["hash", "hash", None]
+    assert t.column("source_version").to_pylist() == [5, 5, 9]
+    assert t.column("key_hash").to_pylist() == [int(h) for h in hashes]
+    assert t.column("epoch").to_pylist() == [3] * 3
+
+
+def test_recorder_gathers_rows_of_a_chunk_and_the_chunk_cache_is_never_pickled(tmp_path):
+    import pickle
+
+    from transforms.stages.common import CheckpointRecorder, Chunk
+
+    class Ctx:
+        class opts:
+            checkpoint_flush_every_transitions = 10**6
+            checkpoint_flush_interval = 3600.0
+
+        class spec:
+            plan_dir, plan_id, epoch = str(tmp_path), PLAN, 2
+
+        class metrics:
+            @staticmethod
+            def checkpoint_extras():
+                return {}
+
+        class crasher:
+            @staticmethod
+            def tick(n):
+                pass
+
+        stage = "t"
+        checkpoint_fence = staticmethod(lambda: None)
+        retry_io = staticmethod(lambda fn, *a: fn(*a))
+
+    keys = [b"a", b"b", b"c", b"d"]
+    ch = Chunk(GID, 0, "s0", "s1", list(keys), [K.stable_hash(k) for k in keys], [0] * 4, [1] * 4,
+               [None] * 4, [None] * 4, [None] * 4, [None] * 4)
+    rec = CheckpointRecorder(Ctx())
+    try:
+        rec.record(ch, [0, 1, 2, 3], State.COPYING)
+        rec.record(ch, [3, 1], State.COPIED, chash={1: b"1" * 16, 3: b"3" * 16}, sver={1: 11, 3: 13},
+                   method=None, reason=None)
+        rec.record(ch, [0, 2], State.FAILED, reason={0: "copy_failed", 2: "source_missing"})
+        assert ch._fixed is not None
+        back = pickle.loads(pickle.dumps(ch))
+        assert back._fixed is None and back.keys == keys and back.states == ch.states
+        rec.flush_all()
+    finally:
+        rec.close()
+    t = cp.read_group(str(tmp_path), PLAN, GID).table.sort_by("key")
+    assert t.column("key").to_pylist() == keys
+    assert t.column("state").to_pylist() == [int(State.FAILED), int(State.COPIED)] * 2
+    assert t.column("reason").to_pylist() == ["copy_failed", None, "source_missing", None]
+    assert t.column("content_hash").to_pylist() == [None, b"1" * 16, None, b"3" * 16]
+    assert t.column("source_version").to_pylist() == [None, 11, None, 13]
+    assert t.column("key_hash").to_pylist() == [K.stable_hash(k) for k in keys]

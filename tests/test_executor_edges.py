@@ -97,7 +97,8 @@ def test_writer_enforces_the_state_machine(tmp_path):
 
 @pytest.mark.parametrize("fence", ["auto", "recheck"])
 def test_fault_injected_run_with_live_writer_records_only_allowed_transitions(tmp_path, fence):
-    """A witness on CheckpointWriter.record_many (independent of the writer's own check)
+    """A witness on CheckpointWriter.record_many and record_chunk (the executor's fast path;
+    independent of the writer's own check)
     sees every transition of a run under copy, verify and swap faults with an application
     writing the sources: each leaves the state the key was in by an allowed transition."""
     cfg = with_faults(make_keyspace(tmp_path, keys=1200, write_fence=fence, swap_batch_size=40, max_retries=3,
@@ -110,14 +111,14 @@ def test_fault_injected_run_with_live_writer_records_only_allowed_transitions(tm
     seen, bad = {}, {}
     lock = threading.Lock()
     orig = ckpt.CheckpointWriter.record_many
+    orig_chunk = ckpt.CheckpointWriter.record_chunk
 
     last = {}  # key -> the state last recorded for it (a fresh plan: every key starts Planned)
     wrong_prev = []
 
-    def witness(self, keys, key_hashes=None, states=None, attempts=None, *a, **kw):
-        prev = kw.get("prev")
+    def look(keys, states, prev):
         with lock:
-            for j, k in enumerate(keys):
+            for j, k in enumerate(keys.to_pylist() if hasattr(keys, "to_pylist") else keys):
                 t = (last.get(k, S.State.PLANNED), S.State(int(states)))
                 last[k] = t[1]
                 seen[t] = seen.get(t, 0) + 1
@@ -125,9 +126,17 @@ def test_fault_injected_run_with_live_writer_records_only_allowed_transitions(tm
                     bad[t] = bad.get(t, 0) + 1
                 if prev is not None and int(prev if isinstance(prev, int) else prev[j]) != t[0]:
                     wrong_prev.append(t)
+
+    def witness(self, keys, key_hashes=None, states=None, attempts=None, *a, **kw):
+        look(keys, states, kw.get("prev"))
         return orig(self, keys, key_hashes, states, attempts, *a, **kw)
 
+    def witness_chunk(self, keys, key_hashes, state, attempts, *a, **kw):
+        look(keys, state, kw.get("prev"))
+        return orig_chunk(self, keys, key_hashes, state, attempts, *a, **kw)
+
     ckpt.CheckpointWriter.record_many = witness
+    ckpt.CheckpointWriter.record_chunk = witness_chunk
     w = Writer(cfg, plan_moves(plan_dir, m), fence_aware=False, seed=3, pause=0.001)
     w.start()
     try:
@@ -136,6 +145,7 @@ def test_fault_injected_run_with_live_writer_records_only_allowed_transitions(tm
         w.stop.set()
         w.join()
         ckpt.CheckpointWriter.record_many = orig
+        ckpt.CheckpointWriter.record_chunk = orig_chunk
     assert bad == {}, bad
     assert wrong_prev == []  # the executor tells the writer the state each key really leaves
     assert res.exit_code in (0, 3)
@@ -165,22 +175,35 @@ def test_resume_from_each_state_records_only_allowed_transitions(tmp_path, state
     found = {k: S.State(v[0]) for k, v in key_states(plan_dir, m).items()}
     retry = state == S.State.FAILED
     bad = []
+    witnessed = []
     orig = ckpt.CheckpointWriter.record_many
+    orig_chunk = ckpt.CheckpointWriter.record_chunk
 
-    def witness(self, keys, key_hashes=None, states=None, attempts=None, *a, **kw):
-        for k in keys:
+    def look(keys, states):
+        for k in keys.to_pylist() if hasattr(keys, "to_pylist") else keys:
             t = (found[k], S.State(int(states)))
             if not S.can_transition(*t, retry_failed=retry and t[0] == S.State.FAILED):
                 bad.append(t)
             found[k] = t[1]
+            witnessed.append(t)
+
+    def witness(self, keys, key_hashes=None, states=None, attempts=None, *a, **kw):
+        look(keys, states)
         return orig(self, keys, key_hashes, states, attempts, *a, **kw)
 
+    def witness_chunk(self, keys, key_hashes, state, attempts, *a, **kw):
+        look(keys, state)
+        return orig_chunk(self, keys, key_hashes, state, attempts, *a, **kw)
+
     ckpt.CheckpointWriter.record_many = witness
+    ckpt.CheckpointWriter.record_chunk = witness_chunk
     try:
         res = api.run(cfg, plan_dir, retry_failed=retry, out=quiet)
     finally:
         ckpt.CheckpointWriter.record_many = orig
+        ckpt.CheckpointWriter.record_chunk = orig_chunk
     assert bad == []
+    assert witnessed  # the witness saw the run's transitions (not a vacuous pass)
     assert (res.summary["done"], res.summary["failed"]) == (m["moves"], 0)
 
 

@@ -430,3 +430,55 @@ def test_a_directory_without_room_for_the_sidecar_leaves_locking_to_sqlite(tmp_p
     assert all(o.ok for o in data.copy(keys, "src", "dst"))
     assert data.count("dst") == 5
     data.close()
+
+
+def test_fenced_swap_of_mixed_items_decides_each_key_as_before(tmp_path):
+    """The swap splits its items into columns once: 3-, 4- and 5-tuples and SwapItems
+    mixed, two source shards, a forced key (version only), a consistent and an
+    inconsistent duplicate, a key whose target file is absent."""
+    data = _data(tmp_path)
+    keys = demo_keys(10, KeyType.STRING)
+    data.put_many("a", zip(keys[:6], values_for(keys[:6])))
+    data.put_many("c", zip(keys[6:], values_for(keys[6:])))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys[:6]] + [(k, "c") for k in keys[6:]])
+    out_a, out_c = data.copy(keys[:5], "a", "b"), data.copy(keys[6:], "c", "b")
+    # a forced key: its target copy differs, the fence checks its version only
+    data.put_many("b", [(keys[1], b"differs from the source")])
+    ver_a = {o.key: o.source_version for o in out_a}
+    ver_a[keys[1]] = data.hashes([keys[1]], "a")[keys[1]][1]
+    items = [
+        (keys[0], "a", "b", ver_a[keys[0]]),               # 4-tuple
+        (keys[1], "a", "b", ver_a[keys[1]], False),        # forced: version only
+        SwapItem(keys[2], "a", "b", ver_a[keys[2]]),       # SwapItem
+        (keys[3], "a", "b", ver_a[keys[3]], True),
+        (keys[3], "a", "b", ver_a[keys[3]], 1),            # the same move again: consistent
+    ] + [(o.key, "c", "b", o.source_version, True) for o in out_c]
+    res = store.swap_batch(items, fence=data)
+    assert res.committed and res.applied == tuple(range(len(items))) and res.already == ()
+    assert {k: v[0] for k, v in store.lookup(keys[:4] + keys[6:]).items()} == {k: "b" for k in keys[:4] + keys[6:]}
+    # a rerun finds them all at their target (3-tuples: no version needed for "already")
+    res = store.swap_batch([(k, "a", "b") for k in keys[:4]], fence=data)
+    assert res.committed and res.already == (0, 1, 2, 3) and res.applied == ()
+    # an inconsistent duplicate is a conflict; nothing applied
+    before = table(store.path)
+    res = store.swap_batch([(keys[4], "a", "b", ver_a[keys[4]]), (keys[4], "a", "d", ver_a[keys[4]])], fence=data)
+    assert not res.committed and res.conflicts == (0, 1)
+    # a target shard without a file: nothing was copied there, the source counts as changed
+    res = store.swap_batch([(keys[4], "a", "b", ver_a[keys[4]]), (keys[5], "a", "e", 1)], fence=data)
+    assert not res.committed and res.source_changed == (1,)
+    assert table(store.path) == before
+
+
+def test_copy_outcomes_of_the_sqlite_store_are_plain_frozen_outcomes(tmp_path):
+    from pipeline.stores import CopyOutcome
+
+    data = _data(tmp_path)
+    keys = demo_keys(3, KeyType.STRING)
+    data.put_many("a", zip(keys[:2], values_for(keys[:2])))
+    out = data.copy(keys, "a", "b")
+    assert [type(o) for o in out] == [CopyOutcome] * 3
+    assert out[0] == CopyOutcome(keys[0], content_hash(values_for(keys[:2])[0]), out[0].source_version, True)
+    assert out[0].ok and out[1].ok and not out[2].ok and out[2].error.reason == "source_missing"
+    with pytest.raises(AttributeError):  # still frozen
+        out[0].written = False
+    assert hash(out[0]) == hash(CopyOutcome(keys[0], out[0].content_hash, out[0].source_version, True))

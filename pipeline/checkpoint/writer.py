@@ -83,6 +83,17 @@ def _column(values, n: int, typ: pa.DataType, name: str) -> pa.Array:
     return arr
 
 
+def _trusted_column(values, n: int, typ: pa.DataType) -> pa.Array:
+    """None (all null), a list of ``n`` values, or one value for all rows, as ``typ``."""
+    if values is None:
+        return pa.nulls(n, typ)
+    if isinstance(values, list):
+        if len(values) != n:
+            raise ValueError(f"a column has {len(values)} values for {n} keys")
+        return pa.array(values, typ)
+    return pa.repeat(pa.scalar(values, typ), n)
+
+
 class Transitions:
     """A columnar buffer of transitions, built row by row or batch by batch.
 
@@ -180,6 +191,43 @@ class Transitions:
             _column(content_hashes, n, pa.binary(16), "content_hashes"),
             _column(source_versions, n, pa.int64(), "source_versions"),
             vm, tm,
+        ], schema=_BUFFER_SCHEMA)
+        self._seal()  # keep call order
+        self._batches.append(batch)
+        self._batch_rows += n
+
+    def add_trusted(self, keys: pa.Array, key_hashes: np.ndarray, state: int, attempts: list,
+                    reasons=None, content_hashes=None, source_versions=None, verify_methods=None) -> None:
+        """Buffer a batch from a caller that guarantees the types (the executor's recorder,
+        through :meth:`CheckpointWriter.record_chunk`): ``keys`` a binary array,
+        ``key_hashes`` a uint64 array, ``state`` a state rank, ``attempts`` non-negative
+        ints; each nullable column None (all null), one value for all, or a list.  What
+        the types do not guarantee is still checked, in C or on one value: the state
+        rank, content hashes of 16 bytes, the verify methods, the lengths."""
+        n = len(keys)
+        if n == 0:
+            return
+        if not 0 <= state <= int(max(State)):
+            raise ValueError(f"states must be ranks 0..{int(max(State))}")
+        if len(key_hashes) != n or len(attempts) != n:
+            raise ValueError("key_hashes and attempts must have one value per key")
+        if min(attempts) < 0:
+            raise ValueError("attempts must be non-negative")
+        if verify_methods is not None:
+            found = {verify_methods} if isinstance(verify_methods, str) else set(verify_methods)
+            found.discard(None)
+            if not found <= VERIFY_METHODS:
+                raise ValueError(f"verify_methods must be among {sorted(VERIFY_METHODS)}")
+        batch = pa.RecordBatch.from_arrays([
+            keys,
+            pa.array(key_hashes, pa.uint64()),
+            pa.array(np.full(n, state, dtype=np.int8)),
+            pa.array(attempts, pa.int32()),  # an oversized count raises
+            _trusted_column(reasons, n, pa.string()),
+            _trusted_column(content_hashes, n, pa.binary(16)),  # a hash of another length raises
+            _trusted_column(source_versions, n, pa.int64()),
+            _trusted_column(verify_methods, n, pa.string()),
+            pa.array(np.full(n, self._now_ms(), dtype=np.int64)),
         ], schema=_BUFFER_SCHEMA)
         self._seal()  # keep call order
         self._batches.append(batch)
@@ -377,6 +425,24 @@ class CheckpointWriter:
         with self._lock:
             self._buffer.add_many(keys, key_hashes, states, attempts, reasons,
                                   content_hashes, source_versions, verify_methods)
+            if not may_flush:
+                self._riders += len(keys)
+                return None
+            return self.maybe_flush()
+
+    def record_chunk(self, keys: pa.Array, key_hashes: np.ndarray, state: int, attempts: list,
+                     reasons=None, content_hashes=None, source_versions=None, verify_methods=None,
+                     *, prev, may_flush: bool = True) -> str | None:
+        """The executor's fast path (private to :class:`transforms.stages.common.CheckpointRecorder`):
+        :meth:`record_many` with the types its caller guarantees (see
+        :meth:`Transitions.add_trusted`).  ``prev`` is required and every ``prev -> state``
+        is checked against the state machine as by :meth:`record_many`."""
+        if prev is None:
+            raise TypeError("record_chunk checks transitions: pass prev (the states left)")
+        self._check(prev, state, len(keys))
+        with self._lock:
+            self._buffer.add_trusted(keys, key_hashes, int(state), attempts, reasons,
+                                     content_hashes, source_versions, verify_methods)
             if not may_flush:
                 self._riders += len(keys)
                 return None

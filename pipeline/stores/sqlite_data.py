@@ -319,13 +319,14 @@ class SqliteDataStore(_SqliteBase):
         digest = xxhash.xxh3_128_digest
         hashed = {t: digest(v) for t, (v, _) in found.items()}
         out = []
+        append = out.append
         for k, t in zip(keys, texts):
             hit = found.get(t)
             if hit is None:
-                out.append(CopyOutcome(k, error=SourceMissing(
+                append(CopyOutcome(k, error=SourceMissing(
                     f"source record missing for key {short_hash_of_key(k)}")))
             else:
-                out.append(CopyOutcome(k, content_hash=hashed[t], source_version=hit[1], written=t in written))
+                append(CopyOutcome(k, hashed[t], hit[1], t in written))
         return out
 
     def put_many(self, shard: str, rows: Iterable[tuple[bytes, bytes]], *, chunk_size: int = _WRITE_CHUNK) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from itertools import repeat
 from typing import Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -438,33 +439,37 @@ class SqliteMapStore(_SqliteBase):
         return res
 
     def _swap_batch(self, items, *, fence, token, fast_path: bool) -> "SwapResult | None":
-        norm = [swap_item(it) for it in items]
-        if not norm:
+        norm = _Items(items)
+        if not norm.n:
             return SwapResult()
         if fence is not None:
             if not self.supports_fence(fence):
                 raise TypeError("swap_batch: fence must be a SqliteDataStore")
             # an item without source_version can only be confirmed "already" at its
             # target; were it to be applied, it counts as source_changed (re-copy first)
-        texts = text_forms([it.key for it in norm], self.key_type)
+        texts = text_forms(norm.key, self.key_type)
 
         # One decision per distinct key; an inconsistent duplicate is a conflict.
-        first: dict[str, int] = {}
+        first: dict[str, int]
         dup_conflict: set[str] = set()
-        for i, (t, it) in enumerate(zip(texts, norm)):
-            j = first.setdefault(t, i)
-            if j != i and norm[j] != it:
-                dup_conflict.add(t)
+        if len(set(texts)) == len(texts):  # no key twice (the executor's batches): built in C
+            first = dict(zip(texts, range(len(texts))))
+        else:
+            first = {}
+            for i, t in enumerate(texts):
+                j = first.setdefault(t, i)
+                if j != i and norm.row(j) != norm.row(i):
+                    dup_conflict.add(t)
 
         conn = self._map_conn()
         attached: dict[str, str] = {}  # source shard -> schema name
         targets: dict[str, str | None] = {}  # target shard -> schema name (None: no file)
         lock_paths = [self.path]
         if fence is not None:
-            sources = sorted({it.source for it in norm})
+            sources = sorted(set(norm.source))
             # targets are attached read-only: BEGIN IMMEDIATE takes no write lock on them,
             # so copies to them go on during the swap
-            readonly = sorted({it.target for it in norm} - set(sources))
+            readonly = sorted(set(norm.target) - set(sources))
             readonly = [s for s in readonly if os.path.exists(fence.shard_path(s))]
             limit = _limit(conn, "SQLITE_LIMIT_ATTACHED", 10)
             if len(sources) + len(readonly) > limit:
@@ -476,7 +481,7 @@ class SqliteMapStore(_SqliteBase):
                     raise PermanentError(f"fenced swap: source shard file not found ({safe_name(s)})",
                                          reason="shard_missing")
                 attached[s] = f"fence{n}"
-            targets = {it.target: attached.get(it.target) for it in norm}
+            targets = {t: attached.get(t) for t in set(norm.target)}
             for n, s in enumerate(readonly):
                 targets[s] = f"copy{n}"
             lock_paths += sorted(fence.shard_path(s) for s in sources)
@@ -515,13 +520,12 @@ class SqliteMapStore(_SqliteBase):
                 applied_keys: list[str] = []
                 status: dict[str, str] = {}
                 for t, i in first.items():
-                    it = norm[i]
                     cur = current.get(t)
                     if t in dup_conflict:
                         status[t] = "conflict"
-                    elif cur is not None and cur == it.target:
+                    elif cur is not None and cur == norm.target[i]:
                         status[t] = "already"
-                    elif cur is not None and cur == it.source:
+                    elif cur is not None and cur == norm.source[i]:
                         status[t] = "apply"
                         applied_keys.append(t)
                     else:
@@ -610,7 +614,32 @@ class SqliteMapStore(_SqliteBase):
             self._local.fenced = None
 
 
-def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict, targets: dict) -> list[str]:
+class _Items:
+    """A swap batch's items as columns (``key``, ``source``, ``target``, ``sver``,
+    ``check``: one list each, row ``i`` = item ``i``), normalised once: 5-tuples
+    (:class:`SwapItem` or plain) are split in C; 3- and 4-tuples through
+    :func:`~pipeline.stores.base.swap_item`."""
+
+    __slots__ = ("n", "key", "source", "target", "sver", "check")
+
+    def __init__(self, items):
+        items = items if isinstance(items, list) else list(items)
+        self.n = len(items)
+        if not items:
+            self.key = self.source = self.target = self.sver = self.check = []
+            return
+        if set(map(len, items)) != {5}:
+            items = [swap_item(it) for it in items]
+        key, source, target, sver, check = zip(*items)
+        self.key, self.source, self.target, self.sver = key, source, target, sver
+        self.check = tuple(map(bool, check))
+
+    def row(self, i: int) -> tuple:
+        return (self.key[i], self.source[i], self.target[i], self.sver[i], self.check[i])
+
+
+def _sources_changed(conn: sqlite3.Connection, norm: _Items, first, keys, attached: dict,
+                     targets: dict) -> list[str]:
     """The write fence's check, inside the swap transaction: the ``keys`` whose record
     on their (attached) source shard is gone, no longer has the version the copy read,
     or no longer holds the same bytes as the key's record on its target shard.
@@ -620,46 +649,59 @@ def _sources_changed(conn: sqlite3.Connection, norm, first, keys, attached: dict
     a fresh copy.  SQLite compares the bytes itself, the target attached read-only
     (``targets``: target shard -> schema, or None when its file is absent); one JSON
     document per chunk comes back (see :func:`_rows_json`)."""
-    by_pair: dict[tuple, list[str]] = {}
-    for t in keys:
-        it = norm[first[t]]
-        by_pair.setdefault((it.source, it.target), []).append(t)
+    rows = [first[t] for t in keys]
+    pairs = set(zip(map(norm.source.__getitem__, rows), map(norm.target.__getitem__, rows)))
+    if len(pairs) == 1:  # one source and one target (the executor's chunks): no grouping
+        by_pair = {pairs.pop(): list(keys)}
+    else:
+        by_pair = {}
+        for t, i in zip(keys, rows):
+            by_pair.setdefault((norm.source[i], norm.target[i]), []).append(t)
+    check = norm.check
     changed = []
     for (source, target), ts in by_pair.items():
+        rs = [first[t] for t in ts]
+        checks = list(map(check.__getitem__, rs))
+        all_checked = all(checks)
         tgt = targets.get(target)
         if tgt is None:  # no target file: nothing was copied there
-            changed += [t for t in ts if norm[first[t]].check_content]
-            ts = [t for t in ts if not norm[first[t]].check_content]
-            if not ts:
+            if all_checked:
+                changed += ts
                 continue
-        found: dict[str, tuple] = {}
-        checked = [t for t in ts if norm[first[t]].check_content]
+            changed += [t for t, c in zip(ts, checks) if c]
+            ts = [t for t, c in zip(ts, checks) if not c]
+            rs = [first[t] for t in ts]
+            checks = [False] * len(ts)
+        found: dict = {}
+        checked = ts if all_checked else [t for t, c in zip(ts, checks) if c]
         for chunk in _chunks(checked):
             sql = _in_sql("SELECT json_group_array(json_array(s.key, s.version, "
                           "CAST(s.value AS BLOB) IS CAST(t.value AS BLOB))) "
                           f"FROM {attached[source]}.records s LEFT JOIN {tgt}.records t ON t.key = s.key "
                           "WHERE s.key IN ({in})", len(chunk))
-            for k, ver, same in json.loads(conn.execute(sql, chunk).fetchone()[0]):
-                found[k] = (ver, same)
+            found.update((k, (ver, same)) for k, ver, same in json.loads(conn.execute(sql, chunk).fetchone()[0]))
         if len(checked) < len(ts):  # forced swaps: the version only
-            forced = [t for t in ts if not norm[first[t]].check_content]
+            forced = [t for t, c in zip(ts, checks) if not c]
             for k, ver in _rows_json(conn, "version", f"{attached[source]}.records", forced):
                 found[k] = (ver, True)
-        for t in ts:
-            cur = found.get(t)
-            if cur is None or cur[0] != norm[first[t]].source_version or not cur[1]:
-                changed.append(t)
+        missing = (None, False)
+        get = found.get
+        changed += [t for t, sv in zip(ts, map(norm.sver.__getitem__, rs))
+                    if (cur := get(t, missing))[0] != sv or not cur[1]]
     return changed
 
 
-def _cas_update(conn: sqlite3.Connection, norm, first, keys, version: int) -> int:
+def _cas_update(conn: sqlite3.Connection, norm: _Items, first, keys, version: int) -> int:
     """Compare-and-set ``keys`` to their targets, stamping ``version``; returns the
     rows written.  One step per row (``executemany``): a set-based UPDATE (``key
     IN (...)`` or ``UPDATE ... FROM (VALUES ...)``) measured twice as slow here,
-    as SQLite then collects the rows first and seeks each one again."""
+    as SQLite then collects the rows first and seeks each one again.  The rows go
+    in key order (keys are distinct: a row's other fields never decide the sort)."""
+    rows = [first[t] for t in keys]
     return conn.executemany(
-        "UPDATE shard_map SET shard_id = ?, version = ? WHERE key = ? AND shard_id = ?",
-        [(norm[first[t]].target, version, t, norm[first[t]].source) for t in sorted(keys)],
+        "UPDATE shard_map SET shard_id = ?2, version = ?3 WHERE key = ?1 AND shard_id = ?4",
+        sorted(zip(keys, map(norm.target.__getitem__, rows), repeat(version),
+                   map(norm.source.__getitem__, rows))),
     ).rowcount
 
 

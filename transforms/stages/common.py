@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
@@ -97,6 +98,27 @@ class Chunk:
     sver: list
     method: list
     reason: list
+    # per-process cache of the columns that never change once the chunk is built
+    # (keys as an Arrow array, key hashes as uint64): never pickled, never compared
+    _fixed: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fixed"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+
+    def fixed_columns(self) -> tuple:
+        """``(keys as a binary Arrow array, key hashes as a uint64 numpy array)``, built once
+        per chunk and process: the keys and their hashes never change after loading (a
+        chunk whose key list has changed length is rebuilt)."""
+        f = self._fixed
+        if f is None or len(f[1]) != len(self.keys):
+            f = self._fixed = (pa.array(self.keys, pa.binary()),
+                               np.fromiter(self.hashes, dtype=np.uint64, count=len(self.hashes)))
+        return f
 
     @property
     def batch_id(self) -> str:
@@ -126,6 +148,20 @@ def _gather(values: list, idx) -> list:
     if len(idx) == 1:
         return [values[idx[0]]]
     return list(operator.itemgetter(*idx)(values))
+
+
+_RANGES: dict = {}
+
+
+def _is_range(idx) -> bool:
+    """``idx == [0, 1, ..., len(idx) - 1]`` (compared in C against a cached range)."""
+    n = len(idx)
+    r = _RANGES.get(n)
+    if r is None:
+        r = list(range(n))
+        if len(_RANGES) < 4096:
+            _RANGES[n] = r
+    return (idx if isinstance(idx, list) else list(idx)) == r
 
 
 def _column_or_none(values: list, idx):
@@ -331,14 +367,16 @@ class CheckpointRecorder:
         gathers), and the writer checks every ``prev -> state`` in one table look-up."""
         if not isinstance(idx, (list, tuple)):
             idx = list(idx)
-        if len(idx) == 0:
+        n = len(idx)
+        if n == 0:
             return
         w = self.writer(ch.gid)
         s = int(state)
-        prev = _gather(ch.states, idx)
         states = ch.states
+        prev = _gather(states, idx)
         for i in idx:
             states[i] = s
+        given = {}
         for name, values in cols.items():
             column = getattr(ch, name)
             if isinstance(values, dict):
@@ -347,15 +385,20 @@ class CheckpointRecorder:
             else:
                 for i in idx:
                     column[i] = values
-        w.record_many(
-            _gather(ch.keys, idx),
-            np.fromiter(_gather(ch.hashes, idx), dtype=np.uint64, count=len(idx)),
-            s,
-            _gather(ch.attempts, idx),
-            _column_or_none(ch.reason, idx),
-            _column_or_none(ch.chash, idx),
-            _column_or_none(ch.sver, idx),
-            _column_or_none(ch.method, idx),
+                given[name] = values  # one value for every row: no gather, no list
+        key_arr, hash_arr = ch.fixed_columns()
+        if n != len(ch.keys) or idx[0] != 0 or idx[-1] != n - 1 or not _is_range(idx):
+            pos = np.fromiter(idx, dtype=np.intp, count=n)
+            key_arr, hash_arr = key_arr.take(pos), hash_arr[pos]
+
+        def column(name):
+            if name in given:
+                return given[name]
+            return _column_or_none(getattr(ch, name), idx)
+
+        w.record_chunk(
+            key_arr, hash_arr, s, _gather(ch.attempts, idx),
+            column("reason"), column("chash"), column("sver"), column("method"),
             # in-progress markers ride along with the next flush instead of forcing one:
             # losing one only makes a resume redo idempotent work
             may_flush=s not in _IN_PROGRESS,
