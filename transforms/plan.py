@@ -79,7 +79,7 @@ from pipeline.keys import KeyType
 from transforms.plan_explicit import JoinPartitionFn, PrepareChunkFn, join_partition_bits
 from transforms.planio import (_MARK_EVERY_S, SPILL_DIR, SPILL_PARTITION_BITS, SPILL_ROWS, _moves_table, _read_range,
                                _read_units, make_chunks, mark_progress, spill_chunk)
-from transforms.planpool import ChunkPoolFn, GroupPoolFn, _in_global_window, _wait_quietly
+from transforms.planpool import ChunkPoolFn, GroupPoolFn, _in_global_window, _wait_quietly, release_thread_memory
 
 __all__ = [
     "PlanGraphSpec",
@@ -396,6 +396,8 @@ class _WriteGroupFn(beam.DoFn):
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         self._commit(workdir.move_file(self._staging, gid), data)
+        del table, data
+        release_thread_memory()  # on the writer thread: its freed Arrow memory back to the system
         return record
 
     def _process(self, element):
