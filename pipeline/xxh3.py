@@ -50,31 +50,8 @@ def _s32(off: int) -> int:
 
 
 def _mul_fold(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Low 64 bits xor high 64 bits of the 128-bit products ``a * b``."""
-    a_lo = a & _M32
-    a_hi = a >> _U(32)
-    b_lo = b & _M32
-    b_hi = b >> _U(32)
-    ll = a_lo * b_lo
-    hl = a_hi * b_lo
-    lh = a_lo * b_hi
-    a_hi *= b_hi  # hh
-    cross = ll >> _U(32)
-    cross += hl & _M32
-    cross += lh
-    hl >>= _U(32)
-    hl += cross >> _U(32)
-    hl += a_hi  # upper
-    cross <<= _U(32)
-    ll &= _M32
-    cross |= ll  # lower
-    cross ^= hl
-    return cross
-
-
-def _mul_fold_owned(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """:func:`_mul_fold` of arrays the caller owns and no longer needs (both are
-    overwritten): the same value with three fewer temporaries (~40% less time)."""
+    """Low 64 bits xor high 64 bits of the 128-bit products ``a * b``, computed in place:
+    both arguments are overwritten (pass copies of arrays still needed)."""
     a_hi = a >> _U(32)
     a &= _M32  # a_lo
     b_hi = b >> _U(32)
@@ -173,7 +150,7 @@ def _mix16(rd, rel, soff: int) -> np.ndarray:
     lo ^= _s64(soff)
     hi = rd.r64(rel + 8)
     hi ^= _s64(soff + 8)
-    return _mul_fold_owned(lo, hi)  # lo, hi: fresh reads
+    return _mul_fold(lo, hi)  # lo, hi: fresh reads, not needed after
 
 
 # each: (reader of the rows, their length: an int when uniform, else an int64 array) -> hashes
@@ -204,7 +181,7 @@ def _len_9to16(rd, ln):
     lo ^= _s64(24) ^ _s64(32)
     hi = rd.r64(ln - 8)
     hi ^= _s64(40) ^ _s64(48)
-    acc = _mul_fold(lo, hi)
+    acc = _mul_fold(lo.copy(), hi.copy())  # lo and hi are added below
     acc += _U(ln) if isinstance(ln, int) else ln.astype(np.uint64)
     acc += lo.byteswap()
     acc += hi
