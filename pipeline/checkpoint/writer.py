@@ -192,9 +192,7 @@ class Transitions:
             _column(source_versions, n, pa.int64(), "source_versions"),
             vm, tm,
         ], schema=_BUFFER_SCHEMA)
-        self._seal()  # keep call order
-        self._batches.append(batch)
-        self._batch_rows += n
+        self._append(batch)
 
     def add_trusted(self, keys: pa.Array, key_hashes: np.ndarray, state: int, attempts: list,
                     reasons=None, content_hashes=None, source_versions=None, verify_methods=None) -> None:
@@ -229,9 +227,7 @@ class Transitions:
             _trusted_column(verify_methods, n, pa.string()),
             pa.array(np.full(n, self._now_ms(), dtype=np.int64)),
         ], schema=_BUFFER_SCHEMA)
-        self._seal()  # keep call order
-        self._batches.append(batch)
-        self._batch_rows += n
+        self._append(batch)
 
     def add_table(self, table: "pa.Table | pa.RecordBatch") -> None:
         """Buffer rows given as a table with (a subset of) the checkpoint columns.
@@ -252,6 +248,11 @@ class Transitions:
         self.add_many(col("key"), col("key_hash"), col("state"), col("attempts"),
                       col("reason"), col("content_hash"), col("source_version"),
                       col("verify_method"), time_ms=col("time_ms"))
+
+    def _append(self, batch: pa.RecordBatch) -> None:
+        self._seal()  # rows added one by one before it come first: call order is kept
+        self._batches.append(batch)
+        self._batch_rows += batch.num_rows
 
     def _seal(self) -> None:
         r = self._rows
@@ -422,13 +423,8 @@ class CheckpointWriter:
             if not isinstance(states, (int, np.integer, State, str)):
                 raise TypeError("checked transitions need one target state per call")
             self._check(prev, states, len(keys))
-        with self._lock:
-            self._buffer.add_many(keys, key_hashes, states, attempts, reasons,
-                                  content_hashes, source_versions, verify_methods)
-            if not may_flush:
-                self._riders += len(keys)
-                return None
-            return self.maybe_flush()
+        return self._buffered(len(keys), may_flush, self._buffer.add_many, keys, key_hashes, states, attempts,
+                              reasons, content_hashes, source_versions, verify_methods)
 
     def record_chunk(self, keys: pa.Array, key_hashes: np.ndarray, state: int, attempts: list,
                      reasons=None, content_hashes=None, source_versions=None, verify_methods=None,
@@ -440,11 +436,16 @@ class CheckpointWriter:
         if prev is None:
             raise TypeError("record_chunk checks transitions: pass prev (the states left)")
         self._check(prev, state, len(keys))
+        return self._buffered(len(keys), may_flush, self._buffer.add_trusted, keys, key_hashes, int(state),
+                              attempts, reasons, content_hashes, source_versions, verify_methods)
+
+    def _buffered(self, n: int, may_flush: bool, add, *columns) -> str | None:
+        """``add(*columns)`` (``n`` transitions) under the lock, then :meth:`maybe_flush` --
+        or, unless ``may_flush``, count them as riders of the next flush."""
         with self._lock:
-            self._buffer.add_trusted(keys, key_hashes, int(state), attempts, reasons,
-                                     content_hashes, source_versions, verify_methods)
+            add(*columns)
             if not may_flush:
-                self._riders += len(keys)
+                self._riders += n
                 return None
             return self.maybe_flush()
 
