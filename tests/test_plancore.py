@@ -16,9 +16,8 @@ def _ctx(ring, window=None, buckets=4):
     return core.PlanContext(KeyType.BYTES, ring, window, None, buckets)
 
 
-@settings(max_examples=60, deadline=None)
-@given(key_sets, shard_sets, shard_sets, st.one_of(st.none(), st.tuples(st.integers(0, 255), st.integers(0, 255))))
-def test_plan_batch_equals_reference_and_moves_only_changed_keys(keys, current, target, window):
+def _ring_batch(keys, current, target, window):
+    """(window in order, target ring, rows at their current ring's shards, the rows as a batch)."""
     if window is not None and window[0] > window[1]:
         window = (window[1], window[0])
     cur_ring = Ring.build("native", [(s, 1.0) for s in current], virtual_nodes=50)
@@ -26,6 +25,13 @@ def test_plan_batch_equals_reference_and_moves_only_changed_keys(keys, current, 
     rows = [(k, cur_ring.assign_one(k)) for k in keys]
     batch = pa.table({"key": pa.array([k for k, _ in rows], pa.binary()),
                       "shard_id": pa.array([s for _, s in rows], pa.string())})
+    return window, tgt_ring, rows, batch
+
+
+@settings(max_examples=60, deadline=None)
+@given(key_sets, shard_sets, shard_sets, st.one_of(st.none(), st.tuples(st.integers(0, 255), st.integers(0, 255))))
+def test_plan_batch_equals_reference_and_moves_only_changed_keys(keys, current, target, window):
+    window, tgt_ring, rows, batch = _ring_batch(keys, current, target, window)
     moves, stats, hashes = core.plan_batch(batch, _ctx(tgt_ring, window))
     got = sorted(zip(moves["key"].to_pylist(), moves["source"].to_pylist(), moves["target"].to_pylist(),
                      moves["key_hash"].to_pylist()))
@@ -46,13 +52,7 @@ def test_plan_batch_counts_before_after_and_pairs(keys, current, target, window)
     with no row are absent (the coded path derives ``after`` from the moved rows)."""
     from collections import Counter
 
-    if window is not None and window[0] > window[1]:
-        window = (window[1], window[0])
-    cur_ring = Ring.build("native", [(s, 1.0) for s in current], virtual_nodes=50)
-    tgt_ring = Ring.build("native", [(s, 1.0) for s in target], virtual_nodes=50)
-    rows = [(k, cur_ring.assign_one(k)) for k in keys]
-    batch = pa.table({"key": pa.array([k for k, _ in rows], pa.binary()),
-                      "shard_id": pa.array([s for _, s in rows], pa.string())})
+    window, tgt_ring, rows, batch = _ring_batch(keys, current, target, window)
     _moves, stats, _h = core.plan_batch(batch, _ctx(tgt_ring, window))
     moved = {k: t for k, _s, t, _h in core.reference_plan(rows, ring=tgt_ring, window=window)}
     assert stats.before == dict(Counter(s for _k, s in rows))

@@ -223,18 +223,25 @@ def test_native_placement_figures(keys_1m):
     assert worst[0] <= 0.05, f"moved fraction off by {worst[0]:.2%} of 1/(N+1) at N={worst[1]}"
 
 
-def test_native_lookup_table_matches_binary_search():
-    ring = Ring.build("native", shards(5), virtual_nodes=300)
+def _probes_and_searched_owners(ring, seed: int, random: int):
+    """Hashes to look up (random ones, every ring point and its neighbours, the extremes)
+    and their owners by binary search: the owner of the first point >= the hash, wrapping."""
     pts = ring._points
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     probes = np.concatenate([
-        rng.integers(0, 2**64, 200_000, dtype=np.uint64, endpoint=False),
+        rng.integers(0, 2**64, random, dtype=np.uint64, endpoint=False),
         pts, pts - np.uint64(1), pts + np.uint64(1),
         np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
     ])
     idx = np.searchsorted(pts, probes, side="left")
     idx[idx == len(pts)] = 0
-    assert np.array_equal(ring.assign(None, probes), ring._owners[idx])
+    return probes, ring._owners[idx]
+
+
+def test_native_lookup_table_matches_binary_search():
+    ring = Ring.build("native", shards(5), virtual_nodes=300)
+    probes, want = _probes_and_searched_owners(ring, seed=7, random=200_000)
+    assert np.array_equal(ring.assign(None, probes), want)
 
 
 @pytest.mark.parametrize("n,weights", [(1, None), (2, None), (17, None), (65, [1.0 + i % 3 for i in range(65)]),
@@ -245,16 +252,7 @@ def test_native_owner_table_matches_binary_search(n, weights):
     search on its own; int16 tables (>= 128 shards) too."""
     ids = [f"s{i}" for i in range(n)]
     ring = Ring.build("native", list(zip(ids, weights or [1.0] * n)))
-    pts = ring._points
-    rng = np.random.default_rng(n)
-    probes = np.concatenate([
-        rng.integers(0, 2**64, 300_000, dtype=np.uint64, endpoint=False),
-        pts, pts - np.uint64(1), pts + np.uint64(1),
-        np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64),
-    ])
-    idx = np.searchsorted(pts, probes, side="left")
-    idx[idx == len(pts)] = 0
-    want = ring._owners[idx]
+    probes, want = _probes_and_searched_owners(ring, seed=n, random=300_000)
     got = ring.assign(None, probes)
     assert got.dtype == np.int32 and np.array_equal(got, want)
     assert np.array_equal(ring._search_native(probes), want)

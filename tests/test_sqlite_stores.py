@@ -260,12 +260,18 @@ def test_fenced_swap_applies_when_sources_are_unchanged(tmp_path):
     assert "fence0" not in [r[1] for r in sqlite3.connect(store.path).execute("PRAGMA database_list")]
 
 
-def test_fenced_swaps_share_one_connection_that_survives_a_failed_attach(tmp_path):
+def _two_sources(tmp_path, n: int, split: int):
+    """(data store, keys, map): keys[:split] on shard "a", the rest on shard "c", in both."""
     data = _data(tmp_path)
-    keys = demo_keys(8, KeyType.STRING)
-    data.put_many("a", zip(keys[:4], values_for(keys[:4])))
-    data.put_many("c", zip(keys[4:], values_for(keys[4:])))
-    store = make_map(tmp_path, rows=[(k, "a") for k in keys[:4]] + [(k, "c") for k in keys[4:]])
+    keys = demo_keys(n, KeyType.STRING)
+    data.put_many("a", zip(keys[:split], values_for(keys[:split])))
+    data.put_many("c", zip(keys[split:], values_for(keys[split:])))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys[:split]] + [(k, "c") for k in keys[split:]])
+    return data, keys, store
+
+
+def test_fenced_swaps_share_one_connection_that_survives_a_failed_attach(tmp_path):
+    data, keys, store = _two_sources(tmp_path, 8, 4)
     out_a, out_c = data.copy(keys[:4], "a", "b"), data.copy(keys[4:], "c", "b")
     assert store.swap_batch([(o.key, "a", "b", o.source_version) for o in out_a[:2]], fence=data).committed
     conn = store._fenced_conn((data.shard_path("a"),))
@@ -436,11 +442,7 @@ def test_fenced_swap_of_mixed_items_decides_each_key_as_before(tmp_path):
     """The swap splits its items into columns once: 3-, 4- and 5-tuples and SwapItems
     mixed, two source shards, a forced key (version only), a consistent and an
     inconsistent duplicate, a key whose target file is absent."""
-    data = _data(tmp_path)
-    keys = demo_keys(10, KeyType.STRING)
-    data.put_many("a", zip(keys[:6], values_for(keys[:6])))
-    data.put_many("c", zip(keys[6:], values_for(keys[6:])))
-    store = make_map(tmp_path, rows=[(k, "a") for k in keys[:6]] + [(k, "c") for k in keys[6:]])
+    data, keys, store = _two_sources(tmp_path, 10, 6)
     out_a, out_c = data.copy(keys[:5], "a", "b"), data.copy(keys[6:], "c", "b")
     # a forced key: its target copy differs, the fence checks its version only
     data.put_many("b", [(keys[1], b"differs from the source")])
