@@ -456,11 +456,14 @@ def main(argv=None) -> int:
         ex_runs, bl_runs, same = [], [], []
         mp_runs, mp_same = [], []
         mp_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"]
+
+        def executor(run_dir: str) -> list:  # an executor child on a copy, with --exec-overrides
+            return ([me, "--child", "executor", "--run-dir", run_dir]
+                    + (["--overrides", args.exec_overrides] if args.exec_overrides else []))
         for r in range(args.repeat):
             a = clone(pristine, os.path.join(root, "run-exec"))
             b = clone(pristine, os.path.join(root, "run-base"))
-            ex = run_child([me, "--child", "executor", "--run-dir", a]
-                           + (["--overrides", args.exec_overrides] if args.exec_overrides else []), log=log)
+            ex = run_child(executor(a), log=log)
             bl = run_child([me, "--child", "baseline", "--run-dir", b], log=log)
             if ex["exit_code"] != 0 or ex["done"] != ex["planned"]:
                 raise SystemExit(f"executor run did not complete: {ex}")
@@ -471,8 +474,7 @@ def main(argv=None) -> int:
                   f"{bl['elapsed_s']:.2f}s ({bl['cpu_s']:.2f}s CPU)", file=sys.stderr)
             if args.workers:
                 c = clone(pristine, os.path.join(root, "run-workers"))
-                mp = run_child([me, "--child", "executor", "--run-dir", c, "--beam-args", json.dumps(mp_args)]
-                               + (["--overrides", args.exec_overrides] if args.exec_overrides else []), log=log)
+                mp = run_child(executor(c) + ["--beam-args", json.dumps(mp_args)], log=log)
                 if mp["exit_code"] != 0 or mp["done"] != mp["planned"]:
                     raise SystemExit(f"executor run with {args.workers} workers did not complete: {mp}")
                 mp_same.append(end_state(c) == end_state(b) and mp["done"] == ex["done"])
