@@ -484,3 +484,76 @@ def test_copy_outcomes_of_the_sqlite_store_are_plain_frozen_outcomes(tmp_path):
     with pytest.raises(AttributeError):  # still frozen
         out[0].written = False
     assert hash(out[0]) == hash(CopyOutcome(keys[0], out[0].content_hash, out[0].source_version, True))
+
+
+def test_store_files_appear_whole_whatever_moment_a_creator_is_killed(tmp_path):
+    """A process creating shard and map files is SIGKILLed at seeded moments: every
+    file that exists afterwards has its table, and the next creator sweeps the dead
+    process's scratch files."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\n"
+        "from pipeline.stores import SqliteDataStore, SqliteMapStore\n"
+        "d = sys.argv[1]; data = SqliteDataStore(d)\n"
+        "for i in range(100000):\n"
+        "    data.ensure_shard(f's{i}')\n"
+        "    SqliteMapStore.create(f'{d}/map{i}.sqlite').close()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    rng = random.Random(11)
+    for round_ in range(8):
+        d = tmp_path / f"r{round_}"
+        p = subprocess.Popen([sys.executable, "-c", script, str(d)], env=env)
+        time.sleep(0.6 + rng.random() * 0.6)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        names = os.listdir(d)
+        shards = [n for n in names if n.startswith("s") and n.endswith(".sqlite")]
+        maps = [n for n in names if n.startswith("map") and n.endswith(".sqlite")]
+        assert shards, "the creator was killed before it made any file: give it longer"
+        for n in shards + maps:
+            con = sqlite3.connect(f"file:{d / n}?mode=ro", uri=True)
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            con.close()
+            assert tables == ({"records"} if n.startswith("s") else {"shard_map"}), n
+        data = SqliteDataStore(str(d))
+        next_shard = f"s{len(shards) + 1}"
+        data.ensure_shard(next_shard)
+        data.close()
+        left = [n for n in os.listdir(d) if n.startswith(f".{next_shard}.sqlite.")]
+        assert left == []
+
+
+def test_a_target_file_left_without_any_schema_is_written_not_refused(tmp_path):
+    """A target shard file with no schema at all (an older version killed while it
+    created it): it reads as empty, passes the write preflight, and the next copy
+    creates its table in WAL mode.  A file with other tables but no ``records`` is
+    still refused."""
+    data = _data(tmp_path)
+    keys = demo_keys(20, KeyType.STRING)
+    data.put_many("src", [(k, b"v" * 10) for k in keys])
+    for shard, prepare in (("empty", lambda path: open(path, "wb").close()),
+                           ("walonly", lambda path: sqlite3.connect(path).execute("PRAGMA journal_mode=WAL"))):
+        path = data.shard_path(shard)
+        prepare(path)
+        assert data.check_shard(shard, write=True) is None
+        assert data.check_shard(shard) is not None  # as a source it is still not a shard
+        assert data.shard_exists(shard) is False
+        assert data.count(shard) == 0 and data.hashes(keys, shard) == {}
+        assert all(o.ok for o in data.copy(keys, "src", shard))
+        assert data.count(shard) == 20
+        con = sqlite3.connect(path)
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        con.close()
+    other = data.shard_path("other")
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE elsewhere(x)")
+    con.commit()
+    con.close()
+    assert "has no table records" in data.check_shard("other", write=True)
+    data.close()

@@ -260,21 +260,51 @@ def _uri(path: str, *, readonly: bool = False) -> str:
     return "file:" + urllib.parse.quote(os.path.abspath(path)) + ("?mode=ro" if readonly else "?mode=rw")
 
 
-def _create_file(path: str) -> bool:
-    """Create an empty owner-only (0600) file, and its directory (0700) if absent."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+def _creating_name(path: str) -> str:
+    """The scratch file a process builds ``path`` in: hidden, beside it, never ``*.sqlite``."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.{os.getpid()}-{threading.get_ident()}.creating")
+
+
+def _sweep_creating(path: str) -> None:
+    """Remove the scratch files of ``path`` that a killed process of this host left
+    (its pid is gone); a live creator's are left alone."""
+    directory, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}."
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix) or ".creating" not in name:
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except OSError:
+        return True
+    return True
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
-    return True
 
 
 @contextlib.contextmanager
@@ -368,16 +398,64 @@ class _SqliteBase:
         return conn
 
     def _init_file(self, path: str, schema: Sequence[str], what: str) -> None:
-        """Create ``path`` (0600, WAL) if absent and ensure its schema."""
-        created = _create_file(path)
+        """Ensure ``path`` holds ``schema``.  An absent file is created whole or not
+        at all (:meth:`_create_whole`): a kill at any moment leaves either no file or
+        one in WAL mode with its schema, never a half-made one that a rerun's
+        preflight would refuse.  A file with no schema at all (one an older version
+        left half-made, or an empty file) is put in WAL mode first."""
+        if not os.path.exists(path):
+            self._create_whole(path, schema, what)
         conn = self._conn(path)
         try:
-            if created:
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                 conn.execute("PRAGMA journal_mode=WAL")
             for stmt in schema:
                 conn.execute(stmt)
         except sqlite3.Error as e:
             raise _store_error(e, what) from e
+
+    def _create_whole(self, path: str, schema: Sequence[str], what: str) -> None:
+        """Build ``path`` (0600, WAL, ``schema``) in a hidden scratch file beside it,
+        fsync it, and link it into place: the name appears only for a whole file,
+        and a file someone else created first is kept.  The directory (0700) is
+        created if absent.  Scratch files of killed processes are swept first."""
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        _sweep_creating(path)
+        tmp = _creating_name(path)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            conn = self._open(tmp)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                for stmt in schema:
+                    conn.execute(stmt)
+            except sqlite3.Error as e:
+                raise _store_error(e, what) from e
+            finally:
+                conn.close()  # the last connection: checkpoints the WAL into the file and removes it
+            _fsync_path(tmp)
+            try:
+                os.link(tmp, path)  # atomic; fails if the name exists
+            except FileExistsError:
+                return
+            except OSError:  # a file system without hard links: the caller's file lock orders creators
+                if os.path.exists(path):
+                    return
+                os.replace(tmp, path)
+            _fsync_path(directory)
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(tmp + suffix)
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> None:
         """Close every connection this store opened (in any thread)."""

@@ -58,6 +58,18 @@ _RECORDS_SCHEMA = (
 )
 
 
+def _schemaless(conn: sqlite3.Connection, error: sqlite3.Error | None = None) -> bool:
+    """The file holds no schema at all (``error``, if given, is a missing table):
+    a shard file that an older version, killed while creating it, left without its
+    table.  It holds no records; the next copy to it creates the table."""
+    if error is not None and "no such table" not in str(error):
+        return False
+    try:
+        return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+
+
 class SqliteDataStore(_SqliteBase):
     """Records in one SQLite file per shard (see the module docstring).
 
@@ -98,6 +110,8 @@ class SqliteDataStore(_SqliteBase):
         except sqlite3.Error as e:
             raise _store_error(e, f"data store {path}") from e
         if found is None:
+            if _schemaless(conn):
+                return False
             raise ConfigurationError(f"data store {path}: schema mismatch: no table records", reason="schema")
         return True
 
@@ -127,6 +141,8 @@ class SqliteDataStore(_SqliteBase):
             return str(e)
         try:
             if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone() is None:
+                if write and _schemaless(conn):
+                    return None  # it holds nothing: the first copy creates the table
                 return f"file {path} has no table records"
             conn.execute("SELECT key, value, version FROM records LIMIT 0").fetchall()
             if write:
@@ -172,6 +188,8 @@ class SqliteDataStore(_SqliteBase):
                         out[by_text[row[0]]] = row[1:]
         except sqlite3.Error as e:
             _rollback(conn)
+            if _schemaless(conn, e):
+                return {}
             raise _store_error(e, what) from e
         return out
 
@@ -233,9 +251,12 @@ class SqliteDataStore(_SqliteBase):
         path = self.shard_path(shard)
         if not os.path.exists(path):
             return 0
+        conn = self._conn(path)
         try:
-            return int(self._conn(path).execute(sql).fetchone()[0] or 0)
+            return int(conn.execute(sql).fetchone()[0] or 0)
         except sqlite3.Error as e:
+            if _schemaless(conn, e):
+                return 0
             raise _store_error(e, what) from e
 
     def count(self, shard: str) -> int:
