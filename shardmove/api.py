@@ -145,11 +145,12 @@ def create_demo_keyspace(directory: str, *, keys: int = 20000, shards: int = 4, 
             "swap_batch_size": 500,
             "hash_buckets": 4,
         }
-        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"# shardmove demo keyspace: {len(current)} shard{'s' if len(current) != 1 else ''} today, "
-                    f"the target adds {target[-1]}.\n")
-            yaml.safe_dump(doc, f, sort_keys=False)
+        text = (f"# shardmove demo keyspace: {len(current)} shard{'s' if len(current) != 1 else ''} today, "
+                f"the target adds {target[-1]}.\n") + yaml.safe_dump(doc, sort_keys=False)
+        try:  # whole or not at all: a kill here leaves no half-written config for the rerun to keep
+            fs.create_if_absent(cfg_path, text.encode("utf-8"), 0o600)
+        except fs.CommitConflict:
+            pass  # another process wrote its config first: "creates nothing that exists"
     return info
 
 

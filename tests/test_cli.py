@@ -262,3 +262,28 @@ def test_the_process_exits_with_the_commands_code_after_pythons_own_shutdown():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 4, r.stderr
     assert r.stdout.splitlines() == ["bufferedthread joined", "atexit ran"], r.stdout
+
+
+def test_demo_config_is_written_whole_and_an_existing_one_is_kept(tmp_path, monkeypatch):
+    """The demo's config appears whole or not at all (a kill while writing it leaves no
+    truncated file that a rerun would keep), is owner-only, and is never overwritten."""
+    import stat
+
+    from shardmove import api
+
+    d = tmp_path / "d"
+    real = api.fs.create_if_absent
+    seen = []
+
+    def watch(path, data, *a, **kw):
+        seen.append(os.path.exists(path))  # the name does not exist before its bytes are whole
+        return real(path, data, *a, **kw)
+
+    monkeypatch.setattr(api.fs, "create_if_absent", watch)
+    api.create_demo_keyspace(str(d), keys=200)
+    cfg = d / "shardmove.yaml"
+    assert seen == [False] and stat.S_IMODE(os.stat(cfg).st_mode) == 0o600
+    assert [n for n in os.listdir(d) if n.startswith(".tmp-")] == []
+    cfg.write_text("# mine\n")
+    again = api.create_demo_keyspace(str(d), keys=200)
+    assert again["created"] is False and cfg.read_text() == "# mine\n"
