@@ -557,3 +557,29 @@ def test_a_target_file_left_without_any_schema_is_written_not_refused(tmp_path):
     con.close()
     assert "has no table records" in data.check_shard("other", write=True)
     data.close()
+
+
+@pytest.mark.parametrize("fenced", [False, True])
+def test_swap_of_keys_with_nul_and_escapes_moves_exactly_those_keys(tmp_path, fenced):
+    """Keys that differ only after a NUL, or hold quotes, backslashes and control
+    characters, are matched exactly by the swap's compare-and-set and fence check:
+    swapping ``a\\0b`` leaves ``a`` where it is, and a changed source is caught."""
+    data = _data(tmp_path)
+    keys = [b"a\x00b", b"a", b'q"\\', b"tab\tnl\n", "é\u2028x".encode(), b"\x00"]
+    moved, stay = [keys[0], keys[2], keys[3], keys[4], keys[5]], [keys[1]]
+    data.put_many("a", zip(keys, values_for(keys)))
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys])
+    out = data.copy(moved, "a", "b")
+    res = store.swap_batch([SwapItem(o.key, "a", "b", o.source_version) for o in out],
+                           fence=data if fenced else None)
+    assert res.committed and sorted(res.applied) == list(range(len(moved)))
+    got = store.lookup(keys)
+    assert {k for k in keys if got[k][0] == "b"} == set(moved)
+    assert [got[k][0] for k in stay] == ["a"]
+    if fenced:  # the source of one key changes after its copy: that key, and only it, is reported
+        data.put_many("a", [(keys[1], b"new")])
+        out = data.copy(stay, "a", "b")
+        data.put_many("a", [(keys[1], b"newer")])
+        res = store.swap_batch([SwapItem(o.key, "a", "b", o.source_version) for o in out], fence=data)
+        assert not res.committed and res.source_changed == (0,)
+        assert store.lookup(stay)[keys[1]][0] == "a"
