@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 
 from pipeline import fs
 from pipeline.errors import BadInput, CommitConflict, StoreError
@@ -250,6 +251,34 @@ def commit_staged(staging: str, final: str, marker: str) -> bool:
     if not fs.exists(marker_path):
         raise StoreError(f"commit of {final} failed: {marker} is missing after the commit", reason="commit_failed")
     return created
+
+
+_TRASH_RE = re.compile(r"\.trash-[0-9a-f]{32}\Z")
+
+
+def remove_committed(final: str) -> None:
+    """Delete a committed directory (a snapshot or plan a refused command took back) so
+    that a kill at any moment leaves it either whole or without its marker -- which
+    :func:`commit_staged` replaces -- never a marked directory with files missing.
+    Locally it is first renamed to a hidden name beside it (one atomic step), then
+    removed; on ``gs://`` its markers are deleted first."""
+    if not fs.is_gcs(final):
+        parent, base = os.path.split(os.path.normpath(final))
+        trash = os.path.join(parent, f".{base}.trash-{uuid.uuid4().hex}")
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            return
+        fs.rmtree(trash)
+        for name in os.listdir(parent):  # those of removals a kill interrupted
+            if name.startswith(".") and _TRASH_RE.search(name):
+                fs.rmtree(os.path.join(parent, name))
+        return
+    for marker in COMMIT_MARKERS:
+        path = fs.join(final, marker)
+        if fs.exists(path):
+            fs.remove(path)
+    fs.rmtree(final)
 
 
 # ------------------------------------------------------- manifests, summaries

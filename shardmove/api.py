@@ -321,7 +321,7 @@ class _KeepNothing(Exception):
 def _remove_created(infos) -> None:
     for info in infos:
         if info.created:
-            fs.rmtree(info.location)
+            workdir.remove_committed(info.location)
 
 
 # ------------------------------------------------------------------- runs

@@ -612,6 +612,24 @@ def _supersede_claim(cfg: Config, manifest: dict, lease):
         return None
 
 
+def free_stale_claim(cfg: Config, manifest: dict, lease) -> None:
+    """Before another plan runs under this plan's lease (its rollback): a killed run of
+    this plan may have left its claim on the map store live for up to ``lease_ttl``,
+    refusing every plan whose window overlaps.  This lease's newer epoch supersedes that
+    claim, and releasing it frees the map at once; the lease itself is kept."""
+    store = _supersede_claim(cfg, manifest, lease)
+    if store is None:
+        return
+    try:
+        store.release_run(manifest["plan_id"], lease.epoch)
+    except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
+        LOG.info("run claim not released (%s); it expires after lease_ttl", type(e).__name__)
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
 def _already_complete(cfg: Config, plan_dir: str, manifest: dict, before: dict, irq,
                       out: Callable[[str], None]) -> RunResult:
     """A complete plan: nothing to run.  If the run that completed it was killed before

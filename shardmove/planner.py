@@ -249,10 +249,10 @@ def make_plan(
             # a refused (or failed) plan leaves the work directory as it found it:
             # the snapshot this call took goes too (an existing one stays)
             if info.created:
-                fs.rmtree(info.location)
+                workdir.remove_committed(info.location)
             raise
         if result.dry_run and not result.capacity_ok and info.created:
-            fs.rmtree(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
+            workdir.remove_committed(info.location)  # a dry run refused by the capacity check (exit 4) keeps nothing either
         return result
     return _plan_from(cfg, ring, target_parts, snap_loc, read_snapshot_info(snap_loc), data_store, dry_run,
                       pf.args, out, sample=sample, progress=progress, name=name)

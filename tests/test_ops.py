@@ -439,3 +439,23 @@ def test_cleanup_refuses_an_unfinished_or_live_plan_and_changes_nothing(tmp_path
     r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s", "--apply")
     assert r.returncode == 0, r.stderr
     assert f"deleted source copies of done keys: {would} keys" in r.stdout
+
+
+def test_rollback_right_after_a_killed_run_is_not_refused_by_its_live_claim(tmp_path):
+    """A run killed before releasing its claim on the map store's run registry leaves the
+    claim live for lease_ttl; the rollback takes the plan's lease (its holder is dead),
+    supersedes and frees that claim, and rolls back at once instead of exit 4."""
+    import time
+
+    from pipeline.lease import read_lease
+
+    path, cfg = keyspace(tmp_path, keys=400)
+    plan_dir, m, run = plan_and_run(cfg)
+    assert run.exit_code == 0
+    epoch = read_lease(plan_dir)["epoch"]
+    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    ms.claim_run(m["plan_id"], epoch, (0, 255), "gone-host:1", 3600, time.time())  # what the kill left
+    ms.close()
+    r = run_cli("rollback", plan_dir, "--apply", "--config", path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert re.search(r"summary: planned=(\d+) done=\1 failed=0", r.stdout), r.stdout

@@ -48,6 +48,31 @@ def test_commit_staged_replaces_a_half_copied_directory(tmp_path):
     assert (final / "part").read_bytes() == b"data"
 
 
+def test_a_removal_killed_midway_never_leaves_a_marked_directory_with_files_missing(tmp_path, monkeypatch):
+    """``remove_committed`` takes the directory away in one step: a kill while its files
+    are deleted leaves no marked, partial snapshot for the next commit to trust; the next
+    commit of the same content commits it anew, and the next removal sweeps the litter."""
+    snaps = tmp_path / "snapshots"
+    final = str(snaps / "d")
+    workdir.commit_staged(_staged(snaps, workdir.SNAPSHOT_META), final, workdir.SNAPSHOT_META)
+    real = fs.rmtree
+
+    def killed(path):  # dies after deleting one file, before the rest
+        os.unlink(os.path.join(path, sorted(os.listdir(path))[0]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fs, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        workdir.remove_committed(final)
+    monkeypatch.setattr(fs, "rmtree", real)
+    assert not os.path.exists(final)
+    assert workdir.commit_staged(_staged(snaps, workdir.SNAPSHOT_META), final, workdir.SNAPSHOT_META) is True
+    assert (snaps / "d" / "part").read_bytes() == b"data"
+    workdir.remove_committed(final)
+    assert os.listdir(snaps) == []
+    workdir.remove_committed(final)  # already gone: nothing to do
+
+
 def test_commit_staged_checks_its_result(tmp_path, monkeypatch):
     staging = _staged(tmp_path / "plans")
     monkeypatch.setattr(fs, "rename_dir", lambda src, dst, **_: True)  # claims success, moved nothing

@@ -449,6 +449,8 @@ class _SqliteBase:
                 if os.path.exists(path):
                     return
                 os.replace(tmp, path)
+            else:
+                os.unlink(tmp)  # at once: no second name of the live file outlives a kill here
             _fsync_path(directory)
         finally:
             for suffix in ("", "-wal", "-shm", "-journal"):

@@ -46,7 +46,7 @@ def _catchup_snapshot(cfg: Config, earlier: dict, out) -> tuple[str, list]:
         final, created = _catchup_from(cfg, info, base_cutoff, earlier, out)
     except BaseException:
         if info.created:  # a refused catch-up leaves the work directory as it found it
-            fs.rmtree(info.location)
+            workdir.remove_committed(info.location)
         raise
     return final, [d for d, new in ((final, created), (info.location, info.created)) if new]
 
@@ -147,9 +147,9 @@ def plan_since(cfg: Config, earlier_plan_dir: str, *, dry_run: bool = False, bea
                             progress=progress)
             if res.dry_run and not res.capacity_ok:  # refused by the capacity check (exit 4): keep nothing
                 for d in created:
-                    fs.rmtree(d)
+                    workdir.remove_committed(d)
             return res
         except BaseException:
             for d in created:  # a refused catch-up leaves the work directory as it found it
-                fs.rmtree(d)
+                workdir.remove_committed(d)
             raise

@@ -31,7 +31,7 @@ from pipeline.names import group_id
 from pipeline.stores import close_opened, open_map_store
 from pipeline.stores.base import ChangeCounter
 from pipeline.workdir import MANIFEST_FORMAT_VERSION, load_manifest
-from shardmove.executor import run_plan, summarize
+from shardmove.executor import free_stale_claim, run_plan, summarize
 from shardmove.workflows._common import (ROLLBACKS, batch_size, bump, check_key_type, chunks, groups, merged,
                                          plan_lease, probe_stores, require_data_store, rollback_ids)
 
@@ -236,8 +236,10 @@ def build_rollback_plan(cfg: Config, plan_dir: str, *, out: Callable[[str], None
         }
         workdir.write_manifest(staging, new_manifest)
         final = workdir.plan_dir(cfg.work_dir, rid)
-        created = workdir.commit_staged(staging, final, workdir.MANIFEST)
+        # recorded first: a kill between the two leaves an id without a plan, which every
+        # reader skips, never a committed rollback plan that cleanup and rollback cannot see
         _record_rollback(plan_dir, rid)
+        created = workdir.commit_staged(staging, final, workdir.MANIFEST)
         LOG.info("rollback plan %s of %s: %d moves in %d files", rid[:12], orig[:12], n, len(flist))
         return RollbackPlan(rid, final, orig, n, examined, at_source, refused, created)
     except BaseException:
@@ -279,6 +281,7 @@ def rollback(cfg: Config, plan_dir: str, *, apply: bool = False, beam_args: Sequ
         return _dry_run(cfg, plan_dir, orig, out)
     lease = plan_lease(cfg, plan_dir, manifest)
     try:
+        free_stale_claim(cfg, manifest, lease)  # a killed run's claim would refuse the rollback plan
         plan = None
         resumed = False
         existing = []
