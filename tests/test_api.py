@@ -245,3 +245,41 @@ def test_the_api_prints_nothing_and_hands_its_warnings_to_out(tmp_path, capfd):
     assert any(l.startswith("warning: force_swap_on_verification_failure is on") for l in lines), lines
     captured = capfd.readouterr()
     assert "warning: force_swap" not in captured.err and captured.out == ""
+
+
+def test_stages_run_with_quick_gil_handoffs_and_the_callers_interval_comes_back(demo):
+    """While executor stages are set up in this process, Python's switch interval is at most
+    0.5 ms (the serial swap waits less for the GIL); a run hands the caller's interval back,
+    and a caller's shorter interval is never raised."""
+    import sys
+
+    from transforms import runner
+
+    cfg, rows, _d = demo
+    seen = []
+
+    def progress(ev):
+        seen.append(sys.getswitchinterval())
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        plan = shardmove.plan(cfg, snapshot=_table(rows[:1500]))
+        res = shardmove.run(cfg, plan, progress=progress)
+        assert res.exit_code == 0
+        assert seen and min(seen) == pytest.approx(runner.STAGE_SWITCH_INTERVAL_S, abs=2e-6)  # during the run
+        assert sys.getswitchinterval() == pytest.approx(0.004, abs=2e-6)
+        runner.hold_quick_handoffs()
+        runner.hold_quick_handoffs()
+        assert sys.getswitchinterval() == pytest.approx(runner.STAGE_SWITCH_INTERVAL_S, abs=2e-6)
+        runner.release_quick_handoffs()
+        assert sys.getswitchinterval() == pytest.approx(runner.STAGE_SWITCH_INTERVAL_S, abs=2e-6)
+        runner.release_quick_handoffs()
+        runner.release_quick_handoffs()  # one too many: ignored
+        assert sys.getswitchinterval() == pytest.approx(0.004, abs=2e-6)
+        sys.setswitchinterval(0.0001)
+        runner.hold_quick_handoffs()
+        assert sys.getswitchinterval() == pytest.approx(0.0001, abs=2e-6)
+        runner.release_quick_handoffs()
+    finally:
+        sys.setswitchinterval(before)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.utils.shared import Shared
 
+from transforms.runner import hold_quick_handoffs, release_quick_handoffs
 from transforms.stages.common import ExecSpec, StageContext
 from transforms.stages.window import Window
 
@@ -32,6 +33,8 @@ class StageDoFn(beam.DoFn):
         return []
 
     def setup(self):
+        hold_quick_handoffs()  # the serial swap waits less for the GIL (transforms.runner)
+        self._handoffs = True
         self.ctx = StageContext(self._spec, self.STAGE, self._shared)
         self.window = Window(self.STAGE, self.MAX_WINDOW_CHUNKS, self.ctx.metrics)
         self._parts = self.compose()
@@ -53,3 +56,6 @@ class StageDoFn(beam.DoFn):
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
             ctx.close()
+        if getattr(self, "_handoffs", False):
+            self._handoffs = False
+            release_quick_handoffs()
