@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pipeline import fs
 from pipeline import workdir
+from pipeline.procs import process_start_time
 from pipeline.errors import Refused
 
 __all__ = ["Lease", "LeaseLost", "acquire", "live_holder", "read_lease", "process_start_time"]
@@ -37,21 +38,6 @@ class LeaseLost(Refused):
     """This executor's lease was taken over: it must not apply anything more."""
 
     nothing_modified = False  # raised mid-run, after work was done
-
-
-def process_start_time(pid: int) -> str | None:
-    """Start time of a live process (clock ticks since boot, from /proc), or None if it is
-    gone -- or dead but not yet reaped: a zombie (state ``Z``) or a dying task (``X``) has
-    exited and holds nothing, although its /proc entry (and pid) still exists."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-        fields = data.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        if fields[0] in ("Z", "X", "x"):
-            return None
-        return fields[19]
-    except (OSError, IndexError):
-        return None
 
 
 def _holder_dead(holder: dict) -> bool:

@@ -29,6 +29,7 @@ import re
 import uuid
 
 from pipeline import fs
+from pipeline import procs
 from pipeline.errors import BadInput, CommitConflict, StoreError
 
 __all__ = [
@@ -214,12 +215,39 @@ def reports_dir(plan: str) -> str:
 
 # ---------------------------------------------------------- staged commits
 
+_STAGING = ".staging-"
+
+
 def new_staging(parent: str) -> str:
-    """A fresh, empty staging directory under ``parent`` (``snapshots/`` or ``plans/``)."""
+    """A fresh, empty staging directory under ``parent`` (``snapshots/`` or ``plans/``),
+    named after this process (:func:`pipeline.procs.owner_tag`).  The staging directories
+    that processes of this host left when they were killed (their owner is gone) are
+    removed first: a plan killed again and again must not fill the disk with copies of
+    its move files, which hold key values."""
     fs.makedirs(parent)
-    staging = fs.join(parent, fs.unique_name(".staging-"))
+    sweep_staging(parent)
+    staging = fs.join(parent, fs.unique_name(f"{_STAGING}{procs.owner_tag()}~"))
     fs.makedirs(staging)
     return staging
+
+
+def sweep_staging(parent: str) -> int:
+    """Remove the staging directories under ``parent`` whose owner process is gone; the
+    number removed.  A live owner's, another host's and unnamed ones are left alone."""
+    removed = 0
+    try:
+        names = fs.listdir(parent)
+    except OSError:
+        return 0
+    for name in names:
+        name = name.rstrip("/")
+        if not name.startswith(_STAGING):
+            continue
+        tag = name[len(_STAGING):].rpartition("~")[0]
+        if tag and procs.owner_gone(tag):
+            fs.rmtree(fs.join(parent, name))
+            removed += 1
+    return removed
 
 
 def plan_output_path(staging: str, name: str) -> str:

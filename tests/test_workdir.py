@@ -178,3 +178,33 @@ def test_write_atomic_fsyncs_what_it_is_asked_to(tmp_path, monkeypatch, how, wan
     synced.clear()
     fs.sync_dir(str(tmp_path))
     assert synced == ["dir"]
+
+
+def test_staging_directories_of_killed_processes_are_swept_by_the_next_one(tmp_path):
+    """A process killed while it staged a plan or snapshot leaves its staging directory
+    (move files, key values); the next staging under the same parent removes those whose
+    owner is gone, and leaves a live owner's, another host's and unnamed ones alone."""
+    import subprocess
+    import sys
+
+    from pipeline import procs
+
+    plans = str(tmp_path / "plans")
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline import workdir, fs\n"
+         "s = workdir.new_staging(sys.argv[1]); fs.write_atomic(fs.join(s, 'moves'), b'k' * 100)\n"
+         "print(s)", plans],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), check=True)
+    dead = child.stdout.strip()
+    assert os.path.isdir(dead)  # the child exited without cleaning up, as a killed one would
+    mine = workdir.new_staging(plans)
+    other_host = os.path.join(plans, ".staging-elsewhere~1~1~" + "0" * 32)
+    unnamed = os.path.join(plans, ".staging-" + "1" * 32)
+    os.makedirs(other_host)
+    os.makedirs(unnamed)
+    again = workdir.new_staging(plans)
+    assert not os.path.exists(dead)
+    assert all(os.path.isdir(p) for p in (mine, again, other_host, unnamed))
+    assert procs.owner_gone(os.path.basename(dead)[len(".staging-"):].rpartition("~")[0])
+    assert not procs.owner_gone(procs.owner_tag())
+    assert workdir.sweep_staging(plans) == 0

@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from typing import Iterable, Iterator, Sequence
 
+from pipeline import procs
 from pipeline.errors import ConfigurationError, PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType
 
@@ -261,40 +262,31 @@ def _uri(path: str, *, readonly: bool = False) -> str:
 
 
 def _creating_name(path: str) -> str:
-    """The scratch file a process builds ``path`` in: hidden, beside it, never ``*.sqlite``."""
+    """The scratch file a process builds ``path`` in: hidden, beside it, never ``*.sqlite``,
+    named after its owner (:func:`pipeline.procs.owner_tag`) and thread."""
     directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}.{os.getpid()}-{threading.get_ident()}.creating")
+    return os.path.join(directory, f".{base}.{procs.owner_tag()}~{threading.get_ident()}.creating")
 
 
 def _sweep_creating(path: str) -> None:
-    """Remove the scratch files of ``path`` that a killed process of this host left
-    (its pid is gone); a live creator's are left alone."""
+    """Remove the scratch files of ``path`` that a killed process of this host left (its
+    owner is gone); a live creator's are left alone."""
     directory, base = os.path.split(os.path.abspath(path))
-    prefix = f".{base}."
+    prefix, suffixes = f".{base}.", (".creating", ".creating-wal", ".creating-shm", ".creating-journal")
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        if not name.startswith(prefix) or ".creating" not in name:
+        if not name.startswith(prefix) or not name.endswith(suffixes):
             continue
-        pid = name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        tag = name[len(prefix):name.rindex(".creating")].rpartition("~")[0]
+        if not tag or not procs.owner_gone(tag):
             continue
         try:
             os.unlink(os.path.join(directory, name))
         except OSError:
             pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _fsync_path(path: str) -> None:
