@@ -39,4 +39,15 @@ def owner_gone(tag: str) -> bool:
     pid, sep2, start = rest.partition("~")
     if not (sep and sep2 and pid.isdigit()) or host != socket.gethostname():
         return False
-    return process_start_time(int(pid)) != start
+    now = process_start_time(int(pid))
+    if now is not None:
+        return now != start
+    if os.path.isdir("/proc/self"):
+        return True  # no live process with that pid (or a zombie: it holds nothing)
+    try:  # a system without /proc: the pid alone, and never "gone" when unsure
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
