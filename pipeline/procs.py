@@ -26,28 +26,49 @@ def process_start_time(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def owner_tag() -> str:
-    """``<host>~<pid>~<start time>`` of this process, for names of things it may leave behind."""
-    return f"{socket.gethostname()}~{os.getpid()}~{process_start_time(os.getpid()) or 0}"
+    """``<host>~<pid namespace>~<pid>~<start time>`` of this process, for names of things it
+    may leave behind."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}~{_pid_namespace()}~{pid}~{process_start_time(pid) or 0}"
 
 
 def owner_gone(tag: str) -> bool:
-    """The process an :func:`owner_tag` names is known to be gone: it ran on this host and
-    no live process has its pid and start time.  Another host's, or a tag that does not
-    parse, is never known to be gone."""
-    host, sep, rest = tag.partition("~")
-    pid, sep2, start = rest.partition("~")
-    if not (sep and sep2 and pid.isdigit()) or host != socket.gethostname():
+    """The process an :func:`owner_tag` names is known to be gone: it ran on this host, in
+    this PID namespace (two containers may share a host name, not their pids), and no
+    process has its pid and start time any more (its /proc entry is gone, or it is a zombie,
+    or the pid was reused).  A tag of another host or namespace, one that does not parse, or
+    a /proc entry that cannot be read is never known to be gone."""
+    parts = tag.split("~")
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
         return False
-    now = process_start_time(int(pid))
-    if now is not None:
-        return now != start
-    if os.path.isdir("/proc/self"):
-        return True  # no live process with that pid (or a zombie: it holds nothing)
-    try:  # a system without /proc: the pid alone, and never "gone" when unsure
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    host, ns, pid, start = parts[0], int(parts[1]), int(parts[2]), parts[3]
+    if host != socket.gethostname() or ns != _pid_namespace():
+        return False
+    if not os.path.isdir("/proc/self"):  # a system without /proc: the pid alone decides
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except FileNotFoundError:
         return True
     except OSError:
         return False
-    return False
+    try:
+        fields = data.rsplit(")", 1)[1].split()
+    except IndexError:
+        return False
+    return fields[0] in ("Z", "X", "x") or fields[19] != start

@@ -226,9 +226,24 @@ def new_staging(parent: str) -> str:
     its move files, which hold key values."""
     fs.makedirs(parent)
     sweep_staging(parent)
+    sweep_trash(parent)
     staging = fs.join(parent, fs.unique_name(f"{_STAGING}{procs.owner_tag()}~"))
     fs.makedirs(staging)
     return staging
+
+
+def sweep_trash(parent: str) -> None:
+    """Remove what removals a kill interrupted left under a local ``parent`` (hidden
+    ``.<name>.trash-<id>`` folders: :func:`remove_committed`)."""
+    if fs.is_gcs(parent):
+        return
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and _TRASH_RE.search(name):
+            fs.rmtree(os.path.join(parent, name))
 
 
 def sweep_staging(parent: str) -> int:
@@ -297,10 +312,11 @@ def remove_committed(final: str) -> None:
             os.rename(final, trash)
         except FileNotFoundError:
             return
+        except OSError:  # cannot rename (it runs in cleanup paths: never raise a new error there)
+            fs.rmtree(final)
+            return
         fs.rmtree(trash)
-        for name in os.listdir(parent):  # those of removals a kill interrupted
-            if name.startswith(".") and _TRASH_RE.search(name):
-                fs.rmtree(os.path.join(parent, name))
+        sweep_trash(parent)
         return
     for marker in COMMIT_MARKERS:
         path = fs.join(final, marker)

@@ -587,3 +587,67 @@ def test_swap_of_keys_with_nul_and_escapes_moves_exactly_those_keys(tmp_path, fe
         res = store.swap_batch([SwapItem(o.key, "a", "b", o.source_version) for o in out], fence=data)
         assert not res.committed and res.source_changed == (0,)
         assert store.lookup(stay)[keys[1]][0] == "a"
+
+
+def test_the_swap_walks_the_key_index_even_beside_an_application_index_on_shard_id(tmp_path):
+    """An application's own index on ``shard_id`` (no statistics) must never drive the swap's
+    compare-and-set: SQLite would walk every row of the source shard with the map locked."""
+    keys = demo_keys(600, KeyType.STRING)
+    store = make_map(tmp_path, rows=[(k, "a") for k in keys])
+    con = sqlite3.connect(store.path)
+    con.execute("CREATE INDEX app_by_shard ON shard_map(shard_id)")
+    con.commit()
+    con.close()
+    plans = []
+    conn = store._map_conn()
+    conn.set_trace_callback(lambda sql: plans.extend(
+        r[3] for r in sqlite3.connect(store.path).execute("EXPLAIN QUERY PLAN " + sql.replace("?", "'x'"))
+    ) if sql.startswith("UPDATE shard_map") else None)
+    res = store.swap_batch([(k, "a", "b") for k in keys[:500]])
+    conn.set_trace_callback(None)
+    assert res.committed and len(res.applied) == 500
+    assert plans and all("app_by_shard" not in p for p in plans), plans
+    assert sum(s == "b" for s, _ in store.lookup(keys).values()) == 500
+
+
+def test_without_hard_links_a_new_file_is_created_in_place_and_completed(tmp_path, monkeypatch):
+    """A file system that refuses hard links: the file is created in place (never replaced)
+    and given WAL mode and its table; no scratch file is left."""
+    def no_links(src, dst, *a, **kw):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    data = _data(tmp_path)
+    path = data.ensure_shard("t")
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("records",)]
+    con.close()
+    assert [n for n in os.listdir(os.path.dirname(path)) if ".creating" in n] == []
+    data.close()
+
+
+def test_a_dead_creators_scratch_is_swept_even_when_the_file_exists(tmp_path):
+    """A killed creator's scratch file (here: a dead process's owner tag) beside a file that
+    exists is removed when this process first ensures that file; a live owner's stays."""
+    import subprocess
+    import sys
+
+    from pipeline import procs
+    from pipeline.stores import sqlite_common
+
+    data = _data(tmp_path)
+    path = data.ensure_shard("t")
+    data.close()
+    dead_tag = subprocess.run([sys.executable, "-c", "from pipeline import procs; print(procs.owner_tag())"],
+                              capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout.strip()
+    d = os.path.dirname(path)
+    dead = os.path.join(d, f".t.sqlite.{dead_tag}~1.creating")
+    live = sqlite_common._creating_name(path)
+    for f in (dead, dead + "-wal", live):
+        open(f, "wb").close()
+    assert procs.owner_gone(dead_tag) and not procs.owner_gone(procs.owner_tag())
+    SqliteDataStore(d).ensure_shard("t")
+    assert not os.path.exists(dead) and not os.path.exists(dead + "-wal") and os.path.exists(live)
+    os.unlink(live)

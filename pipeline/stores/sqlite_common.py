@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -261,18 +262,25 @@ def _uri(path: str, *, readonly: bool = False) -> str:
     return "file:" + urllib.parse.quote(os.path.abspath(path)) + ("?mode=ro" if readonly else "?mode=rw")
 
 
+def _scratch_label(base: str) -> str:
+    """``base``, or a hash of it when it is long: the scratch name must stay within NAME_MAX."""
+    return base if len(base) <= 100 else hashlib.sha256(base.encode()).hexdigest()[:32]
+
+
 def _creating_name(path: str) -> str:
     """The scratch file a process builds ``path`` in: hidden, beside it, never ``*.sqlite``,
     named after its owner (:func:`pipeline.procs.owner_tag`) and thread."""
     directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}.{procs.owner_tag()}~{threading.get_ident()}.creating")
+    return os.path.join(directory,
+                        f".{_scratch_label(base)}.{procs.owner_tag()}~{threading.get_ident()}.creating")
 
 
 def _sweep_creating(path: str) -> None:
     """Remove the scratch files of ``path`` that a killed process of this host left (its
     owner is gone); a live creator's are left alone."""
     directory, base = os.path.split(os.path.abspath(path))
-    prefix, suffixes = f".{base}.", (".creating", ".creating-wal", ".creating-shm", ".creating-journal")
+    prefix = f".{_scratch_label(base)}."
+    suffixes = (".creating", ".creating-wal", ".creating-shm", ".creating-journal")
     try:
         names = os.listdir(directory)
     except OSError:
@@ -397,6 +405,8 @@ class _SqliteBase:
         left half-made, or an empty file) is put in WAL mode first."""
         if not os.path.exists(path):
             self._create_whole(path, schema, what)
+        else:
+            _sweep_creating(path)  # a killed creator's scratch, even if another made the file
         conn = self._conn(path)
         try:
             if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
@@ -437,12 +447,14 @@ class _SqliteBase:
                 os.link(tmp, path)  # atomic; fails if the name exists
             except FileExistsError:
                 return
-            except OSError:  # a file system without hard links: the caller's file lock orders creators
-                if os.path.exists(path):
+            except OSError:  # a file system without hard links: create it in place, never replace
+                try:  # a kill now leaves a file without schema, which the next ensure completes
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                except FileExistsError:
                     return
-                os.replace(tmp, path)
-            else:
-                os.unlink(tmp)  # at once: no second name of the live file outlives a kill here
+                os.close(fd)
+                return  # the caller puts it in WAL mode and creates its schema
+            os.unlink(tmp)  # at once: a kill leaves a second name of the live file only in between
             _fsync_path(directory)
         finally:
             for suffix in ("", "-wal", "-shm", "-journal"):

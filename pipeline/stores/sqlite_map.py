@@ -704,7 +704,9 @@ def _cas_update(conn: sqlite3.Connection, norm: _Items, first, keys, version: in
     written = 0
     for (src, tgt), ks in by_pair.items():
         for chunk in _chunks(ks, per):
-            sql = _in_sql("UPDATE shard_map SET shard_id = ?, version = ? WHERE shard_id = ? AND key IN ({in})",
+            # "+shard_id": an index of the application's on shard_id must never drive this
+            # update (without statistics SQLite would walk the whole source shard, locks held)
+            sql = _in_sql("UPDATE shard_map SET shard_id = ?, version = ? WHERE +shard_id = ? AND key IN ({in})",
                           len(chunk))
             written += conn.execute(sql, [tgt, version, src, *chunk]).rowcount
     return written

@@ -35,9 +35,14 @@ class StageDoFn(beam.DoFn):
     def setup(self):
         hold_quick_handoffs()  # the serial swap waits less for the GIL (transforms.runner)
         self._handoffs = True
-        self.ctx = StageContext(self._spec, self.STAGE, self._shared)
-        self.window = Window(self.STAGE, self.MAX_WINDOW_CHUNKS, self.ctx.metrics)
-        self._parts = self.compose()
+        try:
+            self.ctx = StageContext(self._spec, self.STAGE, self._shared)
+            self.window = Window(self.STAGE, self.MAX_WINDOW_CHUNKS, self.ctx.metrics)
+            self._parts = self.compose()
+        except BaseException:
+            self._handoffs = False
+            release_quick_handoffs()
+            raise
 
     def start_bundle(self):
         self.ctx.start_bundle()
@@ -48,14 +53,16 @@ class StageDoFn(beam.DoFn):
         self.ctx.finish_bundle()
 
     def teardown(self):
-        window = getattr(self, "window", None)
-        if window is not None:
-            window.close()  # queued calls of unfinished chunks never start
-        for part in reversed(getattr(self, "_parts", [])):
-            part.close()
-        ctx = getattr(self, "ctx", None)
-        if ctx is not None:
-            ctx.close()
-        if getattr(self, "_handoffs", False):
-            self._handoffs = False
-            release_quick_handoffs()
+        try:
+            window = getattr(self, "window", None)
+            if window is not None:
+                window.close()  # queued calls of unfinished chunks never start
+            for part in reversed(getattr(self, "_parts", [])):
+                part.close()
+            ctx = getattr(self, "ctx", None)
+            if ctx is not None:
+                ctx.close()
+        finally:
+            if getattr(self, "_handoffs", False):
+                self._handoffs = False
+                release_quick_handoffs()
