@@ -29,6 +29,10 @@ ensure_venv() {
     fi
     touch "$stamp"
   fi
+  # Byte-code for our own modules (only what changed since the last call): where the environment
+  # sets PYTHONDONTWRITEBYTECODE (this machine kind does), every shardmove process and SDK worker
+  # otherwise compiles them again at import, about 0.2 s each
+  .venv/bin/python -m compileall -q -j 0 pipeline transforms shardmove >/dev/null 2>&1 || true
 }
 
 ensure_packages() {
