@@ -11,19 +11,32 @@ import socket
 __all__ = ["process_start_time", "owner_tag", "owner_gone"]
 
 
+#: states of a task that has exited, although its /proc entry (and pid) still exists
+_DEAD = ("Z", "X", "x")
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time)`` of ``pid`` from ``/proc/<pid>/stat``; None when it has no
+    entry.  Raises OSError (or IndexError, a line that does not parse) when it cannot be
+    read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except FileNotFoundError:
+        return None
+    fields = data.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+    return fields[0], fields[19]
+
+
 def process_start_time(pid: int) -> str | None:
     """Start time of a live process (clock ticks since boot, from /proc), or None if it is
     gone -- or dead but not yet reaped: a zombie (state ``Z``) or a dying task (``X``) has
     exited and holds nothing, although its /proc entry (and pid) still exists."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-        fields = data.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        if fields[0] in ("Z", "X", "x"):
-            return None
-        return fields[19]
+        st = _stat(pid)
     except (OSError, IndexError):
         return None
+    return None if st is None or st[0] in _DEAD else st[1]
 
 
 def _pid_namespace() -> int:
@@ -61,14 +74,7 @@ def owner_gone(tag: str) -> bool:
             return False
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except FileNotFoundError:
-        return True
-    except OSError:
+        st = _stat(pid)
+    except (OSError, IndexError):
         return False
-    try:
-        fields = data.rsplit(")", 1)[1].split()
-    except IndexError:
-        return False
-    return fields[0] in ("Z", "X", "x") or fields[19] != start
+    return st is None or st[0] in _DEAD or st[1] != start
