@@ -546,15 +546,21 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
 def _release(map_store, plan_id: str, lease) -> None:
     """Give back the map-store claim (if taken) and the lease; each is tried even if the
     other fails, and a failure to release never hides the run's outcome."""
-    if isinstance(map_store, RunRegistry):
-        try:
-            map_store.release_run(plan_id, lease.epoch)
-        except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
-            LOG.warning("run claim not released (%s); it expires after lease_ttl", type(e).__name__)
+    _release_claim(map_store, plan_id, lease)
     try:
         lease.release()
     except Exception as e:  # noqa: BLE001 - the lease then expires after lease_ttl
         LOG.warning("lease not released (%s); it expires after lease_ttl", type(e).__name__)
+
+
+def _release_claim(map_store, plan_id: str, lease, level: int = logging.WARNING) -> None:
+    """Give back the map-store claim of ``lease``'s epoch (if ``map_store`` has a registry);
+    a failure is logged at ``level``, never raised: the claim then expires after lease_ttl."""
+    if isinstance(map_store, RunRegistry):
+        try:
+            map_store.release_run(plan_id, lease.epoch)
+        except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
+            LOG.log(level, "run claim not released (%s); it expires after lease_ttl", type(e).__name__)
 
 
 def _run_figures(plan_dir: str, summary: dict, before: dict, elapsed: float, metrics: dict,
@@ -621,9 +627,7 @@ def free_stale_claim(cfg: Config, manifest: dict, lease) -> None:
     if store is None:
         return
     try:
-        store.release_run(manifest["plan_id"], lease.epoch)
-    except Exception as e:  # noqa: BLE001 - the claim then expires after lease_ttl
-        LOG.info("run claim not released (%s); it expires after lease_ttl", type(e).__name__)
+        _release_claim(store, manifest["plan_id"], lease, logging.INFO)
     finally:
         close = getattr(store, "close", None)
         if close is not None:
