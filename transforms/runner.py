@@ -168,12 +168,39 @@ def _fn_api_runner():
 _SHIELD = b"trap '' INT TERM; exec "
 
 
+class _HeldSetting:
+    """A process-wide interpreter setting changed while anyone holds it: the first
+    :meth:`hold` saves the value found and applies ``adjust(found)``, the last
+    :meth:`release` restores it (a release with no hold left is ignored).  Thread-safe."""
+
+    def __init__(self, get, put, adjust):
+        self._get, self._put, self._adjust = get, put, adjust
+        self._guard = threading.Lock()
+        self._holders = 0
+        self._found = None
+
+    def hold(self) -> None:
+        with self._guard:
+            if self._holders == 0:
+                self._found = self._get()
+                self._put(self._adjust(self._found))
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._guard:
+            if self._holders == 0:
+                return
+            self._holders -= 1
+            if self._holders == 0:
+                self._put(self._found)
+
+
 #: the young-generation threshold of Python's cyclic garbage collector while a pipeline
 #: runs here (CPython's default is 700 allocations): an executor run of 101k moves
 #: collected 270 times, 0.3-0.45 s with the GIL held; at 20000, twice, 0.04 s
 GC_YOUNG_THRESHOLD = 20000
-_GC_GUARD = threading.Lock()
-_GC_DEPTH = [0, None]  # runs in progress, thresholds to restore
+_FEWER_COLLECTIONS = _HeldSetting(gc.get_threshold, lambda t: gc.set_threshold(*t),
+                                  lambda t: (max(t[0], GC_YOUNG_THRESHOLD), *t[1:]))
 
 
 @contextlib.contextmanager
@@ -182,19 +209,11 @@ def fewer_collections():
     while any pipeline of this process runs; the thresholds found are restored after the
     last one.  Chunks, futures and row lists are short-lived, so the collections that
     allocation triggers find little but take the GIL from the stages."""
-    with _GC_GUARD:
-        if _GC_DEPTH[0] == 0:
-            _GC_DEPTH[1] = gc.get_threshold()
-            young, *older = _GC_DEPTH[1]
-            gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), *older)
-        _GC_DEPTH[0] += 1
+    _FEWER_COLLECTIONS.hold()
     try:
         yield
     finally:
-        with _GC_GUARD:
-            _GC_DEPTH[0] -= 1
-            if _GC_DEPTH[0] == 0:
-                gc.set_threshold(*_GC_DEPTH[1])
+        _FEWER_COLLECTIONS.release()
 
 
 #: Python's GIL switch interval while executor stages run in a process (CPython's
@@ -203,27 +222,14 @@ def fewer_collections():
 #: at 0.5 ms, a 500k-key run's swap batch took 26.9 ms against 28.3 ms (medians of five
 #: interleaved runs each) and the run was ~5% faster.
 STAGE_SWITCH_INTERVAL_S = 0.0005
-_SWITCH = [0, None]  # stages holding it in this process, interval to restore
+_QUICK_HANDOFFS = _HeldSetting(sys.getswitchinterval, sys.setswitchinterval,
+                               lambda found: min(found, STAGE_SWITCH_INTERVAL_S))
 
-
-def hold_quick_handoffs() -> None:
-    """Lower the switch interval to :data:`STAGE_SWITCH_INTERVAL_S` (never raise it) while
-    any executor stage of this process is set up; :func:`release_quick_handoffs` at its
-    teardown restores the interval found once the last one goes."""
-    with _GC_GUARD:
-        if _SWITCH[0] == 0:
-            _SWITCH[1] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_SWITCH[1], STAGE_SWITCH_INTERVAL_S))
-        _SWITCH[0] += 1
-
-
-def release_quick_handoffs() -> None:
-    with _GC_GUARD:
-        if _SWITCH[0] == 0:
-            return
-        _SWITCH[0] -= 1
-        if _SWITCH[0] == 0:
-            sys.setswitchinterval(_SWITCH[1])
+#: Lower the switch interval to :data:`STAGE_SWITCH_INTERVAL_S` (never raise it) while any
+#: executor stage of this process is set up (``StageDoFn.setup``); the release at its
+#: teardown restores the interval found once the last one goes.
+hold_quick_handoffs = _QUICK_HANDOFFS.hold
+release_quick_handoffs = _QUICK_HANDOFFS.release
 
 
 def run_pipeline(p) -> object:
