@@ -52,6 +52,7 @@ __all__ = [
     "open_input",
     "write_atomic",
     "sync_dir",
+    "sync_file",
     "create_if_absent",
     "read_versioned",
     "read_range",
@@ -184,8 +185,14 @@ def _tmp_write(directory: str, data: bytes, mode: int, sync: bool = True) -> str
 
 
 def _fsync_dir(directory: str) -> None:
+    _fsync(directory)
+
+
+def _fsync(path: str) -> None:
+    """fsync a local file or directory; best effort (a path that cannot be opened or
+    synced is left as it is)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -256,6 +263,13 @@ def sync_dir(path: str) -> None:
     Nothing to do on ``gs://``, where an object is durable once written."""
     if not is_gcs(path):
         _fsync_dir(path)
+
+
+def sync_file(path: str) -> None:
+    """fsync a local file's bytes (best effort, as :func:`sync_dir`); nothing to do on
+    ``gs://``, where an object is durable once written."""
+    if not is_gcs(path):
+        _fsync(path)
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:

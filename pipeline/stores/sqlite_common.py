@@ -32,7 +32,7 @@ import time
 import urllib.parse
 from typing import Iterable, Iterator, Sequence
 
-from pipeline import procs
+from pipeline import fs, procs
 from pipeline.errors import ConfigurationError, PermanentError, StoreError, TransientError
 from pipeline.keys import KeyType
 
@@ -297,16 +297,6 @@ def _sweep_creating(path: str) -> None:
             pass
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _read_transaction(conn: sqlite3.Connection, keys: int):
     """One read transaction around a read of ``keys`` keys in ``IN (...)`` chunks of
@@ -442,7 +432,7 @@ class _SqliteBase:
                 raise _store_error(e, what) from e
             finally:
                 conn.close()  # the last connection: checkpoints the WAL into the file and removes it
-            _fsync_path(tmp)
+            fs.sync_file(tmp)
             try:
                 os.link(tmp, path)  # atomic; fails if the name exists
             except FileExistsError:
@@ -455,7 +445,7 @@ class _SqliteBase:
                 os.close(fd)
                 return  # the caller puts it in WAL mode and creates its schema
             os.unlink(tmp)  # at once: a kill leaves a second name of the live file only in between
-            _fsync_path(directory)
+            fs.sync_dir(directory)
         finally:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 try:
