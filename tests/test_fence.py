@@ -140,3 +140,161 @@ def test_forced_swap_still_swaps_a_real_mismatch(tmp_path, monkeypatch):
     run = api.run(cfg, res.plan_dir, out=quiet)
     assert run.exit_code == 0 and run.summary["failed"] == 0, run.summary
     assert run.summary["done_by_verification"].get("forced") == 10
+
+
+# ------------------------------------------------------------- fence pre-checks
+
+def _precheck_setup(tmp_path, n=12):
+    ds = SqliteDataStore(str(tmp_path / "shards"))
+    ms = SqliteMapStore.create(str(tmp_path / "map.sqlite"))
+    keys = [b"k%02d" % i for i in range(n)]
+    ms.put_many([(k, "a") for k in keys])
+    ds.put_many("a", [(k, b"old " + k) for k in keys])
+    ds.put_many("a", [(b"other", b"not in the batch")])
+    outs = ds.copy(keys, "a", "b")
+    return ds, ms, keys, [(o.key, "a", "b", o.source_version) for o in outs]
+
+
+def _shards(ms, keys):
+    return {k: v[0] for k, v in ms.lookup(keys).items()}
+
+
+def test_a_fence_precheck_that_stands_spares_the_check_inside_the_lock(tmp_path):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    pre = ms.fence_precheck(items, fence=ds)
+    assert pre is not None and pre.changed == ()
+    res = ms.swap_batch(items, fence=ds, precheck=pre)
+    assert res.committed and len(res.applied) == len(keys) and pre.stood
+    assert _shards(ms, keys) == {k: "b" for k in keys}
+    pre.close()
+    pre.close()  # harmless twice; its connection is kept for the next pre-check
+    assert len(ms._precheck_conns) == 1
+
+
+# what an application may do to the source shard between a pre-check and the swap
+def _rewrite(ds, key):  # breaks the writer contract: new bytes, same version
+    same_version_rewrite(ds.shard_path("a"), key.decode(), b"rewritten " + key)
+
+
+def _new_version(ds, key):
+    ds.put_many("a", [(key, b"new version " + key)])
+
+
+def _delete(ds, key):
+    ds.delete([key], "a")
+
+
+@pytest.mark.parametrize("change", [_rewrite, _new_version, _delete])
+def test_a_source_changed_after_the_precheck_is_never_swapped(tmp_path, change):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    pre = ms.fence_precheck(items, fence=ds)
+    assert pre.changed == ()  # the pre-check saw the sources unchanged ...
+    change(ds, keys[3])       # ... then an application wrote one, before the swap took its lock
+    res = ms.swap_batch(items, fence=ds, precheck=pre)
+    assert not pre.stood
+    assert not res.committed and res.source_changed == (3,) and res.applied == ()
+    assert _shards(ms, keys) == {k: "a" for k in keys}
+
+
+def test_a_write_to_another_record_of_the_source_voids_the_precheck_but_not_the_swap(tmp_path):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    pre = ms.fence_precheck(items, fence=ds)
+    ds.put_many("a", [(b"other", b"written meanwhile")])
+    res = ms.swap_batch(items, fence=ds, precheck=pre)
+    assert not pre.stood  # the shard changed: checked again inside the lock
+    assert res.committed and len(res.applied) == len(keys)
+
+
+def test_a_precheck_counts_only_for_the_very_items_it_checked(tmp_path):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    pre = ms.fence_precheck(items[:6], fence=ds)
+    _rewrite(ds, keys[8])  # outside what the pre-check saw
+    res = ms.swap_batch(list(items), fence=ds, precheck=pre)  # other items: the swap checks itself
+    assert not pre.stood and res.source_changed == (8,)
+    equal = list(items[:6])
+    assert ms.swap_batch(equal, fence=ds, precheck=ms.fence_precheck(items[:6], fence=ds)).committed
+
+
+def test_changes_a_precheck_found_are_reported_by_the_swap(tmp_path):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    _new_version(ds, keys[0])
+    _rewrite(ds, keys[5])
+    pre = ms.fence_precheck(items, fence=ds)
+    assert sorted(pre.changed) == ["k00", "k05"]
+    res = ms.swap_batch(items, fence=ds, precheck=pre)
+    assert not res.committed and res.source_changed == (0, 5)
+    assert _shards(ms, keys) == {k: "a" for k in keys}
+
+
+def test_a_precheck_is_not_made_when_it_cannot_be(tmp_path):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    assert ms.fence_precheck([], fence=ds) is None
+    assert ms.fence_precheck(items + items[:1], fence=ds) is None  # a key twice
+    assert ms.fence_precheck([(b"k00", "gone", "b", 1)], fence=ds) is None  # no source file
+    assert ms.fence_precheck(items, fence=object()) is None
+
+
+def test_prechecks_against_random_writes_decide_exactly_as_the_lock(tmp_path):
+    """Seeded interleavings: whatever an application writes between a pre-check and the
+    swap, the swap reports exactly the keys whose source no longer matches its copy and
+    applies a batch only when none does."""
+    import random
+    rng = random.Random(7)
+    ds = SqliteDataStore(str(tmp_path / "shards"))
+    ms = SqliteMapStore.create(str(tmp_path / "map.sqlite"))
+    for trial in range(40):
+        keys = [b"t%02d-%02d" % (trial, i) for i in range(8)]
+        ms.put_many([(k, "a") for k in keys])
+        ds.put_many("a", [(k, b"v " + k) for k in keys])
+        items = [(o.key, "a", "b", o.source_version) for o in ds.copy(keys, "a", "b")]
+        early = {i for i in range(8) if rng.random() < 0.1}
+        for i in early:
+            _new_version(ds, keys[i])
+        pre = ms.fence_precheck(items, fence=ds)
+        late = {i for i in range(8) if rng.random() < 0.15}
+        for i in late:
+            rng.choice([_rewrite, _new_version, _delete])(ds, keys[i])
+        if rng.random() < 0.3:
+            ds.put_many("a", [(b"other", b"%d" % trial)])
+        res = ms.swap_batch(items, fence=ds, precheck=pre)
+        pre.close()
+        changed = early | late
+        assert set(res.source_changed) == changed, trial
+        assert res.committed == (not changed), trial
+        assert set(_shards(ms, keys).values()) == ({"a"} if changed else {"b"}), trial
+
+
+def test_run_never_swaps_a_source_written_between_its_precheck_and_its_swap(tmp_path, monkeypatch):
+    """The executor checks each chunk's fence ahead of its swap, on another thread: an
+    application write landing in between is caught inside the swap's lock."""
+    info = api.create_demo_keyspace(str(tmp_path / "ks"), keys=600, shards=4)
+    with open(info["config"], "a") as f:
+        f.write("swap_batch_size: 40\nhash_buckets: 2\nretry_base_delay: 1ms\ncopy_concurrency: 4\n")
+    cfg = dataclasses.replace(load_config(info["config"]), beam={"runner": "FnApiRunner"})
+    precheck = SqliteMapStore.fence_precheck
+    rewritten: dict = {}
+    made = []
+
+    def precheck_then_write(self, items, *, fence):
+        pre = precheck(self, items, fence=fence)
+        made.append(pre is not None)
+        key, source = items[len(made) % len(items)][:2]
+        if len(rewritten) < 6 and key not in rewritten:
+            value = b"written after the pre-check: " + key
+            same_version_rewrite(fence.shard_path(source), key.decode(), value)
+            rewritten[key] = (source, value)
+        return pre
+
+    monkeypatch.setattr(SqliteMapStore, "fence_precheck", precheck_then_write)
+    res = api.plan(cfg, out=quiet)
+    run = api.run(cfg, res.plan_dir, out=quiet)
+    assert run.exit_code == 0, run.summary
+    assert len(rewritten) == 6 and all(made)
+    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    ds = SqliteDataStore(cfg.data_store["directory"], cfg.key_type)
+    where = ms.lookup(list(rewritten))
+    assert [k for k, (source, value) in rewritten.items()
+            if ds.read([k], where[k][0])[k][0] != value] == []  # every one re-copied before its swap
+    m = run.summary["metrics_this_run"]
+    assert m.get("source_changed_recopies", 0) >= 6
+    assert 0 < m.get("fence_prechecks_stood", 0) < len(made)

@@ -96,10 +96,22 @@ _FILE_LOCKS: dict[str, threading.Lock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
 _LOCK_FDS: dict[str, int] = {}
 LOCK_SUFFIX = "-shardmove-lock"
+_REAL: dict[str, str] = {}  # path -> its realpath, resolved once per process
+
+
+def _real(path: str) -> str:
+    """``os.path.realpath(path)``, remembered: every swap batch takes its files' locks,
+    and each lstat of a resolution gives up the GIL and waits to take it back."""
+    real = _REAL.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if len(_REAL) < 65536:
+            _REAL[path] = real
+    return real
 
 
 def _file_lock(path: str) -> threading.Lock:
-    real = os.path.realpath(path)
+    real = _real(path)
     with _FILE_LOCKS_GUARD:
         lock = _FILE_LOCKS.get(real)
         if lock is None:
@@ -110,7 +122,7 @@ def _file_lock(path: str) -> threading.Lock:
 def _lock_fd(path: str) -> int | None:
     """This process's descriptor of ``path``'s sidecar lock file, opened once (owner-only);
     None when it cannot be created."""
-    real = os.path.realpath(path)
+    real = _real(path)
     fd = _LOCK_FDS.get(real)
     if fd is None:
         try:  # opened outside the guard: a fork meanwhile must not leave the guard held

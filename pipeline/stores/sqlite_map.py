@@ -21,6 +21,7 @@ is re-copied, never swapped stale.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from itertools import chain
@@ -52,7 +53,7 @@ from pipeline.stores.sqlite_common import (
 )
 from pipeline.stores.sqlite_data import SqliteDataStore
 
-__all__ = ["SqliteMapStore", "SqliteMapSnapshot", "map_ddl"]
+__all__ = ["SqliteMapStore", "SqliteMapSnapshot", "FencePrecheck", "map_ddl"]
 
 _MAP_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS shard_map("
@@ -165,6 +166,12 @@ class SqliteMapStore(_SqliteBase):
                  busy_timeout: float = DEFAULT_BUSY_TIMEOUT, synchronous: str = "FULL"):
         super().__init__(key_type, busy_timeout, synchronous)
         self.path = os.fspath(path)
+        self._precheck_conns: list = []  # idle connections of fence pre-checks, shards attached
+
+    def close(self) -> None:
+        with self._all_guard:
+            self._precheck_conns = []
+        super().close()
 
     def _config(self) -> dict:
         return dict(path=self.path, key_type=self.key_type, busy_timeout=self.busy_timeout,
@@ -403,7 +410,8 @@ class SqliteMapStore(_SqliteBase):
 
     def swap_batch(self, items: Sequence[SwapItem | tuple], *,
                    fence: "SqliteDataStore | None" = None,
-                   token: "tuple[str, int] | None" = None) -> SwapResult:
+                   token: "tuple[str, int] | None" = None,
+                   precheck: "FencePrecheck | None" = None) -> SwapResult:
         """Move a batch of keys to their targets: compare-and-set, all or nothing.
 
         ONE write transaction (``BEGIN IMMEDIATE``).  For each item
@@ -428,18 +436,103 @@ class SqliteMapStore(_SqliteBase):
         run registry (:meth:`claim_run`): an executor whose claim was taken
         over raises ``LeaseLost`` and applies nothing.
 
+        ``precheck``: this very ``items`` list's fence check, made ahead by
+        :meth:`fence_precheck` outside the lock.  Once the lock is held, it stands
+        when no other connection has committed to any of the source shards since
+        the snapshot it read (SQLite's ``data_version`` of each, read on the
+        pre-check's own connection); the fence check is then not run again inside
+        the lock.  Otherwise it is ignored and the check runs as without it.
+
         Any conflict or changed source rolls the whole batch back and applies
         nothing.  Idempotent: compare-and-set on the expected source.
         Raises TransientError when the map (or a fenced shard) stays locked
         beyond the busy timeout.  The same key twice in one batch with
         different moves is a conflict.
         """
-        res = self._swap_batch(items, fence=fence, token=token, fast_path=True)
+        res = self._swap_batch(items, fence=fence, token=token, fast_path=True, precheck=precheck)
         if res is None:  # not every key was at its source: decide key by key
             res = self._swap_batch(items, fence=fence, token=token, fast_path=False)
         return res
 
-    def _swap_batch(self, items, *, fence, token, fast_path: bool) -> "SwapResult | None":
+    def fence_precheck(self, items: Sequence[SwapItem | tuple], *,
+                       fence: "SqliteDataStore") -> "FencePrecheck | None":
+        """The write fence's check of a swap batch, made ahead of its :meth:`swap_batch`
+        and outside the map's lock -- typically on another thread while the previous
+        batch swaps -- so that the serial, locked part of a swap shrinks to the
+        compare-and-set and the commit.
+
+        One read transaction on a connection of the pre-check's own (kept until the
+        result is closed or used): the keys whose source record changed (as the swap
+        would find them, :func:`_sources_changed`) and each source shard's
+        ``data_version`` at that snapshot.  ``swap_batch(items, precheck=...)`` relies
+        on it only if no other connection has committed to those shards since.  None
+        when there is nothing to check ahead (an empty batch, a key twice, a missing
+        file, a SQLite error): the swap then checks inside its lock, as always."""
+        norm = _Items(items)
+        if not norm.n or fence is None or not self.supports_fence(fence):
+            return None
+        texts = text_forms(norm.key, self.key_type)
+        first = dict(zip(texts, range(len(texts))))
+        if len(first) != len(texts):
+            return None
+        state = None
+        try:
+            with self._all_guard:
+                state = self._precheck_conns.pop() if self._precheck_conns else None
+            if state is None:
+                conn = self._open(self.path)
+                with self._all_guard:
+                    self._all.append(conn)
+                state = [conn, ((), ())]
+            layout = self._fence_layout(norm, fence, state[0])
+            if layout is None:
+                self._return_precheck_conn(state)
+                return None
+            sources, attached, targets, paths = layout
+            conn = self._attach(state, *paths)
+            conn.execute("BEGIN")
+            try:
+                # read first: the read transaction's snapshot is fixed from here on
+                versions = tuple(conn.execute(f"PRAGMA {attached[s]}.data_version").fetchone()[0]
+                                 for s in sources)
+                changed = _sources_changed(conn, norm, first, list(first), attached, targets)
+            finally:
+                conn.execute("COMMIT")
+        except (sqlite3.Error, ValueError, PermanentError) as e:
+            if state is not None:
+                _close_quietly(state[0])
+            _log_debug("fence pre-check not made (%s); the swap checks inside its lock", type(e).__name__)
+            return None
+        return FencePrecheck(self, items, paths, versions, tuple(changed), state)
+
+    def _return_precheck_conn(self, state) -> None:
+        with self._all_guard:
+            if state[0] in self._all:
+                self._precheck_conns.append(state)
+
+    def _fence_layout(self, norm: "_Items", fence: "SqliteDataStore", conn: sqlite3.Connection):
+        """A fenced batch's shards: (sorted sources, {source: fence schema}, {target: schema
+        or None}, (source paths, read-only target paths)); None when a source file is missing."""
+        sources = sorted(set(norm.source))
+        # targets are attached read-only: BEGIN IMMEDIATE takes no write lock on them,
+        # so copies to them go on during the swap
+        readonly = sorted(set(norm.target) - set(sources))
+        readonly = [s for s in readonly if os.path.exists(fence.shard_path(s))]
+        limit = _limit(conn, "SQLITE_LIMIT_ATTACHED", 10)
+        if len(sources) + len(readonly) > limit:
+            raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source and {len(readonly)} "
+                             f"target shards; at most {limit} can be attached")
+        if not all(os.path.exists(fence.shard_path(s)) for s in sources):
+            return None
+        attached = {s: f"fence{n}" for n, s in enumerate(sources)}
+        targets = {t: attached.get(t) for t in set(norm.target)}
+        for n, s in enumerate(readonly):
+            targets[s] = f"copy{n}"
+        paths = (tuple(fence.shard_path(s) for s in sources), tuple(fence.shard_path(s) for s in readonly))
+        return sources, attached, targets, paths
+
+    def _swap_batch(self, items, *, fence, token, fast_path: bool,
+                    precheck: "FencePrecheck | None" = None) -> "SwapResult | None":
         norm = _Items(items)
         if not norm.n:
             return SwapResult()
@@ -466,28 +559,16 @@ class SqliteMapStore(_SqliteBase):
         attached: dict[str, str] = {}  # source shard -> schema name
         targets: dict[str, str | None] = {}  # target shard -> schema name (None: no file)
         lock_paths = [self.path]
+        paths = None
         if fence is not None:
-            sources = sorted(set(norm.source))
-            # targets are attached read-only: BEGIN IMMEDIATE takes no write lock on them,
-            # so copies to them go on during the swap
-            readonly = sorted(set(norm.target) - set(sources))
-            readonly = [s for s in readonly if os.path.exists(fence.shard_path(s))]
-            limit = _limit(conn, "SQLITE_LIMIT_ATTACHED", 10)
-            if len(sources) + len(readonly) > limit:
-                raise ValueError(f"swap_batch: a fenced batch spans {len(sources)} source and {len(readonly)} "
-                                 f"target shards; at most {limit} can be attached")
-            for n, s in enumerate(sources):
-                path = fence.shard_path(s)
-                if not os.path.exists(path):
-                    raise PermanentError(f"fenced swap: source shard file not found ({safe_name(s)})",
-                                         reason="shard_missing")
-                attached[s] = f"fence{n}"
-            targets = {t: attached.get(t) for t in set(norm.target)}
-            for n, s in enumerate(readonly):
-                targets[s] = f"copy{n}"
-            lock_paths += sorted(fence.shard_path(s) for s in sources)
-            conn = self._fenced_conn(tuple(fence.shard_path(s) for s in sources),
-                                     tuple(fence.shard_path(s) for s in readonly))
+            layout = self._fence_layout(norm, fence, conn)
+            if layout is None:
+                missing = next(s for s in sorted(set(norm.source)) if not os.path.exists(fence.shard_path(s)))
+                raise PermanentError(f"fenced swap: source shard file not found ({safe_name(missing)})",
+                                     reason="shard_missing")
+            _sources, attached, targets, paths = layout
+            lock_paths += sorted(paths[0])
+            conn = self._fenced_conn(*paths)
 
         with _locked(lock_paths, self.busy_timeout, "map swap"):
             try:
@@ -508,8 +589,12 @@ class SqliteMapStore(_SqliteBase):
                 if not dup_conflict and fast_path:
                     # Fast path (a first run: every key still at its source): fence check and
                     # compare-and-set straight away; if every row was written, that is the answer.
+                    checked = None
+                    if precheck is not None and attached:
+                        checked = precheck._stands(items, paths)  # locks held: nothing can commit now
                     try:
-                        fast = self._swap_all_applied(conn, norm, first, uniq, attached, targets, version)
+                        fast = self._swap_all_applied(conn, norm, first, uniq, attached, targets, version,
+                                                      checked)
                     except _NotAllApplied:
                         conn.execute("ROLLBACK")
                         return None  # swap_batch decides key by key in a new transaction
@@ -557,12 +642,16 @@ class SqliteMapStore(_SqliteBase):
                     self._drop_fenced_conn(tuple(fence.shard_path(s) for s in attached))
                 raise _store_error(e, f"map store {self.path}: swap") from e
 
-    def _swap_all_applied(self, conn, norm, first, uniq, attached, targets, version: int) -> int | None:
+    def _swap_all_applied(self, conn, norm, first, uniq, attached, targets, version: int,
+                          checked: "tuple | None" = None) -> int | None:
         """Inside the swap transaction: if every key is at its expected source (and,
         fenced, has the source version its copy read), apply them all, stamped
-        ``version`` (the batch's change number), and return it.  Returns None (nothing written) when the fence check fails and
-        raises _NotAllApplied (rows written: roll back) when the CAS missed a row."""
-        if attached and _sources_changed(conn, norm, first, uniq, attached, targets):
+        ``version`` (the batch's change number), and return it.  Returns None (nothing
+        written) when the fence check fails and raises _NotAllApplied (rows written:
+        roll back) when the CAS missed a row.  ``checked``: the changed keys of a
+        pre-check that still stands (:meth:`fence_precheck`), instead of checking now."""
+        if attached and (checked if checked is not None else
+                         _sources_changed(conn, norm, first, uniq, attached, targets)):
             return None
         if _cas_update(conn, norm, first, uniq, version) == len(uniq):
             return version
@@ -586,21 +675,28 @@ class SqliteMapStore(_SqliteBase):
             with self._all_guard:
                 self._all.append(conn)
             state = self._local.fenced = [conn, ((), ())]
+        try:
+            return self._attach(state, shard_paths, readonly_paths)
+        except sqlite3.Error as e:  # half attached: never reuse it; the next batch opens anew
+            self._drop_fenced_conn(shard_paths)
+            raise _store_error(e, f"map store {self.path}: swap (attach shards)") from e
+
+    @staticmethod
+    def _attach(state: list, shard_paths: tuple, readonly_paths: tuple) -> sqlite3.Connection:
+        """``state`` = [connection, (attached source paths, attached read-only paths)]:
+        its connection with exactly these shards attached (fence0.., copy0..)."""
         conn, current = state
         wanted = (shard_paths, readonly_paths)
         if current != wanted:
-            try:
-                for n in range(len(current[0])):
-                    conn.execute(f"DETACH DATABASE fence{n}")
-                for n in range(len(current[1])):
-                    conn.execute(f"DETACH DATABASE copy{n}")
-                for n, path in enumerate(shard_paths):
-                    conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
-                for n, path in enumerate(readonly_paths):
-                    conn.execute(f"ATTACH DATABASE ? AS copy{n}", (_uri(path, readonly=True),))
-            except sqlite3.Error as e:  # half attached: never reuse it; the next batch opens anew
-                self._drop_fenced_conn(shard_paths)
-                raise _store_error(e, f"map store {self.path}: swap (attach shards)") from e
+            state[1] = None  # until every ATTACH has succeeded
+            for n in range(len(current[0]) if current else 0):
+                conn.execute(f"DETACH DATABASE fence{n}")
+            for n in range(len(current[1]) if current else 0):
+                conn.execute(f"DETACH DATABASE copy{n}")
+            for n, path in enumerate(shard_paths):
+                conn.execute(f"ATTACH DATABASE ? AS fence{n}", (_uri(path),))
+            for n, path in enumerate(readonly_paths):
+                conn.execute(f"ATTACH DATABASE ? AS copy{n}", (_uri(path, readonly=True),))
             state[1] = wanted
         return conn
 
@@ -613,6 +709,60 @@ class SqliteMapStore(_SqliteBase):
             except sqlite3.Error:
                 pass
             self._local.fenced = None
+
+
+class FencePrecheck:
+    """A swap batch's write-fence check made ahead of its swap (:meth:`SqliteMapStore.fence_precheck`).
+
+    ``changed``: the keys (text forms) whose source had changed at that snapshot.
+    ``stood``: set by the swap that used it -- True when nothing had committed to the
+    source shards since, so the swap did not check again inside its lock.  Holds a
+    connection of its own until :meth:`close` (the swap closes it; closing twice is
+    harmless)."""
+
+    __slots__ = ("items", "paths", "versions", "changed", "stood", "_store", "_state")
+
+    def __init__(self, store: "SqliteMapStore", items, paths: tuple, versions: tuple, changed: tuple, state):
+        self.items = items
+        self.paths = paths
+        self.versions = versions
+        self.changed = changed
+        self.stood = False
+        self._store = store
+        self._state = state
+
+    def _stands(self, items, paths) -> "tuple | None":
+        """Called by the swap with the source shards' write locks held: the changed keys
+        if this pre-check is of exactly ``items`` and no other connection has committed
+        to those shards since its snapshot; else None (the swap checks itself)."""
+        if self._state is None or items is not self.items or paths != self.paths:
+            return None
+        conn = self._state[0]
+        try:
+            now = tuple(conn.execute(f"PRAGMA fence{n}.data_version").fetchone()[0]
+                        for n in range(len(paths[0])))
+        except sqlite3.Error:
+            return None
+        if now != self.versions:
+            return None
+        self.stood = True
+        return self.changed
+
+    def close(self) -> None:
+        state, self._state = self._state, None
+        if state is not None:
+            self._store._return_precheck_conn(state)
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
+
+
+def _log_debug(msg: str, *args) -> None:
+    logging.getLogger("pipeline.stores").debug(msg, *args)
 
 
 class _Items:

@@ -67,27 +67,61 @@ class Swapper:
         self._fence_store = inner if self._strict else None
         self._token = (ctx.spec.plan_id, ctx.spec.epoch) if isinstance(ctx.map, RunRegistry) else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
+        # the fence check of the next chunk, ahead of its swap and outside the map's lock
+        # (SqliteMapStore.fence_precheck): the swapper thread -- the serial path -- then
+        # holds the locks for the compare-and-set and the commit only
+        self._precheck = getattr(ctx.map, "fence_precheck", None) if self._strict else None
+        self._check_pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap-check")
+                            if self._precheck is not None else None)
+        self._prechecks_stood = ctx.metrics.counter("fence_prechecks_stood")
 
     def close(self) -> None:
         # a swap in progress finishes (Done only after its commit); queued ones never start
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._check_pool is not None:
+            self._check_pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, ch: Chunk, rows: list):
-        return self._window.submit(self._pool, self.swap_chunk, ch, rows)
+        ahead = None
+        if self._check_pool is not None:
+            items = self._items(ch, rows)
+            ahead = (items, self._check_pool.submit(self._fence_precheck, items))
+        return self._window.submit(self._pool, self.swap_chunk, ch, rows, ahead)
 
-    def swap_chunk(self, ch: Chunk, rows: list) -> None:
+    @staticmethod
+    def _items(ch: Chunk, rows: list) -> list:
+        # a forced key's target differs from its source by definition: the fence checks its version only
+        return [(ch.keys[i], ch.source, ch.target, ch.sver[i], ch.method[i] != S.VERIFY_FORCED) for i in rows]
+
+    def _fence_precheck(self, items: list):
+        try:
+            return self._precheck(items, fence=self._fence_store)
+        except Exception as e:  # noqa: BLE001 - an optimisation: the swap checks inside its lock
+            LOG.debug("fence pre-check failed (%s); the swap checks inside its lock", type(e).__name__)
+            return None
+
+    def swap_chunk(self, ch: Chunk, rows: list, ahead=None) -> None:
         """One chunk's swap (on the swapper thread): CAS batches until every row is
-        Done or Failed, re-copying rows whose source changed since their copy."""
+        Done or Failed, re-copying rows whose source changed since their copy.
+        ``ahead``: (the first attempt's items, a future of their fence pre-check)."""
+        try:
+            self._swap_chunk(ch, rows, ahead)
+        finally:
+            if ahead is not None:  # its connection goes back, used or not (closing twice is harmless)
+                ahead[1].add_done_callback(_close_precheck)
+
+    def _swap_chunk(self, ch: Chunk, rows: list, ahead) -> None:
         ctx = self._ctx
         ctx.record(ch, rows, S.State.SWAPPING)
         attempt = 0
         changes: dict = {}
         while rows and not ctx.halted:
             try:
-                res, changed = self.swap_once(ch, rows)
+                res, changed = self.swap_once(ch, rows, ahead)
             except ConfigurationError as e:  # the stores', not the keys': stop the run
                 ctx.halt(e)
                 break
+            ahead = None  # only the first attempt is of the items checked ahead
             if changed:  # sources changed since their copy: re-copy outside the fence, then again
                 rows = self._recopy_changed(ch, rows, changed, changes)
                 continue
@@ -117,8 +151,9 @@ class Swapper:
                 rows = self._recopy_changed(ch, rows, changed, changes)
         # transitions follow the flush policy (count, interval) and bundle end
 
-    def swap_once(self, ch: Chunk, rows: list):
-        """One fenced swap attempt: (SwapResult | None if transient, changed rows)."""
+    def swap_once(self, ch: Chunk, rows: list, ahead=None):
+        """One fenced swap attempt: (SwapResult | None if transient, changed rows).
+        ``ahead``: (these rows' items, a future of their fence pre-check)."""
         ctx = self._ctx
         data = ctx.data
         fence_cm = None
@@ -136,10 +171,15 @@ class Swapper:
                 changed = self._recheck_sources(ch, rows, versions)
                 if changed:
                     return None, changed
-            # a forced key's target differs from its source by definition: the fence checks its version only
-            items = [(ch.keys[i], ch.source, ch.target, ch.sver[i], ch.method[i] != S.VERIFY_FORCED)
-                     for i in rows]
             kw = {}
+            pre = None
+            if ahead is not None:
+                items, fut = ahead
+                pre = fut.result()
+                if pre is not None:
+                    kw["precheck"] = pre
+            else:
+                items = self._items(ch, rows)
             if self._strict:
                 kw["fence"] = self._fence_store
             if self._token is not None:
@@ -154,6 +194,10 @@ class Swapper:
                 raise
             finally:
                 ctx.metrics.sample("swap_batch_ms", (time.perf_counter() - t0) * 1000, len(items))
+                if pre is not None:
+                    if pre.stood:
+                        self._prechecks_stood.inc()
+                    pre.close()
             if res.committed and not self._strict:
                 # the window in which a fence-unaware writer could still change a source
                 ctx.metrics.sample("fence_window_ms", (time.perf_counter() - t_check) * 1000, len(items))
@@ -215,6 +259,11 @@ class Swapper:
             ctx.record(ch, [i for i in again if ch.states[i] == S.State.VERIFIED], S.State.SWAPPING)
         changed_set = set(changed)
         return [i for i in rows if i not in changed_set or ch.states[i] == S.State.SWAPPING]
+
+
+def _close_precheck(fut) -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+        fut.result().close()
 
 
 class _SwapFn(StageDoFn):
