@@ -127,7 +127,8 @@ def end_state(run_dir: str) -> dict:
 # ------------------------------------------------------------------ children
 
 def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mover: bool,
-                   options: dict | None = None, beam_args: list | None = None) -> None:
+                   options: dict | None = None, beam_args: list | None = None,
+                   sleep_instance: dict | None = None) -> None:
     import apache_beam  # noqa: F401  (imports are not run time)
 
     from shardmove import api
@@ -200,11 +201,25 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
     ckpt.compact_group = compact_group
     breakdown, breakdown_calls, breakdown_cpu = _install_breakdown()
     lines = []
+    stores = {}
+    if sleep_instance:  # a mover object every worker process unpickles (benchmarks/ on their path)
+        from pipeline.stores import data_store_from_spec
+        from sleepmover import SleepMover
+
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+        os.makedirs(sleep_instance["stats_dir"], exist_ok=True)
+        stores["data_store"] = SleepMover(data_store_from_spec(cfg.data_store, cfg.key_type), **sleep_instance)
     t0 = time.perf_counter()
     c0 = time.process_time()
-    res = api.run(cfg, plan_dir, out=lines.append, beam_args=beam_args or ())
+    res = api.run(cfg, plan_dir, out=lines.append, beam_args=beam_args or (), **stores)
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    calls_busy_s, calls_n = 0.0, 0
+    if sleep_instance:
+        from sleepmover import busy_seconds
+
+        stores["data_store"].close()  # this process's calls (an in-process runner's stages)
+        calls_busy_s, calls_n = busy_seconds(sleep_instance["stats_dir"])
     s = res.summary
     copy_ms = res.metrics.get("copy_ms") or {}
     child_result({
@@ -218,6 +233,8 @@ def child_executor(run_dir: str, overrides: dict, faults: dict | None, sleep_mov
         "copy_chunks": breakdown_calls.get("copy_start", 0),
         # the copy stage's busy time (chunks in flight), the executor's own metric
         "copy_stage_s": res.metrics.get("copy_busy_ms", 0) / 1000.0, "copy_stage_keys": res.metrics.get("copied", 0),
+        # with a sleep-mover instance: the wall time with a mover call in flight in any process
+        "calls_busy_s": calls_busy_s, "calls": calls_n,
     })
 
 
@@ -434,12 +451,14 @@ def main(argv=None) -> int:
     ap.add_argument("--faults", help=argparse.SUPPRESS)
     ap.add_argument("--sleep-mover", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--options", help=argparse.SUPPRESS)
+    ap.add_argument("--sleep-instance", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child == "executor":
         child_executor(args.run_dir, _overrides(args.overrides), json.loads(args.faults) if args.faults else None,
                        args.sleep_mover, _overrides(args.options),
-                       json.loads(args.beam_args) if args.beam_args else None)
+                       json.loads(args.beam_args) if args.beam_args else None,
+                       json.loads(args.sleep_instance) if args.sleep_instance else None)
         return 0
     if args.child == "baseline":
         child_baseline(args.run_dir)
@@ -581,6 +600,33 @@ def main(argv=None) -> int:
                   f"in {res['copy_stage_s']:.2f}s of copy stage ({res['copy_chunks']} chunks), run "
                   f"{res['elapsed_s']:.2f}s", file=sys.stderr)
             shutil.rmtree(c, ignore_errors=True)
+        # 2 ms single-key calls, 64 in flight in total: one process (64 concurrent calls) and two
+        # SDK worker processes (32 each).  The mover is an object every process unpickles
+        # (benchmarks/sleepmover.py), so it sleeps in the workers too; the copy stage's wall time
+        # is the union of all processes' call intervals (copy_busy_ms, a counter, would sum them).
+        for workers, tag in ((1, "_2ms_calls"), (2, "_2ms_workers2")):
+            pristine = prepare(root, args.latency_keys)
+            c = clone(pristine, os.path.join(root, "run-latency"))
+            stats = os.path.join(root, "run-latency-calls")
+            shutil.rmtree(stats, ignore_errors=True)
+            mover = {"latency_ms": 2, "keys_per_call": 1, "stats_dir": stats}
+            child = [me, "--child", "executor", "--run-dir", c, "--sleep-instance", json.dumps(mover),
+                     "--overrides", json.dumps({"copy_concurrency": 64 // workers})]
+            if workers > 1:
+                child += ["--beam-args", json.dumps(["--direct_running_mode=multi_processing",
+                                                     f"--direct_num_workers={workers}"])]
+            res = run_child(child, log=log)
+            if res["exit_code"] != 0 or res["done"] != res["planned"]:
+                raise SystemExit(f"latency run with {workers} worker processes did not complete: {res}")
+            bound = 64 * 1000.0 / 2
+            rate = res["calls"] / res["calls_busy_s"] if res["calls_busy_s"] else 0.0
+            emit(f"copy_keys_per_s{tag}", rate)
+            emit(f"bound_fraction{tag}", rate / bound)
+            emit(f"end_to_end_keys_per_s{tag}", res["done"] / res["elapsed_s"])
+            print(f"# latency 2ms, {workers} process(es) x {64 // workers} calls: {res['calls']} calls, "
+                  f"{res['calls_busy_s']:.2f}s with calls in flight, run {res['elapsed_s']:.2f}s", file=sys.stderr)
+            shutil.rmtree(c, ignore_errors=True)
+            shutil.rmtree(stats, ignore_errors=True)
     return 0
 
 
