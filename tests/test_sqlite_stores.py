@@ -651,3 +651,25 @@ def test_a_dead_creators_scratch_is_swept_even_when_the_file_exists(tmp_path):
     SqliteDataStore(d).ensure_shard("t")
     assert not os.path.exists(dead) and not os.path.exists(dead + "-wal") and os.path.exists(live)
     os.unlink(live)
+
+
+@pytest.mark.parametrize("kt", ALL_TYPES)
+def test_keys_at_names_exactly_the_keys_the_map_routes_to_a_shard(tmp_path, kt):
+    """The map guard's question (before a copy): which of these keys are at the target
+    already -- across several IN chunks, whatever else the map holds."""
+    keys = demo_keys(1200, kt)
+    rows = [(k, ("t" if i % 7 == 0 else "s")) for i, k in enumerate(keys[:1100])]  # the last 100: absent
+    store = make_map(tmp_path, kt, rows=rows)
+    want = {k for k, s in rows if s == "t"}
+    assert store.keys_at(keys, "t") == want
+    assert store.keys_at(keys, "s") == {k for k, s in rows if s == "s"}
+    assert store.keys_at(keys[1100:], "t") == set() and store.keys_at([], "t") == set()
+    assert store.keys_at(keys, "nowhere") == set()
+    assert store.keys_at(keys, "t") == {k for k, v in store.lookup(keys).items() if v[0] == "t"}
+
+
+def test_keys_at_matches_keys_with_nul_and_escapes_exactly(tmp_path):
+    odd = [b"a", b"a\x00b", b'q"uote', b"back\\slash", b"ctl\x01\x1f", "é".encode()]
+    store = make_map(tmp_path, rows=[(k, "t" if i % 2 else "s") for i, k in enumerate(odd)])
+    assert store.keys_at(odd, "t") == {odd[1], odd[3], odd[5]}
+    assert store.keys_at([b"a\x00b"], "s") == set() and store.keys_at([b"a"], "s") == {b"a"}

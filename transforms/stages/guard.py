@@ -30,13 +30,21 @@ class MapGuard:
         own swaps, so copying unchecked could overwrite the target's newer writes.
         A configuration error (the map's table gone, a permission refused) halts the
         run instead (nothing to copy: ``[]``)."""
+        keys, target = ch.keys, ch.target
         try:
-            current = self._ctx.retry_io(self._ctx.map.lookup, [ch.keys[i] for i in todo])
+            # a store that can answer "which of these are at the target" (SQLite) returns
+            # only those: far less to build and decode than every key's shard and version
+            keys_at = getattr(self._ctx.map, "keys_at", None)
+            if keys_at is not None:
+                there = self._ctx.retry_io(keys_at, [keys[i] for i in todo], target)
+                at_target = [i for i in todo if keys[i] in there] if there else []
+            else:
+                current = self._ctx.retry_io(self._ctx.map.lookup, [keys[i] for i in todo])
+                none = (None,)
+                at_target = [i for i in todo if current.get(keys[i], none)[0] == target]
         except ConfigurationError as e:
             self._ctx.halt(e)
             return []
-        keys, target, none = ch.keys, ch.target, (None,)
-        at_target = [i for i in todo if current.get(keys[i], none)[0] == target]
         if not at_target:
             return todo
         self.confirm_at_target(ch, at_target)
