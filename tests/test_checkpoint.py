@@ -996,3 +996,65 @@ def test_recorder_gathers_rows_of_a_chunk_and_the_chunk_cache_is_never_pickled(t
     assert t.column("content_hash").to_pylist() == [None, b"1" * 16, None, b"3" * 16]
     assert t.column("source_version").to_pylist() == [None, 11, None, 13]
     assert t.column("key_hash").to_pylist() == [K.stable_hash(k) for k in keys]
+
+
+def test_bundle_end_flushes_every_group_side_by_side_and_raises_the_first_error_after_all(tmp_path):
+    """flush_all commits the buffers of all groups of a stage (one thread per writer):
+    every group's transitions land even when one group's commit fails, and that
+    failure is raised once all the others are committed."""
+    from transforms.stages.common import CheckpointRecorder, Chunk
+
+    class Ctx:
+        class opts:
+            checkpoint_flush_every_transitions = 10**6
+            checkpoint_flush_interval = 3600.0
+
+        class spec:
+            plan_dir, plan_id, epoch = str(tmp_path), PLAN, 2
+
+        class metrics:
+            @staticmethod
+            def checkpoint_extras():
+                return {}
+
+        class crasher:
+            @staticmethod
+            def tick(n):
+                pass
+
+        stage = "t"
+        checkpoint_fence = staticmethod(lambda: None)
+        retry_io = staticmethod(lambda fn, *a: fn(*a))
+
+    gids = [group_id("s1", "s2", b) for b in range(12)]
+    rec = CheckpointRecorder(Ctx())
+    broken = gids[5]
+    real_commit = cp.CheckpointWriter._commit
+
+    def commit(self, *a, **kw):
+        if self.group_id == broken:
+            raise OSError("disk full")
+        return real_commit(self, *a, **kw)
+
+    cp.CheckpointWriter._commit = commit
+    try:
+        for n, gid in enumerate(gids):
+            keys = [b"k%d-%d" % (n, i) for i in range(3)]
+            ch = Chunk(gid, 0, "s1", "s2", keys, [K.stable_hash(k) for k in keys], [0] * 3, [1] * 3,
+                       [None] * 3, [None] * 3, [None] * 3, [None] * 3)
+            rec.record(ch, [0, 1, 2], State.COPYING)
+        with pytest.raises(OSError, match="disk full"):
+            rec.flush_all()
+    finally:
+        cp.CheckpointWriter._commit = real_commit
+        rec.close()
+    for n, gid in enumerate(gids):
+        t = cp.read_group(str(tmp_path), PLAN, gid).table
+        assert t.num_rows == (0 if gid == broken else 3), gid
+    rec2 = CheckpointRecorder(Ctx())  # the failed part is kept by its writer: a later flush commits it
+    try:
+        rec2._writers = rec._writers
+        rec2.flush_all()
+    finally:
+        rec2.close()
+    assert cp.read_group(str(tmp_path), PLAN, broken).table.num_rows == 3

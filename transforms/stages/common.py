@@ -354,9 +354,25 @@ class CheckpointRecorder:
             self._writers[gid] = w
         return w
 
+    #: writers flushed side by side at bundle end (their fsyncs overlap)
+    FLUSH_ALL_THREADS = 8
+
     def flush_all(self) -> None:
-        for w in self._writers.values():
-            self._ctx.retry_io(w.flush)
+        """Every writer's buffer committed and its background commits settled, the writers
+        side by side: each flush ends in fsyncs (the part, its directory), and one after the
+        other they made the end of a run wait ~0.2 s for 48 writers.  Each writer is flushed
+        by one thread (a writer is never flushed twice at once); the first error is raised
+        once every writer has had its flush."""
+        writers = list(self._writers.values())
+        if len(writers) <= 1:
+            for w in writers:
+                self._ctx.retry_io(w.flush)
+            return
+        with ThreadPoolExecutor(max_workers=min(self.FLUSH_ALL_THREADS, len(writers)),
+                                thread_name_prefix=f"ckpt-flush-{self._ctx.stage}") as pool:
+            futures = [pool.submit(self._ctx.retry_io, w.flush) for w in writers]
+        for f in futures:
+            f.result()
 
     def record(self, ch: Chunk, idx, state, **cols) -> None:
         """Record transitions of chunk rows ``idx`` to ``state``; update the chunk.
