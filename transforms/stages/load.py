@@ -49,9 +49,16 @@ class _LoadWorkFn(beam.DoFn):
             for j, k in enumerate(sk):
                 known[k] = j
         B = int(spec.options.swap_batch_size)
+        planned = int(S.State.PLANNED)
         for start in range(0, n, B):
+            end = min(n, start + B)
+            if not known:  # nothing recorded for this group yet (a first run): every key is Planned
+                m = end - start
+                yield Chunk(gid, start // B, source, target, keys[start:end], hashes[start:end],
+                            [planned] * m, [0] * m, [None] * m, [None] * m, [None] * m, [None] * m)
+                continue
             ch = Chunk(gid, start // B, source, target, [], [], [], [], [], [], [], [])
-            for i in range(start, min(n, start + B)):
+            for i in range(start, end):
                 k = keys[i]
                 j = known.get(k)
                 if j is None:
