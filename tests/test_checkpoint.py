@@ -947,11 +947,8 @@ def test_record_chunk_fast_path_checks_transitions_and_values_and_reads_back(tmp
     assert t.column("epoch").to_pylist() == [3] * 3
 
 
-def test_recorder_gathers_rows_of_a_chunk_and_the_chunk_cache_is_never_pickled(tmp_path):
-    import pickle
-
-    from transforms.stages.common import CheckpointRecorder, Chunk
-
+def _recorder_ctx(tmp_path):
+    """The part of a StageContext a CheckpointRecorder uses (epoch 2, no flush by count or time)."""
     class Ctx:
         class opts:
             checkpoint_flush_every_transitions = 10**6
@@ -974,10 +971,18 @@ def test_recorder_gathers_rows_of_a_chunk_and_the_chunk_cache_is_never_pickled(t
         checkpoint_fence = staticmethod(lambda: None)
         retry_io = staticmethod(lambda fn, *a: fn(*a))
 
+    return Ctx()
+
+
+def test_recorder_gathers_rows_of_a_chunk_and_the_chunk_cache_is_never_pickled(tmp_path):
+    import pickle
+
+    from transforms.stages.common import CheckpointRecorder, Chunk
+
     keys = [b"a", b"b", b"c", b"d"]
     ch = Chunk(GID, 0, "s0", "s1", list(keys), [K.stable_hash(k) for k in keys], [0] * 4, [1] * 4,
                [None] * 4, [None] * 4, [None] * 4, [None] * 4)
-    rec = CheckpointRecorder(Ctx())
+    rec = CheckpointRecorder(_recorder_ctx(tmp_path))
     try:
         rec.record(ch, [0, 1, 2, 3], State.COPYING)
         rec.record(ch, [3, 1], State.COPIED, chash={1: b"1" * 16, 3: b"3" * 16}, sver={1: 11, 3: 13},
@@ -1004,30 +1009,8 @@ def test_bundle_end_flushes_every_group_side_by_side_and_raises_the_first_error_
     failure is raised once all the others are committed."""
     from transforms.stages.common import CheckpointRecorder, Chunk
 
-    class Ctx:
-        class opts:
-            checkpoint_flush_every_transitions = 10**6
-            checkpoint_flush_interval = 3600.0
-
-        class spec:
-            plan_dir, plan_id, epoch = str(tmp_path), PLAN, 2
-
-        class metrics:
-            @staticmethod
-            def checkpoint_extras():
-                return {}
-
-        class crasher:
-            @staticmethod
-            def tick(n):
-                pass
-
-        stage = "t"
-        checkpoint_fence = staticmethod(lambda: None)
-        retry_io = staticmethod(lambda fn, *a: fn(*a))
-
     gids = [group_id("s1", "s2", b) for b in range(12)]
-    rec = CheckpointRecorder(Ctx())
+    rec = CheckpointRecorder(_recorder_ctx(tmp_path))
     broken = gids[5]
     real_commit = cp.CheckpointWriter._commit
 
@@ -1051,7 +1034,7 @@ def test_bundle_end_flushes_every_group_side_by_side_and_raises_the_first_error_
     for n, gid in enumerate(gids):
         t = cp.read_group(str(tmp_path), PLAN, gid).table
         assert t.num_rows == (0 if gid == broken else 3), gid
-    rec2 = CheckpointRecorder(Ctx())  # the failed part is kept by its writer: a later flush commits it
+    rec2 = CheckpointRecorder(_recorder_ctx(tmp_path))  # the failed part is kept by its writer: a later flush commits it
     try:
         rec2._writers = rec._writers
         rec2.flush_all()
