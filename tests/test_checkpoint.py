@@ -1041,3 +1041,31 @@ def test_bundle_end_flushes_every_group_side_by_side_and_raises_the_first_error_
     finally:
         rec2.close()
     assert cp.read_group(str(tmp_path), PLAN, broken).table.num_rows == 3
+
+
+def test_bundle_end_raises_a_lost_lease_before_other_flush_errors(tmp_path):
+    from pipeline.lease import LeaseLost
+    from transforms.stages.common import CheckpointRecorder, Chunk
+
+    gids = [group_id("s1", "s2", b) for b in range(6)]
+    failing = {gids[0]: OSError("disk full"), gids[4]: LeaseLost("lease lost: plan is now held by epoch 3")}
+    real_commit = cp.CheckpointWriter._commit
+
+    def commit(self, *a, **kw):
+        if self.group_id in failing:
+            raise failing[self.group_id]
+        return real_commit(self, *a, **kw)
+
+    rec = CheckpointRecorder(_recorder_ctx(tmp_path))
+    cp.CheckpointWriter._commit = commit
+    try:
+        for n, gid in enumerate(gids):
+            ch = Chunk(gid, 0, "s1", "s2", [b"k%d" % n], [K.stable_hash(b"k%d" % n)], [0], [1],
+                       [None], [None], [None], [None])
+            rec.record(ch, [0], State.COPYING)
+        with pytest.raises(LeaseLost):  # the run must stop as superseded, not retry a disk error
+            rec.flush_all()
+    finally:
+        cp.CheckpointWriter._commit = real_commit
+        rec.close()
+    assert [cp.read_group(str(tmp_path), PLAN, g).table.num_rows for g in gids] == [0, 1, 1, 1, 0, 1]

@@ -196,6 +196,38 @@ def test_a_source_changed_after_the_precheck_is_never_swapped(tmp_path, change):
     assert _shards(ms, keys) == {k: "a" for k in keys}
 
 
+def _target_deleted(ds, key):  # e.g. cleanup of another plan: a versioned delete of the copy
+    ds.delete([key], "b", versions=[ds.read([key], "b")[key][1]])
+
+
+def _target_new_version(ds, key):
+    ds.put_many("b", [(key, b"written on the target " + key)])
+
+
+@pytest.mark.parametrize("change", [_target_deleted, _target_new_version])
+def test_a_copy_changed_on_its_target_after_the_precheck_is_never_swapped(tmp_path, change):
+    """The target is not locked by the swap (copies of other keys go on): its data_version
+    says nothing, so the swap confirms each compared copy's version on the target."""
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    pre = ms.fence_precheck(items, fence=ds)
+    assert pre.changed == ()
+    change(ds, keys[2])
+    res = ms.swap_batch(items, fence=ds, precheck=pre)
+    assert not pre.stood
+    assert not res.committed and res.source_changed == (2,) and res.applied == ()
+    assert _shards(ms, keys) == {k: "a" for k in keys}
+
+
+def test_copies_of_other_keys_on_the_target_leave_the_precheck_standing(tmp_path):
+    ds, ms, keys, items = _precheck_setup(tmp_path)
+    ds.put_many("a", [(b"z1", b"another key")])
+    pre = ms.fence_precheck(items, fence=ds)
+    ds.copy([b"z1"], "a", "b")  # the run's copies go on into the same target file ...
+    ds.put_many("b", [(b"z2", b"and another write there")])
+    res = ms.swap_batch(items, fence=ds, precheck=pre)
+    assert res.committed and pre.stood  # ... and do not void the check of this batch's copies
+
+
 def test_a_write_to_another_record_of_the_source_voids_the_precheck_but_not_the_swap(tmp_path):
     ds, ms, keys, items = _precheck_setup(tmp_path)
     pre = ms.fence_precheck(items, fence=ds)
@@ -236,8 +268,8 @@ def test_a_precheck_is_not_made_when_it_cannot_be(tmp_path):
 
 def test_prechecks_against_random_writes_decide_exactly_as_the_lock(tmp_path):
     """Seeded interleavings: whatever an application writes between a pre-check and the
-    swap, the swap reports exactly the keys whose source no longer matches its copy and
-    applies a batch only when none does."""
+    swap (sources, copies on the target, other keys), the swap reports exactly the keys
+    whose source no longer matches its copy and applies a batch only when none does."""
     import random
     rng = random.Random(7)
     ds = SqliteDataStore(str(tmp_path / "shards"))
@@ -253,9 +285,11 @@ def test_prechecks_against_random_writes_decide_exactly_as_the_lock(tmp_path):
         pre = ms.fence_precheck(items, fence=ds)
         late = {i for i in range(8) if rng.random() < 0.15}
         for i in late:
-            rng.choice([_rewrite, _new_version, _delete])(ds, keys[i])
+            rng.choice([_rewrite, _new_version, _delete, _target_deleted, _target_new_version])(ds, keys[i])
         if rng.random() < 0.3:
             ds.put_many("a", [(b"other", b"%d" % trial)])
+        if rng.random() < 0.3:
+            ds.put_many("b", [(b"other on b", b"%d" % trial)])  # a target write of another key
         res = ms.swap_batch(items, fence=ds, precheck=pre)
         pre.close()
         changed = early | late

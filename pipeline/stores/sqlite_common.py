@@ -100,8 +100,12 @@ _REAL: dict[str, str] = {}  # path -> its realpath, resolved once per process
 
 
 def _real(path: str) -> str:
-    """``os.path.realpath(path)``, remembered: every swap batch takes its files' locks,
-    and each lstat of a resolution gives up the GIL and waits to take it back."""
+    """``os.path.realpath(path)``, remembered per absolute path (a relative one is made
+    absolute first: the working directory may change): every swap batch takes its files'
+    locks, and each lstat of a resolution gives up the GIL and waits to take it back."""
+    path = os.fspath(path)
+    if not os.path.isabs(path):
+        path = os.path.abspath(path)
     real = _REAL.get(path)
     if real is None:
         real = os.path.realpath(path)

@@ -169,9 +169,9 @@ class SqliteMapStore(_SqliteBase):
         self._precheck_conns: list = []  # idle connections of fence pre-checks, shards attached
 
     def close(self) -> None:
-        with self._all_guard:
-            self._precheck_conns = []
         super().close()
+        with self._all_guard:  # after: a pre-check returned meanwhile is closed and dropped here
+            self._precheck_conns = []
 
     def _config(self) -> dict:
         return dict(path=self.path, key_type=self.key_type, busy_timeout=self.busy_timeout,
@@ -521,6 +521,10 @@ class SqliteMapStore(_SqliteBase):
                 versions = tuple(conn.execute(f"PRAGMA {attached[s]}.data_version").fetchone()[0]
                                  for s in sources)
                 changed = _sources_changed(conn, norm, first, list(first), attached, targets)
+                # the copies the check compared with, on targets the swap does not lock: their
+                # versions, which the swap confirms under its locks (the target is written by
+                # copies of other keys all along, so its data_version cannot tell)
+                copies = {} if changed else _copy_versions(conn, norm, first, targets)
             finally:
                 conn.execute("COMMIT")
         except (sqlite3.Error, ValueError, PermanentError) as e:
@@ -528,7 +532,7 @@ class SqliteMapStore(_SqliteBase):
                 _close_quietly(state[0])
             _log_debug("fence pre-check not made (%s); the swap checks inside its lock", type(e).__name__)
             return None
-        return FencePrecheck(self, items, paths, versions, tuple(changed), state)
+        return FencePrecheck(self, items, paths, versions, tuple(changed), state, copies)
 
     def _return_precheck_conn(self, state) -> None:
         with self._all_guard:
@@ -745,30 +749,35 @@ class FencePrecheck:
     connection of its own until :meth:`close` (the swap closes it; closing twice is
     harmless)."""
 
-    __slots__ = ("items", "paths", "versions", "changed", "stood", "_store", "_state")
+    __slots__ = ("items", "paths", "versions", "changed", "copies", "stood", "_store", "_state")
 
-    def __init__(self, store: "SqliteMapStore", items, paths: tuple, versions: tuple, changed: tuple, state):
+    def __init__(self, store: "SqliteMapStore", items, paths: tuple, versions: tuple, changed: tuple, state,
+                 copies: "dict | None" = None):
         self.items = items
         self.paths = paths
         self.versions = versions
         self.changed = changed
+        self.copies = copies or {}  # read-only target schema -> [(key text, version), ...]
         self.stood = False
         self._store = store
         self._state = state
 
     def _stands(self, items, paths) -> "tuple | None":
         """Called by the swap with the source shards' write locks held: the changed keys
-        if this pre-check is of exactly ``items`` and no other connection has committed
-        to those shards since its snapshot; else None (the swap checks itself)."""
+        if this pre-check is of exactly ``items``, no other connection has committed to
+        those shards since its snapshot, and every copy it compared with still has the
+        version it had then on its target (a target the swap does not lock: a copy
+        deleted or rewritten meanwhile voids the pre-check); else None (the swap checks
+        inside its lock)."""
         if self._state is None or items is not self.items or paths != self.paths:
             return None
         conn = self._state[0]
         try:
             now = tuple(conn.execute(f"PRAGMA fence{n}.data_version").fetchone()[0]
                         for n in range(len(paths[0])))
+            if now != self.versions or _copies_moved(conn, self.copies):
+                return None
         except sqlite3.Error:
-            return None
-        if now != self.versions:
             return None
         self.stood = True
         return self.changed
@@ -856,6 +865,33 @@ def _sources_changed(conn: sqlite3.Connection, norm: _Items, first, keys, attach
                    f"WHERE s.key IS NULL OR s.version IS NOT j.v OR (j.c AND NOT ({same}))")
             changed += json.loads(conn.execute(sql, list(chain.from_iterable(chunk))).fetchone()[0])
     return changed
+
+
+def _copy_versions(conn: sqlite3.Connection, norm: _Items, first, targets: dict) -> dict:
+    """For a fence pre-check: the version of each checked key's copy on its target, per
+    read-only target schema (``copyN``; a target that is also a source is locked by the
+    swap and covered by its data_version; a forced item's copy is not compared)."""
+    by_schema: dict[str, list[str]] = {}
+    for t, i in first.items():
+        schema = targets.get(norm.target[i])
+        if norm.check[i] and schema is not None and schema.startswith("copy"):
+            by_schema.setdefault(schema, []).append(t)
+    return {schema: [(k, int(v)) for k, v in _rows_json(conn, "version", f"{schema}.records", keys)]
+            for schema, keys in by_schema.items()}
+
+
+def _copies_moved(conn: sqlite3.Connection, copies: dict) -> bool:
+    """Whether any of ``copies`` (schema -> [(key text, version)]) is gone from its target
+    or has another version now: ONE statement per schema and chunk, keys bound as values."""
+    per = max(1, min(_IN_CHUNK, _limit(conn, "SQLITE_LIMIT_VARIABLE_NUMBER", 999) // 2))
+    for schema, pairs in copies.items():
+        for chunk in _chunks(pairs, per):
+            sql = ("WITH j(k, v) AS (VALUES " + ",".join(["(?, ?)"] * len(chunk)) + ") "
+                   f"SELECT EXISTS (SELECT 1 FROM j LEFT JOIN {schema}.records t ON t.key = j.k "
+                   "WHERE t.key IS NULL OR t.version IS NOT j.v)")
+            if conn.execute(sql, list(chain.from_iterable(chunk))).fetchone()[0]:
+                return True
+    return False
 
 
 def _cas_update(conn: sqlite3.Connection, norm: _Items, first, keys, version: int) -> int:

@@ -371,8 +371,16 @@ class CheckpointRecorder:
         with ThreadPoolExecutor(max_workers=min(self.FLUSH_ALL_THREADS, len(writers)),
                                 thread_name_prefix=f"ckpt-flush-{self._ctx.stage}") as pool:
             futures = [pool.submit(self._ctx.retry_io, w.flush) for w in writers]
-        for f in futures:
-            f.result()
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            # what must stop the run wins over what a rerun retries: a lost lease, then a
+            # configuration error, then the first; the others are named in the log (no keys)
+            first = min(errors, key=lambda e: (not isinstance(e, LeaseLost),
+                                               not isinstance(e, ConfigurationError)))
+            for e in errors:
+                if e is not first:
+                    LOG.warning("%s: another checkpoint flush failed too (%s)", self._ctx.stage, type(e).__name__)
+            raise first
 
     def record(self, ch: Chunk, idx, state, **cols) -> None:
         """Record transitions of chunk rows ``idx`` to ``state``; update the chunk.

@@ -86,7 +86,10 @@ class Swapper:
         if self._check_pool is not None:
             items = self._items(ch, rows)
             ahead = (items, self._check_pool.submit(self._fence_precheck, items))
-        return self._window.submit(self._pool, self.swap_chunk, ch, rows, ahead)
+        fut = self._window.submit(self._pool, self.swap_chunk, ch, rows, ahead)
+        if ahead is not None:  # a swap cancelled before it ran (a failed bundle) gives its connection back too
+            fut.add_done_callback(lambda _f: ahead[1].add_done_callback(_close_precheck))
+        return fut
 
     @staticmethod
     def _items(ch: Chunk, rows: list) -> list:
@@ -186,8 +189,7 @@ class Swapper:
                 kw["token"] = self._token
             t0 = time.perf_counter()
             try:
-                if self._token is None:
-                    ctx.fence()  # the lease file; a run registry's token is checked inside the swap instead
+                ctx.fence()
                 res = ctx.map.swap_batch(items, **kw)
             except Exception as e:  # noqa: BLE001 - filtered
                 if is_transient(e):
