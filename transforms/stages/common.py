@@ -164,13 +164,6 @@ def _is_range(idx) -> bool:
     return (idx if isinstance(idx, list) else list(idx)) == r
 
 
-def _column_or_none(values: list, idx):
-    """The rows ``idx`` of a nullable chunk column, or None when they are all null
-    (the writer then writes a null column without converting a list of Nones)."""
-    out = _gather(values, idx)
-    return None if out.count(None) == len(out) else out
-
-
 # ------------------------------------------------------------------ metrics
 
 _COUNTER_LOCK = threading.Lock()
@@ -397,31 +390,46 @@ class CheckpointRecorder:
         w = self.writer(ch.gid)
         s = int(state)
         states = ch.states
-        prev = _gather(states, idx)
-        for i in idx:
-            states[i] = s
+        # the whole chunk (the usual case): whole-list copies and slice assignments, in C
+        whole = n == len(ch.keys) and idx[0] == 0 and idx[-1] == n - 1 and _is_range(idx)
+        gather = (lambda values, _idx: list(values)) if whole else _gather
+        prev = gather(states, idx)
+        if whole:
+            states[:] = [s] * n
+        else:
+            for i in idx:
+                states[i] = s
         given = {}
         for name, values in cols.items():
             column = getattr(ch, name)
             if isinstance(values, dict):
-                for i in idx:
-                    column[i] = values[i]
+                if whole:
+                    column[:] = [values[i] for i in idx]
+                else:
+                    for i in idx:
+                        column[i] = values[i]
             else:
-                for i in idx:
-                    column[i] = values
+                if whole:
+                    column[:] = [values] * n
+                else:
+                    for i in idx:
+                        column[i] = values
                 given[name] = values  # one value for every row: no gather, no list
         key_arr, hash_arr = ch.fixed_columns()
-        if n != len(ch.keys) or idx[0] != 0 or idx[-1] != n - 1 or not _is_range(idx):
+        if not whole:
             pos = np.fromiter(idx, dtype=np.intp, count=n)
             key_arr, hash_arr = key_arr.take(pos), hash_arr[pos]
 
         def column(name):
             if name in given:
                 return given[name]
-            return _column_or_none(getattr(ch, name), idx)
+            # a nullable column's rows, or None when all are null (the writer then writes a
+            # null column without converting a list of Nones)
+            out = gather(getattr(ch, name), idx)
+            return None if out.count(None) == n else out
 
         w.record_chunk(
-            key_arr, hash_arr, s, _gather(ch.attempts, idx),
+            key_arr, hash_arr, s, gather(ch.attempts, idx),
             column("reason"), column("chash"), column("sver"), column("method"),
             # in-progress markers ride along with the next flush instead of forcing one:
             # losing one only makes a resume redo idempotent work
