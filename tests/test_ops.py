@@ -459,3 +459,42 @@ def test_rollback_right_after_a_killed_run_is_not_refused_by_its_live_claim(tmp_
     r = run_cli("rollback", plan_dir, "--apply", "--config", path)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert re.search(r"summary: planned=(\d+) done=\1 failed=0", r.stdout), r.stdout
+
+
+def test_cleanup_apply_never_runs_beside_a_live_run_of_a_plan_that_may_move_the_same_keys(tmp_path):
+    """cleanup --apply claims the plan's window in the map store's run registry, as a run
+    does: while another plan whose window overlaps is running, it refuses (exit 4) and
+    deletes nothing; while it holds the claim, such a run cannot start -- so that run's
+    swaps and cleanup's deletes of copies never interleave (a copy deleted just after the
+    key was swapped to it would be the key's only record)."""
+    import time
+
+    path, cfg = keyspace(tmp_path, max_retries=1)
+    plan_dir, m, run = plan_and_run(cfg, faulty(cfg, {"seed": 5, "verify": {"mismatch_rate": 0.2}}))
+    shards = sorted(cfg.known_shards())
+    before = {s: records(cfg, s) for s in shards}
+    ms = SqliteMapStore(cfg.map_store["path"], cfg.key_type)
+    other = "f" * 64  # another plan, live, over the same window (the default: the whole ring)
+    ms.claim_run(other, 1, (0, 255), "elsewhere:1", 60, time.time())
+    try:
+        r = run_cli("cleanup", plan_dir, "--config", path, "--older-than", "0s", "--apply")
+        assert r.returncode == 4, (r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and f"plan {other[:12]}" in r.stderr, r.stderr
+        assert {s: records(cfg, s) for s in shards} == before
+        no_key_in(r.stdout + r.stderr, cfg)
+    finally:
+        ms.release_run(other, 1)
+
+    # cleanup holding its claim: the other plan's run is refused meanwhile
+    from shardmove.workflows import _common
+
+    lease, claim = _common.plan_lease_and_claim(cfg, plan_dir, m)
+    try:
+        with pytest.raises(Refused, match=m["plan_id"][:12]):
+            ms.claim_run(other, 2, (0, 255), "elsewhere:2", 60, time.time())
+    finally:
+        _common.release_lease_and_claim(lease, claim)
+    ms.claim_run(other, 3, (0, 255), "elsewhere:3", 60, time.time())  # given back: free again
+    ms.release_run(other, 3)
+    res = ops.cleanup(cfg, plan_dir, older_than=0, apply=True, out=quiet)
+    assert res.source_total[0] > 0

@@ -86,6 +86,55 @@ def plan_lease(cfg: Config, plan_dir: str, manifest: dict):
     return lease
 
 
+def plan_lease_and_claim(cfg: Config, plan_dir: str, manifest: dict):
+    """:func:`plan_lease`, and the plan's window claimed in the map store's run registry
+    (where it has one) for as long as the lease is held, renewed with it: ``(lease, claim
+    store or None)``; give both back with :func:`release_lease_and_claim`.
+
+    For a command that changes data of keys another plan may be moving (cleanup): a live
+    run of an overlapping plan refuses it (exit 4), and no overlapping run can start
+    while it holds the claim -- the claim rule of runs (:mod:`pipeline.stores.claims`)."""
+    import os
+    import socket
+    import time
+
+    from pipeline.stores.base import RunRegistry
+    from shardmove.executor import _window_range
+
+    plan_id, ttl = manifest["plan_id"], cfg.opt("lease_ttl")
+    lease = acquire(plan_dir, plan_id, ttl)
+    store = None
+    try:
+        store = open_map_store(cfg)
+        if not isinstance(store, RunRegistry):
+            store.close()
+            store = None
+        else:
+            store.claim_run(plan_id, lease.epoch, _window_range(manifest),
+                            f"{socket.gethostname()}:{os.getpid()}", ttl, time.time())
+    except BaseException:
+        if store is not None:
+            store.close()
+        lease.release()
+        raise
+    claim = store
+    lease.start_renewing(also=(None if claim is None else
+                               lambda: claim.renew_run(plan_id, lease.epoch, ttl, time.time())))
+    return lease, claim
+
+
+def release_lease_and_claim(lease, claim) -> None:
+    """Give back what :func:`plan_lease_and_claim` took: the claim, then the lease (each
+    tried even if the other fails; a claim not given back expires after lease_ttl)."""
+    from shardmove.executor import _release
+
+    try:
+        _release(claim, lease.plan_id, lease)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
 def rollback_ids(plan_dir: str) -> list[str]:
     """The ids of the plan's rollback plans (``rollbacks.json``), oldest first."""
     path = fs.join(plan_dir, ROLLBACKS)

@@ -25,8 +25,9 @@ from pipeline.stores import open_map_store
 from pipeline.stores.base import content_hash
 from pipeline.workdir import load_manifest
 from shardmove.executor import summarize
-from shardmove.workflows._common import (batch_size, bump, check_key_type, chunks, groups, merged, plan_lease,
-                                         probe_stores, require_data_store, rollback_ids)
+from shardmove.workflows._common import (batch_size, bump, check_key_type, chunks, groups, merged,
+                                         plan_lease_and_claim, probe_stores, release_lease_and_claim,
+                                         require_data_store, rollback_ids)
 
 __all__ = ["CleanupResult", "cleanup"]
 
@@ -77,7 +78,9 @@ def cleanup(cfg: Config, plan_dir: str, *, older_than: float, apply: bool = Fals
     Every delete is a versioned delete (``DataStore.delete(..., versions=...)``
     with the version just read), so a record rewritten in between is kept.
     Idempotent: deleted records are simply absent next time.  Dry run unless
-    ``apply``; with ``apply`` the plan's lease is held throughout.
+    ``apply``; with ``apply`` the plan's lease is held throughout, and the plan's window
+    is claimed in the map store's run registry (where it has one): a live run of an
+    overlapping plan refuses it (exit 4), and none can start until it ends.
 
     Refused (:class:`~pipeline.errors.Refused`, exit 4), as a dry run and
     with ``apply`` alike, before anything is read or written
@@ -112,7 +115,10 @@ def _cleanup(cfg: Config, plan_dir: str, manifest: dict, plan_id: str, older_tha
     cutoff_ms = int((now - older_than) * 1000)
     res = CleanupResult(plan_id, apply, older_than, cutoff_ms)
     _refuse_unless_settled(cfg, plan_dir, manifest)  # refused before the lease: a refusal changes nothing
-    lease = plan_lease(cfg, plan_dir, manifest) if apply else None
+    # with apply, the plan's window is claimed in the map store's run registry too: a live run
+    # of a plan that may move the same keys refuses cleanup, and none can start until it ends
+    # (its swaps and these deletes of copies never interleave)
+    lease, claim = plan_lease_and_claim(cfg, plan_dir, manifest) if apply else (None, None)
     try:
         if lease is not None:  # a run may have started and stopped in between
             _refuse_unless_settled(cfg, plan_dir, manifest, leased=True)
@@ -139,7 +145,7 @@ def _cleanup(cfg: Config, plan_dir: str, manifest: dict, plan_id: str, older_tha
                 _cleanup_failed(ms, ds, res, [keys[i] for i in failed[a:b]], source, target)
     finally:
         if lease is not None:
-            lease.release()
+            release_lease_and_claim(lease, claim)
     _print_cleanup(cfg, ds, res, out)
     return res
 
