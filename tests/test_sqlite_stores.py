@@ -673,3 +673,27 @@ def test_keys_at_matches_keys_with_nul_and_escapes_exactly(tmp_path):
     store = make_map(tmp_path, rows=[(k, "t" if i % 2 else "s") for i, k in enumerate(odd)])
     assert store.keys_at(odd, "t") == {odd[1], odd[3], odd[5]}
     assert store.keys_at([b"a\x00b"], "s") == set() and store.keys_at([b"a"], "s") == {b"a"}
+
+
+def test_a_failed_multi_chunk_read_never_leaves_its_read_transaction_open(tmp_path, monkeypatch):
+    """A read of more keys than one IN chunk runs in one read transaction; an error that is
+    not SQLite's (here: its JSON result undecodable) must not leave the connection in it."""
+    from pipeline.stores import sqlite_common
+
+    keys = demo_keys(1200, KeyType.STRING)
+    store = make_map(tmp_path, rows=[(k, "s") for k in keys])
+    real = sqlite_common.json.loads
+    calls = []
+
+    def broken(text):
+        calls.append(1)
+        if len(calls) == 2:  # the second chunk
+            raise ValueError("undecodable")
+        return real(text)
+
+    monkeypatch.setattr(sqlite_common.json, "loads", broken)
+    with pytest.raises(ValueError):
+        store.lookup(keys)
+    monkeypatch.setattr(sqlite_common.json, "loads", real)
+    assert not store._map_conn().in_transaction
+    assert len(store.lookup(keys)) == 1200 and store.keys_at(keys, "s") == set(keys)

@@ -318,11 +318,18 @@ def _read_transaction(conn: sqlite3.Connection, keys: int):
     """One read transaction around a read of ``keys`` keys in ``IN (...)`` chunks of
     :data:`_IN_CHUNK`, so that every chunk sees the same state.  A read of one chunk is
     one statement, a read transaction of its own: no BEGIN/COMMIT (two fewer sqlite3
-    steps).  On an error nothing is committed; the caller rolls back (:func:`_rollback`)."""
+    steps).  On any error the transaction is rolled back here, so the thread's connection
+    is never left inside it (a later ``BEGIN`` would fail, and an open read transaction
+    holds back the WAL's checkpoints); callers still roll back on SQLite errors."""
     several = keys > _IN_CHUNK
     if several:
         conn.execute("BEGIN")
-    yield
+    try:
+        yield
+    except BaseException:
+        if several:
+            _rollback(conn)
+        raise
     if several:
         conn.execute("COMMIT")
 
