@@ -458,9 +458,7 @@ def _run_plan(cfg: Config, plan_dir: str, irq, *, retry_failed: bool, beam_args:
     try:
         display.__enter__()  # in bar mode, other writes to the terminal clear and redraw the bar
         if isinstance(map_store, RunRegistry):
-            window = _window_range(manifest)
-            map_store.claim_run(plan_id, lease.epoch, window, f"{socket.gethostname()}:{os.getpid()}",
-                                cfg.opt("lease_ttl"), time.time())
+            claim_window(map_store, cfg, manifest, lease)
             claimed = True
             claim_store = open_map_store(cfg)  # its own connection for the renewal thread
 
@@ -602,17 +600,42 @@ def _finished(plan_dir: str, before: dict) -> bool:
     return len(parts) <= before["skipped_checkpoint_files"]
 
 
+def claim_window(map_store, cfg: Config, manifest: dict, lease) -> None:
+    """Claim the plan's window on ``map_store``'s run registry under ``lease``'s epoch, held
+    by this process (the claim rule, :mod:`pipeline.stores.claims`: a newer epoch of the
+    same plan supersedes its older claim; a live, overlapping other plan refuses)."""
+    map_store.claim_run(manifest["plan_id"], lease.epoch, _window_range(manifest),
+                        f"{socket.gethostname()}:{os.getpid()}", cfg.opt("lease_ttl"), time.time())
+
+
+def open_claim(cfg: Config, manifest: dict, lease):
+    """A map store of its own with the plan's window claimed under ``lease``'s epoch
+    (:func:`claim_window`), or None when the map store has no run registry; raises what
+    the claim raises, the store then closed."""
+    map_store = open_map_store(cfg)
+    if not isinstance(map_store, RunRegistry):
+        _close_store(map_store)
+        return None
+    try:
+        claim_window(map_store, cfg, manifest, lease)
+    except BaseException:
+        _close_store(map_store)
+        raise
+    return map_store
+
+
+def _close_store(store) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
+
+
 def _supersede_claim(cfg: Config, manifest: dict, lease):
     """Claim the run on the map store with this lease's (newer) epoch, which supersedes the
     claim a killed run left live, so that releasing it frees the map at once; the map store
     (to release it with), or None when there is no registry or another plan holds it."""
     try:
-        map_store = open_map_store(cfg)
-        if not isinstance(map_store, RunRegistry):
-            return None
-        map_store.claim_run(manifest["plan_id"], lease.epoch, _window_range(manifest),
-                            f"{socket.gethostname()}:{os.getpid()}", cfg.opt("lease_ttl"), time.time())
-        return map_store
+        return open_claim(cfg, manifest, lease)
     except Exception as e:  # noqa: BLE001 - a claim left by a killed run then expires after lease_ttl
         LOG.info("run claim not superseded (%s)", type(e).__name__)
         return None
@@ -629,9 +652,7 @@ def free_stale_claim(cfg: Config, manifest: dict, lease) -> None:
     try:
         _release_claim(store, manifest["plan_id"], lease, logging.INFO)
     finally:
-        close = getattr(store, "close", None)
-        if close is not None:
-            close()
+        _close_store(store)
 
 
 def _already_complete(cfg: Config, plan_dir: str, manifest: dict, before: dict, irq,

@@ -94,30 +94,17 @@ def plan_lease_and_claim(cfg: Config, plan_dir: str, manifest: dict):
     For a command that changes data of keys another plan may be moving (cleanup): a live
     run of an overlapping plan refuses it (exit 4), and no overlapping run can start
     while it holds the claim -- the claim rule of runs (:mod:`pipeline.stores.claims`)."""
-    import os
-    import socket
     import time
 
-    from pipeline.stores.base import RunRegistry
-    from shardmove.executor import _window_range
+    from shardmove.executor import open_claim
 
     plan_id, ttl = manifest["plan_id"], cfg.opt("lease_ttl")
     lease = acquire(plan_dir, plan_id, ttl)
-    store = None
     try:
-        store = open_map_store(cfg)
-        if not isinstance(store, RunRegistry):
-            store.close()
-            store = None
-        else:
-            store.claim_run(plan_id, lease.epoch, _window_range(manifest),
-                            f"{socket.gethostname()}:{os.getpid()}", ttl, time.time())
+        claim = open_claim(cfg, manifest, lease)
     except BaseException:
-        if store is not None:
-            store.close()
         lease.release()
         raise
-    claim = store
     lease.start_renewing(also=(None if claim is None else
                                lambda: claim.renew_run(plan_id, lease.epoch, ttl, time.time())))
     return lease, claim
