@@ -364,7 +364,7 @@ class CheckpointRecorder:
         with ThreadPoolExecutor(max_workers=min(self.FLUSH_ALL_THREADS, len(writers)),
                                 thread_name_prefix=f"ckpt-flush-{self._ctx.stage}") as pool:
             futures = [pool.submit(self._ctx.retry_io, w.flush) for w in writers]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
         if errors:
             # what must stop the run wins over what a rerun retries: a lost lease, then a
             # configuration error, then the first; the others are named in the log (no keys)

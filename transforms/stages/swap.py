@@ -87,7 +87,7 @@ class Swapper:
             items = self._items(ch, rows)
             ahead = (items, self._check_pool.submit(self._fence_precheck, items))
         fut = self._window.submit(self._pool, self.swap_chunk, ch, rows, ahead)
-        if ahead is not None:  # a swap cancelled before it ran (a failed bundle) gives its connection back too
+        if ahead is not None:  # the pre-check's connection goes back once the swap is done, ran or cancelled
             fut.add_done_callback(lambda _f: ahead[1].add_done_callback(_close_precheck))
         return fut
 
@@ -106,14 +106,8 @@ class Swapper:
     def swap_chunk(self, ch: Chunk, rows: list, ahead=None) -> None:
         """One chunk's swap (on the swapper thread): CAS batches until every row is
         Done or Failed, re-copying rows whose source changed since their copy.
-        ``ahead``: (the first attempt's items, a future of their fence pre-check)."""
-        try:
-            self._swap_chunk(ch, rows, ahead)
-        finally:
-            if ahead is not None:  # its connection goes back, used or not (closing twice is harmless)
-                ahead[1].add_done_callback(_close_precheck)
-
-    def _swap_chunk(self, ch: Chunk, rows: list, ahead) -> None:
+        ``ahead``: (the first attempt's items, a future of their fence pre-check); its
+        connection goes back once this swap's future is done, used or not (:meth:`submit`)."""
         ctx = self._ctx
         ctx.record(ch, rows, S.State.SWAPPING)
         attempt = 0
