@@ -27,11 +27,13 @@ local callers also hold a lock (``lease.py`` holds an ``flock``).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -49,6 +51,7 @@ __all__ = [
     "listdir",
     "walk_files",
     "read_bytes",
+    "WatchedFile",
     "open_input",
     "write_atomic",
     "sync_dir",
@@ -158,6 +161,59 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+class WatchedFile:
+    """A small file read again only once it is no longer the file read last.
+
+    For a file polled on a hot path and only ever replaced whole (:func:`write_atomic`:
+    a new inode renamed into place) -- ``lease.json``, read before each swap batch and
+    each checkpoint part.  Locally a call that finds the same file costs one ``stat``
+    instead of an open, reads and a close.  The file read is kept open, so its inode
+    number cannot be reused by another file while it is compared; device, inode, size,
+    mtime and ctime must all match.  On ``gs://`` every call reads.  Thread-safe.
+    Raises what :func:`read_bytes` raises (``FileNotFoundError`` when absent)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._held: tuple[tuple, int, bytes] | None = None  # (identity, open fd, bytes)
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def read(self) -> bytes:
+        if is_gcs(self.path):
+            return read_bytes(self.path)
+        held = self._held
+        if held is not None and self._identity(os.stat(self.path)) == held[0]:
+            return held[2]
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while True:
+                before = self._identity(os.fstat(fd))
+                chunks = []
+                while chunk := os.read(fd, 1 << 16):
+                    chunks.append(chunk)
+                if self._identity(os.fstat(fd)) == before:  # not written in place meanwhile
+                    break
+                os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        data = b"".join(chunks)
+        with self._lock:
+            old, self._held = self._held, (before, fd, data)
+        if old is not None:
+            os.close(old[1])
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            old, self._held = self._held, None
+        if old is not None:
+            os.close(old[1])
+
+
 def open_input(path: str):
     """A seekable binary file object (pyarrow reads Parquet from it)."""
     if is_gcs(path):
@@ -166,22 +222,85 @@ def open_input(path: str):
 
 
 def _tmp_write(directory: str, data: bytes, mode: int, sync: bool = True) -> str:
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except FileNotFoundError:  # the directory is made on first use only: one syscall less per write
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+#: Directories whose file system refused an unnamed temporary file (``O_TMPFILE``).
+_NO_TMPFILE: set[str] = set()
+_NO_TMPFILE_ERRNOS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+_CAN_LINK_UNNAMED = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+
+
+_ROOT_FD: list[int] = []
+
+
+def _root_fd() -> int:
+    """A descriptor of ``/`` (the absolute source path ignores it; it only makes
+    ``os.link`` use ``linkat``).  Opened once per process; a forked child's copy still
+    names ``/``."""
+    if not _ROOT_FD:
+        _ROOT_FD.append(os.open("/", os.O_PATH | os.O_CLOEXEC))
+    return _ROOT_FD[0]
+
+
+def _create_unnamed(directory: str, path: str, data: bytes, mode: int) -> bool | None:
+    """Create-if-absent through an unnamed temporary file (Linux ``O_TMPFILE``): written,
+    fsynced, then given its name by ``linkat``, which fails if the name exists.  True if
+    created, False if ``path`` already existed, None where the file system cannot (the
+    caller then uses a named temporary file).
+
+    Six system calls instead of about eleven, each of which gives up the GIL and waits to
+    take it back when stages run Python -- and a crash leaves no temporary file behind."""
+    if not _CAN_LINK_UNNAMED or directory in _NO_TMPFILE:
+        return None
+    flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(directory, flags, mode)
+        except FileNotFoundError:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(directory, flags, mode)
+    except OSError as e:
+        if e.errno in _NO_TMPFILE_ERRNOS:  # a file system (or kernel) without O_TMPFILE
+            _NO_TMPFILE.add(directory)
+        return None  # the named temporary file's way, which reports any real error
+    try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+        _write_all(fd, data)
+        os.fsync(fd)
+        try:
+            # linkat(AT_SYMLINK_FOLLOW): CPython calls plain link() -- which does not follow
+            # /proc's link to the open file -- unless a directory fd is given
+            os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -293,14 +412,16 @@ def create_if_absent(path: str, data: bytes, mode: int = 0o600, *, sync_dir: boo
     if is_gcs(path):
         return gcs.create_if_absent(path, data)
     directory = os.path.dirname(path) or "."
-    tmp = _tmp_write(directory, data, mode)
-    try:
-        os.link(tmp, path)  # atomic: fails if the name exists
-        created = True
-    except FileExistsError:
-        created = False
-    finally:
-        os.unlink(tmp)
+    created = _create_unnamed(directory, path, data, mode)
+    if created is None:
+        tmp = _tmp_write(directory, data, mode)
+        try:
+            os.link(tmp, path)  # atomic: fails if the name exists
+            created = True
+        except FileExistsError:
+            created = False
+        finally:
+            os.unlink(tmp)
     if created:
         if sync_dir:
             _fsync_dir(directory)

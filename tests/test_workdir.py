@@ -208,3 +208,111 @@ def test_staging_directories_of_killed_processes_are_swept_by_the_next_one(tmp_p
     assert procs.owner_gone(os.path.basename(dead)[len(".staging-"):].rpartition("~")[0])
     assert not procs.owner_gone(procs.owner_tag())
     assert workdir.sweep_staging(plans) == 0
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temporary"])
+def test_create_if_absent_fsyncs_before_the_name_appears_and_leaves_nothing_behind(tmp_path, monkeypatch, unnamed):
+    """Both ways of create-if-absent (an unnamed O_TMPFILE file linked into place, and the
+    named temporary file hard-linked where a file system has no O_TMPFILE): the bytes are
+    fsynced before the name exists, the mode is exactly the one asked whatever the umask,
+    a missing directory is made, an equal file counts as committed, a different one is a
+    conflict that leaves it untouched, and no temporary file is ever left in the directory."""
+    import stat
+
+    if not unnamed:
+        monkeypatch.setattr(fs, "_CAN_LINK_UNNAMED", False)
+    events = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def link(src, dst, **kw):
+        events.append("link")
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    old_umask = os.umask(0o077)
+    try:
+        path = str(tmp_path / "new" / "part.parquet")
+        assert fs.create_if_absent(path, b"x" * 200_000, 0o644) is True
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)
+    finally:
+        os.umask(old_umask)
+    assert events == ["fsync-file", "link", "fsync-dir"]
+    assert open(path, "rb").read() == b"x" * 200_000
+    assert fs.create_if_absent(path, b"x" * 200_000) is False
+    with pytest.raises(fs.CommitConflict):
+        fs.create_if_absent(path, b"other")
+    assert open(path, "rb").read() == b"x" * 200_000
+    assert os.listdir(tmp_path / "new") == ["part.parquet"]
+    assert (fs._NO_TMPFILE == set()) or not unnamed
+
+
+def test_create_if_absent_falls_back_where_the_file_system_has_no_unnamed_files(tmp_path, monkeypatch):
+    """A file system that refuses O_TMPFILE (EOPNOTSUPP) gets the named temporary file, and
+    the directory is remembered so it is not asked again."""
+    import errno
+
+    real_open = os.open
+    asked = []
+
+    def refuse_tmpfile(path, flags, *a, **kw):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            asked.append(path)
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", refuse_tmpfile)
+    monkeypatch.setattr(fs, "_NO_TMPFILE", set())
+    for i in range(3):
+        assert fs.create_if_absent(str(tmp_path / f"p{i}"), b"data") is True
+    assert asked == [str(tmp_path)]
+    assert sorted(os.listdir(tmp_path)) == ["p0", "p1", "p2"]
+
+
+def test_watched_file_reads_again_exactly_when_the_file_changed(tmp_path, monkeypatch):
+    """fs.WatchedFile (the lease fence's read): the same file costs no read; a replacement
+    (write_atomic), an in-place rewrite and a removal are each seen at the next call."""
+    path = str(tmp_path / "lease.json")
+    fs.write_atomic(path, b'{"epoch": 1}')
+    w = fs.WatchedFile(path)
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(fd) or real_read(fd, n))
+    assert w.read() == b'{"epoch": 1}'
+    n = len(reads)
+    assert n >= 1
+    for _ in range(5):
+        assert w.read() == b'{"epoch": 1}'
+    assert len(reads) == n  # unchanged: stat only
+    fs.write_atomic(path, b'{"epoch": 1}')  # replaced whole, same bytes: a new inode
+    assert w.read() == b'{"epoch": 1}' and len(reads) > n
+    fs.write_atomic(path, b'{"epoch": 2}')
+    assert w.read() == b'{"epoch": 2}'
+    with open(path, "r+b") as f:  # written in place (not how leases are written): size changes
+        f.write(b'{"epoch": 33}')
+    assert w.read() == b'{"epoch": 33}'
+    os.unlink(path)
+    with pytest.raises(FileNotFoundError):
+        w.read()
+    w.close()
+    assert w._held is None
+
+
+def test_watched_file_keeps_the_file_it_read_open_so_its_inode_is_not_reused(tmp_path):
+    """Identity is compared by inode: the file read is held open (its inode cannot go to a
+    new file while held), and an older one is closed once replaced."""
+    path = str(tmp_path / "lease.json")
+    fs.write_atomic(path, b"a")
+    w = fs.WatchedFile(path)
+    w.read()
+    fd = w._held[1]
+    assert os.fstat(fd).st_ino == os.stat(path).st_ino
+    fs.write_atomic(path, b"b")
+    assert w.read() == b"b"
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the replaced file's descriptor was closed
+    w.close()

@@ -469,6 +469,8 @@ class StageContext:
         self.crasher = Crasher(int((spec.faults or {}).get("crash_after_transitions", 0) or 0))
         self.retry = RetrySchedule(float(self.opts.retry_base_delay), int(self.opts.max_retries))
         self.metrics = StageMetrics(stage)
+        # read before each swap batch and each checkpoint part: one stat while unchanged
+        self._lease = fs.WatchedFile(spec.lease_path) if spec.lease_path else None
         self._stop_checked = 0.0
         self._stopped = False
         self._halted = False
@@ -494,11 +496,10 @@ class StageContext:
     # -- the run's guards
     def fence(self) -> None:
         """Raise LeaseLost when another executor (a newer epoch) holds the plan's lease."""
-        path = self.spec.lease_path
-        if not path:
+        if self._lease is None:
             return
         try:
-            cur = json.loads(fs.read_bytes(path))
+            cur = json.loads(self._lease.read())
         except (OSError, ValueError):
             return
         if cur.get("epoch") != self.spec.epoch:
@@ -563,6 +564,8 @@ class StageContext:
 
     def close(self) -> None:
         self.recorder.close()
+        if self._lease is not None:
+            self._lease.close()
         for s in (self.map, self.data):
             try:
                 if s is not None and hasattr(s, "close"):
