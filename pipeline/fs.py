@@ -31,6 +31,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -52,6 +53,7 @@ __all__ = [
     "walk_files",
     "read_bytes",
     "WatchedFile",
+    "local_fs_type",
     "open_input",
     "write_atomic",
     "sync_dir",
@@ -161,32 +163,73 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+#: File systems whose ``stat`` is authoritative for this host (no client-side attribute
+#: cache): :class:`WatchedFile` trusts an unchanged identity only on these.
+LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "ramfs", "overlay", "zfs"})
+
+
+def local_fs_type(path: str) -> str | None:
+    """The type of the file system holding local ``path`` (``/proc/self/mountinfo``), or
+    None if unknown."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return mount_type(os.path.realpath(path), f)
+    except OSError:
+        return None
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def mount_type(real: str, mountinfo_lines) -> str | None:
+    """The file system type of the last-mounted of the longest mount points holding
+    ``real`` (a resolved path), from lines in ``/proc/<pid>/mountinfo``'s format (mount
+    point in field 5, with space, tab, newline and backslash octal-escaped; the type after
+    the ``-`` separator)."""
+    best, kind = -1, None
+    for line in mountinfo_lines:
+        fields = line.split()
+        try:
+            mount = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            fstype = fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= best:
+            best, kind = len(mount), fstype
+    return kind
+
+
 class WatchedFile:
     """A small file read again only once it is no longer the file read last.
 
     For a file polled on a hot path and only ever replaced whole (:func:`write_atomic`:
     a new inode renamed into place) -- ``lease.json``, read before each swap batch and
-    each checkpoint part.  Locally a call that finds the same file costs one ``stat``
-    instead of an open, reads and a close.  The file read is kept open, so its inode
-    number cannot be reused by another file while it is compared; device, inode, size,
-    mtime and ctime must all match.  On ``gs://`` every call reads.  Thread-safe.
-    Raises what :func:`read_bytes` raises (``FileNotFoundError`` when absent)."""
+    each checkpoint part.  On a local file system (:data:`LOCAL_FS_TYPES`) a call that
+    finds the same file costs one ``stat`` instead of an open, reads and a close: device,
+    inode, size, mtime and ctime must all match the file read, which is kept open so that
+    its inode number cannot go to another file while it is compared.  Elsewhere -- NFS
+    and other network file systems, whose ``stat`` may answer from a cache while an open
+    revalidates, and ``gs://`` -- every call reads.  Thread-safe.  Raises what
+    :func:`read_bytes` raises (``FileNotFoundError`` when absent)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._held: tuple[tuple, int, bytes] | None = None  # (identity, open fd, bytes)
+        self._closed = False
+        self._watch = not is_gcs(path) and local_fs_type(os.path.dirname(os.path.abspath(path))) in LOCAL_FS_TYPES
 
     @staticmethod
     def _identity(st: os.stat_result) -> tuple:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def read(self) -> bytes:
-        if is_gcs(self.path):
+        if not self._watch or self._closed:
             return read_bytes(self.path)
-        held = self._held
-        if held is not None and self._identity(os.stat(self.path)) == held[0]:
-            return held[2]
+        with self._lock:  # the held file stays open (its inode not reusable) while compared
+            held = self._held
+            if held is not None and self._identity(os.stat(self.path)) == held[0]:
+                return held[2]
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             while True:
@@ -202,16 +245,28 @@ class WatchedFile:
             raise
         data = b"".join(chunks)
         with self._lock:
-            old, self._held = self._held, (before, fd, data)
-        if old is not None:
-            os.close(old[1])
+            if self._closed:
+                old = (None, fd, None)
+            else:
+                old, self._held = self._held, (before, fd, data)
+            if old is not None:
+                os.close(old[1])
         return data
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             old, self._held = self._held, None
-        if old is not None:
-            os.close(old[1])
+            if old is not None:
+                os.close(old[1])
+
+    def __del__(self) -> None:  # a context never closed (teardown is best effort) keeps no fd
+        held = getattr(self, "_held", None)
+        if held is not None:
+            try:
+                os.close(held[1])
+            except OSError:
+                pass
 
 
 def open_input(path: str):
@@ -232,19 +287,21 @@ def _tmp_write(directory: str, data: bytes, mode: int, sync: bool = True) -> str
         _write_all(fd, data)
         if sync:
             os.fsync(fd)
+        fd, _fd = -1, fd
+        os.close(_fd)  # inside the try: an error at close (NFS, quotas) still removes the file
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    finally:
-        os.close(fd)
     return tmp
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view):]
 
@@ -252,10 +309,14 @@ def _write_all(fd: int, data: bytes) -> None:
 #: Directories whose file system refused an unnamed temporary file (``O_TMPFILE``).
 _NO_TMPFILE: set[str] = set()
 _NO_TMPFILE_ERRNOS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+_NO_LINK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL)
 _CAN_LINK_UNNAMED = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
 _ROOT_FD: list[int] = []
+
+
+_ROOT_FD_LOCK = threading.Lock()
 
 
 def _root_fd() -> int:
@@ -263,7 +324,9 @@ def _root_fd() -> int:
     ``os.link`` use ``linkat``).  Opened once per process; a forked child's copy still
     names ``/``."""
     if not _ROOT_FD:
-        _ROOT_FD.append(os.open("/", os.O_PATH | os.O_CLOEXEC))
+        with _ROOT_FD_LOCK:
+            if not _ROOT_FD:
+                _ROOT_FD.append(os.open("/", os.O_PATH | os.O_CLOEXEC))
     return _ROOT_FD[0]
 
 
@@ -298,6 +361,10 @@ def _create_unnamed(directory: str, path: str, data: bytes, mode: int) -> bool |
             os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
         except FileExistsError:
             return False
+        except OSError as e:  # linking through /proc refused here (FUSE, sandboxes, no /proc...)
+            if e.errno in _NO_LINK_ERRNOS:
+                _NO_TMPFILE.add(directory)
+            return None  # the named temporary file's way, which reports any real error
         return True
     finally:
         os.close(fd)

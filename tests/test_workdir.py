@@ -316,3 +316,83 @@ def test_watched_file_keeps_the_file_it_read_open_so_its_inode_is_not_reused(tmp
     with pytest.raises(OSError):
         os.fstat(fd)  # the replaced file's descriptor was closed
     w.close()
+
+
+def test_watched_file_reads_every_time_off_a_local_file_system_and_after_close(tmp_path, monkeypatch):
+    """On NFS and other network file systems a stat may answer from the client's cache while
+    an open revalidates: WatchedFile then reads at every call, as it does after close()."""
+    path = str(tmp_path / "lease.json")
+    fs.write_atomic(path, b"a")
+    monkeypatch.setattr(fs, "local_fs_type", lambda p: "nfs4")
+    remote = fs.WatchedFile(path)
+    monkeypatch.undo()
+    local = fs.WatchedFile(path)
+    reads = []
+    real_read, real_read_bytes = os.read, fs.read_bytes
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(fd) or real_read(fd, n))
+    monkeypatch.setattr(fs, "read_bytes", lambda p: reads.append(p) or real_read_bytes(p))
+    for w in (remote, local):
+        reads.clear()
+        for _ in range(3):
+            assert w.read() == b"a"
+        # every call reads the file, or only the first (until EOF: two reads)
+        assert len(reads) == (3 if w is remote else 2)
+    local.close()
+    assert local._held is None
+    reads.clear()
+    assert local.read() == b"a" and local._held is None  # read, not held: nothing left open
+    assert reads == [path]
+
+
+def test_mount_type_finds_the_innermost_mount_with_escaped_names():
+    lines = ["22 1 0:21 / / rw - ext4 /dev/vda rw",
+             "30 22 0:40 / /mnt/my\\040share rw,relatime shared:1 - nfs4 srv:/x rw",
+             "31 22 0:41 / /mnt/my rw - tmpfs t rw",
+             "32 22 0:42 / /mnt/my rw master:3 - overlay o rw"]  # mounted over the tmpfs
+    assert fs.mount_type("/mnt/my share/plans/a/lease.json", lines) == "nfs4"
+    assert fs.mount_type("/mnt/my/x", lines) == "overlay"
+    assert fs.mount_type("/mnt/mysh", lines) == "ext4"
+    assert fs.mount_type("/", lines) == "ext4"
+    assert fs.local_fs_type(os.getcwd()) is not None
+
+
+def test_create_if_absent_falls_back_where_linking_through_proc_is_refused(tmp_path, monkeypatch):
+    """An unnamed file opened but refused its name (linkat through /proc: EXDEV or EPERM under
+    some sandboxes and FUSE file systems) falls back to the named temporary file."""
+    import errno
+
+    real_link = os.link
+
+    def link(src, dst, **kw):
+        if str(src).startswith("/proc/self/fd/"):
+            raise OSError(errno.EXDEV, "cross-device link")
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(fs, "_NO_TMPFILE", set())
+    assert fs.create_if_absent(str(tmp_path / "a"), b"data") is True
+    assert fs.create_if_absent(str(tmp_path / "a"), b"data") is False
+    assert fs._NO_TMPFILE == {str(tmp_path)}
+    assert os.listdir(tmp_path) == ["a"] and open(tmp_path / "a", "rb").read() == b"data"
+
+
+def test_a_temporary_whose_close_fails_is_removed(tmp_path, monkeypatch):
+    """An error first reported at close (NFS, quotas) fails the write and leaves no
+    temporary file behind."""
+    import errno
+
+    real_close = os.close
+    failed = []
+
+    def close(fd):
+        real_close(fd)
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "I/O error at close")
+
+    monkeypatch.setattr(fs, "_CAN_LINK_UNNAMED", False)
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(OSError, match="I/O error"):
+        fs.write_atomic(str(tmp_path / "x.json"), b"{}")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
