@@ -219,25 +219,21 @@ class WatchedFile:
         self._closed = False
         self._watch = not is_gcs(path) and local_fs_type(os.path.dirname(os.path.abspath(path))) in LOCAL_FS_TYPES
 
-    @staticmethod
-    def _identity(st: os.stat_result) -> tuple:
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
     def read(self) -> bytes:
         if not self._watch or self._closed:
             return read_bytes(self.path)
         with self._lock:  # the held file stays open (its inode not reusable) while compared
             held = self._held
-            if held is not None and self._identity(os.stat(self.path)) == held[0]:
+            if held is not None and _stat_identity(os.stat(self.path)) == held[0]:
                 return held[2]
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             while True:
-                before = self._identity(os.fstat(fd))
+                before = _stat_identity(os.fstat(fd))
                 chunks = []
                 while chunk := os.read(fd, 1 << 16):
                     chunks.append(chunk)
-                if self._identity(os.fstat(fd)) == before:  # not written in place meanwhile
+                if _stat_identity(os.fstat(fd)) == before:  # not written in place meanwhile
                     break
                 os.lseek(fd, 0, os.SEEK_SET)
         except BaseException:
@@ -245,10 +241,10 @@ class WatchedFile:
             raise
         data = b"".join(chunks)
         with self._lock:
-            if self._closed:
-                old = (None, fd, None)
-            else:
-                old, self._held = self._held, (before, fd, data)
+            if self._closed:  # read, not held: nothing is left open
+                os.close(fd)
+                return data
+            old, self._held = self._held, (before, fd, data)
             if old is not None:
                 os.close(old[1])
         return data
@@ -276,12 +272,18 @@ def open_input(path: str):
     return open(path, "rb")
 
 
-def _tmp_write(directory: str, data: bytes, mode: int, sync: bool = True) -> str:
+def _in_made_dir(directory: str, create):
+    """``create()`` (a file in ``directory``), making the directory first only when it is
+    missing: no ``makedirs`` system calls on every write."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    except FileNotFoundError:  # the directory is made on first use only: one syscall less per write
+        return create()
+    except FileNotFoundError:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        return create()
+
+
+def _tmp_write(directory: str, data: bytes, mode: int, sync: bool = True) -> str:
+    fd, tmp = _in_made_dir(directory, lambda: tempfile.mkstemp(prefix=".tmp-", dir=directory))
     try:
         os.fchmod(fd, mode)
         _write_all(fd, data)
@@ -314,8 +316,6 @@ _CAN_LINK_UNNAMED = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
 _ROOT_FD: list[int] = []
-
-
 _ROOT_FD_LOCK = threading.Lock()
 
 
@@ -342,11 +342,7 @@ def _create_unnamed(directory: str, path: str, data: bytes, mode: int) -> bool |
         return None
     flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
     try:
-        try:
-            fd = os.open(directory, flags, mode)
-        except FileNotFoundError:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(directory, flags, mode)
+        fd = _in_made_dir(directory, lambda: os.open(directory, flags, mode))
     except OSError as e:
         if e.errno in _NO_TMPFILE_ERRNOS:  # a file system (or kernel) without O_TMPFILE
             _NO_TMPFILE.add(directory)
@@ -389,12 +385,18 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _stat_identity(st: os.stat_result) -> tuple:
+    """What tells one local file (version) from another: equal for a file unchanged, and
+    different once it is replaced (a new inode) or written (size, mtime, ctime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _local_version(path: str) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return 0
-    token = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_size}".encode()
+    token = ":".join(map(str, _stat_identity(st))).encode()
     return int.from_bytes(hashlib.blake2b(token, digest_size=7).digest(), "big") | 1
 
 
